@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (train the example, write TensorBoard logs and the figure) and
+# `make test` (lint, type-check, tests, docs). Each creates .venv when it is missing.
+#
+# TORCH_REQ chooses the torch requirement installed first. The default lets pip pick the build for this platform
+# (on Linux x86_64 that is a CUDA build); on a CPU-only machine use e.g. TORCH_REQ="torch==2.13.0" or
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_REQ ?= torch>=2.4
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_REQ)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check lightning_layca
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck $(STAMP)
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) lightning_logs logs site .pytest_cache .mypy_cache .ruff_cache

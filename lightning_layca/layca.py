@@ -230,9 +230,7 @@ class Layca(Optimizer):
                 )
             self._multipliers = multipliers
             self._schedule_key = key
-        relative_lr = [
-            float(group["lr"]) / lr0 for group, lr0 in zip(self.param_groups, self.initial_lrs, strict=True)
-        ]
+        relative_lr = [float(group["lr"]) / lr0 for group, lr0 in zip(self.param_groups, self.initial_lrs, strict=True)]
         rates = [
             self.rotation_rate * m * relative_lr[g] for m, g in zip(self._multipliers, self._layer_group, strict=True)
         ]
@@ -266,7 +264,7 @@ class Layca(Optimizer):
         return groups
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the wrapped optimizer's step, then turn it into a Layca step for every layer.
 
         Args:
@@ -363,7 +361,9 @@ class Layca(Optimizer):
 def _dots(xs: list[torch.Tensor], ys: list[torch.Tensor], acc_dtype: torch.dtype) -> list[torch.Tensor]:
     """Per-pair inner products ``<x, y>``, accumulated and returned in ``acc_dtype``."""
     if xs[0].dtype in _LOW_PRECISION:
-        return [torch.dot(x.reshape(-1).to(acc_dtype), y.reshape(-1).to(acc_dtype)) for x, y in zip(xs, ys, strict=True)]
+        return [
+            torch.dot(x.reshape(-1).to(acc_dtype), y.reshape(-1).to(acc_dtype)) for x, y in zip(xs, ys, strict=True)
+        ]
     products = torch._foreach_mm([x.reshape(1, -1) for x in xs], [y.reshape(-1, 1) for y in ys])
     return [p.reshape(()) for p in products]
 

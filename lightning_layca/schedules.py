@@ -49,7 +49,7 @@ class RotationSchedule:
         """
         return None
 
-    def validate(self, layers: Sequence[str]) -> None:  # noqa: B027 - an optional hook, empty by design
+    def validate(self, layers: Sequence[str]) -> None:
         """Check the schedule against the layer names; raise ``ValueError`` on a mistake."""
 
     def __repr__(self) -> str:
@@ -120,7 +120,9 @@ class ByName(RotationSchedule):
 
     def __init__(self, patterns: Mapping[str, float], default: float = 1.0) -> None:
         if not isinstance(patterns, Mapping) or not patterns:
-            raise ValueError(f"ByName: `patterns` must be a non-empty mapping of pattern -> multiplier, got {patterns!r}.")
+            raise ValueError(
+                f"ByName: `patterns` must be a non-empty mapping of pattern -> multiplier, got {patterns!r}."
+            )
         for pattern, value in patterns.items():
             _check_multiplier(f"ByName: multiplier of pattern {pattern!r}", value)
         _check_multiplier("ByName: `default`", default)
@@ -167,14 +169,18 @@ class EpochSwitch(RotationSchedule):
         schedules = list(schedules)
         milestones = list(milestones)
         if not schedules or not all(isinstance(s, RotationSchedule) for s in schedules):
-            raise ValueError(f"EpochSwitch: `schedules` must be a non-empty list of RotationSchedule, got {schedules!r}.")
+            raise ValueError(
+                f"EpochSwitch: `schedules` must be a non-empty list of RotationSchedule, got {schedules!r}."
+            )
         if len(milestones) != len(schedules) - 1:
             raise ValueError(
                 f"EpochSwitch: needs exactly one milestone fewer than schedules, got {len(schedules)} schedules and "
                 f"milestones {milestones!r}."
             )
         if any(not isinstance(m, int) or m <= 0 for m in milestones) or sorted(set(milestones)) != milestones:
-            raise ValueError(f"EpochSwitch: `milestones` must be strictly increasing positive epochs, got {milestones!r}.")
+            raise ValueError(
+                f"EpochSwitch: `milestones` must be strictly increasing positive epochs, got {milestones!r}."
+            )
         self.schedules = schedules
         self.milestones = milestones
 

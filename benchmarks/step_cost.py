@@ -1,0 +1,417 @@
+"""Cost of one optimizer step: base optimizers, Layca around them, a per-tensor reference and peers, side by side.
+
+Every row steps the same parameter set with the same synthetic gradients (set once: the step cost excludes the
+backward pass). After warm-up steps the rows are interleaved, with the order rotated every round (A B C, B C A,
+C A B, ...), so that machine noise hits all rows alike; the table reports medians and the ratio of each row to the
+base step it wraps and to ``SGD(momentum=0.9, foreach=True)``. On CPU a step is timed with ``time.perf_counter``;
+on CUDA with CUDA events around a step that starts on an idle device (kernel launches included).
+
+Run from the repository root::
+
+    python -m benchmarks.step_cost                      # CPU, or CUDA when present; writes benchmarks/results/
+    python -m benchmarks.step_cost --device cpu --sets resnet18,mlp200 --repeats 30
+    python -m benchmarks.step_cost --profile            # adds where the time of a Layca(SGD) step goes
+
+Rows sharing one parameter set step the *same* parameter and gradient tensors (each optimizer keeps its own state),
+which keeps the memory of the ViT-B/16 set reasonable; the values stay finite and normal, so timings are unaffected.
+A set name with ``@bf16`` (``resnet18@bf16``) runs the set in bfloat16 (the low-precision path of Layca).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning_layca` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._shapes import SHAPE_SETS, ShapeSet, numel
+from lightning_layca import Layca
+
+ROTATION_RATE = 3**-3
+EPS = 1e-7
+SGD_LR, ADAMW_LR = 0.01, 1e-3
+DEFAULT_SETS = "resnet18,resnet50,vitb16,mlp200,resnet18@bf16"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BASE_ROW = "SGD foreach"
+
+
+# ---------------------------------------------------------------------------------------------- the naive baseline
+class PerTensorLayca:
+    """The Layca step written straight from the formulas, one tensor at a time, in the parameters' own dtype.
+
+    This is what a first implementation looks like: snapshot each layer, let the base optimizer step, then per
+    layer project the step ``D`` onto the tangent space of ``w``, apply the ``eps`` rule (a host-side ``if``), give
+    the tangential step the norm ``rho * ||w||`` and renormalise to the initial norm.
+
+    Args:
+        optimizer: The base optimizer.
+        layers: The controlled parameters (every other parameter is stepped by the base only).
+        rotation_rate: ``rho`` at the base learning rate; scaled by each group's relative learning rate.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layers: Sequence[torch.Tensor], rotation_rate: float) -> None:
+        self.optimizer = optimizer
+        self.layers = list(layers)
+        self.rotation_rate = rotation_rate
+        with torch.no_grad():
+            self.initial_norms = [float(p.norm()) for p in self.layers]
+        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self.layer_group = [group_of[id(p)] for p in self.layers]
+        self.initial_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One base step followed by the per-layer Layca correction."""
+        previous = [p.detach().clone() for p in self.layers]
+        self.optimizer.step()
+        for p, w, n0, g in zip(self.layers, previous, self.initial_norms, self.layer_group, strict=True):
+            rho = self.rotation_rate * float(self.optimizer.param_groups[g]["lr"]) / self.initial_lrs[g]
+            d = p.detach() - w
+            d_perp = d - (torch.sum(d * w) / torch.sum(w * w)) * w
+            norm_perp = torch.linalg.vector_norm(d_perp)
+            if not math.isfinite(float(norm_perp)) or float(norm_perp) <= EPS:
+                p.copy_(w)
+                continue
+            moved = w + (rho * torch.linalg.vector_norm(w) / norm_perp) * d_perp
+            p.copy_(moved * (n0 / torch.linalg.vector_norm(moved)))
+
+
+# ---------------------------------------------------------------------------------------------- rows and sets
+@dataclass
+class Row:
+    """One optimizer to time: ``step`` runs one step; ``base`` names the row it is compared to."""
+
+    name: str
+    step: Callable[[], object]
+    base: str | None = None
+    times_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ParamSet:
+    """A parameter set with synthetic gradients: ``named`` in depth order, ``layers`` the tensors of ndim >= 2."""
+
+    name: str
+    named: list[tuple[str, torch.Tensor]]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for _, p in self.named]
+
+    @property
+    def layers(self) -> list[torch.Tensor]:
+        return [p for _, p in self.named if p.ndim >= 2]
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.params)
+        return (
+            f"{self.name}: {n:,} parameters in {len(self.named)} tensors, {len(self.layers)} layers (ndim >= 2), "
+            f"{self.params[0].dtype}"
+        )
+
+
+def parse_set(spec: str) -> tuple[str, torch.dtype]:
+    """``"resnet18"`` or ``"resnet18@bf16"`` -> (shape-set name, dtype)."""
+    name, _, dtype_name = spec.strip().partition("@")
+    if name not in SHAPE_SETS:
+        raise SystemExit(f"step_cost: unknown set {name!r}; accepted: {', '.join(SHAPE_SETS)}.")
+    dtype_name = dtype_name or "fp32"
+    if dtype_name not in DTYPES:
+        raise SystemExit(f"step_cost: unknown dtype {dtype_name!r} in {spec!r}; accepted: {', '.join(DTYPES)}.")
+    return name, DTYPES[dtype_name]
+
+
+def make_param_set(spec: str, device: torch.device, shapes: ShapeSet | None = None, seed: int = 0) -> ParamSet:
+    """Random parameters (fan-in scaled) with random gradients of a realistic scale, on ``device``."""
+    name, dtype = parse_set(spec)
+    gen = torch.Generator().manual_seed(seed)
+    named = []
+    for pname, shape in shapes if shapes is not None else SHAPE_SETS[name]():
+        fan_in = numel(shape[1:]) if len(shape) >= 2 else 1
+        scale = 1.0 / math.sqrt(fan_in) if len(shape) >= 2 else 0.1
+        p = (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (torch.randn(shape, generator=gen) * 1e-2).to(device=device, dtype=dtype)
+        named.append((pname, p))
+    return ParamSet(spec, named)
+
+
+def _fused_available(cls: type[torch.optim.Optimizer], pset: ParamSet, **kwargs: float) -> bool:
+    probe = torch.zeros(2, 2, device=pset.params[0].device, dtype=pset.params[0].dtype, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    try:
+        cls([probe], fused=True, **kwargs).step()  # type: ignore[call-arg]
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def build_rows(pset: ParamSet, with_reference: bool = True, with_peers: bool = True) -> tuple[list[Row], list[str]]:
+    """The rows for one set, and notes on rows that could not run here."""
+    params, named = pset.params, pset.named
+    notes: list[str] = []
+
+    def sgd(**kw: bool) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=SGD_LR, momentum=0.9, **kw)  # type: ignore[arg-type]
+
+    def adamw(**kw: bool) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=ADAMW_LR, **kw)  # type: ignore[arg-type]
+
+    def layca(opt: torch.optim.Optimizer) -> Callable[[], object]:
+        return Layca(opt, named_parameters=named, rotation_rate=ROTATION_RATE).step
+
+    rows = [Row(BASE_ROW, sgd(foreach=True).step)]
+    sgd_fused = _fused_available(torch.optim.SGD, pset, lr=SGD_LR)
+    adamw_fused = _fused_available(torch.optim.AdamW, pset, lr=ADAMW_LR)
+    if sgd_fused:
+        rows.append(Row("SGD fused", sgd(fused=True).step))
+    else:
+        notes.append("SGD fused: n/a on this device/dtype")
+    adamw_name = "AdamW fused" if adamw_fused else "AdamW foreach"
+    rows.append(Row(adamw_name, (adamw(fused=True) if adamw_fused else adamw(foreach=True)).step))
+    if not adamw_fused:
+        notes.append("AdamW fused: n/a on this device/dtype (AdamW foreach instead)")
+    rows.append(Row("Layca(SGD foreach)", layca(sgd(foreach=True)), base=BASE_ROW))
+    if sgd_fused:
+        rows.append(Row("Layca(SGD fused)", layca(sgd(fused=True)), base="SGD fused"))
+    layca_adamw = layca(adamw(fused=True) if adamw_fused else adamw(foreach=True))
+    rows.append(Row(f"Layca({adamw_name})", layca_adamw, base=adamw_name))
+    if with_reference:
+        ref = PerTensorLayca(sgd(foreach=True), pset.layers, ROTATION_RATE)
+        rows.append(Row("per-tensor reference (SGD foreach)", ref.step, base=BASE_ROW))
+    if with_peers:
+        try:
+            from timm.optim import AdamP, Lars  # type: ignore[import-not-found]
+        except ImportError:
+            notes.append("timm Lars / AdamP: skipped (timm is not installed)")
+        else:
+            rows.append(Row("timm Lars (momentum 0.9)", Lars(params, lr=SGD_LR, momentum=0.9).step, base=BASE_ROW))
+            rows.append(Row("timm AdamP", AdamP(params, lr=ADAMW_LR).step, base=adamw_name))
+    return rows, notes
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rows(rows: list[Row], device: torch.device, warmup: int, repeats: int) -> None:
+    """Warm every row up, then time ``repeats`` interleaved rounds (order rotated each round) into ``row.times_ms``."""
+    for _ in range(warmup):
+        for row in rows:
+            row.step()
+    _sync(device)
+    for r in range(repeats):
+        order = rows[r % len(rows) :] + rows[: r % len(rows)]
+        for row in order:
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                row.step()
+                end.record()
+                end.synchronize()
+                row.times_ms.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                row.step()
+                row.times_ms.append((time.perf_counter() - t0) * 1e3)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def table(pset: ParamSet, rows: list[Row]) -> list[str]:
+    """Markdown table: median, interquartile range and ratios for each row."""
+    med = {row.name: median(row.times_ms) for row in rows}
+    ref = med.get("per-tensor reference (SGD foreach)")
+    lines = [
+        f"#### {pset.describe()}",
+        "",
+        "| row | median ms | IQR ms | x SGD foreach | x own base | reference / row |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        q1, _, q3 = statistics.quantiles(row.times_ms, n=4) if len(row.times_ms) > 1 else (med[row.name],) * 3
+        own = f"{med[row.name] / med[row.base]:.2f} ({row.base})" if row.base else ""
+        speedup = f"{ref / med[row.name]:.2f}" if ref is not None and row.name.startswith("Layca") else ""
+        lines.append(
+            f"| {row.name} | {med[row.name]:.2f} | {q1:.2f}-{q3:.2f} | {med[row.name] / med[BASE_ROW]:.2f} | "
+            f"{own} | {speedup} |"
+        )
+    return lines
+
+
+def profile_layca(pset: ParamSet, device: torch.device, steps: int = 3, top: int = 12) -> list[str]:
+    """Where the time of a ``Layca(SGD)`` step goes: the top operators of a few steps under ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused = _fused_available(torch.optim.SGD, pset, lr=SGD_LR)
+    opt = torch.optim.SGD(pset.params, lr=SGD_LR, momentum=0.9, fused=fused or None, foreach=None if fused else True)
+    step = Layca(opt, named_parameters=pset.named, rotation_rate=ROTATION_RATE).step
+    step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kind = "fused" if fused else "foreach"
+    text = prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=48)
+    return [f"#### Profile of Layca(SGD {kind}), {pset.name}, {steps} steps", "", "```", text.rstrip(), "```"]
+
+
+TARGETS = {
+    # device: [(set, row, compared to, bound, "<=" or ">=")]: the issues' targets, checked on the medians
+    "cpu": [
+        ("resnet18", "Layca(SGD foreach)", BASE_ROW, 4.0, "<="),
+        ("resnet18", "per-tensor reference (SGD foreach)", "Layca(SGD foreach)", 2.0, ">="),
+    ],
+    "cuda": [
+        ("resnet50", "Layca(SGD fused)", "SGD fused", 2.0, "<="),
+        ("vitb16", "Layca(SGD fused)", "SGD fused", 2.0, "<="),
+    ],
+}
+
+
+def check_targets(device: torch.device, medians: dict[str, dict[str, float]]) -> list[str]:
+    """One line per target whose set was run: the measured ratio, the bound and whether it is met."""
+    lines = []
+    for set_name, row, other, bound, op in TARGETS.get(device.type, []):
+        if set_name not in medians or row not in medians[set_name] or other not in medians[set_name]:
+            continue
+        ratio = medians[set_name][row] / medians[set_name][other]
+        met = ratio <= bound if op == "<=" else ratio >= bound
+        verdict = "met" if met else "NOT met"
+        lines.append(f"- {set_name}: {row} / {other} = {ratio:.2f} (target {op} {bound:g}): {verdict}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def machine_description(device: torch.device) -> list[str]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    lines = [
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- CPU: {cpu}, {cores} cores available, torch threads: {torch.get_num_threads()}",
+        f"- load average (1, 5, 15 min) at start: {load}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}",
+    ]
+    if device.type == "cuda":
+        lines.append(f"- device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
+    else:
+        lines.append("- device: CPU")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sets", default=DEFAULT_SETS, help=f"comma-separated, from {', '.join(SHAPE_SETS)}")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20 on CPU, 100 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 3 CPU, 10 CUDA)")
+    parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_cost_<dev>.md)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the per-tensor reference row")
+    parser.add_argument("--profile", action="store_true", help="append a torch.profiler table of Layca(SGD)")
+    parser.add_argument("--quick", action="store_true", help="tiny budget (1 warm-up, 3 rounds, shrunken sets)")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("step_cost: --device cuda requested but torch.cuda.is_available() is False.")
+    cpu = args.device == "cpu"
+    if args.quick:
+        args.repeats, args.warmup = args.repeats or 3, args.warmup if args.warmup is not None else 1
+    args.repeats = args.repeats if args.repeats is not None else (20 if cpu else 100)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cpu else 10)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"step_cost: --threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit(f"step_cost: --repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}.")
+    args.sets = [s for s in args.sets.split(",") if s.strip()]
+    for spec in args.sets:
+        parse_set(spec)
+    if args.out is None:
+        args.out = str(Path(__file__).resolve().parent / "results" / f"step_cost_{args.device}.md")
+    return args
+
+
+def shrink(shapes: ShapeSet, factor: int = 8) -> ShapeSet:
+    """The same tensors with every dimension of size >= 64 divided by ``factor`` (for --quick runs)."""
+    return [(n, tuple(d // factor if d >= 64 else d for d in s)) for n, s in shapes]
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    """Run the benchmark, print the report, write it to ``--out`` and return its lines."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    report = [
+        "# Optimizer step cost",
+        "",
+        *machine_description(device),
+        f"- timing: {args.warmup} warm-up rounds, then {args.repeats} interleaved rounds (order rotated each round); "
+        f"{'CUDA events, each step started on an idle device' if device.type == 'cuda' else 'time.perf_counter'}",
+        f"- Layca rotation_rate {ROTATION_RATE:.4g}, uniform schedule; SGD lr {SGD_LR}, momentum 0.9; "
+        f"AdamW lr {ADAMW_LR}, weight decay 0.01",
+        f"- command: `python -m benchmarks.step_cost {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+    ]
+    print("\n".join(report), flush=True)
+    medians: dict[str, dict[str, float]] = {}
+    for spec in args.sets:
+        name, _ = parse_set(spec)
+        shapes = shrink(SHAPE_SETS[name]()) if args.quick else None
+        pset = make_param_set(spec, device, shapes=shapes)
+        low_precision = pset.params[0].dtype != torch.float32
+        # The per-tensor reference computes in the parameters' dtype: meaningless in bf16/fp16, so not timed there.
+        rows, notes = build_rows(pset, with_reference=not args.no_reference and not low_precision)
+        t0 = time.perf_counter()
+        time_rows(rows, device, args.warmup, args.repeats)
+        lines = table(pset, rows)
+        medians[spec] = {row.name: median(row.times_ms) for row in rows}
+        lines += ["", *(f"- {n}" for n in notes), f"- {time.perf_counter() - t0:.1f} s for this set", ""]
+        if args.profile:
+            lines += [*profile_layca(pset, device), ""]
+        print("\n".join(lines), flush=True)
+        report += lines
+        del rows, pset
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    targets = check_targets(device, medians)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    tail = ["#### Targets", "", *(targets or ["- (no target set was run)"]), "", f"- load average at the end: {load}"]
+    print("\n".join(tail))
+    report += tail
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(report) + "\n")
+    print(f"written to {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

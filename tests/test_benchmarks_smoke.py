@@ -1,0 +1,69 @@
+"""The step-cost benchmark: its parameter sets, its per-tensor baseline, and a tiny-budget run of its code path."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import step_cost
+from benchmarks._shapes import SHAPE_SETS, numel
+from lightning_layca import Layca
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters", "tensors"),
+    [
+        ("resnet18", 11_689_512, 62),  # torchvision resnet18()
+        ("resnet50", 25_557_032, 161),  # torchvision resnet50()
+        ("vitb16", 86_567_656, 152),  # timm vit_base_patch16_224
+        ("mlp200", 200 * (256 * 256 + 256), 400),
+    ],
+)
+def test_shape_sets_match_published_parameter_counts(name: str, parameters: int, tensors: int) -> None:
+    shapes = SHAPE_SETS[name]()
+    assert sum(numel(s) for _, s in shapes) == parameters
+    assert len(shapes) == tensors
+    assert len({n for n, _ in shapes}) == tensors
+
+
+def test_per_tensor_reference_takes_the_same_step_as_layca() -> None:
+    # The speed comparison is only fair if the naive baseline computes the same step: one step from identical
+    # parameters, gradients and (empty) momentum must agree to float32 rounding.
+    shapes = step_cost.shrink(SHAPE_SETS["resnet18"]())
+    fast = step_cost.make_param_set("resnet18", torch.device("cpu"), shapes=shapes, seed=3)
+    naive = step_cost.make_param_set("resnet18", torch.device("cpu"), shapes=shapes, seed=3)
+    before = [p.detach().clone() for p in fast.params]
+    Layca(torch.optim.SGD(fast.params, lr=0.5, momentum=0.9), named_parameters=fast.named, rotation_rate=0.1).step()
+    step_cost.PerTensorLayca(torch.optim.SGD(naive.params, lr=0.5, momentum=0.9), naive.layers, 0.1).step()
+    for (name, p), q, w in zip(fast.named, naive.params, before, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        if p.ndim >= 2:  # the baseline really rotates: by atan(0.1) at constant norm
+            cos = torch.dot(q.detach().flatten(), w.flatten()) / (q.detach().norm() * w.norm())
+            assert math.isclose(math.acos(min(1.0, float(cos))), math.atan(0.1), rel_tol=2e-3)
+            assert math.isclose(float(q.detach().norm()), float(w.norm()), rel_tol=1e-5)
+
+
+def test_quick_run_writes_a_table_with_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "step_cost.md"
+    step_cost.main(["--quick", "--device", "cpu", "--sets", "mlp200,resnet18@bf16", "--out", str(out)])
+    text = out.read_text()
+    assert "torch threads" in text and "load average" in text and "- device: CPU" in text
+    rows = re.findall(r"^\| (.+?) \| ([0-9.]+) \| ([0-9.]+)-([0-9.]+) \| ([0-9.]+) \|", text, flags=re.MULTILINE)
+    names = [r[0] for r in rows]
+    for expected in ("SGD foreach", "Layca(SGD foreach)", "per-tensor reference (SGD foreach)"):
+        assert expected in names
+    assert names.count("per-tensor reference (SGD foreach)") == 1  # not timed on the bf16 set
+    assert names.count("SGD foreach") == 2
+    for _, med, q1, q3, ratio in rows:
+        assert 0 < float(q1) <= float(med) <= float(q3)
+        assert float(ratio) > 0
+    assert "bfloat16" in text and "#### Targets" in text
+
+
+def test_unknown_set_is_rejected_with_the_accepted_names() -> None:
+    with pytest.raises(SystemExit, match=r"unknown set 'resnet19'.*resnet18, resnet50, vitb16, mlp200"):
+        step_cost.main(["--sets", "resnet19", "--device", "cpu"])

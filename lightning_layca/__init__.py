@@ -5,6 +5,7 @@ Layca turns any optimizer's step into a step that rotates every layer by a chose
 De Vleeschouwer, "On layer-level control of DNN training and its impact on generalization", arXiv:1806.01603.
 """
 
+from lightning_layca.callbacks import LaycaCallback, LayerRotationMonitor
 from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca
 from lightning_layca.schedules import ByName, DepthDecay, EpochSwitch, LayerWarmup, RotationSchedule, Uniform
 from lightning_layca.selection import layer_display_name, select_layers
@@ -17,6 +18,8 @@ __all__ = [
     "DepthDecay",
     "EpochSwitch",
     "Layca",
+    "LaycaCallback",
+    "LayerRotationMonitor",
     "LayerWarmup",
     "RotationSchedule",
     "Uniform",

@@ -1,0 +1,187 @@
+"""Train with Layca without touching the LightningModule: wrap whatever ``configure_optimizers`` returned.
+
+When the fit starts, each selected optimizer becomes :class:`~lightning_layca.Layca` around it, installed through the
+strategy so Lightning steps the wrapper in automatic and manual optimization, with gradient accumulation, gradient
+clipping, mixed precision (GradScaler skips leave the weights untouched) and checkpoints (the wrapper's state dict
+holds the base optimizer's). LR schedulers stay attached and shape the rotation rate through the relative learning
+rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and it logs
+the effective rates ``layca/rate/<layer>`` whenever they change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_layca.callbacks.monitor import LayerRotationMonitor
+from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca
+from lightning_layca.loggers import log_scalars, logging_step
+from lightning_layca.schedules import RotationSchedule
+from lightning_layca.selection import layer_display_name
+
+__all__ = ["LaycaCallback"]
+
+
+class LaycaCallback(LayerRotationMonitor):
+    r"""Wrap the Trainer's optimizer(s) in :class:`~lightning_layca.Layca`, and monitor layer rotation.
+
+    Args:
+        rotation_rate: Base rotation rate ``rho`` (finite, positive); a layer at multiplier 1 and relative lr 1
+            rotates by ``atan(rho)`` radians per step. Default ``3 ** -3``, the paper's best for SGD.
+        schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
+        include: ``fnmatch`` patterns of parameter names to control and monitor (default: trainable parameters with
+            ``ndim >= 2``).
+        exclude: ``fnmatch`` patterns of parameter names never to control or monitor.
+        optimizers: Index, or indices, into the optimizers ``configure_optimizers`` returned, of those to wrap
+            (default: all). With several optimizers (manual optimization) each wrapped one controls its own
+            parameters, so ``include``/``exclude`` must make sense for each.
+        log_rates: Whether to log ``layca/rate/<layer>``, the rates of the coming step, when they change (checked
+            before every training batch, from the second optimizer step on).
+        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
+
+    Attributes:
+        laycas: The wrappers of the current fit, keyed by optimizer index.
+        last_rates: Layer display name -> the latest logged effective rate ``rho_l(t)``.
+
+    Raises:
+        ValueError: For a bad argument (at construction).
+        MisconfigurationException: When ``optimizers`` names an optimizer that does not exist, or the strategy shards
+            weights (FSDP, DeepSpeed).
+
+    Example:
+        >>> import lightning as L
+        >>> import lightning_layca as ll
+        >>> callback = ll.LaycaCallback(rotation_rate=3**-3, schedule=ll.DepthDecay(alpha=0.0))
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[callback], logger=False)
+    """
+
+    def __init__(
+        self,
+        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        schedule: RotationSchedule | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        optimizers: int | Sequence[int] | None = None,
+        log_rates: bool = True,
+        log_every_n_steps: int | None = None,
+        *,
+        every_n_epochs: int = 1,
+        angle_histograms: bool = True,
+        histogram_bins: int = 30,
+        figure: bool = True,
+    ) -> None:
+        super().__init__(
+            log_every_n_steps,
+            include,
+            exclude,
+            every_n_epochs=every_n_epochs,
+            angle_histograms=angle_histograms,
+            histogram_bins=histogram_bins,
+            figure=figure,
+        )
+        if (
+            isinstance(rotation_rate, bool)
+            or not isinstance(rotation_rate, int | float)
+            or not math.isfinite(rotation_rate)
+            or rotation_rate <= 0
+        ):
+            raise ValueError(f"LaycaCallback: `rotation_rate` must be a finite positive number, got {rotation_rate!r}.")
+        if schedule is not None and not isinstance(schedule, RotationSchedule):
+            raise ValueError(
+                f"LaycaCallback: `schedule` must be a RotationSchedule (Uniform, DepthDecay, ByName, EpochSwitch, "
+                f"LayerWarmup or your own subclass), got {schedule!r}."
+            )
+        indices = [optimizers] if isinstance(optimizers, int) else optimizers
+        if indices is not None and (
+            isinstance(indices, str)
+            or not indices
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+        ):
+            raise ValueError(
+                f"LaycaCallback: `optimizers` must be None (wrap all), a non-negative index or a non-empty list of "
+                f"them, got {optimizers!r}."
+            )
+        self.rotation_rate = float(rotation_rate)
+        self.schedule = schedule
+        self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
+        self.log_rates = bool(log_rates)
+        self.laycas: dict[int, Layca] = {}
+        self.last_rates: dict[str, float] = {}
+        self._logged_rates_versions: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wrap_optimizers(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for layca in self.laycas.values():
+            layca.set_epoch(trainer.current_epoch)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log_rates:
+            return
+        metrics: dict[str, float] = {}
+        for index, layca in self.laycas.items():
+            if layca.step_count == 0:  # relative learning rates are defined from the first step on
+                continue
+            version = layca.rates_version
+            if self._logged_rates_versions.get(index) == version:
+                continue
+            self._logged_rates_versions[index] = version
+            for name, rate in layca.rotation_rates().items():
+                metrics[f"layca/rate/{layer_display_name(name)}"] = rate
+                self.last_rates[layer_display_name(name)] = rate
+        log_scalars(trainer, metrics, logging_step(trainer))
+
+    # ------------------------------------------------------------------ wrapping
+    def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = list(trainer.strategy.optimizers)
+        if not optimizers:
+            raise MisconfigurationException(
+                "LaycaCallback: the Trainer has no optimizer to wrap; return one from `configure_optimizers`."
+            )
+        indices = list(range(len(optimizers))) if self.optimizer_indices is None else self.optimizer_indices
+        out_of_range = [i for i in indices if i >= len(optimizers)]
+        if out_of_range:
+            raise MisconfigurationException(
+                f"LaycaCallback: `optimizers={self.optimizer_indices}` names optimizer(s) {out_of_range}, but "
+                f"`configure_optimizers` returned {len(optimizers)} (indices 0 to {len(optimizers) - 1})."
+            )
+        # LR schedulers keep pointing at the base optimizer: they only read and write `param_groups`, which the
+        # wrapper shares, and Lightning's LearningRateMonitor finds wrapped optimizers through `.optimizer`, so
+        # re-pointing them would log the learning rate twice (and trip torch's step-order check).
+        previous, self.laycas = self.laycas, {}
+        self._logged_rates_versions = {}
+        for i in indices:
+            base = optimizers[i]
+            if isinstance(base, Layca):  # already wrapped, by the user or by a previous fit
+                self.laycas[i] = base
+                continue
+            layca = Layca(
+                base,
+                named_parameters=pl_module.named_parameters(),
+                rotation_rate=self.rotation_rate,
+                schedule=self.schedule,
+                include=self.include,
+                exclude=self.exclude,
+            )
+            earlier = previous.get(i)
+            if earlier is not None and earlier.layer_names == layca.layer_names:
+                # A new fit of the same training run: keep the norms of the true initialisation and the step count
+                # that step-based schedules read. A resumed checkpoint overrides both afterwards.
+                layca.initial_norms = list(earlier.initial_norms)
+                layca.step_count = earlier.step_count
+            optimizers[i] = layca
+            self.laycas[i] = layca
+        trainer.strategy.optimizers = optimizers

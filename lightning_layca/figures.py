@@ -1,0 +1,94 @@
+"""The paper's layer-rotation figure: one curve per layer, coloured from the first layer to the last.
+
+matplotlib is an optional dependency (the ``plot`` extra, ``pip install lightning-layca[plot]``) and is imported only
+when a figure is drawn. Figures are drawn on matplotlib's Agg canvas without ``pyplot``, so no GUI backend is ever
+selected and no figure is left registered in a global figure manager.
+
+Example:
+    >>> fig = rotation_curves_figure([0, 1, 2], {"conv1": [0.0, 0.2, 0.3], "fc": [0.0, 0.1, 0.12]})
+    >>> render_rgb(fig).shape[2]
+    3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PLOT_EXTRA_HINT", "render_rgb", "rotation_curves_figure", "save_png"]
+
+PLOT_EXTRA_HINT = "pip install 'lightning-layca[plot]'"
+"""How to install what figures need."""
+
+
+def _require_matplotlib() -> Any:
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"Drawing the layer rotation figure needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}"
+        ) from err
+    return matplotlib, Figure
+
+
+def rotation_curves_figure(
+    epochs: Sequence[float], curves: Mapping[str, Sequence[float]], title: str = "Layer rotation curves"
+) -> Any:
+    """Draw one line per layer (x = epoch, y = cosine distance to the initial weights), coloured by depth.
+
+    Args:
+        epochs: The x coordinates, shared by every curve.
+        curves: Layer name -> one cosine distance per epoch, in depth order (input first).
+        title: The axes title.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` with a colour bar from the first layer to the last.
+
+    Raises:
+        ModuleNotFoundError: When matplotlib is missing (install the ``plot`` extra).
+    """
+    matplotlib, figure_class = _require_matplotlib()
+    fig = figure_class(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    colormap = matplotlib.colormaps["viridis"]
+    n = len(curves)
+    norm = matplotlib.colors.Normalize(vmin=0, vmax=max(n - 1, 1))
+    top = 1.0
+    for depth, values in enumerate(curves.values()):
+        ax.plot(list(epochs), list(values), color=colormap(norm(depth)), linewidth=1.5)
+        finite = [v for v in values if v == v]
+        if finite:
+            top = max(top, max(finite) * 1.05)
+    ax.set_ylim(0.0, top)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cosine distance to initialisation")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
+    bar = fig.colorbar(mappable, ax=ax)
+    bar.set_label("layer index (input → output)")
+    fig.tight_layout()
+    return fig
+
+
+def render_rgb(fig: Any) -> Any:
+    """Render ``fig`` on an Agg canvas and return its pixels as a ``(height, width, 3)`` uint8 numpy array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    import numpy as np
+
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG file (parent folders created) and return the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path

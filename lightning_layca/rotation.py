@@ -1,0 +1,195 @@
+"""Layer rotation measured against the initial weights: per-layer cosine distances and per-unit angles.
+
+Pure torch, no Lightning: the monitoring callbacks call these functions on logging steps only.
+
+* :func:`cosine_distances` gives ``d_l = 1 - <w_l, w0_l> / (||w_l|| * ||w0_l||)`` for every layer with multi-tensor
+  reductions per (device, dtype), accumulated in float32 (float64 for float64 layers), and no host synchronisation:
+  the result stays on the device until the caller moves it to the host once for all layers.
+* :func:`unit_angles` gives the angle in degrees between each output unit's (row's) current and initial weights.
+* :func:`angle_histograms` bins those angles on the device with ``torch.histc``; only the bin counts and a few
+  summary numbers per layer cross to the host.
+
+Example:
+    >>> w0 = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    >>> w = [torch.tensor([[1.0, 1.0], [0.0, 1.0]])]
+    >>> [round(d, 4) for d in cosine_distances(w, w0).tolist()]
+    [0.1835]
+    >>> unit_angles(w[0], w0[0]).tolist()
+    [45.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AngleHistogram", "accumulation_dtype", "angle_histograms", "cosine_distances", "unit_angles"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype reductions over tensors of ``dtype`` accumulate in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inner_products(xs: list[torch.Tensor], ys: list[torch.Tensor], acc_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Return ``<x, y>`` for every pair, as 0-dim tensors of ``acc_dtype``."""
+    if xs[0].dtype in _LOW_PRECISION:
+        return [
+            torch.dot(x.reshape(-1).to(acc_dtype), y.reshape(-1).to(acc_dtype)) for x, y in zip(xs, ys, strict=True)
+        ]
+    # One BLAS dot per layer, accumulating in the layer's own float32/float64: on CPU much faster than a batched
+    # `_foreach_mm` of (1, n) x (n, 1) products, and equally launch-bound on GPUs for the few dozen layers of a model.
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
+
+
+def cosine_distances(
+    weights: Sequence[torch.Tensor],
+    initial: Sequence[torch.Tensor],
+    initial_norms: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Return the cosine distance of every layer to its initial weights, without host synchronisation.
+
+    Args:
+        weights: The current weights, one tensor per layer (any shape; each is seen as one vector).
+        initial: The initial weights, same shapes, devices and dtypes as ``weights``.
+        initial_norms: Optionally ``||w0||`` per layer (0-dim tensors on the layer's device), to save one pass.
+
+    Returns:
+        A 1-D tensor with one distance per layer, on the first layer's device, in float32 (float64 when any layer
+        is float64). A layer whose current or initial weights are all zero gets ``nan``.
+
+    Example:
+        >>> cosine_distances([torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 0.0])]).tolist()
+        [1.0]
+    """
+    if len(weights) != len(initial):
+        raise ValueError(f"cosine_distances: got {len(weights)} weight tensors but {len(initial)} initial tensors.")
+    if not weights:
+        return torch.zeros(0)
+    for i, (w, w0) in enumerate(zip(weights, initial, strict=True)):
+        if w.shape != w0.shape or w.device != w0.device or w.dtype != w0.dtype:
+            raise ValueError(
+                f"cosine_distances: layer #{i} has weights {tuple(w.shape)} {w.dtype} on {w.device} but initial "
+                f"weights {tuple(w0.shape)} {w0.dtype} on {w0.device}; they must match."
+            )
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, w in enumerate(weights):
+        groups[(w.device, w.dtype)].append(i)
+    out_device = weights[0].device
+    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    distances: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+    for (_, dtype), indices in groups.items():
+        acc_dtype = accumulation_dtype(dtype)
+        ws = [weights[i].detach() for i in indices]
+        w0s = [initial[i].detach() for i in indices]
+        norm_w = torch.stack(torch._foreach_norm(ws, 2, dtype=acc_dtype))
+        if initial_norms is None:
+            norm_w0 = torch.stack(torch._foreach_norm(w0s, 2, dtype=acc_dtype))
+        else:
+            norm_w0 = torch.stack([initial_norms[i] for i in indices]).to(acc_dtype)
+        dots = torch.stack(_inner_products(ws, w0s, acc_dtype))
+        group_distances = (1.0 - dots / (norm_w * norm_w0)).to(device=out_device, dtype=out_dtype)
+        for i, d in zip(indices, group_distances.unbind(), strict=True):
+            distances[i] = d
+    return torch.stack(distances)
+
+
+def unit_angles(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """Return the angle in degrees between each output unit's current and initial weights.
+
+    A unit is one row of the weight tensor seen as ``(out_features, -1)`` (one output neuron, or one convolution
+    filter). The angle is computed as ``atan2(||w_perp|| * ||w0||, <w, w0>)``, accurate for small angles where
+    ``acos`` of a cosine close to 1 is not. A unit whose current or initial weights are all zero gets 0.
+
+    Args:
+        weights: Current weights of one layer.
+        initial: Its initial weights (same shape).
+
+    Returns:
+        One angle per output unit, float32 (float64 for float64 weights), on the weights' device.
+
+    Example:
+        >>> unit_angles(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])).tolist()
+        [90.0]
+    """
+    acc_dtype = accumulation_dtype(weights.dtype)
+    w = weights.detach().reshape(weights.shape[0], -1).to(acc_dtype)
+    w0 = initial.detach().reshape(initial.shape[0], -1).to(acc_dtype)
+    dot = (w * w0).sum(dim=1)
+    sq0 = (w0 * w0).sum(dim=1)
+    defined = (sq0 > 0) & (w.abs().amax(dim=1) > 0)
+    safe_sq0 = torch.where(sq0 > 0, sq0, 1.0)
+    perpendicular = w - (dot / safe_sq0).unsqueeze(1) * w0
+    angles = torch.rad2deg(torch.atan2(perpendicular.norm(dim=1) * safe_sq0.sqrt(), dot))
+    return torch.where(defined, angles, 0.0)
+
+
+@dataclass
+class AngleHistogram:
+    """A histogram in the form TensorBoard's raw histograms take (``SummaryWriter.add_histogram_raw``)."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    """Right edge of every bin."""
+    bucket_counts: list[float]
+
+
+def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[AngleHistogram]:
+    """Bin each 1-D tensor of values on its device with ``torch.histc``.
+
+    The range of each histogram is the range of its values (widened when they are all equal). Two host transfers in
+    total, whatever the number of tensors: the ranges, then the counts.
+
+    Args:
+        values: One non-empty 1-D tensor per histogram, for example :func:`unit_angles` of every layer.
+        bins: Number of bins (positive).
+
+    Returns:
+        One :class:`AngleHistogram` per tensor; its counts add up to the number of values.
+
+    Example:
+        >>> h = angle_histograms([torch.tensor([0.0, 1.0, 1.0, 2.0])], bins=2)[0]
+        >>> h.bucket_limits, h.bucket_counts
+        ([1.0, 2.0], [1.0, 3.0])
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"angle_histograms: `bins` must be a positive integer, got {bins!r}.")
+    if not values:
+        return []
+    device = values[0].device
+    stats = torch.stack(
+        [
+            torch.stack([v.min(), v.max(), v.sum(), v.square().sum()]).to(device=device, dtype=torch.float64)
+            for v in values
+        ]
+    ).tolist()  # one host transfer for every range
+    counts: list[torch.Tensor] = []
+    limits: list[list[float]] = []
+    for v, (lo, hi, _, _) in zip(values, stats, strict=True):
+        if not hi > lo:
+            hi = lo + max(abs(lo), 1.0) * 1e-6
+        counts.append(torch.histc(v.float(), bins=bins, min=lo, max=hi).to(device))
+        width = (hi - lo) / bins
+        limits.append([lo + width * (k + 1) for k in range(bins)])
+    host_counts = torch.stack(counts).tolist()  # one host transfer for every count
+    return [
+        AngleHistogram(
+            min=lo,
+            max=hi,
+            num=int(v.numel()),
+            sum=total,
+            sum_squares=squares,
+            bucket_limits=edges,
+            bucket_counts=[float(c) for c in bucket_counts],
+        )
+        for v, (lo, hi, total, squares), edges, bucket_counts in zip(values, stats, limits, host_counts, strict=True)
+    ]

@@ -230,7 +230,7 @@ class LayerWarmup(RotationSchedule):
 
     def cache_key(self, step: int, epoch: int) -> Hashable:
         """Change every step of the warm-up, then only when the inner schedule changes."""
-        return min(step, self.warmup_steps), self.schedule.cache_key(step, epoch)
+        return min(step + 1, self.warmup_steps), self.schedule.cache_key(step, epoch)
 
     def validate(self, layers: Sequence[str]) -> None:
         """Validate the inner schedule."""

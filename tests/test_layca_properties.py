@@ -1,0 +1,105 @@
+"""Invariants of a Layca step, checked with hypothesis over random shapes, rates and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lightning_layca as ll
+
+shapes = st.lists(st.integers(1, 9), min_size=2, max_size=4).filter(lambda s: math.prod(s) >= 2)
+rates = st.floats(1e-4, 2.0)
+scales = st.floats(1e-6, 1e6)
+
+
+def angle(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Angle between two vectors, computed robustly in float64 (atan2 of the sine and cosine parts)."""
+    u, v = u.double().flatten(), v.double().flatten()
+    unit = v / torch.linalg.vector_norm(v)
+    along = torch.dot(u, unit)
+    across = torch.linalg.vector_norm(u - along * unit)
+    return math.atan2(float(across), float(along))
+
+
+def one_step(shape: list[int], rho: float, grad_scale: float, seed: int, momentum: float = 0.0, decay: float = 0.0):
+    generator = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Parameter(torch.randn(shape, generator=generator))
+    bias = torch.nn.Parameter(torch.randn(shape[0], generator=generator))
+    twin_bias = torch.nn.Parameter(bias.detach().clone())
+    base = torch.optim.SGD([layer, bias], lr=0.3, momentum=momentum, weight_decay=decay)
+    opt = ll.Layca(base, [("layer", layer), ("bias", bias)], rotation_rate=rho)
+    twin = torch.optim.SGD([twin_bias], lr=0.3, momentum=momentum, weight_decay=decay)
+    before = layer.detach().double().clone()
+    layer.grad = torch.randn(shape, generator=generator) * grad_scale
+    bias.grad = torch.randn(shape[0], generator=generator)
+    twin_bias.grad = bias.grad.clone()
+    opt.step()
+    twin.step()
+    return before, layer.detach().double(), bias.detach(), twin_bias.detach()
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, rho=rates, grad_scale=scales, seed=st.integers(0, 2**16))
+def test_norm_preserved(shape: list[int], rho: float, grad_scale: float, seed: int) -> None:
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed)
+    n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
+    assert abs(n1 - n0) <= 1e-6 * n0
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, rho=rates, grad_scale=scales, seed=st.integers(0, 2**16))
+def test_each_step_rotates_by_atan_rho(shape: list[int], rho: float, grad_scale: float, seed: int) -> None:
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed)
+    assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, rho=rates, grad_scale=scales, seed=st.integers(0, 2**16))
+def test_step_before_reprojection_is_orthogonal_with_norm_rho_w(
+    shape: list[int], rho: float, grad_scale: float, seed: int
+) -> None:
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed)
+    norm = torch.linalg.vector_norm(before)
+    # Undo the re-projection: before it, the weights had norm ||w|| * sqrt(1 + rho^2).
+    moved = after * (math.sqrt(1 + rho * rho) * norm / torch.linalg.vector_norm(after))
+    step = (moved - before).flatten()
+    # Weights are float32: their rounding (~6e-8 * ||w||) bounds what can be resolved, so tolerances are in ||w||.
+    radial = float(torch.dot(step, before.flatten()) / norm)
+    assert abs(radial) <= 1e-6 * float(norm)
+    assert abs(float(torch.linalg.vector_norm(step)) - rho * float(norm)) <= 1e-6 * float(norm)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, rho=rates, seed=st.integers(0, 2**16), momentum=st.sampled_from([0.0, 0.9]))
+def test_non_layer_parameters_match_the_base_optimizer_alone(
+    shape: list[int], rho: float, seed: int, momentum: float
+) -> None:
+    _, _, bias, twin_bias = one_step(shape, rho, 1.0, seed, momentum, decay=1e-2)
+    assert torch.equal(bias, twin_bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, rho=rates, grad_scale=st.floats(1e-2, 1e2), seed=st.integers(0, 2**16))
+def test_weight_decay_dominated_step_keeps_norm_and_angle(
+    shape: list[int], rho: float, grad_scale: float, seed: int
+) -> None:
+    # weight decay 0.05 makes the step mostly radial (||D|| up to ~10x ||D_perp||); Layca projects the radial part out.
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed, decay=0.05)
+    n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
+    assert abs(n1 - n0) <= 1e-6 * n0
+    assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(alpha=st.floats(-0.99, 0.99), n_layers=st.integers(1, 30))
+def test_depth_decay_is_monotone_and_ends_at_one(alpha: float, n_layers: int) -> None:
+    m = ll.DepthDecay(alpha).multipliers([f"l{i}" for i in range(n_layers)], step=0, epoch=0)
+    assert len(m) == n_layers
+    assert all(0 < x <= 1 for x in m)
+    if alpha > 0:
+        assert m[-1] == 1.0 and m == sorted(m)
+    else:
+        assert m[0] == 1.0 and m == sorted(m, reverse=True)

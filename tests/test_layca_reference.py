@@ -1,0 +1,118 @@
+"""The fast Layca step equals the float64 per-tensor reference (tests/reference.py) over 20 training steps."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_layca as ll
+from tests.reference import ReferenceLayca, depth_decay_multipliers
+
+STEPS = 20
+RTOL = 1e-5  # relative error of every parameter tensor, float32 fast path vs float64 reference
+
+OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
+    "sgd": lambda groups: torch.optim.SGD(groups, lr=0.1),
+    "sgd_momentum": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "sgd_nesterov": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda groups: torch.optim.Adam(groups, lr=1e-2),
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05),
+    "rmsprop": lambda groups: torch.optim.RMSprop(groups, lr=1e-3, momentum=0.5),
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    )
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two groups with different learning rates: the head's lr is half the body's."""
+    head = [p for n, p in model.named_parameters() if n.startswith("8.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("8.")]
+    return [{"params": body}, {"params": head, "lr_scale": 0.5}]
+
+
+def scale_head_lr(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            group["lr"] *= group["lr_scale"]
+
+
+LAYERS = ["0.weight", "3.weight", "6.weight", "8.weight"]
+SCHEDULES: dict[str, tuple[ll.RotationSchedule, list[float]]] = {
+    "depth_decay_+0.4": (ll.DepthDecay(alpha=0.4), depth_decay_multipliers(0.4, len(LAYERS))),
+    "depth_decay_-0.4": (ll.DepthDecay(alpha=-0.4), depth_decay_multipliers(-0.4, len(LAYERS))),
+    "by_name": (ll.ByName({"0.*": 2.0, "8.*": 0.25}, default=0.5), [2.0, 0.5, 0.5, 0.25]),
+}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+def test_fast_step_matches_float64_reference(optimizer_name: str, schedule_name: str) -> None:
+    schedule, multipliers = SCHEDULES[schedule_name]
+    model = make_model()
+    reference_model = copy.deepcopy(model).double()
+
+    base = OPTIMIZERS[optimizer_name](param_groups(model))
+    scale_head_lr(base)
+    fast = ll.Layca(base, model.named_parameters(), rotation_rate=0.05, schedule=schedule)
+    fast_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(fast, T_max=STEPS)
+
+    reference_base = OPTIMIZERS[optimizer_name](param_groups(reference_model))
+    scale_head_lr(reference_base)
+    reference_layers = [dict(reference_model.named_parameters())[name] for name in LAYERS]
+    reference = ReferenceLayca(reference_base, reference_layers, 0.05, multipliers)
+    reference_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(reference_base, T_max=STEPS)
+    assert fast.layer_names == LAYERS
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(8, 3, 8, 8, generator=generator)
+        y = torch.randint(0, 5, (8,), generator=generator)
+        fast.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+            q.grad = p.grad.double()
+        fast.step()
+        reference.step()
+        fast_scheduler.step()
+        reference_scheduler.step()
+
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters(), strict=True):
+        assert relative_error(p.detach(), q.detach()) < RTOL, name
+    # The scheduler really moved the rate: the final cosine-annealed lr is near zero.
+    assert fast.param_groups[0]["lr"] < 1e-3 * fast.initial_lrs[0]
+
+
+def test_rates_follow_schedule_and_relative_lr() -> None:
+    model = make_model()
+    base = torch.optim.SGD(param_groups(model), lr=0.2)
+    scale_head_lr(base)
+    opt = ll.Layca(base, model.named_parameters(), rotation_rate=0.1, schedule=ll.DepthDecay(alpha=0.4))
+    expected = [0.1 * m for m in depth_decay_multipliers(0.4, 4)]
+    opt.step()  # fixes lr_g(0)
+    assert list(opt.rotation_rates().values()) == pytest.approx(expected, rel=1e-12)
+    version = opt.rates_version
+    for group in base.param_groups:
+        group["lr"] *= 0.25
+    assert list(opt.rotation_rates().values()) == pytest.approx([0.25 * r for r in expected], rel=1e-12)
+    assert opt.rates_version == version + 1

@@ -9,8 +9,8 @@ Every schedule is a small class with plain constructor arguments, so it can be w
 with ``class_path``/``init_args``.
 
 Example:
-    >>> DepthDecay(alpha=0.5).multipliers(["a", "b", "c"], step=0, epoch=0)
-    [0.03125, 0.17677669529663687, 1.0]
+    >>> [round(m, 4) for m in DepthDecay(alpha=0.5).multipliers(["a", "b", "c"], step=0, epoch=0)]
+    [0.0312, 0.1768, 1.0]
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class DepthDecay(RotationSchedule):
         alpha: The decay parameter, strictly between -1 and 1.
 
     Example:
-        >>> DepthDecay(alpha=-0.5).multipliers(["a", "b", "c"], step=0, epoch=0)
-        [1.0, 0.17677669529663687, 0.03125]
+        >>> [round(m, 4) for m in DepthDecay(alpha=-0.5).multipliers(["a", "b", "c"], step=0, epoch=0)]
+        [1.0, 0.1768, 0.0312]
     """
 
     def __init__(self, alpha: float = 0.0) -> None:

@@ -1,0 +1,246 @@
+"""Specification of LayerRotationMonitor: what it measures, when, and what reaches each logger."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+import lightning_layca as ll
+from lightning_layca.callbacks.monitor import FIGURE_FILENAME
+from lightning_layca.distributed import check_strategy
+from tests.tiny_modules import (
+    LAYERS,
+    UNITS,
+    TinyCNN,
+    cosine_distance_fp64,
+    layer_weights,
+    loader,
+    make_trainer,
+    read_events,
+)
+
+STEPS_PER_EPOCH = 8  # 32 samples, batches of 4
+
+
+def read_csv(log_dir: str | Path) -> list[dict[str, str]]:
+    with open(Path(log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Two epochs of SGD, TensorBoard + CSV loggers, Lightning's own logging interval of 2 steps."""
+    root = tmp_path_factory.mktemp("tb_run")
+    model = TinyCNN()
+    initial = layer_weights(TinyCNN())
+    monitor = ll.LayerRotationMonitor()
+    tb, csv_logger = TensorBoardLogger(root, name="tb"), CSVLogger(root, name="csv")
+    trainer = make_trainer(root, logger=[tb, csv_logger], callbacks=[monitor], log_every_n_steps=2)
+    trainer.fit(model, loader())
+    return SimpleNamespace(
+        model=model,
+        initial=initial,
+        final=layer_weights(model),
+        monitor=monitor,
+        events=read_events(Path(tb.log_dir)),
+        tb_dir=Path(tb.log_dir),
+        csv_rows=read_csv(csv_logger.log_dir),
+    )
+
+
+def test_rotation_scalars_equal_independent_cosine_distance_of_final_weights(tb_run: SimpleNamespace) -> None:
+    for layer in LAYERS:
+        events = tb_run.events.Scalars(f"layer_rotation/{layer}")
+        assert [e.step for e in events] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
+        expected = cosine_distance_fp64(tb_run.final[layer], tb_run.initial[layer])
+        assert expected > 1e-3  # the layers did move
+        assert events[-1].value == pytest.approx(expected, abs=1e-5)
+        assert tb_run.monitor.last_rotation[layer] == pytest.approx(expected, abs=1e-5)
+
+
+def test_rotation_scalars_share_the_step_axis_of_self_log(tb_run: SimpleNamespace) -> None:
+    loss_steps = [e.step for e in tb_run.events.Scalars("train_loss")]
+    for layer in LAYERS:
+        assert [e.step for e in tb_run.events.Scalars(f"layer_rotation/{layer}")] == loss_steps
+
+
+def test_summary_scalars_are_mean_min_and_max_over_layers(tb_run: SimpleNamespace) -> None:
+    per_layer = [[e.value for e in tb_run.events.Scalars(f"layer_rotation/{layer}")] for layer in LAYERS]
+    columns = list(zip(*per_layer, strict=True))
+    for stat, reduce in (("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)):
+        values = [e.value for e in tb_run.events.Scalars(f"layer_rotation_summary/{stat}")]
+        assert values == pytest.approx([reduce(c) for c in columns], abs=1e-6)
+
+
+def test_history_attribute_holds_every_logged_value(tb_run: SimpleNamespace) -> None:
+    for layer in LAYERS:
+        logged = [(e.step, e.value) for e in tb_run.events.Scalars(f"layer_rotation/{layer}")]
+        history = tb_run.monitor.history[layer]
+        assert [s for s, _ in history] == [s for s, _ in logged]
+        assert [v for _, v in history] == pytest.approx([v for _, v in logged], abs=1e-7)
+
+
+def test_csv_logger_receives_the_same_rotation_scalars(tb_run: SimpleNamespace) -> None:
+    rows = [r for r in tb_run.csv_rows if r.get("layer_rotation/head")]
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
+    for layer in LAYERS:
+        tb_values = [e.value for e in tb_run.events.Scalars(f"layer_rotation/{layer}")]
+        assert [float(r[f"layer_rotation/{layer}"]) for r in rows] == pytest.approx(tb_values, abs=1e-6)
+
+
+def test_angle_histograms_have_one_count_per_output_unit_every_epoch(tb_run: SimpleNamespace) -> None:
+    for layer in LAYERS:
+        events = tb_run.events.Histograms(f"layer_angles/{layer}")
+        assert [e.step for e in events] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+        last = events[-1].histogram_value
+        assert sum(last.bucket) == UNITS[layer]
+        w = tb_run.final[layer].reshape(UNITS[layer], -1).double()
+        w0 = tb_run.initial[layer].reshape(UNITS[layer], -1).double()
+        cos = (w * w0).sum(1) / (w.norm(dim=1) * w0.norm(dim=1))
+        angles = torch.rad2deg(torch.acos(cos))
+        assert last.min == pytest.approx(float(angles.min()), abs=1e-3)
+        assert last.max == pytest.approx(float(angles.max()), abs=1e-3)
+        assert last.sum == pytest.approx(float(angles.sum()), abs=1e-3 * UNITS[layer])
+
+
+def test_rotation_curves_figure_goes_to_tensorboard_and_to_a_png(tb_run: SimpleNamespace) -> None:
+    images = tb_run.events.Images("layer_rotation_curves")
+    assert [e.step for e in images] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert images[-1].width > 100 and images[-1].height > 100
+    png = tb_run.tb_dir / FIGURE_FILENAME
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_epoch_rotation_starts_at_zero_and_ends_at_the_final_distance(tb_run: SimpleNamespace) -> None:
+    for layer in LAYERS:
+        points = tb_run.monitor.epoch_rotation[layer]
+        assert [e for e, _ in points] == [0, 1, 2]
+        assert points[0][1] == 0.0
+        expected = cosine_distance_fp64(tb_run.final[layer], tb_run.initial[layer])
+        assert points[-1][1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_custom_scalars_layout_puts_every_rotation_curve_on_one_chart(tb_run: SimpleNamespace) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = tb_run.events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert sorted(charts.values()) == [[r"layer_rotation/.*"], [r"layer_rotation_summary/.*"]]
+
+
+def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=4)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, logger=csv_logger, callbacks=[monitor], max_epochs=1)
+    model = TinyCNN()
+    with pytest.warns(UserWarning, match="no TensorBoardLogger is attached") as record:
+        trainer.fit(model, loader())
+    assert sum("TensorBoardLogger" in str(w.message) for w in record) == 1
+    rows = [r for r in read_csv(csv_logger.log_dir) if r.get("layer_rotation/head")]
+    assert [int(r["step"]) for r in rows] == [3, 7]
+    expected = cosine_distance_fp64(layer_weights(model)["head"], layer_weights(TinyCNN())["head"])
+    assert float(rows[-1]["layer_rotation/head"]) == pytest.approx(expected, abs=1e-5)
+    assert (Path(csv_logger.log_dir) / FIGURE_FILENAME).is_file()
+
+
+def test_without_any_logger_it_still_measures_and_writes_the_png_in_the_root_dir(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=1, angle_histograms=False)
+    model = TinyCNN()
+    with pytest.warns(UserWarning, match="no TensorBoardLogger"):
+        make_trainer(tmp_path, logger=False, callbacks=[monitor], max_epochs=1).fit(model, loader())
+    assert [s for s, _ in monitor.history["features.0"]] == list(range(STEPS_PER_EPOCH))
+    final, initial = layer_weights(model), layer_weights(TinyCNN())
+    assert monitor.measure() == pytest.approx(
+        {layer: cosine_distance_fp64(final[layer], initial[layer]) for layer in LAYERS}, abs=1e-5
+    )
+    assert (tmp_path / FIGURE_FILENAME).is_file()
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=1, figure=False)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[monitor], max_epochs=1, accumulate_grad_batches=2)
+    model = TinyCNN()
+    trainer.fit(model, loader())
+    assert trainer.global_step == STEPS_PER_EPOCH // 2
+    assert [s for s, _ in monitor.history["head"]] == [0, 1, 2, 3]
+    expected = cosine_distance_fp64(layer_weights(model)["head"], layer_weights(TinyCNN())["head"])
+    assert monitor.last_rotation["head"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_include_and_exclude_select_the_monitored_layers(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(exclude="head.*", figure=False)
+    make_trainer(tmp_path, logger=False, callbacks=[monitor], max_epochs=1, limit_train_batches=2).fit(
+        TinyCNN(), loader()
+    )
+    assert monitor.layer_names == ["features.0.weight", "features.3.weight"]
+    assert set(monitor.last_rotation) == {"features.0", "features.3"}
+
+
+def test_validation_and_test_loops_do_not_measure(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=1, figure=False)
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[monitor], max_epochs=1, limit_train_batches=3)
+    model = TinyCNN()
+    trainer.fit(model, loader(), loader(n=8))
+    history = {k: list(v) for k, v in monitor.history.items()}
+    trainer.validate(model, loader(n=8), verbose=False)
+    trainer.test(model, loader(n=8), verbose=False)
+    assert monitor.history == history
+    assert len(history["head"]) == 3
+
+
+def test_measure_before_any_fit_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match=r"before the first `Trainer\.fit`"):
+        ll.LayerRotationMonitor().measure()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be a positive integer or None, got 0"),
+        ({"every_n_epochs": 1.5}, "`every_n_epochs` must be a positive integer, got 1.5"),
+        ({"histogram_bins": -1}, "`histogram_bins` must be a positive integer, got -1"),
+        ({"include": [3]}, r"`include` must be a string or a list of strings, got \[3\]"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ll.LayerRotationMonitor(**kwargs)
+
+
+def test_a_pattern_that_matches_nothing_fails_when_the_fit_starts(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(include="decoder.*")
+    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no trainable parameter"):
+        make_trainer(tmp_path, logger=False, callbacks=[monitor]).fit(TinyCNN(), loader())
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FSDPStrategy(), object.__new__(DeepSpeedStrategy)],
+    ids=["FSDPStrategy", "DeepSpeedStrategy"],
+)
+def test_sharded_strategies_are_refused_in_setup(strategy: Any) -> None:
+    name = type(strategy).__name__
+    with pytest.raises(MisconfigurationException, match=f"LayerRotationMonitor does not support the `{name}`"):
+        ll.LayerRotationMonitor().setup(SimpleNamespace(strategy=strategy), TinyCNN(), "fit")  # type: ignore[arg-type]
+
+
+def test_single_device_and_ddp_strategies_are_accepted() -> None:
+    check_strategy(SingleDeviceStrategy("cpu"), "LayerRotationMonitor")
+    check_strategy(DDPStrategy(), "LayerRotationMonitor")
+
+
+def test_state_dict_keeps_the_initial_weights_on_cpu(tb_run: SimpleNamespace) -> None:
+    state = tb_run.monitor.state_dict()
+    assert state["layer_names"] == ["features.0.weight", "features.3.weight", "head.weight"]
+    for layer, snapshot in zip(LAYERS, state["initial"], strict=True):
+        assert snapshot.device.type == "cpu"
+        assert torch.equal(snapshot, tb_run.initial[layer])

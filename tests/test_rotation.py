@@ -1,0 +1,130 @@
+"""Specification of the rotation measurements: per-layer cosine distances, per-unit angles, device-side histograms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_layca.rotation import angle_histograms, cosine_distances, unit_angles
+
+
+def reference_distance(w: torch.Tensor, w0: torch.Tensor) -> float:
+    a, b = w.double().flatten(), w0.double().flatten()
+    return float(1.0 - a.dot(b) / (a.norm() * b.norm()))
+
+
+def rotate_rows(w0: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each row of ``w0`` by its angle, in the plane of the row and a direction orthogonal to it."""
+    rows = w0.double()
+    other = torch.randn_like(rows)
+    other -= (other * rows).sum(1, keepdim=True) / (rows * rows).sum(1, keepdim=True) * rows
+    other *= rows.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
+    theta = torch.deg2rad(degrees.double()).unsqueeze(1)
+    return rows * torch.cos(theta) + other * torch.sin(theta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_distances_match_float64_reference_for_mixed_shapes(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 3, 3, 3), (64, 128), (10, 64), (5, 7, 2)]
+    w0 = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    w = [x + 0.3 * torch.randn(x.shape, generator=g, dtype=dtype) for x in w0]
+    d = cosine_distances(w, w0)
+    assert d.dtype == dtype and d.shape == (len(shapes),)
+    expected = [reference_distance(a, b) for a, b in zip(w, w0, strict=True)]
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    assert d.tolist() == pytest.approx(expected, abs=tolerance)
+
+
+def test_cosine_distances_accumulate_bfloat16_layers_in_float32() -> None:
+    g = torch.Generator().manual_seed(1)
+    w0 = [torch.randn(256, 256, generator=g).bfloat16(), torch.randn(300, generator=g).reshape(30, 10).bfloat16()]
+    w = [(x.float() + 0.1 * torch.randn(x.shape, generator=g)).bfloat16() for x in w0]
+    d = cosine_distances(w, w0)
+    assert d.dtype == torch.float32
+    # Inputs are exactly representable in float32, so only float32 accumulation error remains.
+    assert d.tolist() == pytest.approx([reference_distance(a, b) for a, b in zip(w, w0, strict=True)], abs=1e-5)
+
+
+def test_cosine_distances_of_identical_orthogonal_and_opposite_weights() -> None:
+    w0 = [torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, -1.0]])]
+    w = [w0[0].clone(), torch.tensor([[0.0, 5.0]]), -w0[2]]
+    assert cosine_distances(w, w0).tolist() == pytest.approx([0.0, 1.0, 2.0], abs=1e-7)
+
+
+def test_cosine_distances_with_given_initial_norms_equal_computed_ones() -> None:
+    g = torch.Generator().manual_seed(2)
+    w0 = [torch.randn(8, 4, generator=g), torch.randn(3, 8, generator=g)]
+    w = [x + torch.randn(x.shape, generator=g) for x in w0]
+    norms = [x.norm() for x in w0]
+    assert torch.equal(cosine_distances(w, w0, norms), cosine_distances(w, w0))
+
+
+def test_cosine_distances_reject_mismatched_layers() -> None:
+    with pytest.raises(ValueError, match=r"layer #0 has weights \(2, 3\)"):
+        cosine_distances([torch.zeros(2, 3)], [torch.zeros(3, 2)])
+    with pytest.raises(ValueError, match="2 weight tensors but 1 initial"):
+        cosine_distances([torch.zeros(2, 3)] * 2, [torch.zeros(2, 3)])
+
+
+def test_unit_angles_recover_known_per_row_rotations_in_degrees() -> None:
+    torch.manual_seed(3)
+    w0 = torch.randn(6, 20)
+    degrees = torch.tensor([0.0, 0.5, 10.0, 45.0, 90.0, 170.0])
+    w = rotate_rows(w0, degrees).float()
+    assert unit_angles(w, w0).tolist() == pytest.approx(degrees.tolist(), abs=2e-4)
+
+
+def test_unit_angles_resolve_tiny_rotations() -> None:
+    torch.manual_seed(4)
+    w0 = torch.randn(4, 512)
+    degrees = torch.full((4,), 0.01)
+    w = rotate_rows(w0, degrees).float()
+    assert unit_angles(w, w0).tolist() == pytest.approx(degrees.tolist(), rel=0.05)
+
+
+def test_unit_angles_count_one_angle_per_output_unit_of_a_convolution() -> None:
+    torch.manual_seed(5)
+    w0 = torch.randn(16, 3, 3, 3)
+    w = w0 + 0.1 * torch.randn_like(w0)
+    angles = unit_angles(w, w0)
+    assert angles.shape == (16,)
+    rows, rows0 = w.reshape(16, -1).double(), w0.reshape(16, -1).double()
+    cos = (rows * rows0).sum(1) / (rows.norm(dim=1) * rows0.norm(dim=1))
+    assert angles.tolist() == pytest.approx(torch.rad2deg(torch.acos(cos)).tolist(), abs=1e-3)
+
+
+def test_unit_angles_of_zero_rows_are_zero() -> None:
+    w0 = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert unit_angles(w, w0).tolist() == [0.0, 0.0]
+
+
+def test_angle_histograms_match_numpy_histogram_and_count_every_value() -> None:
+    g = torch.Generator().manual_seed(6)
+    values = [torch.rand(1000, generator=g) * 30, torch.rand(7, generator=g) * 3 + 1]
+    hists = angle_histograms(values, bins=12)
+    for v, h in zip(values, hists, strict=True):
+        counts, edges = np.histogram(v.double().numpy(), bins=12, range=(h.min, h.max))
+        assert h.num == v.numel() and sum(h.bucket_counts) == v.numel()
+        assert h.bucket_counts == counts.tolist()
+        assert h.bucket_limits == pytest.approx(edges[1:].tolist(), rel=1e-12)
+        assert h.min == pytest.approx(float(v.min())) and h.max == pytest.approx(float(v.max()))
+        assert h.sum == pytest.approx(float(v.double().sum()), rel=1e-6)
+        assert h.sum_squares == pytest.approx(float(v.double().square().sum()), rel=1e-6)
+
+
+def test_angle_histogram_of_equal_values_puts_them_in_one_bin() -> None:
+    (h,) = angle_histograms([torch.zeros(5)], bins=4)
+    assert h.min == 0.0 and h.max == 0.0
+    assert all(math.isfinite(x) and x > 0 for x in h.bucket_limits) and h.bucket_limits == sorted(h.bucket_limits)
+    assert sum(h.bucket_counts) == 5 and max(h.bucket_counts) == 5
+
+
+@pytest.mark.parametrize("bins", [0, -3, 2.5, True])
+def test_angle_histograms_reject_bad_bin_counts(bins: object) -> None:
+    with pytest.raises(ValueError, match=f"`bins` must be a positive integer, got {bins!r}"):
+        angle_histograms([torch.zeros(3)], bins=bins)  # type: ignore[arg-type]

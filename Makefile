@@ -11,6 +11,7 @@ TORCH_REQ ?= torch>=2.4
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_CONFIG ?= examples/configs/mnist1d_layca.yaml
 
 .PHONY: demo test lint typecheck docs clean
 
@@ -20,6 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_REQ)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[test,examples,docs]"
 	touch $(STAMP)
+
+# MNIST-1D (generated offline) with SGD + Layca through LightningCLI: TensorBoard logs and the rotation figure go
+# to logs/<run>/version_<n>/. About a minute on a 2-core CPU.
+demo: $(STAMP)
+	$(BIN)/python -m examples.cli fit --config $(DEMO_CONFIG)
+	@echo "To browse the run: $(BIN)/tensorboard --logdir logs   (then open http://localhost:6006)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,238 @@
+"""LightningCLI: the documented YAML files train, every callback and schedule is configurable, mistakes stop early."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lightning_layca as ll
+from examples.cifar10_vgg import CIFAR10VGG, CIFAR10DataModule
+from examples.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+SMALL_DATA = {
+    "mnist1d_layca.yaml": ["--data.init_args.num_samples=400"],
+    "mnist1d_sgd.yaml": ["--data.init_args.num_samples=400"],
+    "digits_layca.yaml": ["--data.init_args.limit=300"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI warns when it gets `args` while sys.argv also holds arguments (pytest's own).
+    monkeypatch.setattr(sys, "argv", ["examples.cli"])
+
+
+def tiny_fit_args(log_dir: Path) -> list[str]:
+    """One epoch of two training batches and one validation batch, logging every step, into ``log_dir``."""
+    return [
+        f"--trainer.logger.init_args.save_dir={log_dir}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+    ]
+
+
+def instantiate(*args: str) -> Any:
+    """Parse and build model, data module and trainer, without running anything."""
+    return main(list(args), run=False)
+
+
+def scalar_tags(log_dir: Path) -> list[str]:
+    (events,) = log_dir.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return list(accumulator.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("config", sorted(SMALL_DATA))
+def test_documented_config_trains_and_logs_rotation_next_to_accuracy(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = main(["fit", "--config", str(CONFIGS / config), *tiny_fit_args(tmp_path), *SMALL_DATA[config]])
+
+    assert cli.trainer.global_step == 2
+    log_dir = Path(cli.trainer.log_dir)
+    tags = scalar_tags(log_dir)
+    for tag in ("layer_rotation/net.conv1", "layer_rotation/net.fc", "train/acc", "val/acc"):
+        assert tag in tags, f"{tag} missing from {tags}"
+    assert (log_dir / "layer_rotation_curves.png").stat().st_size > 0
+    assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out
+
+    optimizer = cli.trainer.optimizers[0]
+    if "layca" in config:
+        assert isinstance(optimizer, ll.Layca) and isinstance(optimizer.optimizer, torch.optim.SGD)
+        assert optimizer.rotation_rate == pytest.approx(3**-3, rel=1e-12)
+        assert repr(optimizer.schedule) == "DepthDecay(alpha=0.0)"
+        assert optimizer.layer_names[0] == "net.conv1.weight" and optimizer.layer_names[-1] == "net.fc.weight"
+        assert "layca/rate/net.conv1" in tags
+    else:
+        assert type(optimizer) is torch.optim.SGD
+        assert not any(tag.startswith("layca/") for tag in tags)
+
+
+def test_cifar10_config_builds_without_torchvision_or_download() -> None:
+    cli = instantiate("--config", str(CONFIGS / "cifar10_layca.yaml"))
+    assert isinstance(cli.model, CIFAR10VGG) and cli.model.hparams["variant"] == "vgg16"
+    assert isinstance(cli.datamodule, CIFAR10DataModule) and cli.datamodule.train_set is None
+    (layca,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LaycaCallback)]
+    assert layca.rotation_rate == pytest.approx(3**-3, rel=1e-12)
+    assert cli.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_print_config_shows_the_callbacks_with_their_nested_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "mnist1d_layca.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (callback,) = printed["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_layca.LaycaCallback"
+    assert callback["init_args"]["rotation_rate"] == pytest.approx(3**-3, rel=1e-12)
+    schedule = {"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": 0.0}}
+    assert callback["init_args"]["schedule"] == schedule
+    assert printed["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert printed["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.MultiStepLR"
+
+
+SCHEDULES_IN_YAML = {
+    "Uniform": ({"class_path": "lightning_layca.Uniform"}, ll.Uniform()),
+    "DepthDecay": ({"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": 0.6}}, ll.DepthDecay(0.6)),
+    "ByName": (
+        {"class_path": "lightning_layca.ByName", "init_args": {"patterns": {"net.fc*": 0.5}, "default": 2.0}},
+        ll.ByName({"net.fc*": 0.5}, default=2.0),
+    ),
+    "EpochSwitch": (
+        {
+            "class_path": "lightning_layca.EpochSwitch",
+            "init_args": {
+                "schedules": [
+                    {"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": -0.5}},
+                    {"class_path": "lightning_layca.Uniform"},
+                ],
+                "milestones": [5],
+            },
+        },
+        ll.EpochSwitch([ll.DepthDecay(-0.5), ll.Uniform()], milestones=[5]),
+    ),
+    "LayerWarmup": (
+        {
+            "class_path": "lightning_layca.LayerWarmup",
+            "init_args": {
+                "warmup_steps": 100,
+                "schedule": {"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": 0.2}},
+            },
+        },
+        ll.LayerWarmup(100, ll.DepthDecay(0.2)),
+    ),
+}
+
+
+def test_every_exported_schedule_has_a_yaml_case() -> None:
+    exported = {
+        name
+        for name in ll.__all__
+        if isinstance(getattr(ll, name), type)
+        and issubclass(getattr(ll, name), ll.RotationSchedule)
+        and getattr(ll, name) is not ll.RotationSchedule
+    }
+    assert exported == set(SCHEDULES_IN_YAML)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES_IN_YAML))
+def test_each_schedule_is_configurable_from_yaml(name: str, tmp_path: Path) -> None:
+    schedule_yaml, expected = SCHEDULES_IN_YAML[name]
+    override = tmp_path / "schedule.yaml"
+    callback = {"class_path": "lightning_layca.LaycaCallback", "init_args": {"schedule": schedule_yaml}}
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    cli = instantiate("--config", str(CONFIGS / "mnist1d_layca.yaml"), "--config", str(override))
+    (layca,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LaycaCallback)]
+    assert type(layca.schedule) is type(expected)
+    assert repr(layca.schedule) == repr(expected)
+
+
+def test_callbacks_are_configurable_from_the_command_line(tmp_path: Path) -> None:
+    # The plain-SGD run switched to Layca with the paper's alpha = 0.3, then a monitor-only run built from a file
+    # without callbacks.
+    cli = instantiate(
+        "--config",
+        str(CONFIGS / "mnist1d_sgd.yaml"),
+        "--trainer.callbacks=lightning_layca.LaycaCallback",
+        "--trainer.callbacks.rotation_rate=0.1",
+        "--trainer.callbacks.schedule=lightning_layca.DepthDecay",
+        "--trainer.callbacks.schedule.alpha=0.3",
+    )
+    (layca,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LayerRotationMonitor)]
+    assert type(layca) is ll.LaycaCallback and layca.rotation_rate == 0.1
+    assert repr(layca.schedule) == "DepthDecay(alpha=0.3)"
+
+    config = yaml.safe_load((CONFIGS / "mnist1d_sgd.yaml").read_text())
+    del config["trainer"]["callbacks"]
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump(config))
+    cli = instantiate(
+        "--config",
+        str(bare),
+        "--trainer.callbacks+=lightning_layca.LayerRotationMonitor",
+        "--trainer.callbacks.log_every_n_steps=5",
+    )
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LayerRotationMonitor)]
+    assert type(monitor) is ll.LayerRotationMonitor and monitor.log_every_n_steps == 5
+
+
+@pytest.mark.parametrize(
+    ("init_args", "message"),
+    [
+        ({"rotation_rate": "fast"}, r'Parser key "rotation_rate":\s+Expected a <class \'float\'>. Got value: fast'),
+        ({"rotaton_rate": 0.1}, r"Option 'rotaton_rate' is not accepted"),
+        (
+            {"schedule": {"class_path": "lightning_layca.DepthDecy", "init_args": {"alpha": 0.5}}},
+            r"'lightning_layca.DepthDecy'.*has no attribute 'DepthDecy'",
+        ),
+        (
+            {"schedule": {"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": "high"}}},
+            r'Parser key "alpha":\s+Expected a <class \'float\'>. Got value: high',
+        ),
+    ],
+    ids=["wrong-type", "misspelled-argument", "unknown-schedule", "wrong-schedule-argument-type"],
+)
+def test_configuration_mistakes_are_rejected_by_the_parser_before_training(
+    init_args: dict[str, Any], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    callback = {"class_path": "lightning_layca.LaycaCallback", "init_args": init_args}
+    bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "mnist1d_layca.yaml"), "--config", str(bad), *tiny_fit_args(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"error: Parser key \"trainer.callbacks\"", err)
+    assert re.search(message, err, flags=re.DOTALL), err
+    assert not list(tmp_path.glob("mnist1d_layca")), "nothing may be written before the configuration is valid"
+
+
+def test_an_out_of_range_value_is_rejected_when_the_callback_is_built_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"`rotation_rate` must be a finite positive number, got -0\.1"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "mnist1d_layca.yaml"),
+                "--trainer.callbacks.rotation_rate=-0.1",
+                *tiny_fit_args(tmp_path),
+            ]
+        )
+    assert not list(tmp_path.glob("mnist1d_layca"))

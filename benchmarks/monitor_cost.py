@@ -1,0 +1,202 @@
+"""Cost of layer-rotation monitoring: one monitor update against one SGD step, and end-to-end ``Trainer.fit``.
+
+Part 1 (micro): on the parameter shapes of ResNet-18 (built by hand, no torchvision), one monitor update (what
+``LayerRotationMonitor`` does on a logging step: every layer's cosine distance to its snapshot, moved to the host
+once) against one ``SGD(lr, foreach=True)`` step on the same parameters, interleaved, medians.
+Target: an update costs at most one base SGD step.
+
+Part 2 (end to end): ``Trainer.fit`` of a small CNN on synthetic data with plain SGD, with ``LayerRotationMonitor``
+and with ``LaycaCallback``, all at the Trainer's default ``log_every_n_steps=50`` and with a TensorBoard logger (the
+monitor writes its histograms and figure at every epoch end). The three configurations run interleaved, the order
+rotated every round; the table gives medians and ratios to plain SGD. Target: the monitor adds at most 3%.
+Between logging steps the monitor's hook only compares two integers; part 2 also times a monitor whose interval is
+larger than the run (no logging step at all) to show that.
+
+Run from the repository root::
+
+    python -m benchmarks.monitor_cost                 # CPU, or CUDA when present
+    python -m benchmarks.monitor_cost --device cpu --rounds 5 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning_layca` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._shapes import SHAPE_SETS
+from lightning_layca.rotation import cosine_distances
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def micro(device: torch.device, repeats: int) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    shapes = SHAPE_SETS["resnet18"]()
+    params = [torch.randn(shape, generator=g).to(device).requires_grad_() for _, shape in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-3
+    layers = [p for p in params if p.ndim >= 2]
+    snapshot = [p.detach().clone() for p in layers]
+    norms = [torch.linalg.vector_norm(w0) for w0 in snapshot]
+    sgd = torch.optim.SGD(params, lr=1e-3, foreach=True)
+
+    def monitor_update() -> None:
+        cosine_distances(layers, snapshot, norms).tolist()
+
+    rows: dict[str, Callable[[], Any]] = {"SGD step (foreach)": sgd.step, "monitor update": monitor_update}
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(3):
+        for fn in rows.values():
+            fn()
+    names = list(rows)
+    for r in range(repeats):
+        for name in names[r % 2 :] + names[: r % 2]:
+            times[name].append(_time(rows[name], device))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    n_params = sum(p.numel() for p in params)
+    lines = [
+        f"### One monitor update vs one SGD step, ResNet-18 shapes ({n_params:,} parameters, {len(layers)} layers), "
+        f"{device.type}, {repeats} interleaved repeats",
+        "",
+        "| | median ms | ratio to SGD step |",
+        "|---|---:|---:|",
+    ]
+    for name in names:
+        lines.append(f"| {name} | {med[name]:.3f} | {med[name] / med[names[0]]:.2f} |")
+    return lines
+
+
+def _fit_runner(device: torch.device, steps: int, epochs: int) -> Callable[[str], float]:
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_layca as ll
+
+    g = torch.Generator().manual_seed(0)
+    batch = 32
+    x = torch.randn(steps * batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (steps * batch,), generator=g)
+    data = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+    class SmallCNN(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(128, 10),
+            )  # fmt: skip
+
+        def training_step(self, b: Any, i: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.net(b[0]), b[1])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    callbacks: dict[str, Callable[[], list[Any]]] = {
+        "plain SGD": lambda: [],
+        "+ LayerRotationMonitor": lambda: [ll.LayerRotationMonitor()],
+        "+ LayerRotationMonitor, no logging step": lambda: [ll.LayerRotationMonitor(log_every_n_steps=10**9)],
+        "+ LaycaCallback": lambda: [ll.LaycaCallback()],
+    }
+
+    def run(name: str) -> float:
+        with tempfile.TemporaryDirectory() as root:
+            trainer = L.Trainer(
+                accelerator=device.type,
+                devices=1,
+                max_epochs=epochs,
+                logger=TensorBoardLogger(root),
+                callbacks=callbacks[name](),
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                default_root_dir=root,
+            )
+            model = SmallCNN()
+            t0 = time.perf_counter()
+            trainer.fit(model, data)
+            return time.perf_counter() - t0
+
+    run.names = list(callbacks)  # type: ignore[attr-defined]
+    return run
+
+
+def end_to_end(device: torch.device, rounds: int, steps: int, epochs: int) -> list[str]:
+    run = _fit_runner(device, steps, epochs)
+    names: list[str] = run.names  # type: ignore[attr-defined]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up round, not timed
+        run(name)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(run(name))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    base = med[names[0]]
+    lines = [
+        f"### `Trainer.fit`, small CNN, {epochs} epoch(s) x {steps} steps of batch 32 (3x32x32), {device.type}, "
+        f"default log_every_n_steps=50, TensorBoard logger, {rounds} interleaved rounds",
+        "",
+        "| configuration | median s | ratio to plain SGD | overhead |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in names:
+        lines.append(f"| {name} | {med[name]:.3f} | {med[name] / base:.3f} | {100 * (med[name] / base - 1):+.1f}% |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=50, help="interleaved repeats of the micro benchmark")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the end-to-end benchmark")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per epoch end to end")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--skip-fit", action="store_true", help="run the micro benchmark only")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
+    print("\n".join(micro(device, args.repeats)))
+    if not args.skip_fit:
+        print()
+        print("\n".join(end_to_end(device, args.rounds, args.steps, args.epochs)))
+
+
+if __name__ == "__main__":
+    main()

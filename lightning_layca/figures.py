@@ -34,7 +34,10 @@ def _require_matplotlib() -> Any:
 
 
 def rotation_curves_figure(
-    epochs: Sequence[float], curves: Mapping[str, Sequence[float]], title: str = "Layer rotation curves"
+    epochs: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    title: str = "Layer rotation curves",
+    ax: Any | None = None,
 ) -> Any:
     """Draw one line per layer (x = epoch, y = cosine distance to the initial weights), coloured by depth.
 
@@ -42,16 +45,22 @@ def rotation_curves_figure(
         epochs: The x coordinates, shared by every curve.
         curves: Layer name -> one cosine distance per epoch, in depth order (input first).
         title: The axes title.
+        ax: A ``matplotlib.axes.Axes`` to draw on (one panel of a larger figure); by default a new figure with one
+            axes is made.
 
     Returns:
-        A ``matplotlib.figure.Figure`` with a colour bar from the first layer to the last.
+        The ``matplotlib.figure.Figure`` drawn on, with a colour bar from the first layer to the last next to the axes.
 
     Raises:
         ModuleNotFoundError: When matplotlib is missing (install the ``plot`` extra).
     """
     matplotlib, figure_class = _require_matplotlib()
-    fig = figure_class(figsize=(6.4, 4.0), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
+    own_figure = ax is None
+    if ax is None:
+        fig = figure_class(figsize=(6.4, 4.0), dpi=100)
+        ax = fig.add_subplot(1, 1, 1)
+    else:
+        fig = ax.figure
     colormap = matplotlib.colormaps["viridis"]
     n = len(curves)
     norm = matplotlib.colors.Normalize(vmin=0, vmax=max(n - 1, 1))
@@ -69,7 +78,8 @@ def rotation_curves_figure(
     mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
     bar = fig.colorbar(mappable, ax=ax)
     bar.set_label("layer index (input → output)")
-    fig.tight_layout()
+    if own_figure:  # the layout of a caller's figure is the caller's choice
+        fig.tight_layout()
     return fig
 
 

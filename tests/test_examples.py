@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import math
 import random
+import re
 import socket
 import sys
+from pathlib import Path
 
+import lightning
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Trainer
 
+import lightning_layca as ll
 from examples import cifar10_vgg, common, digits_cnn, mnist1d_cnn
 
 
@@ -168,3 +175,100 @@ def test_bad_data_module_arguments_are_rejected_with_the_value() -> None:
         digits_cnn.DigitsDataModule(batch_size=0)
     with pytest.raises(ValueError, match=r"`channels` must be a non-empty list of positive ints, got \[\]"):
         mnist1d_cnn.MNIST1DCNN(channels=[])
+
+
+# ---------------------------------------------------------------------------------------------- the README's snippets
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+class _ReadmeModel(mnist1d_cnn.MNIST1DCNN):
+    """The README's ``model``: a user's LightningModule with its own optimizer."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+@pytest.fixture
+def short_trainer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Make the snippets' ``L.Trainer(...)`` train for three steps, quietly, into ``tmp_path``."""
+    short = functools.partial(
+        Trainer,
+        max_steps=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    monkeypatch.setattr(lightning, "Trainer", short)
+
+
+def test_readme_has_the_documented_snippets() -> None:
+    assert len(readme_blocks("python")) == 2 and len(readme_blocks("yaml")) == 1
+    assert "make demo" in readme_blocks("bash")[0] and "make test" in readme_blocks("bash")[0]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["layca", "monitor-only"])
+def test_readme_python_snippet_trains(index: int, short_trainer: None) -> None:
+    torch.manual_seed(0)
+    model = _ReadmeModel()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    namespace: dict[str, object] = {"model": model, "datamodule": mnist1d_cnn.MNIST1DDataModule(num_samples=400)}
+    exec(compile(readme_blocks("python")[index], str(README), "exec"), namespace)
+
+    trainer = namespace["trainer"]
+    assert isinstance(trainer, Trainer) and trainer.global_step == 3
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, ll.LayerRotationMonitor)]  # type: ignore[attr-defined]
+    # The monitor's last measurement is the cosine distance of the weights after the last logged step.
+    assert set(callback.last_rotation) == {name.removesuffix(".weight") for name in initial}
+    for name, p in model.named_parameters():
+        w, w0 = p.detach().flatten(), initial[name].flatten()
+        expected = 1 - float(torch.dot(w, w0) / (w.norm() * w0.norm()))
+        assert callback.last_rotation[name.removesuffix(".weight")] == pytest.approx(expected, abs=1e-5)
+    if index == 0:
+        assert isinstance(callback, ll.LaycaCallback)
+        assert isinstance(trainer.optimizers[0], ll.Layca)
+        # Layca keeps every layer's norm; three steps rotate each layer by 3 * atan(3**-3) at most.
+        for name, p in model.named_parameters():
+            assert float(p.norm()) == pytest.approx(float(initial[name].norm()), rel=1e-5)
+            assert 0 < callback.last_rotation[name.removesuffix(".weight")] <= 1 - math.cos(3 * math.atan(3**-3)) + 1e-6
+    else:
+        assert type(callback) is ll.LayerRotationMonitor and type(trainer.optimizers[0]) is torch.optim.SGD
+
+
+def test_readme_yaml_snippet_configures_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from examples.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["examples.cli"])
+    snippet = tmp_path / "readme.yaml"
+    snippet.write_text(readme_blocks("yaml")[0])
+    configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(configs / "mnist1d_sgd.yaml"),
+            "--config",
+            str(snippet),
+            "--data.init_args.num_samples=400",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_checkpointing=false",
+        ]
+    )
+    layca = cli.trainer.optimizers[0]
+    assert isinstance(layca, ll.Layca) and type(layca.optimizer) is torch.optim.SGD
+    assert layca.rotation_rate == pytest.approx(3**-3, rel=1e-12) and repr(layca.schedule) == "DepthDecay(alpha=0.0)"
+    assert layca.optimizer.defaults["momentum"] == 0.9 and layca.step_count == 1
+    (scheduler,) = cli.trainer.lr_scheduler_configs
+    assert isinstance(scheduler.scheduler, torch.optim.lr_scheduler.MultiStepLR)
+    assert dict(scheduler.scheduler.milestones) == {10: 1, 15: 1}

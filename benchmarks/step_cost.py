@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -207,8 +208,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rows(rows: list[Row], device: torch.device, warmup: int, repeats: int) -> None:
-    """Warm every row up, then time ``repeats`` interleaved rounds (order rotated each round) into ``row.times_ms``."""
+def time_rows(rows: list[Row], device: torch.device, warmup: int, repeats: int, clock: str = "wall") -> None:
+    """Warm every row up, then time ``repeats`` interleaved rounds (order rotated each round) into ``row.times_ms``.
+
+    On CPU ``clock="cpu"`` reads the process's CPU time instead of the wall clock: on a shared machine a step that
+    is preempted by another process then does not absorb the other process's time slice.
+    """
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(warmup):
         for row in rows:
             row.step()
@@ -225,9 +231,9 @@ def time_rows(rows: list[Row], device: torch.device, warmup: int, repeats: int) 
                 end.synchronize()
                 row.times_ms.append(start.elapsed_time(end))
             else:
-                t0 = time.perf_counter()
+                t0 = now()
                 row.step()
-                row.times_ms.append((time.perf_counter() - t0) * 1e3)
+                row.times_ms.append((now() - t0) * 1e3)
 
 
 def median(xs: Sequence[float]) -> float:
@@ -269,7 +275,7 @@ def profile_layca(pset: ParamSet, device: torch.device, steps: int = 3, top: int
         for _ in range(steps):
             step()
         _sync(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     kind = "fused" if fused else "foreach"
     text = prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=48)
     return [f"#### Profile of Layca(SGD {kind}), {pset.name}, {steps} steps", "", "```", text.rstrip(), "```"]
@@ -302,6 +308,21 @@ def check_targets(device: torch.device, medians: dict[str, dict[str, float]]) ->
 
 
 # ---------------------------------------------------------------------------------------------- machine
+def _code_version() -> str:
+    """The commit measured, and whether the optimizer's source differed from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "lightning_layca/layca.py"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {commit}" + (" (lightning_layca/layca.py modified)" if dirty else "")
+
+
 def machine_description(device: torch.device) -> list[str]:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -317,6 +338,7 @@ def machine_description(device: torch.device) -> list[str]:
         f"- load average (1, 5, 15 min) at start: {load}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}",
     ]
+    lines.append(f"- code: {_code_version()}")
     if device.type == "cuda":
         lines.append(f"- device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
     else:
@@ -332,6 +354,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20 on CPU, 100 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 3 CPU, 10 CUDA)")
     parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_cost_<dev>.md)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="CPU timer: wall (perf_counter) or the process's CPU time (robust on a shared machine; use --threads 1)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--no-reference", action="store_true", help="skip the per-tensor reference row")
     parser.add_argument("--profile", action="store_true", help="append a torch.profiler table of Layca(SGD)")
@@ -369,12 +397,16 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     """Run the benchmark, print the report, write it to ``--out`` and return its lines."""
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        timer = "CUDA events, each step started on an idle device"
+    else:
+        timer = "process CPU time (time.process_time)" if args.clock == "cpu" else "wall clock (time.perf_counter)"
     report = [
         "# Optimizer step cost",
         "",
         *machine_description(device),
         f"- timing: {args.warmup} warm-up rounds, then {args.repeats} interleaved rounds (order rotated each round); "
-        f"{'CUDA events, each step started on an idle device' if device.type == 'cuda' else 'time.perf_counter'}",
+        f"{timer}",
         f"- Layca rotation_rate {ROTATION_RATE:.4g}, uniform schedule; SGD lr {SGD_LR}, momentum 0.9; "
         f"AdamW lr {ADAMW_LR}, weight decay 0.01",
         f"- command: `python -m benchmarks.step_cost {' '.join(argv if argv is not None else sys.argv[1:])}`",
@@ -390,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         # The per-tensor reference computes in the parameters' dtype: meaningless in bf16/fp16, so not timed there.
         rows, notes = build_rows(pset, with_reference=not args.no_reference and not low_precision)
         t0 = time.perf_counter()
-        time_rows(rows, device, args.warmup, args.repeats)
+        time_rows(rows, device, args.warmup, args.repeats, clock=args.clock)
         lines = table(pset, rows)
         medians[spec] = {row.name: median(row.times_ms) for row in rows}
         lines += ["", *(f"- {n}" for n in notes), f"- {time.perf_counter() - t0:.1f} s for this set", ""]

@@ -3,14 +3,16 @@
 Every row steps the same parameter set with the same synthetic gradients (set once: the step cost excludes the
 backward pass). After warm-up steps the rows are interleaved, with the order rotated every round (A B C, B C A,
 C A B, ...), so that machine noise hits all rows alike; the table reports medians and the ratio of each row to the
-base step it wraps and to ``SGD(momentum=0.9, foreach=True)``. On CPU a step is timed with ``time.perf_counter``;
-on CUDA with CUDA events around a step that starts on an idle device (kernel launches included).
+base step it wraps and to ``SGD(momentum=0.9, foreach=True)``. On CPU a step is timed with ``time.perf_counter``
+(or, with ``--clock cpu``, the process's CPU time, which a preemption by another process does not inflate); on CUDA
+with CUDA events around a step that starts on an idle device (kernel launches included).
 
 Run from the repository root::
 
     python -m benchmarks.step_cost                      # CPU, or CUDA when present; writes benchmarks/results/
     python -m benchmarks.step_cost --device cpu --sets resnet18,mlp200 --repeats 30
     python -m benchmarks.step_cost --profile            # adds where the time of a Layca(SGD) step goes
+    python -m benchmarks.step_cost --threads 1 --clock cpu   # on a CPU shared with other jobs
 
 Rows sharing one parameter set step the *same* parameter and gradient tensors (each optimizer keeps its own state),
 which keeps the memory of the ViT-B/16 set reasonable; the values stay finite and normal, so timings are unaffected.

@@ -40,6 +40,26 @@ EPS = 1e-7
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# On CPU a multi-tensor op is a loop over tensors, so each pass streams the whole group through memory. Stepping the
+# layers in chunks of a few MiB keeps a chunk cache-resident across the passes of one Layca step.
+_CPU_CHUNK_BYTES: int | None = 4 * 2**20
+
+
+def _chunks(indices: list[int], layers: list[torch.Tensor], max_bytes: int | None) -> list[list[int]]:
+    """Split consecutive layer indices into runs of at most ``max_bytes`` (a larger layer forms its own run)."""
+    if max_bytes is None:
+        return [indices]
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in indices:
+        nbytes = layers[i].numel() * layers[i].element_size()
+        if out[-1] and size + nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += nbytes
+    return out
+
 
 @dataclass
 class _Group:
@@ -248,13 +268,16 @@ class Layca(Optimizer):
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i, p in enumerate(self._layers):
             by_key[(p.device, p.dtype)].append(i)
+        chunks: list[list[int]] = []
+        for (device, _), indices in by_key.items():
+            chunks.extend(_chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None))
         return [
             _Group(
                 indices=idx,
                 params=[self._layers[i] for i in idx],
                 previous=[torch.empty_like(self._layers[i]) for i in idx],
             )
-            for idx in by_key.values()
+            for idx in chunks
         ]
 
     def _groups_for_step(self) -> list[_Group]:
@@ -432,8 +455,11 @@ def _rotate(group: _Group, rates: list[float], initial_norms: list[float]) -> No
     torch._foreach_sub_(params, previous)  # params now hold the base step D
     norm_w, residual, tangential = _project_out(params, previous)
     k1, k2 = _coefficients(norm_w, residual, tangential, rates, initial_norms)
-    for d in params:  # frozen layers multiply D_perp by 0: it must hold no NaN or inf
-        torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+    # Frozen layers multiply D_perp by 0, so it must hold no NaN or inf. On CPU, reading the flags is no device
+    # synchronisation, and the cleaning pass is skipped in the usual case of finite steps.
+    if params[0].device.type != "cpu" or not bool(torch.isfinite(tangential).all()):
+        for d in params:
+            torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
     torch._foreach_mul_(params, k2)
     torch._foreach_addcmul_(params, previous, k1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,17 @@ def test_an_out_of_range_value_is_rejected_when_the_callback_is_built_before_tra
             ]
         )
     assert not list(tmp_path.glob("mnist1d_layca"))
+
+
+def test_make_demo_entry_point_runs_as_a_module_from_the_repository_root() -> None:
+    """``make demo`` runs ``python -m examples.cli`` on its config; here that command prints the configuration."""
+    makefile = (ROOT / "Makefile").read_text()
+    (demo_config,) = re.findall(r"^DEMO_CONFIG \?= (\S+)$", makefile, flags=re.MULTILINE)
+    assert "$(BIN)/python -m examples.cli fit --config $(DEMO_CONFIG)" in makefile
+    command = [sys.executable, "-m", "examples.cli", "fit", "--config", demo_config, "--print_config"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["class_path"] == "examples.mnist1d_cnn.MNIST1DCNN"
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == "logs"
+    assert printed["trainer"]["callbacks"][0]["class_path"] == "lightning_layca.LaycaCallback"

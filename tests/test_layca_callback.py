@@ -78,7 +78,7 @@ def test_wraps_the_optimizer_keeps_the_scheduler_and_logs_rates(tmp_path: Path) 
     # The rate follows the relative learning rate: rho in epoch 0, rho / 2 in epoch 1; logged when it changes.
     for layer in LAYERS:
         rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
-        assert rates == [(1, pytest.approx(RHO)), (8, pytest.approx(RHO / 2))]
+        assert rates == [(0, pytest.approx(RHO)), (8, pytest.approx(RHO / 2))]
     assert callback.last_rates == pytest.approx(dict.fromkeys(LAYERS, RHO / 2))
     assert norms(model) == pytest.approx(norms(TinyCNN()), rel=1e-5)
 

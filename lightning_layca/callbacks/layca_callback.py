@@ -41,7 +41,7 @@ class LaycaCallback(LayerRotationMonitor):
             (default: all). With several optimizers (manual optimization) each wrapped one controls its own
             parameters, so ``include``/``exclude`` must make sense for each.
         log_rates: Whether to log ``layca/rate/<layer>``, the rates of the coming step, when they change (checked
-            before every training batch, from the second optimizer step on).
+            before every training batch).
         log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
 
     Attributes:
@@ -133,8 +133,6 @@ class LaycaCallback(LayerRotationMonitor):
             return
         metrics: dict[str, float] = {}
         for index, layca in self.laycas.items():
-            if layca.step_count == 0:  # relative learning rates are defined from the first step on
-                continue
             version = layca.rates_version
             if self._logged_rates_versions.get(index) == version:
                 continue

@@ -35,8 +35,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(STAMP)
+test: lint typecheck docs $(STAMP)
 	$(BIN)/pytest -q
+
+# The documentation site (mkdocs.yml): --strict turns every warning (a broken link, a page left out of the
+# navigation, a docstring the API reference cannot render) into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) lightning_logs logs site .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,190 @@
+"""Every code snippet of the documentation (docs/*.md) runs as printed.
+
+* ```python blocks run in order, one namespace per page (a page reads like a notebook), in a fresh working directory;
+* ```pycon blocks are doctests: their printed output is checked;
+* ```yaml blocks are LightningCLI configs of the examples: a complete one (with ``model:``) is instantiated, one with
+  a ``LaycaCallback`` is also fitted for two batches on a small data set so its schedule meets the real layers; a
+  fragment is layered on top of the demo config;
+* ```bash blocks may only hold commands this file knows how to check: ``python -m examples.cli`` lines are parsed
+  by the CLI (``--print_config``), ``pip install`` extras must exist, ``make`` targets must exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import doctest
+import importlib.metadata
+import io
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+DEMO_CONFIG = ROOT / "examples" / "configs" / "mnist1d_layca.yaml"
+FENCE = re.compile(r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+SNIPPET = re.compile(r'^--8<-- "(?P<path>[^"]+)"$', re.MULTILINE)
+
+
+def include_snippets(text: str) -> str:
+    """Replace pymdownx.snippets lines (``--8<-- "path"``, relative to the repository root) by the file's text."""
+    return SNIPPET.sub(lambda m: (ROOT / m["path"]).read_text().rstrip("\n"), text)
+
+
+def blocks(page: Path, lang: str) -> list[str]:
+    return [include_snippets(m["body"]) for m in FENCE.finditer(page.read_text()) if m["lang"] == lang]
+
+
+def pages_with(lang: str) -> list[Any]:
+    return [pytest.param(page, id=page.stem) for page in sorted(DOCS.glob("*.md")) if blocks(page, lang)]
+
+
+def indexed_blocks(lang: str) -> list[Any]:
+    return [
+        pytest.param(page, i, id=f"{page.stem}-{i}")
+        for page in sorted(DOCS.glob("*.md"))
+        for i, _ in enumerate(blocks(page, lang))
+    ]
+
+
+def test_the_docs_have_snippets_of_every_kind_checked_here() -> None:
+    found = {lang: sum(len(blocks(page, lang)) for page in DOCS.glob("*.md")) for lang in ("python", "yaml", "bash")}
+    assert all(count > 0 for count in found.values()), found
+    languages = {m["lang"] for page in DOCS.glob("*.md") for m in FENCE.finditer(page.read_text())}
+    # "text" blocks hold formulas and tag names, not code.
+    assert languages <= {"python", "pycon", "yaml", "bash", "text"}, languages
+
+
+@pytest.mark.parametrize("page", pages_with("python"))
+def test_python_snippets_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": f"docs_{page.stem}"}
+    for i, code in enumerate(blocks(page, "python")):
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, f"{page.name}[python block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", pages_with("pycon"))
+def test_pycon_snippets_print_what_the_page_shows(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    globs: dict[str, Any] = {}
+    for i, text in enumerate(blocks(page, "pycon")):
+        test = parser.get_doctest(text, globs, f"{page.name}[pycon block {i}]", str(page), 0)
+        runner.run(test, out=lambda s: None, clear_globs=False)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples of {page.name} differ (run doctest)"
+
+
+@pytest.fixture(autouse=True)
+def cli_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI compares `args` with sys.argv, which holds pytest's own options here.
+    monkeypatch.setattr("sys.argv", ["examples.cli"])
+
+
+def run_cli(args: list[str]) -> Any:
+    from examples.cli import main
+
+    return main(args=args, run=False)
+
+
+@pytest.mark.parametrize(("page", "index"), indexed_blocks("yaml"))
+def test_yaml_snippets_are_valid_cli_configs(
+    page: Path, index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from lightning_layca import LaycaCallback, LayerRotationMonitor
+
+    text = blocks(page, "yaml")[index]
+    config = yaml.safe_load(text)
+    assert isinstance(config, dict) and config, "a YAML snippet must be a mapping"
+    path = tmp_path / "snippet.yaml"
+    path.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    layered = [] if "model" in config else ["--config", str(DEMO_CONFIG)]
+    # Small data and two batches: the callbacks wrap the real optimizer and validate their schedule on real layers.
+    quick = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+    ]
+    cli = run_cli([*layered, "--config", str(path), *quick])
+    monitors = [cb for cb in cli.trainer.callbacks if isinstance(cb, LayerRotationMonitor)]
+    assert monitors, "every YAML example configures LaycaCallback or LayerRotationMonitor"
+    if "MNIST1DDataModule" in type(cli.datamodule).__name__:
+        cli.datamodule.num_samples = 400
+        cli.datamodule.batch_size = 32
+    if any(isinstance(cb, LaycaCallback) for cb in monitors):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        layca = next(cb for cb in monitors if isinstance(cb, LaycaCallback))
+        assert layca.laycas and all(opt.step_count == 2 for opt in layca.laycas.values())
+
+
+def bash_commands(text: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def check_cli_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.cli import main
+
+    assert argv[0] in {"fit", "validate", "test", "predict"}, argv
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=[*argv, "--print_config"])
+    assert exit_info.value.code in (0, None), f"examples.cli {' '.join(argv)} exited with {exit_info.value.code}"
+    printed = capsys.readouterr().out
+    assert "trainer:" in printed and "model:" in printed
+
+
+def check_pip_command(argv: list[str]) -> None:
+    extras = importlib.metadata.metadata("lightning-layca").get_all("Provides-Extra") or []
+    assert argv[:2] == ["pip", "install"], argv
+    for arg in argv[2:]:
+        if arg.startswith("-"):
+            continue
+        match = re.fullmatch(r"(?:\.|lightning-layca)(?:\[(?P<extras>[\w,]+)\])?", arg)
+        assert match, f"unexpected install target {arg!r}"
+        for extra in filter(None, (match["extras"] or "").split(",")):
+            assert extra in extras, f"pip install names the extra {extra!r}; pyproject.toml has {sorted(extras)}"
+
+
+def check_make_command(argv: list[str]) -> None:
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    for target in argv[1:]:
+        if "=" not in target:
+            assert target in targets, f"make {target}: the Makefile has {sorted(targets)}"
+
+
+@pytest.mark.parametrize(("page", "index"), indexed_blocks("bash"))
+def test_shell_snippets_are_commands_that_work(
+    page: Path, index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    commands = bash_commands(blocks(page, "bash")[index])
+    assert commands
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[:3] == ["python", "-m", "examples.cli"]:
+            monkeypatch.chdir(ROOT)  # the examples' configs are given relative to the repository root
+            check_cli_command(argv[3:], capsys)
+        elif argv[0] == "pip":
+            check_pip_command(argv)
+        elif argv[0] == "make":
+            check_make_command(argv)
+        elif argv[0] == "tensorboard":
+            assert argv[1] == "--logdir" and len(argv) == 3, command
+        elif argv[:2] == ["python", "docs/take_screenshots.py"]:
+            assert (ROOT / argv[1]).is_file()
+        elif argv[0] == "mkdocs":
+            assert argv[1] in {"build", "serve"}, command
+        else:
+            pytest.fail(f"{page.name}: no check for the shell command {command!r}; add one to tests/test_docs.py")

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 EXTRA_OF_MODULE = {
-    "matplotlib": "plot",
     "mnist1d": "examples",
     "sklearn": "examples",
     "torchvision": "vision",

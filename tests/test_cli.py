@@ -239,6 +239,21 @@ def test_an_out_of_range_value_is_rejected_when_the_callback_is_built_before_tra
     assert not list(tmp_path.glob("mnist1d_layca"))
 
 
+def test_without_matplotlib_the_run_trains_and_names_the_extra_that_draws_the_figure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    config = "digits_layca.yaml"
+    with pytest.warns(UserWarning, match=r"pip install 'lightning-layca\[plot\]'"):
+        cli = main(["fit", "--config", str(CONFIGS / config), *tiny_fit_args(tmp_path), *SMALL_DATA[config]])
+    assert cli.trainer.global_step == 2
+    assert not (Path(cli.trainer.log_dir) / "layer_rotation_curves.png").exists()
+    out = capsys.readouterr().out
+    assert "Layer rotation curves:" not in out and f"tensorboard --logdir {tmp_path}" in out
+
+
 def test_make_demo_entry_point_runs_as_a_module_from_the_repository_root() -> None:
     """``make demo`` runs ``python -m examples.cli`` on its config; here that command prints the configuration."""
     makefile = (ROOT / "Makefile").read_text()

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Trainer
 
 import lightning_layca as ll
-from examples import cifar10_vgg, common, digits_cnn, mnist1d_cnn
+from examples import cifar10_vgg, digits_cnn, mnist1d_cnn
 
 
 @pytest.fixture
@@ -154,9 +154,8 @@ def test_cifar10_datamodule_and_model_import_without_torchvision(monkeypatch: py
     [
         ("mnist1d", "examples", lambda: mnist1d_cnn.MNIST1DDataModule().prepare_data()),
         ("sklearn", "examples", lambda: digits_cnn.DigitsDataModule().prepare_data()),
-        ("matplotlib", "plot", lambda: common.require("matplotlib", "The rotation figure")),
     ],
-    ids=["mnist1d", "scikit-learn", "matplotlib"],
+    ids=["mnist1d", "scikit-learn"],
 )
 def test_a_missing_optional_dependency_names_the_extra_to_install(
     monkeypatch: pytest.MonkeyPatch, module: str, extra: str, trigger: object

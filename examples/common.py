@@ -112,7 +112,8 @@ class ClassifierModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        logits: torch.Tensor = self.net(x)
+        return logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -111,4 +111,4 @@ class MNIST1DCNN(ClassifierModule):
         self.save_hyperparameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.unsqueeze(1))  # (N, 40) signals -> (N, 1, 40)
+        return super().forward(x.unsqueeze(1))  # (N, 40) signals -> (N, 1, 40)

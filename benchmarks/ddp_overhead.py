@@ -6,8 +6,9 @@ Four fits of the same MLP on the same random data, with the same per-process bat
 * ``1 process`` / ``1 process + LaycaCallback``: ``devices=1``.
 
 Every fit logs to TensorBoard at the Trainer's default ``log_every_n_steps=50`` (the callback measures and logs the
-rotation on those steps). On global rank 0, a timing callback measures the wall time from the start of batch
-``--warmup`` to the end of the last batch: process start-up, DDP setup and the end-of-epoch histograms and figure are
+rotation on those steps). On global rank 0, a timing callback measures the time (``--clock wall``, or ``cpu``: the
+process's CPU time, which a shared machine's preemption does not inflate) from the start of batch ``--warmup`` to
+the end of the last batch: process start-up, DDP setup and the end-of-epoch histograms and figure are
 not part of the per-step time. The four fits are repeated ``--repeats`` times, interleaved with the order rotated
 every round, and the table reports medians and the ratio with/without the callback.
 
@@ -80,32 +81,36 @@ class MLP(L.LightningModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class StepTimer(Callback):
     """On global rank 0, time batches ``warmup`` to the last and write seconds per step to ``path``."""
 
-    def __init__(self, warmup: int, path: Path) -> None:
+    def __init__(self, warmup: int, path: Path, clock: str) -> None:
         self.warmup = warmup
         self.path = path
+        self.clock = clock
         self._start = 0.0
         self._batches = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if idx == self.warmup:
-            self._start = time.perf_counter()
+            self._start = CLOCKS[self.clock]()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self._batches = idx + 1 - self.warmup
         if trainer.is_global_zero and idx + 1 == trainer.num_training_batches:
-            self.path.write_text(str((time.perf_counter() - self._start) / self._batches))
+            self.path.write_text(str((CLOCKS[self.clock]() - self._start) / self._batches))
 
 
-def fit_once(config: str, steps: int, warmup: int, batch_size: int, workdir: Path) -> float:
+def fit_once(config: str, steps: int, warmup: int, batch_size: int, clock: str, workdir: Path) -> float:
     """Run one fit of ``config`` and return its seconds per step (global rank 0)."""
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     result = run_dir / "seconds_per_step.txt"
-    callbacks: list[Callback] = [StepTimer(warmup, result)]
+    callbacks: list[Callback] = [StepTimer(warmup, result, clock)]
     if config.endswith("LaycaCallback"):
         callbacks.insert(0, LaycaCallback(rotation_rate=ROTATION_RATE))
     distributed = config.startswith("ddp")
@@ -139,13 +144,27 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each fit")
     parser.add_argument("--batch-size", type=int, default=64, help="batch per process")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the four fits")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall clock, or rank 0's process CPU time (on a shared CPU: preemption by other jobs is not counted)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the one-process fits (each DDP process gets cores / processes, 1 on 2 cores)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
-    if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
+    if min(args.steps, args.repeats, args.batch_size, args.threads) < 1 or args.warmup < 0:
         parser.error(
-            f"--steps, --repeats and --batch-size must be positive and --warmup non-negative, got steps={args.steps}, "
-            f"repeats={args.repeats}, batch-size={args.batch_size}, warmup={args.warmup}."
+            "--steps, --repeats, --batch-size and --threads must be positive and --warmup non-negative, got "
+            f"steps={args.steps}, repeats={args.repeats}, batch-size={args.batch_size}, threads={args.threads}, "
+            f"warmup={args.warmup}."
         )
+    torch.set_num_threads(args.threads)
 
     load_before = load_average()
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
@@ -153,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         for round_ in range(args.repeats):
             order = CONFIGS[round_ % len(CONFIGS) :] + CONFIGS[: round_ % len(CONFIGS)]
             for config in order:
-                times[config].append(fit_once(config, args.steps, args.warmup, args.batch_size, Path(workdir)))
+                times[config].append(
+                    fit_once(config, args.steps, args.warmup, args.batch_size, args.clock, Path(workdir))
+                )
     load_after = load_average()
 
     median = {c: statistics.median(t) for c, t in times.items()}
@@ -163,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
         f"- MLP 784-512-512-512-10 (0.93 M parameters), SGD momentum 0.9, batch {args.batch_size} per process, "
         f"{args.steps} timed steps after {args.warmup}, TensorBoard every 50 steps; {args.repeats} rounds, medians",
+        f"- clock: {args.clock}; torch threads: {args.threads} in the one-process fits, Lightning's default in the DDP "
+        "processes (cores / processes)",
         "",
         "| fit | ms per step (median) | runs (ms) | with / without LaycaCallback |",
         "|---|---:|---|---:|",

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -33,6 +35,7 @@ from lightning_layca import Layca, LaycaCallback, LayerRotationMonitor
 N_SAMPLES = 64
 ROTATION_RATE = 3**-3
 LAYERS = ["features.0", "features.3", "head"]
+COLLECTIVE_TIMEOUT_S = 180
 
 
 def collective_count() -> int:
@@ -304,6 +307,12 @@ def make_trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trai
         use_distributed_sampler=False,
     )
     options.update(kwargs)
+    start_methods = {"ddp_spawn": "spawn", "ddp": "popen"}
+    if options["strategy"] in start_methods:
+        # A collective that one rank never joins fails the test after this long instead of hanging it for 30 min.
+        options["strategy"] = DDPStrategy(
+            start_method=start_methods[options["strategy"]], timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        )
     return L.Trainer(**options)
 
 

@@ -1,19 +1,28 @@
 """Take the TensorBoard screenshots of the docs from a real run of the demo.
 
-Runs the demo (``examples/configs/mnist1d_layca.yaml``, about a minute on a 2-core CPU) into a temporary log
-directory, serves it with a local ``tensorboard``, photographs the dashboards with headless Chromium and writes the
-cropped PNGs into ``docs/screenshots/``. Run from the repository root::
+Trains the demo (``examples/configs/mnist1d_layca.yaml``: a few minutes on a 2-core CPU) into a log directory, serves
+it with a local ``tensorboard``, drives headless Chromium through its DevTools protocol and writes the pictures into
+``docs/screenshots/``. Run from the repository root::
 
-    python docs/take_screenshots.py                      # train the demo, then take the pictures
-    python docs/take_screenshots.py --logdir logs        # photograph existing logs instead
+    python docs/take_screenshots.py                                 # train the demo in a temporary folder
+    python docs/take_screenshots.py --logdir /tmp/demo_logs         # train there, or reuse the logs found there
 
 Needs Chromium (Debian: ``apt-get install chromium``) and the ``examples`` extra. Not part of the test suite.
+
+The DevTools protocol (``--remote-debugging-pipe``: JSON messages ending in a NUL byte, on file descriptors 3 and 4)
+lets the script switch off TensorBoard's "ignore outliers in chart scaling" (a setting kept in the page's local
+storage, which would cut the first points off the curves), size the window, and capture exact regions at twice the
+CSS resolution.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -23,58 +32,114 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-from PIL import Image
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = "examples/configs/mnist1d_layca.yaml"
-SCALE = 2  # device pixels per CSS pixel: sharp pictures of TensorBoard's small charts
+SCALE = 2  # device pixels per CSS pixel
+SETTLE_S = 8.0  # time for a dashboard to fetch its data and draw
 
 
 @dataclass(frozen=True)
 class Shot:
-    """One picture: a TensorBoard URL fragment, the window size and the crop box, in CSS pixels."""
+    """One picture: a TensorBoard URL fragment, the window size and the region kept, in CSS pixels."""
 
     name: str
     fragment: str
     window: tuple[int, int]
-    crop: tuple[int, int, int, int]
+    clip: tuple[int, int, int, int]  # x, y, width, height
 
 
-# The legacy dashboards keep their state in the URL fragment: tag filter, and smoothing off so the curves show the
-# logged values.
+# The legacy dashboards keep their state in the URL fragment (tag filter, smoothing switched off so the curves show
+# the logged values). The left 285 pixels hold the dashboards' settings, the top 64 TensorBoard's tab bar.
 SHOTS = [
-    Shot(
-        "custom_scalars",
-        "custom_scalars&_smoothingWeight=0",
-        (1100, 520),
-        (330, 60, 1100, 430),
-    ),
-    Shot(
-        "scalars",
-        "scalars&tagFilter=layer_rotation&_smoothingWeight=0",
-        (1100, 760),
-        (330, 60, 1100, 760),
-    ),
-    Shot(
-        "histograms",
-        "histograms&tagFilter=layer_angles",
-        (1100, 820),
-        (330, 60, 1100, 820),
-    ),
-    Shot(
-        "images",
-        "images&tagFilter=layer_rotation_curves",
-        (1100, 620),
-        (330, 60, 1100, 620),
-    ),
-    Shot(
-        "rates",
-        "scalars&tagFilter=layca/rate&_smoothingWeight=0",
-        (1100, 520),
-        (330, 60, 1100, 520),
-    ),
+    Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 500), (285, 64, 815, 396)),
+    Shot("scalars", "scalars&tagFilter=layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
+    Shot("histograms", "histograms&tagFilter=layer_angles", (1000, 520), (285, 64, 715, 426)),
+    Shot("images", "images&tagFilter=layer_rotation_curves", (1000, 560), (285, 64, 430, 426)),
 ]
+
+
+class DevTools:
+    """A minimal client of Chromium's DevTools protocol over ``--remote-debugging-pipe``."""
+
+    def __init__(self, chromium: str, profile: str) -> None:
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def wire() -> None:  # in the child: the protocol's fixed descriptors, kept open across exec
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
+            for target, fd in zip((3, 4), high, strict=True):
+                os.dup2(fd, target, inheritable=True)
+
+        self._process = subprocess.Popen(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            preexec_fn=wire,
+            close_fds=False,  # closing would happen after `wire` and take descriptors 3 and 4 away
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.session: str | None = None
+
+    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        """Send one command and return its result (events received meanwhile are dropped)."""
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._read()
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"DevTools {method}: {reply['error']}")
+                return dict(reply.get("result", {}))
+
+    def _read(self) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            chunk = os.read(self._from_browser, 1 << 20)
+            if not chunk:
+                raise RuntimeError("Chromium closed the DevTools pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return dict(json.loads(message))
+
+    def open_page(self) -> str:
+        """Attach to a new page and return its session id."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable", self.session)
+        return self.session
+
+    def page(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send a command to the attached page."""
+        return self.call(method, self.session, **params)
+
+    def close(self) -> None:
+        """Close the browser."""
+        with contextlib.suppress(RuntimeError):  # the browser may close the pipe before it answers
+            self.call("Browser.close")
+        self._process.wait(timeout=30)
+        os.close(self._to_browser)
+        os.close(self._from_browser)
 
 
 def run_demo(config: str, save_dir: Path) -> None:
@@ -87,6 +152,7 @@ def run_demo(config: str, save_dir: Path) -> None:
         "--config",
         config,
         f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.enable_progress_bar=false",
     ]
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
@@ -123,55 +189,50 @@ def chromium_binary() -> str:
     raise FileNotFoundError("Chromium is needed for the screenshots: apt-get install chromium")
 
 
-def take(shot: Shot, url: str, out_dir: Path) -> Path:
-    """Photograph one dashboard and crop it to the part the docs show."""
-    target = out_dir / f"{shot.name}.png"
-    with tempfile.TemporaryDirectory() as profile, tempfile.TemporaryDirectory() as scratch:
-        raw = Path(scratch) / "raw.png"
-        subprocess.run(
-            [
-                chromium_binary(),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-                f"--user-data-dir={profile}",
-                f"--window-size={shot.window[0]},{shot.window[1]}",
-                f"--force-device-scale-factor={SCALE}",
-                "--virtual-time-budget=30000",
-                f"--screenshot={raw}",
-                f"{url}/#{shot.fragment}",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=180,
-        )
-        with Image.open(raw) as image:
-            box = tuple(SCALE * c for c in shot.crop)
-            image.crop(box).convert("RGB").save(target, optimize=True)
-    print("wrote", target.relative_to(ROOT) if target.is_relative_to(ROOT) else target, flush=True)
-    return target
+def take_all(url: str, out_dir: Path) -> None:
+    """Photograph every dashboard of :data:`SHOTS`."""
+    with tempfile.TemporaryDirectory() as profile:
+        browser = DevTools(chromium_binary(), profile)
+        try:
+            browser.open_page()
+            browser.page("Page.navigate", url=f"{url}/")
+            time.sleep(3.0)
+            browser.page("Runtime.evaluate", expression="localStorage.setItem('_ignoreYOutliers', 'false')")
+            for shot in SHOTS:
+                width, height = shot.window
+                metrics = {"width": width, "height": height, "deviceScaleFactor": SCALE, "mobile": False}
+                browser.page("Emulation.setDeviceMetricsOverride", **metrics)
+                browser.page("Page.navigate", url="about:blank")
+                browser.page("Page.navigate", url=f"{url}/#{shot.fragment}")
+                time.sleep(SETTLE_S)
+                x, y, w, h = shot.clip
+                png = browser.page(
+                    "Page.captureScreenshot", format="png", clip={"x": x, "y": y, "width": w, "height": h, "scale": 1}
+                )["data"]
+                target = out_dir / f"{shot.name}.png"
+                target.write_bytes(base64.b64decode(png))
+                print("wrote", target, flush=True)
+        finally:
+            browser.close()
+
+
+def has_logs(logdir: Path) -> bool:
+    """Whether ``logdir`` already holds TensorBoard event files."""
+    return logdir.is_dir() and any(logdir.rglob("events.out.tfevents.*"))
 
 
 def main() -> None:
-    """Train (unless ``--logdir`` is given), serve, photograph."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", type=Path, help="existing TensorBoard logs (default: train the demo first)")
+    """Train (unless the log directory has logs already), serve, photograph."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--logdir", type=Path, help="log directory: reused if it has logs, else the demo trains there")
     parser.add_argument("--config", default=DEMO_CONFIG, help=f"demo config to train (default: {DEMO_CONFIG})")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots", help="where to write the PNGs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        logdir = args.logdir
-        if logdir is None:
-            logdir = Path(tmp) / "logs"
+        logdir = args.logdir or Path(tmp) / "logs"
+        if not has_logs(logdir):
             run_demo(args.config, logdir)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -183,8 +244,7 @@ def main() -> None:
         )
         try:
             wait_for_tags(url)
-            for shot in SHOTS:
-                take(shot, url, args.out)
+            take_all(url, args.out)
         finally:
             server.terminate()
             server.wait(timeout=30)

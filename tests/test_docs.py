@@ -36,8 +36,30 @@ def include_snippets(text: str) -> str:
     return SNIPPET.sub(lambda m: (ROOT / m["path"]).read_text().rstrip("\n"), text)
 
 
+def fences(page: Path) -> list[tuple[str, str]]:
+    """Every fenced block of ``page`` in order, as (language, text)."""
+    return [(m["lang"], include_snippets(m["body"])) for m in FENCE.finditer(page.read_text())]
+
+
 def blocks(page: Path, lang: str) -> list[str]:
-    return [include_snippets(m["body"]) for m in FENCE.finditer(page.read_text()) if m["lang"] == lang]
+    return [body for kind, body in fences(page) if kind == lang]
+
+
+def block_after(page: Path, lang: str, index: int) -> tuple[str, str] | None:
+    """The fenced block that follows the ``index``-th block of ``lang`` on ``page``."""
+    positions = [i for i, (kind, _) in enumerate(fences(page)) if kind == lang]
+    following = positions[index] + 1
+    all_fences = fences(page)
+    return all_fences[following] if following < len(all_fences) else None
+
+
+def is_contained(part: Any, whole: Any) -> bool:
+    """Whether every key and value of ``part`` is in ``whole`` (mappings by key, lists item by item)."""
+    if isinstance(part, dict):
+        return isinstance(whole, dict) and all(k in whole and is_contained(v, whole[k]) for k, v in part.items())
+    if isinstance(part, list):
+        return isinstance(whole, list) and len(part) == len(whole) and all(map(is_contained, part, whole))
+    return bool(part == whole)
 
 
 def pages_with(lang: str) -> list[Any]:
@@ -135,15 +157,18 @@ def bash_commands(text: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def check_cli_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def check_cli_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Parse a documented command line with the examples' CLI (without training); return the printed config."""
     from examples.cli import main
 
     assert argv[0] in {"fit", "validate", "test", "predict"}, argv
+    print_config = [] if "--print_config" in argv else ["--print_config"]
     with pytest.raises(SystemExit) as exit_info:
-        main(args=[*argv, "--print_config"])
+        main(args=[*argv, *print_config])
     assert exit_info.value.code in (0, None), f"examples.cli {' '.join(argv)} exited with {exit_info.value.code}"
     printed = capsys.readouterr().out
     assert "trainer:" in printed and "model:" in printed
+    return printed
 
 
 def check_pip_command(argv: list[str]) -> None:
@@ -169,13 +194,19 @@ def check_make_command(argv: list[str]) -> None:
 def test_shell_snippets_are_commands_that_work(
     page: Path, index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import yaml
+
     commands = bash_commands(blocks(page, "bash")[index])
     assert commands
     for command in commands:
         argv = shlex.split(command)
         if argv[:3] == ["python", "-m", "examples.cli"]:
             monkeypatch.chdir(ROOT)  # the examples' configs are given relative to the repository root
-            check_cli_command(argv[3:], capsys)
+            printed = check_cli_command(argv[3:], capsys)
+            following = block_after(page, "bash", index)
+            if "--print_config" in argv and following is not None and following[0] == "yaml":
+                # The page shows what the command prints: it must be part of the real output.
+                assert is_contained(yaml.safe_load(following[1]), yaml.safe_load(printed)), printed
         elif argv[0] == "pip":
             check_pip_command(argv)
         elif argv[0] == "make":

@@ -97,12 +97,13 @@ def test_pycon_snippets_print_what_the_page_shows(page: Path, tmp_path: Path, mo
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     globs: dict[str, Any] = {}
+    report: list[str] = []
     for i, text in enumerate(blocks(page, "pycon")):
         test = parser.get_doctest(text, globs, f"{page.name}[pycon block {i}]", str(page), 0)
-        runner.run(test, out=lambda s: None, clear_globs=False)
+        runner.run(test, out=report.append, clear_globs=False)
     result = runner.summarize(verbose=False)
     assert result.attempted > 0
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples of {page.name} differ (run doctest)"
+    assert result.failed == 0, "".join(report)
 
 
 @pytest.fixture(autouse=True)

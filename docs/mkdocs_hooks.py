@@ -3,8 +3,9 @@
 * ``--8<-- "benchmarks/README.md"`` on a line of its own is replaced by that file, with its relative links rebased
   so that they still point at the files next to it (done here rather than by ``pymdownx.snippets``, which would leave
   those links pointing into ``docs/``);
-* every other file under ``benchmarks/`` (reports under ``results/``, scripts) is published at the same path, so
-  those links resolve, and ``mkdocs build --strict`` still fails on a link to a file that does not exist.
+* every other file under ``benchmarks/`` (reports under ``results/``, scripts), and every repository file their
+  Markdown links to, is published at the same path, so those links resolve, and ``mkdocs build --strict`` still
+  fails on a link to a file that does not exist.
 """
 
 from __future__ import annotations
@@ -52,14 +53,38 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     return _INCLUDE.sub(lambda m: _included(m, page_dir), markdown)
 
 
+def _linked_repository_files(markdown_file: Path) -> list[Path]:
+    """Files of the repository, outside ``docs/``, that a published Markdown file links to."""
+    text = markdown_file.read_text(encoding="utf-8")
+    targets = [m["target"] for m in _INLINE_LINK.finditer(text)] + [m["target"] for m in _REFERENCE_LINK.finditer(text)]
+    linked = []
+    for target in targets:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith(("#", "/")):
+            continue
+        path = (markdown_file.parent / target.partition("#")[0]).resolve()
+        if path.is_file() and path.is_relative_to(ROOT) and not path.is_relative_to(ROOT / "docs"):
+            linked.append(path)
+    return linked
+
+
 def on_files(files: Files, config: Any) -> Files:
-    """Publish the files under ``benchmarks/`` (except its README, included in a page) at the same paths."""
+    """Publish the files under ``benchmarks/`` (except its README, included in a page) at the same paths.
+
+    Files elsewhere in the repository that they link to (a script, a module) are published at their paths too.
+    """
+    published: set[Path] = set()
     for folder in PUBLISHED:
         for path in sorted((ROOT / folder).rglob("*")):
             relative = path.relative_to(ROOT)
-            if not path.is_file() or (path.name == "README.md" and path.parent == ROOT / folder):
+            if not path.is_file() or any(part in _SKIPPED_PARTS or part.startswith(".") for part in relative.parts):
                 continue
-            if any(part in _SKIPPED_PARTS or part.startswith(".") for part in relative.parts):
+            if path.suffix == ".md":
+                published.update(_linked_repository_files(path))
+            if path.name == "README.md" and path.parent == ROOT / folder:
                 continue
-            files.append(File.generated(config, relative.as_posix(), abs_src_path=str(path)))
+            published.add(path)
+    for path in sorted(published):
+        if path.name == "README.md" and path.parent.relative_to(ROOT).as_posix() in PUBLISHED:
+            continue
+        files.append(File.generated(config, path.relative_to(ROOT).as_posix(), abs_src_path=str(path)))
     return files

@@ -97,14 +97,14 @@ class DevTools:
         os.close(from_browser_w)
         self._buffer = b""
         self._next_id = 0
-        self.session: str | None = None
+        self.attached: str | None = None  # the protocol's id of the page commands go to
 
-    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+    def call(self, method: str, attached: str | None = None, **params: Any) -> dict[str, Any]:
         """Send one command and return its result (events received meanwhile are dropped)."""
         self._next_id += 1
         message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
-        if session is not None:
-            message["sessionId"] = session
+        if attached is not None:
+            message["sessionId"] = attached
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         while True:
             reply = self._read()
@@ -123,15 +123,15 @@ class DevTools:
         return dict(json.loads(message))
 
     def open_page(self) -> str:
-        """Attach to a new page and return its session id."""
+        """Attach to a new page and return the id that addresses it."""
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.call("Page.enable", self.session)
-        return self.session
+        self.attached = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable", self.attached)
+        return self.attached
 
     def page(self, method: str, **params: Any) -> dict[str, Any]:
         """Send a command to the attached page."""
-        return self.call(method, self.session, **params)
+        return self.call(method, self.attached, **params)
 
     def close(self) -> None:
         """Close the browser."""

@@ -2,7 +2,7 @@
 
 * ``--8<-- "benchmarks/README.md"`` on a line of its own is replaced by that file, with its relative links rebased
   so that they still point at the files next to it (done here rather than by ``pymdownx.snippets``, which would leave
-  those links pointing into ``docs/``);
+  those links pointing into ``docs/``); links of the published reports into ``docs/`` are rebased likewise;
 * every other file under ``benchmarks/`` (reports under ``results/``, scripts), and every repository file their
   Markdown links to, is published at the same path, so those links resolve, and ``mkdocs build --strict`` still
   fails on a link to a file that does not exist.
@@ -26,18 +26,19 @@ _SKIPPED_PARTS = {"__pycache__", ".ipynb_checkpoints"}
 
 
 def _rebase(target: str, source_dir: str, page_dir: str) -> str:
+    """Rewrite a link written in the repository file at ``source_dir`` for the site page at ``page_dir``.
+
+    Repository files outside ``docs/`` are published at their repository path; ``docs/x`` is the site's ``x``.
+    """
     if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith(("#", "/")):
         return target
     path, hash_, anchor = target.partition("#")
-    rebased = posixpath.relpath(posixpath.normpath(posixpath.join(source_dir, path)), page_dir or ".")
-    return rebased + hash_ + anchor
+    in_repository = posixpath.normpath(posixpath.join(source_dir, path))
+    on_site = in_repository.removeprefix("docs/") if in_repository.startswith("docs/") else in_repository
+    return posixpath.relpath(on_site, page_dir or ".") + hash_ + anchor
 
 
-def _included(match: re.Match[str], page_dir: str) -> str:
-    source = match["path"]
-    text = (ROOT / source).read_text(encoding="utf-8")
-    source_dir = posixpath.dirname(source)
-
+def _rebase_links(text: str, source_dir: str, page_dir: str) -> str:
     def inline(m: re.Match[str]) -> str:
         return m["head"] + _rebase(m["target"], source_dir, page_dir) + m["tail"]
 
@@ -48,9 +49,15 @@ def _included(match: re.Match[str], page_dir: str) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
-    """Include the published READMEs with their links rebased to the including page."""
+    """Include the published READMEs, and fix the links of published pages, for where they are on the site."""
     page_dir = posixpath.dirname(page.file.src_uri)
-    return _INCLUDE.sub(lambda m: _included(m, page_dir), markdown)
+    if page.file.src_uri.startswith(tuple(f"{folder}/" for folder in PUBLISHED)):
+        # A page published from the repository: its site path is its repository path, except for links into docs/.
+        return _rebase_links(markdown, page_dir, page_dir)
+    return _INCLUDE.sub(
+        lambda m: _rebase_links((ROOT / m["path"]).read_text(encoding="utf-8"), posixpath.dirname(m["path"]), page_dir),
+        markdown,
+    )
 
 
 def _linked_repository_files(markdown_file: Path) -> list[Path]:

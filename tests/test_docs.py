@@ -220,3 +220,11 @@ def test_shell_snippets_are_commands_that_work(
             assert argv[1] in {"build", "serve"}, command
         else:
             pytest.fail(f"{page.name}: no check for the shell command {command!r}; add one to tests/test_docs.py")
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    import lightning_layca
+
+    documented = set(re.findall(r"^::: lightning_layca\.(\w+)$", (DOCS / "api.md").read_text(), re.MULTILINE))
+    public = {name for name in lightning_layca.__all__ if not name.startswith("__")}
+    assert public - documented == set(), "add them to docs/api.md"

@@ -101,6 +101,7 @@ def test_pycon_snippets_print_what_the_page_shows(page: Path, tmp_path: Path, mo
     for i, text in enumerate(blocks(page, "pycon")):
         test = parser.get_doctest(text, globs, f"{page.name}[pycon block {i}]", str(page), 0)
         runner.run(test, out=report.append, clear_globs=False)
+        globs = test.globs  # DocTest copies its globals: carry them to the page's next block
     result = runner.summarize(verbose=False)
     assert result.attempted > 0
     assert result.failed == 0, "".join(report)

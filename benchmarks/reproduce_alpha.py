@@ -77,6 +77,7 @@ NUM_SAMPLES = 5000
 TRAIN_SPLIT = 0.8
 DECAY_AT = (0.5, 0.75)
 DECAY_FACTOR = 0.2
+# docs/reproduction.md quotes the report's tables (tests/test_reproduce_alpha.py checks that they match the runs).
 FULL_OUTPUTS = (
     ROOT / "docs" / "results" / "alpha_experiment.jsonl",
     ROOT / "docs" / "results" / "alpha_experiment.md",
@@ -307,8 +308,10 @@ def difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
     if math.isnan(sa) or math.isnan(sb):
         return f"{diff:+.1f} points (one seed: no error estimate)"
     se = 100 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
-    verdict = "larger than 2 standard errors" if abs(diff) > 2 * se else "within 2 standard errors"
-    return f"{diff:+.1f} ± {se:.1f} points ({verdict})"
+    if se == 0:
+        return f"{diff:+.2f} points (no spread over seeds)"
+    verdict = "distinguishable" if abs(diff) > 2 * se else "not distinguishable"
+    return f"{diff:+.2f} ± {se:.2f} points, {diff / se:+.1f} standard errors ({verdict})"
 
 
 def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
@@ -320,6 +323,16 @@ def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
             if other != base and other in grouped:
                 gap = difference(grouped[base], grouped[other])
                 lines.append(f"- alpha = 0 minus alpha = {signed(other.alpha or 0.0)}: {gap}")
+    sweep = [c for c in alpha_sweep() if c in grouped]
+    best_alpha = max(sweep, key=lambda c: statistics.fmean(r["test_acc"] for r in grouped[c]), default=base)
+    if best_alpha != base:
+        for other in sweep:
+            if other != best_alpha and abs(other.alpha or 0.0) == max(abs(a) for a in ALPHAS):
+                gap = difference(grouped[best_alpha], grouped[other])
+                lines.append(
+                    f"- best of the alpha sweep (alpha = {signed(best_alpha.alpha or 0.0)}) minus alpha = "
+                    f"{signed(other.alpha or 0.0)}: {gap}"
+                )
     layca = {c: rs for c, rs in grouped.items() if c.method == "layca"}
     sgd = {c: rs for c, rs in grouped.items() if c.method == "sgd"}
     if layca and sgd:
@@ -335,7 +348,17 @@ def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def report(records: Sequence[dict[str, Any]], quick: bool, command: str) -> list[str]:
+def run_command(setup: dict[str, Any], quick: bool) -> str:
+    """The command that runs this setup (options at their default left out)."""
+    defaults = {"epochs": EPOCHS, "width": WIDTH, "batch_size": BATCH_SIZE, "num_samples": NUM_SAMPLES}
+    options = ["--quick"] if quick else []
+    for key, value in setup.items():
+        if value is not None and value != defaults.get(key):
+            options.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(["python benchmarks/reproduce_alpha.py", *options])
+
+
+def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
     """The Markdown report: setup, one table per sweep, the differences behind the paper's claims."""
     grouped = by_config(records)
     setup = {k: records[0][k] for k in SETUP_KEYS} if records else {}
@@ -355,9 +378,9 @@ def report(records: Sequence[dict[str, Any]], quick: bool, command: str) -> list
         "- test accuracy: mean ± sample standard deviation over seeds, in %; rotation: cosine distance of each "
         "layer's final weights to its initial weights, mean over layers (lowest to highest layer), mean over seeds",
         f"- {len(records)} runs, {seconds / 60:.1f} min of training in total on {platform.machine()} "
-        f"({os.cpu_count()} logical CPUs, {threads} torch threads), torch {torch.__version__}, "
+        f"({os.cpu_count()} logical CPUs, torch threads: {threads}), torch {torch.__version__}, "
         f"lightning {L.__version__}",
-        f"- command: `{command}`",
+        f"- command: `{run_command(setup, quick)}`",
         "",
     ]
     for title, configs in table_groups(quick):
@@ -372,8 +395,8 @@ def report(records: Sequence[dict[str, Any]], quick: bool, command: str) -> list
     lines += [
         "## Differences of mean test accuracy",
         "",
-        "With their standard error sqrt(s1²/n1 + s2²/n2); a difference within two standard errors is not "
-        "distinguishable from seed noise.",
+        "With their standard error sqrt(s1²/n1 + s2²/n2) over seeds (s: sample standard deviation, n: seeds); a "
+        "difference within two standard errors is counted as not distinguishable from seed noise.",
         "",
         *(comparisons(grouped) or ["- (not enough runs yet)"]),
         "",
@@ -439,8 +462,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def write_outputs(records: Sequence[dict[str, Any]], args: argparse.Namespace, command: str) -> list[str]:
-    lines = report(records, args.quick, command)
+def write_outputs(records: Sequence[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    lines = report(records, args.quick)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text("\n".join(lines) + "\n")
     save_png(curves_figure(records), args.figure)
@@ -450,7 +473,6 @@ def write_outputs(records: Sequence[dict[str, Any]], args: argparse.Namespace, c
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Run the missing runs (unless ``--report-only``), then write the table and the figure; return the table."""
     args = parse_args(argv)
-    command = "python benchmarks/reproduce_alpha.py " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     if args.fresh and args.results.exists() and not args.report_only:
         args.results.unlink()
@@ -485,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                         f"{100 * record['test_acc']:.1f}%, {record['seconds']:.0f} s",
                         flush=True,
                     )
-    lines = write_outputs(records, args, command)
+    lines = write_outputs(records, args)
     print("\n".join(lines))
     print(f"wrote {args.table} and {args.figure}")
     return lines

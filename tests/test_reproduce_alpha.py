@@ -40,8 +40,8 @@ def test_differences_use_the_standard_error_of_both_means() -> None:
     a = [{"test_acc": x} for x in (0.90, 0.92, 0.94)]  # mean 0.92, sample std 0.02
     b = [{"test_acc": x} for x in (0.80, 0.81, 0.82)]  # mean 0.81, sample std 0.01
     se = 100 * math.sqrt(0.02**2 / 3 + 0.01**2 / 3)  # 1.29 points
-    assert ra.difference(a, b) == f"+11.0 ± {se:.1f} points (larger than 2 standard errors)"
-    assert "within 2 standard errors" in ra.difference(a, [{"test_acc": x} for x in (0.90, 0.91, 0.92)])
+    assert ra.difference(a, b) == f"+11.00 ± {se:.2f} points, {11 / se:+.1f} standard errors (distinguishable)"
+    assert ra.difference(a, [{"test_acc": x} for x in (0.90, 0.91, 0.92)]).endswith("(not distinguishable)")
 
 
 def test_quick_path_writes_every_run_the_table_and_the_figure(tmp_path: Path) -> None:
@@ -76,4 +76,16 @@ def test_quick_path_writes_every_run_the_table_and_the_figure(tmp_path: Path) ->
     assert results.read_text() == before
     table.unlink()
     ra.main(["--quick", "--report-only", *paths])
-    assert table.read_text().split("## ", 1)[1] == text.split("## ", 1)[1]
+    assert table.read_text() == text
+
+
+def test_docs_page_shows_the_tables_and_differences_of_the_saved_runs() -> None:
+    # docs/reproduction.md quotes the report of the committed runs: every row and every difference must match them.
+    records = ra.load_records(ra.FULL_OUTPUTS[0])
+    assert len(records) >= 3
+    generated = ra.report(records, quick=False)
+    quoted = [line for line in generated if line.startswith(("| ", "- alpha = 0 minus", "- Layca", "- best "))]
+    page = (ra.ROOT / "docs" / "reproduction.md").read_text()
+    missing = [line for line in quoted if line not in page]
+    assert not missing, missing
+    assert ra.FULL_OUTPUTS[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,8 +34,8 @@ def select_layers(
 
     Args:
         named_parameters: ``(name, parameter)`` pairs, for example ``model.named_parameters()``.
-        include: Patterns; when given, only parameters whose name matches one of them are candidates (rank-1
-            parameters included, if a pattern names them explicitly).
+        include: Patterns; when given, exactly the trainable parameters whose name matches one of them are
+            selected, whatever their rank (``include="fc.*"`` selects ``fc.bias`` too; use ``"fc.weight"``).
         exclude: Patterns; matching parameters are never layers.
 
     Returns:

@@ -25,6 +25,7 @@ PLOT_EXTRA_HINT = "pip install 'lightning-layca[plot]'"
 def _require_matplotlib() -> Any:
     try:
         import matplotlib
+        import matplotlib.ticker
         from matplotlib.figure import Figure
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
@@ -71,12 +72,14 @@ def rotation_curves_figure(
         if finite:
             top = max(top, max(finite) * 1.05)
     ax.set_ylim(0.0, top)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("cosine distance to initialisation")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
     bar = fig.colorbar(mappable, ax=ax)
+    bar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # layers are counted, not measured
     bar.set_label("layer index (input → output)")
     if own_figure:  # the layout of a caller's figure is the caller's choice
         fig.tight_layout()

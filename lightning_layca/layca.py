@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_layca.rotation import accumulation_dtype, inner_products
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import select_layers
 
@@ -389,11 +390,6 @@ class Layca(Optimizer):
         return state
 
 
-def _dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-pair inner products ``<x, y>`` (one BLAS dot per pair: on CPU, ten times faster than ``_foreach_mm``)."""
-    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
-
-
 def _coefficients(
     norm_w: torch.Tensor,
     residual: torch.Tensor,
@@ -434,9 +430,9 @@ def _project_out(
     """
     norm_w = torch.stack(torch._foreach_norm(weights, 2))
     norm_w_sq = norm_w.square()
-    radial = torch.stack(_dots(steps, weights)) / norm_w_sq
+    radial = torch.stack(inner_products(steps, weights, accumulation_dtype(steps[0].dtype))) / norm_w_sq
     torch._foreach_addcmul_(steps, weights, list((-radial).unbind()))
-    residual = torch.stack(_dots(steps, weights)) / norm_w_sq
+    residual = torch.stack(inner_products(steps, weights, accumulation_dtype(steps[0].dtype))) / norm_w_sq
     norm_p = torch.stack(torch._foreach_norm(steps, 2))
     tangential = (norm_p.square() - residual.square() * norm_w_sq).clamp_min(0.0).sqrt()
     return norm_w, residual, tangential

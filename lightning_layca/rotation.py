@@ -36,7 +36,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _inner_products(xs: list[torch.Tensor], ys: list[torch.Tensor], acc_dtype: torch.dtype) -> list[torch.Tensor]:
+def inner_products(xs: list[torch.Tensor], ys: list[torch.Tensor], acc_dtype: torch.dtype) -> list[torch.Tensor]:
     """Return ``<x, y>`` for every pair, as 0-dim tensors of ``acc_dtype``."""
     if xs[0].dtype in _LOW_PRECISION:
         return [
@@ -92,7 +92,7 @@ def cosine_distances(
             norm_w0 = torch.stack(torch._foreach_norm(w0s, 2, dtype=acc_dtype))
         else:
             norm_w0 = torch.stack([initial_norms[i] for i in indices]).to(acc_dtype)
-        dots = torch.stack(_inner_products(ws, w0s, acc_dtype))
+        dots = torch.stack(inner_products(ws, w0s, acc_dtype))
         group_distances = (1.0 - dots / (norm_w * norm_w0)).to(device=out_device, dtype=out_dtype)
         for i, d in zip(indices, group_distances.unbind(), strict=True):
             distances[i] = d

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLOT_EXTRA_HINT", "render_rgb", "rotation_curves_figure", "save_png"]
+__all__ = ["PLOT_EXTRA_HINT", "render_rgb", "rotation_curves_figure", "save_png", "write_png"]
 
 PLOT_EXTRA_HINT = "pip install 'lightning-layca[plot]'"
 """How to install what figures need."""
@@ -56,9 +56,10 @@ def rotation_curves_figure(
         ModuleNotFoundError: When matplotlib is missing (install the ``plot`` extra).
     """
     matplotlib, figure_class = _require_matplotlib()
-    own_figure = ax is None
     if ax is None:
         fig = figure_class(figsize=(6.4, 4.0), dpi=100)
+        # Fixed margins rather than tight_layout, which renders the figure once more just to measure it.
+        fig.subplots_adjust(left=0.11, right=0.98, bottom=0.12, top=0.92)
         ax = fig.add_subplot(1, 1, 1)
     else:
         fig = ax.figure
@@ -81,8 +82,6 @@ def rotation_curves_figure(
     bar = fig.colorbar(mappable, ax=ax)
     bar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # layers are counted, not measured
     bar.set_label("layer index (input → output)")
-    if own_figure:  # the layout of a caller's figure is the caller's choice
-        fig.tight_layout()
     return fig
 
 
@@ -104,4 +103,17 @@ def save_png(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def write_png(image: Any, path: str | Path) -> Path:
+    """Write an ``(height, width, 3)`` uint8 image, such as :func:`render_rgb` returns, as a PNG file.
+
+    Encoding pixels already rendered costs a fraction of :func:`save_png`, which renders the figure again.
+    """
+    from matplotlib.image import imsave
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(path, image)
     return path

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_layca.distributed import check_strategy
-from lightning_layca.figures import PLOT_EXTRA_HINT, render_rgb, rotation_curves_figure, save_png
+from lightning_layca.figures import PLOT_EXTRA_HINT, render_rgb, rotation_curves_figure, write_png
 from lightning_layca.loggers import (
     add_histograms,
     add_image,
@@ -288,5 +288,6 @@ class LayerRotationMonitor(Callback):
                     f"skipped ({PLOT_EXTRA_HINT}, or pass `figure=False`)."
                 )
             return
-        add_image(writers, "layer_rotation_curves", render_rgb(fig), step)
-        save_png(fig, log_directory(trainer) / FIGURE_FILENAME)
+        image = render_rgb(fig)  # rendered once, for TensorBoard and for the PNG
+        add_image(writers, "layer_rotation_curves", image, step)
+        write_png(image, log_directory(trainer) / FIGURE_FILENAME)

@@ -122,7 +122,7 @@ _WATCHED_WRITES = {
     "add_image": ("torch.utils.tensorboard.writer", "SummaryWriter", "add_image"),
     "add_custom_scalars": ("torch.utils.tensorboard.writer", "SummaryWriter", "add_custom_scalars"),
     "Figure.__init__": ("matplotlib.figure", "Figure", "__init__"),
-    "print_png": ("matplotlib.backends.backend_agg", "FigureCanvasAgg", "print_png"),
+    "FigureCanvasAgg.draw": ("matplotlib.backends.backend_agg", "FigureCanvasAgg", "draw"),
 }
 
 

@@ -64,7 +64,7 @@ def _chunks(indices: list[int], layers: list[torch.Tensor], max_bytes: int | Non
 
 @dataclass
 class _Group:
-    """The layers of one (device, dtype), with their snapshot buffers and host-side constants."""
+    """The layers of one (device, dtype) chunk, with their snapshot buffers."""
 
     indices: list[int]
     params: list[torch.Tensor]
@@ -86,7 +86,7 @@ class Layca(Optimizer):
         optimizer: The optimizer to wrap.
         named_parameters: ``(name, parameter)`` pairs naming every parameter of ``optimizer``, for example
             ``model.named_parameters()``. Names drive layer selection and schedules. When omitted, parameters are
-            named ``"group{g}.param{i}"``.
+            named ``"param{i}"`` in the optimizer's order.
         rotation_rate: Base rotation rate ``rho`` (positive, finite); each step rotates a layer by ``atan(rho)``
             radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
@@ -95,7 +95,8 @@ class Layca(Optimizer):
         exclude: ``fnmatch`` patterns of parameter names never to control.
 
     Raises:
-        TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer``.
+        TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
+            not a :class:`~lightning_layca.RotationSchedule`.
         ValueError: For a non-positive or non-finite ``rotation_rate``, a pattern that matches nothing, a parameter
             the names do not cover, or a selected layer whose weights are all zero.
 
@@ -167,7 +168,8 @@ class Layca(Optimizer):
                 raise ValueError(f"Layca: layer {name!r} has dtype {p.dtype}; only real floating-point layers rotate.")
             if p.is_sparse:
                 raise ValueError(f"Layca: layer {name!r} is sparse; exclude it (exclude={name!r}).")
-        norms = [float(n) for n in torch._foreach_norm([p.detach() for p in self._layers], 2)]
+        # Accumulated in float32 at least, so that a bf16/fp16 layer's initial norm is not rounded to its dtype.
+        norms = [float(torch.linalg.vector_norm(p.detach(), dtype=accumulation_dtype(p.dtype))) for p in self._layers]
         for name, norm in zip(self.layer_names, norms, strict=True):
             if not norm > 0 or not math.isfinite(norm):
                 raise ValueError(
@@ -296,7 +298,8 @@ class Layca(Optimizer):
         """Run the wrapped optimizer's step, then turn it into a Layca step for every layer.
 
         Args:
-            closure: Re-evaluates the model and returns the loss; called exactly once, with gradients enabled.
+            closure: Re-evaluates the model and returns the loss; handed to the wrapped optimizer, which calls it
+                with gradients enabled (exactly once for every torch optimizer but LBFGS).
 
         Returns:
             What the closure returned (``None`` without a closure).
@@ -451,8 +454,9 @@ def _rotate(group: _Group, rates: list[float], initial_norms: list[float]) -> No
     torch._foreach_sub_(params, previous)  # params now hold the base step D
     norm_w, residual, tangential = _project_out(params, previous)
     k1, k2 = _coefficients(norm_w, residual, tangential, rates, initial_norms)
-    # Frozen layers multiply D_perp by 0, so it must hold no NaN or inf. On CPU, reading the flags is no device
-    # synchronisation, and the cleaning pass is skipped in the usual case of finite steps.
+    # Frozen layers multiply D_perp by 0, so it must hold no NaN or inf. On CUDA the cleaning pass runs every step
+    # (one more read and write of the layers), since skipping it would need the flags on the host; on CPU reading
+    # them is no synchronisation, and the pass is skipped in the usual case of finite steps.
     if params[0].device.type != "cpu" or not bool(torch.isfinite(tangential).all()):
         for d in params:
             torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)

@@ -218,7 +218,9 @@ def test_an_optimizer_already_wrapped_by_the_user_is_not_wrapped_again(tmp_path:
 
     callback = ll.LaycaCallback(rotation_rate=RHO, figure=False)
     trainer = make_trainer(tmp_path, logger=False, callbacks=[callback], max_epochs=1, limit_train_batches=1)
-    trainer.fit(AlreadyWrapped(), loader())
+    already = r"optimizer 0 is already a Layca \(rotation_rate=0\.01, .*rotation_rate=0\.05 and"
+    with pytest.warns(UserWarning, match=already):
+        trainer.fit(AlreadyWrapped(), loader())
     (layca,) = trainer.optimizers
     assert callback.laycas == {0: layca} and layca.rotation_rate == 0.01
     assert isinstance(layca.optimizer, torch.optim.SGD)

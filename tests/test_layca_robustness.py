@@ -140,6 +140,8 @@ def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype) -> Non
         rotation_rate=0.05,
     )
     n_low, n_high = float(low.detach().double().norm()), float(high.detach().double().norm())
+    # Initial norms are accumulated in float32, not rounded to the layer's dtype.
+    assert opt.initial_norms == pytest.approx([n_low, n_high], rel=1e-6)
     for _ in range(5):
         before = [low.detach().clone(), high.detach().clone()]
         low.grad = torch.randn_like(low)

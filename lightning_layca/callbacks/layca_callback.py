@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
@@ -163,7 +164,16 @@ class LaycaCallback(LayerRotationMonitor):
         self._logged_rates_versions = {}
         for i in indices:
             base = optimizers[i]
-            if isinstance(base, Layca):  # already wrapped, by the user or by a previous fit
+            if isinstance(base, Layca):  # wrapped by the user in `configure_optimizers`: used as it is
+                if base.rotation_rate != self.rotation_rate or (
+                    self.schedule is not None and base.schedule is not self.schedule
+                ):
+                    rank_zero_warn(
+                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate:.6g}, "
+                        f"schedule={base.schedule!r}); it is used as it is, so the "
+                        f"callback's rotation_rate={self.rotation_rate:.6g} and schedule={self.schedule!r} "
+                        "do not apply."
+                    )
                 self.laycas[i] = base
                 continue
             layca = Layca(

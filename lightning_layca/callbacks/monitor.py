@@ -2,7 +2,8 @@
 
 Carbonnelle and De Vleeschouwer (arXiv:1806.01603) found that the larger and the more uniform across layers the final
 rotation, the better a network generalises: every training run can afford to watch it. The monitor snapshots the
-layers when training first starts and, on logging steps only, measures every layer in one multi-tensor pass:
+layers when training first starts and, on logging steps only, measures every layer with multi-tensor reductions
+(two reads of the weights, one of the snapshot) and one transfer to the host:
 
 * ``layer_rotation/<layer>`` and ``layer_rotation_summary/{mean,min,max}``: scalars, through every logger;
 * ``layer_angles/<layer>``: at epoch end, a TensorBoard histogram of the angle (degrees) each output unit turned;
@@ -142,13 +143,17 @@ class LayerRotationMonitor(Callback):
         check_strategy(trainer.strategy, type(self).__name__)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resumed checkpoint has restored the loops, so the step counter is the restored one.
+        self._last_global_step = trainer.global_step
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After strategy setup: the model is on its device and DDP has broadcast rank 0's weights.
         self._bind_layers(pl_module)
-        self._last_global_step = trainer.global_step
         if trainer.is_global_zero:
             writers = tensorboard_writers(trainer)
-            if not writers and not self._warned_no_tensorboard:
+            if not writers and (self.angle_histograms or self.figure) and not self._warned_no_tensorboard:
                 self._warned_no_tensorboard = True
                 rank_zero_warn(
                     f"{type(self).__name__}: no TensorBoardLogger is attached, so the `layer_angles` histograms and "

@@ -41,6 +41,18 @@ EPS = 1e-7
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+
+def check_rotation_rate(owner: str, rotation_rate: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``rotation_rate`` is a finite positive number."""
+    if (
+        isinstance(rotation_rate, bool)
+        or not isinstance(rotation_rate, int | float)
+        or not math.isfinite(rotation_rate)
+        or rotation_rate <= 0
+    ):
+        raise ValueError(f"{owner}: `rotation_rate` must be a finite positive number, got {rotation_rate!r}.")
+
+
 # On CPU a multi-tensor op is a loop over tensors, so each pass streams the whole group through memory. Stepping the
 # layers in chunks of a few MiB keeps a chunk cache-resident across the passes of one Layca step.
 _CPU_CHUNK_BYTES: int | None = 4 * 2**20
@@ -127,13 +139,7 @@ class Layca(Optimizer):
             )
         if isinstance(optimizer, Layca):
             raise TypeError("Layca: the optimizer is already wrapped in Layca; wrap the base optimizer once.")
-        if (
-            isinstance(rotation_rate, bool)
-            or not isinstance(rotation_rate, int | float)
-            or not math.isfinite(rotation_rate)
-            or rotation_rate <= 0
-        ):
-            raise ValueError(f"Layca: `rotation_rate` must be a finite positive number, got {rotation_rate!r}.")
+        check_rotation_rate("Layca", rotation_rate)
         if schedule is None:
             schedule = Uniform()
         if not isinstance(schedule, RotationSchedule):

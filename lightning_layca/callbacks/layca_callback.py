@@ -10,7 +10,6 @@ the effective rates ``layca/rate/<layer>`` whenever they change.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca
+from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_rotation_rate
 from lightning_layca.loggers import log_scalars, logging_step
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
@@ -85,13 +84,7 @@ class LaycaCallback(LayerRotationMonitor):
             histogram_bins=histogram_bins,
             figure=figure,
         )
-        if (
-            isinstance(rotation_rate, bool)
-            or not isinstance(rotation_rate, int | float)
-            or not math.isfinite(rotation_rate)
-            or rotation_rate <= 0
-        ):
-            raise ValueError(f"LaycaCallback: `rotation_rate` must be a finite positive number, got {rotation_rate!r}.")
+        check_rotation_rate("LaycaCallback", rotation_rate)
         if schedule is not None and not isinstance(schedule, RotationSchedule):
             raise ValueError(
                 f"LaycaCallback: `schedule` must be a RotationSchedule (Uniform, DepthDecay, ByName, EpochSwitch, "

@@ -15,13 +15,17 @@ import torch
 __all__ = ["layer_display_name", "select_layers"]
 
 
-def _as_patterns(what: str, patterns: str | Sequence[str] | None) -> list[str]:
+def as_patterns(what: str, patterns: object) -> list[str]:
+    """Return ``patterns`` (``None``, one pattern or a sequence of them) as a list; ``ValueError`` otherwise.
+
+    ``what`` names the argument in the message, for example ``"LayerRotationMonitor: `include`"``.
+    """
     if patterns is None:
         return []
     if isinstance(patterns, str):
         return [patterns]
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"`{what}` must be a string or a list of strings, got {patterns!r}.")
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{what} must be a string or a list of strings, got {patterns!r}.")
     return list(patterns)
 
 
@@ -51,8 +55,8 @@ def select_layers(
     """
     named = [(name, p) for name, p in named_parameters if p.requires_grad]
     names = [name for name, _ in named]
-    include_patterns = _as_patterns("include", include)
-    exclude_patterns = _as_patterns("exclude", exclude)
+    include_patterns = as_patterns("`include`", include)
+    exclude_patterns = as_patterns("`exclude`", exclude)
     for what, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
         for pattern in patterns:
             if not fnmatch.filter(names, pattern):

@@ -209,6 +209,7 @@ def test_measure_before_any_fit_is_an_error() -> None:
         ({"every_n_epochs": 1.5}, "`every_n_epochs` must be a positive integer, got 1.5"),
         ({"histogram_bins": -1}, "`histogram_bins` must be a positive integer, got -1"),
         ({"include": [3]}, r"`include` must be a string or a list of strings, got \[3\]"),
+        ({"exclude": 3}, r"LayerRotationMonitor: `exclude` must be a string or a list of strings, got 3"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:

@@ -42,7 +42,7 @@ from lightning_layca.loggers import (
     trainer_log_every_n_steps,
 )
 from lightning_layca.rotation import accumulation_dtype, angle_histograms, cosine_distances, unit_angles
-from lightning_layca.selection import layer_display_name, select_layers
+from lightning_layca.selection import as_patterns, layer_display_name, select_layers
 
 __all__ = ["FIGURE_FILENAME", "LayerRotationMonitor"]
 
@@ -108,9 +108,8 @@ class LayerRotationMonitor(Callback):
         _check_positive_int(name, "log_every_n_steps", log_every_n_steps, allow_none=True)
         _check_positive_int(name, "every_n_epochs", every_n_epochs)
         _check_positive_int(name, "histogram_bins", histogram_bins)
-        for pattern_name, patterns in (("include", include), ("exclude", exclude)):
-            if patterns is not None and not (isinstance(patterns, str) or all(isinstance(p, str) for p in patterns)):
-                raise ValueError(f"{name}: `{pattern_name}` must be a string or a list of strings, got {patterns!r}.")
+        as_patterns(f"{name}: `include`", include)
+        as_patterns(f"{name}: `exclude`", exclude)
         self.log_every_n_steps = log_every_n_steps
         self.include = include
         self.exclude = exclude

@@ -1,0 +1,13 @@
+"""Test-suite settings shared by every test module."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+# On CI (CI=true) property tests draw the same examples on every run, so a landing never depends on a lucky draw;
+# locally they draw new examples each run and keep exploring.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    settings.load_profile("ci")

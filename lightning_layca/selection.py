@@ -81,7 +81,9 @@ def select_layers(
     for what, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
         for pattern in patterns:
             if not fnmatch.filter(names, pattern):
-                raise ValueError(f"`{what}` pattern {pattern!r} matches no {kind}. Available names: {', '.join(names)}.")
+                raise ValueError(
+                    f"`{what}` pattern {pattern!r} matches no {kind}. Available names: {', '.join(names)}."
+                )
 
     def chosen(name: str, p: torch.Tensor) -> bool:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude_patterns):

@@ -221,7 +221,7 @@ def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], messa
 
 def test_a_pattern_that_matches_nothing_fails_when_the_fit_starts(tmp_path: Path) -> None:
     monitor = ll.LayerRotationMonitor(include="decoder.*")
-    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no trainable parameter"):
+    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no parameter"):
         make_trainer(tmp_path, logger=False, callbacks=[monitor]).fit(TinyCNN(), loader())
 
 
@@ -284,7 +284,7 @@ def test_non_finite_weights_are_logged_as_nan_and_skipped_in_histograms_with_one
     summary = [e.value for e in events.Scalars("layer_rotation_summary/mean")]
     assert len(summary) == 2  # the mean of finite layers, while there are any
     # Epoch 0: the head's histogram is skipped, the features' are written; epoch 1: every layer is skipped.
-    assert [e.step for e in events.Histograms("layer_angles/head")] == []
+    assert "layer_angles/head" not in events.Tags()["histograms"]
     assert [e.step for e in events.Histograms("layer_angles/features.0")] == [STEPS_PER_EPOCH]
     assert math.isnan(monitor.epoch_rotation["head"][-1][1])
     assert len(events.Images("layer_rotation_curves")) == 2  # the figure is still drawn

@@ -36,7 +36,9 @@ def test_complex_parameters_are_not_layers_by_default() -> None:
 
 def test_include_naming_a_complex_parameter_is_an_error_that_names_it_and_says_why() -> None:
     model = WithSpectralFilter()
-    with pytest.raises(ValueError, match=r"parameter 'spectral', which has dtype torch\.complex64.*real floating-point.*exclude="):
+    with pytest.raises(
+        ValueError, match=r"parameter 'spectral', which has dtype torch\.complex64.*real floating-point.*exclude="
+    ):
         ll.select_layers(model.named_parameters(), include=["encoder.weight", "spectral"])
     with pytest.raises(ValueError, match=r"parameter 'spectral', which has dtype torch\.complex64"):
         ll.select_layers(model.named_parameters(), include="*")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks._allocations import LiveTensorBytes
 from lightning_layca.rotation import angle_histograms, cosine_distances, unit_angles
 
 
@@ -158,36 +158,6 @@ def test_cosine_distance_of_a_finite_layer_whose_float32_norm_overflows_is_nan_n
 def test_angle_histograms_refuse_non_finite_values_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"angle_histograms: tensor #1 holds non-finite values"):
         angle_histograms([torch.zeros(3), torch.tensor([1.0, float("nan")])])
-
-
-class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Tracks the bytes of the tensors operators allocate while they are alive, and the peak of their sum.
-
-    Results that share an input's storage (views, in-place results) are not counted.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            a.untyped_storage().data_ptr()
-            for a in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(a, torch.Tensor)
-        }
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                size = t.untyped_storage().nbytes()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._release, size)
-        return out
-
-    def _release(self, size: int) -> None:
-        self.live -= size
 
 
 def test_unit_angles_temporaries_are_bounded_whatever_the_layer_size() -> None:

@@ -33,6 +33,7 @@ def select_layers(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    trainable_only: bool = True,
 ) -> list[tuple[str, torch.Tensor]]:
     """Select the layers among named parameters.
 
@@ -41,6 +42,8 @@ def select_layers(
         include: Patterns; when given, exactly the trainable parameters whose name matches one of them are
             selected, whatever their rank (``include="fc.*"`` selects ``fc.bias`` too; use ``"fc.weight"``).
         exclude: Patterns; matching parameters are never layers.
+        trainable_only: Consider only parameters with ``requires_grad`` (the default). ``False`` also considers
+            frozen ones, which may be trained later (fine-tuning callbacks unfreeze them).
 
     Returns:
         The selected ``(name, parameter)`` pairs, in the given order.
@@ -53,7 +56,7 @@ def select_layers(
         >>> [name for name, _ in select_layers(model.named_parameters(), exclude="2.*")]
         ['0.weight']
     """
-    named = [(name, p) for name, p in named_parameters if p.requires_grad]
+    named = [(name, p) for name, p in named_parameters if p.requires_grad or not trainable_only]
     names = [name for name, _ in named]
     include_patterns = as_patterns("`include`", include)
     exclude_patterns = as_patterns("`exclude`", exclude)
@@ -61,7 +64,8 @@ def select_layers(
         for pattern in patterns:
             if not fnmatch.filter(names, pattern):
                 raise ValueError(
-                    f"`{what}` pattern {pattern!r} matches no trainable parameter. Available names: {', '.join(names)}."
+                    f"`{what}` pattern {pattern!r} matches no {'trainable ' if trainable_only else ''}parameter. "
+                    f"Available names: {', '.join(names)}."
                 )
 
     def chosen(name: str, p: torch.Tensor) -> bool:

@@ -10,12 +10,14 @@ the effective rates ``layca/rate/<layer>`` whenever they change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
@@ -42,6 +44,10 @@ class LaycaCallback(LayerRotationMonitor):
             parameters, so ``include``/``exclude`` must make sense for each.
         log_rates: Whether to log ``layca/rate/<layer>``, the rates of the coming step, when they change (checked
             before every training batch).
+        reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l`` (see
+            :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
+            the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
+            scheduler started from, else the group's lr).
         log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
 
     Attributes:
@@ -69,6 +75,7 @@ class LaycaCallback(LayerRotationMonitor):
         optimizers: int | Sequence[int] | None = None,
         log_rates: bool = True,
         log_every_n_steps: int | None = None,
+        reference_lr: float | None = None,
         *,
         every_n_epochs: int = 1,
         angle_histograms: bool = True,
@@ -104,6 +111,14 @@ class LaycaCallback(LayerRotationMonitor):
         self.schedule = schedule
         self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
         self.log_rates = bool(log_rates)
+        if reference_lr is not None and (
+            isinstance(reference_lr, bool)
+            or not isinstance(reference_lr, int | float)
+            or not math.isfinite(reference_lr)
+            or reference_lr <= 0
+        ):
+            raise ValueError(f"LaycaCallback: `reference_lr` must be None or a positive number, got {reference_lr!r}.")
+        self.reference_lr = None if reference_lr is None else float(reference_lr)
         self.laycas: dict[int, Layca] = {}
         self.last_rates: dict[str, float] = {}
         self._logged_rates_versions: dict[int, int] = {}
@@ -113,6 +128,21 @@ class LaycaCallback(LayerRotationMonitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._wrap_optimizers(trainer, pl_module)
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # After a checkpoint has restored the loops and the optimizers. A checkpoint written without Layca restarts
+        # Layca's counters: take them from the restored loop, so that step-based schedules do not start over.
+        for layca in self.laycas.values():
+            if layca.restored_from_plain_state:
+                layca.step_count = (
+                    trainer.global_step
+                    if len(trainer.optimizers) == 1
+                    else trainer.fit_loop.epoch_loop._batches_that_stepped
+                )
+                layca.set_epoch(trainer.current_epoch)
+                layca.restored_from_plain_state = False
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,13 +206,25 @@ class LaycaCallback(LayerRotationMonitor):
                 schedule=self.schedule,
                 include=self.include,
                 exclude=self.exclude,
+                reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
             )
             earlier = previous.get(i)
             if earlier is not None and earlier.layer_names == layca.layer_names:
-                # A new fit of the same training run: keep the norms of the true initialisation and the step count
-                # that step-based schedules read. A resumed checkpoint overrides both afterwards.
+                # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
+                # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
                 layca.initial_norms = list(earlier.initial_norms)
+                layca.reference_lr = earlier.reference_lr
                 layca.step_count = earlier.step_count
             optimizers[i] = layca
             self.laycas[i] = layca
         trainer.strategy.optimizers = optimizers
+
+
+def _cyclic_max_lr(trainer: pl.Trainer, optimizer: Any) -> float | None:
+    """The largest ``max_lr`` of a ``CyclicLR`` driving ``optimizer`` (it keeps its peak on the scheduler only)."""
+    peaks = [
+        max(float(lr) for lr in config.scheduler.max_lrs)
+        for config in trainer.lr_scheduler_configs
+        if isinstance(config.scheduler, CyclicLR) and config.scheduler.optimizer is optimizer
+    ]
+    return max(peaks, default=None)

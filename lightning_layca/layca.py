@@ -24,7 +24,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -34,7 +34,7 @@ from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
 from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager
 
-__all__ = ["DEFAULT_ROTATION_RATE", "MAX_ROTATION_RATE", "Layca"]
+__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
 DEFAULT_ROTATION_RATE = 3**-3
 """The paper's best base rotation rate for SGD-based Layca."""
@@ -48,8 +48,17 @@ _FLOOR_CHECK_EVERY = 100
 """On accelerators, the host reads the near-floor flags every this many steps (on CPU: every step, at no cost)."""
 
 
+EQUILIBRIUM = "equilibrium"
+"""``rotation_rate=EQUILIBRIUM``: each group's rate is the angular update its optimizer reaches at equilibrium."""
+
+
 def check_rotation_rate(owner: str, rotation_rate: object) -> None:
-    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``0 < rotation_rate <= MAX_ROTATION_RATE``."""
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``0 < rotation_rate <= MAX_ROTATION_RATE``.
+
+    The string ``"equilibrium"`` is accepted too (see :func:`equilibrium_rate`).
+    """
+    if rotation_rate == EQUILIBRIUM:
+        return
     if (
         isinstance(rotation_rate, bool)
         or not isinstance(rotation_rate, int | float)
@@ -58,9 +67,50 @@ def check_rotation_rate(owner: str, rotation_rate: object) -> None:
     ):
         raise ValueError(
             f"{owner}: `rotation_rate` must be a number in (0, {MAX_ROTATION_RATE:g}] (a layer turns by "
-            f"atan(rotation_rate) per step; the paper's best is 3**-3 = {DEFAULT_ROTATION_RATE:.6g}), "
-            f"got {rotation_rate!r}."
+            f"atan(rotation_rate) per step; the paper's best is 3**-3 = {DEFAULT_ROTATION_RATE:.6g}) or "
+            f"'{EQUILIBRIUM}', got {rotation_rate!r}."
         )
+
+
+def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
+    """Return the angular update per step (tan of the angle) that ``optimizer`` reaches at equilibrium on ``group``.
+
+    With weight decay, the norm of a scale-invariant layer settles where decay's shrinking balances the growth from
+    updates orthogonal to the weights; the angle each step then turns the layer is (Kosson et al., "Rotational
+    Equilibrium", 2024), with ``lr`` and ``wd`` the group's learning rate and weight decay:
+
+    * ``AdamW`` (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``;
+    * ``SGD`` with momentum ``mu`` (no dampening) and weight decay: ``sqrt(2 * lr * wd / (1 + mu))``.
+
+    Raises:
+        ValueError: For another optimizer, a group without positive weight decay, or SGD with dampening.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.randn(4, 4))
+        >>> round(equilibrium_rate(torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4),
+        ...                        {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "dampening": 0}), 6)
+        0.007255
+    """
+    lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    if type(optimizer) not in (torch.optim.SGD, torch.optim.AdamW):
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' knows the equilibrium of torch.optim.SGD and torch.optim.AdamW, "
+            f"not of {type(optimizer).__name__}; give the rotation rate as a number."
+        )
+    if not wd > 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' needs weight decay: a parameter group holding layers has "
+            f"weight_decay={wd} (without decay the norm grows forever and there is no equilibrium). Set "
+            "weight_decay > 0 on that group, or give the rotation rate as a number."
+        )
+    if isinstance(optimizer, torch.optim.AdamW):
+        beta1 = float(group["betas"][0])
+        return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
+    if float(group.get("dampening", 0.0)) != 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' covers SGD without dampening; got dampening={group['dampening']}."
+        )
+    return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
 
 
 def group_peak_lr(group: dict[str, Any]) -> float:
@@ -131,7 +181,10 @@ class Layca(Optimizer):
             ``model.named_parameters()``, and the frozen ones that may be trained later. Names drive layer
             selection and schedules. When omitted, parameters are named ``"param{i}"`` in the optimizer's order.
         rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``; each step rotates a layer by ``atan(rho)``
-            radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD.
+            radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD. Or
+            ``"equilibrium"``: every step, each group's base rate is the angular update its optimizer reaches at
+            equilibrium with weight decay (:func:`equilibrium_rate`, from the group's current lr, weight decay and
+            momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control (default: every parameter with ``ndim >= 2``
             that this optimizer trains or that is frozen and may be trained later).
@@ -165,7 +218,7 @@ class Layca(Optimizer):
         optimizer: Optimizer,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         *,
-        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
@@ -189,7 +242,9 @@ class Layca(Optimizer):
         # apart (see the properties below) until the wrapped optimizer is known.
         super().__init__([torch.zeros(0)], {})
         self.optimizer = optimizer
-        self.rotation_rate = float(rotation_rate)
+        self.rotation_rate: float | Literal["equilibrium"] = (
+            EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
+        )
         self.schedule = schedule
         self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
         self._include = as_patterns("Layca: `include`", include)
@@ -232,6 +287,9 @@ class Layca(Optimizer):
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
+        if self.rotation_rate == EQUILIBRIUM:
+            for g in set(self._layer_group.values()):
+                equilibrium_rate(optimizer, optimizer.param_groups[g])  # fail early on what the formula lacks
 
     # ------------------------------------------------------------------ the wrapped optimizer's containers
     # Properties rather than copied references: code that assigns `optimizer.param_groups = ...` on the wrapper (as
@@ -400,7 +458,14 @@ class Layca(Optimizer):
         relative_lrs = [0.0] * len(self.layer_names)
         for i, g in self._layer_group.items():
             relative_lrs[i] = float(groups[g]["lr"]) / reference
-        rates = [self.rotation_rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
+        if isinstance(self.rotation_rate, str):  # "equilibrium"
+            base_rates = [0.0] * len(self.layer_names)
+            group_rates = {g: equilibrium_rate(self.optimizer, groups[g]) for g in set(self._layer_group.values())}
+            for i, g in self._layer_group.items():
+                base_rates[i] = group_rates[g]
+            rates = [m * r for m, r in zip(self._multipliers, base_rates, strict=True)]
+        else:
+            rates = [self.rotation_rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
         if rates != self._rates or relative_lrs != self._relative_lrs:
             self._rates = rates
             self._relative_lrs = relative_lrs
@@ -614,7 +679,7 @@ class Layca(Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"Layca(rotation_rate={self.rotation_rate:.6g}, schedule={self.schedule!r}, "
+            f"Layca(rotation_rate={self.rotation_rate!r}, schedule={self.schedule!r}, "
             f"layers={len(self.layer_names)}, optimizer={self.optimizer!r})"
         )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -33,7 +33,9 @@ class LaycaCallback(LayerRotationMonitor):
     r"""Wrap the Trainer's optimizer(s) in :class:`~lightning_layca.Layca`, and monitor layer rotation.
 
     Args:
-        rotation_rate: Base rotation rate ``rho`` (finite, positive); a layer at multiplier 1 and relative lr 1
+        rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``, or ``"equilibrium"`` (each group's rate is the
+            angular update its optimizer reaches at equilibrium, :func:`~lightning_layca.layca.equilibrium_rate`);
+            a layer at multiplier 1 and relative lr 1
             rotates by ``atan(rho)`` radians per step. Default ``3 ** -3``, the paper's best for SGD.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control and monitor (default: trainable parameters with
@@ -68,7 +70,7 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
@@ -107,7 +109,9 @@ class LaycaCallback(LayerRotationMonitor):
                 f"LaycaCallback: `optimizers` must be None (wrap all), a non-negative index or a non-empty list of "
                 f"them, got {optimizers!r}."
             )
-        self.rotation_rate = float(rotation_rate)
+        self.rotation_rate: float | Literal["equilibrium"] = (
+            rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
+        )
         self.schedule = schedule
         self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
         self.log_rates = bool(log_rates)
@@ -192,9 +196,9 @@ class LaycaCallback(LayerRotationMonitor):
                     self.schedule is not None and base.schedule is not self.schedule
                 ):
                     rank_zero_warn(
-                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate:.6g}, "
+                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate!r}, "
                         f"schedule={base.schedule!r}); it is used as it is, so the "
-                        f"callback's rotation_rate={self.rotation_rate:.6g} and schedule={self.schedule!r} "
+                        f"callback's rotation_rate={self.rotation_rate!r} and schedule={self.schedule!r} "
                         "do not apply."
                     )
                 self.laycas[i] = base

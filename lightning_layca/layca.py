@@ -183,8 +183,8 @@ class Layca(Optimizer):
         rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``; each step rotates a layer by ``atan(rho)``
             radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD. Or
             ``"equilibrium"``: every step, each group's base rate is the angular update its optimizer reaches at
-            equilibrium with weight decay (:func:`equilibrium_rate`, from the group's current lr, weight decay and
-            momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
+            equilibrium with weight decay (``lightning_layca.layca.equilibrium_rate``, from the group's current lr,
+            weight decay and momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control (default: every parameter with ``ndim >= 2``
             that this optimizer trains or that is frozen and may be trained later).

@@ -34,7 +34,7 @@ class LaycaCallback(LayerRotationMonitor):
 
     Args:
         rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``, or ``"equilibrium"`` (each group's rate is the
-            angular update its optimizer reaches at equilibrium, :func:`~lightning_layca.layca.equilibrium_rate`);
+            angular update its optimizer reaches at equilibrium, see :class:`~lightning_layca.Layca`);
             a layer at multiplier 1 and relative lr 1
             rotates by ``atan(rho)`` radians per step. Default ``3 ** -3``, the paper's best for SGD.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).

@@ -6,51 +6,126 @@ generalization", arXiv:1806.01603.
 For every selected layer ``w`` (a weight tensor seen as one vector) and the step ``D`` the wrapped optimizer took,
 Layca keeps only the rotational part of ``D``, gives it the norm ``rho_l(t) * ||w||`` and projects the result back onto
 the sphere of the layer's initial norm. Each step therefore rotates the layer by exactly ``atan(rho_l(t))`` radians,
-whatever the scale of the gradients, and never changes its norm. The wrapped optimizer's state (momentum, Adam
-moments) is updated from the raw gradients as usual; parameters that are not layers (biases, normalisation
-parameters) are stepped by the wrapped optimizer untouched.
+whatever the scale of the gradients, and never changes its norm. A layer whose step has no rotational part that
+rounding could not also explain does not move (see :mod:`lightning_layca.step`). The wrapped optimizer's state
+(momentum, Adam moments) is updated from the raw gradients as usual; parameters that are not layers (biases,
+normalisation parameters) are stepped by the wrapped optimizer untouched.
 
-Implementation: per (device, dtype) group, a handful of multi-tensor passes (snapshot, ``D``, ``<D, w>`` and
-``||w||``, ``D_perp`` and its norm, then ``w' = k1 * w + k2 * D_perp`` with per-layer scalars ``k1, k2``),
-reductions accumulated in at least float32, and no host synchronisation: rates enter as host scalars (kernel
-arguments), layer-wise decisions (``eps`` rule, non-finite steps) as device masks.
+This module holds the orchestration: which layers are controlled (including layers frozen at first and trained
+later), their rates, their state, and the grouping of layers by device and dtype; the arithmetic of the step is in
+:mod:`lightning_layca.step`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_layca.rotation import accumulation_dtype, inner_products
+from lightning_layca.rotation import accumulation_dtype
 from lightning_layca.schedules import RotationSchedule, Uniform
-from lightning_layca.selection import select_layers
+from lightning_layca.selection import as_patterns, select_layers
+from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager, rotate_eager_units, unit_counts, unit_rows
 
-__all__ = ["DEFAULT_ROTATION_RATE", "EPS", "Layca"]
+__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
 DEFAULT_ROTATION_RATE = 3**-3
 """The paper's best base rotation rate for SGD-based Layca."""
 
-EPS = 1e-7
-"""A layer whose tangential step has a norm at most ``EPS`` does not move (as in the paper's reference code)."""
+MAX_ROTATION_RATE = 1e3
+"""The largest base rotation rate accepted: ``atan(1000)`` is 89.94 degrees, a quarter turn per step in all but name,
+so a larger value is a mistake. Effective rates above it (large multipliers or learning-rate ratios) still compute
+without overflow."""
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLOOR_CHECK_EVERY = 100
+"""On accelerators, the host reads the near-floor flags every this many steps (on CPU: every step, at no cost)."""
+
+
+EQUILIBRIUM = "equilibrium"
+"""``rotation_rate=EQUILIBRIUM``: each group's rate is the angular update its optimizer reaches at equilibrium."""
 
 
 def check_rotation_rate(owner: str, rotation_rate: object) -> None:
-    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``rotation_rate`` is a finite positive number."""
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``0 < rotation_rate <= MAX_ROTATION_RATE``.
+
+    The string ``"equilibrium"`` is accepted too (see :func:`equilibrium_rate`).
+    """
+    if rotation_rate == EQUILIBRIUM:
+        return
     if (
         isinstance(rotation_rate, bool)
         or not isinstance(rotation_rate, int | float)
         or not math.isfinite(rotation_rate)
-        or rotation_rate <= 0
+        or not 0 < rotation_rate <= MAX_ROTATION_RATE
     ):
-        raise ValueError(f"{owner}: `rotation_rate` must be a finite positive number, got {rotation_rate!r}.")
+        raise ValueError(
+            f"{owner}: `rotation_rate` must be a number in (0, {MAX_ROTATION_RATE:g}] (a layer turns by "
+            f"atan(rotation_rate) per step; the paper's best is 3**-3 = {DEFAULT_ROTATION_RATE:.6g}) or "
+            f"'{EQUILIBRIUM}', got {rotation_rate!r}."
+        )
+
+
+def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
+    """Return the angular update per step (tan of the angle) that ``optimizer`` reaches at equilibrium on ``group``.
+
+    With weight decay, the norm of a scale-invariant layer settles where decay's shrinking balances the growth from
+    updates orthogonal to the weights; the angle each step then turns the layer is (Kosson et al., "Rotational
+    Equilibrium", 2024), with ``lr`` and ``wd`` the group's learning rate and weight decay:
+
+    * ``AdamW`` (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``;
+    * ``SGD`` with momentum ``mu`` (no dampening) and weight decay: ``sqrt(2 * lr * wd / (1 + mu))``.
+
+    Raises:
+        ValueError: For another optimizer, a group without positive weight decay, or SGD with dampening.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.randn(4, 4))
+        >>> round(equilibrium_rate(torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4),
+        ...                        {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "dampening": 0}), 6)
+        0.007255
+    """
+    lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    if type(optimizer) not in (torch.optim.SGD, torch.optim.AdamW):
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' knows the equilibrium of torch.optim.SGD and torch.optim.AdamW, "
+            f"not of {type(optimizer).__name__}; give the rotation rate as a number."
+        )
+    if not wd > 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' needs weight decay: a parameter group holding layers has "
+            f"weight_decay={wd} (without decay the norm grows forever and there is no equilibrium). Set "
+            "weight_decay > 0 on that group, or give the rotation rate as a number."
+        )
+    if isinstance(optimizer, torch.optim.AdamW):
+        beta1 = float(group["betas"][0])
+        return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
+    if float(group.get("dampening", 0.0)) != 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' covers SGD without dampening; got dampening={group['dampening']}."
+        )
+    return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
+
+
+def check_granularity(owner: str, granularity: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``granularity`` is ``"layer"`` or ``"unit"``."""
+    if granularity not in ("layer", "unit"):
+        raise ValueError(f"{owner}: `granularity` must be 'layer' or 'unit', got {granularity!r}.")
+
+
+def group_peak_lr(group: dict[str, Any]) -> float:
+    """Return the learning rate a parameter group peaks at, as far as the group records it.
+
+    ``OneCycleLR`` records its peak as ``max_lr``; other schedulers record the lr they started from as
+    ``initial_lr``; without a scheduler the group's ``lr`` is taken.
+    """
+    return float(group.get("max_lr", group.get("initial_lr", group.get("lr", 1.0))))
 
 
 # On CPU a multi-tensor op is a loop over tensors, so each pass streams the whole group through memory. Stepping the
@@ -76,41 +151,70 @@ def _chunks(indices: list[int], layers: list[torch.Tensor], max_bytes: int | Non
 
 @dataclass
 class _Group:
-    """The layers of one (device, dtype) chunk, with their snapshot buffers."""
+    """The controlled layers of one (device, dtype) chunk, their snapshot buffers and device-side values."""
 
     indices: list[int]
     params: list[torch.Tensor]
     previous: list[torch.Tensor]
+    initial_norms: torch.Tensor
+    """Per layer, or per unit (rows of the group's layers, concatenated) with ``granularity="unit"``."""
+    near_floor: torch.Tensor
+    """Per layer: whether a step of the layer (of one of its units) came near the rounding floor."""
+    row_layer: torch.Tensor | None = None
+    """With ``granularity="unit"``: the position in the group of the layer each row belongs to."""
+    rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    rates_version: int = -1
 
 
 class Layca(Optimizer):
     """Wrap any ``torch.optim.Optimizer`` so that each of its steps rotates every layer by ``atan(rho_l(t))``.
 
-    ``rho_l(t) = rotation_rate * m_l(t) * lr_g(t) / lr_g(0)``: ``m_l(t)`` comes from the rotation ``schedule`` and
-    ``lr_g(t) / lr_g(0)`` is the relative learning rate of the layer's parameter group, so any LR scheduler attached
-    to the wrapper or to the wrapped optimizer shapes the rotation rate over time (the base lr's magnitude cancels).
+    ``rho_l(t) = rotation_rate * m_l(t) * lr_g(t) / lr_ref``: ``m_l(t)`` comes from the rotation ``schedule``,
+    ``lr_g(t)`` is the current learning rate of the layer's parameter group and ``lr_ref`` the optimizer's reference
+    learning rate (see ``reference_lr``), so any LR scheduler attached to the wrapper or to the wrapped optimizer shapes
+    the rotation rate over time, groups with smaller learning rates rotate proportionally slower, and the magnitude of
+    the learning rates cancels out.
 
-    The wrapper *is* a ``torch.optim.Optimizer``: its ``param_groups`` and ``state`` are the wrapped optimizer's own
-    objects, and ``state_dict()`` / ``load_state_dict()`` round-trip the wrapped optimizer's state together with
-    Layca's (initial norms, initial learning rates, step and epoch counters).
+    Layers frozen when the wrapper is built (``requires_grad=False``) and trained later, by a fine-tuning callback
+    that adds them as a new parameter group or flips ``requires_grad``, are controlled from their first step: they
+    take their place in the depth order from the start (schedules see them), and their initial norm is read when they
+    join, which is their initial norm since frozen weights do not change. Layers that stay frozen cost nothing.
+
+    The wrapper *is* a ``torch.optim.Optimizer``: its ``param_groups``, ``state`` and ``defaults`` are always the
+    wrapped optimizer's own objects, whatever assigns them, and ``state_dict()`` is the wrapped optimizer's state dict
+    with Layca's state added under ``"layca"``, so the wrapped optimizer alone can also load it.
 
     Args:
         optimizer: The optimizer to wrap.
         named_parameters: ``(name, parameter)`` pairs naming every parameter of ``optimizer``, for example
-            ``model.named_parameters()``. Names drive layer selection and schedules. When omitted, parameters are
-            named ``"param{i}"`` in the optimizer's order.
-        rotation_rate: Base rotation rate ``rho`` (positive, finite); each step rotates a layer by ``atan(rho)``
-            radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD.
+            ``model.named_parameters()``, and the frozen ones that may be trained later. Names drive layer
+            selection and schedules. When omitted, parameters are named ``"param{i}"`` in the optimizer's order.
+        rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``; each step rotates a layer by ``atan(rho)``
+            radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD. Or
+            ``"equilibrium"``: every step, each group's base rate is the angular update its optimizer reaches at
+            equilibrium with weight decay (``lightning_layca.layca.equilibrium_rate``, from the group's current lr,
+            weight decay and momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
-        include: ``fnmatch`` patterns of parameter names to control (default: every trainable parameter with
-            ``ndim >= 2``).
+        include: ``fnmatch`` patterns of parameter names to control (default: every parameter with ``ndim >= 2``
+            that this optimizer trains or that is frozen and may be trained later).
         exclude: ``fnmatch`` patterns of parameter names never to control.
+        granularity: ``"layer"`` (the paper: each layer turns by ``atan(rho)`` and keeps its norm) or ``"unit"``:
+            every output unit (slice along dim 0: a row of a Linear weight, a filter of a convolution) turns by
+            ``atan(rho)`` and keeps its own initial norm, the rounding-floor and non-finite rules applying per unit;
+            the schedule still gives one multiplier per layer. A unit whose weights are all zero stays zero.
+        reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l``. Default: fixed at the
+            first step as the largest peak learning rate among the parameter groups holding layers (``max_lr`` where
+            ``OneCycleLR`` records one, else the ``initial_lr`` a scheduler recorded, else ``lr``), so the fastest
+            group rotates at ``rotation_rate`` at its peak; a group added later (fine-tuning) is measured against the
+            same reference.
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
             not a :class:`~lightning_layca.RotationSchedule`.
-        ValueError: For a non-positive or non-finite ``rotation_rate``, a pattern that matches nothing, a parameter
-            the names do not cover, or a selected layer whose weights are all zero.
+        ValueError: For a ``rotation_rate`` outside ``(0, 1000]``, a pattern that matches nothing, a parameter the
+            names do not cover, a complex or sparse layer, a selected layer whose weights are all zero, or no
+            positive learning rate among the groups holding layers.
 
     Example:
         >>> import lightning_layca as ll
@@ -128,10 +232,12 @@ class Layca(Optimizer):
         optimizer: Optimizer,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         *,
-        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        reference_lr: float | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -144,97 +250,202 @@ class Layca(Optimizer):
             schedule = Uniform()
         if not isinstance(schedule, RotationSchedule):
             raise TypeError(f"Layca: `schedule` must be a RotationSchedule instance, got {schedule!r}.")
+        if reference_lr is not None:
+            self._check_reference_lr(reference_lr, "`reference_lr`")
+        check_granularity("Layca", granularity)
 
-        # Let torch's Optimizer set up its hook registries and step patching, then share the base's containers so
-        # LR schedulers, gradient clipping and LR monitors read and change the real values.
+        # torch's Optimizer.__init__ sets up hook registries and step patching; its placeholder containers are kept
+        # apart (see the properties below) until the wrapped optimizer is known.
         super().__init__([torch.zeros(0)], {})
         self.optimizer = optimizer
-        self.rotation_rate = float(rotation_rate)
+        self.rotation_rate: float | Literal["equilibrium"] = (
+            EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
+        )
         self.schedule = schedule
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self.defaults = optimizer.defaults
+        self.granularity: Literal["layer", "unit"] = granularity
+        self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
+        self._include = as_patterns("Layca: `include`", include)
+        self._exclude = as_patterns("Layca: `exclude`", exclude)
 
         base_params = [p for group in optimizer.param_groups for p in group["params"]]
-        named = self._name_parameters(base_params, named_parameters)
-        layers = select_layers(named, include=include, exclude=exclude)
+        self._names = self._name_parameters(base_params, named_parameters)
+        in_optimizer = {id(p) for p in base_params}
+        # A frozen parameter outside the optimizer may be added to it later (fine-tuning): it is a candidate layer.
+        eligible = [(name, p) for name, p in self._names.values() if id(p) in in_optimizer or not p.requires_grad]
+        layers = select_layers(eligible, include=include, exclude=exclude, trainable_only=False)
         if not layers:
             raise ValueError(
-                "Layca: no parameter selected as a layer (default: trainable parameters with ndim >= 2). "
-                f"Available names: {', '.join(name for name, _ in named)}."
+                "Layca: no parameter selected as a layer (default: parameters with ndim >= 2). "
+                f"Available names: {', '.join(name for name, _ in eligible)}."
             )
+        for name, p in layers:
+            self._check_layer(name, p)
         self.layer_names: list[str] = [name for name, _ in layers]
         self._layers: list[torch.Tensor] = [p for _, p in layers]
         schedule.validate(self.layer_names)
-
-        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        self._layer_group: list[int] = [group_of[id(p)] for p in self._layers]
-        for name, p in layers:
-            if p.is_complex() or not p.is_floating_point():
-                raise ValueError(f"Layca: layer {name!r} has dtype {p.dtype}; only real floating-point layers rotate.")
-            if p.is_sparse:
-                raise ValueError(f"Layca: layer {name!r} is sparse; exclude it (exclude={name!r}).")
-        # Accumulated in float32 at least, so that a bf16/fp16 layer's initial norm is not rounded to its dtype.
-        norms = [float(torch.linalg.vector_norm(p.detach(), dtype=accumulation_dtype(p.dtype))) for p in self._layers]
-        for name, norm in zip(self.layer_names, norms, strict=True):
-            if not norm > 0 or not math.isfinite(norm):
-                raise ValueError(
-                    f"Layca: layer {name!r} has weights of norm {norm}; Layca cannot rotate a zero (or non-finite) "
-                    f"vector. Initialise it differently or leave it to the base optimizer with exclude={name!r}."
-                )
-        self.initial_norms: list[float] = norms
-        # lr_g(0) is fixed at the first step, so that an LR scheduler attached after wrapping is taken into account.
-        self.initial_lrs: list[float] | None = None
-        for group in optimizer.param_groups:
-            self._initial_lr(group)  # fail early on a learning rate that cannot define relative rates
+        self.initial_norms: list[float | None] = [None] * len(self._layers)
+        self.initial_unit_norms: list[torch.Tensor | None] = [None] * len(self._layers)
+        """With ``granularity="unit"``: every layer's initial norm per unit (float64, on the CPU)."""
         self.step_count = 0
         self.epoch = 0
+        self.restored_from_plain_state = False
+        """Whether the last ``load_state_dict`` got a state dict without Layca's state (its counters then start over:
+        the Lightning callback sets them from the restored training loop)."""
 
+        self._controlled_key: Hashable = None
+        self._controlled: list[int] = []
+        self._layer_group: dict[int, int] = {}
         self._groups: list[_Group] | None = None
         self._schedule_key: Hashable = object()
         self._multipliers: list[float] = []
         self._rates: list[float] = []
+        self._relative_lrs: list[float] = []
         self._rates_version = 0
+        self._warned_near_floor: set[str] = set()
+        self._warned_overflow: set[str] = set()
+        self._update_controlled()
+        if self._controlled and self.reference_lr is None:
+            self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
+        if self.rotation_rate == EQUILIBRIUM:
+            for g in set(self._layer_group.values()):
+                equilibrium_rate(optimizer, optimizer.param_groups[g])  # fail early on what the formula lacks
+
+    # ------------------------------------------------------------------ the wrapped optimizer's containers
+    # Properties rather than copied references: code that assigns `optimizer.param_groups = ...` on the wrapper (as
+    # Lightning's fine-tuning callbacks do when they restore their groups) must change the wrapped optimizer.
+    def _base_or_none(self) -> Optimizer | None:
+        return self.__dict__.get("optimizer")
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's ``param_groups`` (the same list object)."""
+        base = self._base_or_none()
+        return base.param_groups if base is not None else self.__dict__["_placeholder_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        base = self._base_or_none()
+        if base is None:
+            self.__dict__["_placeholder_param_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        """The wrapped optimizer's ``state`` (the same object)."""
+        base = self._base_or_none()
+        return base.state if base is not None else self.__dict__["_placeholder_state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        base = self._base_or_none()
+        if base is None:
+            self.__dict__["_placeholder_state"] = value
+        else:
+            base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The wrapped optimizer's ``defaults`` (the same object)."""
+        base = self._base_or_none()
+        return base.defaults if base is not None else self.__dict__["_placeholder_defaults"]
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        base = self._base_or_none()
+        if base is None:
+            self.__dict__["_placeholder_defaults"] = value
+        else:
+            base.defaults = value
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _name_parameters(
         base_params: list[torch.Tensor], named_parameters: Iterable[tuple[str, torch.Tensor]] | None
-    ) -> list[tuple[str, torch.Tensor]]:
-        """Return ``(name, parameter)`` for every parameter of the base optimizer, in ``named_parameters`` order."""
+    ) -> dict[int, tuple[str, torch.Tensor]]:
+        """Return ``id(parameter) -> (name, parameter)`` in ``named_parameters`` order (tied weights: first name)."""
         if named_parameters is None:
-            return [(f"param{i}", p) for i, p in enumerate(base_params)]
-        pairs = list(named_parameters)
-        for pair in pairs:
+            return {id(p): (f"param{i}", p) for i, p in enumerate(base_params)}
+        named: dict[int, tuple[str, torch.Tensor]] = {}
+        for pair in named_parameters:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
                 raise TypeError(f"Layca: `named_parameters` must yield (name, parameter) pairs, got {pair!r}.")
-        in_optimizer = {id(p) for p in base_params}
-        named = [(name, p) for name, p in pairs if id(p) in in_optimizer]
-        named_ids = {id(p) for _, p in named}
-        missing = [i for i, p in enumerate(base_params) if id(p) not in named_ids]
+            named.setdefault(id(pair[1]), pair)
+        missing = [i for i, p in enumerate(base_params) if id(p) not in named]
         if missing:
             shapes = ", ".join(f"#{i} {tuple(base_params[i].shape)}" for i in missing[:10])
             raise ValueError(
                 f"Layca: {len(missing)} parameter(s) of the optimizer are not named by `named_parameters` ({shapes}). "
                 "Pass the named_parameters() of the module whose parameters the optimizer trains."
             )
-        seen: set[int] = set()
-        unique = []
-        for name, p in named:  # tied weights: keep the first name, as nn.Module.named_parameters does
-            if id(p) not in seen:
-                seen.add(id(p))
-                unique.append((name, p))
-        return unique
+        return named
 
     @staticmethod
-    def _initial_lr(group: dict[str, Any]) -> float:
-        # An LR scheduler created before the wrapper records the lr it started from as ``initial_lr``.
-        lr = float(group.get("initial_lr", group.get("lr", 1.0)))
+    def _check_layer(name: str, p: torch.Tensor) -> None:
+        if p.is_complex() or not p.is_floating_point():
+            raise ValueError(f"Layca: layer {name!r} has dtype {p.dtype}; only real floating-point layers rotate.")
+        if p.is_sparse:
+            raise ValueError(f"Layca: layer {name!r} is sparse; exclude it (exclude={name!r}).")
+
+    @staticmethod
+    def _check_reference_lr(lr: float, what: str) -> None:
         if not math.isfinite(lr) or lr <= 0:
             raise ValueError(
-                f"Layca: parameter group learning rate must be positive and finite to define relative rates, got {lr}."
+                f"Layca: {what} must be positive and finite to define relative rotation rates, got {lr}. Only the "
+                "parameter groups that hold layers need one; pass `reference_lr` to set it explicitly."
             )
+
+    def _default_reference_lr(self) -> float:
+        groups = self.param_groups
+        peaks = [group_peak_lr(groups[g]) for g in sorted(set(self._layer_group.values()))]
+        lr = max(peaks, default=0.0)
+        self._check_reference_lr(lr, f"the learning rates of the parameter groups holding layers ({peaks})")
         return lr
+
+    # ------------------------------------------------------------------ which layers are controlled now
+    def _update_controlled(self) -> None:
+        """Find the layers stepped now: in a parameter group and trainable. Cheap when nothing changed."""
+        groups = self.param_groups
+        key = (
+            tuple(id(group["params"]) for group in groups),
+            tuple(len(group["params"]) for group in groups),
+            tuple(p.requires_grad for p in self._layers),
+        )
+        if key == self._controlled_key:
+            return
+        group_of = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
+        self._layer_group = {i: group_of[id(p)] for i, p in enumerate(self._layers) if id(p) in group_of}
+        controlled = [i for i in self._layer_group if self._layers[i].requires_grad]
+        for i in controlled:
+            if self.initial_norms[i] is None:  # joins now: frozen until now, so these are its initial weights
+                self.initial_norms[i] = self._initial_norm(i)
+            if self.granularity == "unit" and self.initial_unit_norms[i] is None:
+                p = self._layers[i].detach()
+                self.initial_unit_norms[i] = torch.linalg.vector_norm(
+                    unit_rows(p), dim=1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
+                ).to(device="cpu", dtype=torch.float64)
+        self._controlled = controlled
+        self._controlled_key = key
+        self._groups = None
+        self._rates = []
+
+    def _initial_norm(self, i: int) -> float:
+        p = self._layers[i].detach()
+        # Accumulated in float32 at least, so that a bf16/fp16 layer's initial norm is not rounded to its dtype.
+        norm = float(torch.linalg.vector_norm(p, dtype=accumulation_dtype(p.dtype)))
+        if not norm > 0 or not math.isfinite(norm):
+            raise ValueError(
+                f"Layca: layer {self.layer_names[i]!r} has weights of norm {norm}; Layca cannot rotate a zero (or "
+                f"non-finite) vector. Initialise it differently or leave it to the base optimizer with "
+                f"exclude={self.layer_names[i]!r}."
+            )
+        return norm
+
+    @property
+    def controlled_layer_names(self) -> list[str]:
+        """Names of the layers the next step controls: in a parameter group and trainable, in depth order."""
+        self._update_controlled()
+        return [self.layer_names[i] for i in self._controlled]
 
     # ------------------------------------------------------------------ rates
     def set_epoch(self, epoch: int) -> None:
@@ -242,16 +453,20 @@ class Layca(Optimizer):
         self.epoch = int(epoch)
 
     def rotation_rates(self) -> dict[str, float]:
-        """Return the effective ``rho_l(t)`` of each layer for the next step, keyed by parameter name."""
-        return dict(zip(self.layer_names, self._current_rates(), strict=True))
+        """Return the effective ``rho_l(t)`` of each controlled layer for the next step, keyed by parameter name."""
+        self._update_controlled()
+        rates = self._current_rates()
+        return {self.layer_names[i]: rates[i] for i in self._controlled}
 
     @property
     def rates_version(self) -> int:
         """A counter that increases whenever the effective rates change (for loggers that log on change)."""
+        self._update_controlled()
         self._current_rates()
         return self._rates_version
 
     def _current_rates(self) -> list[float]:
+        """Rates of every candidate layer (0 for those outside every parameter group)."""
         key = self.schedule.cache_key(self.step_count, self.epoch)
         if key != self._schedule_key:
             multipliers = [float(m) for m in self.schedule.multipliers(self.layer_names, self.step_count, self.epoch)]
@@ -262,32 +477,56 @@ class Layca(Optimizer):
                 )
             self._multipliers = multipliers
             self._schedule_key = key
-        initial_lrs = self.initial_lrs or [self._initial_lr(group) for group in self.param_groups]
-        relative_lr = [float(group["lr"]) / lr0 for group, lr0 in zip(self.param_groups, initial_lrs, strict=True)]
-        rates = [
-            self.rotation_rate * m * relative_lr[g] for m, g in zip(self._multipliers, self._layer_group, strict=True)
-        ]
-        if rates != self._rates:
+        reference = self.reference_lr if self.reference_lr is not None else self._default_reference_lr()
+        groups = self.param_groups
+        relative_lrs = [0.0] * len(self.layer_names)
+        for i, g in self._layer_group.items():
+            relative_lrs[i] = float(groups[g]["lr"]) / reference
+        if isinstance(self.rotation_rate, str):  # "equilibrium"
+            base_rates = [0.0] * len(self.layer_names)
+            group_rates = {g: equilibrium_rate(self.optimizer, groups[g]) for g in set(self._layer_group.values())}
+            for i, g in self._layer_group.items():
+                base_rates[i] = group_rates[g]
+            rates = [m * r for m, r in zip(self._multipliers, base_rates, strict=True)]
+        else:
+            rates = [self.rotation_rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
+        if rates != self._rates or relative_lrs != self._relative_lrs:
             self._rates = rates
+            self._relative_lrs = relative_lrs
             self._rates_version += 1
         return rates
 
     # ------------------------------------------------------------------ the step
     def _build_groups(self) -> list[_Group]:
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, p in enumerate(self._layers):
+        for i in self._controlled:
+            p = self._layers[i]
             by_key[(p.device, p.dtype)].append(i)
         chunks: list[list[int]] = []
         for (device, _), indices in by_key.items():
             chunks.extend(_chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None))
-        return [
-            _Group(
-                indices=idx,
-                params=[self._layers[i] for i in idx],
-                previous=[torch.empty_like(self._layers[i]) for i in idx],
+        groups = []
+        for idx in chunks:
+            device = self._layers[idx[0]].device
+            params = [self._layers[i] for i in idx]
+            row_layer = None
+            if self.granularity == "unit":
+                norms = torch.cat([self.initial_unit_norms[i] for i in idx])  # type: ignore[misc]
+                counts = torch.tensor(unit_counts(params), device=device)
+                row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
+            else:
+                norms = torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64)
+            groups.append(
+                _Group(
+                    indices=idx,
+                    params=params,
+                    previous=[torch.empty_like(p) for p in params],
+                    initial_norms=norms.to(device),
+                    near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
+                    row_layer=row_layer,
+                )
             )
-            for idx in chunks
-        ]
+        return groups
 
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
@@ -301,7 +540,7 @@ class Layca(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Run the wrapped optimizer's step, then turn it into a Layca step for every layer.
+        """Run the wrapped optimizer's step, then turn it into a Layca step for every controlled layer.
 
         Args:
             closure: Re-evaluates the model and returns the loss; handed to the wrapped optimizer, which calls it
@@ -310,8 +549,9 @@ class Layca(Optimizer):
         Returns:
             What the closure returned (``None`` without a closure).
         """
-        if self.initial_lrs is None:
-            self.initial_lrs = [self._initial_lr(group) for group in self.param_groups]
+        self._update_controlled()
+        if self._controlled and self.reference_lr is None:
+            self.reference_lr = self._default_reference_lr()
         groups = self._groups_for_step()
         for g in groups:
             torch._foreach_copy_(g.previous, [p.detach() for p in g.params])
@@ -328,68 +568,167 @@ class Layca(Optimizer):
 
         rates = self._current_rates()
         for g in groups:
-            _rotate(g, [rates[i] for i in g.indices], [self.initial_norms[i] for i in g.indices])
+            if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
+                values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
+                g.rates, g.relative_lrs = torch.tensor(values, dtype=torch.float64, device=g.near_floor.device)
+                if g.row_layer is not None:
+                    g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
+                g.rates_version = self._rates_version
+            params = [p.detach() for p in g.params]
+            if g.row_layer is not None:
+                near_rows = rotate_eager_units(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
+                near_floor = torch.zeros_like(g.near_floor).index_put_((g.row_layer,), near_rows, accumulate=True)
+            else:
+                near_floor, overflowed = rotate_eager(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
+                if overflowed is not None:
+                    self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
+            g.near_floor |= near_floor
         self.step_count += 1
+        self._warn_near_floor(groups)
         return loss
+
+    def _warn_near_floor(self, groups: list[_Group]) -> None:
+        flagged: list[int] = []
+        for g in groups:
+            # Reading the flags is free on CPU; on accelerators it synchronises, so it happens every few steps only.
+            if g.near_floor.device.type != "cpu" and self.step_count % _FLOOR_CHECK_EVERY != 1:
+                continue
+            flagged += [i for i, flag in zip(g.indices, g.near_floor.tolist(), strict=True) if flag]
+        new = [i for i in flagged if self.layer_names[i] not in self._warned_near_floor]
+        if new:  # one warning for the layers flagged together, never twice for a layer
+            self._warned_near_floor.update(self.layer_names[i] for i in new)
+            warnings.warn(self._near_floor_message(new), stacklevel=3)
+
+    def _warn_overflow(self, indices: list[int]) -> None:
+        names = [self.layer_names[i] for i in indices if self.layer_names[i] not in self._warned_overflow]
+        if names:
+            self._warned_overflow.update(names)
+            warnings.warn(
+                f"Layca: the base step of layer(s) {names} is finite but so large (norm above about 1.8e19) that its "
+                "float32 sums overflow, so those layers did not move on that step. Check the gradients and the base "
+                "learning rate.",
+                stacklevel=3,
+            )
+
+    def _near_floor_message(self, indices: list[int]) -> str:
+        names = ", ".join(repr(self.layer_names[i]) for i in indices)
+        dtypes = sorted({str(self._layers[i].dtype).removeprefix("torch.") for i in indices})
+        advice = "Raise the base optimizer's learning rate: Layca's step does not depend on its magnitude."
+        if any(self._layers[i].dtype in (torch.float16, torch.bfloat16) for i in indices):
+            advice += " Or keep float32 weights (Lightning's precision='bf16-mixed' rather than 'bf16-true')."
+        return (
+            f"Layca: the base optimizer's steps for layer(s) {names} are within {NEAR_FLOOR_FACTOR:g}x of what "
+            f"{'/'.join(dtypes)} rounding of `w + step` can resolve, so rounding blurs their direction by more than "
+            f"about 1% (and a step below that floor does not move a layer at all). {advice}"
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the wrapped optimizer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the wrapped optimizer; its parameters are stepped as usual, not rotated."""
-        if not hasattr(self, "optimizer"):  # torch's Optimizer.__init__ adds its placeholder group
+        """Add a parameter group to the wrapped optimizer; its layers are controlled from their first step.
+
+        Parameters of the new group that the selection rules accept (``include``/``exclude``, ``ndim >= 2``) and that
+        were not candidate layers yet take their place in the depth order of ``named_parameters``.
+        """
+        if self._base_or_none() is None:  # torch's Optimizer.__init__ adds its placeholder group
             super().add_param_group(param_group)
             return
         self.optimizer.add_param_group(param_group)
-        if self.initial_lrs is not None:
-            self.initial_lrs.append(self._initial_lr(self.optimizer.param_groups[-1]))
+        known = {id(p) for p in self._layers}
+        new = []
+        for p in self.optimizer.param_groups[-1]["params"]:
+            if id(p) not in known and id(p) not in self._names:
+                self._names[id(p)] = (f"param{len(self._names)}", p)
+            if id(p) not in known:
+                new.append(self._names[id(p)])
+        selected = self._select(new) if new else []
+        if selected:
+            for name, p in selected:
+                self._check_layer(name, p)
+            order = {id(p): k for k, (_, p) in enumerate(self._names.values())}
+            existing = list(
+                zip(self.layer_names, self._layers, self.initial_norms, self.initial_unit_norms, strict=True)
+            )
+            joining: list[tuple[str, torch.Tensor, float | None, torch.Tensor | None]] = [
+                (n, p, None, None) for n, p in selected
+            ]
+            layers = sorted(existing + joining, key=lambda item: order[id(item[1])])
+            self.layer_names = [item[0] for item in layers]
+            self._layers = [item[1] for item in layers]
+            self.initial_norms = [item[2] for item in layers]
+            self.initial_unit_norms = [item[3] for item in layers]
+            self.schedule.validate(self.layer_names)
+            self._schedule_key = object()
+        self._controlled_key = None
+
+    def _select(self, named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """The selection rule applied to parameters that join later (patterns need not match among them)."""
+        chosen = []
+        for name, p in named:
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self._exclude):
+                continue
+            if (self._include and any(fnmatch.fnmatchcase(name, pattern) for pattern in self._include)) or (
+                not self._include and p.ndim >= 2
+            ):
+                chosen.append((name, p))
+        return chosen
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Return the wrapped optimizer's state dict under ``"base"`` and Layca's own state under ``"layca"``."""
-        return {
-            "base": self.optimizer.state_dict(),
-            "layca": {
-                "layer_names": list(self.layer_names),
-                "initial_norms": list(self.initial_norms),
-                "initial_lrs": None if self.initial_lrs is None else list(self.initial_lrs),
-                "step_count": self.step_count,
-                "epoch": self.epoch,
-                "rotation_rate": self.rotation_rate,
-            },
+        """Return the wrapped optimizer's state dict, with Layca's own state added under ``"layca"``."""
+        state = dict(self.optimizer.state_dict())
+        state["layca"] = {
+            "layer_names": list(self.layer_names),
+            "initial_norms": list(self.initial_norms),
+            "granularity": self.granularity,
+            "initial_unit_norms": list(self.initial_unit_norms),
+            "reference_lr": self.reference_lr,
+            "step_count": self.step_count,
+            "epoch": self.epoch,
+            "rotation_rate": self.rotation_rate,
         }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state dict from :meth:`state_dict`, or a plain state dict of the wrapped optimizer.
 
         A plain state dict (for example from a checkpoint written before Layca was added) restores the wrapped
-        optimizer and keeps Layca's current initial norms and counters.
+        optimizer, keeps Layca's current initial norms, and sets :attr:`restored_from_plain_state`.
         """
-        if "base" not in state_dict or "layca" not in state_dict:
-            self.optimizer.load_state_dict(state_dict)
-        else:
-            layca = state_dict["layca"]
-            if list(layca["layer_names"]) != self.layer_names:
+        state_dict = dict(state_dict)
+        layca = state_dict.pop("layca", None)
+        if "base" in state_dict:  # the layout of lightning_layca 0.1
+            state_dict = state_dict["base"]
+        if layca is not None and list(layca["layer_names"]) != self.layer_names:
+            raise ValueError(
+                "Layca: the state dict was saved for layers "
+                f"{layca['layer_names']!r}, but this optimizer controls {self.layer_names!r}."
+            )
+        self.optimizer.load_state_dict(state_dict)
+        self.restored_from_plain_state = layca is None
+        if layca is not None:
+            if layca.get("granularity", "layer") != self.granularity:
                 raise ValueError(
-                    "Layca: the state dict was saved for layers "
-                    f"{layca['layer_names']!r}, but this optimizer controls {self.layer_names!r}."
+                    f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
+                    f"this optimizer has granularity={self.granularity!r}."
                 )
-            self.optimizer.load_state_dict(state_dict["base"])
-            self.initial_norms = [float(x) for x in layca["initial_norms"]]
-            lrs = layca["initial_lrs"]
-            self.initial_lrs = None if lrs is None else [float(x) for x in lrs]
+            self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
+            self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
+            if "reference_lr" in layca:
+                self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
+            elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group
+                self.reference_lr = max(float(x) for x in layca["initial_lrs"])
             self.step_count = int(layca["step_count"])
             self.epoch = int(layca["epoch"])
-        # torch's load_state_dict replaces the base's param_groups and state: re-bind them.
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
+        self._controlled_key = None
         self._schedule_key = object()
         self._rates = []
 
     def __repr__(self) -> str:
         return (
-            f"Layca(rotation_rate={self.rotation_rate:.6g}, schedule={self.schedule!r}, "
+            f"Layca(rotation_rate={self.rotation_rate!r}, schedule={self.schedule!r}, "
             f"layers={len(self.layer_names)}, optimizer={self.optimizer!r})"
         )
 
@@ -397,86 +736,3 @@ class Layca(Optimizer):
         state = dict(self.__dict__)
         state["_groups"] = None  # snapshot buffers are scratch space, rebuilt at the next step
         return state
-
-
-def _coefficients(
-    norm_w: torch.Tensor,
-    residual: torch.Tensor,
-    tangential: torch.Tensor,
-    rates: list[float],
-    initial_norms: list[float],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer ``k1, k2`` of ``w' = k1 * w + k2 * P``, as lists of 0-dim device tensors.
-
-    ``P`` is the computed ``D_perp``, ``residual = <P, w> / ||w||^2`` what rounding left of its radial part and
-    ``tangential = ||P - residual * w||``. With ``q = n0 / sqrt(1 + rho^2)``: ``k2 = rho * q / tangential`` and
-    ``k1 = q / ||w|| - k2 * residual``, which moves ``w`` by exactly ``rho * ||w||`` orthogonally to it and puts the
-    result on the sphere of radius ``n0``. A layer whose step is non-finite or has ``||D_perp|| <= EPS`` is frozen:
-    ``k1 = 1, k2 = 0``. Rates and norms are host scalars: they reach the device as kernel arguments, not copies.
-    """
-    ok = torch.isfinite(tangential) & torch.isfinite(residual) & (tangential > EPS) & (norm_w > 0)
-    inv_norm_w = torch.where(ok, 1.0 / torch.where(ok, norm_w, 1.0), 0.0)
-    inv_tangential = torch.where(ok, 1.0 / torch.where(ok, tangential, 1.0), 0.0)
-    residual_over_tangential = torch.where(ok, residual, 0.0) * inv_tangential
-    q = [n0 / math.sqrt(1.0 + rho * rho) for rho, n0 in zip(rates, initial_norms, strict=True)]
-    h = [rho * qi for rho, qi in zip(rates, q, strict=True)]
-    k1 = torch._foreach_mul(list(inv_norm_w.unbind()), q)
-    torch._foreach_sub_(k1, torch._foreach_mul(list(residual_over_tangential.unbind()), h))
-    torch._foreach_add_(k1, list((~ok).to(norm_w.dtype).unbind()))
-    k2 = torch._foreach_mul(list(inv_tangential.unbind()), h)
-    return list(k1), list(k2)
-
-
-def _project_out(
-    steps: list[torch.Tensor], weights: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Remove the radial part of each step in place; return ``||w||``, the residual radial part and ``||D_perp||``.
-
-    ``D_perp = D - (<D, w> / ||w||^2) w`` is formed explicitly, because ``||D||^2 - <D, w>^2 / ||w||^2`` cancels
-    catastrophically when the step is mostly radial (weight decay). What float32 rounding leaves of the radial part is
-    measured by one more dot product and removed in the coefficients ("twice is enough"), which keeps the norm and
-    the angle exact to rounding. A non-finite step gives a non-finite ``||D_perp||``.
-    """
-    norm_w = torch.stack(torch._foreach_norm(weights, 2))
-    norm_w_sq = norm_w.square()
-    radial = torch.stack(inner_products(steps, weights, accumulation_dtype(steps[0].dtype))) / norm_w_sq
-    torch._foreach_addcmul_(steps, weights, list((-radial).unbind()))
-    residual = torch.stack(inner_products(steps, weights, accumulation_dtype(steps[0].dtype))) / norm_w_sq
-    norm_p = torch.stack(torch._foreach_norm(steps, 2))
-    tangential = (norm_p.square() - residual.square() * norm_w_sq).clamp_min(0.0).sqrt()
-    return norm_w, residual, tangential
-
-
-def _rotate(group: _Group, rates: list[float], initial_norms: list[float]) -> None:
-    """Turn the base step of one (device, dtype) group into a Layca step, in place and without host syncs.
-
-    On entry the parameters hold ``w + D`` and ``group.previous`` holds ``w``.
-    """
-    params = [p.detach() for p in group.params]
-    if params[0].dtype in _LOW_PRECISION:
-        _rotate_low_precision(params, group.previous, rates, initial_norms)
-        return
-    previous = group.previous
-    torch._foreach_sub_(params, previous)  # params now hold the base step D
-    norm_w, residual, tangential = _project_out(params, previous)
-    k1, k2 = _coefficients(norm_w, residual, tangential, rates, initial_norms)
-    # Frozen layers multiply D_perp by 0, so it must hold no NaN or inf. On CUDA the cleaning pass runs every step
-    # (one more read and write of the layers), since skipping it would need the flags on the host; on CPU reading
-    # them is no synchronisation, and the pass is skipped in the usual case of finite steps.
-    if params[0].device.type != "cpu" or not bool(torch.isfinite(tangential).all()):
-        for d in params:
-            torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
-    torch._foreach_mul_(params, k2)
-    torch._foreach_addcmul_(params, previous, k1)
-
-
-def _rotate_low_precision(
-    params: list[torch.Tensor], previous: list[torch.Tensor], rates: list[float], initial_norms: list[float]
-) -> None:
-    """The same step for float16/bfloat16 layers, computed per tensor in float32 and rounded once at the end."""
-    w = [x.float() for x in previous]
-    d = [p.float().sub_(x) for p, x in zip(params, w, strict=True)]
-    norm_w, residual, tangential = _project_out(d, w)
-    k1, k2 = _coefficients(norm_w, residual, tangential, rates, initial_norms)
-    for p, wi, di, c1, c2 in zip(params, w, d, k1, k2, strict=True):
-        p.copy_(wi.mul_(c1).add_(torch.nan_to_num_(di, nan=0.0, posinf=0.0, neginf=0.0).mul_(c2)))

@@ -247,8 +247,8 @@ def test_an_optimizer_index_out_of_range_fails_when_the_fit_starts(tmp_path: Pat
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rotation_rate": 0.0}, "`rotation_rate` must be a finite positive number, got 0.0"),
-        ({"rotation_rate": float("nan")}, "`rotation_rate` must be a finite positive number, got nan"),
+        ({"rotation_rate": 0.0}, r"`rotation_rate` must be a number in \(0, 1000\].*got 0.0"),
+        ({"rotation_rate": float("nan")}, r"`rotation_rate` must be a number in \(0, 1000\].*got nan"),
         ({"schedule": 0.5}, "`schedule` must be a RotationSchedule .*got 0.5"),
         ({"optimizers": [-1]}, r"`optimizers` must be None .*got \[-1\]"),
         ({"optimizers": []}, r"`optimizers` must be None .*got \[\]"),

@@ -150,7 +150,8 @@ def test_scheduler_on_wrapper_and_on_base_behave_the_same() -> None:
         optimizers.append(opt)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
-    assert optimizers[0].initial_lrs == optimizers[1].initial_lrs == [pytest.approx(0.3 / 25)]
+    # OneCycleLR records its peak as max_lr: the reference at which a layer rotates at `rotation_rate`.
+    assert optimizers[0].reference_lr == optimizers[1].reference_lr == pytest.approx(0.3)
 
 
 def test_rate_follows_a_warmup_scheduler_created_before_the_wrapper() -> None:

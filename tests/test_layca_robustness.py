@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ def test_zero_gradient_leaves_the_layer_in_place(optimizer: str) -> None:
     assert angle(after[0], before[0]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
 
-def test_vanishing_gradient_below_eps_does_not_move_the_layer() -> None:
-    # SGD step of 0.1 * 1e-30: ||D_perp|| is far below EPS = 1e-7, so the layer stays where it is.
+def test_vanishing_gradient_below_the_rounding_floor_does_not_move_the_layer() -> None:
+    # SGD step of 0.1 * 1e-30: fl(w + D) == w, so the layer stays where it is.
     before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e-30)
     assert torch.equal(after[1], before[1])
     assert angle(after[2], before[2]) == pytest.approx(math.atan(0.1), abs=1e-5)
@@ -95,8 +96,10 @@ def test_huge_gradient_under_adam_never_corrupts_weights() -> None:
 
 
 def test_huge_gradient_under_sgd_never_corrupts_weights() -> None:
-    # An SGD step of 1e29 per element overflows float32 sums of squares: that layer is frozen, the others step.
-    before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e30)
+    # An SGD step of 1e29 per element overflows float32 sums of squares: that layer is frozen, with a warning, and
+    # the others step.
+    with pytest.warns(UserWarning, match=r"base step of layer\(s\) \['2.weight'\] is finite but so large"):
+        before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e30)
     assert all(torch.isfinite(w).all() for w in after)
     assert torch.equal(after[1], before[1])
     assert angle(after[0], before[0]) == pytest.approx(math.atan(0.1), abs=1e-5)
@@ -128,6 +131,7 @@ def test_skipped_step_under_grad_scaler_leaves_weights_unchanged() -> None:
     assert angle(model[0].weight.detach(), before[0]) == pytest.approx(math.atan(opt.rotation_rate), abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Layca. the base optimizer's steps for layer")  # bf16/fp16 rounding: expected
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
@@ -155,3 +159,163 @@ def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype) -> Non
         resolution = 2**-7 if dtype == torch.bfloat16 else 2**-10
         assert angle(low.detach(), before[0]) == pytest.approx(math.atan(0.05), abs=2 * resolution)
         assert float(low.detach().double().norm()) == pytest.approx(n_low, rel=resolution)
+
+
+# ---------------------------------------------------------------------------------------------------------- rounding
+
+
+def per_step_angles_of_an_unused_layer(
+    make_base, steps: int = 30, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], list[float]]:
+    """Train one layer while another gets exact zero gradients; return both layers' angle (radians) at every step."""
+    torch.manual_seed(0)
+    used = nn.Linear(64, 64)
+    unused = nn.Linear(256, 256).to(dtype)
+    nn.init.normal_(unused.weight, std=0.05)  # ||w|| = 12.8: rounding noise of w + D far above an absolute 1e-7
+    named = [("used.weight", used.weight), ("used.bias", used.bias), ("unused.weight", unused.weight)]
+    opt = ll.Layca(make_base([p for _, p in named]), named, rotation_rate=3**-3)
+    x = torch.randn(32, 64)
+    unused.weight.grad = torch.zeros_like(unused.weight)  # as DDP's find_unused_parameters or a masked head leave it
+    used_angles, unused_angles = [], []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=False)  # the unused layer keeps an exact zero gradient
+        used(x).square().mean().backward()
+        before = [used.weight.detach().clone(), unused.weight.detach().clone()]
+        opt.step()
+        used_angles.append(angle(used.weight.detach(), before[0]))
+        unused_angles.append(angle(unused.weight.detach(), before[1]))
+    return used_angles, unused_angles
+
+
+@pytest.mark.parametrize(
+    "make_base",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+        lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=5e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05),
+    ],
+    ids=["sgd_momentum_wd", "sgd_wd", "adamw"],
+)
+def test_zero_gradient_under_weight_decay_does_not_turn_the_layer(make_base) -> None:
+    # Weight decay alone is a purely radial step: only float32 rounding of w + D has a tangential part, and scaling
+    # that up to a full Layca step used to turn the layer by atan(rho) = 2.1 degrees every step.
+    used, unused = per_step_angles_of_an_unused_layer(make_base)
+    assert max(unused) < math.radians(0.01)
+    assert used == pytest.approx([math.atan(3**-3)] * len(used), abs=1e-5)
+
+
+def test_zero_gradient_of_a_bfloat16_layer_uses_bfloat16_precision() -> None:
+    # A 1 % radial step in bfloat16 leaves rounding noise of about 0.2 % of ||w|| in D: above float32's floor, below
+    # bfloat16's, so the layer must be judged by the precision it is stored in.
+    _, unused = per_step_angles_of_an_unused_layer(
+        lambda p: torch.optim.SGD(p, lr=1.0, weight_decay=0.01), steps=5, dtype=torch.bfloat16
+    )
+    assert max(unused) == 0.0
+
+
+def test_small_base_learning_rate_warns_once_per_run_naming_the_layers() -> None:
+    torch.manual_seed(0)
+    model = three_layers()
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=1e-7), model.named_parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 6)).square().mean().backward()
+            opt.step()
+    messages = [str(w.message) for w in caught if "rounding" in str(w.message)]
+    assert len(messages) == 1
+    assert "'0.weight', '2.weight', '4.weight'" in messages[0]
+    assert "Raise the base optimizer's learning rate" in messages[0]
+
+
+def test_annealed_learning_rate_does_not_warn() -> None:
+    # At the end of a schedule the base step is tiny, but so is Layca's: rounding stays as small as at the start.
+    torch.manual_seed(0)
+    model = three_layers()
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1e-7 if step > 0 else 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 6)).square().mean().backward()
+            opt.step()
+            scheduler.step()
+
+
+# ---------------------------------------------------------------------------------------------------- edge configs
+
+
+def test_huge_effective_rate_turns_a_quarter_turn_without_overflow() -> None:
+    # rho = 1e200: rho^2 overflows float64, hypot(1, rho) does not. The layer turns by atan(1e200) = pi/2.
+    model = three_layers()
+    opt = ll.Layca(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model.named_parameters(),
+        rotation_rate=1.0,
+        schedule=ll.ByName({"*": 1e200}),
+    )
+    model(torch.randn(4, 6)).square().mean().backward()
+    before = [p.detach().clone() for p in opt._layers]
+    opt.step()
+    for w, w0, n0 in zip(opt._layers, before, opt.initial_norms, strict=True):
+        assert torch.isfinite(w).all()
+        assert float(w.detach().double().norm()) == pytest.approx(n0, rel=1e-6)
+        assert angle(w.detach(), w0) == pytest.approx(math.pi / 2, abs=1e-6)
+
+
+def test_group_without_layers_may_have_zero_learning_rate() -> None:
+    model = three_layers()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = ll.Layca(
+        torch.optim.SGD([{"params": weights, "lr": 0.1}, {"params": biases, "lr": 0.0}]),
+        model.named_parameters(),
+        rotation_rate=0.1,
+    )
+    model(torch.randn(4, 6)).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert angle(model[0].weight.detach(), before[0]) == pytest.approx(math.atan(0.1), abs=1e-5)
+    assert torch.equal(model[0].bias.detach(), before[1])
+
+
+def test_layer_group_with_zero_learning_rate_is_refused() -> None:
+    model = three_layers()
+    with pytest.raises(ValueError, match=r"learning rates of the parameter groups holding layers \(\[0.0\]\)"):
+        ll.Layca(torch.optim.SGD(model.parameters(), lr=0.0), model.named_parameters())
+
+
+def rates_over(opt: ll.Layca, model: nn.Module, scheduler, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.rotation_rates()["0.weight"])
+        opt.zero_grad()
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        scheduler.step()
+    return rates
+
+
+def test_one_cycle_peaks_at_the_base_rotation_rate() -> None:
+    # OneCycleLR starts at max_lr / 25: measured from there, the rate peaked at 25x rotation_rate (43 degrees a step).
+    model = three_layers()
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), rotation_rate=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=20)
+    rates = rates_over(opt, model, scheduler, 20)
+    assert max(rates) == pytest.approx(0.1, rel=1e-9)
+    assert rates[0] == pytest.approx(0.1 / 25, rel=1e-9)
+
+
+def test_cyclic_lr_peaks_at_the_base_rate_with_its_max_lr_as_reference() -> None:
+    # CyclicLR keeps max_lr on the scheduler, not in the group: the reference is given explicitly (LaycaCallback
+    # reads it from the scheduler).
+    model = three_layers()
+    opt = ll.Layca(
+        torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), rotation_rate=0.1, reference_lr=0.4
+    )
+    scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.4, step_size_up=5)
+    rates = rates_over(opt, model, scheduler, 12)
+    assert max(rates) == pytest.approx(0.1, rel=1e-9)
+    assert min(rates) == pytest.approx(0.1 * 0.01 / 0.4, rel=1e-9)

@@ -14,17 +14,19 @@ one for the discriminator): each one's checkpoint state is stored under a key th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_rotation_rate
+from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
 
@@ -35,7 +37,9 @@ class LaycaCallback(LayerRotationMonitor):
     r"""Wrap the Trainer's optimizer(s) in :class:`~lightning_layca.Layca`, and monitor layer rotation.
 
     Args:
-        rotation_rate: Base rotation rate ``rho`` (finite, positive); a layer at multiplier 1 and relative lr 1
+        rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``, or ``"equilibrium"`` (each group's rate is the
+            angular update its optimizer reaches at equilibrium, see :class:`~lightning_layca.Layca`);
+            a layer at multiplier 1 and relative lr 1
             rotates by ``atan(rho)`` radians per step. Default ``3 ** -3``, the paper's best for SGD.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control and monitor (default: trainable parameters with
@@ -47,6 +51,12 @@ class LaycaCallback(LayerRotationMonitor):
         log_rates: Whether to log ``layca/rate/<layer>`` on every logging step of the rotation scalars (see
             ``log_every_n_steps``), at the same step value: the effective rate ``rho_l(t)`` used by the optimizer
             step whose rotation is logged there.
+        reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l`` (see
+            :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
+            the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
+            scheduler started from, else the group's lr).
+        granularity: ``"layer"`` (the paper) or ``"unit"``: every output unit turns by ``atan(rho)`` and keeps its own
+            initial norm (see :class:`~lightning_layca.Layca`).
         log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
 
     Attributes:
@@ -67,13 +77,15 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         optimizers: int | Sequence[int] | None = None,
         log_rates: bool = True,
         log_every_n_steps: int | None = None,
+        reference_lr: float | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
         *,
         every_n_epochs: int = 1,
         angle_histograms: bool = True,
@@ -105,10 +117,22 @@ class LaycaCallback(LayerRotationMonitor):
                 f"LaycaCallback: `optimizers` must be None (wrap all), a non-negative index or a non-empty list of "
                 f"them, got {optimizers!r}."
             )
-        self.rotation_rate = float(rotation_rate)
+        self.rotation_rate: float | Literal["equilibrium"] = (
+            rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
+        )
         self.schedule = schedule
         self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
         self.log_rates = bool(log_rates)
+        if reference_lr is not None and (
+            isinstance(reference_lr, bool)
+            or not isinstance(reference_lr, int | float)
+            or not math.isfinite(reference_lr)
+            or reference_lr <= 0
+        ):
+            raise ValueError(f"LaycaCallback: `reference_lr` must be None or a positive number, got {reference_lr!r}.")
+        self.reference_lr = None if reference_lr is None else float(reference_lr)
+        check_granularity("LaycaCallback", granularity)
+        self.granularity: Literal["layer", "unit"] = granularity
         self.laycas: dict[int, Layca] = {}
         self.last_rates: dict[str, float] = {}
         self._step_rates: dict[str, float] = {}  # rates of the optimizer step(s) of the current logging batch
@@ -118,6 +142,21 @@ class LaycaCallback(LayerRotationMonitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._wrap_optimizers(trainer, pl_module)
         super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # After a checkpoint has restored the loops and the optimizers. A checkpoint written without Layca restarts
+        # Layca's counters: take them from the restored loop, so that step-based schedules do not start over.
+        for layca in self.laycas.values():
+            if layca.restored_from_plain_state:
+                layca.step_count = (
+                    trainer.global_step
+                    if len(trainer.optimizers) == 1
+                    else trainer.fit_loop.epoch_loop._batches_that_stepped
+                )
+                layca.set_epoch(trainer.current_epoch)
+                layca.restored_from_plain_state = False
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,9 +215,9 @@ class LaycaCallback(LayerRotationMonitor):
                     self.schedule is not None and base.schedule is not self.schedule
                 ):
                     rank_zero_warn(
-                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate:.6g}, "
+                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate!r}, "
                         f"schedule={base.schedule!r}); it is used as it is, so the "
-                        f"callback's rotation_rate={self.rotation_rate:.6g} and schedule={self.schedule!r} "
+                        f"callback's rotation_rate={self.rotation_rate!r} and schedule={self.schedule!r} "
                         "do not apply."
                     )
                 self.laycas[i] = base
@@ -190,13 +229,31 @@ class LaycaCallback(LayerRotationMonitor):
                 schedule=self.schedule,
                 include=self.include,
                 exclude=self.exclude,
+                reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
+                granularity=self.granularity,
             )
             earlier = previous.get(i)
-            if earlier is not None and earlier.layer_names == layca.layer_names:
-                # A new fit of the same training run: keep the norms of the true initialisation and the step count
-                # that step-based schedules read. A resumed checkpoint overrides both afterwards.
+            if (
+                earlier is not None
+                and earlier.layer_names == layca.layer_names
+                and earlier.granularity == layca.granularity
+            ):
+                # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
+                # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
                 layca.initial_norms = list(earlier.initial_norms)
+                layca.initial_unit_norms = list(earlier.initial_unit_norms)
+                layca.reference_lr = earlier.reference_lr
                 layca.step_count = earlier.step_count
             optimizers[i] = layca
             self.laycas[i] = layca
         trainer.strategy.optimizers = optimizers
+
+
+def _cyclic_max_lr(trainer: pl.Trainer, optimizer: Any) -> float | None:
+    """The largest ``max_lr`` of a ``CyclicLR`` driving ``optimizer`` (it keeps its peak on the scheduler only)."""
+    peaks = [
+        max(float(lr) for lr in config.scheduler.max_lrs)
+        for config in trainer.lr_scheduler_configs
+        if isinstance(config.scheduler, CyclicLR) and config.scheduler.optimizer is optimizer
+    ]
+    return max(peaks, default=None)

@@ -184,3 +184,21 @@ def test_resuming_restores_which_layers_joined_and_their_snapshots_exactly(tmp_p
     initial = weights(BackboneCNN())
     for layer, snapshot in zip(ALL_LAYERS, resumed.state_dict()["initial"], strict=True):
         assert torch.equal(snapshot, initial[layer])  # the first fit's weights, whenever the layer joined
+
+
+def test_layca_rates_of_layers_that_join_later_are_logged_from_their_first_logging_step(tmp_path: Path) -> None:
+    rho = 0.05
+    callback = ll.LaycaCallback(rotation_rate=rho, log_every_n_steps=4, figure=False, angle_histograms=False)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(
+        tmp_path, logger=tb, callbacks=[callback, BackboneFinetuning(unfreeze_backbone_at_epoch=1)], max_epochs=3
+    )
+    trainer.fit(BackboneCNN(), loader())
+    events = read_events(Path(tb.log_dir))
+    for layer in BACKBONE:
+        rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
+        assert [s for s, _ in rates] == [e.step for e in events.Scalars(f"layer_rotation/{layer}")] == [11, 15, 19, 23]
+        # BackboneFinetuning adds the backbone at a tenth of the head's lr, then doubles it each epoch (its default).
+        assert [v for _, v in rates] == pytest.approx([0.1 * rho] * 2 + [0.2 * rho] * 2, rel=1e-6)
+    head = [(e.step, e.value) for e in events.Scalars("layca/rate/head")]
+    assert head == [(s, pytest.approx(rho, rel=1e-6)) for s in (3, 7, 11, 15, 19, 23)]

@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,6 @@ DECAY_FACTOR = 0.2
 SETUP_KEYS = ("epochs", "width", "batch_size", "num_samples", "limit_train_batches")
 """Record fields that must agree for runs to be compared (and for a saved run to count as done)."""
 
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
 
 # ---------------------------------------------------------------------------------------------- model and training
 def decay_milestones(epochs: int) -> list[int]:
@@ -60,19 +58,23 @@ def relative_lr(epoch: int, epochs: int) -> float:
 class ExperimentCNN(MNIST1DCNN):
     """The 8-layer MNIST-1D CNN (seven convolutions of one width, a linear head) with a step decay of the lr.
 
+    Subclasses choose the optimizer (:meth:`make_optimizer`).
+
     Args:
         width: Channels of every convolution.
         epochs: Length of training, which places the decays.
-        make_optimizer: Builds the optimizer from the model's parameters.
     """
 
-    def __init__(self, width: int, epochs: int, make_optimizer: OptimizerFactory) -> None:
+    def __init__(self, width: int, epochs: int) -> None:
         super().__init__(channels=(width,) * CONVOLUTIONS)
         self.epochs = epochs
-        self.make_optimizer = make_optimizer
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over ``self.parameters()``."""
+        raise NotImplementedError
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.make_optimizer(self.parameters())
+        optimizer = self.make_optimizer()
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=decay_milestones(self.epochs), gamma=DECAY_FACTOR
         )

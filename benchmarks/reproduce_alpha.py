@@ -180,8 +180,11 @@ class AlphaExperimentCNN(ExperimentCNN):
     """The 8-layer MNIST-1D CNN trained with plain SGD (no momentum, no weight decay) and a step decay of the lr."""
 
     def __init__(self, width: int, lr: float, epochs: int) -> None:
-        super().__init__(width, epochs, lambda params: torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0))
+        super().__init__(width, epochs)
         self.lr = lr
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.0, weight_decay=0.0)
 
 
 def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any]) -> dict[str, Any]:

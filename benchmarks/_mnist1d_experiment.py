@@ -99,6 +99,7 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*no TensorBoardLogger is attached.*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             yield
     finally:
         logger.setLevel(level)

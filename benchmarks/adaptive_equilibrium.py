@@ -87,7 +87,7 @@ ADAMW_WEIGHT_DECAY = 1e-2
 ADAPTIVE_ROTATION_RATE = 3**-5
 SGD_LR = 3**-1
 """Plain SGD's best learning rate in the alpha experiment (docs/results/alpha_experiment.md)."""
-RATE_EVERY = 4
+RATE_EVERY = 8
 """Optimizer steps between two measurements of the per-step rotation rates and norms."""
 FULL_OUTPUTS = (
     ROOT / "docs" / "results" / "adaptive_equilibrium.jsonl",
@@ -233,8 +233,8 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
         "rotation": {name: [v for _, v in points] for name, points in monitor.epoch_rotation.items()},
         "initial_norms": initial_norms,
         "rate_steps": steps,
-        "rates": {name: [significant(v) for _, v in pts] for name, pts in rates.items()},
-        "norms": {name: [significant(v, 5) for _, v in pts] for name, pts in norms.items()},
+        "rates": {name: [significant(v, 3) for _, v in pts] for name, pts in rates.items()},
+        "norms": {name: [significant(v, 4) for _, v in pts] for name, pts in norms.items()},
         **{k: result[k] for k in ("seconds", "threads")},
     }
 

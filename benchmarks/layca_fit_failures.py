@@ -191,7 +191,8 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
             datamodule,
             setup,
         )
-        return {**asdict(config), "seed": seed, **{k: record[k] for k in (*SETUP_KEYS, "test_acc", "train_acc")}}
+        kept = (*SETUP_KEYS, "test_acc", "train_acc", "seconds", "threads")
+        return {**asdict(config), "seed": seed, **{k: record[k] for k in kept}}
     if config.kind == "reference":
         return {**asdict(config), "seed": seed, **setup, **reference_check(config, seed, datamodule, setup)}
     return {**asdict(config), "seed": seed, **setup, **train_loop(config, seed, datamodule, setup)}
@@ -405,7 +406,6 @@ def saved_run(alpha: float, rate: float, seed: int) -> dict[str, Any] | None:
 def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
     grouped = by_config(records)
     setup = {k: records[0][k] for k in SETUP_KEYS} if records else {}
-    timed = [r for r in records if "seconds" in r]
     epochs = setup.get("epochs", EPOCHS)
     decay = ", ".join(str(m) for m in decay_milestones(epochs))
     lines = [
@@ -417,7 +417,7 @@ def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
         f"- per-class recall, lost classes (training recall below {LOST_RECALL:.0%}; `3→0`: class 3's training "
         "signals are predicted as 0), classifier rows and class means measured on the training signals in eval "
         "mode after the last epoch; train accuracy as Lightning's `train/acc` (over the last epoch)",
-        machine_line(timed) + " (plain-loop and reference runs; Lightning reruns not timed here)",
+        machine_line(records),
         f"- command: `{run_command('layca_fit_failures.py', setup, quick)}`",
         "",
     ]

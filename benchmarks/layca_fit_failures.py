@@ -118,13 +118,10 @@ class Config:
 RATES = (3**-2, 3**-3, 3**-4, 3**-5)
 
 
-def failing_runs(path: Path = reproduce_alpha.FULL_OUTPUTS[0]) -> list[tuple[float, float, int]]:
-    """(alpha, rotation rate, seed) of the saved Layca runs that ended below 95 % training accuracy."""
-    return [
-        (r["alpha"], r["rotation_rate"], r["seed"])
-        for r in load_records(path)
-        if r["method"] == "layca" and r["train_acc"] < 0.95
-    ]
+FAILED_RUNS = ((-0.3, 3**-3, 1), (0.0, 3**-3, 2), (0.0, 3**-2, 0), (0.0, 3**-2, 2))
+"""(alpha, rotation rate, seed) of the saved Layca runs that ended with 70-90 % training accuracy
+(docs/reproduction.md); alpha = -0.6, which slows the classifier 100-fold on purpose and underfits on every seed, is
+another matter."""
 
 
 def plan(quick: bool) -> list[tuple[Config, list[int]]]:
@@ -138,7 +135,7 @@ def plan(quick: bool) -> list[tuple[Config, list[int]]]:
     alpha, rate, seed = REFERENCE_CASE
     steps: list[tuple[Config, list[int]]] = []
     reruns: dict[tuple[float, float], list[int]] = {}
-    for a, r, s in failing_runs():
+    for a, r, s in (*FAILED_RUNS, (0.0, 3**-2, 1)):  # and the seed that fitted at 3^-2
         reruns.setdefault((a, r), []).append(s)
     steps += [(Config("lightning", r, alpha=a), seeds) for (a, r), seeds in reruns.items()]
     steps += [(Config("loop", r), [0, 1, 2]) for r in RATES]

@@ -320,6 +320,19 @@ def rate_rows(grouped: dict[Config, list[dict[str, Any]]], epochs: int) -> list[
     return rows
 
 
+def layer_rows(runs: list[dict[str, Any]], epochs: int) -> list[str]:
+    """One row per layer: its mean measured rate in the rate table's epochs and its final norm over its initial norm,
+    each averaged over seeds."""
+    rows = []
+    shown = rate_epochs(epochs)
+    for i, name in enumerate(runs[0]["rates"]):
+        rates = " | ".join(f"{statistics.fmean(epoch_rates(r, e)[i] for r in runs):.2e}" for e in shown)
+        growth = statistics.fmean(r["norms"][name][-1] / r["initial_norms"][name] for r in runs)
+        rotation = statistics.fmean(r["rotation"][name][-1] for r in runs)
+        rows.append(f"| {name} | {rates} | {growth:.3f} | {rotation:.3f} |")
+    return rows
+
+
 def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
     """The differences the paper's claim is about: AdamW against SGD, and each Layca(AdamW) against both."""
     pairs = [
@@ -338,6 +351,25 @@ def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
         for a, b in pairs
         if a in grouped and b in grouped
     ]
+
+
+def per_layer_section(grouped: dict[Config, list[dict[str, Any]]], epochs: int) -> list[str]:
+    """AdamW's and SGD's layers one by one: how their rates and norms moved."""
+    lines = []
+    for config in (ADAMW, SGD):
+        runs = grouped.get(config, [])
+        if not runs:
+            continue
+        shown = " | ".join(f"rate, epoch {e}" for e in rate_epochs(epochs))
+        lines += [
+            f"### {config.label}, layer by layer",
+            "",
+            f"| layer | {shown} | final norm / initial norm | final rotation |",
+            "|---|" + "---|" * (len(rate_epochs(epochs)) + 2),
+            *layer_rows(runs, epochs),
+            "",
+        ]
+    return lines
 
 
 def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
@@ -381,6 +413,7 @@ def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
         "|---|" + "---|" * (len(rate_epochs(epochs)) + 1),
         *rate_rows(grouped, epochs),
         "",
+        *per_layer_section(grouped, epochs),
         "## Differences of mean test accuracy",
         "",
         DIFFERENCE_NOTE,

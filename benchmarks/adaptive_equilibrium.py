@@ -224,7 +224,7 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
     result = fit(model, datamodule, setup, [monitor], loggers=[recorder])
     rates = {tag.removeprefix("layer_rotation_rate/"): pts for tag, pts in recorder.series.items() if "rate/" in tag}
     norms = {tag.removeprefix("layer_norm/"): pts for tag, pts in recorder.series.items() if "norm/" in tag}
-    steps = [step for step, _ in next(iter(rates.values()))]
+    steps = [step for step, _ in next(iter(rates.values()), [])]
     return {
         **asdict(config),
         "seed": seed,
@@ -326,7 +326,10 @@ def layer_rows(runs: list[dict[str, Any]], epochs: int) -> list[str]:
     rows = []
     shown = rate_epochs(epochs)
     for i, name in enumerate(runs[0]["rates"]):
-        rates = " | ".join(f"{statistics.fmean(epoch_rates(r, e)[i] for r in runs):.2e}" for e in shown)
+        per_epoch = [[epoch_rates(r, e) for r in runs] for e in shown]
+        rates = " | ".join(
+            f"{statistics.fmean(v[i] for v in values):.2e}" if all(values) else "" for values in per_epoch
+        )
         growth = statistics.fmean(r["norms"][name][-1] / r["initial_norms"][name] for r in runs)
         rotation = statistics.fmean(r["rotation"][name][-1] for r in runs)
         rows.append(f"| {name} | {rates} | {growth:.3f} | {rotation:.3f} |")

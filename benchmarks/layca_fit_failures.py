@@ -29,6 +29,7 @@ import argparse
 import math
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ from benchmarks._mnist1d_experiment import (
 )
 from examples.mnist1d_cnn import NUM_CLASSES, MNIST1DDataModule
 from lightning_layca.rotation import step_rotation, unit_angles
-from tests.reference import ReferenceLayca, layca_update
+from tests.reference import ReferenceLayca, depth_decay_multipliers, layca_update
 
 HEAD = "net.fc.weight"
 HEAD_SCALE = 6.0
@@ -196,8 +197,7 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
 
 
 def train_loop(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any]) -> dict[str, Any]:
-    import time
-
+    """The plain loop: Lightning's order of batches and steps, measuring every layer's step as it goes."""
     start = time.perf_counter()
     model, _, scheduler, layca = build(config, seed, setup)
     names = [n for n, _ in model.named_parameters()]
@@ -244,8 +244,8 @@ def train_loop(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: 
 
 @torch.no_grad()
 def diagnose(model: torch.nn.Module, datamodule: MNIST1DDataModule, initial: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Test accuracy, per-class training recall and confusion, the classifier rows' and the class means' geometry,
-    per-unit norms (relative to their layer's median) and angles to their initial weights."""
+    """Test accuracy, per-class training recall and the lost classes, the geometry of the classifier's rows and of the
+    classes' mean features, per-unit norms (relative to their layer's median) and angles to their initial weights."""
     model.eval()
     x, y = datamodule.train_set.tensors  # type: ignore[union-attr]
     x_test, y_test = datamodule.val_set.tensors  # type: ignore[union-attr]
@@ -287,14 +287,12 @@ def outcome(diagnosis: dict[str, Any]) -> dict[str, Any]:
 
 def reference_check(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any]) -> dict[str, Any]:
     """Replay a run against ``tests/reference.py`` (float32 step by step, then float64 side by side)."""
-    import time
-
     start = time.perf_counter()
     # (a) From the same weights and the same base step, Layca's float32 step against the float64 reference step.
     model, base, scheduler, layca = build(config, seed, setup)
     layers = [p for _, p in model.named_parameters()]
     n0 = [float(p.detach().double().norm()) for p in layers]
-    multipliers = ll.DepthDecay(config.alpha).multipliers(layca.layer_names, 0, 0)
+    multipliers = depth_decay_multipliers(config.alpha, len(layca.layer_names))
     step_error = 0.0
     for epoch_batches in batches(datamodule, setup):
         for x, y in epoch_batches:
@@ -324,7 +322,7 @@ def reference_check(config: Config, seed: int, datamodule: MNIST1DDataModule, se
                 base64,
                 [p for _, p in model64.named_parameters()],
                 config.rotation_rate,
-                ll.DepthDecay(config.alpha).multipliers(layca64.layer_names, 0, 0),
+                depth_decay_multipliers(config.alpha, len(layca64.layer_names)),
             )
         else:
             stepper = layca64
@@ -337,7 +335,7 @@ def reference_check(config: Config, seed: int, datamodule: MNIST1DDataModule, se
     for epoch_batches in batches(datamodule, setup):
         for x, y in epoch_batches:
             for model64, stepper in zip(models, steppers, strict=True):
-                stepper.base.zero_grad() if isinstance(stepper, ReferenceLayca) else stepper.zero_grad()
+                model64.zero_grad()
                 F.cross_entropy(model64(x.double()), y).backward()
                 stepper.step()
             step += 1

@@ -54,19 +54,19 @@ def test_quick_path_records_rates_and_norms_and_resumes(tmp_path: Path) -> None:
         *("--results", str(tmp_path / "runs.jsonl"), "--table", str(tmp_path / "report.md")),
         *("--figure", str(tmp_path / "rotation.png"), "--rates-figure", str(tmp_path / "rates.png")),
     ]
-    ae.main(["--quick", *TINY, *paths])
+    ae.main(["--quick", "--epochs", "4", *TINY[2:], *paths])
     records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert sorted(map(ae.config_of, records), key=str) == sorted(ae.configurations(), key=str)
     for r in records:
         assert len(r["rotation"]) == len(r["rates"]) == len(r["norms"]) == len(r["initial_norms"]) == 8
-        assert r["rate_steps"] == [3]  # 2 batches per epoch, measured every 4 steps: the 4th step, in epoch 2
+        assert r["rate_steps"] == [7]  # 2 batches per epoch, measured every 8 steps: the 8th step, in epoch 4
         config = ae.config_of(r)
         if config.method == "layca-adamw":  # the measured rate is the rate Layca set, for layers and units alike
-            lr = ae.step_lr(config, 3, r["steps_per_epoch"], r["epochs"])
+            lr = ae.step_lr(config, 7, r["steps_per_epoch"], r["epochs"])
             expected = ae.adamw_equilibrium_rate(lr) if config.rotation_rate == "equilibrium" else 3**-5 * lr / 1e-3
             for name, rates in r["rates"].items():
-                assert rates[0] == pytest.approx(expected, rel=1e-3), name
-                assert r["norms"][name][0] == pytest.approx(r["initial_norms"][name], rel=1e-4), name
+                assert rates[0] == pytest.approx(expected, rel=5e-3), name  # saved to 3 significant digits
+                assert r["norms"][name][0] == pytest.approx(r["initial_norms"][name], rel=1e-3), name  # 4 digits
     text = (tmp_path / "report.md").read_text()
     assert all(f"| {c.label} | **" in text for c in ae.configurations())
     assert "| AdamW's equilibrium rate at that epoch's lr (formula) |" in text

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
+from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_rotation_rate
 from lightning_layca.loggers import log_scalars, logging_step
@@ -68,18 +69,18 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        rotation_rate: RotationRate = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
-        optimizers: int | Sequence[int] | None = None,
+        optimizers: NonNegativeInt | Sequence[NonNegativeInt] | None = None,
         log_rates: bool = True,
-        log_every_n_steps: int | None = None,
-        reference_lr: float | None = None,
+        log_every_n_steps: PositiveInt | None = None,
+        reference_lr: PositiveFloat | None = None,
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
-        histogram_bins: int = 30,
+        histogram_bins: PositiveInt = 30,
         figure: bool = True,
     ) -> None:
         super().__init__(
@@ -109,7 +110,7 @@ class LaycaCallback(LayerRotationMonitor):
             )
         self.rotation_rate = float(rotation_rate)
         self.schedule = schedule
-        self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
+        self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
         self.log_rates = bool(log_rates)
         if reference_lr is not None and (
             isinstance(reference_lr, bool)

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_layca.argument_types import PositiveInt
 from lightning_layca.distributed import check_strategy
 from lightning_layca.figures import PLOT_EXTRA_HINT, render_rgb, rotation_curves_figure, write_png
 from lightning_layca.loggers import (
@@ -95,13 +96,13 @@ class LayerRotationMonitor(Callback):
 
     def __init__(
         self,
-        log_every_n_steps: int | None = None,
+        log_every_n_steps: PositiveInt | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
-        histogram_bins: int = 30,
+        histogram_bins: PositiveInt = 30,
         figure: bool = True,
     ) -> None:
         name = type(self).__name__
@@ -110,12 +111,12 @@ class LayerRotationMonitor(Callback):
         _check_positive_int(name, "histogram_bins", histogram_bins)
         as_patterns(f"{name}: `include`", include)
         as_patterns(f"{name}: `exclude`", exclude)
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = None if log_every_n_steps is None else int(log_every_n_steps)
         self.include = include
         self.exclude = exclude
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = int(every_n_epochs)
         self.angle_histograms = bool(angle_histograms)
-        self.histogram_bins = histogram_bins
+        self.histogram_bins = int(histogram_bins)
         self.figure = bool(figure)
 
         self.layer_names: list[str] = []
@@ -140,6 +141,11 @@ class LayerRotationMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy, type(self).__name__)
+        if stage == "fit":
+            # The earliest hook: a pattern that matches no parameter stops the fit before anything is logged.
+            select_layers(
+                pl_module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -52,11 +52,11 @@ def instantiate(*args: str) -> Any:
     return main(list(args), run=False)
 
 
-def scalar_tags(log_dir: Path) -> list[str]:
+def event_tags(log_dir: Path, kinds: tuple[str, ...] = ("scalars",)) -> list[str]:
     (events,) = log_dir.glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
-    return list(accumulator.Tags()["scalars"])
+    return [tag for kind in kinds for tag in accumulator.Tags()[kind]]
 
 
 @pytest.mark.parametrize("config", sorted(SMALL_DATA))
@@ -67,9 +67,14 @@ def test_documented_config_trains_and_logs_rotation_next_to_accuracy(
 
     assert cli.trainer.global_step == 2
     log_dir = Path(cli.trainer.log_dir)
-    tags = scalar_tags(log_dir)
-    for tag in ("layer_rotation/net.conv1", "layer_rotation/net.fc", "train/acc", "val/acc"):
+    tags = event_tags(log_dir)
+    for tag in ("Layer_rotation/net.conv1", "Layer_rotation/net.fc", "train/acc", "val/acc"):
         assert tag in tags, f"{tag} missing from {tags}"
+    # TensorBoard's first screen (Time Series) lists the tag groups, the part before "/", in code-point order and
+    # opens the first two: here the per-layer rotation and the paper's figure, not `epoch` or a placeholder metric.
+    groups = sorted({tag.split("/")[0] for tag in event_tags(log_dir, ("scalars", "images", "histograms"))})
+    assert groups[:3] == ["Layer_rotation", "Layer_rotation_curves", "Layer_rotation_summary"], groups
+    assert "hp_metric" not in groups
     assert (log_dir / "layer_rotation_curves.png").stat().st_size > 0
     assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out
 

@@ -73,7 +73,7 @@ def test_wraps_the_optimizer_keeps_the_scheduler_and_logs_rates(tmp_path: Path) 
     assert [t for t in scalars if t.startswith("lr-")] == ["lr-SGD"]  # the learning rate is logged once
     # Lightning stepped the wrapper: after the first step every layer turned by exactly atan(rho).
     for layer in LAYERS:
-        first = events.Scalars(f"layer_rotation/{layer}")[0]
+        first = events.Scalars(f"Layer_rotation/{layer}")[0]
         assert (first.step, first.value) == (0, pytest.approx(ONE_STEP, abs=1e-6))
     # The rate follows the relative learning rate: rho in epoch 0, rho / 2 in epoch 1; logged when it changes.
     for layer in LAYERS:
@@ -158,9 +158,9 @@ def test_bfloat16_mixed_precision_trains_with_layca(tmp_path: Path) -> None:
 def rotation_rows(log_dir: str) -> dict[int, dict[str, float]]:
     with open(Path(log_dir) / "metrics.csv") as f:
         return {
-            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("layer_rotation/") and v}
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("Layer_rotation/") and v}
             for r in csv.DictReader(f)
-            if r.get("layer_rotation/head")
+            if r.get("Layer_rotation/head")
         }
 
 

@@ -58,7 +58,7 @@ def tb_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 def test_rotation_scalars_equal_independent_cosine_distance_of_final_weights(tb_run: SimpleNamespace) -> None:
     for layer in LAYERS:
-        events = tb_run.events.Scalars(f"layer_rotation/{layer}")
+        events = tb_run.events.Scalars(f"Layer_rotation/{layer}")
         assert [e.step for e in events] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
         expected = cosine_distance_fp64(tb_run.final[layer], tb_run.initial[layer])
         assert expected > 1e-3  # the layers did move
@@ -69,31 +69,31 @@ def test_rotation_scalars_equal_independent_cosine_distance_of_final_weights(tb_
 def test_rotation_scalars_share_the_step_axis_of_self_log(tb_run: SimpleNamespace) -> None:
     loss_steps = [e.step for e in tb_run.events.Scalars("train_loss")]
     for layer in LAYERS:
-        assert [e.step for e in tb_run.events.Scalars(f"layer_rotation/{layer}")] == loss_steps
+        assert [e.step for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")] == loss_steps
 
 
 def test_summary_scalars_are_mean_min_and_max_over_layers(tb_run: SimpleNamespace) -> None:
-    per_layer = [[e.value for e in tb_run.events.Scalars(f"layer_rotation/{layer}")] for layer in LAYERS]
+    per_layer = [[e.value for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")] for layer in LAYERS]
     columns = list(zip(*per_layer, strict=True))
     for stat, reduce in (("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)):
-        values = [e.value for e in tb_run.events.Scalars(f"layer_rotation_summary/{stat}")]
+        values = [e.value for e in tb_run.events.Scalars(f"Layer_rotation_summary/{stat}")]
         assert values == pytest.approx([reduce(c) for c in columns], abs=1e-6)
 
 
 def test_history_attribute_holds_every_logged_value(tb_run: SimpleNamespace) -> None:
     for layer in LAYERS:
-        logged = [(e.step, e.value) for e in tb_run.events.Scalars(f"layer_rotation/{layer}")]
+        logged = [(e.step, e.value) for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")]
         history = tb_run.monitor.history[layer]
         assert [s for s, _ in history] == [s for s, _ in logged]
         assert [v for _, v in history] == pytest.approx([v for _, v in logged], abs=1e-7)
 
 
 def test_csv_logger_receives_the_same_rotation_scalars(tb_run: SimpleNamespace) -> None:
-    rows = [r for r in tb_run.csv_rows if r.get("layer_rotation/head")]
+    rows = [r for r in tb_run.csv_rows if r.get("Layer_rotation/head")]
     assert [int(r["step"]) for r in rows] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
     for layer in LAYERS:
-        tb_values = [e.value for e in tb_run.events.Scalars(f"layer_rotation/{layer}")]
-        assert [float(r[f"layer_rotation/{layer}"]) for r in rows] == pytest.approx(tb_values, abs=1e-6)
+        tb_values = [e.value for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")]
+        assert [float(r[f"Layer_rotation/{layer}"]) for r in rows] == pytest.approx(tb_values, abs=1e-6)
 
 
 def test_angle_histograms_have_one_count_per_output_unit_every_epoch(tb_run: SimpleNamespace) -> None:
@@ -112,7 +112,7 @@ def test_angle_histograms_have_one_count_per_output_unit_every_epoch(tb_run: Sim
 
 
 def test_rotation_curves_figure_goes_to_tensorboard_and_to_a_png(tb_run: SimpleNamespace) -> None:
-    images = tb_run.events.Images("layer_rotation_curves")
+    images = tb_run.events.Images("Layer_rotation_curves")
     assert [e.step for e in images] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert images[-1].width > 100 and images[-1].height > 100
     png = tb_run.tb_dir / FIGURE_FILENAME
@@ -134,7 +134,7 @@ def test_custom_scalars_layout_puts_every_rotation_curve_on_one_chart(tb_run: Si
     (event,) = tb_run.events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert sorted(charts.values()) == [[r"layer_rotation/.*"], [r"layer_rotation_summary/.*"]]
+    assert sorted(charts.values()) == [[r"Layer_rotation/.*"], [r"Layer_rotation_summary/.*"]]
 
 
 def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tmp_path: Path) -> None:
@@ -145,10 +145,10 @@ def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tm
     with pytest.warns(UserWarning, match="no TensorBoardLogger is attached") as record:
         trainer.fit(model, loader())
     assert sum("TensorBoardLogger" in str(w.message) for w in record) == 1
-    rows = [r for r in read_csv(csv_logger.log_dir) if r.get("layer_rotation/head")]
+    rows = [r for r in read_csv(csv_logger.log_dir) if r.get("Layer_rotation/head")]
     assert [int(r["step"]) for r in rows] == [3, 7]
     expected = cosine_distance_fp64(layer_weights(model)["head"], layer_weights(TinyCNN())["head"])
-    assert float(rows[-1]["layer_rotation/head"]) == pytest.approx(expected, abs=1e-5)
+    assert float(rows[-1]["Layer_rotation/head"]) == pytest.approx(expected, abs=1e-5)
     assert (Path(csv_logger.log_dir) / FIGURE_FILENAME).is_file()
 
 
@@ -219,7 +219,7 @@ def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], messa
 
 def test_a_pattern_that_matches_nothing_fails_when_the_fit_starts(tmp_path: Path) -> None:
     monitor = ll.LayerRotationMonitor(include="decoder.*")
-    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no trainable parameter"):
+    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no parameter"):
         make_trainer(tmp_path, logger=False, callbacks=[monitor]).fit(TinyCNN(), loader())
 
 

@@ -5,9 +5,9 @@ rotation, the better a network generalises: every training run can afford to wat
 layers when training first starts and, on logging steps only, measures every layer with multi-tensor reductions
 (two reads of the weights, one of the snapshot) and one transfer to the host:
 
-* ``layer_rotation/<layer>`` and ``layer_rotation_summary/{mean,min,max}``: scalars, through every logger;
+* ``Layer_rotation/<layer>`` and ``Layer_rotation_summary/{mean,min,max}``: scalars, through every logger;
 * ``layer_angles/<layer>``: at epoch end, a TensorBoard histogram of the angle (degrees) each output unit turned;
-* ``layer_rotation_curves``: at epoch end, the paper's figure (one line per layer coloured by depth) as a
+* ``Layer_rotation_curves``: at epoch end, the paper's figure (one line per layer coloured by depth) as a
   TensorBoard image, also written as ``layer_rotation_curves.png`` into the first logger's directory (the
   Trainer's ``default_root_dir`` without a logger). The figure needs matplotlib (``pip install
   'lightning-layca[plot]'``); without it the monitor warns once and skips the figure.
@@ -72,7 +72,7 @@ class LayerRotationMonitor(Callback):
         every_n_epochs: Write the angle histograms and the figure at the end of every this many training epochs.
         angle_histograms: Whether to write ``layer_angles/<layer>`` histograms (TensorBoard only).
         histogram_bins: Number of bins of those histograms.
-        figure: Whether to draw the ``layer_rotation_curves`` figure (TensorBoard image and PNG).
+        figure: Whether to draw the ``Layer_rotation_curves`` figure (TensorBoard image and PNG).
 
     Attributes:
         layer_names: Parameter names of the monitored layers, in depth order (set when the first fit starts).
@@ -162,7 +162,7 @@ class LayerRotationMonitor(Callback):
                 self._warned_no_tensorboard = True
                 rank_zero_warn(
                     f"{type(self).__name__}: no TensorBoardLogger is attached, so the `layer_angles` histograms and "
-                    "the `layer_rotation_curves` image are not written to TensorBoard. Rotation scalars still go to "
+                    "the `Layer_rotation_curves` image are not written to TensorBoard. Rotation scalars still go to "
                     f"the attached loggers ({len(trainer.loggers)}) and to the callback's `history`."
                 )
             new_writers = [w for w in writers if id(w) not in self._layouts_written]
@@ -170,8 +170,8 @@ class LayerRotationMonitor(Callback):
                 new_writers,
                 "layer rotation",
                 {
-                    "cosine distance to initialisation, every layer": r"layer_rotation/.*",
-                    "cosine distance to initialisation, mean / min / max": r"layer_rotation_summary/.*",
+                    "cosine distance to initialisation, every layer": r"Layer_rotation/.*",
+                    "cosine distance to initialisation, mean / min / max": r"Layer_rotation_summary/.*",
                 },
             )
             self._layouts_written.update(id(w) for w in new_writers)
@@ -276,12 +276,12 @@ class LayerRotationMonitor(Callback):
 
     @staticmethod
     def _scalar_metrics(values: dict[str, float]) -> dict[str, float]:
-        metrics = {f"layer_rotation/{name}": value for name, value in values.items()}
+        metrics = {f"Layer_rotation/{name}": value for name, value in values.items()}
         finite = [v for v in values.values() if v == v]
         if finite:
-            metrics["layer_rotation_summary/mean"] = sum(finite) / len(finite)
-            metrics["layer_rotation_summary/min"] = min(finite)
-            metrics["layer_rotation_summary/max"] = max(finite)
+            metrics["Layer_rotation_summary/mean"] = sum(finite) / len(finite)
+            metrics["Layer_rotation_summary/min"] = min(finite)
+            metrics["Layer_rotation_summary/max"] = max(finite)
         return metrics
 
     def _draw_figure(self, trainer: pl.Trainer, writers: list[Any], step: int) -> None:
@@ -294,10 +294,10 @@ class LayerRotationMonitor(Callback):
             if not self._warned_no_matplotlib:
                 self._warned_no_matplotlib = True
                 rank_zero_warn(
-                    f"{type(self).__name__}: matplotlib is not installed, so the `layer_rotation_curves` figure is "
+                    f"{type(self).__name__}: matplotlib is not installed, so the `Layer_rotation_curves` figure is "
                     f"skipped ({PLOT_EXTRA_HINT}, or pass `figure=False`)."
                 )
             return
         image = render_rgb(fig)  # rendered once, for TensorBoard and for the PNG
-        add_image(writers, "layer_rotation_curves", image, step)
+        add_image(writers, "Layer_rotation_curves", image, step)
         write_png(image, log_directory(trainer) / FIGURE_FILENAME)

@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 	touch $@
 
 # MNIST-1D (generated offline) with SGD + Layca through LightningCLI: TensorBoard logs and the rotation figure go
-# to logs/<run>/version_<n>/. About a minute of training on a quiet 2-core CPU (see README.md).
+# to logs/<run>/version_<n>/. Under a minute on a 2-core CPU, longer when other jobs share it (see README.md).
 demo: $(STAMP)
 	$(BIN)/python -m examples.cli fit --config $(DEMO_CONFIG)
 

@@ -48,11 +48,14 @@ class Shot:
     fragment: str
     window: tuple[int, int]
     clip: tuple[int, int, int, int]  # x, y, width, height
+    scale: int = SCALE
 
 
 # The legacy dashboards keep their state in the URL fragment (tag filter, smoothing switched off so the curves show
 # the logged values). The left 285 pixels hold the dashboards' settings, the top 64 TensorBoard's tab bar.
 SHOTS = [
+    # What TensorBoard shows first (its Time Series dashboard, default settings), the whole window at its own size.
+    Shot("first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
     Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 500), (285, 64, 815, 396)),
     Shot("scalars", "scalars&tagFilter=Layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
     Shot("histograms", "histograms&tagFilter=layer_angles", (1000, 520), (285, 64, 715, 426)),
@@ -200,10 +203,10 @@ def take_all(url: str, out_dir: Path) -> None:
             browser.page("Runtime.evaluate", expression="localStorage.setItem('_ignoreYOutliers', 'false')")
             for shot in SHOTS:
                 width, height = shot.window
-                metrics = {"width": width, "height": height, "deviceScaleFactor": SCALE, "mobile": False}
+                metrics = {"width": width, "height": height, "deviceScaleFactor": shot.scale, "mobile": False}
                 browser.page("Emulation.setDeviceMetricsOverride", **metrics)
                 browser.page("Page.navigate", url="about:blank")
-                browser.page("Page.navigate", url=f"{url}/#{shot.fragment}")
+                browser.page("Page.navigate", url=f"{url}/#{shot.fragment}" if shot.fragment else f"{url}/")
                 time.sleep(SETTLE_S)
                 x, y, w, h = shot.clip
                 png = browser.page(

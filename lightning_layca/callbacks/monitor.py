@@ -158,7 +158,13 @@ class LayerRotationMonitor(Callback):
         self._bind_layers(pl_module)
         if trainer.is_global_zero:
             writers = tensorboard_writers(trainer)
-            if not writers and (self.angle_histograms or self.figure) and not self._warned_no_tensorboard:
+            # Said when loggers are attached but none is TensorBoard; with no logger at all nothing is expected there.
+            if (
+                not writers
+                and trainer.loggers
+                and (self.angle_histograms or self.figure)
+                and not self._warned_no_tensorboard
+            ):
                 self._warned_no_tensorboard = True
                 rank_zero_warn(
                     f"{type(self).__name__}: no TensorBoardLogger is attached, so the `layer_angles` histograms and "

@@ -24,7 +24,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -32,9 +32,9 @@ from torch.optim import Optimizer
 from lightning_layca.rotation import accumulation_dtype
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
-from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager
+from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager, rotate_eager_units, unit_counts, unit_rows
 
-__all__ = ["DEFAULT_ROTATION_RATE", "MAX_ROTATION_RATE", "Layca"]
+__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
 DEFAULT_ROTATION_RATE = 3**-3
 """The paper's best base rotation rate for SGD-based Layca."""
@@ -48,8 +48,17 @@ _FLOOR_CHECK_EVERY = 100
 """On accelerators, the host reads the near-floor flags every this many steps (on CPU: every step, at no cost)."""
 
 
+EQUILIBRIUM = "equilibrium"
+"""``rotation_rate=EQUILIBRIUM``: each group's rate is the angular update its optimizer reaches at equilibrium."""
+
+
 def check_rotation_rate(owner: str, rotation_rate: object) -> None:
-    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``0 < rotation_rate <= MAX_ROTATION_RATE``."""
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``0 < rotation_rate <= MAX_ROTATION_RATE``.
+
+    The string ``"equilibrium"`` is accepted too (see :func:`equilibrium_rate`).
+    """
+    if rotation_rate == EQUILIBRIUM:
+        return
     if (
         isinstance(rotation_rate, bool)
         or not isinstance(rotation_rate, int | float)
@@ -58,9 +67,56 @@ def check_rotation_rate(owner: str, rotation_rate: object) -> None:
     ):
         raise ValueError(
             f"{owner}: `rotation_rate` must be a number in (0, {MAX_ROTATION_RATE:g}] (a layer turns by "
-            f"atan(rotation_rate) per step; the paper's best is 3**-3 = {DEFAULT_ROTATION_RATE:.6g}), "
-            f"got {rotation_rate!r}."
+            f"atan(rotation_rate) per step; the paper's best is 3**-3 = {DEFAULT_ROTATION_RATE:.6g}) or "
+            f"'{EQUILIBRIUM}', got {rotation_rate!r}."
         )
+
+
+def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
+    """Return the angular update per step (tan of the angle) that ``optimizer`` reaches at equilibrium on ``group``.
+
+    With weight decay, the norm of a scale-invariant layer settles where decay's shrinking balances the growth from
+    updates orthogonal to the weights; the angle each step then turns the layer is (Kosson et al., "Rotational
+    Equilibrium", 2024), with ``lr`` and ``wd`` the group's learning rate and weight decay:
+
+    * ``AdamW`` (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``;
+    * ``SGD`` with momentum ``mu`` (no dampening) and weight decay: ``sqrt(2 * lr * wd / (1 + mu))``.
+
+    Raises:
+        ValueError: For another optimizer, a group without positive weight decay, or SGD with dampening.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.randn(4, 4))
+        >>> round(equilibrium_rate(torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4),
+        ...                        {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "dampening": 0}), 6)
+        0.007255
+    """
+    lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    if type(optimizer) not in (torch.optim.SGD, torch.optim.AdamW):
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' knows the equilibrium of torch.optim.SGD and torch.optim.AdamW, "
+            f"not of {type(optimizer).__name__}; give the rotation rate as a number."
+        )
+    if not wd > 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' needs weight decay: a parameter group holding layers has "
+            f"weight_decay={wd} (without decay the norm grows forever and there is no equilibrium). Set "
+            "weight_decay > 0 on that group, or give the rotation rate as a number."
+        )
+    if isinstance(optimizer, torch.optim.AdamW):
+        beta1 = float(group["betas"][0])
+        return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
+    if float(group.get("dampening", 0.0)) != 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' covers SGD without dampening; got dampening={group['dampening']}."
+        )
+    return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
+
+
+def check_granularity(owner: str, granularity: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``granularity`` is ``"layer"`` or ``"unit"``."""
+    if granularity not in ("layer", "unit"):
+        raise ValueError(f"{owner}: `granularity` must be 'layer' or 'unit', got {granularity!r}.")
 
 
 def group_peak_lr(group: dict[str, Any]) -> float:
@@ -101,7 +157,11 @@ class _Group:
     params: list[torch.Tensor]
     previous: list[torch.Tensor]
     initial_norms: torch.Tensor
+    """Per layer, or per unit (rows of the group's layers, concatenated) with ``granularity="unit"``."""
     near_floor: torch.Tensor
+    """Per layer: whether a step of the layer (of one of its units) came near the rounding floor."""
+    row_layer: torch.Tensor | None = None
+    """With ``granularity="unit"``: the position in the group of the layer each row belongs to."""
     rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
@@ -131,11 +191,18 @@ class Layca(Optimizer):
             ``model.named_parameters()``, and the frozen ones that may be trained later. Names drive layer
             selection and schedules. When omitted, parameters are named ``"param{i}"`` in the optimizer's order.
         rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``; each step rotates a layer by ``atan(rho)``
-            radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD.
+            radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD. Or
+            ``"equilibrium"``: every step, each group's base rate is the angular update its optimizer reaches at
+            equilibrium with weight decay (``lightning_layca.layca.equilibrium_rate``, from the group's current lr,
+            weight decay and momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control (default: every parameter with ``ndim >= 2``
             that this optimizer trains or that is frozen and may be trained later).
         exclude: ``fnmatch`` patterns of parameter names never to control.
+        granularity: ``"layer"`` (the paper: each layer turns by ``atan(rho)`` and keeps its norm) or ``"unit"``:
+            every output unit (slice along dim 0: a row of a Linear weight, a filter of a convolution) turns by
+            ``atan(rho)`` and keeps its own initial norm, the rounding-floor and non-finite rules applying per unit;
+            the schedule still gives one multiplier per layer. A unit whose weights are all zero stays zero.
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l``. Default: fixed at the
             first step as the largest peak learning rate among the parameter groups holding layers (``max_lr`` where
             ``OneCycleLR`` records one, else the ``initial_lr`` a scheduler recorded, else ``lr``), so the fastest
@@ -165,11 +232,12 @@ class Layca(Optimizer):
         optimizer: Optimizer,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         *,
-        rotation_rate: float = DEFAULT_ROTATION_RATE,
+        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         reference_lr: float | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -184,13 +252,17 @@ class Layca(Optimizer):
             raise TypeError(f"Layca: `schedule` must be a RotationSchedule instance, got {schedule!r}.")
         if reference_lr is not None:
             self._check_reference_lr(reference_lr, "`reference_lr`")
+        check_granularity("Layca", granularity)
 
         # torch's Optimizer.__init__ sets up hook registries and step patching; its placeholder containers are kept
         # apart (see the properties below) until the wrapped optimizer is known.
         super().__init__([torch.zeros(0)], {})
         self.optimizer = optimizer
-        self.rotation_rate = float(rotation_rate)
+        self.rotation_rate: float | Literal["equilibrium"] = (
+            EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
+        )
         self.schedule = schedule
+        self.granularity: Literal["layer", "unit"] = granularity
         self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
         self._include = as_patterns("Layca: `include`", include)
         self._exclude = as_patterns("Layca: `exclude`", exclude)
@@ -212,6 +284,8 @@ class Layca(Optimizer):
         self._layers: list[torch.Tensor] = [p for _, p in layers]
         schedule.validate(self.layer_names)
         self.initial_norms: list[float | None] = [None] * len(self._layers)
+        self.initial_unit_norms: list[torch.Tensor | None] = [None] * len(self._layers)
+        """With ``granularity="unit"``: every layer's initial norm per unit (float64, on the CPU)."""
         self.step_count = 0
         self.epoch = 0
         self.restored_from_plain_state = False
@@ -232,6 +306,9 @@ class Layca(Optimizer):
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
+        if self.rotation_rate == EQUILIBRIUM:
+            for g in set(self._layer_group.values()):
+                equilibrium_rate(optimizer, optimizer.param_groups[g])  # fail early on what the formula lacks
 
     # ------------------------------------------------------------------ the wrapped optimizer's containers
     # Properties rather than copied references: code that assigns `optimizer.param_groups = ...` on the wrapper (as
@@ -342,6 +419,11 @@ class Layca(Optimizer):
         for i in controlled:
             if self.initial_norms[i] is None:  # joins now: frozen until now, so these are its initial weights
                 self.initial_norms[i] = self._initial_norm(i)
+            if self.granularity == "unit" and self.initial_unit_norms[i] is None:
+                p = self._layers[i].detach()
+                self.initial_unit_norms[i] = torch.linalg.vector_norm(
+                    unit_rows(p), dim=1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
+                ).to(device="cpu", dtype=torch.float64)
         self._controlled = controlled
         self._controlled_key = key
         self._groups = None
@@ -400,7 +482,14 @@ class Layca(Optimizer):
         relative_lrs = [0.0] * len(self.layer_names)
         for i, g in self._layer_group.items():
             relative_lrs[i] = float(groups[g]["lr"]) / reference
-        rates = [self.rotation_rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
+        if isinstance(self.rotation_rate, str):  # "equilibrium"
+            base_rates = [0.0] * len(self.layer_names)
+            group_rates = {g: equilibrium_rate(self.optimizer, groups[g]) for g in set(self._layer_group.values())}
+            for i, g in self._layer_group.items():
+                base_rates[i] = group_rates[g]
+            rates = [m * r for m, r in zip(self._multipliers, base_rates, strict=True)]
+        else:
+            rates = [self.rotation_rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
         if rates != self._rates or relative_lrs != self._relative_lrs:
             self._rates = rates
             self._relative_lrs = relative_lrs
@@ -419,15 +508,22 @@ class Layca(Optimizer):
         groups = []
         for idx in chunks:
             device = self._layers[idx[0]].device
+            params = [self._layers[i] for i in idx]
+            row_layer = None
+            if self.granularity == "unit":
+                norms = torch.cat([self.initial_unit_norms[i] for i in idx])  # type: ignore[misc]
+                counts = torch.tensor(unit_counts(params), device=device)
+                row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
+            else:
+                norms = torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64)
             groups.append(
                 _Group(
                     indices=idx,
-                    params=[self._layers[i] for i in idx],
-                    previous=[torch.empty_like(self._layers[i]) for i in idx],
-                    initial_norms=torch.tensor(
-                        [self.initial_norms[i] for i in idx], dtype=torch.float64, device=device
-                    ),
+                    params=params,
+                    previous=[torch.empty_like(p) for p in params],
+                    initial_norms=norms.to(device),
                     near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
+                    row_layer=row_layer,
                 )
             )
         return groups
@@ -475,13 +571,18 @@ class Layca(Optimizer):
             if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
                 values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
                 g.rates, g.relative_lrs = torch.tensor(values, dtype=torch.float64, device=g.near_floor.device)
+                if g.row_layer is not None:
+                    g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
                 g.rates_version = self._rates_version
-            near_floor, overflowed = rotate_eager(
-                [p.detach() for p in g.params], g.previous, g.rates, g.relative_lrs, g.initial_norms
-            )
+            params = [p.detach() for p in g.params]
+            if g.row_layer is not None:
+                near_rows = rotate_eager_units(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
+                near_floor = torch.zeros_like(g.near_floor).index_put_((g.row_layer,), near_rows, accumulate=True)
+            else:
+                near_floor, overflowed = rotate_eager(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
+                if overflowed is not None:
+                    self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
             g.near_floor |= near_floor
-            if overflowed is not None:
-                self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
@@ -547,12 +648,17 @@ class Layca(Optimizer):
             for name, p in selected:
                 self._check_layer(name, p)
             order = {id(p): k for k, (_, p) in enumerate(self._names.values())}
-            known_layers = list(zip(self.layer_names, self._layers, self.initial_norms, strict=True))
-            joining: list[tuple[str, torch.Tensor, float | None]] = [(n, p, None) for n, p in selected]
-            layers = sorted(known_layers + joining, key=lambda item: order[id(item[1])])
-            self.layer_names = [n for n, _, _ in layers]
-            self._layers = [p for _, p, _ in layers]
-            self.initial_norms = [n0 for _, _, n0 in layers]
+            existing = list(
+                zip(self.layer_names, self._layers, self.initial_norms, self.initial_unit_norms, strict=True)
+            )
+            joining: list[tuple[str, torch.Tensor, float | None, torch.Tensor | None]] = [
+                (n, p, None, None) for n, p in selected
+            ]
+            layers = sorted(existing + joining, key=lambda item: order[id(item[1])])
+            self.layer_names = [item[0] for item in layers]
+            self._layers = [item[1] for item in layers]
+            self.initial_norms = [item[2] for item in layers]
+            self.initial_unit_norms = [item[3] for item in layers]
             self.schedule.validate(self.layer_names)
             self._schedule_key = object()
         self._controlled_key = None
@@ -576,6 +682,8 @@ class Layca(Optimizer):
         state["layca"] = {
             "layer_names": list(self.layer_names),
             "initial_norms": list(self.initial_norms),
+            "granularity": self.granularity,
+            "initial_unit_norms": list(self.initial_unit_norms),
             "reference_lr": self.reference_lr,
             "step_count": self.step_count,
             "epoch": self.epoch,
@@ -601,7 +709,13 @@ class Layca(Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self.restored_from_plain_state = layca is None
         if layca is not None:
+            if layca.get("granularity", "layer") != self.granularity:
+                raise ValueError(
+                    f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
+                    f"this optimizer has granularity={self.granularity!r}."
+                )
             self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
+            self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
             if "reference_lr" in layca:
                 self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
             elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group
@@ -614,7 +728,7 @@ class Layca(Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"Layca(rotation_rate={self.rotation_rate:.6g}, schedule={self.schedule!r}, "
+            f"Layca(rotation_rate={self.rotation_rate!r}, schedule={self.schedule!r}, "
             f"layers={len(self.layer_names)}, optimizer={self.optimizer!r})"
         )
 

@@ -239,7 +239,10 @@ def test_a_bad_alpha_in_yaml_is_a_four_line_parse_error_naming_alpha_and_its_ran
 @pytest.mark.parametrize(
     ("init_args", "message"),
     [
-        ({"rotation_rate": "fast"}, r"\"rotation_rate\":\s+Not of type RotationRate: could not convert .*'fast'"),
+        (
+            {"rotation_rate": "fast"},
+            r"\"rotation_rate\":.*Not of type RotationRate: could not convert .*'fast'.*Literal\[.equilibrium.\]",
+        ),
         ({"rotaton_rate": 0.1}, r"Option 'rotaton_rate' is not accepted"),
         (
             {"schedule": {"class_path": "lightning_layca.DepthDecy", "init_args": {"alpha": 0.5}}},
@@ -263,8 +266,8 @@ def test_configuration_mistakes_are_rejected_by_the_parser_before_training(
 @pytest.mark.parametrize(
     ("option", "key", "accepted"),
     [
-        ("--trainer.callbacks.rotation_rate=-0.1", "rotation_rate", "-0.1 is not in (0, 1000]"),
-        ("--trainer.callbacks.rotation_rate=1001", "rotation_rate", "1001 is not in (0, 1000]"),
+        ("--trainer.callbacks.rotation_rate=-0.1", "rotation_rate", "is not in (0, 1000]"),
+        ("--trainer.callbacks.rotation_rate=1001", "rotation_rate", "is not in (0, 1000]"),
         ("--trainer.callbacks.schedule.alpha=-1", "alpha", "-1 is not in the open interval (-1, 1)"),
         ("--trainer.callbacks.reference_lr=0", "reference_lr", "does not conform to restriction v>0"),
         ("--trainer.callbacks.log_every_n_steps=0", "log_every_n_steps", "does not conform to restriction v>0"),

@@ -209,7 +209,7 @@ def test_every_rank_wraps_its_optimizer_identically(request: pytest.FixtureReque
         (layca,) = rank["end_layca"]
         assert layca["layer_names"] == expected["layer_names"]
         assert layca["initial_norms"] == pytest.approx(expected["initial_norms"], rel=1e-7)
-        assert layca["initial_lrs"] == expected["initial_lrs"]
+        assert layca["reference_lr"] == expected["reference_lr"]
     _assert_same(run.ranks[0]["end_layca"], run.ranks[1]["end_layca"], "layca state")
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import math
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -248,3 +250,44 @@ def test_state_dict_keeps_the_initial_weights_on_cpu(tb_run: SimpleNamespace) ->
     for layer, snapshot in zip(LAYERS, state["initial"], strict=True):
         assert snapshot.device.type == "cpu"
         assert torch.equal(snapshot, tb_run.initial[layer])
+
+
+class PutInfIntoHead(L.Callback):
+    """At the end of the given (epoch, batch), before the monitor measures, writes an inf into the head's weights."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at = (epoch, batch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if (trainer.current_epoch, args[-1]) == self.at:
+            with torch.no_grad():
+                pl_module.head.weight[0, 0] = float("inf")
+
+
+def test_non_finite_weights_are_logged_as_nan_and_skipped_in_histograms_with_one_warning_per_layer(
+    tmp_path: Path,
+) -> None:
+    # An inf in the head at the last batch of epoch 0; in epoch 1 the NaN loss spreads NaN into every layer.
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=4)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, logger=tb, callbacks=[PutInfIntoHead(0, STEPS_PER_EPOCH - 1), monitor])
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(TinyCNN(), loader())
+    assert trainer.current_epoch == 2  # the fit completed
+
+    skipped = [str(w.message) for w in record if "non-finite" in str(w.message)]
+    assert len(skipped) == 3  # once per layer, though the layers stay non-finite
+    assert "'head'" in skipped[0] and {"'features.0'", "'features.3'"} == {s.split()[2] for s in skipped[1:]}
+
+    events = read_events(Path(tb.log_dir))
+    head = [(e.step, e.value) for e in events.Scalars("Layer_rotation/head")]
+    assert [s for s, _ in head] == [3, 7, 11, 15]
+    assert head[0][1] > 0 and all(math.isnan(v) for _, v in head[1:])
+    assert [math.isnan(v) for _, v in monitor.history["features.0"]] == [False, False, True, True]
+    summary = [e.value for e in events.Scalars("Layer_rotation_summary/mean")]
+    assert len(summary) == 2  # the mean of finite layers, while there are any
+    # Epoch 0: the head's histogram is skipped, the features' are written; epoch 1: every layer is skipped.
+    assert "layer_angles/head" not in events.Tags()["histograms"]
+    assert [e.step for e in events.Histograms("layer_angles/features.0")] == [STEPS_PER_EPOCH]
+    assert math.isnan(monitor.epoch_rotation["head"][-1][1])
+    assert len(events.Images("Layer_rotation_curves")) == 2  # the figure is still drawn

@@ -4,17 +4,22 @@ When the fit starts, each selected optimizer becomes :class:`~lightning_layca.La
 strategy so Lightning steps the wrapper in automatic and manual optimization, with gradient accumulation, gradient
 clipping, mixed precision (GradScaler skips leave the weights untouched) and checkpoints (the wrapper's state dict
 holds the base optimizer's). LR schedulers stay attached and shape the rotation rate through the relative learning
-rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and it logs
-the effective rates ``layca/rate/<layer>`` whenever they change.
+rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and, on the
+same logging steps and at the same step values, the effective rate ``layca/rate/<layer>`` that the step just logged
+used, so rates and rotations are curves of the same resolution.
+
+Several instances can share a Trainer when they wrap different optimizers (a GAN with one rate for the generator and
+one for the discriminator): each one's checkpoint state is stored under a key that holds its ``optimizers``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
@@ -22,8 +27,7 @@ from typing_extensions import override
 
 from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_rotation_rate
-from lightning_layca.loggers import log_scalars, logging_step
+from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
 
@@ -34,7 +38,9 @@ class LaycaCallback(LayerRotationMonitor):
     r"""Wrap the Trainer's optimizer(s) in :class:`~lightning_layca.Layca`, and monitor layer rotation.
 
     Args:
-        rotation_rate: Base rotation rate ``rho`` (finite, positive); a layer at multiplier 1 and relative lr 1
+        rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``, or ``"equilibrium"`` (each group's rate is the
+            angular update its optimizer reaches at equilibrium, see :class:`~lightning_layca.Layca`);
+            a layer at multiplier 1 and relative lr 1
             rotates by ``atan(rho)`` radians per step. Default ``3 ** -3``, the paper's best for SGD.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control and monitor (default: trainable parameters with
@@ -43,17 +49,20 @@ class LaycaCallback(LayerRotationMonitor):
         optimizers: Index, or indices, into the optimizers ``configure_optimizers`` returned, of those to wrap
             (default: all). With several optimizers (manual optimization) each wrapped one controls its own
             parameters, so ``include``/``exclude`` must make sense for each.
-        log_rates: Whether to log ``layca/rate/<layer>``, the rates of the coming step, when they change (checked
-            before every training batch).
+        log_rates: Whether to log ``layca/rate/<layer>`` on every logging step of the rotation scalars (see
+            ``log_every_n_steps``), at the same step value: the effective rate ``rho_l(t)`` used by the optimizer
+            step whose rotation is logged there.
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l`` (see
             :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
             the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
             scheduler started from, else the group's lr).
+        granularity: ``"layer"`` (the paper) or ``"unit"``: every output unit turns by ``atan(rho)`` and keeps its own
+            initial norm (see :class:`~lightning_layca.Layca`).
         log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
-        last_rates: Layer display name -> the latest logged effective rate ``rho_l(t)``.
+        last_rates: Layer display name -> the latest logged effective rate ``rho_l(t)`` (of the last logged step).
 
     Raises:
         ValueError: For a bad argument (at construction).
@@ -69,7 +78,7 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: RotationRate = DEFAULT_ROTATION_RATE,
+        rotation_rate: RotationRate | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
@@ -77,6 +86,7 @@ class LaycaCallback(LayerRotationMonitor):
         log_rates: bool = True,
         log_every_n_steps: PositiveInt | None = None,
         reference_lr: PositiveFloat | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
         *,
         every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
@@ -108,7 +118,9 @@ class LaycaCallback(LayerRotationMonitor):
                 f"LaycaCallback: `optimizers` must be None (wrap all), a non-negative index or a non-empty list of "
                 f"them, got {optimizers!r}."
             )
-        self.rotation_rate = float(rotation_rate)
+        self.rotation_rate: float | Literal["equilibrium"] = (
+            rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
+        )
         self.schedule = schedule
         self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
         self.log_rates = bool(log_rates)
@@ -120,9 +132,11 @@ class LaycaCallback(LayerRotationMonitor):
         ):
             raise ValueError(f"LaycaCallback: `reference_lr` must be None or a positive number, got {reference_lr!r}.")
         self.reference_lr = None if reference_lr is None else float(reference_lr)
+        check_granularity("LaycaCallback", granularity)
+        self.granularity: Literal["layer", "unit"] = granularity
         self.laycas: dict[int, Layca] = {}
         self.last_rates: dict[str, float] = {}
-        self._logged_rates_versions: dict[int, int] = {}
+        self._step_rates: dict[str, float] = {}  # rates of the optimizer step(s) of the current logging batch
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -151,21 +165,31 @@ class LaycaCallback(LayerRotationMonitor):
             layca.set_epoch(trainer.current_epoch)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.log_rates:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        # On logging batches only: the rates this step will use are read just before it, when the schedule's step
+        # count and the learning rates are the step's own (a per-step LR scheduler moves them after the batch).
+        if not self.log_rates or not self._is_logging_batch(trainer):
             return
-        metrics: dict[str, float] = {}
-        for index, layca in self.laycas.items():
-            version = layca.rates_version
-            if self._logged_rates_versions.get(index) == version:
-                continue
-            self._logged_rates_versions[index] = version
-            for name, rate in layca.rotation_rates().items():
-                metrics[f"layca/rate/{layer_display_name(name)}"] = rate
-                self.last_rates[layer_display_name(name)] = rate
-        log_scalars(trainer, metrics, logging_step(trainer))
+        for layca in self.laycas.values():
+            if layca is optimizer:
+                for name, rate in layca.rotation_rates().items():
+                    self._step_rates[layer_display_name(name)] = rate
+
+    @override
+    def _logging_step_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        metrics = super()._logging_step_metrics(values)
+        metrics.update({f"layca/rate/{name}": rate for name, rate in self._step_rates.items()})
+        self.last_rates.update(self._step_rates)
+        self._step_rates = {}
+        return metrics
+
+    @override
+    def _state_key_fields(self) -> dict[str, Any]:
+        # The wrapped optimizers tell two LaycaCallbacks apart; two on the same optimizer would wrap it twice.
+        return {} if self.optimizer_indices is None else {"optimizers": self.optimizer_indices}
 
     # ------------------------------------------------------------------ wrapping
     def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,7 +209,6 @@ class LaycaCallback(LayerRotationMonitor):
         # wrapper shares, and Lightning's LearningRateMonitor finds wrapped optimizers through `.optimizer`, so
         # re-pointing them would log the learning rate twice (and trip torch's step-order check).
         previous, self.laycas = self.laycas, {}
-        self._logged_rates_versions = {}
         for i in indices:
             base = optimizers[i]
             if isinstance(base, Layca):  # wrapped by the user in `configure_optimizers`: used as it is
@@ -193,9 +216,9 @@ class LaycaCallback(LayerRotationMonitor):
                     self.schedule is not None and base.schedule is not self.schedule
                 ):
                     rank_zero_warn(
-                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate:.6g}, "
+                        f"LaycaCallback: optimizer {i} is already a Layca (rotation_rate={base.rotation_rate!r}, "
                         f"schedule={base.schedule!r}); it is used as it is, so the "
-                        f"callback's rotation_rate={self.rotation_rate:.6g} and schedule={self.schedule!r} "
+                        f"callback's rotation_rate={self.rotation_rate!r} and schedule={self.schedule!r} "
                         "do not apply."
                     )
                 self.laycas[i] = base
@@ -208,12 +231,18 @@ class LaycaCallback(LayerRotationMonitor):
                 include=self.include,
                 exclude=self.exclude,
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
+                granularity=self.granularity,
             )
             earlier = previous.get(i)
-            if earlier is not None and earlier.layer_names == layca.layer_names:
+            if (
+                earlier is not None
+                and earlier.layer_names == layca.layer_names
+                and earlier.granularity == layca.granularity
+            ):
                 # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
                 # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
                 layca.initial_norms = list(earlier.initial_norms)
+                layca.initial_unit_norms = list(earlier.initial_unit_norms)
                 layca.reference_lr = earlier.reference_lr
                 layca.step_count = earlier.step_count
             optimizers[i] = layca

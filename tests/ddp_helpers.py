@@ -77,7 +77,7 @@ class RotationNet(L.LightningModule):
         torch.manual_seed(seed)
         features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU())
         self.net = nn.ModuleDict({"features": features, "head": nn.Linear(8, 3)})
-        self.built_checksum = float(sum(p.double().sum() for p in self.net.parameters()))
+        self.built_checksum = float(sum(p.detach().double().sum() for p in self.net.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.net is not None

@@ -477,7 +477,12 @@ class Layca(Optimizer):
                 )
             self._multipliers = multipliers
             self._schedule_key = key
-        reference = self.reference_lr if self.reference_lr is not None else self._default_reference_lr()
+        if self.reference_lr is not None:
+            reference = self.reference_lr
+        elif self._layer_group:
+            reference = self._default_reference_lr()
+        else:  # no layer in any group yet (every layer frozen): nothing to rotate
+            reference = 1.0
         groups = self.param_groups
         relative_lrs = [0.0] * len(self.layer_names)
         for i, g in self._layer_group.items():
@@ -621,6 +626,17 @@ class Layca(Optimizer):
             f"{'/'.join(dtypes)} rounding of `w + step` can resolve, so rounding blurs their direction by more than "
             f"about 1% (and a step below that floor does not move a layer at all). {advice}"
         )
+
+    def weights_before_last_step(self) -> dict[str, torch.Tensor]:
+        """Return the weights every controlled layer had before the latest step, keyed by parameter name.
+
+        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only.
+        """
+        return {
+            self.layer_names[i]: buffer
+            for g in self._groups or []
+            for i, buffer in zip(g.indices, g.previous, strict=True)
+        }
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the wrapped optimizer."""

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AngleHistogram", "accumulation_dtype", "angle_histograms", "cosine_distances", "unit_angles"]
+__all__ = [
+    "AngleHistogram",
+    "accumulation_dtype",
+    "angle_histograms",
+    "cosine_distances",
+    "step_rotation",
+    "unit_angles",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -152,6 +159,50 @@ def _block_angles(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     angles = torch.rad2deg(torch.atan2(perpendicular.norm(dim=1) * safe_sq0.sqrt(), dot))
     # A row holding inf gives inf - inf = NaN above, or a finite made-up angle when its initial row is zero.
     return torch.where(finite, torch.where(defined, angles, 0.0), torch.nan)
+
+
+def step_rotation(
+    weights: Sequence[torch.Tensor], before: Sequence[torch.Tensor], units: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return how far each layer turned in one step, as ``tan`` of the angle, and each layer's norm after it.
+
+    With ``D = w - w_before`` formed explicitly (exact for the small steps of one step), sums ``a = <D, w_before>``,
+    ``b = ||w_before||^2``, ``c = ||D||^2`` give ``tan = sqrt(c - a^2 / b) * sqrt(b) / (b + a)``: the tangential part
+    of the step over the radial part of the new weights, accurate for the small angles of one step where a cosine
+    close to 1 would lose them. This is the unit of Layca's rate ``rho``: under Layca it equals the rate the step used.
+    Sums accumulate in float32 (float64 for float64 layers), one layer-sized temporary at a time.
+
+    Args:
+        weights: The weights after the step, one tensor per layer.
+        before: The same layers' weights before it.
+        units: Measure every output unit (row, slice along dim 0) instead of every layer; the rows of all layers
+            are concatenated.
+
+    Returns:
+        ``tan`` of the angle per layer (per unit) and the L2 norm per layer (per unit), float64, on the first
+        layer's device, with no host synchronisation.
+
+    Example:
+        >>> tan, norm = step_rotation([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])])
+        >>> tan.tolist(), [round(x, 6) for x in norm.tolist()]
+        ([1.0], [1.414214])
+    """
+    device = weights[0].device
+    sums = []
+    for w, w0 in zip(weights, before, strict=True):
+        acc = accumulation_dtype(w.dtype)
+        rows = (w.shape[0] if w.ndim >= 2 else 1) if units else 1
+        w_rows = w.detach().reshape(rows, -1).to(acc)
+        w0_rows = w0.detach().reshape(rows, -1).to(acc)
+        d = w_rows - w0_rows
+        row_sums = [
+            torch.einsum("ij,ij->i", x, y) for x, y in ((d, w0_rows), (w0_rows, w0_rows), (d, d), (w_rows, w_rows))
+        ]
+        sums.append(torch.stack(row_sums).to(device=device, dtype=torch.float64))
+        del d
+    a, b, c, norm_sq = torch.cat(sums, dim=1).to(device)
+    tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
+    return tangential * b.sqrt() / (b + a), norm_sq.sqrt()
 
 
 @dataclass

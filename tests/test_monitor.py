@@ -137,7 +137,12 @@ def test_custom_scalars_layout_puts_every_rotation_curve_on_one_chart(tb_run: Si
     (event,) = tb_run.events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert sorted(charts.values()) == [[r"Layer_rotation/.*"], [r"Layer_rotation_summary/.*"]]
+    assert sorted(charts.values()) == [
+        [r"Layer_rotation/.*"],
+        [r"Layer_rotation_summary/.*"],
+        [r"layer_norm/.*"],
+        [r"layer_rotation_rate/.*"],
+    ]
 
 
 def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tmp_path: Path) -> None:

@@ -135,6 +135,7 @@ class LaycaCallback(LayerRotationMonitor):
         check_granularity("LaycaCallback", granularity)
         self.granularity: Literal["layer", "unit"] = granularity
         self.laycas: dict[int, Layca] = {}
+        self._pre_step_counts: dict[int, int] = {}
         self.last_rates: dict[str, float] = {}
         self._step_rates: dict[str, float] = {}  # rates of the optimizer step(s) of the current logging batch
 
@@ -185,6 +186,33 @@ class LaycaCallback(LayerRotationMonitor):
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
         return metrics
+
+    @property
+    @override
+    def _unit_rate_histograms(self) -> bool:
+        return self.granularity == "unit" and self.angle_histograms
+
+    @override
+    def _capture_pre_step(self) -> dict[str, torch.Tensor]:
+        # Layca keeps the weights before its step anyway: copy only the layers no wrapper controls.
+        self._pre_step_counts = {index: layca.step_count for index, layca in self.laycas.items()}
+        controlled = {name for layca in self.laycas.values() for name in layca.controlled_layer_names}
+        return {
+            name: p.detach().clone()
+            for name, p in zip(self.layer_names, self._layers, strict=True)
+            if name not in controlled
+        }
+
+    @override
+    def _pre_step_weights(self) -> dict[str, torch.Tensor]:
+        weights = dict(super()._pre_step_weights())
+        for index, layca in self.laycas.items():
+            if layca.step_count > self._pre_step_counts.get(index, layca.step_count):
+                weights.update(layca.weights_before_last_step())
+            else:  # the step was skipped (a GradScaler found inf gradients): the layers did not move
+                params = dict(zip(self.layer_names, self._layers, strict=True))
+                weights.update({n: params[n].detach() for n in layca.controlled_layer_names if n in params})
+        return weights
 
     @override
     def _state_key_fields(self) -> dict[str, Any]:

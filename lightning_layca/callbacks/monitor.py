@@ -51,6 +51,7 @@ from lightning_layca.rotation import (
     accumulation_dtype,
     angle_histograms,
     cosine_distances,
+    step_rotation,
     unit_angles,
 )
 from lightning_layca.selection import as_patterns, layer_display_name, select_layers
@@ -151,6 +152,14 @@ class LayerRotationMonitor(Callback):
         self._warned_no_tensorboard = False
         self._warned_no_matplotlib = False
         self._warned_non_finite: set[str] = set()
+        # The monitored layers' weights before the optimizer step of a batch that measures the step (logging batches,
+        # and the epoch's last batch when per-unit rates are histogrammed); freed at the batch end.
+        self._pre_step: dict[str, torch.Tensor] | None = None
+        self._unit_rates: dict[str, torch.Tensor] = {}
+        self.last_step_rates: dict[str, float] = {}
+        """Layer display name -> ``tan`` of the angle the layer turned in the latest logged optimizer step."""
+        self.last_norms: dict[str, float] = {}
+        """Layer display name -> the layer's L2 norm at the latest logging step."""
         self._layouts_written: set[int] = set()
 
     @property
@@ -216,6 +225,8 @@ class LayerRotationMonitor(Callback):
                 {
                     "cosine distance to initialisation, every layer": r"Layer_rotation/.*",
                     "cosine distance to initialisation, mean / min / max": r"Layer_rotation_summary/.*",
+                    "rotation per step (tan of the angle), every layer": r"layer_rotation_rate/.*",
+                    "L2 norm, every layer": r"layer_norm/.*",
                 },
             )
             self._layouts_written.update(id(w) for w in new_writers)
@@ -228,6 +239,8 @@ class LayerRotationMonitor(Callback):
         # the module itself, flips `requires_grad` at any point before the step).
         if self._pending:
             self._join_trainable()
+        if self._pre_step is None and self._layers and self._measures_step(trainer):
+            self._pre_step = self._capture_pre_step()
 
     @override
     def on_train_batch_end(
@@ -236,6 +249,17 @@ class LayerRotationMonitor(Callback):
         if trainer.global_step == self._last_global_step:  # no optimizer step on this batch (accumulation)
             return
         self._last_global_step = trainer.global_step
+        before = None if self._pre_step is None else self._pre_step_weights()
+        self._pre_step = None
+        if (
+            before is not None
+            and self._unit_rate_histograms
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            names = [n for n in self.layer_names if n in before]
+            tans, _ = step_rotation([self._layer(n) for n in names], [before[n] for n in names], units=True)
+            counts = [self._layer(n).shape[0] if self._layer(n).ndim >= 2 else 1 for n in names]
+            self._unit_rates = dict(zip([layer_display_name(n) for n in names], tans.split(counts), strict=True))
         if not self._is_logging_batch(trainer):
             return
         step = logging_step(trainer)
@@ -243,7 +267,16 @@ class LayerRotationMonitor(Callback):
         for name, value in values.items():
             self.history.setdefault(name, []).append((step, value))
         self.last_rotation = values
-        log_scalars(trainer, self._logging_step_metrics(values), step)
+        metrics = self._logging_step_metrics(values)
+        if before is not None:
+            names = [n for n in self.layer_names if n in before]
+            tans, norms = step_rotation([self._layer(n) for n in names], [before[n] for n in names])
+            display = [layer_display_name(n) for n in names]
+            self.last_step_rates = dict(zip(display, tans.tolist(), strict=True))
+            self.last_norms = dict(zip(display, norms.tolist(), strict=True))
+            metrics.update({f"layer_rotation_rate/{n}": v for n, v in self.last_step_rates.items()})
+            metrics.update({f"layer_norm/{n}": v for n, v in self.last_norms.items()})
+        log_scalars(trainer, metrics, step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,6 +292,15 @@ class LayerRotationMonitor(Callback):
         writers = tensorboard_writers(trainer)
         if writers and self.angle_histograms and self._layers:
             add_histograms(writers, self._angle_histograms(), step)
+        unit_rates, self._unit_rates = self._unit_rates, {}
+        if writers and unit_rates:
+            finite = {n: r for n, r in unit_rates.items() if bool(r.isfinite().all())}
+            histograms = angle_histograms(list(finite.values()), bins=self.histogram_bins)
+            add_histograms(
+                writers,
+                {f"layer_unit_rotation_rate/{n}": h for n, h in zip(finite, histograms, strict=True)},
+                step,
+            )
         if self.figure:
             self._draw_figure(trainer, writers, step)
 
@@ -303,6 +345,28 @@ class LayerRotationMonitor(Callback):
             return {}
         distances = cosine_distances(self._layers, self._initial, self._initial_norms).tolist()
         return dict(zip(self.display_names, distances, strict=True))
+
+    def _layer(self, name: str) -> torch.Tensor:
+        return self._layers[self.layer_names.index(name)]
+
+    @property
+    def _unit_rate_histograms(self) -> bool:
+        """Whether the epoch's last step is measured per unit, for a histogram (with per-unit control)."""
+        return False
+
+    def _measures_step(self, trainer: pl.Trainer) -> bool:
+        """Whether the coming optimizer step is measured: on logging batches, and last batches for unit rates."""
+        return self._is_logging_batch(trainer) or (
+            self._unit_rate_histograms and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+
+    def _capture_pre_step(self) -> dict[str, torch.Tensor]:
+        """The monitored layers' weights just before a measured step: one transient copy, freed at the batch end."""
+        return {name: p.detach().clone() for name, p in zip(self.layer_names, self._layers, strict=True)}
+
+    def _pre_step_weights(self) -> dict[str, torch.Tensor]:
+        """After the step: the weights :meth:`_capture_pre_step` kept (subclasses may find them elsewhere)."""
+        return self._pre_step or {}
 
     def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
         return is_logging_step(trainer, self.log_every_n_steps or trainer_log_every_n_steps(trainer))

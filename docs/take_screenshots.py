@@ -56,7 +56,7 @@ class Shot:
 SHOTS = [
     # What TensorBoard shows first (its Time Series dashboard, default settings), the whole window at its own size.
     Shot("first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
-    Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 500), (285, 64, 815, 396)),
+    Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 900), (285, 64, 815, 700)),
     Shot("scalars", "scalars&tagFilter=Layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
     Shot("histograms", "histograms&tagFilter=layer_angles", (1000, 520), (285, 64, 715, 426)),
     Shot("images", "images&tagFilter=Layer_rotation_curves", (1000, 560), (285, 64, 430, 426)),

@@ -1,0 +1,255 @@
+"""The fused Layca step: per layer, one reduction pass and one update pass, compiled with ``torch.compile``.
+
+For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(w + D)`` after it, one compiled call
+
+1. reads ``(p, w)`` once and accumulates, per row, ``a = <D, w>``, ``b = <w, w>`` and ``c = <D, D>`` in float64, with
+   ``D = p - w`` formed in registers: products of float32 (or bfloat16, float16) numbers are exact in float64, so
+   ``||D_perp||^2 = c - a^2 / b`` keeps float32 precision even for a mostly radial step (weight decay), without the
+   explicit projection and re-orthogonalisation the eager step needs; the layer's sums are the sums of its rows;
+2. turns the sums into ``k1, k2`` with :func:`lightning_layca.step.coefficients`, the rule every path shares
+   (rounding floor, non-finite steps, rates without overflow);
+3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, computed in float64 and rounded once to the layer's
+   dtype. A layer that does not move (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is multiplied by an
+   exact zero after non-finite values are replaced.
+
+With the snapshot taken before the base step, that is 7 tensor-sized memory passes, against about 19 for the eager
+multi-tensor step. Inductor generates C++/OpenMP kernels on CPU and Triton kernels on CUDA.
+
+Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense
+``rows x columns`` matrix, see :func:`kernel_view`), so one compilation per (device, dtype) covers every layer of
+every model in the process, and Inductor's on-disk cache serves later processes. Rates, relative learning rates and
+initial norms enter as device tensors, so LR schedulers and time-varying schedules never recompile. Compilation
+happens at the first step that needs it, on a stand-in layer, so that a failure (no C++ compiler, an unsupported
+platform) costs one warning and the eager step takes over before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+from lightning_layca.step import coefficients, unit_roundoff
+
+__all__ = [
+    "AUTO_MIN_ELEMENTS",
+    "IMPLEMENTATIONS",
+    "Implementation",
+    "compiled_step_ready",
+    "kernel_view",
+    "rotate_compiled",
+    "scalars",
+    "use_compiled_step",
+]
+
+Implementation = Literal["auto", "eager", "compiled"]
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "compiled")
+"""Accepted values of ``Layca(implementation=...)``."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Layer dtypes the compiled step handles (float64 layers take the eager step, which accumulates in float64)."""
+
+AUTO_DEVICE_TYPES = ("cpu",)
+"""Devices where ``implementation="auto"`` chooses the compiled step: where it was measured faster (see
+``benchmarks/README.md``). CUDA is not among them until it has been measured there."""
+
+AUTO_MIN_ELEMENTS = 2**20
+"""``implementation="auto"`` compiles only for a (device, dtype) group of at least this many layer elements. Below it
+the step is dominated by per-layer call overheads, where compiling saves too little per step to repay the compilation
+of a short fit (see ``benchmarks/README.md``)."""
+
+_WARMUP_SHAPE = (64, 576)
+"""The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
+exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
+
+_compiled_fn: Callable[..., torch.Tensor] | None = None
+_ready: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fused_layer_step(
+    params: torch.Tensor,
+    previous: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norm: torch.Tensor,
+    near_floor: torch.Tensor,
+    roundoff: float,
+) -> torch.Tensor:
+    """The Layca step of one layer seen as a matrix (traced and compiled; see the module docstring).
+
+    Args:
+        params: ``p = fl(w + D)``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        previous: ``w``, the same view of the snapshot.
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norm: ``n0`` (0-dim float64).
+        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's.
+        roundoff: The unit roundoff of the layer's dtype.
+
+    Returns:
+        ``(a, b, c)``, the layer's float64 sums.
+    """
+    weights = previous.double()
+    step = params.double() - weights
+    row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)], 1)
+    sums = row_sums.sum(0)
+    radial, weight_sq, step_sq = sums.view(3, 1).unbind(0)
+    k1, k2, near = coefficients(
+        radial, weight_sq, step_sq, step_sq, rate.view(1), relative_lr.view(1), initial_norm.view(1), roundoff
+    )
+    # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers instead of
+    # recomputing the coefficients' square roots and divisions for every vector of elements.
+    k = torch.stack([k1, k2]).view(2)
+    held = torch.where(k[1] != 0, step, 0.0)  # a layer that does not move: its step may hold NaN or inf
+    params.copy_(k[0] * weights + k[1] * held)
+    near_floor.copy_(near_floor | near.view(()))
+    return sums
+
+
+def _compiled() -> Callable[..., torch.Tensor]:
+    global _compiled_fn
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(
+            _fused_layer_step,
+            dynamic=True,
+            fullgraph=True,
+            # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
+            options={"max_pointwise_cat_inputs": 0},
+        )
+    return _compiled_fn
+
+
+def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype, elements: int) -> bool:
+    """Whether a (device, dtype) group of layers takes the compiled step.
+
+    Args:
+        implementation: ``"auto"``, ``"eager"`` or ``"compiled"`` (see :class:`~lightning_layca.Layca`).
+        device: The layers' device.
+        dtype: The layers' dtype.
+        elements: The number of elements of the group's layers together.
+
+    Returns:
+        ``False`` for ``"eager"``; for ``"compiled"``, whether the dtype is supported (a warning says so when it is
+        not); for ``"auto"``, whether the device is one where the compiled step was measured faster and the group is
+        large enough (:data:`AUTO_MIN_ELEMENTS`). Whether compilation works is decided later, by
+        :func:`compiled_step_ready`.
+    """
+    if implementation == "eager":
+        return False
+    if dtype not in SUPPORTED_DTYPES:
+        if implementation == "compiled":
+            warnings.warn(
+                f"Layca: implementation='compiled' handles {', '.join(str(d) for d in SUPPORTED_DTYPES)} layers; the "
+                f"{dtype} layers on {device} take the eager step.",
+                stacklevel=4,
+            )
+        return False
+    if implementation == "compiled":
+        return True
+    return device.type in AUTO_DEVICE_TYPES and elements >= AUTO_MIN_ELEMENTS
+
+
+def compiled_step_ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
+
+    The first call per (device type, dtype) in the process compiles, on a stand-in layer; later calls return the
+    cached answer at once.
+    """
+    key = (device.type, dtype)
+    if key not in _ready:
+        try:
+            with torch.no_grad():
+                weights = torch.randn(_WARMUP_SHAPE, device=device).to(dtype)
+                params = weights + 0.01 * torch.randn(_WARMUP_SHAPE, device=device).to(dtype)
+                rate, relative_lr, initial_norm = scalars(torch.ones(3, dtype=torch.float64, device=device))
+                (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
+                _compiled()(params, weights, rate, relative_lr, initial_norm, flag, unit_roundoff(dtype))
+            _ready[key] = True
+        except Exception as error:  # any failure to compile means: use the eager step
+            _ready[key] = False
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            warnings.warn(
+                f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
+                f"({type(error).__name__}: {reason[:300]}); using the eager step. Pass implementation='eager' to "
+                "skip the attempt.",
+                stacklevel=4,
+            )
+    return _ready[key]
+
+
+def scalars(values: torch.Tensor) -> list[torch.Tensor]:
+    """Return the entries of a 1-D tensor as 0-dim tensors sharing its memory, not marked as views of it.
+
+    The compiled function's guards then do not depend on the length of the tensor the scalars come from.
+    """
+    return [x.detach() for x in values.unbind()]
+
+
+def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Return a 2-D view of ``tensor``'s memory with at least 2 rows and 2 columns where its size allows.
+
+    A layer's sums do not depend on the order of its elements, so the view follows memory order (a channels-last
+    convolution kernel is viewed through its permuted shape) and splits the leading dimensions from the others where
+    both sides have at least 2 elements (``(1, 197, 768)`` becomes ``197 x 768``): sizes 0 and 1 would each need a
+    compilation of their own.
+
+    The view is detached (it shares the layer's memory and version counter but is not marked as a view of it), so
+    that the compiled function's guards do not depend on the layer's own shape.
+
+    Returns:
+        The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor).
+
+    Example:
+        >>> kernel_view(torch.zeros(8, 3, 3, 3)).shape
+        torch.Size([8, 27])
+        >>> kernel_view(torch.zeros(1, 197, 768)).shape
+        torch.Size([197, 768])
+        >>> kernel_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
+        torch.Size([8, 75])
+    """
+    if tensor.dim() == 0:
+        return None
+    if not tensor.is_contiguous():
+        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride()[d], d))
+        tensor = tensor.permute(order)
+        if not tensor.is_contiguous():
+            return None
+    n = tensor.numel()
+    rows = 1
+    for size in tensor.shape[:-1]:
+        rows *= size
+        if rows >= 2 and n // rows >= 2:
+            return tensor.view(rows, n // rows).detach()
+    # One dimension holds everything (a (n, 1) or (1, n) layer): any split with both sides of at least 2 will do.
+    for columns in range(min(16, n // 2), 1, -1):
+        if n % columns == 0:
+            return tensor.view(n // columns, columns).detach()
+    return tensor.view(1, n).detach()
+
+
+def rotate_compiled(
+    params: Sequence[torch.Tensor],
+    previous: Sequence[torch.Tensor],
+    rates: Sequence[torch.Tensor],
+    relative_lrs: Sequence[torch.Tensor],
+    initial_norms: Sequence[torch.Tensor],
+    near_floor: Sequence[torch.Tensor],
+) -> None:
+    """Turn the base step of layers of one device and dtype into a Layca step, in place, one compiled call per layer.
+
+    Needs :func:`compiled_step_ready` to have returned ``True`` for the layers' device and dtype.
+
+    Args:
+        params: :func:`kernel_view` of each layer (detached), holding ``w + D``.
+        previous: The same views of the weights before the base step.
+        rates: ``rho`` per layer, 0-dim float64 tensors on the layers' device.
+        relative_lrs: ``lr_g(t) / lr_ref`` per layer, likewise.
+        initial_norms: ``n0`` per layer, likewise.
+        near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
+    """
+    step = _compiled()
+    roundoff = unit_roundoff(params[0].dtype)
+    for args in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, strict=True):
+        step(*args, roundoff)

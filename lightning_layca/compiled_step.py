@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ __all__ = [
     "Implementation",
     "compiled_step_ready",
     "kernel_view",
+    "parallel_kernel",
     "rotate_compiled",
     "scalars",
     "use_compiled_step",
@@ -60,12 +61,17 @@ AUTO_MIN_ELEMENTS = 2**20
 the step is dominated by per-layer call overheads, where compiling saves too little per step to repay the compilation
 of a short fit (see ``benchmarks/README.md``)."""
 
+PARALLEL_MIN_ELEMENTS = 2**18
+"""On CPU, layers of at least this many elements take the kernel that runs on torch's intra-op threads, smaller ones a
+single-threaded kernel: an OpenMP parallel region costs a wake-up and a few barriers per call, more than it saves on
+a small layer, and far more on a CPU shared with other processes (a barrier then waits for a descheduled thread)."""
+
 _WARMUP_SHAPE = (64, 576)
 """The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
 exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
 
-_compiled_fn: Callable[..., torch.Tensor] | None = None
-_ready: dict[tuple[str, torch.dtype], bool] = {}
+_compiled_fns: dict[bool, Callable[..., torch.Tensor]] = {}
+_ready: dict[tuple[str, torch.dtype, bool], bool] = {}
 
 
 def _fused_layer_step(
@@ -108,17 +114,31 @@ def _fused_layer_step(
     return sums
 
 
-def _compiled() -> Callable[..., torch.Tensor]:
-    global _compiled_fn
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(
-            _fused_layer_step,
+def _fused_layer_step_serial(*args: torch.Tensor | float) -> torch.Tensor:
+    """The same step, compiled single-threaded (a function of its own: Dynamo keeps its compilations apart)."""
+    return _fused_layer_step(*args)  # type: ignore[arg-type]
+
+
+def _compiled(parallel: bool) -> Callable[..., torch.Tensor]:
+    if parallel not in _compiled_fns:
+        # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
+        options: dict[str, Any] = {"max_pointwise_cat_inputs": 0}
+        if not parallel:
+            options["cpp.threads"] = 1
+        _compiled_fns[parallel] = torch.compile(
+            _fused_layer_step if parallel else _fused_layer_step_serial,
             dynamic=True,
             fullgraph=True,
-            # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
-            options={"max_pointwise_cat_inputs": 0},
+            options=options,
         )
-    return _compiled_fn
+    return _compiled_fns[parallel]
+
+
+def parallel_kernel(layer: torch.Tensor) -> bool:
+    """Whether ``layer`` takes the kernel that runs on torch's intra-op threads (see :data:`PARALLEL_MIN_ELEMENTS`)."""
+    if layer.device.type != "cpu":
+        return True
+    return torch.get_num_threads() > 1 and layer.numel() >= PARALLEL_MIN_ELEMENTS
 
 
 def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype, elements: int) -> bool:
@@ -151,13 +171,24 @@ def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dt
     return device.type in AUTO_DEVICE_TYPES and elements >= AUTO_MIN_ELEMENTS
 
 
-def compiled_step_ready(device: torch.device, dtype: torch.dtype) -> bool:
+def compiled_step_ready(device: torch.device, dtype: torch.dtype, parallel: Sequence[bool]) -> bool:
     """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
 
-    The first call per (device type, dtype) in the process compiles, on a stand-in layer; later calls return the
-    cached answer at once.
+    The first call per (device type, dtype, kernel) in the process compiles, on a stand-in layer; later calls return
+    the cached answer at once.
+
+    Args:
+        device: The layers' device.
+        dtype: The layers' dtype.
+        parallel: :func:`parallel_kernel` of each layer: the kernels needed.
     """
-    key = (device.type, dtype)
+    return all(_ready_one(device, dtype, kind) for kind in sorted(set(parallel)))
+
+
+def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool) -> bool:
+    if any(not ok for (device_type, kind, _), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
+        return False  # one warning per (device, dtype), and never a half-compiled group
+    key = (device.type, dtype, parallel)
     if key not in _ready:
         try:
             with torch.no_grad():
@@ -165,7 +196,7 @@ def compiled_step_ready(device: torch.device, dtype: torch.dtype) -> bool:
                 params = weights + 0.01 * torch.randn(_WARMUP_SHAPE, device=device).to(dtype)
                 rate, relative_lr, initial_norm = scalars(torch.ones(3, dtype=torch.float64, device=device))
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
-                _compiled()(params, weights, rate, relative_lr, initial_norm, flag, unit_roundoff(dtype))
+                _compiled(parallel)(params, weights, rate, relative_lr, initial_norm, flag, unit_roundoff(dtype))
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
             _ready[key] = False
@@ -199,7 +230,9 @@ def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
     that the compiled function's guards do not depend on the layer's own shape.
 
     Returns:
-        The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor).
+        The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor) or
+        admit no such split (a prime number of elements in one dimension, as in a ``(7, 1)`` layer): rows or columns
+        of size 1 would need a compilation of their own, for layers too small to matter (the eager step takes them).
 
     Example:
         >>> kernel_view(torch.zeros(8, 3, 3, 3)).shape
@@ -226,7 +259,7 @@ def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
     for columns in range(min(16, n // 2), 1, -1):
         if n % columns == 0:
             return tensor.view(n // columns, columns).detach()
-    return tensor.view(1, n).detach()
+    return None
 
 
 def rotate_compiled(
@@ -236,10 +269,11 @@ def rotate_compiled(
     relative_lrs: Sequence[torch.Tensor],
     initial_norms: Sequence[torch.Tensor],
     near_floor: Sequence[torch.Tensor],
+    parallel: Sequence[bool],
 ) -> None:
     """Turn the base step of layers of one device and dtype into a Layca step, in place, one compiled call per layer.
 
-    Needs :func:`compiled_step_ready` to have returned ``True`` for the layers' device and dtype.
+    Needs :func:`compiled_step_ready` to have returned ``True`` for the layers' device, dtype and kernels.
 
     Args:
         params: :func:`kernel_view` of each layer (detached), holding ``w + D``.
@@ -248,8 +282,9 @@ def rotate_compiled(
         relative_lrs: ``lr_g(t) / lr_ref`` per layer, likewise.
         initial_norms: ``n0`` per layer, likewise.
         near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
+        parallel: :func:`parallel_kernel` of each layer.
     """
-    step = _compiled()
+    steps = {kind: _compiled(kind) for kind in set(parallel)}
     roundoff = unit_roundoff(params[0].dtype)
-    for args in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, strict=True):
-        step(*args, roundoff)
+    for *args, kind in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, parallel, strict=True):
+        steps[kind](*args, roundoff)

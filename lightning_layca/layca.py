@@ -34,6 +34,7 @@ from lightning_layca.compiled_step import (
     Implementation,
     compiled_step_ready,
     kernel_view,
+    parallel_kernel,
     rotate_compiled,
     scalars,
     use_compiled_step,
@@ -165,8 +166,10 @@ def _chunks(indices: list[int], layers: list[torch.Tensor], max_bytes: int | Non
 class _Group:
     """The controlled layers of one (device, dtype) chunk, their snapshot buffers and device-side values.
 
-    ``compiled`` groups take the fused step (:mod:`lightning_layca.compiled_step`), which reads the layers through
-    ``views`` and the per-layer values through the 0-dim ``*_scalars``.
+    In ``compiled`` groups, the layers at ``fused`` positions take the fused step (see
+    :mod:`lightning_layca.compiled_step`), which reads them through ``views`` and their values through the 0-dim
+    ``*_scalars``; the others (a layer that is not one dense block of memory, or has a prime number of elements in a
+    single dimension) take the eager step.
     """
 
     indices: list[int]
@@ -178,10 +181,15 @@ class _Group:
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
     compiled: bool = False
+    fused: list[int] = field(default_factory=list)
     views: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    parallel: list[bool] = field(default_factory=list)
     norm_scalars: list[torch.Tensor] = field(default_factory=list)
     flag_scalars: list[torch.Tensor] = field(default_factory=list)
     rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    unfused: list[int] = field(default_factory=list)
+    """Positions of the layers the eager step takes in a compiled group."""
+    unfused_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 def _device_values(values: list[list[float]], device: torch.device) -> torch.Tensor:
@@ -544,12 +552,16 @@ class Layca(Optimizer):
                 near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
             )
             if compiled:
-                views = [kernel_view(p.detach()) for p in g.params], [kernel_view(w) for w in g.previous]
-                if all(v is not None for vs in views for v in vs):  # else a layer is not one dense block: eager
-                    g.compiled = True
-                    g.views = views  # type: ignore[assignment]
-                    g.norm_scalars = scalars(g.initial_norms)
-                    g.flag_scalars = scalars(g.near_floor)
+                views = [(kernel_view(p.detach()), kernel_view(w)) for p, w in zip(g.params, g.previous, strict=True)]
+                g.fused = [j for j, (vp, vw) in enumerate(views) if vp is not None and vw is not None]
+                g.compiled = bool(g.fused)
+                g.views = [views[j][0] for j in g.fused], [views[j][1] for j in g.fused]  # type: ignore[assignment]
+                g.parallel = [parallel_kernel(g.params[j]) for j in g.fused]
+                g.norm_scalars = [scalars(g.initial_norms)[j] for j in g.fused]
+                g.flag_scalars = [scalars(g.near_floor)[j] for j in g.fused]
+                if g.compiled:
+                    g.unfused = [j for j in range(len(idx)) if j not in g.fused]
+                    g.unfused_index = torch.tensor(g.unfused, dtype=torch.long, device=device)
             groups.append(g)
         return groups
 
@@ -598,19 +610,35 @@ class Layca(Optimizer):
                 g.rates, g.relative_lrs = _device_values(values, g.near_floor.device)
                 g.rates_version = self._rates_version
                 if g.compiled:
-                    g.rate_scalars = scalars(g.rates), scalars(g.relative_lrs)
-            if g.compiled and compiled_step_ready(g.near_floor.device, g.params[0].dtype):
-                rotate_compiled(*g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars)
-                continue
-            near_floor, overflowed = rotate_eager(
-                [p.detach() for p in g.params], g.previous, g.rates, g.relative_lrs, g.initial_norms
-            )
-            g.near_floor |= near_floor
-            if overflowed is not None:
-                self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
+                    g.rate_scalars = tuple([scalars(x)[j] for j in g.fused] for x in (g.rates, g.relative_lrs))
+            if g.compiled and compiled_step_ready(g.near_floor.device, g.params[0].dtype, g.parallel):
+                rotate_compiled(*g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel)
+                if g.unfused:
+                    self._rotate_eager(g, g.unfused)
+            else:
+                self._rotate_eager(g, None)
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
+
+    def _rotate_eager(self, g: _Group, positions: list[int] | None) -> None:
+        """The eager step for the layers of ``g`` at ``positions`` (all of them when ``None``)."""
+        if positions is None:
+            params, previous = [p.detach() for p in g.params], g.previous
+            rates, relative_lrs, initial_norms = g.rates, g.relative_lrs, g.initial_norms
+            indices = g.indices
+        else:
+            at = g.unfused_index
+            params, previous = [g.params[j].detach() for j in positions], [g.previous[j] for j in positions]
+            rates, relative_lrs, initial_norms = g.rates[at], g.relative_lrs[at], g.initial_norms[at]
+            indices = [g.indices[j] for j in positions]
+        near_floor, overflowed = rotate_eager(params, previous, rates, relative_lrs, initial_norms)
+        if positions is None:
+            g.near_floor |= near_floor
+        else:
+            g.near_floor[g.unfused_index] |= near_floor
+        if overflowed is not None:
+            self._warn_overflow([i for i, flag in zip(indices, overflowed.tolist(), strict=True) if flag])
 
     def _warn_near_floor(self, groups: list[_Group]) -> None:
         flagged: list[int] = []

@@ -552,10 +552,11 @@ class Layca(Optimizer):
                 near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
             )
             if compiled:
-                views = [(kernel_view(p.detach()), kernel_view(w)) for p, w in zip(g.params, g.previous, strict=True)]
-                g.fused = [j for j, (vp, vw) in enumerate(views) if vp is not None and vw is not None]
+                pairs = [(kernel_view(p.detach()), kernel_view(w)) for p, w in zip(g.params, g.previous, strict=True)]
+                views = [(vp, vw) for vp, vw in pairs if vp is not None and vw is not None]
+                g.fused = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
                 g.compiled = bool(g.fused)
-                g.views = [views[j][0] for j in g.fused], [views[j][1] for j in g.fused]  # type: ignore[assignment]
+                g.views = [vp for vp, _ in views], [vw for _, vw in views]
                 g.parallel = [parallel_kernel(g.params[j]) for j in g.fused]
                 g.norm_scalars = [scalars(g.initial_norms)[j] for j in g.fused]
                 g.flag_scalars = [scalars(g.near_floor)[j] for j in g.fused]
@@ -610,7 +611,8 @@ class Layca(Optimizer):
                 g.rates, g.relative_lrs = _device_values(values, g.near_floor.device)
                 g.rates_version = self._rates_version
                 if g.compiled:
-                    g.rate_scalars = tuple([scalars(x)[j] for j in g.fused] for x in (g.rates, g.relative_lrs))
+                    rate_scalars, lr_scalars = scalars(g.rates), scalars(g.relative_lrs)
+                    g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
             if g.compiled and compiled_step_ready(g.near_floor.device, g.params[0].dtype, g.parallel):
                 rotate_compiled(*g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel)
                 if g.unfused:

@@ -191,23 +191,32 @@ def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool) -> bool
     key = (device.type, dtype, parallel)
     if key not in _ready:
         try:
-            with torch.no_grad():
-                weights = torch.randn(_WARMUP_SHAPE, device=device).to(dtype)
-                params = weights + 0.01 * torch.randn(_WARMUP_SHAPE, device=device).to(dtype)
+            # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
+            # under `-W error` it would abort the compilation.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # Deterministic stand-in values: the global random state is the user's.
+                grid = torch.arange(_WARMUP_SHAPE[0] * _WARMUP_SHAPE[1], device=device).view(_WARMUP_SHAPE)
+                weights = grid.sin().to(dtype)
+                params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
                 rate, relative_lr, initial_norm = scalars(torch.ones(3, dtype=torch.float64, device=device))
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
                 _compiled(parallel)(params, weights, rate, relative_lr, initial_norm, flag, unit_roundoff(dtype))
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
-            _ready[key] = False
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            warnings.warn(
-                f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
-                f"({type(error).__name__}: {reason[:300]}); using the eager step. Pass implementation='eager' to "
-                "skip the attempt.",
-                stacklevel=4,
-            )
+            _give_up(device, dtype, parallel, error)
     return _ready[key]
+
+
+def _give_up(device: torch.device, dtype: torch.dtype, parallel: bool, error: Exception) -> None:
+    _ready[(device.type, dtype, parallel)] = False
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    warnings.warn(
+        f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
+        f"({type(error).__name__}: {reason[:300]}); using the eager step. Pass implementation='eager' to skip the "
+        "attempt.",
+        stacklevel=5,
+    )
 
 
 def scalars(values: torch.Tensor) -> list[torch.Tensor]:
@@ -270,10 +279,12 @@ def rotate_compiled(
     initial_norms: Sequence[torch.Tensor],
     near_floor: Sequence[torch.Tensor],
     parallel: Sequence[bool],
-) -> None:
+) -> int:
     """Turn the base step of layers of one device and dtype into a Layca step, in place, one compiled call per layer.
 
-    Needs :func:`compiled_step_ready` to have returned ``True`` for the layers' device, dtype and kernels.
+    Needs :func:`compiled_step_ready` to have returned ``True`` for the layers' device, dtype and kernels. Should a
+    later compilation fail (a recompilation after ``torch._dynamo.reset()`` or a change of the number of threads),
+    the layers from the failing one on are left to the caller, after one warning.
 
     Args:
         params: :func:`kernel_view` of each layer (detached), holding ``w + D``.
@@ -283,8 +294,18 @@ def rotate_compiled(
         initial_norms: ``n0`` per layer, likewise.
         near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
         parallel: :func:`parallel_kernel` of each layer.
+
+    Returns:
+        The number of layers stepped (all of them unless a compilation failed).
     """
     steps = {kind: _compiled(kind) for kind in set(parallel)}
     roundoff = unit_roundoff(params[0].dtype)
+    done = 0
     for *args, kind in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, parallel, strict=True):
-        steps[kind](*args, roundoff)
+        try:
+            steps[kind](*args, roundoff)
+        except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
+            _give_up(args[0].device, args[0].dtype, kind, error)
+            break
+        done += 1
+    return done

@@ -614,9 +614,10 @@ class Layca(Optimizer):
                     rate_scalars, lr_scalars = scalars(g.rates), scalars(g.relative_lrs)
                     g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
             if g.compiled and compiled_step_ready(g.near_floor.device, g.params[0].dtype, g.parallel):
-                rotate_compiled(*g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel)
-                if g.unfused:
-                    self._rotate_eager(g, g.unfused)
+                done = rotate_compiled(*g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel)
+                rest = g.unfused if done == len(g.fused) else sorted(g.unfused + g.fused[done:])
+                if rest:
+                    self._rotate_eager(g, rest)
             else:
                 self._rotate_eager(g, None)
         self.step_count += 1
@@ -630,7 +631,7 @@ class Layca(Optimizer):
             rates, relative_lrs, initial_norms = g.rates, g.relative_lrs, g.initial_norms
             indices = g.indices
         else:
-            at = g.unfused_index
+            at = g.unfused_index if positions is g.unfused else torch.tensor(positions, device=g.rates.device)
             params, previous = [g.params[j].detach() for j in positions], [g.previous[j] for j in positions]
             rates, relative_lrs, initial_norms = g.rates[at], g.relative_lrs[at], g.initial_norms[at]
             indices = [g.indices[j] for j in positions]
@@ -638,7 +639,7 @@ class Layca(Optimizer):
         if positions is None:
             g.near_floor |= near_floor
         else:
-            g.near_floor[g.unfused_index] |= near_floor
+            g.near_floor[at] |= near_floor
         if overflowed is not None:
             self._warn_overflow([i for i, flag in zip(indices, overflowed.tolist(), strict=True) if flag])
 

@@ -21,7 +21,8 @@ from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_rotation_rate
+from lightning_layca.compiled_step import Implementation
+from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_implementation, check_rotation_rate
 from lightning_layca.loggers import log_scalars, logging_step
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
@@ -50,7 +51,10 @@ class LaycaCallback(LayerRotationMonitor):
             :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
             the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
             scheduler started from, else the group's lr).
-        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
+        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments other
+            than ``implementation``.
+        implementation: How the Layca step is computed: ``"auto"`` (default), ``"eager"`` or ``"compiled"`` (see
+            :class:`~lightning_layca.Layca`).
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
@@ -83,6 +87,7 @@ class LaycaCallback(LayerRotationMonitor):
         angle_histograms: bool = True,
         histogram_bins: int = 30,
         figure: bool = True,
+        implementation: Implementation = "auto",
     ) -> None:
         super().__init__(
             log_every_n_steps,
@@ -123,6 +128,8 @@ class LaycaCallback(LayerRotationMonitor):
         ):
             raise ValueError(f"LaycaCallback: `reference_lr` must be None or a positive number, got {reference_lr!r}.")
         self.reference_lr = None if reference_lr is None else float(reference_lr)
+        check_implementation("LaycaCallback", implementation)
+        self.implementation: Implementation = implementation
         self.laycas: dict[int, Layca] = {}
         self.last_rates: dict[str, float] = {}
         self._logged_rates_versions: dict[int, int] = {}
@@ -211,6 +218,7 @@ class LaycaCallback(LayerRotationMonitor):
                 include=self.include,
                 exclude=self.exclude,
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
+                implementation=self.implementation,
             )
             earlier = previous.get(i)
             if earlier is not None and earlier.layer_names == layca.layer_names:

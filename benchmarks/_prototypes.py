@@ -27,7 +27,6 @@ def _sgd_layca_layer(
     momentum: torch.Tensor,
     rate: torch.Tensor,
     initial_norm: torch.Tensor,
-    roundoff: float,
 ) -> None:
     new_buf = buf * momentum.float() + grad
     buf.copy_(new_buf)
@@ -36,6 +35,7 @@ def _sgd_layca_layer(
     row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)], 1)
     radial, weight_sq, step_sq = row_sums.sum(0).view(3, 1).unbind(0)
     one = torch.ones_like(rate).view(1)
+    roundoff = unit_roundoff(params.dtype)
     k1, k2, _ = coefficients(radial, weight_sq, step_sq, step_sq, rate.view(1), one, initial_norm.view(1), roundoff)
     k = torch.stack([k1, k2]).view(2)
     params.copy_(k[0] * weights + k[1] * torch.where(k[1] != 0, step, 0.0))
@@ -72,7 +72,6 @@ class FusedSGDLayca:
         values = torch.tensor([lr, momentum, rotation_rate], dtype=torch.float64, device=device)
         self.lr, self.momentum, self.rate = scalars(values)
         self.norms = scalars(torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in layers]))
-        self.roundoff = unit_roundoff(layers[0].dtype)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -80,7 +79,7 @@ class FusedSGDLayca:
         assert _compiled_sgd_layca is not None
         self.base.step()
         for p, g, buf, n0 in zip(self.views, self.grads, self.bufs, self.norms, strict=True):
-            _compiled_sgd_layca(p, g, buf, self.lr, self.momentum, self.rate, n0, self.roundoff)
+            _compiled_sgd_layca(p, g, buf, self.lr, self.momentum, self.rate, n0)
 
 
 def cuda_graph_step(step: Callable[[], object], device: torch.device, warmup: int = 3) -> Callable[[], object]:

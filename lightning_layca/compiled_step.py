@@ -81,7 +81,6 @@ def _fused_layer_step(
     relative_lr: torch.Tensor,
     initial_norm: torch.Tensor,
     near_floor: torch.Tensor,
-    roundoff: float,
 ) -> torch.Tensor:
     """The Layca step of one layer seen as a matrix (traced and compiled; see the module docstring).
 
@@ -92,7 +91,6 @@ def _fused_layer_step(
         relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
         initial_norm: ``n0`` (0-dim float64).
         near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's.
-        roundoff: The unit roundoff of the layer's dtype.
 
     Returns:
         ``(a, b, c)``, the layer's float64 sums.
@@ -102,6 +100,8 @@ def _fused_layer_step(
     row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)], 1)
     sums = row_sums.sum(0)
     radial, weight_sq, step_sq = sums.view(3, 1).unbind(0)
+    # A constant of the compiled code (one compilation per dtype anyway), not an argument converted at every call.
+    roundoff = unit_roundoff(params.dtype)
     k1, k2, near = coefficients(
         radial, weight_sq, step_sq, step_sq, rate.view(1), relative_lr.view(1), initial_norm.view(1), roundoff
     )
@@ -114,9 +114,9 @@ def _fused_layer_step(
     return sums
 
 
-def _fused_layer_step_serial(*args: torch.Tensor | float) -> torch.Tensor:
+def _fused_layer_step_serial(*args: torch.Tensor) -> torch.Tensor:
     """The same step, compiled single-threaded (a function of its own: Dynamo keeps its compilations apart)."""
-    return _fused_layer_step(*args)  # type: ignore[arg-type]
+    return _fused_layer_step(*args)
 
 
 def _compiled(parallel: bool) -> Callable[..., torch.Tensor]:
@@ -193,7 +193,9 @@ def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool) -> bool
         try:
             # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
             # under `-W error` it would abort the compilation.
-            with torch.no_grad(), warnings.catch_warnings():
+            # Floats of the rule (the floor factors) are constants of the compiled code, not inputs converted to
+            # tensors at every call.
+            with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
                 warnings.simplefilter("ignore")
                 # Deterministic stand-in values: the global random state is the user's.
                 grid = torch.arange(_WARMUP_SHAPE[0] * _WARMUP_SHAPE[1], device=device).view(_WARMUP_SHAPE)
@@ -201,7 +203,7 @@ def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool) -> bool
                 params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
                 rate, relative_lr, initial_norm = scalars(torch.ones(3, dtype=torch.float64, device=device))
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
-                _compiled(parallel)(params, weights, rate, relative_lr, initial_norm, flag, unit_roundoff(dtype))
+                _compiled(parallel)(params, weights, rate, relative_lr, initial_norm, flag)
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
             _give_up(device, dtype, parallel, error)
@@ -299,11 +301,10 @@ def rotate_compiled(
         The number of layers stepped (all of them unless a compilation failed).
     """
     steps = {kind: _compiled(kind) for kind in set(parallel)}
-    roundoff = unit_roundoff(params[0].dtype)
     done = 0
     for *args, kind in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, parallel, strict=True):
         try:
-            steps[kind](*args, roundoff)
+            steps[kind](*args)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
             _give_up(args[0].device, args[0].dtype, kind, error)
             break

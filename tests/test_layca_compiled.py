@@ -15,6 +15,7 @@ import lightning_layca as ll
 from lightning_layca import compiled_step
 from tests.reference import layca_update
 
+
 def cuda(test):
     """Mark a test as needing CUDA (``pytest -m cuda`` selects them; ``benchmarks/gpu_check.sh`` runs them)."""
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))

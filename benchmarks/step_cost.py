@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
 from benchmarks._prototypes import FusedSGDLayca, cuda_graph_step
 from benchmarks._shapes import SHAPE_SETS, ShapeSet, numel
 from lightning_layca import Layca
-from lightning_layca.compiled_step import use_compiled_step
+from lightning_layca.compiled_step import AUTO_COMPILE_AFTER_SECONDS, use_compiled_step
 
 ROTATION_RATE = 3**-3
 EPS = 1e-7
@@ -271,11 +271,12 @@ def build_rows(
 
 
 def auto_choice(pset: ParamSet, device: torch.device) -> str:
-    """Which implementation ``Layca(implementation="auto")`` takes for this set."""
-    layers = pset.layers
-    elements = sum(p.numel() for p in layers)
-    compiled = use_compiled_step("auto", device, layers[0].dtype, elements)
-    return "compiled" if compiled else "eager"
+    """Which implementation ``Layca(implementation="auto")`` settles on for this set in a long fit.
+
+    ``"auto"`` steps eagerly until those steps have taken ``AUTO_COMPILE_AFTER_SECONDS``, then keeps the compiled step
+    if it is faster (the rows measure whether it is).
+    """
+    return "compiled" if use_compiled_step("auto", device, pset.layers[0].dtype) else "eager"
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -563,7 +564,12 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         setups = ", ".join(f"{row.name} {row.setup_s:.2f} s" for row in rows if row.compiled)
         lines += [
             "",
-            f'- default (`implementation="auto"`) for this set: {choices[spec]}',
+            f'- default (`implementation="auto"`) for this set: {choices[spec]}'
+            + (
+                f" (after {AUTO_COMPILE_AFTER_SECONDS:g} s of eager steps, if the compiled row is the faster)"
+                if choices[spec] == "compiled"
+                else ""
+            ),
             f"- first step of the compiled rows (compilation, where this process had not compiled yet): {setups}",
             *(f"- {n}" for n in notes),
             f"- {time.perf_counter() - t0:.1f} s for this set; load average now {_load()}",

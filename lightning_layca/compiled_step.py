@@ -34,8 +34,10 @@ import torch
 from lightning_layca.step import coefficients, unit_roundoff
 
 __all__ = [
-    "AUTO_MIN_ELEMENTS",
+    "AUTO_COMPILE_AFTER_SECONDS",
+    "AUTO_TRIAL_STEPS",
     "IMPLEMENTATIONS",
+    "AutoChoice",
     "Implementation",
     "compiled_step_ready",
     "kernel_view",
@@ -53,13 +55,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Layer dtypes the compiled step handles (float64 layers take the eager step, which accumulates in float64)."""
 
 AUTO_DEVICE_TYPES = ("cpu",)
-"""Devices where ``implementation="auto"`` chooses the compiled step: where it was measured faster (see
+"""Devices where ``implementation="auto"`` may choose the compiled step: where it was measured faster (see
 ``benchmarks/README.md``). CUDA is not among them until it has been measured there."""
 
-AUTO_MIN_ELEMENTS = 2**20
-"""``implementation="auto"`` compiles only for a (device, dtype) group of at least this many layer elements. Below it
-the step is dominated by per-layer call overheads, where compiling saves too little per step to repay the compilation
-of a short fit (see ``benchmarks/README.md``)."""
+AUTO_COMPILE_AFTER_SECONDS = 10.0
+"""``implementation="auto"`` compiles once the eager Layca steps of an optimizer have taken this long in total (a
+compilation takes a few seconds from Inductor's on-disk cache, 15 to 25 seconds without it, on a 2-core CPU). A fit
+that would not have repaid the compilation never compiles, and one that does pays it at most once more than needed:
+the classic rule for renting skis until their price has been spent on rent."""
+
+AUTO_TRIAL_STEPS = 20
+"""After compiling, ``implementation="auto"`` times this many compiled steps and goes back to the eager step for good
+if they were not faster on average than the eager ones."""
 
 PARALLEL_MIN_ELEMENTS = 2**18
 """On CPU, layers of at least this many elements take the kernel that runs on torch's intra-op threads, smaller ones a
@@ -141,20 +148,19 @@ def parallel_kernel(layer: torch.Tensor) -> bool:
     return torch.get_num_threads() > 1 and layer.numel() >= PARALLEL_MIN_ELEMENTS
 
 
-def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype, elements: int) -> bool:
-    """Whether a (device, dtype) group of layers takes the compiled step.
+def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a (device, dtype) group of layers may take the compiled step.
 
     Args:
         implementation: ``"auto"``, ``"eager"`` or ``"compiled"`` (see :class:`~lightning_layca.Layca`).
         device: The layers' device.
         dtype: The layers' dtype.
-        elements: The number of elements of the group's layers together.
 
     Returns:
         ``False`` for ``"eager"``; for ``"compiled"``, whether the dtype is supported (a warning says so when it is
-        not); for ``"auto"``, whether the device is one where the compiled step was measured faster and the group is
-        large enough (:data:`AUTO_MIN_ELEMENTS`). Whether compilation works is decided later, by
-        :func:`compiled_step_ready`.
+        not); for ``"auto"``, whether besides the device is one where the compiled step was measured faster
+        (:data:`AUTO_DEVICE_TYPES`; :class:`AutoChoice` then decides when). Whether compilation works is decided
+        later, by :func:`compiled_step_ready`.
     """
     if implementation == "eager":
         return False
@@ -168,7 +174,61 @@ def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dt
         return False
     if implementation == "compiled":
         return True
-    return device.type in AUTO_DEVICE_TYPES and elements >= AUTO_MIN_ELEMENTS
+    return device.type in AUTO_DEVICE_TYPES
+
+
+class AutoChoice:
+    """When ``implementation="auto"`` takes the compiled step: eager first, compiled once it pays, kept if faster.
+
+    Compiling costs seconds once per process, and saves a fraction of every step: worth it for a long fit, not for a
+    short one, and nobody knows in advance how long a fit is. So the eager step runs first while its time is added up;
+    once it reaches :data:`AUTO_COMPILE_AFTER_SECONDS` the compiled step takes over, and after
+    :data:`AUTO_TRIAL_STEPS` compiled steps (the compiling one not counted) it stays only if its mean time beats the
+    eager one's. Times are host wall-clock times of the Layca part of a step, measured on CPU only (where a kernel
+    has finished when its call returns).
+
+    Example:
+        >>> choice = AutoChoice()
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled
+        (False, False)
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled  # changed: the step is compiled from now on
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self.phase: Literal["eager", "trial", "compiled", "eager for good"] = "eager"
+        self.eager_seconds = 0.0
+        self.eager_steps = 0
+        self.trial_seconds = 0.0
+        self.trial_steps = -1  # the first compiled step compiles: not counted
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled step is to be taken now."""
+        return self.phase in ("trial", "compiled")
+
+    @property
+    def measuring(self) -> bool:
+        """Whether :meth:`record` still needs the time of each step."""
+        return self.phase in ("eager", "trial")
+
+    def record(self, seconds: float) -> bool:
+        """Add the time of one step's Layca part; return whether the choice changed (the groups must be rebuilt)."""
+        if self.phase == "eager":
+            self.eager_seconds += seconds
+            self.eager_steps += 1
+            if self.eager_seconds >= AUTO_COMPILE_AFTER_SECONDS:
+                self.phase = "trial"
+                return True
+        elif self.phase == "trial":
+            self.trial_steps += 1
+            if self.trial_steps > 0:
+                self.trial_seconds += seconds
+            if self.trial_steps == AUTO_TRIAL_STEPS:
+                faster = self.trial_seconds / AUTO_TRIAL_STEPS < self.eager_seconds / self.eager_steps
+                self.phase = "compiled" if faster else "eager for good"
+                return not faster
+        return False
 
 
 def compiled_step_ready(device: torch.device, dtype: torch.dtype, parallel: Sequence[bool]) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -31,6 +32,7 @@ from torch.optim import Optimizer
 
 from lightning_layca.compiled_step import (
     IMPLEMENTATIONS,
+    AutoChoice,
     Implementation,
     compiled_step_ready,
     kernel_view,
@@ -180,6 +182,7 @@ class _Group:
     rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
+    eligible: bool = False
     compiled: bool = False
     fused: list[int] = field(default_factory=list)
     views: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
@@ -243,9 +246,10 @@ class Layca(Optimizer):
             (:func:`lightning_layca.step.coefficients`). ``"eager"``: multi-tensor torch operations. ``"compiled"``:
             per layer, one fused reduction pass and one update pass, compiled with ``torch.compile`` at the first step
             (Inductor: C++ on CPU, Triton on CUDA) for float32, bfloat16 and float16 layers; where compilation fails,
-            one warning and the eager step. ``"auto"`` (default): the compiled step where it was measured faster, for
-            now on CPU for groups of at least :data:`~lightning_layca.compiled_step.AUTO_MIN_ELEMENTS` layer elements
-            of one dtype, else the eager step.
+            one warning and the eager step. ``"auto"`` (default): on CPU, the eager step until its steps have taken
+            :data:`~lightning_layca.compiled_step.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
+            turns out faster (:class:`~lightning_layca.compiled_step.AutoChoice`), so that a short fit never waits
+            for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
@@ -302,6 +306,7 @@ class Layca(Optimizer):
         self.schedule = schedule
         self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
         self.implementation: Implementation = implementation
+        self._auto = AutoChoice() if implementation == "auto" else None
         self._include = as_patterns("Layca: `include`", include)
         self._exclude = as_patterns("Layca: `exclude`", exclude)
 
@@ -535,14 +540,14 @@ class Layca(Optimizer):
             by_key[(p.device, p.dtype)].append(i)
         chunks: list[tuple[list[int], bool]] = []
         for (device, dtype), indices in by_key.items():
-            elements = sum(self._layers[i].numel() for i in indices)
-            compiled = use_compiled_step(self.implementation, device, dtype, elements)
+            eligible = use_compiled_step(self.implementation, device, dtype)
             chunks.extend(
-                (chunk, compiled)
+                (chunk, eligible)
                 for chunk in _chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None)
             )
         groups = []
-        for idx, compiled in chunks:
+        compile_now = self._auto is None or self._auto.compiled
+        for idx, eligible in chunks:
             device = self._layers[idx[0]].device
             g = _Group(
                 indices=idx,
@@ -550,8 +555,9 @@ class Layca(Optimizer):
                 previous=[torch.empty_like(self._layers[i]) for i in idx],
                 initial_norms=torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64, device=device),
                 near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
+                eligible=eligible,
             )
-            if compiled:
+            if eligible and compile_now:
                 pairs = [(kernel_view(p.detach()), kernel_view(w)) for p, w in zip(g.params, g.previous, strict=True)]
                 views = [(vp, vw) for vp, vw in pairs if vp is not None and vw is not None]
                 g.fused = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
@@ -605,7 +611,10 @@ class Layca(Optimizer):
             loss = self.optimizer.step(closure_with_grad)
 
         rates = self._current_rates()
+        auto = self._auto if self._auto is not None and self._auto.measuring else None
+        seconds = 0.0
         for g in groups:
+            start = time.perf_counter() if auto is not None and g.eligible else None
             if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
                 values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
                 g.rates, g.relative_lrs = _device_values(values, g.near_floor.device)
@@ -620,6 +629,10 @@ class Layca(Optimizer):
                     self._rotate_eager(g, rest)
             else:
                 self._rotate_eager(g, None)
+            if start is not None:  # eligible groups are on CPU: their kernels have finished
+                seconds += time.perf_counter() - start
+        if auto is not None and any(g.eligible for g in groups) and auto.record(seconds):
+            self._groups = None  # take the other implementation from the next step on
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss

@@ -63,15 +63,42 @@ def test_unknown_implementation_is_refused_with_the_accepted_ones(bad: object) -
         ll.LaycaCallback(implementation=bad)
 
 
-def test_auto_compiles_large_cpu_groups_only() -> None:
-    small = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
-    large = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 4))  # 1,052,672 layer elements >= 2**20
-    for model, compiled in ((small, False), (large, True)):
-        opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
-        model(torch.randn(2, model[0].in_features)).sum().backward()
-        opt.step()
-        assert [g.compiled for g in opt._groups] == [compiled] * len(opt._groups)
-    assert sum(p.numel() for p in large.parameters() if p.ndim >= 2) >= compiled_step.AUTO_MIN_ELEMENTS
+def test_auto_choice_compiles_once_the_eager_steps_have_cost_a_compilation_and_keeps_the_faster() -> None:
+    eager_step = compiled_step.AUTO_COMPILE_AFTER_SECONDS / 4
+    for compiled_time, kept in ((eager_step / 2, True), (eager_step * 2, False)):
+        choice = compiled_step.AutoChoice()
+        assert [choice.record(eager_step) for _ in range(4)] == [False, False, False, True]
+        assert choice.compiled
+        assert not choice.record(100.0)  # the compiling step is not counted
+        changes = [choice.record(compiled_time) for _ in range(compiled_step.AUTO_TRIAL_STEPS)]
+        assert changes == [False] * (compiled_step.AUTO_TRIAL_STEPS - 1) + [not kept]
+        assert choice.compiled == kept and not choice.measuring
+        assert not choice.record(1e-9) and choice.compiled == kept
+
+
+def test_auto_steps_eagerly_while_the_eager_steps_are_cheap_then_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    twin = copy.deepcopy(model)
+    auto = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    eager = ll.Layca(torch.optim.SGD(twin.parameters(), lr=0.1), twin.named_parameters(), implementation="eager")
+    x = torch.randn(4, 6)
+    train([(model, auto), (twin, eager)], 3, lambda step: x)
+    assert not auto._groups[0].compiled and auto._auto.phase == "eager"  # a few cheap steps: no compilation
+    monkeypatch.setattr(compiled_step, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
+    train([(model, auto), (twin, eager)], 2, lambda step: x)
+    assert auto._groups[0].compiled and auto._auto.phase == "trial"
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(p.detach(), q.detach()) < 1e-6
+
+
+def test_auto_never_compiles_for_cuda_or_float64_layers() -> None:
+    model = nn.Linear(8, 8).double()
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert not opt._groups[0].eligible
+    assert compiled_step.use_compiled_step("auto", torch.device("cuda"), torch.float32) is False
 
 
 def test_float64_layers_take_the_eager_step_with_a_warning_when_compiled_is_asked_for() -> None:

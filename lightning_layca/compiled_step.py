@@ -44,6 +44,7 @@ __all__ = [
     "parallel_kernel",
     "rotate_compiled",
     "scalars",
+    "unit_view",
     "use_compiled_step",
 ]
 
@@ -77,16 +78,16 @@ _WARMUP_SHAPE = (64, 576)
 """The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
 exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
 
-_compiled_fns: dict[bool, Callable[..., torch.Tensor]] = {}
-_ready: dict[tuple[str, torch.dtype, bool], bool] = {}
+_compiled_fns: dict[tuple[bool, bool], Callable[..., torch.Tensor]] = {}
+_ready: dict[tuple[str, torch.dtype, bool, bool], bool] = {}
 
 
-def _fused_layer_step(
+def _fused_step(
     params: torch.Tensor,
     previous: torch.Tensor,
     rate: torch.Tensor,
     relative_lr: torch.Tensor,
-    initial_norm: torch.Tensor,
+    initial_norms: torch.Tensor,
     near_floor: torch.Tensor,
 ) -> torch.Tensor:
     """The Layca step of one layer seen as a matrix (traced and compiled; see the module docstring).
@@ -96,49 +97,72 @@ def _fused_layer_step(
         previous: ``w``, the same view of the snapshot.
         rate: ``rho`` (0-dim float64).
         relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
-        initial_norm: ``n0`` (0-dim float64).
-        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's.
+        initial_norms: ``n0``: 0-dim for the layer (``granularity="layer"``), or one per row (``"unit"``; the rows are
+            then the units), float64.
+        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's (any unit's).
 
     Returns:
-        ``(a, b, c)``, the layer's float64 sums.
+        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
     """
     weights = previous.double()
     step = params.double() - weights
-    row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)], 1)
-    sums = row_sums.sum(0)
-    radial, weight_sq, step_sq = sums.view(3, 1).unbind(0)
+    row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)])
+    sums = row_sums.sum(1, keepdim=True) if initial_norms.dim() == 0 else row_sums
+    radial, weight_sq, step_sq = sums.unbind(0)
+    units = radial.shape[0]
     # A constant of the compiled code (one compilation per dtype anyway), not an argument converted at every call.
     roundoff = unit_roundoff(params.dtype)
     k1, k2, near = coefficients(
-        radial, weight_sq, step_sq, step_sq, rate.view(1), relative_lr.view(1), initial_norm.view(1), roundoff
+        radial,
+        weight_sq,
+        step_sq,
+        step_sq,
+        rate.expand(units),
+        relative_lr.expand(units),
+        initial_norms.reshape(units),
+        roundoff,
     )
-    # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers instead of
-    # recomputing the coefficients' square roots and divisions for every vector of elements.
-    k = torch.stack([k1, k2]).view(2)
-    held = torch.where(k[1] != 0, step, 0.0)  # a layer that does not move: its step may hold NaN or inf
-    params.copy_(k[0] * weights + k[1] * held)
-    near_floor.copy_(near_floor | near.view(()))
+    # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers per unit instead
+    # of recomputing the coefficients' square roots and divisions for every vector of elements.
+    k = torch.stack([k1, k2])
+    k1, k2 = k[0].unsqueeze(1), k[1].unsqueeze(1)
+    held = torch.where(k2 != 0, step, 0.0)  # a unit that does not move: its step may hold NaN or inf
+    params.copy_(k1 * weights + k2 * held)
+    near_floor.copy_(near_floor | near.any())
     return sums
 
 
-def _fused_layer_step_serial(*args: torch.Tensor) -> torch.Tensor:
-    """The same step, compiled single-threaded (a function of its own: Dynamo keeps its compilations apart)."""
-    return _fused_layer_step(*args)
+# One function per kernel: Dynamo keeps the compilations of a function together (and limits their number), so the
+# single-threaded and per-unit kernels get functions of their own.
+def _fused_step_serial(*args: torch.Tensor) -> torch.Tensor:
+    return _fused_step(*args)
 
 
-def _compiled(parallel: bool) -> Callable[..., torch.Tensor]:
-    if parallel not in _compiled_fns:
+def _fused_unit_step(*args: torch.Tensor) -> torch.Tensor:
+    return _fused_step(*args)
+
+
+def _fused_unit_step_serial(*args: torch.Tensor) -> torch.Tensor:
+    return _fused_step(*args)
+
+
+_FUNCTIONS: dict[tuple[bool, bool], Callable[..., torch.Tensor]] = {
+    (True, False): _fused_step,
+    (False, False): _fused_step_serial,
+    (True, True): _fused_unit_step,
+    (False, True): _fused_unit_step_serial,
+}
+
+
+def _compiled(parallel: bool, per_unit: bool = False) -> Callable[..., torch.Tensor]:
+    key = (parallel, per_unit)
+    if key not in _compiled_fns:
         # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
-        options: dict[str, Any] = {"max_pointwise_cat_inputs": 0}
+        options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
         if not parallel:
             options["cpp.threads"] = 1
-        _compiled_fns[parallel] = torch.compile(
-            _fused_layer_step if parallel else _fused_layer_step_serial,
-            dynamic=True,
-            fullgraph=True,
-            options=options,
-        )
-    return _compiled_fns[parallel]
+        _compiled_fns[key] = torch.compile(_FUNCTIONS[key], dynamic=True, fullgraph=True, options=options)
+    return _compiled_fns[key]
 
 
 def parallel_kernel(layer: torch.Tensor) -> bool:
@@ -231,7 +255,9 @@ class AutoChoice:
         return False
 
 
-def compiled_step_ready(device: torch.device, dtype: torch.dtype, parallel: Sequence[bool]) -> bool:
+def compiled_step_ready(
+    device: torch.device, dtype: torch.dtype, parallel: Sequence[bool], per_unit: bool = False
+) -> bool:
     """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
 
     The first call per (device type, dtype, kernel) in the process compiles, on a stand-in layer; later calls return
@@ -241,37 +267,38 @@ def compiled_step_ready(device: torch.device, dtype: torch.dtype, parallel: Sequ
         device: The layers' device.
         dtype: The layers' dtype.
         parallel: :func:`parallel_kernel` of each layer: the kernels needed.
+        per_unit: Whether the layers step per unit (``granularity="unit"``).
     """
-    return all(_ready_one(device, dtype, kind) for kind in sorted(set(parallel)))
+    return all(_ready_one(device, dtype, kind, per_unit) for kind in sorted(set(parallel)))
 
 
-def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool) -> bool:
-    if any(not ok for (device_type, kind, _), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
+def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool) -> bool:
+    if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
         return False  # one warning per (device, dtype), and never a half-compiled group
-    key = (device.type, dtype, parallel)
+    key = (device.type, dtype, parallel, per_unit)
     if key not in _ready:
         try:
             # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
-            # under `-W error` it would abort the compilation.
-            # Floats of the rule (the floor factors) are constants of the compiled code, not inputs converted to
-            # tensors at every call.
+            # under `-W error` it would abort the compilation. Floats of the rule (the floor factors) are constants
+            # of the compiled code, not inputs converted to tensors at every call.
             with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
                 warnings.simplefilter("ignore")
                 # Deterministic stand-in values: the global random state is the user's.
                 grid = torch.arange(_WARMUP_SHAPE[0] * _WARMUP_SHAPE[1], device=device).view(_WARMUP_SHAPE)
                 weights = grid.sin().to(dtype)
                 params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
-                rate, relative_lr, initial_norm = scalars(torch.ones(3, dtype=torch.float64, device=device))
+                rate, relative_lr = scalars(torch.ones(2, dtype=torch.float64, device=device))
+                norms = torch.ones(_WARMUP_SHAPE[0] if per_unit else (), dtype=torch.float64, device=device)
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
-                _compiled(parallel)(params, weights, rate, relative_lr, initial_norm, flag)
+                _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
-            _give_up(device, dtype, parallel, error)
+            _give_up(device, dtype, parallel, per_unit, error)
     return _ready[key]
 
 
-def _give_up(device: torch.device, dtype: torch.dtype, parallel: bool, error: Exception) -> None:
-    _ready[(device.type, dtype, parallel)] = False
+def _give_up(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, error: Exception) -> None:
+    _ready[(device.type, dtype, parallel, per_unit)] = False
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     warnings.warn(
         f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
@@ -333,6 +360,33 @@ def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def unit_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Return a 2-D view of ``tensor``'s memory whose rows are its units (slices along dim 0), or ``None``.
+
+    As :func:`kernel_view`, but the rows must be the units: ``None`` unless dim 0 is the outermost dimension of a
+    dense layout and there are at least 2 units of at least 2 elements each.
+
+    Example:
+        >>> unit_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
+        torch.Size([8, 75])
+        >>> unit_view(torch.zeros(1, 197, 768)) is None
+        True
+    """
+    if tensor.dim() < 2:
+        return None
+    if not tensor.is_contiguous():
+        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride()[d], d))
+        if order[0] != 0:
+            return None
+        tensor = tensor.permute(order)
+        if not tensor.is_contiguous():
+            return None
+    units = tensor.shape[0]
+    if units < 2 or tensor.numel() // units < 2:
+        return None
+    return tensor.view(units, -1).detach()
+
+
 def rotate_compiled(
     params: Sequence[torch.Tensor],
     previous: Sequence[torch.Tensor],
@@ -341,6 +395,7 @@ def rotate_compiled(
     initial_norms: Sequence[torch.Tensor],
     near_floor: Sequence[torch.Tensor],
     parallel: Sequence[bool],
+    per_unit: bool = False,
 ) -> int:
     """Turn the base step of layers of one device and dtype into a Layca step, in place, one compiled call per layer.
 
@@ -353,20 +408,21 @@ def rotate_compiled(
         previous: The same views of the weights before the base step.
         rates: ``rho`` per layer, 0-dim float64 tensors on the layers' device.
         relative_lrs: ``lr_g(t) / lr_ref`` per layer, likewise.
-        initial_norms: ``n0`` per layer, likewise.
+        initial_norms: ``n0`` per layer, likewise; with ``per_unit``, each layer's 1-D tensor of norms per unit.
         near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
         parallel: :func:`parallel_kernel` of each layer.
+        per_unit: Whether every unit (row of :func:`unit_view`) turns by itself (``granularity="unit"``).
 
     Returns:
         The number of layers stepped (all of them unless a compilation failed).
     """
-    steps = {kind: _compiled(kind) for kind in set(parallel)}
+    steps = {kind: _compiled(kind, per_unit) for kind in set(parallel)}
     done = 0
     for *args, kind in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, parallel, strict=True):
         try:
             steps[kind](*args)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
-            _give_up(args[0].device, args[0].dtype, kind, error)
+            _give_up(args[0].device, args[0].dtype, kind, per_unit, error)
             break
         done += 1
     return done

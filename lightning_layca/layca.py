@@ -39,12 +39,13 @@ from lightning_layca.compiled_step import (
     parallel_kernel,
     rotate_compiled,
     scalars,
+    unit_view,
     use_compiled_step,
 )
 from lightning_layca.rotation import accumulation_dtype
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
-from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager
+from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager, rotate_eager_units, unit_counts, unit_rows
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
@@ -81,15 +82,6 @@ def check_rotation_rate(owner: str, rotation_rate: object) -> None:
             f"{owner}: `rotation_rate` must be a number in (0, {MAX_ROTATION_RATE:g}] (a layer turns by "
             f"atan(rotation_rate) per step; the paper's best is 3**-3 = {DEFAULT_ROTATION_RATE:.6g}) or "
             f"'{EQUILIBRIUM}', got {rotation_rate!r}."
-        )
-
-
-def check_implementation(owner: str, implementation: object) -> None:
-    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``implementation`` is an accepted one."""
-    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"{owner}: `implementation` must be one of {', '.join(repr(x) for x in IMPLEMENTATIONS)}, "
-            f"got {implementation!r}."
         )
 
 
@@ -134,6 +126,21 @@ def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
     return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
 
 
+def check_implementation(owner: str, implementation: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``implementation`` is an accepted one."""
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{owner}: `implementation` must be one of {', '.join(repr(x) for x in IMPLEMENTATIONS)}, "
+            f"got {implementation!r}."
+        )
+
+
+def check_granularity(owner: str, granularity: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``granularity`` is ``"layer"`` or ``"unit"``."""
+    if granularity not in ("layer", "unit"):
+        raise ValueError(f"{owner}: `granularity` must be 'layer' or 'unit', got {granularity!r}.")
+
+
 def group_peak_lr(group: dict[str, Any]) -> float:
     """Return the learning rate a parameter group peaks at, as far as the group records it.
 
@@ -169,16 +176,21 @@ class _Group:
     """The controlled layers of one (device, dtype) chunk, their snapshot buffers and device-side values.
 
     In ``compiled`` groups, the layers at ``fused`` positions take the fused step (see
-    :mod:`lightning_layca.compiled_step`), which reads them through ``views`` and their values through the 0-dim
-    ``*_scalars``; the others (a layer that is not one dense block of memory, or has a prime number of elements in a
-    single dimension) take the eager step.
+    :mod:`lightning_layca.compiled_step`), which reads them through ``views`` and their values through per-layer
+    tensors (``*_scalars``; with ``granularity="unit"``, ``norm_scalars`` holds each layer's norms per unit); the
+    others (a layer that is not one dense block of memory, or that has no split into at least 2 rows and 2 columns)
+    take the eager step.
     """
 
     indices: list[int]
     params: list[torch.Tensor]
     previous: list[torch.Tensor]
     initial_norms: torch.Tensor
+    """Per layer, or per unit (rows of the group's layers, concatenated) with ``granularity="unit"``."""
     near_floor: torch.Tensor
+    """Per layer: whether a step of the layer (of one of its units) came near the rounding floor."""
+    row_layer: torch.Tensor | None = None
+    """With ``granularity="unit"``: the position in the group of the layer each row belongs to."""
     rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
@@ -192,7 +204,9 @@ class _Group:
     rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     unfused: list[int] = field(default_factory=list)
     """Positions of the layers the eager step takes in a compiled group."""
-    unfused_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    """Device index tensors of a subset of the layers: their positions, their values' positions (rows with
+    ``granularity="unit"``) and, per row, the position of its layer in the subset (built once per subset)."""
 
 
 def _device_values(values: list[list[float]], device: torch.device) -> torch.Tensor:
@@ -231,12 +245,16 @@ class Layca(Optimizer):
         rotation_rate: Base rotation rate ``rho`` in ``(0, 1000]``; each step rotates a layer by ``atan(rho)``
             radians at multiplier 1 and relative lr 1. Default ``3 ** -3``, the paper's best for SGD. Or
             ``"equilibrium"``: every step, each group's base rate is the angular update its optimizer reaches at
-            equilibrium with weight decay (:func:`equilibrium_rate`, from the group's current lr, weight decay and
-            momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
+            equilibrium with weight decay (``lightning_layca.layca.equilibrium_rate``, from the group's current lr,
+            weight decay and momentum), times the schedule's multiplier; LR schedulers shape it through ``lr(t)``.
         schedule: Per-layer multipliers (default :class:`~lightning_layca.Uniform`).
         include: ``fnmatch`` patterns of parameter names to control (default: every parameter with ``ndim >= 2``
             that this optimizer trains or that is frozen and may be trained later).
         exclude: ``fnmatch`` patterns of parameter names never to control.
+        granularity: ``"layer"`` (the paper: each layer turns by ``atan(rho)`` and keeps its norm) or ``"unit"``:
+            every output unit (slice along dim 0: a row of a Linear weight, a filter of a convolution) turns by
+            ``atan(rho)`` and keeps its own initial norm, the rounding-floor and non-finite rules applying per unit;
+            the schedule still gives one multiplier per layer. A unit whose weights are all zero stays zero.
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l``. Default: fixed at the
             first step as the largest peak learning rate among the parameter groups holding layers (``max_lr`` where
             ``OneCycleLR`` records one, else the ``initial_lr`` a scheduler recorded, else ``lr``), so the fastest
@@ -279,6 +297,7 @@ class Layca(Optimizer):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         reference_lr: float | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
         implementation: Implementation = "auto",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -294,6 +313,7 @@ class Layca(Optimizer):
             raise TypeError(f"Layca: `schedule` must be a RotationSchedule instance, got {schedule!r}.")
         if reference_lr is not None:
             self._check_reference_lr(reference_lr, "`reference_lr`")
+        check_granularity("Layca", granularity)
         check_implementation("Layca", implementation)
 
         # torch's Optimizer.__init__ sets up hook registries and step patching; its placeholder containers are kept
@@ -304,6 +324,7 @@ class Layca(Optimizer):
             EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
         )
         self.schedule = schedule
+        self.granularity: Literal["layer", "unit"] = granularity
         self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
         self.implementation: Implementation = implementation
         self._auto = AutoChoice() if implementation == "auto" else None
@@ -327,6 +348,8 @@ class Layca(Optimizer):
         self._layers: list[torch.Tensor] = [p for _, p in layers]
         schedule.validate(self.layer_names)
         self.initial_norms: list[float | None] = [None] * len(self._layers)
+        self.initial_unit_norms: list[torch.Tensor | None] = [None] * len(self._layers)
+        """With ``granularity="unit"``: every layer's initial norm per unit (float64, on the CPU)."""
         self.step_count = 0
         self.epoch = 0
         self.restored_from_plain_state = False
@@ -460,6 +483,11 @@ class Layca(Optimizer):
         for i in controlled:
             if self.initial_norms[i] is None:  # joins now: frozen until now, so these are its initial weights
                 self.initial_norms[i] = self._initial_norm(i)
+            if self.granularity == "unit" and self.initial_unit_norms[i] is None:
+                p = self._layers[i].detach()
+                self.initial_unit_norms[i] = torch.linalg.vector_norm(
+                    unit_rows(p), dim=1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
+                ).to(device="cpu", dtype=torch.float64)
         self._controlled = controlled
         self._controlled_key = key
         self._groups = None
@@ -513,7 +541,12 @@ class Layca(Optimizer):
                 )
             self._multipliers = multipliers
             self._schedule_key = key
-        reference = self.reference_lr if self.reference_lr is not None else self._default_reference_lr()
+        if self.reference_lr is not None:
+            reference = self.reference_lr
+        elif self._layer_group:
+            reference = self._default_reference_lr()
+        else:  # no layer in any group yet (every layer frozen): nothing to rotate
+            reference = 1.0
         groups = self.param_groups
         relative_lrs = [0.0] * len(self.layer_names)
         for i, g in self._layer_group.items():
@@ -549,28 +582,46 @@ class Layca(Optimizer):
         compile_now = self._auto is None or self._auto.compiled
         for idx, eligible in chunks:
             device = self._layers[idx[0]].device
+            params = [self._layers[i] for i in idx]
+            row_layer = None
+            if self.granularity == "unit":
+                norms = torch.cat([self.initial_unit_norms[i] for i in idx])  # type: ignore[misc]
+                counts = torch.tensor(unit_counts(params), device=device)
+                row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
+            else:
+                norms = torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64)
             g = _Group(
                 indices=idx,
-                params=[self._layers[i] for i in idx],
-                previous=[torch.empty_like(self._layers[i]) for i in idx],
-                initial_norms=torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64, device=device),
+                params=params,
+                previous=[torch.empty_like(p) for p in params],
+                initial_norms=norms.to(device),
                 near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
+                row_layer=row_layer,
                 eligible=eligible,
             )
             if eligible and compile_now:
-                pairs = [(kernel_view(p.detach()), kernel_view(w)) for p, w in zip(g.params, g.previous, strict=True)]
-                views = [(vp, vw) for vp, vw in pairs if vp is not None and vw is not None]
-                g.fused = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
-                g.compiled = bool(g.fused)
-                g.views = [vp for vp, _ in views], [vw for _, vw in views]
-                g.parallel = [parallel_kernel(g.params[j]) for j in g.fused]
-                g.norm_scalars = [scalars(g.initial_norms)[j] for j in g.fused]
-                g.flag_scalars = [scalars(g.near_floor)[j] for j in g.fused]
-                if g.compiled:
-                    g.unfused = [j for j in range(len(idx)) if j not in g.fused]
-                    g.unfused_index = torch.tensor(g.unfused, dtype=torch.long, device=device)
+                self._prepare_compiled(g)
             groups.append(g)
         return groups
+
+    def _prepare_compiled(self, g: _Group) -> None:
+        """The views and per-layer tensors of the compiled step for the layers of ``g`` it can take."""
+        view = unit_view if self.granularity == "unit" else kernel_view
+        pairs = [(view(p.detach()), view(w)) for p, w in zip(g.params, g.previous, strict=True)]
+        views = [(vp, vw) for vp, vw in pairs if vp is not None and vw is not None]
+        g.fused = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
+        g.unfused = [j for j in range(len(g.params)) if j not in g.fused]
+        g.compiled = bool(g.fused)
+        g.views = [vp for vp, _ in views], [vw for _, vw in views]
+        g.parallel = [parallel_kernel(g.params[j]) for j in g.fused]
+        if self.granularity == "unit":  # each layer's norms per unit, in a tensor of its own
+            norms = g.initial_norms.split(unit_counts(g.params))
+            g.norm_scalars = [norms[j].clone() for j in g.fused]
+        else:
+            g.norm_scalars = [scalars(g.initial_norms)[j] for j in g.fused]
+        g.flag_scalars = [scalars(g.near_floor)[j] for j in g.fused]
+        if g.compiled and g.unfused:  # index tensors built now, not in a step (on an accelerator, that would sync)
+            g.subsets[tuple(g.unfused)] = self._subset(g, g.unfused)
 
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
@@ -617,13 +668,21 @@ class Layca(Optimizer):
             start = time.perf_counter() if auto is not None and g.eligible else None
             if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
                 values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
-                g.rates, g.relative_lrs = _device_values(values, g.near_floor.device)
-                g.rates_version = self._rates_version
+                layer_rates, layer_relative_lrs = _device_values(values, g.near_floor.device)
                 if g.compiled:
-                    rate_scalars, lr_scalars = scalars(g.rates), scalars(g.relative_lrs)
+                    rate_scalars, lr_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
                     g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
-            if g.compiled and compiled_step_ready(g.near_floor.device, g.params[0].dtype, g.parallel):
-                done = rotate_compiled(*g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel)
+                g.rates, g.relative_lrs = layer_rates, layer_relative_lrs
+                if g.row_layer is not None:
+                    g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
+                g.rates_version = self._rates_version
+            if g.compiled and compiled_step_ready(
+                g.near_floor.device, g.params[0].dtype, g.parallel, per_unit=g.row_layer is not None
+            ):
+                per_unit = g.row_layer is not None
+                done = rotate_compiled(
+                    *g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel, per_unit=per_unit
+                )
                 rest = g.unfused if done == len(g.fused) else sorted(g.unfused + g.fused[done:])
                 if rest:
                     self._rotate_eager(g, rest)
@@ -639,22 +698,39 @@ class Layca(Optimizer):
 
     def _rotate_eager(self, g: _Group, positions: list[int] | None) -> None:
         """The eager step for the layers of ``g`` at ``positions`` (all of them when ``None``)."""
-        if positions is None:
-            params, previous = [p.detach() for p in g.params], g.previous
-            rates, relative_lrs, initial_norms = g.rates, g.relative_lrs, g.initial_norms
-            indices = g.indices
+        chosen = list(range(len(g.params))) if positions is None else positions
+        params, previous = [g.params[j].detach() for j in chosen], [g.previous[j] for j in chosen]
+        rates, relative_lrs, initial_norms, row_layer = g.rates, g.relative_lrs, g.initial_norms, g.row_layer
+        if positions is not None:  # the values of those layers (of their rows) only
+            if tuple(chosen) not in g.subsets:
+                g.subsets[tuple(chosen)] = self._subset(g, chosen)
+            at, rows, row_layer = g.subsets[tuple(chosen)]
+            rates, relative_lrs, initial_norms = rates[rows], relative_lrs[rows], initial_norms[rows]
+        if row_layer is not None:
+            near_rows = rotate_eager_units(params, previous, rates, relative_lrs, initial_norms)
+            near_floor = torch.zeros(len(chosen), dtype=torch.bool, device=near_rows.device)
+            near_floor.index_put_((row_layer,), near_rows, accumulate=True)
         else:
-            at = g.unfused_index if positions is g.unfused else torch.tensor(positions, device=g.rates.device)
-            params, previous = [g.params[j].detach() for j in positions], [g.previous[j] for j in positions]
-            rates, relative_lrs, initial_norms = g.rates[at], g.relative_lrs[at], g.initial_norms[at]
-            indices = [g.indices[j] for j in positions]
-        near_floor, overflowed = rotate_eager(params, previous, rates, relative_lrs, initial_norms)
+            near_floor, overflowed = rotate_eager(params, previous, rates, relative_lrs, initial_norms)
+            if overflowed is not None:
+                flags = overflowed.tolist()
+                self._warn_overflow([g.indices[j] for j, flag in zip(chosen, flags, strict=True) if flag])
         if positions is None:
             g.near_floor |= near_floor
         else:
             g.near_floor[at] |= near_floor
-        if overflowed is not None:
-            self._warn_overflow([i for i, flag in zip(indices, overflowed.tolist(), strict=True) if flag])
+
+    @staticmethod
+    def _subset(g: _Group, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        device = g.near_floor.device
+        at = torch.tensor(chosen, dtype=torch.long)
+        if g.row_layer is None:
+            return at.to(device), at.to(device), None
+        counts = unit_counts(g.params)
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+        rows = torch.cat([torch.arange(starts[j], starts[j] + counts[j]) for j in chosen])
+        row_layer = torch.repeat_interleave(torch.arange(len(chosen)), torch.tensor([counts[j] for j in chosen]))
+        return at.to(device), rows.to(device), row_layer.to(device)
 
     def _warn_near_floor(self, groups: list[_Group]) -> None:
         flagged: list[int] = []
@@ -691,6 +767,17 @@ class Layca(Optimizer):
             f"about 1% (and a step below that floor does not move a layer at all). {advice}"
         )
 
+    def weights_before_last_step(self) -> dict[str, torch.Tensor]:
+        """Return the weights every controlled layer had before the latest step, keyed by parameter name.
+
+        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only.
+        """
+        return {
+            self.layer_names[i]: buffer
+            for g in self._groups or []
+            for i, buffer in zip(g.indices, g.previous, strict=True)
+        }
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the wrapped optimizer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -717,12 +804,17 @@ class Layca(Optimizer):
             for name, p in selected:
                 self._check_layer(name, p)
             order = {id(p): k for k, (_, p) in enumerate(self._names.values())}
-            known_layers = list(zip(self.layer_names, self._layers, self.initial_norms, strict=True))
-            joining: list[tuple[str, torch.Tensor, float | None]] = [(n, p, None) for n, p in selected]
-            layers = sorted(known_layers + joining, key=lambda item: order[id(item[1])])
-            self.layer_names = [n for n, _, _ in layers]
-            self._layers = [p for _, p, _ in layers]
-            self.initial_norms = [n0 for _, _, n0 in layers]
+            existing = list(
+                zip(self.layer_names, self._layers, self.initial_norms, self.initial_unit_norms, strict=True)
+            )
+            joining: list[tuple[str, torch.Tensor, float | None, torch.Tensor | None]] = [
+                (n, p, None, None) for n, p in selected
+            ]
+            layers = sorted(existing + joining, key=lambda item: order[id(item[1])])
+            self.layer_names = [item[0] for item in layers]
+            self._layers = [item[1] for item in layers]
+            self.initial_norms = [item[2] for item in layers]
+            self.initial_unit_norms = [item[3] for item in layers]
             self.schedule.validate(self.layer_names)
             self._schedule_key = object()
         self._controlled_key = None
@@ -746,6 +838,8 @@ class Layca(Optimizer):
         state["layca"] = {
             "layer_names": list(self.layer_names),
             "initial_norms": list(self.initial_norms),
+            "granularity": self.granularity,
+            "initial_unit_norms": list(self.initial_unit_norms),
             "reference_lr": self.reference_lr,
             "step_count": self.step_count,
             "epoch": self.epoch,
@@ -771,7 +865,13 @@ class Layca(Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self.restored_from_plain_state = layca is None
         if layca is not None:
+            if layca.get("granularity", "layer") != self.granularity:
+                raise ValueError(
+                    f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
+                    f"this optimizer has granularity={self.granularity!r}."
+                )
             self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
+            self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
             if "reference_lr" in layca:
                 self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
             elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group

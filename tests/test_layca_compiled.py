@@ -111,7 +111,7 @@ def test_float64_layers_take_the_eager_step_with_a_warning_when_compiled_is_aske
 
 
 def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_compiler(parallel: bool):
+    def no_compiler(parallel: bool, per_unit: bool = False):
         def fail(*args):
             raise RuntimeError("no C++ compiler found\nsecond line")
 
@@ -336,3 +336,27 @@ def test_cuda_ddp_fit_with_layca_callback_keeps_every_layer_on_its_sphere(tmp_pa
         assert float(w.double().norm()) == pytest.approx(float(w0.double().norm()), rel=1e-5)
         # 16 steps of atan(3**-3) each cannot turn a layer by more than 16 times that angle.
         assert 0 < angle(w, w0) <= 16 * math.atan(3**-3) + 1e-6
+
+
+def test_unit_granularity_steps_single_unit_layers_eagerly_beside_the_compiled_ones() -> None:
+    # A (1, 5, 6) layer has one unit: no 2-row view, so it takes the eager step inside the compiled group.
+    torch.manual_seed(0)
+    single = nn.Parameter(torch.randn(1, 5, 6))
+    conv = nn.Parameter(torch.randn(6, 3, 3, 3).to(memory_format=torch.channels_last))
+    named = [("single", single), ("conv", conv)]
+    opt = ll.Layca(
+        torch.optim.SGD([p for _, p in named], lr=0.1),
+        named,
+        rotation_rate=0.1,
+        granularity="unit",
+        implementation="compiled",
+    )
+    before = [p.detach().clone() for _, p in named]
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt._groups[0].fused == [1] and opt._groups[0].unfused == [0]
+    for (_, p), w in zip(named, before, strict=True):
+        for unit, unit_before in zip(p.detach(), w, strict=True):
+            assert angle(unit, unit_before) == pytest.approx(math.atan(0.1), abs=1e-5)
+            assert float(unit.double().norm()) == pytest.approx(float(unit_before.double().norm()), rel=1e-6)

@@ -5,19 +5,21 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
 1. reads ``(p, w)`` once and accumulates, per row, ``a = <D, w>``, ``b = <w, w>`` and ``c = <D, D>`` in float64, with
    ``D = p - w`` formed in registers: products of float32 (or bfloat16, float16) numbers are exact in float64, so
    ``||D_perp||^2 = c - a^2 / b`` keeps float32 precision even for a mostly radial step (weight decay), without the
-   explicit projection and re-orthogonalisation the eager step needs; the layer's sums are the sums of its rows;
+   explicit projection and re-orthogonalisation the eager step needs. The layer's sums are the sums of its rows;
+   with ``granularity="unit"`` the rows are the units and their sums are used as they are;
 2. turns the sums into ``k1, k2`` with :func:`lightning_layca.step.coefficients`, the rule every path shares
    (rounding floor, non-finite steps, rates without overflow);
-3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, computed in float64 and rounded once to the layer's
-   dtype. A layer that does not move (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is multiplied by an
-   exact zero after non-finite values are replaced.
+3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, computed in float64 for float32 layers (in float32
+   for bfloat16 and float16 ones) and rounded once to the layer's dtype. A layer (unit) that does not move
+   (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact zero.
 
 With the snapshot taken before the base step, that is 7 tensor-sized memory passes, against about 19 for the eager
-multi-tensor step. Inductor generates C++/OpenMP kernels on CPU and Triton kernels on CUDA.
+multi-tensor step. Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
+:data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
 
 Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense
-``rows x columns`` matrix, see :func:`kernel_view`), so one compilation per (device, dtype) covers every layer of
-every model in the process, and Inductor's on-disk cache serves later processes. Rates, relative learning rates and
+``rows x columns`` matrix, see :func:`kernel_view`), so one compilation per (device, dtype, kernel) covers every layer
+of every model in the process, and Inductor's on-disk cache serves later processes. Rates, relative learning rates and
 initial norms enter as device tensors, so LR schedulers and time-varying schedules never recompile. Compilation
 happens at the first step that needs it, on a stand-in layer, so that a failure (no C++ compiler, an unsupported
 platform) costs one warning and the eager step takes over before any weight is touched.
@@ -125,6 +127,11 @@ def _fused_step(
     # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers per unit instead
     # of recomputing the coefficients' square roots and divisions for every vector of elements.
     k = torch.stack([k1, k2])
+    # float32 layers: the update in float64, where k2 * D of a mostly radial step cancels against k1 * w without
+    # losing float32 digits. bfloat16/float16 layers: float32 is that much more precise than the result (and the
+    # conversions from float32 are the fast ones).
+    if params.dtype != torch.float32:
+        k, weights, step = k.float(), previous.float(), params.float() - previous.float()
     k1, k2 = k[0].unsqueeze(1), k[1].unsqueeze(1)
     held = torch.where(k2 != 0, step, 0.0)  # a unit that does not move: its step may hold NaN or inf
     params.copy_(k1 * weights + k2 * held)

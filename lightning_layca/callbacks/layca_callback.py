@@ -25,8 +25,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
+from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
+from lightning_layca.compiled_step import Implementation
+from lightning_layca.layca import (
+    DEFAULT_ROTATION_RATE,
+    Layca,
+    check_granularity,
+    check_implementation,
+    check_rotation_rate,
+)
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
 
@@ -57,7 +65,10 @@ class LaycaCallback(LayerRotationMonitor):
             scheduler started from, else the group's lr).
         granularity: ``"layer"`` (the paper) or ``"unit"``: every output unit turns by ``atan(rho)`` and keeps its own
             initial norm (see :class:`~lightning_layca.Layca`).
-        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
+        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments other
+            than ``implementation``.
+        implementation: How the Layca step is computed: ``"auto"`` (default), ``"eager"`` or ``"compiled"`` (see
+            :class:`~lightning_layca.Layca`).
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
@@ -77,20 +88,21 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
+        rotation_rate: RotationRate | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
-        optimizers: int | Sequence[int] | None = None,
+        optimizers: NonNegativeInt | Sequence[NonNegativeInt] | None = None,
         log_rates: bool = True,
-        log_every_n_steps: int | None = None,
-        reference_lr: float | None = None,
+        log_every_n_steps: PositiveInt | None = None,
+        reference_lr: PositiveFloat | None = None,
         granularity: Literal["layer", "unit"] = "layer",
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
-        histogram_bins: int = 30,
+        histogram_bins: PositiveInt = 30,
         figure: bool = True,
+        implementation: Implementation = "auto",
     ) -> None:
         super().__init__(
             log_every_n_steps,
@@ -121,7 +133,7 @@ class LaycaCallback(LayerRotationMonitor):
             rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
         )
         self.schedule = schedule
-        self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
+        self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
         self.log_rates = bool(log_rates)
         if reference_lr is not None and (
             isinstance(reference_lr, bool)
@@ -133,6 +145,8 @@ class LaycaCallback(LayerRotationMonitor):
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         check_granularity("LaycaCallback", granularity)
         self.granularity: Literal["layer", "unit"] = granularity
+        check_implementation("LaycaCallback", implementation)
+        self.implementation: Implementation = implementation
         self.laycas: dict[int, Layca] = {}
         self._pre_step_counts: dict[int, int] = {}
         self.last_rates: dict[str, float] = {}
@@ -259,6 +273,7 @@ class LaycaCallback(LayerRotationMonitor):
                 exclude=self.exclude,
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
                 granularity=self.granularity,
+                implementation=self.implementation,
             )
             earlier = previous.get(i)
             if (

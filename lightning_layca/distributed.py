@@ -4,7 +4,7 @@
   same rotation from the same all-reduced gradients, so the callbacks need no collective of their own; the
   initial-weight snapshot is taken in ``on_fit_start``, after DDP has broadcast rank 0's weights.
 * **Sharded weights** (Lightning's ``ModelParallelStrategy``: FSDP2's ``fully_shard`` and tensor parallelism, whose
-  parameters are ``DTensor``\\ s): each rank holds a slice of every layer. Every quantity the callbacks need is a sum
+  parameters are ``DTensor`` objects): each rank holds a slice of every layer. Every quantity the callbacks need is a sum
   over a layer's (or a unit's) elements, so each rank sums over its local shard and :func:`full_sums`, the one seam
   from local partial sums to full sums, adds the ranks' parts with ONE ``all_reduce`` for all layers together. A rank
   that holds an element in several copies (a mesh dimension on which the layer is replicated) counts it once per

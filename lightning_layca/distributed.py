@@ -4,8 +4,8 @@
   same rotation from the same all-reduced gradients, so the callbacks need no collective of their own; the
   initial-weight snapshot is taken in ``on_fit_start``, after DDP has broadcast rank 0's weights.
 * **Sharded weights** (Lightning's ``ModelParallelStrategy``: FSDP2's ``fully_shard`` and tensor parallelism, whose
-  parameters are ``DTensor`` objects): each rank holds a slice of every layer. Every quantity the callbacks need is a sum
-  over a layer's (or a unit's) elements, so each rank sums over its local shard and :func:`full_sums`, the one seam
+  parameters are ``DTensor`` objects): each rank holds a slice of every layer. Every quantity the callbacks need is a
+  sum over a layer's (or a unit's) elements, so each rank sums over its local shard and :func:`full_sums`, the one seam
   from local partial sums to full sums, adds the ranks' parts with ONE ``all_reduce`` for all layers together. A rank
   that holds an element in several copies (a mesh dimension on which the layer is replicated) counts it once per
   copy, so the sum is divided by the number of copies (:attr:`ShardLayout.copies`). Without sharding the seam is the
@@ -221,14 +221,18 @@ def gather_full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """
     if not is_dtensor(like):
         return local
-    full = type(like).from_local(  # type: ignore[attr-defined]
-        local,
-        like.device_mesh,  # type: ignore[attr-defined]
-        like.placements,  # type: ignore[attr-defined]
-        run_check=False,
-        shape=like.shape,
-        stride=like.stride(),
-    ).full_tensor()
+    full = (
+        type(like)
+        .from_local(  # type: ignore[attr-defined]
+            local,
+            like.device_mesh,  # type: ignore[attr-defined]
+            like.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=like.shape,
+            stride=like.stride(),
+        )
+        .full_tensor()
+    )
     return full  # type: ignore[no-any-return]
 
 

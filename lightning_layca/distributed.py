@@ -27,8 +27,10 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,15 +53,19 @@ MULTI_GPU_DOCS = "docs/multi-gpu.md#sharded-training-fsdp2"
 """Where the documentation explains sharded training; the refusals point there."""
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch 2.4 keeps DTensor in a private module
+def _dtensor_module(name: str) -> Any:
+    """``torch.distributed.tensor.<name>``, or its torch 2.4 location ``torch.distributed._tensor.<name>``."""
+    for package in ("torch.distributed.tensor", "torch.distributed._tensor"):
         try:
-            from torch.distributed._tensor import DTensor
+            return importlib.import_module(f"{package}{name}")
         except ImportError:
-            return None
-    return DTensor
+            continue
+    return None
+
+
+def _dtensor_type() -> type | None:
+    module = _dtensor_module("")
+    return None if module is None else getattr(module, "DTensor", None)
 
 
 _DTENSOR = _dtensor_type()
@@ -82,11 +88,7 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 def _local_block(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shape and global offset of the block of ``tensor`` (a DTensor) this rank holds."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # torch 2.4
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
-    shape, offset = compute_local_shape_and_global_offset(
+    shape, offset = _dtensor_module("._utils").compute_local_shape_and_global_offset(
         tensor.shape,
         tensor.device_mesh,  # type: ignore[attr-defined]
         tensor.placements,  # type: ignore[attr-defined]
@@ -113,7 +115,7 @@ def _copies(tensor: torch.Tensor, world_size: int) -> int:
             )
         if placement.is_replicate():
             copies *= mesh.size(dim)
-    return copies
+    return int(copies)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from lightning_layca.rotation import accumulation_dtype
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
-from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager
+from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager, rotate_eager_units, unit_counts, unit_rows
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
@@ -113,6 +113,12 @@ def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
     return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
 
 
+def check_granularity(owner: str, granularity: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``granularity`` is ``"layer"`` or ``"unit"``."""
+    if granularity not in ("layer", "unit"):
+        raise ValueError(f"{owner}: `granularity` must be 'layer' or 'unit', got {granularity!r}.")
+
+
 def group_peak_lr(group: dict[str, Any]) -> float:
     """Return the learning rate a parameter group peaks at, as far as the group records it.
 
@@ -151,7 +157,11 @@ class _Group:
     params: list[torch.Tensor]
     previous: list[torch.Tensor]
     initial_norms: torch.Tensor
+    """Per layer, or per unit (rows of the group's layers, concatenated) with ``granularity="unit"``."""
     near_floor: torch.Tensor
+    """Per layer: whether a step of the layer (of one of its units) came near the rounding floor."""
+    row_layer: torch.Tensor | None = None
+    """With ``granularity="unit"``: the position in the group of the layer each row belongs to."""
     rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
@@ -189,6 +199,10 @@ class Layca(Optimizer):
         include: ``fnmatch`` patterns of parameter names to control (default: every parameter with ``ndim >= 2``
             that this optimizer trains or that is frozen and may be trained later).
         exclude: ``fnmatch`` patterns of parameter names never to control.
+        granularity: ``"layer"`` (the paper: each layer turns by ``atan(rho)`` and keeps its norm) or ``"unit"``:
+            every output unit (slice along dim 0: a row of a Linear weight, a filter of a convolution) turns by
+            ``atan(rho)`` and keeps its own initial norm, the rounding-floor and non-finite rules applying per unit;
+            the schedule still gives one multiplier per layer. A unit whose weights are all zero stays zero.
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l``. Default: fixed at the
             first step as the largest peak learning rate among the parameter groups holding layers (``max_lr`` where
             ``OneCycleLR`` records one, else the ``initial_lr`` a scheduler recorded, else ``lr``), so the fastest
@@ -223,6 +237,7 @@ class Layca(Optimizer):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         reference_lr: float | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -237,6 +252,7 @@ class Layca(Optimizer):
             raise TypeError(f"Layca: `schedule` must be a RotationSchedule instance, got {schedule!r}.")
         if reference_lr is not None:
             self._check_reference_lr(reference_lr, "`reference_lr`")
+        check_granularity("Layca", granularity)
 
         # torch's Optimizer.__init__ sets up hook registries and step patching; its placeholder containers are kept
         # apart (see the properties below) until the wrapped optimizer is known.
@@ -246,6 +262,7 @@ class Layca(Optimizer):
             EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
         )
         self.schedule = schedule
+        self.granularity: Literal["layer", "unit"] = granularity
         self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
         self._include = as_patterns("Layca: `include`", include)
         self._exclude = as_patterns("Layca: `exclude`", exclude)
@@ -267,6 +284,8 @@ class Layca(Optimizer):
         self._layers: list[torch.Tensor] = [p for _, p in layers]
         schedule.validate(self.layer_names)
         self.initial_norms: list[float | None] = [None] * len(self._layers)
+        self.initial_unit_norms: list[torch.Tensor | None] = [None] * len(self._layers)
+        """With ``granularity="unit"``: every layer's initial norm per unit (float64, on the CPU)."""
         self.step_count = 0
         self.epoch = 0
         self.restored_from_plain_state = False
@@ -400,6 +419,11 @@ class Layca(Optimizer):
         for i in controlled:
             if self.initial_norms[i] is None:  # joins now: frozen until now, so these are its initial weights
                 self.initial_norms[i] = self._initial_norm(i)
+            if self.granularity == "unit" and self.initial_unit_norms[i] is None:
+                p = self._layers[i].detach()
+                self.initial_unit_norms[i] = torch.linalg.vector_norm(
+                    unit_rows(p), dim=1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
+                ).to(device="cpu", dtype=torch.float64)
         self._controlled = controlled
         self._controlled_key = key
         self._groups = None
@@ -484,15 +508,22 @@ class Layca(Optimizer):
         groups = []
         for idx in chunks:
             device = self._layers[idx[0]].device
+            params = [self._layers[i] for i in idx]
+            row_layer = None
+            if self.granularity == "unit":
+                norms = torch.cat([self.initial_unit_norms[i] for i in idx])  # type: ignore[misc]
+                counts = torch.tensor(unit_counts(params), device=device)
+                row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
+            else:
+                norms = torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64)
             groups.append(
                 _Group(
                     indices=idx,
-                    params=[self._layers[i] for i in idx],
-                    previous=[torch.empty_like(self._layers[i]) for i in idx],
-                    initial_norms=torch.tensor(
-                        [self.initial_norms[i] for i in idx], dtype=torch.float64, device=device
-                    ),
+                    params=params,
+                    previous=[torch.empty_like(p) for p in params],
+                    initial_norms=norms.to(device),
                     near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
+                    row_layer=row_layer,
                 )
             )
         return groups
@@ -540,13 +571,18 @@ class Layca(Optimizer):
             if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
                 values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
                 g.rates, g.relative_lrs = torch.tensor(values, dtype=torch.float64, device=g.near_floor.device)
+                if g.row_layer is not None:
+                    g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
                 g.rates_version = self._rates_version
-            near_floor, overflowed = rotate_eager(
-                [p.detach() for p in g.params], g.previous, g.rates, g.relative_lrs, g.initial_norms
-            )
+            params = [p.detach() for p in g.params]
+            if g.row_layer is not None:
+                near_rows = rotate_eager_units(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
+                near_floor = torch.zeros_like(g.near_floor).index_put_((g.row_layer,), near_rows, accumulate=True)
+            else:
+                near_floor, overflowed = rotate_eager(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
+                if overflowed is not None:
+                    self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
             g.near_floor |= near_floor
-            if overflowed is not None:
-                self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
@@ -612,12 +648,17 @@ class Layca(Optimizer):
             for name, p in selected:
                 self._check_layer(name, p)
             order = {id(p): k for k, (_, p) in enumerate(self._names.values())}
-            known_layers = list(zip(self.layer_names, self._layers, self.initial_norms, strict=True))
-            joining: list[tuple[str, torch.Tensor, float | None]] = [(n, p, None) for n, p in selected]
-            layers = sorted(known_layers + joining, key=lambda item: order[id(item[1])])
-            self.layer_names = [n for n, _, _ in layers]
-            self._layers = [p for _, p, _ in layers]
-            self.initial_norms = [n0 for _, _, n0 in layers]
+            existing = list(
+                zip(self.layer_names, self._layers, self.initial_norms, self.initial_unit_norms, strict=True)
+            )
+            joining: list[tuple[str, torch.Tensor, float | None, torch.Tensor | None]] = [
+                (n, p, None, None) for n, p in selected
+            ]
+            layers = sorted(existing + joining, key=lambda item: order[id(item[1])])
+            self.layer_names = [item[0] for item in layers]
+            self._layers = [item[1] for item in layers]
+            self.initial_norms = [item[2] for item in layers]
+            self.initial_unit_norms = [item[3] for item in layers]
             self.schedule.validate(self.layer_names)
             self._schedule_key = object()
         self._controlled_key = None
@@ -641,6 +682,8 @@ class Layca(Optimizer):
         state["layca"] = {
             "layer_names": list(self.layer_names),
             "initial_norms": list(self.initial_norms),
+            "granularity": self.granularity,
+            "initial_unit_norms": list(self.initial_unit_norms),
             "reference_lr": self.reference_lr,
             "step_count": self.step_count,
             "epoch": self.epoch,
@@ -666,7 +709,13 @@ class Layca(Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self.restored_from_plain_state = layca is None
         if layca is not None:
+            if layca.get("granularity", "layer") != self.granularity:
+                raise ValueError(
+                    f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
+                    f"this optimizer has granularity={self.granularity!r}."
+                )
             self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
+            self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
             if "reference_lr" in layca:
                 self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
             elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group

@@ -36,7 +36,16 @@ import torch
 
 from lightning_layca.rotation import inner_products
 
-__all__ = ["NEAR_FLOOR_FACTOR", "ROUNDING_FLOOR_FACTOR", "coefficients", "rotate_eager", "unit_roundoff"]
+__all__ = [
+    "NEAR_FLOOR_FACTOR",
+    "ROUNDING_FLOOR_FACTOR",
+    "coefficients",
+    "rotate_eager",
+    "rotate_eager_units",
+    "unit_counts",
+    "unit_roundoff",
+    "unit_rows",
+]
 
 ROUNDING_FLOOR_FACTOR = 4.0
 """A layer moves only if ``||D_perp|| > ROUNDING_FLOOR_FACTOR * u * (||w|| + ||D||)`` (see the module docstring)."""
@@ -181,3 +190,67 @@ def rotate_eager(
         torch._foreach_mul_(steps, _as_scalars(k2, dtype))
         torch._foreach_addcmul_(steps, work, _as_scalars(k1, dtype))
     return near_floor, overflowed
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` as ``(units, -1)``: one row per output unit (slice along dim 0); a tensor of rank < 2 is one unit.
+
+    The result is a view of ``x`` where one exists (always for contiguous tensors).
+
+    Example:
+        >>> unit_rows(torch.zeros(4, 3, 2)).shape, unit_rows(torch.zeros(5)).shape
+        (torch.Size([4, 6]), torch.Size([1, 5]))
+    """
+    return x.reshape(x.shape[0] if x.ndim >= 2 else 1, -1)
+
+
+def unit_counts(params: list[torch.Tensor]) -> list[int]:
+    """Return the number of units (rows of :func:`unit_rows`) of every tensor."""
+    return [p.shape[0] if p.ndim >= 2 else 1 for p in params]
+
+
+def rotate_eager_units(
+    params: list[torch.Tensor],
+    previous: list[torch.Tensor],
+    rates: torch.Tensor,
+    relative_lrs: torch.Tensor,
+    initial_norms: torch.Tensor,
+) -> torch.Tensor:
+    """The Layca step per output unit: every row of every layer turns by ``atan(rho)`` and keeps its own norm.
+
+    The same arithmetic as :func:`rotate_eager` (explicit projection, one more dot product for what rounding leaves
+    of the radial part, the :func:`coefficients` rule), with row-wise reductions: a row whose step is non-finite or
+    indistinguishable from rounding stays put while the other rows of its layer move. ``rates``, ``relative_lrs`` and
+    ``initial_norms`` hold one entry per row, rows of all layers concatenated in order (:func:`unit_counts`).
+
+    Returns:
+        The ``near_floor`` flags of :func:`coefficients`, one per row.
+    """
+    dtype = params[0].dtype
+    roundoff = unit_roundoff(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    rows_w, rows_d = [], []
+    for p, w in zip(params, previous, strict=True):
+        rw = unit_rows(w).to(compute)
+        rows_w.append(rw)
+        rows_d.append(unit_rows(p).to(compute).sub_(rw))  # a view of the parameter when it can be one
+    weight_sq = torch.cat([torch.linalg.vector_norm(rw, dim=1).square() for rw in rows_w])
+    ratio = torch.cat([torch.einsum("ij,ij->i", rd, rw) for rd, rw in zip(rows_d, rows_w, strict=True)]) / weight_sq
+    ratio = torch.where(weight_sq > 0, ratio, 0.0)
+    for rd, rw, r in zip(rows_d, rows_w, ratio.split(unit_counts(params)), strict=True):
+        rd.addcmul_(rw, r.unsqueeze(1), value=-1.0)
+    radial = torch.cat([torch.einsum("ij,ij->i", rd, rw) for rd, rw in zip(rows_d, rows_w, strict=True)])
+    held_sq = torch.cat([torch.linalg.vector_norm(rd, dim=1).square() for rd in rows_d])
+    step_sq = held_sq.double() + ratio.double().square() * weight_sq.double()
+    k1, k2, near_floor = coefficients(
+        radial.double(), weight_sq.double(), held_sq.double(), step_sq, rates, relative_lrs, initial_norms, roundoff
+    )
+    counts = unit_counts(params)
+    for p, rd, rw, c1, c2 in zip(
+        params, rows_d, rows_w, k1.to(compute).split(counts), k2.to(compute).split(counts), strict=True
+    ):
+        torch.nan_to_num_(rd, nan=0.0, posinf=0.0, neginf=0.0)
+        out = rd.mul_(c2.unsqueeze(1)).addcmul_(rw, c1.unsqueeze(1))
+        if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
+            p.copy_(out.view_as(p))
+    return near_floor

@@ -91,3 +91,13 @@ class ReferenceLayca:
         for p, w, rho, n0 in zip(self.layers, before, rates, self.initial_norms, strict=True):
             p.copy_(layca_update(w, p, rho, n0).view_as(p))
         self.steps += 1
+
+
+def layca_unit_update(
+    w: torch.Tensor, w_base: torch.Tensor, rho: float, initial_norms: Sequence[float], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Per-unit Layca: :func:`layca_update` applied to every row (slice along dim 0) with that row's initial norm."""
+    rows = [
+        layca_update(w[k], w_base[k], rho, n0, dtype or w.dtype).view_as(w[k]) for k, n0 in enumerate(initial_norms)
+    ]
+    return torch.stack(rows)

@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_rotation_rate
+from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
 from lightning_layca.loggers import log_scalars, logging_step
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
@@ -50,6 +50,8 @@ class LaycaCallback(LayerRotationMonitor):
             :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
             the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
             scheduler started from, else the group's lr).
+        granularity: ``"layer"`` (the paper) or ``"unit"``: every output unit turns by ``atan(rho)`` and keeps its own
+            initial norm (see :class:`~lightning_layca.Layca`).
         log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
 
     Attributes:
@@ -78,6 +80,7 @@ class LaycaCallback(LayerRotationMonitor):
         log_rates: bool = True,
         log_every_n_steps: int | None = None,
         reference_lr: float | None = None,
+        granularity: Literal["layer", "unit"] = "layer",
         *,
         every_n_epochs: int = 1,
         angle_histograms: bool = True,
@@ -123,6 +126,8 @@ class LaycaCallback(LayerRotationMonitor):
         ):
             raise ValueError(f"LaycaCallback: `reference_lr` must be None or a positive number, got {reference_lr!r}.")
         self.reference_lr = None if reference_lr is None else float(reference_lr)
+        check_granularity("LaycaCallback", granularity)
+        self.granularity: Literal["layer", "unit"] = granularity
         self.laycas: dict[int, Layca] = {}
         self.last_rates: dict[str, float] = {}
         self._logged_rates_versions: dict[int, int] = {}
@@ -211,12 +216,18 @@ class LaycaCallback(LayerRotationMonitor):
                 include=self.include,
                 exclude=self.exclude,
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
+                granularity=self.granularity,
             )
             earlier = previous.get(i)
-            if earlier is not None and earlier.layer_names == layca.layer_names:
+            if (
+                earlier is not None
+                and earlier.layer_names == layca.layer_names
+                and earlier.granularity == layca.granularity
+            ):
                 # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
                 # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
                 layca.initial_norms = list(earlier.initial_norms)
+                layca.initial_unit_norms = list(earlier.initial_unit_norms)
                 layca.reference_lr = earlier.reference_lr
                 layca.step_count = earlier.step_count
             optimizers[i] = layca

@@ -39,9 +39,11 @@ from lightning_layca.rotation import inner_products
 __all__ = [
     "NEAR_FLOOR_FACTOR",
     "ROUNDING_FLOOR_FACTOR",
+    "apply_coefficients",
     "coefficients",
     "rotate_eager",
     "rotate_eager_units",
+    "step_sums",
     "unit_counts",
     "unit_roundoff",
     "unit_rows",
@@ -254,3 +256,82 @@ def rotate_eager_units(
         if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
             p.copy_(out.view_as(p))
     return near_floor
+
+
+_SUM_BLOCK_ELEMENTS = 2**20
+""":func:`step_sums` converts at most this many elements at a time to float64 (16 MiB of temporaries)."""
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(units, -1)`` where an empty shard (``(0, ...)``) keeps its 0 rows."""
+    return x.flatten(1) if x.ndim >= 2 else x.reshape(1, -1)
+
+
+def step_sums(params: list[torch.Tensor], previous: list[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
+    """Return ``(a, b, c) = (<D, w>, <w, w>, <D, D>)`` of every layer (or unit), accumulated in float64.
+
+    The form of the step that sums over parts: the sums of a layer split over processes are the sums of its parts'
+    sums, so a rank computes them over its local shard and :func:`lightning_layca.distributed.full_sums` adds the
+    ranks' parts. ``D = p - w`` is formed in float64, where the products of float32 (or lower) numbers are exact, so
+    ``||D_perp||^2 = c - a^2 / b`` keeps the parameters' precision even for a mostly radial step. An empty shard
+    contributes zeros. Large layers are converted in blocks of bounded size.
+
+    Args:
+        params: The layers (detached local shards), holding ``w + D``.
+        previous: Their weights before the base step.
+        per_unit: Sums per unit (rows of every layer seen as ``(units, -1)``, concatenated) rather than per layer.
+
+    Returns:
+        ``(layers, 3)`` or ``(units, 3)``, float64, on the layers' device.
+
+    Example:
+        >>> w = torch.tensor([[3.0, 4.0]])
+        >>> step_sums([w + torch.tensor([[0.0, 1.0]])], [w]).tolist()
+        [[4.0, 25.0, 1.0]]
+    """
+    out = []
+    for p, w in zip(params, previous, strict=True):
+        rows_p, rows_w = _rows(p), _rows(w)
+        per_row = rows_p.new_zeros((rows_p.shape[0], 3), dtype=torch.float64)
+        block = max(1, _SUM_BLOCK_ELEMENTS // max(1, rows_p.shape[1]))
+        for start in range(0, rows_p.shape[0], block):
+            w64 = rows_w[start : start + block].double()
+            d64 = rows_p[start : start + block].double().sub_(w64)
+            per_row[start : start + block] = torch.stack(
+                [(d64 * w64).sum(1), (w64 * w64).sum(1), (d64 * d64).sum(1)], 1
+            )
+        out.append(per_row if per_unit else per_row.sum(0, keepdim=True))
+    return torch.cat(out)
+
+
+def apply_coefficients(
+    params: list[torch.Tensor],
+    previous: list[torch.Tensor],
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    per_unit: bool = False,
+) -> None:
+    """Write ``p = k1 * w + k2 * D`` (``D = p - w``) into every layer, in place: the update of the summed form.
+
+    A layer (unit) that does not move (``k2 = 0``, ``k1 = 1``) ends exactly at ``w``: a non-finite step is replaced
+    by zeros before it is multiplied. Float16/bfloat16 layers are computed in float32 and rounded once.
+
+    Args:
+        params: The layers (detached local shards), holding ``w + D``; overwritten.
+        previous: Their weights before the base step.
+        k1: Per layer (or per unit, rows concatenated), float64.
+        k2: Likewise.
+        per_unit: Whether ``k1``, ``k2`` hold one entry per unit.
+    """
+    dtype = params[0].dtype
+    compute = torch.float32 if dtype in _LOW_PRECISION else dtype
+    counts = [_rows(p).shape[0] for p in params] if per_unit else [1] * len(params)
+    for p, w, c1, c2 in zip(params, previous, k1.to(compute).split(counts), k2.to(compute).split(counts), strict=True):
+        rows_p = _rows(p)
+        if rows_p.numel() == 0:
+            continue
+        step = rows_p.to(compute).sub_(_rows(w).to(compute))
+        torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)
+        out = step.mul_(c2.unsqueeze(1)).addcmul_(_rows(w).to(compute), c1.unsqueeze(1))
+        if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
+            p.copy_(out.view_as(p))

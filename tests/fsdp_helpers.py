@@ -52,8 +52,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "monitor_adamw": {"callback": "monitor", "optimizer": "adamw", "dp": 2, "tp": 1},
     # Tensor parallel 2: column-wise (rows split), row-wise (columns split), the rest replicated over the TP ranks.
     "layca_tp": {"callback": "layca", "optimizer": "sgd", "dp": 1, "tp": 2},
-    # Both: 4 processes.
-    "layca_2x2": {"callback": "layca", "optimizer": "sgd", "dp": 2, "tp": 2},
+    # Both (4 processes), with every unit rotated on its own: rows split over ranks, and a layer's rows over the TP
+    # ranks in strided blocks.
+    "layca_units_2x2": {"callback": "layca_units", "optimizer": "sgd", "dp": 2, "tp": 2},
 }
 
 
@@ -130,7 +131,9 @@ class ShardedNet(L.LightningModule):
         y = torch.randn(N_SAMPLES, generator=g)
         dataset = TensorDataset(x, y)
         mesh = self.device_mesh
-        replicas, rank = (1, 0) if mesh is None else (mesh["data_parallel"].size(), mesh["data_parallel"].get_local_rank())
+        replicas, rank = (
+            (1, 0) if mesh is None else (mesh["data_parallel"].size(), mesh["data_parallel"].get_local_rank())
+        )
         sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=GLOBAL_BATCH // replicas, sampler=sampler)
 
@@ -143,6 +146,12 @@ def layer_params(pl_module: L.LightningModule) -> list[torch.Tensor]:
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor (a collective for a DTensor: every rank calls it), detached, on the CPU."""
     return gather_full(local_shard(tensor).detach(), tensor).cpu().clone()
+
+
+def row_angles(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """Angle in radians between each row of ``w`` and of ``w0`` (tensors seen as ``(rows, -1)``), in float64."""
+    a, b = w.double().flatten(1), w0.double().flatten(1)
+    return torch.arccos(torch.clamp((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)), -1.0, 1.0))
 
 
 class AllReduceCounter:
@@ -176,8 +185,9 @@ class ShardedProbe(Callback):
       runs forward and backward);
     * ``monitor_all_reduces``: per optimizer step, the all-reduces the rotation callback's ``on_train_batch_end`` issued
       (it measures and logs there on logging steps);
-    * ``step_angles`` / ``norm_ratios``: per optimizer step, the angle (radians) each full layer turned and its full norm
-      over its full initial norm (gathered here, outside the counted windows);
+    * ``step_angles`` / ``norm_ratios``: per optimizer step, the angle (radians) each full layer turned and its full
+      norm over its full initial norm (gathered here, outside the counted windows); ``unit_angles`` /
+      ``unit_norm_ratios`` the same per unit (rows of all layers, concatenated);
     * ``trace``: the all-reduce count at every batch end (ranks in lockstep have equal traces);
     * ``writes``: calls to TensorBoard writers and matplotlib drawing in this process;
     * ``end_state`` (the callback's ``state_dict``), ``end_layca`` (Layca's), ``weights`` (every full parameter),
@@ -192,11 +202,14 @@ class ShardedProbe(Callback):
         self.monitor_all_reduces: list[int] = []
         self.step_angles: list[list[float]] = []
         self.norm_ratios: list[list[float]] = []
+        self.unit_angles: list[torch.Tensor] = []
+        self.unit_norm_ratios: list[torch.Tensor] = []
         self.trace: list[int] = []
         self.train_start_layca: list[dict[str, Any]] = []
         self._stack: ExitStack | None = None
         self._before: list[torch.Tensor] | None = None
         self._initial_norms: list[float] = []
+        self._initial_unit_norms: torch.Tensor | None = None
 
     @staticmethod
     def rotation_callback(trainer: L.Trainer) -> LayerRotationMonitor:
@@ -220,6 +233,7 @@ class ShardedProbe(Callback):
         monitor.on_train_batch_end = self._counting_batch_end(monitor.on_train_batch_end)  # type: ignore[method-assign]
         initial = monitor.state_dict()["initial"]  # gathers the snapshot: a collective on every rank
         self._initial_norms = [float(w0.double().norm()) for w0 in initial]
+        self._initial_unit_norms = torch.cat([w0.double().flatten(1).norm(dim=1) for w0 in initial])
 
     def _counting_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
         def counted(closure: Callable[[], Any] | None = None) -> Any:
@@ -262,6 +276,11 @@ class ShardedProbe(Callback):
             self.norm_ratios.append(
                 [float(w.double().norm()) / n0 for w, n0 in zip(after, self._initial_norms, strict=True)]
             )
+            self.unit_angles.append(torch.cat([row_angles(w, w0) for w, w0 in zip(after, self._before, strict=True)]))
+            assert self._initial_unit_norms is not None
+            self.unit_norm_ratios.append(
+                torch.cat([w.double().flatten(1).norm(dim=1) for w in after]) / self._initial_unit_norms
+            )
             self._before = None
         self.trace.append(self.counter.calls)
 
@@ -277,6 +296,8 @@ class ShardedProbe(Callback):
                 "monitor_all_reduces": self.monitor_all_reduces,
                 "step_angles": self.step_angles,
                 "norm_ratios": self.norm_ratios,
+                "unit_angles": self.unit_angles,
+                "unit_norm_ratios": self.unit_norm_ratios,
                 "trace": self.trace,
                 "writes": dict(self.writes),
                 "train_start_layca": self.train_start_layca,
@@ -291,7 +312,7 @@ class ShardedProbe(Callback):
 
 
 class SaveBothCheckpointKinds(Callback):
-    """After epoch 0, save a distributed checkpoint (a folder) and a single-file one; put it after the rotation callback.
+    """After epoch 0, save a distributed checkpoint (a folder) and a single file; put it after the rotation callback.
 
     Both kinds come from the same fit: the strategy's mode is switched around each save.
     """
@@ -316,6 +337,8 @@ class SaveBothCheckpointKinds(Callback):
 def rotation_callback(kind: str) -> LayerRotationMonitor:
     if kind == "layca":
         return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY)
+    if kind == "layca_units":
+        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit")
     return LayerRotationMonitor(log_every_n_steps=LOG_EVERY)
 
 
@@ -346,7 +369,7 @@ def fit_single(root: Path, kind: str, optimizer: str) -> None:
 
 
 def main() -> None:
-    """Fit one of :data:`RUNS` under ``ModelParallelStrategy`` (Lightning relaunches this script for every other rank)."""
+    """Fit one of :data:`RUNS` under ``ModelParallelStrategy`` (Lightning relaunches this script per other rank)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
     parser.add_argument("--run", choices=sorted(RUNS), required=True)

@@ -14,6 +14,12 @@ normalisation parameters) are stepped by the wrapped optimizer untouched.
 This module holds the orchestration: which layers are controlled (including layers frozen at first and trained
 later), their rates, their state, and the grouping of layers by device and dtype; the arithmetic of the step is in
 :mod:`lightning_layca.step`.
+
+Sharded layers (``DTensor`` parameters, as FSDP2's ``fully_shard`` and tensor parallelism make them) take the summed
+form of the step: every rank sums ``(<D, w>, <w, w>, <D, D>)`` over its local shard of every layer in float64, one
+``all_reduce`` for all layers together turns the parts into full sums (:func:`lightning_layca.distributed.full_sums`),
+and every rank applies the same per-layer coefficients to its own shard. The snapshot of ``w`` is per shard, and the
+only collectives are issued inside :meth:`Layca.step`, the same on every rank.
 """
 
 from __future__ import annotations
@@ -29,10 +35,18 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
-from lightning_layca.rotation import accumulation_dtype
+from lightning_layca.distributed import ShardLayout, full_sums, is_dtensor, local_shard, shard_layout
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
-from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager, rotate_eager_units, unit_counts, unit_rows
+from lightning_layca.step import (
+    NEAR_FLOOR_FACTOR,
+    apply_coefficients,
+    coefficients,
+    rotate_eager,
+    rotate_eager_units,
+    step_sums,
+    unit_roundoff,
+)
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
@@ -156,6 +170,7 @@ class _Group:
     indices: list[int]
     params: list[torch.Tensor]
     previous: list[torch.Tensor]
+    """Per layer, the weights before the base step: this rank's local shard of a sharded layer."""
     initial_norms: torch.Tensor
     """Per layer, or per unit (rows of the group's layers, concatenated) with ``granularity="unit"``."""
     near_floor: torch.Tensor
@@ -165,6 +180,10 @@ class _Group:
     rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class Layca(Optimizer):
@@ -303,6 +322,8 @@ class Layca(Optimizer):
         self._rates_version = 0
         self._warned_near_floor: set[str] = set()
         self._warned_overflow: set[str] = set()
+        self._joining: list[int] = []
+        self._step_layout: ShardLayout | None = None
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
@@ -416,30 +437,45 @@ class Layca(Optimizer):
         group_of = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
         self._layer_group = {i: group_of[id(p)] for i, p in enumerate(self._layers) if id(p) in group_of}
         controlled = [i for i in self._layer_group if self._layers[i].requires_grad]
-        for i in controlled:
-            if self.initial_norms[i] is None:  # joins now: frozen until now, so these are its initial weights
-                self.initial_norms[i] = self._initial_norm(i)
-            if self.granularity == "unit" and self.initial_unit_norms[i] is None:
-                p = self._layers[i].detach()
-                self.initial_unit_norms[i] = torch.linalg.vector_norm(
-                    unit_rows(p), dim=1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
-                ).to(device="cpu", dtype=torch.float64)
+        # Joining now: frozen until now, so their weights are their initial weights.
+        joining = [
+            i
+            for i in controlled
+            if self.initial_norms[i] is None or (self.granularity == "unit" and self.initial_unit_norms[i] is None)
+        ]
+        if any(is_dtensor(self._layers[i]) for i in joining):
+            self._joining = joining  # their norms come from the sums of the next step (see _take_initial_norms)
+        elif joining:
+            self._set_initial_norms(joining)
         self._controlled = controlled
         self._controlled_key = key
         self._groups = None
         self._rates = []
 
-    def _initial_norm(self, i: int) -> float:
-        p = self._layers[i].detach()
-        # Accumulated in float32 at least, so that a bf16/fp16 layer's initial norm is not rounded to its dtype.
-        norm = float(torch.linalg.vector_norm(p, dtype=accumulation_dtype(p.dtype)))
+    def _set_initial_norms(self, indices: list[int]) -> None:
+        """Record the initial norms of joining layers (per unit too with ``granularity="unit"``).
+
+        Float64 sums over each rank's part, through the seam: one collective when the layers are sharded.
+        """
+        layers = [self._layers[i].detach() for i in indices]
+        layout = shard_layout(layers)
+        local = [local_shard(p) for p in layers]
+        squares = [step_sums([w], [w], per_unit=True)[:, 1:2] for w in local]  # per local unit: <w, w>
+        unit_sq = full_sums(layout.scatter_rows(squares), layout.row_divisors(squares[0].device)).squeeze(1).cpu()
+        for i, rows in zip(indices, unit_sq.split(list(layout.rows)), strict=True):
+            norm = math.sqrt(float(rows.sum()))
+            self._check_initial_norm(i, norm)
+            self.initial_norms[i] = norm
+            if self.granularity == "unit":
+                self.initial_unit_norms[i] = rows.sqrt()
+
+    def _check_initial_norm(self, i: int, norm: float) -> None:
         if not norm > 0 or not math.isfinite(norm):
             raise ValueError(
                 f"Layca: layer {self.layer_names[i]!r} has weights of norm {norm}; Layca cannot rotate a zero (or "
                 f"non-finite) vector. Initialise it differently or leave it to the base optimizer with "
                 f"exclude={self.layer_names[i]!r}."
             )
-        return norm
 
     @property
     def controlled_layer_names(self) -> list[str]:
@@ -506,21 +542,28 @@ class Layca(Optimizer):
         for (device, _), indices in by_key.items():
             chunks.extend(_chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None))
         groups = []
+        order = [i for idx in chunks for i in idx]
+        layout = shard_layout([self._layers[i] for i in order])
+        self._step_layout = layout if layout.sharded else None
+        position = {i: k for k, i in enumerate(order)}
         for idx in chunks:
             device = self._layers[idx[0]].device
             params = [self._layers[i] for i in idx]
+            locals_ = [local_shard(p.detach()) for p in params]
             row_layer = None
+            # A sharded layer joining at this step gets its initial norm from the step's own sums (NaN until then).
             if self.granularity == "unit":
-                norms = torch.cat([self.initial_unit_norms[i] for i in idx])  # type: ignore[misc]
-                counts = torch.tensor(unit_counts(params), device=device)
+                # This rank's units of each layer (all of them unless the layer's rows are sharded).
+                norms = torch.cat([self._local_unit_norms(i, layout, position[i]) for i in idx])
+                counts = torch.tensor([layout.local_rows[position[i]] for i in idx], device=device)
                 row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
             else:
-                norms = torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64)
+                norms = torch.tensor([_nan_if_none(self.initial_norms[i]) for i in idx], dtype=torch.float64)
             groups.append(
                 _Group(
                     indices=idx,
                     params=params,
-                    previous=[torch.empty_like(p) for p in params],
+                    previous=[torch.empty_like(x) for x in locals_],
                     initial_norms=norms.to(device),
                     near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
                     row_layer=row_layer,
@@ -528,12 +571,20 @@ class Layca(Optimizer):
             )
         return groups
 
+    def _local_unit_norms(self, i: int, layout: ShardLayout, position: int) -> torch.Tensor:
+        """The initial norms of the units of layer ``i`` this rank holds (NaN while the layer has not joined)."""
+        norms = self.initial_unit_norms[i]
+        if norms is None:
+            return torch.full((layout.local_rows[position],), math.nan, dtype=torch.float64)
+        start = layout.row_starts[position]
+        return norms[start : start + layout.local_rows[position]]
+
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
         if groups is None or any(
-            buf.device != p.device or buf.dtype != p.dtype or buf.shape != p.shape
+            buf.device != x.device or buf.dtype != x.dtype or buf.shape != x.shape
             for g in groups
-            for p, buf in zip(g.params, g.previous, strict=True)
+            for x, buf in zip(self._locals(g), g.previous, strict=True)
         ):
             groups = self._groups = self._build_groups()
         return groups
@@ -554,7 +605,7 @@ class Layca(Optimizer):
             self.reference_lr = self._default_reference_lr()
         groups = self._groups_for_step()
         for g in groups:
-            torch._foreach_copy_(g.previous, [p.detach() for p in g.params])
+            torch._foreach_copy_(g.previous, self._locals(g))
 
         if closure is None:
             loss = self.optimizer.step()
@@ -574,6 +625,10 @@ class Layca(Optimizer):
                 if g.row_layer is not None:
                     g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
                 g.rates_version = self._rates_version
+        if self._step_layout is not None:
+            self._rotate_sharded(groups, self._step_layout)
+            groups = []
+        for g in groups:
             params = [p.detach() for p in g.params]
             if g.row_layer is not None:
                 near_rows = rotate_eager_units(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
@@ -586,6 +641,82 @@ class Layca(Optimizer):
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
+
+    @staticmethod
+    def _locals(group: _Group) -> list[torch.Tensor]:
+        """The group's layers as this rank holds them (detached local shards of sharded layers)."""
+        return [local_shard(p.detach()) for p in group.params]
+
+    def _rotate_sharded(self, groups: list[_Group], layout: ShardLayout) -> None:
+        """The summed form of the step for sharded layers.
+
+        Local float64 sums of every group, ONE all-reduce for all of them together, then every rank applies the same
+        coefficients to its own shard.
+        """
+        per_unit = self.granularity == "unit"
+        local = [self._locals(g) for g in groups]
+        device = groups[0].near_floor.device
+        if per_unit:  # per unit: each rank's units placed at their global positions, summed over the ranks
+            rows = [
+                step_sums([x], [w], per_unit=True)
+                for xs, g in zip(local, groups, strict=True)
+                for x, w in zip(xs, g.previous, strict=True)
+            ]
+            full = full_sums(layout.scatter_rows([r.to(device) for r in rows]), layout.row_divisors(device))
+            per_layer = layout.local_rows_of(full)
+            sums, start = [], 0
+            for g in groups:
+                sums.append(torch.cat(per_layer[start : start + len(g.indices)]))
+                start += len(g.indices)
+        else:
+            partial = [step_sums(xs, g.previous).to(device) for xs, g in zip(local, groups, strict=True)]
+            full = full_sums(torch.cat(partial), layout.divisors(device))
+            sums = list(full.split([len(g.indices) for g in groups]))
+        if self._joining:
+            self._take_initial_norms(groups, layout, full if per_unit else torch.cat(sums))
+        for g, xs, s in zip(groups, local, sums, strict=True):
+            s = s.to(g.near_floor.device)
+            a, b, c = s.unbind(1)
+            k1, k2, near = coefficients(
+                a, b, c, c, g.rates, g.relative_lrs, g.initial_norms, unit_roundoff(xs[0].dtype)
+            )
+            apply_coefficients(xs, g.previous, k1, k2, per_unit=per_unit)
+            if g.row_layer is not None:
+                near = torch.zeros_like(g.near_floor).index_put_((g.row_layer,), near, accumulate=True)
+            g.near_floor |= near
+
+    def _take_initial_norms(self, groups: list[_Group], layout: ShardLayout, full: torch.Tensor) -> None:
+        """Record the initial norms of the sharded layers that join at this step from the step's full sums.
+
+        Their weights before this step are their initial weights (they were frozen until now), whose squared norms
+        are the sums ``<w, w>`` every rank now holds: no collective of their own.
+
+        Args:
+            groups: The step's groups, their ``initial_norms`` holding NaN for the joining layers.
+            layout: The layout of the groups' layers in order.
+            full: The step's full sums: per layer, or per global unit (``granularity="unit"``), in that order.
+        """
+        order = [i for g in groups for i in g.indices]
+        joining = set(self._joining)
+        per_unit = self.granularity == "unit"
+        weight_sq = full[:, 1].to(device="cpu", dtype=torch.float64)  # one host transfer, once per joining
+        per_layer = weight_sq.split(list(layout.rows)) if per_unit else weight_sq.split(1)
+        for i, values in zip(order, per_layer, strict=True):
+            if i not in joining:
+                continue
+            norm = math.sqrt(float(values.sum()))
+            self._check_initial_norm(i, norm)
+            self.initial_norms[i] = norm
+            if per_unit:
+                self.initial_unit_norms[i] = values.sqrt()
+        self._joining = []
+        positions = {i: k for k, i in enumerate(order)}
+        for g in groups:
+            if per_unit:
+                norms = torch.cat([self._local_unit_norms(i, layout, positions[i]) for i in g.indices])
+            else:
+                norms = torch.tensor([self.initial_norms[i] for i in g.indices], dtype=torch.float64)
+            g.initial_norms.copy_(norms)
 
     def _warn_near_floor(self, groups: list[_Group]) -> None:
         flagged: list[int] = []

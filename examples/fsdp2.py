@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_layca as ll
 
@@ -69,9 +69,9 @@ class Classifier(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(0)
         data = TensorDataset(torch.randn(512, 32, generator=g), torch.randint(0, self.classes, (512,), generator=g))
-        mesh = self.device_mesh["data_parallel"]
-        sampler = DistributedSampler(data, num_replicas=mesh.size(), rank=mesh.get_local_rank(), seed=0)
-        return DataLoader(data, batch_size=32, sampler=sampler)  # per process
+        # Lightning gives each data-parallel rank its own part of the data (a DistributedSampler over the
+        # data-parallel mesh); 32 is the batch per data-parallel rank.
+        return DataLoader(data, batch_size=32, shuffle=True)
 
 
 def main(max_steps: int = 32) -> None:
@@ -82,7 +82,6 @@ def main(max_steps: int = 32) -> None:
         max_steps=max_steps,
         log_every_n_steps=8,
         callbacks=[ll.LaycaCallback(rotation_rate=3**-3)],
-        use_distributed_sampler=False,  # the data loader shards over the data-parallel ranks itself
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

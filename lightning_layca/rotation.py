@@ -26,7 +26,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AngleHistogram", "accumulation_dtype", "angle_histograms", "cosine_distances", "unit_angles"]
+__all__ = [
+    "AngleHistogram",
+    "accumulation_dtype",
+    "angle_histograms",
+    "angles_from_sums",
+    "cosine_distances",
+    "distances_from_sums",
+    "pair_sums",
+    "unit_angles",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -193,3 +202,81 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
         )
         for v, (lo, hi, total, squares), edges, bucket_counts in zip(values, stats, limits, host_counts, strict=True)
     ]
+
+
+SUM_BLOCK_ELEMENTS = 2**20
+"""Sums in float64 convert at most this many elements at a time (16 MiB of temporaries per operand)."""
+
+
+def unit_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(units, -1)``, one row per output unit; an empty shard (``(0, ...)``) keeps its 0 rows."""
+    return x.flatten(1) if x.ndim >= 2 else x.reshape(1, -1)
+
+
+def row_blocks(rows: int, columns: int) -> list[slice]:
+    """Slices of consecutive rows holding about :data:`SUM_BLOCK_ELEMENTS` elements each (at least one row)."""
+    per_block = max(1, SUM_BLOCK_ELEMENTS // max(1, columns))
+    return [slice(start, start + per_block) for start in range(0, rows, per_block)]
+
+
+def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
+    """Return ``(<x, y>, <x, x>, <y, y>)`` of every pair of tensors (or of every unit), accumulated in float64.
+
+    The form of a measurement that sums over parts: the sums of a layer split over processes are the sums of its
+    parts' sums (see :func:`lightning_layca.distributed.full_sums`). Products of float32 (or lower) numbers are exact
+    in float64. An empty shard contributes zeros.
+
+    Args:
+        xs: For example each layer's current weights (a rank's local shards).
+        ys: For example their initial weights, same shapes.
+        per_unit: Sums per unit (rows of :func:`unit_view`, all tensors' rows concatenated) rather than per tensor.
+
+    Returns:
+        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device.
+
+    Example:
+        >>> pair_sums([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])]).tolist()
+        [[1.0, 2.0, 1.0]]
+    """
+    out = []
+    for x, y in zip(xs, ys, strict=True):
+        rows_x, rows_y = unit_view(x.detach()), unit_view(y.detach())
+        per_row = rows_x.new_zeros((rows_x.shape[0], 3), dtype=torch.float64)
+        for block in row_blocks(*rows_x.shape):
+            x64, y64 = rows_x[block].double(), rows_y[block].double()
+            per_row[block] = torch.stack([(x64 * y64).sum(1), (x64 * x64).sum(1), (y64 * y64).sum(1)], 1)
+        out.append(per_row if per_unit else per_row.sum(0, keepdim=True))
+    return torch.cat(out)
+
+
+def distances_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Cosine distances ``1 - <w, w0> / (||w|| ||w0||)`` from :func:`pair_sums` of ``(w, w0)``.
+
+    NaN where a norm is zero or a sum is not finite, as :func:`cosine_distances`.
+
+    Example:
+        >>> distances_from_sums(torch.tensor([[0.0, 4.0, 1.0]], dtype=torch.float64)).tolist()
+        [1.0]
+    """
+    dot, weight_sq, initial_sq = sums.unbind(-1)
+    norms = (weight_sq * initial_sq).sqrt()
+    measurable = torch.isfinite(sums).all(-1) & (norms > 0) & torch.isfinite(norms)
+    return torch.where(measurable, 1.0 - dot / torch.where(measurable, norms, 1.0), torch.nan)
+
+
+def angles_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Angles in degrees between current and initial weights from per-unit :func:`pair_sums` of ``(w, w0)``.
+
+    ``atan2(||w_perp|| * ||w0||, <w, w0>)`` with ``||w_perp||^2 = <w, w> - <w, w0>^2 / <w0, w0>`` in float64, as
+    :func:`unit_angles`: 0 for a unit whose current or initial weights are all zero, NaN for one with non-finite sums.
+
+    Example:
+        >>> angles_from_sums(torch.tensor([[0.0, 1.0, 1.0], [1.0, 2.0, 1.0]], dtype=torch.float64)).tolist()
+        [90.0, 45.0]
+    """
+    dot, weight_sq, initial_sq = sums.unbind(-1)
+    safe_sq0 = torch.where(initial_sq > 0, initial_sq, 1.0)
+    perpendicular_sq = (weight_sq - dot.square() / safe_sq0).clamp_min(0.0)
+    angles = torch.rad2deg(torch.atan2(perpendicular_sq.sqrt() * safe_sq0.sqrt(), dot))
+    defined = (initial_sq > 0) & (weight_sq > 0)
+    return torch.where(torch.isfinite(sums).all(-1), torch.where(defined, angles, 0.0), torch.nan)

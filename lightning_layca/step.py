@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_layca.rotation import inner_products
+from lightning_layca.rotation import inner_products, row_blocks, unit_view
 
 __all__ = [
     "NEAR_FLOOR_FACTOR",
@@ -258,15 +258,6 @@ def rotate_eager_units(
     return near_floor
 
 
-_SUM_BLOCK_ELEMENTS = 2**20
-""":func:`step_sums` converts at most this many elements at a time to float64 (16 MiB of temporaries)."""
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``(units, -1)`` where an empty shard (``(0, ...)``) keeps its 0 rows."""
-    return x.flatten(1) if x.ndim >= 2 else x.reshape(1, -1)
-
-
 def step_sums(params: list[torch.Tensor], previous: list[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
     """Return ``(a, b, c) = (<D, w>, <w, w>, <D, D>)`` of every layer (or unit), accumulated in float64.
 
@@ -291,15 +282,12 @@ def step_sums(params: list[torch.Tensor], previous: list[torch.Tensor], per_unit
     """
     out = []
     for p, w in zip(params, previous, strict=True):
-        rows_p, rows_w = _rows(p), _rows(w)
+        rows_p, rows_w = unit_view(p), unit_view(w)
         per_row = rows_p.new_zeros((rows_p.shape[0], 3), dtype=torch.float64)
-        block = max(1, _SUM_BLOCK_ELEMENTS // max(1, rows_p.shape[1]))
-        for start in range(0, rows_p.shape[0], block):
-            w64 = rows_w[start : start + block].double()
-            d64 = rows_p[start : start + block].double().sub_(w64)
-            per_row[start : start + block] = torch.stack(
-                [(d64 * w64).sum(1), (w64 * w64).sum(1), (d64 * d64).sum(1)], 1
-            )
+        for block in row_blocks(*rows_p.shape):
+            w64 = rows_w[block].double()
+            d64 = rows_p[block].double().sub_(w64)
+            per_row[block] = torch.stack([(d64 * w64).sum(1), (w64 * w64).sum(1), (d64 * d64).sum(1)], 1)
         out.append(per_row if per_unit else per_row.sum(0, keepdim=True))
     return torch.cat(out)
 
@@ -325,13 +313,13 @@ def apply_coefficients(
     """
     dtype = params[0].dtype
     compute = torch.float32 if dtype in _LOW_PRECISION else dtype
-    counts = [_rows(p).shape[0] for p in params] if per_unit else [1] * len(params)
+    counts = [unit_view(p).shape[0] for p in params] if per_unit else [1] * len(params)
     for p, w, c1, c2 in zip(params, previous, k1.to(compute).split(counts), k2.to(compute).split(counts), strict=True):
-        rows_p = _rows(p)
+        rows_p = unit_view(p)
         if rows_p.numel() == 0:
             continue
-        step = rows_p.to(compute).sub_(_rows(w).to(compute))
+        step = rows_p.to(compute).sub_(unit_view(w).to(compute))
         torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)
-        out = step.mul_(c2.unsqueeze(1)).addcmul_(_rows(w).to(compute), c1.unsqueeze(1))
+        out = step.mul_(c2.unsqueeze(1)).addcmul_(unit_view(w).to(compute), c1.unsqueeze(1))
         if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
             p.copy_(out.view_as(p))

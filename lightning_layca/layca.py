@@ -445,8 +445,10 @@ class Layca(Optimizer):
         ]
         if any(is_dtensor(self._layers[i]) for i in joining):
             self._joining = joining  # their norms come from the sums of the next step (see _take_initial_norms)
-        elif joining:
-            self._set_initial_norms(joining)
+        else:
+            self._joining = []
+            if joining:
+                self._set_initial_norms(joining)
         self._controlled = controlled
         self._controlled_key = key
         self._groups = None
@@ -808,9 +810,19 @@ class Layca(Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Return the wrapped optimizer's state dict, with Layca's own state added under ``"layca"``."""
+        """Return the wrapped optimizer's state dict, with Layca's own state (:meth:`layca_state`) under ``"layca"``."""
         state = dict(self.optimizer.state_dict())
-        state["layca"] = {
+        state["layca"] = self.layca_state()
+        return state
+
+    def layca_state(self) -> dict[str, Any]:
+        """Return Layca's own state, without the wrapped optimizer's: initial norms, counters, reference lr.
+
+        The same on every process, sharded or not. Checkpointing through ``torch.distributed.checkpoint`` (as
+        ``ModelParallelStrategy`` does) keeps only an optimizer's ``state`` and ``param_groups``, so
+        :class:`~lightning_layca.LaycaCallback` saves this in its own state as well.
+        """
+        return {
             "layer_names": list(self.layer_names),
             "initial_norms": list(self.initial_norms),
             "granularity": self.granularity,
@@ -820,7 +832,6 @@ class Layca(Optimizer):
             "epoch": self.epoch,
             "rotation_rate": self.rotation_rate,
         }
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state dict from :meth:`state_dict`, or a plain state dict of the wrapped optimizer.
@@ -832,30 +843,47 @@ class Layca(Optimizer):
         layca = state_dict.pop("layca", None)
         if "base" in state_dict:  # the layout of lightning_layca 0.1
             state_dict = state_dict["base"]
-        if layca is not None and list(layca["layer_names"]) != self.layer_names:
+        if layca is not None:
+            self._check_layca_state(layca)
+        self.optimizer.load_state_dict(state_dict)
+        self.restored_from_plain_state = layca is None
+        if layca is not None:
+            self.load_layca_state(layca)
+        self._controlled_key = None
+        self._schedule_key = object()
+        self._rates = []
+
+    def load_layca_state(self, layca: dict[str, Any]) -> None:
+        """Restore Layca's own state from :meth:`layca_state`, leaving the wrapped optimizer's state as it is.
+
+        Raises:
+            ValueError: When the state was saved for other layers or another granularity.
+        """
+        self._check_layca_state(layca)
+        self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
+        self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
+        if "reference_lr" in layca:
+            self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
+        elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group
+            self.reference_lr = max(float(x) for x in layca["initial_lrs"])
+        self.step_count = int(layca["step_count"])
+        self.epoch = int(layca["epoch"])
+        self.restored_from_plain_state = False
+        self._controlled_key = None
+        self._schedule_key = object()
+        self._rates = []
+
+    def _check_layca_state(self, layca: dict[str, Any]) -> None:
+        if list(layca["layer_names"]) != self.layer_names:
             raise ValueError(
                 "Layca: the state dict was saved for layers "
                 f"{layca['layer_names']!r}, but this optimizer controls {self.layer_names!r}."
             )
-        self.optimizer.load_state_dict(state_dict)
-        self.restored_from_plain_state = layca is None
-        if layca is not None:
-            if layca.get("granularity", "layer") != self.granularity:
-                raise ValueError(
-                    f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
-                    f"this optimizer has granularity={self.granularity!r}."
-                )
-            self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
-            self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
-            if "reference_lr" in layca:
-                self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
-            elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group
-                self.reference_lr = max(float(x) for x in layca["initial_lrs"])
-            self.step_count = int(layca["step_count"])
-            self.epoch = int(layca["epoch"])
-        self._controlled_key = None
-        self._schedule_key = object()
-        self._rates = []
+        if layca.get("granularity", "layer") != self.granularity:
+            raise ValueError(
+                f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
+                f"this optimizer has granularity={self.granularity!r}."
+            )
 
     def __repr__(self) -> str:
         return (

@@ -602,6 +602,11 @@ class Layca(Optimizer):
         Returns:
             What the closure returned (``None`` without a closure).
         """
+        if closure is None and not self.state and all(float(group["lr"]) == 0 for group in self.param_groups):
+            # Before loading an optimizer state, torch.distributed.checkpoint (``ModelParallelStrategy``'s
+            # checkpoints) creates the wrapped optimizer's state with one step at learning rate 0 from zero
+            # gradients. That is no training step: nothing rotates, nothing is counted, no collective is issued.
+            return self.optimizer.step()
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self.reference_lr = self._default_reference_lr()

@@ -231,7 +231,8 @@ class ShardedProbe(Callback):
             opt.step = self._counting_step(opt.step)  # type: ignore[method-assign]
         monitor = self.rotation_callback(trainer)
         monitor.on_train_batch_end = self._counting_batch_end(monitor.on_train_batch_end)  # type: ignore[method-assign]
-        initial = monitor.state_dict()["initial"]  # gathers the snapshot: a collective on every rank
+        # The weights at the start of this fit: the initial ones, or a resumed run's, whose norms Layca kept.
+        initial = [full(w) for w in layer_params(pl_module)]
         self._initial_norms = [float(w0.double().norm()) for w0 in initial]
         self._initial_unit_norms = torch.cat([w0.double().flatten(1).norm(dim=1) for w0 in initial])
 

@@ -195,13 +195,20 @@ def test_every_step_turns_each_full_layer_by_atan_rho_and_keeps_its_norm(
             assert ratios == pytest.approx([1.0] * len(LAYERS), rel=NORM_TOL)
 
 
-def test_every_step_turns_each_full_unit_by_atan_rho_and_keeps_its_norm(layca_units_2x2: Run) -> None:
+def test_every_step_turns_each_full_unit_by_atan_rho_or_leaves_it_as_one_process_does(
+    layca_units_2x2: Run, layca_units_single: Run
+) -> None:
+    # A unit whose ReLU is dead on the whole batch gets no gradient and stays put (in one process as well).
+    (reference,) = layca_units_single.ranks
+    atan_rho = math.atan(ROTATION_RATE)
     for rank in layca_units_2x2.ranks:
         assert len(rank["unit_angles"]) == STEPS["layca_units_2x2"]
-        for angles, ratios in zip(rank["unit_angles"], rank["unit_norm_ratios"], strict=True):
-            torch.testing.assert_close(
-                angles, torch.full_like(angles, math.atan(ROTATION_RATE)), atol=ANGLE_TOL, rtol=0
-            )
+        steps = zip(rank["unit_angles"], rank["unit_norm_ratios"], reference["unit_angles"], strict=True)
+        for angles, ratios, expected in steps:
+            moved = expected > atan_rho / 2
+            assert moved.float().mean() > 0.75
+            torch.testing.assert_close(angles[moved], torch.full_like(angles[moved], atan_rho), atol=ANGLE_TOL, rtol=0)
+            torch.testing.assert_close(angles[~moved], torch.zeros_like(angles[~moved]), atol=ANGLE_TOL, rtol=0)
             torch.testing.assert_close(ratios, torch.ones_like(ratios), rtol=NORM_TOL, atol=0)
 
 
@@ -261,7 +268,7 @@ def test_ranks_issue_the_same_all_reduces_in_the_same_order(request: pytest.Fixt
     ranks = _run(request, name).ranks
     for rank in ranks[1:]:
         assert rank["trace"] == ranks[0]["trace"]
-    assert ranks[0]["trace"][-1] >= STEPS[name]
+    assert ranks[0]["trace"][-1] >= STEPS[name] // LOG_EVERY
 
 
 def test_one_process_issues_no_all_reduce(layca_single: Run, monitor_single: Run) -> None:

@@ -166,8 +166,8 @@ def _fit_runner(device: torch.device, steps: int, epochs: int) -> Callable[[str]
     return run
 
 
-_HOOKS = ("setup", "on_fit_start", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
-          "on_train_epoch_end", "on_save_checkpoint")  # fmt: skip
+_HOOKS = ("setup", "on_fit_start", "on_train_epoch_start", "on_train_batch_start", "on_before_optimizer_step",
+          "on_train_batch_end", "on_train_epoch_end", "on_save_checkpoint")  # fmt: skip
 
 
 def _timed_hooks(callback: Any, seconds: dict[str, float]) -> Any:

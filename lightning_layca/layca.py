@@ -760,6 +760,17 @@ class Layca(Optimizer):
             f"about 1% (and a step below that floor does not move a layer at all). {advice}"
         )
 
+    def weights_before_last_step(self) -> dict[str, torch.Tensor]:
+        """Return the weights every controlled layer had before the latest step, keyed by parameter name.
+
+        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only.
+        """
+        return {
+            self.layer_names[i]: buffer
+            for g in self._groups or []
+            for i, buffer in zip(g.indices, g.previous, strict=True)
+        }
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the wrapped optimizer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)

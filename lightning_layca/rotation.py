@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "cosine_distances",
     "distances_from_sums",
     "pair_sums",
+    "step_rotation",
     "unit_angles",
 ]
 
@@ -70,7 +72,8 @@ def cosine_distances(
 
     Returns:
         A 1-D tensor with one distance per layer, on the first layer's device, in float32 (float64 when any layer
-        is float64). A layer whose current or initial weights are all zero gets ``nan``.
+        is float64). A layer whose current or initial weights are all zero, hold inf or NaN, or have a norm beyond
+        the accumulation dtype's range gets ``nan``.
 
     Example:
         >>> cosine_distances([torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 0.0])]).tolist()
@@ -102,10 +105,19 @@ def cosine_distances(
         else:
             norm_w0 = torch.stack([initial_norms[i] for i in indices]).to(acc_dtype)
         dots = torch.stack(inner_products(ws, w0s, acc_dtype))
-        group_distances = (1.0 - dots / (norm_w * norm_w0)).to(device=out_device, dtype=out_dtype)
+        # A layer holding inf or NaN gets NaN; so does a finite one whose norm overflows, where 1 - <w, w0> / inf would
+        # read as exactly 1.
+        measurable = torch.isfinite(norm_w) & torch.isfinite(norm_w0)
+        group_distances = torch.where(measurable, 1.0 - dots / (norm_w * norm_w0), torch.nan)
+        group_distances = group_distances.to(device=out_device, dtype=out_dtype)
         for i, d in zip(indices, group_distances.unbind(), strict=True):
             distances[i] = d
     return torch.stack(distances)
+
+
+_UNIT_BLOCK_ELEMENTS = 2**20
+"""Rows are measured in blocks of about this many elements (4 MiB in float32), so the temporaries of
+:func:`unit_angles` stay a few MiB whatever the size of the layer."""
 
 
 def unit_angles(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -113,7 +125,9 @@ def unit_angles(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
 
     A unit is one row of the weight tensor seen as ``(out_features, -1)`` (one output neuron, or one convolution
     filter). The angle is computed as ``atan2(||w_perp|| * ||w0||, <w, w0>)``, accurate for small angles where
-    ``acos`` of a cosine close to 1 is not. A unit whose current or initial weights are all zero gets 0.
+    ``acos`` of a cosine close to 1 is not. A unit whose current or initial weights are all zero gets 0; a unit
+    holding inf or NaN gets NaN. Rows are processed in blocks of about a million elements, so the temporaries stay a
+    few MiB however large the layer (only the angles, one per unit, are kept).
 
     Args:
         weights: Current weights of one layer.
@@ -127,15 +141,71 @@ def unit_angles(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
         [90.0]
     """
     acc_dtype = accumulation_dtype(weights.dtype)
-    w = weights.detach().reshape(weights.shape[0], -1).to(acc_dtype)
-    w0 = initial.detach().reshape(initial.shape[0], -1).to(acc_dtype)
+    w_all = weights.detach().reshape(weights.shape[0], -1)
+    w0_all = initial.detach().reshape(initial.shape[0], -1)
+    rows_per_block = max(1, _UNIT_BLOCK_ELEMENTS // max(1, w_all.shape[1]))
+    angles = torch.empty(w_all.shape[0], dtype=acc_dtype, device=w_all.device)
+    for start in range(0, w_all.shape[0], rows_per_block):
+        block = slice(start, start + rows_per_block)
+        angles[block] = _block_angles(w_all[block].to(acc_dtype), w0_all[block].to(acc_dtype))
+    return angles
+
+
+def _block_angles(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """Per-row angles in degrees of one block of rows (see :func:`unit_angles`)."""
     dot = (w * w0).sum(dim=1)
     sq0 = (w0 * w0).sum(dim=1)
+    finite = torch.isfinite(w).all(dim=1) & torch.isfinite(w0).all(dim=1)
     defined = (sq0 > 0) & (w.abs().amax(dim=1) > 0)
     safe_sq0 = torch.where(sq0 > 0, sq0, 1.0)
     perpendicular = w - (dot / safe_sq0).unsqueeze(1) * w0
     angles = torch.rad2deg(torch.atan2(perpendicular.norm(dim=1) * safe_sq0.sqrt(), dot))
-    return torch.where(defined, angles, 0.0)
+    # A row holding inf gives inf - inf = NaN above, or a finite made-up angle when its initial row is zero.
+    return torch.where(finite, torch.where(defined, angles, 0.0), torch.nan)
+
+
+def step_rotation(
+    weights: Sequence[torch.Tensor], before: Sequence[torch.Tensor], units: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return how far each layer turned in one step, as ``tan`` of the angle, and each layer's norm after it.
+
+    With ``D = w - w_before`` formed explicitly (exact for the small steps of one step), sums ``a = <D, w_before>``,
+    ``b = ||w_before||^2``, ``c = ||D||^2`` give ``tan = sqrt(c - a^2 / b) * sqrt(b) / (b + a)``: the tangential part
+    of the step over the radial part of the new weights, accurate for the small angles of one step where a cosine
+    close to 1 would lose them. This is the unit of Layca's rate ``rho``: under Layca it equals the rate the step used.
+    Sums accumulate in float32 (float64 for float64 layers), one layer-sized temporary at a time.
+
+    Args:
+        weights: The weights after the step, one tensor per layer.
+        before: The same layers' weights before it.
+        units: Measure every output unit (row, slice along dim 0) instead of every layer; the rows of all layers
+            are concatenated.
+
+    Returns:
+        ``tan`` of the angle per layer (per unit) and the L2 norm per layer (per unit), float64, on the first
+        layer's device, with no host synchronisation.
+
+    Example:
+        >>> tan, norm = step_rotation([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])])
+        >>> tan.tolist(), [round(x, 6) for x in norm.tolist()]
+        ([1.0], [1.414214])
+    """
+    device = weights[0].device
+    sums = []
+    for w, w0 in zip(weights, before, strict=True):
+        acc = accumulation_dtype(w.dtype)
+        rows = (w.shape[0] if w.ndim >= 2 else 1) if units else 1
+        w_rows = w.detach().reshape(rows, -1).to(acc)
+        w0_rows = w0.detach().reshape(rows, -1).to(acc)
+        d = w_rows - w0_rows
+        row_sums = [
+            torch.einsum("ij,ij->i", x, y) for x, y in ((d, w0_rows), (w0_rows, w0_rows), (d, d), (w_rows, w_rows))
+        ]
+        sums.append(torch.stack(row_sums).to(device=device, dtype=torch.float64))
+        del d
+    a, b, c, norm_sq = torch.cat(sums, dim=1).to(device)
+    tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
+    return tangential * b.sqrt() / (b + a), norm_sq.sqrt()
 
 
 @dataclass
@@ -159,11 +229,15 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
     total, whatever the number of tensors: the ranges, then the counts.
 
     Args:
-        values: One non-empty 1-D tensor per histogram, for example :func:`unit_angles` of every layer.
+        values: One non-empty 1-D tensor of finite values per histogram, for example :func:`unit_angles` of every
+            layer.
         bins: Number of bins (positive).
 
     Returns:
         One :class:`AngleHistogram` per tensor; its counts add up to the number of values.
+
+    Raises:
+        ValueError: When a tensor holds inf or NaN (it has no finite range to bin).
 
     Example:
         >>> h = angle_histograms([torch.tensor([0.0, 1.0, 1.0, 2.0])], bins=2)[0]
@@ -181,6 +255,11 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
             for v in values
         ]
     ).tolist()  # one host transfer for every range
+    for i, (lo, hi, _, _) in enumerate(stats):
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # min and max propagate NaN
+            raise ValueError(
+                f"angle_histograms: tensor #{i} holds non-finite values (min {lo}, max {hi}); bin finite values only."
+            )
     counts: list[torch.Tensor] = []
     limits: list[list[float]] = []
     for v, (lo, hi, _, _) in zip(values, stats, strict=True):

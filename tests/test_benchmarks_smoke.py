@@ -1,4 +1,4 @@
-"""The step-cost benchmark: its parameter sets, its per-tensor baseline, and a tiny-budget run of its code path."""
+"""The benchmarks' code paths at tiny sizes: step cost (parameter sets, per-tensor baseline, report) and memory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import step_cost
+from benchmarks import memory, step_cost
 from benchmarks._shapes import SHAPE_SETS, numel
 from lightning_layca import Layca
 
@@ -67,3 +67,27 @@ def test_quick_run_writes_a_table_with_every_row(tmp_path: Path) -> None:
 def test_unknown_set_is_rejected_with_the_accepted_names() -> None:
     with pytest.raises(SystemExit, match=r"unknown set 'resnet19'.*resnet18, resnet50, vitb16, mlp200"):
         step_cost.main(["--sets", "resnet19", "--device", "cpu"])
+
+
+def test_memory_benchmark_reports_each_configuration_and_the_snapshot_copy_in_the_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "memory.md"
+    args = ["--width", "256", "--depth", "2", "--steps", "2", "--rounds", "1", "--out", str(out)]
+    memory.main([*args, "--configs", "no callback,LayerRotationMonitor"])
+    text = out.read_text()
+    assert "load average" in text and "131,584 parameters" in text
+    row = r"^\| (.+?) \| (\d+) \| (\d+) \| ([+-][0-9.]+) \| ([0-9.]+) \| ([+-][0-9.]+) \|$"
+    rows = {r[0]: r[1:] for r in re.findall(row, text, flags=re.MULTILINE)}
+    assert list(rows) == ["no callback", "LayerRotationMonitor"]
+    assert float(rows["no callback"][2]) == 0.0 and float(rows["no callback"][4]) == 0.0
+    # The checkpoint holds one snapshot of the two 256 x 256 layers (99.6 % of the weights), plus a few names.
+    assert float(rows["LayerRotationMonitor"][4]) == pytest.approx(1.0, abs=0.02)
+    assert "temporaries of the epoch-end angle histograms (LayerRotationMonitor)" in text
+
+
+def test_memory_benchmark_fit_with_layca_counts_the_temporaries_of_a_step(tmp_path: Path) -> None:
+    measured = memory.fit_once("LaycaCallback", width=64, depth=2, batch=4, steps=2, root=tmp_path)
+    assert measured["parameters"] == 2 * (64 * 64 + 64)
+    assert measured["peak_rss"] >= measured["rss_at_fit_start"] > 0
+    assert measured["checkpoint_bytes"] > 2 * measured["weight_bytes"]  # weights, momentum, the snapshot
+    assert 0 <= measured["layca_step_temporaries"] < measured["weight_bytes"]
+    assert 0 < measured["histogram_temporaries"] <= 3 * measured["largest_layer_bytes"]

@@ -75,10 +75,10 @@ def test_wraps_the_optimizer_keeps_the_scheduler_and_logs_rates(tmp_path: Path) 
     for layer in LAYERS:
         first = events.Scalars(f"layer_rotation/{layer}")[0]
         assert (first.step, first.value) == (0, pytest.approx(ONE_STEP, abs=1e-6))
-    # The rate follows the relative learning rate: rho in epoch 0, rho / 2 in epoch 1; logged when it changes.
+    # The rate follows the relative learning rate: rho in epoch 0, rho / 2 in epoch 1, on every logging step.
     for layer in LAYERS:
         rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
-        assert rates == [(0, pytest.approx(RHO)), (8, pytest.approx(RHO / 2))]
+        assert rates == [(step, pytest.approx(RHO if step < 8 else RHO / 2, rel=1e-6)) for step in range(16)]
     assert callback.last_rates == pytest.approx(dict.fromkeys(LAYERS, RHO / 2))
     assert norms(model) == pytest.approx(norms(TinyCNN()), rel=1e-5)
 
@@ -258,3 +258,89 @@ def test_an_optimizer_index_out_of_range_fails_when_the_fit_starts(tmp_path: Pat
 def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ll.LaycaCallback(**kwargs)
+
+
+class PerStepDecay(TinyCNN):
+    """SGD whose learning rate is divided by (1 + step / 4) after every optimizer step."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + step / 4))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def test_rates_are_logged_on_the_rotation_logging_steps_as_the_rate_of_the_step_logged_there(tmp_path: Path) -> None:
+    callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    make_trainer(tmp_path, logger=tb, callbacks=[callback], max_epochs=2).fit(PerStepDecay(), loader())
+    events = read_events(Path(tb.log_dir))
+    for layer in LAYERS:
+        rotation_steps = [e.step for e in events.Scalars(f"layer_rotation/{layer}")]
+        assert rotation_steps == [2, 5, 8, 11, 14]
+        rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
+        # Optimizer step s (counted from 0) runs after s scheduler steps: its rate is rho / (1 + s / 4).
+        assert rates == [(s, pytest.approx(RHO / (1 + s / 4), rel=1e-6)) for s in rotation_steps]
+    assert callback.last_rates == pytest.approx(dict.fromkeys(LAYERS, RHO / (1 + 14 / 4)), rel=1e-6)
+
+
+def test_rates_under_a_step_decay_are_step_functions_at_the_rotation_resolution(tmp_path: Path) -> None:
+    callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=4, figure=False, angle_histograms=False)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    make_trainer(tmp_path, logger=tb, callbacks=[callback], max_epochs=2).fit(TinyCNN(scheduler=True), loader())
+    events = read_events(Path(tb.log_dir))
+    rates = [(e.step, e.value) for e in events.Scalars("layca/rate/head")]
+    assert rates == [(step, pytest.approx(RHO if step < 8 else RHO / 2, rel=1e-6)) for step in (3, 7, 11, 15)]
+
+
+RHO_HEAD = 0.02
+
+
+def run_two_callbacks(root: Path, max_epochs: int, ckpt_path: str | None = None) -> tuple[Any, ...]:
+    """A GAN-like fit: one LaycaCallback per optimizer (features: SGD at RHO, head: Adam at RHO_HEAD)."""
+    features = ll.LaycaCallback(rotation_rate=RHO, optimizers=0, include=LAYER_PARAMS[:2], log_every_n_steps=1)
+    head = ll.LaycaCallback(rotation_rate=RHO_HEAD, optimizers=1, include="head.weight", log_every_n_steps=1)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
+    trainer = make_trainer(
+        root, logger=False, callbacks=[features, head, checkpoint], max_epochs=max_epochs, enable_checkpointing=True
+    )
+    model = TwoOptimizerCNN()
+    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    return model, features, head
+
+
+def test_two_layca_callbacks_one_per_optimizer_train_at_their_own_rates_and_resume_exactly(tmp_path: Path) -> None:
+    straight_model, straight_features, straight_head = run_two_callbacks(tmp_path / "straight", 4)
+    run_two_callbacks(tmp_path / "first", 2)
+    ckpt = tmp_path / "first" / "ckpt" / "last.ckpt"
+    states = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert states["LaycaCallback{'optimizers': [0]}"]["layer_names"] == LAYER_PARAMS[:2]
+    assert states["LaycaCallback{'optimizers': [1]}"]["layer_names"] == ["head.weight"]
+    resumed_model, resumed_features, resumed_head = run_two_callbacks(tmp_path / "resumed", 4, str(ckpt))
+
+    # Each callback turned its own layers by atan of its own rate at the first step.
+    one_step = {rho: 1.0 - 1.0 / math.sqrt(1.0 + rho**2) for rho in (RHO, RHO_HEAD)}
+    for layer in ("features.0", "features.3"):
+        assert straight_features.history[layer][0] == (0, pytest.approx(one_step[RHO], abs=1e-6))
+    assert straight_head.history["head"][0] == (0, pytest.approx(one_step[RHO_HEAD], abs=1e-6))
+    assert straight_features.last_rates == pytest.approx({"features.0": RHO, "features.3": RHO})
+    assert straight_head.last_rates == pytest.approx({"head": RHO_HEAD})
+    # The resumed fit continues the uninterrupted one exactly, each callback from its own state.
+    for (name, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed_features.history == straight_features.history
+    assert resumed_head.history == straight_head.history
+    assert resumed_features.epoch_rotation == straight_features.epoch_rotation
+    assert resumed_features.laycas[0].step_count == resumed_head.laycas[1].step_count == 32
+
+
+def test_two_monitors_with_different_layers_share_a_trainer_and_keep_separate_states(tmp_path: Path) -> None:
+    features = ll.LayerRotationMonitor(include=LAYER_PARAMS[:2], figure=False)
+    head = ll.LayerRotationMonitor(include="head.weight", figure=False)
+    assert features.state_key != head.state_key
+    assert ll.LayerRotationMonitor().state_key == "LayerRotationMonitor"  # checkpoints written before keys had fields
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[features, head], max_epochs=1, limit_train_batches=2)
+    trainer.fit(TinyCNN(), loader())
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=False)["callbacks"]
+    assert states[features.state_key]["layer_names"] == LAYER_PARAMS[:2]
+    assert states[head.state_key]["layer_names"] == ["head.weight"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -134,7 +136,12 @@ def test_custom_scalars_layout_puts_every_rotation_curve_on_one_chart(tb_run: Si
     (event,) = tb_run.events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert sorted(charts.values()) == [[r"layer_rotation/.*"], [r"layer_rotation_summary/.*"]]
+    assert sorted(charts.values()) == [
+        [r"layer_norm/.*"],
+        [r"layer_rotation/.*"],
+        [r"layer_rotation_rate/.*"],
+        [r"layer_rotation_summary/.*"],
+    ]
 
 
 def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tmp_path: Path) -> None:
@@ -219,7 +226,7 @@ def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], messa
 
 def test_a_pattern_that_matches_nothing_fails_when_the_fit_starts(tmp_path: Path) -> None:
     monitor = ll.LayerRotationMonitor(include="decoder.*")
-    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no trainable parameter"):
+    with pytest.raises(ValueError, match=r"'decoder\.\*' matches no parameter"):
         make_trainer(tmp_path, logger=False, callbacks=[monitor]).fit(TinyCNN(), loader())
 
 
@@ -245,3 +252,44 @@ def test_state_dict_keeps_the_initial_weights_on_cpu(tb_run: SimpleNamespace) ->
     for layer, snapshot in zip(LAYERS, state["initial"], strict=True):
         assert snapshot.device.type == "cpu"
         assert torch.equal(snapshot, tb_run.initial[layer])
+
+
+class PutInfIntoHead(L.Callback):
+    """At the end of the given (epoch, batch), before the monitor measures, writes an inf into the head's weights."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at = (epoch, batch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if (trainer.current_epoch, args[-1]) == self.at:
+            with torch.no_grad():
+                pl_module.head.weight[0, 0] = float("inf")
+
+
+def test_non_finite_weights_are_logged_as_nan_and_skipped_in_histograms_with_one_warning_per_layer(
+    tmp_path: Path,
+) -> None:
+    # An inf in the head at the last batch of epoch 0; in epoch 1 the NaN loss spreads NaN into every layer.
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=4)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, logger=tb, callbacks=[PutInfIntoHead(0, STEPS_PER_EPOCH - 1), monitor])
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(TinyCNN(), loader())
+    assert trainer.current_epoch == 2  # the fit completed
+
+    skipped = [str(w.message) for w in record if "non-finite" in str(w.message)]
+    assert len(skipped) == 3  # once per layer, though the layers stay non-finite
+    assert "'head'" in skipped[0] and {"'features.0'", "'features.3'"} == {s.split()[2] for s in skipped[1:]}
+
+    events = read_events(Path(tb.log_dir))
+    head = [(e.step, e.value) for e in events.Scalars("layer_rotation/head")]
+    assert [s for s, _ in head] == [3, 7, 11, 15]
+    assert head[0][1] > 0 and all(math.isnan(v) for _, v in head[1:])
+    assert [math.isnan(v) for _, v in monitor.history["features.0"]] == [False, False, True, True]
+    summary = [e.value for e in events.Scalars("layer_rotation_summary/mean")]
+    assert len(summary) == 2  # the mean of finite layers, while there are any
+    # Epoch 0: the head's histogram is skipped, the features' are written; epoch 1: every layer is skipped.
+    assert "layer_angles/head" not in events.Tags()["histograms"]
+    assert [e.step for e in events.Histograms("layer_angles/features.0")] == [STEPS_PER_EPOCH]
+    assert math.isnan(monitor.epoch_rotation["head"][-1][1])
+    assert len(events.Images("layer_rotation_curves")) == 2  # the figure is still drawn

@@ -4,8 +4,12 @@ When the fit starts, each selected optimizer becomes :class:`~lightning_layca.La
 strategy so Lightning steps the wrapper in automatic and manual optimization, with gradient accumulation, gradient
 clipping, mixed precision (GradScaler skips leave the weights untouched) and checkpoints (the wrapper's state dict
 holds the base optimizer's). LR schedulers stay attached and shape the rotation rate through the relative learning
-rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and it logs
-the effective rates ``layca/rate/<layer>`` whenever they change.
+rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and, on the
+same logging steps and at the same step values, the effective rate ``layca/rate/<layer>`` that the step just logged
+used, so rates and rotations are curves of the same resolution.
+
+Several instances can share a Trainer when they wrap different optimizers (a GAN with one rate for the generator and
+one for the discriminator): each one's checkpoint state is stored under a key that holds its ``optimizers``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
@@ -22,7 +27,6 @@ from typing_extensions import override
 
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
-from lightning_layca.loggers import log_scalars, logging_step
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
 
@@ -44,8 +48,9 @@ class LaycaCallback(LayerRotationMonitor):
         optimizers: Index, or indices, into the optimizers ``configure_optimizers`` returned, of those to wrap
             (default: all). With several optimizers (manual optimization) each wrapped one controls its own
             parameters, so ``include``/``exclude`` must make sense for each.
-        log_rates: Whether to log ``layca/rate/<layer>``, the rates of the coming step, when they change (checked
-            before every training batch).
+        log_rates: Whether to log ``layca/rate/<layer>`` on every logging step of the rotation scalars (see
+            ``log_every_n_steps``), at the same step value: the effective rate ``rho_l(t)`` used by the optimizer
+            step whose rotation is logged there.
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l`` (see
             :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
             the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
@@ -56,7 +61,7 @@ class LaycaCallback(LayerRotationMonitor):
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
-        last_rates: Layer display name -> the latest logged effective rate ``rho_l(t)``.
+        last_rates: Layer display name -> the latest logged effective rate ``rho_l(t)`` (of the last logged step).
 
     Raises:
         ValueError: For a bad argument (at construction).
@@ -129,8 +134,9 @@ class LaycaCallback(LayerRotationMonitor):
         check_granularity("LaycaCallback", granularity)
         self.granularity: Literal["layer", "unit"] = granularity
         self.laycas: dict[int, Layca] = {}
+        self._pre_step_counts: dict[int, int] = {}
         self.last_rates: dict[str, float] = {}
-        self._logged_rates_versions: dict[int, int] = {}
+        self._step_rates: dict[str, float] = {}  # rates of the optimizer step(s) of the current logging batch
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -159,21 +165,58 @@ class LaycaCallback(LayerRotationMonitor):
             layca.set_epoch(trainer.current_epoch)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.log_rates:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        # On logging batches only: the rates this step will use are read just before it, when the schedule's step
+        # count and the learning rates are the step's own (a per-step LR scheduler moves them after the batch).
+        if not self.log_rates or not self._is_logging_batch(trainer):
             return
-        metrics: dict[str, float] = {}
+        for layca in self.laycas.values():
+            if layca is optimizer:
+                for name, rate in layca.rotation_rates().items():
+                    self._step_rates[layer_display_name(name)] = rate
+
+    @override
+    def _logging_step_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        metrics = super()._logging_step_metrics(values)
+        metrics.update({f"layca/rate/{name}": rate for name, rate in self._step_rates.items()})
+        self.last_rates.update(self._step_rates)
+        self._step_rates = {}
+        return metrics
+
+    @property
+    @override
+    def _unit_rate_histograms(self) -> bool:
+        return self.granularity == "unit" and self.angle_histograms
+
+    @override
+    def _capture_pre_step(self) -> dict[str, torch.Tensor]:
+        # Layca keeps the weights before its step anyway: copy only the layers no wrapper controls.
+        self._pre_step_counts = {index: layca.step_count for index, layca in self.laycas.items()}
+        controlled = {name for layca in self.laycas.values() for name in layca.controlled_layer_names}
+        return {
+            name: p.detach().clone()
+            for name, p in zip(self.layer_names, self._layers, strict=True)
+            if name not in controlled
+        }
+
+    @override
+    def _pre_step_weights(self) -> dict[str, torch.Tensor]:
+        weights = dict(super()._pre_step_weights())
         for index, layca in self.laycas.items():
-            version = layca.rates_version
-            if self._logged_rates_versions.get(index) == version:
-                continue
-            self._logged_rates_versions[index] = version
-            for name, rate in layca.rotation_rates().items():
-                metrics[f"layca/rate/{layer_display_name(name)}"] = rate
-                self.last_rates[layer_display_name(name)] = rate
-        log_scalars(trainer, metrics, logging_step(trainer))
+            if layca.step_count > self._pre_step_counts.get(index, layca.step_count):
+                weights.update(layca.weights_before_last_step())
+            else:  # the step was skipped (a GradScaler found inf gradients): the layers did not move
+                params = dict(zip(self.layer_names, self._layers, strict=True))
+                weights.update({n: params[n].detach() for n in layca.controlled_layer_names if n in params})
+        return weights
+
+    @override
+    def _state_key_fields(self) -> dict[str, Any]:
+        # The wrapped optimizers tell two LaycaCallbacks apart; two on the same optimizer would wrap it twice.
+        return {} if self.optimizer_indices is None else {"optimizers": self.optimizer_indices}
 
     # ------------------------------------------------------------------ wrapping
     def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,7 +236,6 @@ class LaycaCallback(LayerRotationMonitor):
         # wrapper shares, and Lightning's LearningRateMonitor finds wrapped optimizers through `.optimizer`, so
         # re-pointing them would log the learning rate twice (and trip torch's step-order check).
         previous, self.laycas = self.laycas, {}
-        self._logged_rates_versions = {}
         for i in indices:
             base = optimizers[i]
             if isinstance(base, Layca):  # wrapped by the user in `configure_optimizers`: used as it is

@@ -15,6 +15,10 @@ layers when training first starts and, on logging steps only, measures every lay
 What was measured stays available on the callback (``history``, ``last_rotation``, ``epoch_rotation``), loggers or
 not, and survives checkpointing together with the initial weights, so a resumed run still measures from the true
 initialisation.
+
+Layers frozen when the fit starts and trained later (fine-tuning callbacks flip ``requires_grad`` and add parameter
+groups) join the monitored layers before their first optimizer step. A frozen layer does not change, so the snapshot
+taken then is its weights at the first fit start; layers that stay frozen cost no snapshot memory.
 """
 
 from __future__ import annotations
@@ -41,7 +45,14 @@ from lightning_layca.loggers import (
     tensorboard_writers,
     trainer_log_every_n_steps,
 )
-from lightning_layca.rotation import accumulation_dtype, angle_histograms, cosine_distances, unit_angles
+from lightning_layca.rotation import (
+    AngleHistogram,
+    accumulation_dtype,
+    angle_histograms,
+    cosine_distances,
+    step_rotation,
+    unit_angles,
+)
 from lightning_layca.selection import as_patterns, layer_display_name, select_layers
 
 __all__ = ["FIGURE_FILENAME", "LayerRotationMonitor"]
@@ -65,8 +76,9 @@ class LayerRotationMonitor(Callback):
         log_every_n_steps: Log the rotation scalars every this many optimizer steps, on the batches where Lightning
             writes the ``LightningModule.log`` metrics of training steps (default: the Trainer's
             ``log_every_n_steps``).
-        include: ``fnmatch`` patterns of parameter names to monitor (default: every trainable parameter with
-            ``ndim >= 2``, as :func:`~lightning_layca.select_layers`).
+        include: ``fnmatch`` patterns of parameter names to monitor (default: every real floating-point parameter
+            with ``ndim >= 2``, as :func:`~lightning_layca.select_layers`). Patterns may name parameters that are
+            frozen when the fit starts: they are monitored from their first optimizer step on.
         exclude: ``fnmatch`` patterns of parameter names not to monitor.
         every_n_epochs: Write the angle histograms and the figure at the end of every this many training epochs.
         angle_histograms: Whether to write ``layer_angles/<layer>`` histograms (TensorBoard only).
@@ -74,12 +86,15 @@ class LayerRotationMonitor(Callback):
         figure: Whether to draw the ``layer_rotation_curves`` figure (TensorBoard image and PNG).
 
     Attributes:
-        layer_names: Parameter names of the monitored layers, in depth order (set when the first fit starts).
-        history: Layer display name -> ``[(step, cosine distance), ...]`` at every logging step, on the step axis of
-            ``LightningModule.log``.
+        layer_names: Parameter names of the monitored layers, in depth order: the selected layers that are trainable
+            when the first fit starts, joined by each frozen one when it first becomes trainable (a fine-tuning
+            callback unfreezes it). Set when the first fit starts; it grows as layers join.
+        history: Layer display name -> ``[(step, cosine distance), ...]`` at every logging step since the layer was
+            monitored, on the step axis of ``LightningModule.log``.
         last_rotation: Layer display name -> the latest measured cosine distance.
         epoch_rotation: Layer display name -> ``[(epochs completed, cosine distance), ...]``, starting at ``(0, 0.0)``
-            and measured at the end of every training epoch (the figure's data).
+            and measured at the end of every training epoch (the figure's data). A layer that joined later has 0 for
+            the epochs before it joined, which is its true rotation: it was frozen.
 
     Raises:
         ValueError: For a bad argument (at construction) or, when the fit starts, a pattern that matches no
@@ -123,18 +138,50 @@ class LayerRotationMonitor(Callback):
         self.last_rotation: dict[str, float] = {}
         self.epoch_rotation: dict[str, list[tuple[int, float]]] = {}
 
-        self._initial: list[torch.Tensor] | None = None
+        # Candidate layers (parameter names) of the model; None until the first fit starts.
+        self._candidate_names: list[str] | None = None
+        self._epochs: list[int] = []  # the x axis of `epoch_rotation`, kept apart for layers that join later
+        # Aligned with `layer_names`: the snapshots, their norms and the live parameters of the current fit.
+        self._initial: list[torch.Tensor] = []
         self._initial_norms: list[torch.Tensor] = []
         self._layers: list[torch.Tensor] = []
+        self._candidates: list[tuple[str, torch.Tensor]] = []
+        self._pending: list[tuple[str, torch.Tensor]] = []  # candidates still frozen, not snapshotted
         self._last_global_step = -1
         self._warned_no_tensorboard = False
         self._warned_no_matplotlib = False
+        self._warned_non_finite: set[str] = set()
+        # The monitored layers' weights before the optimizer step of a batch that measures the step (logging batches,
+        # and the epoch's last batch when per-unit rates are histogrammed); freed at the batch end.
+        self._pre_step: dict[str, torch.Tensor] | None = None
+        self._unit_rates: dict[str, torch.Tensor] = {}
+        self.last_step_rates: dict[str, float] = {}
+        """Layer display name -> ``tan`` of the angle the layer turned in the latest logged optimizer step."""
+        self.last_norms: dict[str, float] = {}
+        """Layer display name -> the layer's L2 norm at the latest logging step."""
         self._layouts_written: set[int] = set()
 
     @property
     def display_names(self) -> list[str]:
         """The monitored layers' names as logged: parameter names without a trailing ``.weight``."""
         return [layer_display_name(name) for name in self.layer_names]
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # What tells two instances apart, so that several can share a Trainer and each resumes its own state; the
+        # bare class name when nothing does, which keeps the key of checkpoints written before keys had fields.
+        fields = self._state_key_fields()
+        return self._generate_state_key(**fields) if fields else type(self).__qualname__
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        """The arguments that distinguish two instances on one Trainer (here: which layers they monitor)."""
+        name = type(self).__name__
+        fields = {
+            "include": as_patterns(f"{name}: `include`", self.include),
+            "exclude": as_patterns(f"{name}: `exclude`", self.exclude),
+        }
+        return {key: value for key, value in fields.items() if value}
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -166,9 +213,22 @@ class LayerRotationMonitor(Callback):
                 {
                     "cosine distance to initialisation, every layer": r"layer_rotation/.*",
                     "cosine distance to initialisation, mean / min / max": r"layer_rotation_summary/.*",
+                    "rotation per step (tan of the angle), every layer": r"layer_rotation_rate/.*",
+                    "L2 norm, every layer": r"layer_norm/.*",
                 },
             )
             self._layouts_written.update(id(w) for w in new_writers)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # The last moment before a step can change a layer that has just been unfrozen (a fine-tuning callback, or
+        # the module itself, flips `requires_grad` at any point before the step).
+        if self._pending:
+            self._join_trainable()
+        if self._pre_step is None and self._layers and self._measures_step(trainer):
+            self._pre_step = self._capture_pre_step()
 
     @override
     def on_train_batch_end(
@@ -177,19 +237,40 @@ class LayerRotationMonitor(Callback):
         if trainer.global_step == self._last_global_step:  # no optimizer step on this batch (accumulation)
             return
         self._last_global_step = trainer.global_step
-        if not is_logging_step(trainer, self.log_every_n_steps or trainer_log_every_n_steps(trainer)):
+        before = None if self._pre_step is None else self._pre_step_weights()
+        self._pre_step = None
+        if (
+            before is not None
+            and self._unit_rate_histograms
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            names = [n for n in self.layer_names if n in before]
+            tans, _ = step_rotation([self._layer(n) for n in names], [before[n] for n in names], units=True)
+            counts = [self._layer(n).shape[0] if self._layer(n).ndim >= 2 else 1 for n in names]
+            self._unit_rates = dict(zip([layer_display_name(n) for n in names], tans.split(counts), strict=True))
+        if not self._is_logging_batch(trainer):
             return
         step = logging_step(trainer)
         values = self.measure()
         for name, value in values.items():
             self.history.setdefault(name, []).append((step, value))
         self.last_rotation = values
-        log_scalars(trainer, self._scalar_metrics(values), step)
+        metrics = self._logging_step_metrics(values)
+        if before is not None:
+            names = [n for n in self.layer_names if n in before]
+            tans, norms = step_rotation([self._layer(n) for n in names], [before[n] for n in names])
+            display = [layer_display_name(n) for n in names]
+            self.last_step_rates = dict(zip(display, tans.tolist(), strict=True))
+            self.last_norms = dict(zip(display, norms.tolist(), strict=True))
+            metrics.update({f"layer_rotation_rate/{n}": v for n, v in self.last_step_rates.items()})
+            metrics.update({f"layer_norm/{n}": v for n, v in self.last_norms.items()})
+        log_scalars(trainer, metrics, step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = self.measure()
         epochs_done = trainer.current_epoch + 1
+        self._epochs.append(epochs_done)
         for name, value in values.items():
             self.epoch_rotation.setdefault(name, []).append((epochs_done, value))
         if epochs_done % self.every_n_epochs != 0 or not trainer.is_global_zero:
@@ -197,11 +278,16 @@ class LayerRotationMonitor(Callback):
         # Rank 0 only, and nothing below is a collective.
         step = logging_step(trainer)
         writers = tensorboard_writers(trainer)
-        if writers and self.angle_histograms:
-            angles = [unit_angles(w, w0) for w, w0 in zip(self._layers, self._initial or [], strict=True)]
-            histograms = angle_histograms(angles, bins=self.histogram_bins)
+        if writers and self.angle_histograms and self._layers:
+            add_histograms(writers, self._angle_histograms(), step)
+        unit_rates, self._unit_rates = self._unit_rates, {}
+        if writers and unit_rates:
+            finite = {n: r for n, r in unit_rates.items() if bool(r.isfinite().all())}
+            histograms = angle_histograms(list(finite.values()), bins=self.histogram_bins)
             add_histograms(
-                writers, {f"layer_angles/{n}": h for n, h in zip(self.display_names, histograms, strict=True)}, step
+                writers,
+                {f"layer_unit_rotation_rate/{n}": h for n, h in zip(finite, histograms, strict=True)},
+                step,
             )
         if self.figure:
             self._draw_figure(trainer, writers, step)
@@ -209,8 +295,10 @@ class LayerRotationMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "candidate_names": None if self._candidate_names is None else list(self._candidate_names),
             "layer_names": list(self.layer_names),
-            "initial": [t.detach().cpu() for t in self._initial] if self._initial is not None else None,
+            "initial": [t.detach().cpu() for t in self._initial] if self._candidate_names is not None else None,
+            "epochs": list(self._epochs),
             "history": {k: list(v) for k, v in self.history.items()},
             "epoch_rotation": {k: list(v) for k, v in self.epoch_rotation.items()},
         }
@@ -220,11 +308,16 @@ class LayerRotationMonitor(Callback):
         # Called before `on_fit_start`, which moves the snapshot to the layers' device.
         self.layer_names = list(state_dict["layer_names"])
         initial = state_dict["initial"]
-        self._initial = None if initial is None else [t.detach() for t in initial]
+        self._initial = [] if initial is None else [t.detach() for t in initial]
+        # Checkpoints written before candidates were saved: [] means "check the monitored layers only".
+        candidates = state_dict.get("candidate_names", [] if initial is not None else None)
+        self._candidate_names = None if candidates is None else list(candidates)
         self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict["history"].items()}
         self.epoch_rotation = {
             k: [(int(e), float(v)) for e, v in pts] for k, pts in state_dict["epoch_rotation"].items()
         }
+        first = next(iter(self.epoch_rotation.values()), [])
+        self._epochs = [int(e) for e in state_dict.get("epochs", [e for e, _ in first])]
         self.last_rotation = {k: pts[-1][1] for k, pts in self.history.items() if pts}
 
     # ------------------------------------------------------------------ measuring
@@ -234,39 +327,123 @@ class LayerRotationMonitor(Callback):
         Raises:
             RuntimeError: Before the first fit has started (no initial snapshot yet).
         """
-        if self._initial is None or not self._layers:
+        if self._candidate_names is None or not self._candidates:
             raise RuntimeError(f"{type(self).__name__}: nothing to measure before the first `Trainer.fit` starts.")
+        if not self._layers:  # every candidate is still frozen
+            return {}
         distances = cosine_distances(self._layers, self._initial, self._initial_norms).tolist()
         return dict(zip(self.display_names, distances, strict=True))
 
+    def _layer(self, name: str) -> torch.Tensor:
+        return self._layers[self.layer_names.index(name)]
+
+    @property
+    def _unit_rate_histograms(self) -> bool:
+        """Whether the epoch's last step is measured per unit, for a histogram (with per-unit control)."""
+        return False
+
+    def _measures_step(self, trainer: pl.Trainer) -> bool:
+        """Whether the coming optimizer step is measured: on logging batches, and last batches for unit rates."""
+        return self._is_logging_batch(trainer) or (
+            self._unit_rate_histograms and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+
+    def _capture_pre_step(self) -> dict[str, torch.Tensor]:
+        """The monitored layers' weights just before a measured step: one transient copy, freed at the batch end."""
+        return {name: p.detach().clone() for name, p in zip(self.layer_names, self._layers, strict=True)}
+
+    def _pre_step_weights(self) -> dict[str, torch.Tensor]:
+        """After the step: the weights :meth:`_capture_pre_step` kept (subclasses may find them elsewhere)."""
+        return self._pre_step or {}
+
+    def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
+        return is_logging_step(trainer, self.log_every_n_steps or trainer_log_every_n_steps(trainer))
+
+    def _logging_step_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """The scalars written on a logging step, from the layers' cosine distances ``values``."""
+        return self._scalar_metrics(values)
+
+    def _angle_histograms(self) -> dict[str, AngleHistogram]:
+        """The ``layer_angles`` histograms of the monitored layers whose weights are finite (warns for the others).
+
+        Layer by layer, so only one layer's temporaries are alive at a time (:func:`unit_angles` bounds them to a
+        few MiB); the angles kept, one per unit, are small.
+        """
+        angles = [unit_angles(w, w0) for w, w0 in zip(self._layers, self._initial, strict=True)]
+        finite = torch.stack([torch.isfinite(a).all() for a in angles]).tolist()  # one host transfer
+        kept: dict[str, torch.Tensor] = {}
+        for name, layer_angles, ok in zip(self.display_names, angles, finite, strict=True):
+            if ok:
+                kept[f"layer_angles/{name}"] = layer_angles
+            elif name not in self._warned_non_finite:
+                self._warned_non_finite.add(name)
+                rank_zero_warn(
+                    f"{type(self).__name__}: layer {name!r} holds non-finite weights (inf or NaN): its "
+                    "`layer_rotation` is logged as NaN and its `layer_angles` histogram is skipped. Training "
+                    "diverged; look for its cause (learning rate, loss scale, data). Warned once per layer."
+                )
+        return dict(zip(kept, angle_histograms(list(kept.values()), bins=self.histogram_bins), strict=True))
+
     def _bind_layers(self, pl_module: pl.LightningModule) -> None:
-        layers = select_layers(pl_module.named_parameters(), include=self.include, exclude=self.exclude)
-        if not layers:
+        candidates = select_layers(
+            pl_module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
+        )
+        if not candidates:
             raise ValueError(
                 f"{type(self).__name__}: no parameter of {type(pl_module).__name__} selected as a layer (default: "
-                "trainable parameters with ndim >= 2; see `include`/`exclude`)."
+                "real floating-point parameters with ndim >= 2; see `include`/`exclude`)."
             )
-        names = [name for name, _ in layers]
-        params = [p for _, p in layers]
-        if self._initial is None:
-            self.layer_names = names
-            self._initial = [p.detach().clone() for p in params]
-            self.epoch_rotation = {layer_display_name(n): [(0, 0.0)] for n in names}
+        names = [name for name, _ in candidates]
+        by_name = dict(candidates)
+        if self._candidate_names is None:  # the first fit: its weights are the initial ones
+            self._candidate_names = names
+            self.layer_names, self._initial = [], []
+            self.epoch_rotation, self._epochs = {}, [0]
         else:
-            if names != self.layer_names:
+            unknown = [name for name in self.layer_names if name not in by_name]
+            if unknown or (self._candidate_names and names != self._candidate_names):
                 raise ValueError(
-                    f"{type(self).__name__}: the initial weights were recorded for layers {self.layer_names}, but the "
-                    f"model now has layers {names}. Use a new callback for a different model."
+                    f"{type(self).__name__}: the initial weights were recorded for layers {self._candidate_names}, "
+                    f"but the model now has layers {names}. Use a new callback for a different model."
                 )
-            for name, p, w0 in zip(names, params, self._initial, strict=True):
+            for name, w0 in zip(self.layer_names, self._initial, strict=True):
+                p = by_name[name]
                 if w0.shape != p.shape:
                     raise ValueError(
                         f"{type(self).__name__}: layer {name!r} has shape {tuple(p.shape)}, but its initial weights "
                         f"were recorded with shape {tuple(w0.shape)}."
                     )
-            self._initial = [w0.to(device=p.device, dtype=p.dtype) for p, w0 in zip(params, self._initial, strict=True)]
-        self._layers = params
+            self._initial = [
+                w0.to(device=by_name[n].device, dtype=by_name[n].dtype)
+                for n, w0 in zip(self.layer_names, self._initial, strict=True)
+            ]
+            self._candidate_names = names
+        self._candidates = candidates
+        self._layers = [by_name[name] for name in self.layer_names]
         self._initial_norms = [torch.linalg.vector_norm(w0, dtype=accumulation_dtype(w0.dtype)) for w0 in self._initial]
+        joined = set(self.layer_names)
+        self._pending = [(name, p) for name, p in candidates if name not in joined]
+        self._join_trainable()
+
+    def _join_trainable(self) -> None:
+        """Start monitoring the candidates that have become trainable, snapshotting their (still initial) weights."""
+        joining = [(name, p) for name, p in self._pending if p.requires_grad]
+        if not joining:
+            return
+        self._pending = [(name, p) for name, p in self._pending if not p.requires_grad]
+        snapshots = dict(zip(self.layer_names, zip(self._initial, self._initial_norms, strict=True), strict=True))
+        for name, p in joining:
+            w0 = p.detach().clone()
+            snapshots[name] = (w0, torch.linalg.vector_norm(w0, dtype=accumulation_dtype(w0.dtype)))
+            # Frozen until now, so its rotation was 0 at every epoch end so far.
+            self.epoch_rotation[layer_display_name(name)] = [(e, 0.0) for e in self._epochs]
+        # Depth order, for the figure's colours and the order of everything logged.
+        monitored = [(name, p) for name, p in self._candidates if name in snapshots]
+        self.layer_names = [name for name, _ in monitored]
+        self._layers = [p for _, p in monitored]
+        self._initial = [snapshots[name][0] for name in self.layer_names]
+        self._initial_norms = [snapshots[name][1] for name in self.layer_names]
+        self.epoch_rotation = {name: self.epoch_rotation[name] for name in self.display_names}
 
     @staticmethod
     def _scalar_metrics(values: dict[str, float]) -> dict[str, float]:
@@ -279,11 +456,11 @@ class LayerRotationMonitor(Callback):
         return metrics
 
     def _draw_figure(self, trainer: pl.Trainer, writers: list[Any], step: int) -> None:
-        first = next(iter(self.epoch_rotation.values()), [])
-        epochs = [e for e, _ in first]
+        if not self.epoch_rotation:  # every layer still frozen
+            return
         curves = {name: [v for _, v in points] for name, points in self.epoch_rotation.items()}
         try:
-            fig = rotation_curves_figure(epochs, curves)
+            fig = rotation_curves_figure(self._epochs, curves)
         except ModuleNotFoundError:
             if not self._warned_no_matplotlib:
                 self._warned_no_matplotlib = True

@@ -137,6 +137,16 @@ class ShardLayout:
     row_starts: tuple[int, ...]
     local_rows: tuple[int, ...]
 
+    def subset(self, positions: Sequence[int]) -> ShardLayout:
+        """The layout of the tensors at ``positions`` (in that order)."""
+        return ShardLayout(
+            self.sharded,
+            tuple(self.copies[k] for k in positions),
+            tuple(self.rows[k] for k in positions),
+            tuple(self.row_starts[k] for k in positions),
+            tuple(self.local_rows[k] for k in positions),
+        )
+
     def divisors(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """Per tensor, the number of copies to divide a full sum by, as float64 on ``device``; ``None`` unsharded."""
         if not self.sharded:

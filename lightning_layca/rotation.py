@@ -36,6 +36,7 @@ __all__ = [
     "distances_from_sums",
     "pair_sums",
     "step_rotation",
+    "step_rotation_from_sums",
     "unit_angles",
 ]
 
@@ -204,8 +205,33 @@ def step_rotation(
         sums.append(torch.stack(row_sums).to(device=device, dtype=torch.float64))
         del d
     a, b, c, norm_sq = torch.cat(sums, dim=1).to(device)
+    return _step_tangent(a, b, c), norm_sq.sqrt()
+
+
+def _step_tangent(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``tan`` of a step's angle from ``a = <D, w_before>``, ``b = ||w_before||^2``, ``c = ||D||^2``."""
     tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
-    return tangential * b.sqrt() / (b + a), norm_sq.sqrt()
+    return tangential * b.sqrt() / (b + a)
+
+
+def step_rotation_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step_rotation` from full float64 sums ``(a, b, c)`` per layer (or unit), as sharded layers give them.
+
+    Args:
+        sums: ``(n, 3)``: ``<D, w_before>``, ``||w_before||^2``, ``||D||^2`` with ``D = w - w_before``
+            (:func:`lightning_layca.step.step_sums` of the weights after and before the step).
+
+    Returns:
+        ``tan`` of the angle and the norm after the step (``sqrt(b + 2 a + c)``), per row of ``sums``.
+
+    Example:
+        >>> # from (1, 0) to (1, 1)
+        >>> tan, norm = step_rotation_from_sums(torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64))
+        >>> tan.tolist(), [round(x, 6) for x in norm.tolist()]
+        ([1.0], [1.414214])
+    """
+    a, b, c = sums.unbind(-1)
+    return _step_tangent(a, b, c), (b + 2 * a + c).clamp_min(0.0).sqrt()
 
 
 @dataclass

@@ -1,28 +1,28 @@
 """Cost of the Layca step and of the monitor's logging step under FSDP2, against the plain sharded optimizer step.
 
-Two CPU processes over gloo (``torch.multiprocessing``), one MLP sharded with FSDP2's ``fully_shard`` (every layer's
-rows split between the processes, parameters and gradients are ``DTensor``\\ s). After one backward pass the
-gradients stay fixed, and each process times, interleaved round after round:
+One fit of an MLP under Lightning's ``ModelParallelStrategy`` on 2 CPU processes over gloo (every ``Linear``
+``fully_shard``-ed: each process holds half the rows of every layer, parameters and gradients are ``DTensor``
+objects), with ``LaycaCallback`` around SGD with momentum and ``log_every_n_steps=1``, so that every step is a
+logging step. In every process, after ``--warmup`` steps, a timing callback measures per optimizer step:
 
-* ``sharded SGD step``: ``torch.optim.SGD(momentum=0.9).step()`` on the sharded parameters, the baseline;
-* ``Layca(SGD) step``: the same optimizer wrapped in :class:`~lightning_layca.Layca` (its base step, the float64 sums
+* ``sharded SGD step``: the wrapped optimizer's own step (``SGD.step`` on the sharded parameters), the baseline;
+* ``Layca(SGD) step``: the whole ``Layca.step`` around it (the snapshot of each shard, the base step, float64 sums
   over the local shards, one ``all_reduce``, the update of each shard);
-* ``monitor logging step``: :meth:`~lightning_layca.LayerRotationMonitor.measure`, the cosine distance of every layer
-  to its initial weights (local sums, one ``all_reduce``, one host transfer), which the monitor runs on logging steps
-  only.
+* ``monitor logging step``: the callback's ``on_train_batch_end`` on a logging step (cosine distances, step rates
+  and norms from local sums with one ``all_reduce``, one host transfer, the scalars handed to the logger).
 
-A barrier precedes every timed call so that both processes start together; the time of a call is the slower
-process's. The report gives medians over the rounds and the ratios to the sharded SGD step.
-
-Run from the repository root::
+The report gives, per measure, the median over the timed steps of the slower process's time, and its ratio to the
+sharded SGD step. Lightning starts one copy of this script per extra process, so run it as a script, from the
+repository root::
 
     python -m benchmarks.fsdp_overhead
-    python -m benchmarks.fsdp_overhead --width 2048 --depth 8 --rounds 50 --out benchmarks/results/fsdp_overhead.md
+    python -m benchmarks.fsdp_overhead --width 1024 --depth 6 --steps 60 --out benchmarks/results/fsdp_overhead.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -30,82 +30,132 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 if __package__ in (None, ""):  # run as a file: make `lightning_layca` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_layca import Layca, LayerRotationMonitor
+from lightning_layca import Layca, LaycaCallback
 
 ROTATION_RATE = 3**-3
 MEASURES = ("sharded SGD step", "Layca(SGD) step", "monitor logging step")
 
 
-def build(width: int, depth: int) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+class ShardedMLP(L.LightningModule):
+    """``depth`` hidden ``Linear(width, width)`` + ReLU and a 10-way head, each ``Linear`` sharded with FSDP2."""
+
+    def __init__(self, width: int, depth: int, batch_size: int, n_batches: int) -> None:
+        super().__init__()
+        self.width, self.depth, self.batch_size, self.n_batches = width, depth, batch_size, n_batches
+        self.net: nn.Sequential | None = None
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(self.depth):
+            layers += [nn.Linear(self.width, self.width), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(self.width, 10))
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        assert self.net is not None
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(1)
+        n = self.batch_size * self.n_batches * self.trainer.world_size
+        data = TensorDataset(torch.randn(n, self.width, generator=g), torch.randint(0, 10, (n,), generator=g))
+        return DataLoader(data, batch_size=self.batch_size)
 
 
-def timed(call: Callable[[], Any]) -> float:
-    """Seconds the slower process spent in ``call``, after a barrier."""
-    dist.barrier()
-    start = time.perf_counter()
-    call()
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+class StepCost(Callback):
+    """Time the base step, the Layca step and the monitor's batch end of every step after ``warmup``, per process.
 
+    Lightning hands the optimizer step a closure that runs forward and backward; its time is taken out of both steps.
+    """
 
-def worker(rank: int, world_size: int, args: argparse.Namespace, init_file: str, out: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    def __init__(self, warmup: int, out_dir: Path) -> None:
+        self.warmup = warmup
+        self.out_dir = out_dir
+        self.times: dict[str, list[float]] = {name: [] for name in MEASURES}
+        self._step = 0
+        self._closure = 0.0
+        self._base = 0.0
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    mesh = init_device_mesh("cpu", (world_size,))
-    model = build(args.width, args.depth)
-    for module in model:
-        if isinstance(module, nn.Linear):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch_size, args.width, generator=g)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g)
-    nn.functional.cross_entropy(model(x), y).backward()  # the gradients stay fixed from here on
+    def _record(self, name: str, seconds: float) -> None:
+        if self._step >= self.warmup:
+            self.times[name].append(seconds)
 
-    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    layca = Layca(
-        torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9),
-        named_parameters=model.named_parameters(),
-        rotation_rate=ROTATION_RATE,
-    )
-    monitor = LayerRotationMonitor()
-    monitor.bind(model)
-    calls: dict[str, Callable[[], Any]] = {
-        "sharded SGD step": sgd.step,
-        "Layca(SGD) step": layca.step,
-        "monitor logging step": monitor.measure,
-    }
-    for _ in range(args.warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in MEASURES}
-    for round_ in range(args.rounds):
-        order = MEASURES[round_ % len(MEASURES) :] + MEASURES[: round_ % len(MEASURES)]
-        for name in order:
-            times[name].append(timed(calls[name]))
-    if rank == 0:
-        torch.save(times, out)
-    dist.destroy_process_group()
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        (layca,) = [opt for opt in trainer.optimizers if isinstance(opt, Layca)]
+        base_step, layca_step = layca.optimizer.step, layca.step
+
+        def timed_base(closure: Callable[[], Any] | None = None) -> Any:
+            start = time.perf_counter()
+            result = base_step(closure)
+            self._base = time.perf_counter() - start
+            return result
+
+        def timed_layca(closure: Callable[[], Any] | None = None) -> Any:
+            def timed_closure() -> Any:
+                start = time.perf_counter()
+                result = closure()  # type: ignore[misc]
+                self._closure += time.perf_counter() - start
+                return result
+
+            self._closure = 0.0
+            start = time.perf_counter()
+            result = layca_step(None if closure is None else timed_closure)
+            total = time.perf_counter() - start
+            self._record("sharded SGD step", self._base - self._closure)
+            self._record("Layca(SGD) step", total - self._closure)
+            return result
+
+        layca.optimizer.step = timed_base  # type: ignore[method-assign]
+        layca.step = timed_layca  # type: ignore[method-assign]
+        callback = next(cb for cb in trainer.callbacks if isinstance(cb, LaycaCallback))  # type: ignore[attr-defined]
+        batch_end = callback.on_train_batch_end
+
+        def timed_batch_end(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = batch_end(*args, **kwargs)
+            self._record("monitor logging step", time.perf_counter() - start)
+            return result
+
+        callback.on_train_batch_end = timed_batch_end  # type: ignore[method-assign]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._step += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.times))
+        trainer.strategy.barrier()
 
 
 def load_average() -> str:
@@ -115,41 +165,63 @@ def load_average() -> str:
         return "n/a"
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=1024, help="width of the MLP's hidden layers")
+    parser.add_argument("--width", type=int, default=1024, help="width of the hidden layers")
     parser.add_argument("--depth", type=int, default=6, help="hidden layers")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch of the one backward pass")
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds of the three calls")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch per process")
+    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the processes meet (default: a new one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
-    if min(args.width, args.depth, args.batch_size, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--width, --depth, --batch-size and --rounds must be positive and --warmup non-negative.")
+    if min(args.width, args.depth, args.batch_size, args.steps) < 1 or args.warmup < 0:
+        parser.error("--width, --depth, --batch-size and --steps must be positive and --warmup non-negative.")
+    if args.workdir is None:  # chosen once, by the first process: the others are started with it
+        args.workdir = Path(tempfile.mkdtemp(prefix="fsdp_overhead_"))
+        sys.argv += ["--workdir", str(args.workdir)]
     world_size = 2
     load_before = load_average()
-    with tempfile.TemporaryDirectory() as workdir:
-        init_file, out = os.path.join(workdir, "init"), os.path.join(workdir, "times.pt")
-        mp.spawn(worker, args=(world_size, args, init_file, out), nprocs=world_size, join=True)
-        times: dict[str, list[float]] = torch.load(out)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=world_size, tensor_parallel_size=1, timeout=timedelta(seconds=300)
+        ),
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(args.workdir, name="logs"),
+        callbacks=[
+            LaycaCallback(rotation_rate=ROTATION_RATE, angle_histograms=False, figure=False),
+            StepCost(args.warmup, args.workdir / "times"),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(ShardedMLP(args.width, args.depth, args.batch_size, args.warmup + args.steps))
+    if trainer.global_rank != 0:
+        return None
     load_after = load_average()
 
-    parameters = args.depth * (args.width * args.width + args.width) + 10 * args.width + 10
-    median = {name: statistics.median(t) for name, t in times.items()}
+    per_rank = [json.loads((args.workdir / "times" / f"rank{r}.json").read_text()) for r in range(world_size)]
+    slower = {name: [max(values) for values in zip(*(t[name] for t in per_rank), strict=True)] for name in MEASURES}
+    median = {name: statistics.median(values) for name, values in slower.items()}
     base = median["sharded SGD step"]
+    parameters = args.depth * (args.width * args.width + args.width) + 10 * args.width + 10
     lines = [
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}; "
-        f"{world_size} processes over gloo, 1 torch thread each",
+        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"lightning {L.__version__}; {world_size} processes over gloo",
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
         f"- MLP {args.depth} x {args.width} + head ({parameters / 1e6:.2f} M parameters), every Linear "
-        f"`fully_shard`-ed over {world_size} processes; {args.rounds} rounds after {args.warmup}, interleaved; "
-        "medians of the slower process",
+        f"`fully_shard`-ed over {world_size} processes; SGD momentum 0.9, batch {args.batch_size} per process; "
+        f"{args.steps} timed steps after {args.warmup}, every one a logging step; medians of the slower process",
         "",
-        "| call | ms (median) | quartiles (ms) | / sharded SGD step |",
+        "| measure | ms per step (median) | quartiles (ms) | / sharded SGD step |",
         "|---|---:|---|---:|",
     ]
     for name in MEASURES:
-        q1, _, q3 = statistics.quantiles(times[name], n=4)
+        q1, _, q3 = statistics.quantiles(slower[name], n=4)
         lines.append(
             f"| {name} | {1e3 * median[name]:.2f} | {1e3 * q1:.2f} - {1e3 * q3:.2f} | {median[name] / base:.2f} |"
         )

@@ -34,6 +34,7 @@ __all__ = [
     "angles_from_sums",
     "cosine_distances",
     "distances_from_sums",
+    "float64_sums",
     "pair_sums",
     "step_rotation",
     "step_rotation_from_sums",
@@ -309,8 +310,9 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
     ]
 
 
-SUM_BLOCK_ELEMENTS = 2**20
-"""Sums in float64 convert at most this many elements at a time (16 MiB of temporaries per operand)."""
+SUM_BLOCK_ELEMENTS = 2**16
+"""Sums in float64 convert this many elements at a time: 512 KiB of float64 per operand, which stay in the cache for
+the three products (converting whole layers would stream each through memory several times)."""
 
 
 def unit_view(x: torch.Tensor) -> torch.Tensor:
@@ -318,18 +320,48 @@ def unit_view(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1) if x.ndim >= 2 else x.reshape(1, -1)
 
 
-def row_blocks(rows: int, columns: int) -> list[slice]:
-    """Slices of consecutive rows holding about :data:`SUM_BLOCK_ELEMENTS` elements each (at least one row)."""
-    per_block = max(1, SUM_BLOCK_ELEMENTS // max(1, columns))
-    return [slice(start, start + per_block) for start in range(0, rows, per_block)]
+def float64_sums(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    per_unit: bool = False,
+    difference: bool = False,
+) -> torch.Tensor:
+    """Return ``(<u, v>, <u, u>, <v, v>)`` per pair of tensors (or per unit), formed and summed in float64.
+
+    ``u = x`` (``x - y`` with ``difference``) and ``v = y``, converted block by block. Products of float32 (or lower)
+    numbers are exact in float64, and differences are rounded to 53 bits, so sums that are later subtracted from each
+    other (``||D_perp||^2 = <D, D> - <D, w>^2 / <w, w>``) keep the inputs' precision. Sums over parts add up to the
+    sums over the whole, which is how sharded layers are measured (see :func:`lightning_layca.distributed.full_sums`);
+    an empty shard contributes zeros.
+
+    Returns:
+        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device.
+    """
+    out = []
+    for x, y in zip(xs, ys, strict=True):
+        rows_x, rows_y = unit_view(x.detach()), unit_view(y.detach())
+        if not per_unit and rows_x.is_contiguous() and rows_y.is_contiguous():
+            rows_x, rows_y = rows_x.reshape(1, -1), rows_y.reshape(1, -1)
+        sums = rows_x.new_zeros((rows_x.shape[0] if per_unit else 1, 3), dtype=torch.float64)
+        per_block = max(1, SUM_BLOCK_ELEMENTS // max(1, rows_x.shape[1]))
+        for start in range(0, rows_x.shape[0], per_block):
+            for first in range(0, rows_x.shape[1], SUM_BLOCK_ELEMENTS):  # a long row in pieces
+                block = (slice(start, start + per_block), slice(first, first + SUM_BLOCK_ELEMENTS))
+                v = rows_y[block].double()
+                u = rows_x[block].double()
+                if difference:
+                    u.sub_(v)
+                if per_unit:
+                    sums[block[0]] += torch.stack([(u * v).sum(1), (u * u).sum(1), (v * v).sum(1)], 1)
+                else:
+                    u, v = u.reshape(-1), v.reshape(-1)
+                    sums[0] += torch.stack([torch.dot(u, v), torch.dot(u, u), torch.dot(v, v)])
+        out.append(sums)
+    return torch.cat(out)
 
 
 def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
-    """Return ``(<x, y>, <x, x>, <y, y>)`` of every pair of tensors (or of every unit), accumulated in float64.
-
-    The form of a measurement that sums over parts: the sums of a layer split over processes are the sums of its
-    parts' sums (see :func:`lightning_layca.distributed.full_sums`). Products of float32 (or lower) numbers are exact
-    in float64. An empty shard contributes zeros.
+    """Return ``(<x, y>, <x, x>, <y, y>)`` of every pair of tensors (or of every unit), in float64.
 
     Args:
         xs: For example each layer's current weights (a rank's local shards).
@@ -337,21 +369,13 @@ def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], per_unit: 
         per_unit: Sums per unit (rows of :func:`unit_view`, all tensors' rows concatenated) rather than per tensor.
 
     Returns:
-        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device.
+        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device (see :func:`float64_sums`).
 
     Example:
         >>> pair_sums([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])]).tolist()
         [[1.0, 2.0, 1.0]]
     """
-    out = []
-    for x, y in zip(xs, ys, strict=True):
-        rows_x, rows_y = unit_view(x.detach()), unit_view(y.detach())
-        per_row = rows_x.new_zeros((rows_x.shape[0], 3), dtype=torch.float64)
-        for block in row_blocks(*rows_x.shape):
-            x64, y64 = rows_x[block].double(), rows_y[block].double()
-            per_row[block] = torch.stack([(x64 * y64).sum(1), (x64 * x64).sum(1), (y64 * y64).sum(1)], 1)
-        out.append(per_row if per_unit else per_row.sum(0, keepdim=True))
-    return torch.cat(out)
+    return float64_sums(xs, ys, per_unit)
 
 
 def distances_from_sums(sums: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_layca.rotation import inner_products, row_blocks, unit_view
+from lightning_layca.rotation import float64_sums, inner_products, unit_view
 
 __all__ = [
     "NEAR_FLOOR_FACTOR",
@@ -280,16 +280,7 @@ def step_sums(params: list[torch.Tensor], previous: list[torch.Tensor], per_unit
         >>> step_sums([w + torch.tensor([[0.0, 1.0]])], [w]).tolist()
         [[4.0, 25.0, 1.0]]
     """
-    out = []
-    for p, w in zip(params, previous, strict=True):
-        rows_p, rows_w = unit_view(p), unit_view(w)
-        per_row = rows_p.new_zeros((rows_p.shape[0], 3), dtype=torch.float64)
-        for block in row_blocks(*rows_p.shape):
-            w64 = rows_w[block].double()
-            d64 = rows_p[block].double().sub_(w64)
-            per_row[block] = torch.stack([(d64 * w64).sum(1), (w64 * w64).sum(1), (d64 * d64).sum(1)], 1)
-        out.append(per_row if per_unit else per_row.sum(0, keepdim=True))
-    return torch.cat(out)
+    return float64_sums(params, previous, per_unit, difference=True)[:, [0, 2, 1]]
 
 
 def apply_coefficients(
@@ -298,6 +289,7 @@ def apply_coefficients(
     k1: torch.Tensor,
     k2: torch.Tensor,
     per_unit: bool = False,
+    finite: bool = False,
 ) -> None:
     """Write ``p = k1 * w + k2 * D`` (``D = p - w``) into every layer, in place: the update of the summed form.
 
@@ -310,8 +302,17 @@ def apply_coefficients(
         k1: Per layer (or per unit, rows concatenated), float64.
         k2: Likewise.
         per_unit: Whether ``k1``, ``k2`` hold one entry per unit.
+        finite: Whether every step is known to be finite (the sums ``<D, D>`` are), which saves a pass.
     """
     dtype = params[0].dtype
+    if not per_unit and dtype not in _LOW_PRECISION:  # multi-tensor ops, per-layer scalars kept on the device
+        torch._foreach_sub_(params, previous)  # params now hold D
+        if not finite:
+            for d in params:
+                torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+        torch._foreach_mul_(params, _as_scalars(k2, dtype))
+        torch._foreach_addcmul_(params, previous, _as_scalars(k1, dtype))
+        return
     compute = torch.float32 if dtype in _LOW_PRECISION else dtype
     counts = [unit_view(p).shape[0] for p in params] if per_unit else [1] * len(params)
     for p, w, c1, c2 in zip(params, previous, k1.to(compute).split(counts), k2.to(compute).split(counts), strict=True):
@@ -319,7 +320,8 @@ def apply_coefficients(
         if rows_p.numel() == 0:
             continue
         step = rows_p.to(compute).sub_(unit_view(w).to(compute))
-        torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)
+        if not finite:
+            torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)
         out = step.mul_(c2.unsqueeze(1)).addcmul_(unit_view(w).to(compute), c1.unsqueeze(1))
         if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
             p.copy_(out.view_as(p))

@@ -33,6 +33,14 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Single
 from lightning_layca import LaycaCallback, LayerRotationMonitor
 from lightning_layca.callbacks.monitor import FIGURE_FILENAME
 from lightning_layca.distributed import MULTI_GPU_DOCS, check_strategy, full_sums, shard_layout
+from lightning_layca.step import (
+    apply_coefficients,
+    coefficients,
+    rotate_eager,
+    rotate_eager_units,
+    step_sums,
+    unit_roundoff,
+)
 from tests.ddp_helpers import read_events
 from tests.fsdp_helpers import LAYERS, LOG_EVERY, ROTATION_RATE, fit_single
 
@@ -359,3 +367,45 @@ def test_the_seam_is_the_identity_without_sharding() -> None:
     assert not layout.sharded and layout.divisors() is None and layout.row_divisors() is None
     assert full_sums(partial, layout.divisors()) is partial  # no collective (no process group exists here)
     assert layout.local_rows == layout.rows == (3, 5) and layout.row_starts == (0, 0)
+
+
+# ------------------------------------------------------------------------------------ the summed form, one process
+def _summed_step(params: list[torch.Tensor], previous: list[torch.Tensor], rate: float, per_unit: bool) -> None:
+    sums = step_sums(params, previous, per_unit=per_unit)
+    n = len(sums)
+    initial = sums[:, 1].sqrt()  # the layers (units) start on their sphere
+    ones = torch.ones(n, dtype=torch.float64)
+    a, b, c = sums.unbind(1)
+    k1, k2, _ = coefficients(a, b, c, c, rate * ones, ones, initial, unit_roundoff(params[0].dtype))
+    apply_coefficients(params, previous, k1, k2, per_unit=per_unit)
+
+
+@pytest.mark.parametrize("per_unit", [False, True])
+def test_summed_step_takes_the_eager_step(per_unit: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(8, 4, 3, 3, generator=g), torch.randn(16, 36, generator=g), torch.randn(1, 16, generator=g)]
+    steps = [0.01 * torch.randn(w.shape, generator=g) for w in weights]
+    eager = [w + d for w, d in zip(weights, steps, strict=True)]
+    summed = [e.clone() for e in eager]
+    rows = sum(w.shape[0] for w in weights)
+    n = rows if per_unit else len(weights)
+    ones = torch.ones(n, dtype=torch.float64)
+    if per_unit:
+        initial = torch.cat([w.double().flatten(1).norm(dim=1) for w in weights])
+        rotate_eager_units(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
+    else:
+        initial = torch.stack([w.double().norm() for w in weights])
+        rotate_eager(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
+    _summed_step(summed, weights, 0.1, per_unit)
+    for e, s in zip(eager, summed, strict=True):
+        torch.testing.assert_close(s, e, rtol=0, atol=1e-6)  # float32 rounding of a step of norm 0.1 |w|
+
+
+def test_summed_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was() -> None:
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(6, 5, generator=g), torch.randn(4, 6, generator=g)]
+    params = [weights[0] + 0.01, weights[1].clone()]
+    params[1][2, 3] = float("nan")
+    _summed_step(params, weights, 0.1, per_unit=False)
+    assert torch.equal(params[1], weights[1])
+    assert not torch.equal(params[0], weights[0])  # the finite layer moved

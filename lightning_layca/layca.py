@@ -515,7 +515,12 @@ class Layca(Optimizer):
                 )
             self._multipliers = multipliers
             self._schedule_key = key
-        reference = self.reference_lr if self.reference_lr is not None else self._default_reference_lr()
+        if self.reference_lr is not None:
+            reference = self.reference_lr
+        elif self._layer_group:
+            reference = self._default_reference_lr()
+        else:  # no layer in any group yet (every layer frozen): nothing to rotate
+            reference = 1.0
         groups = self.param_groups
         relative_lrs = [0.0] * len(self.layer_names)
         for i, g in self._layer_group.items():

@@ -141,6 +141,21 @@ def monitor_spawn(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 @pytest.fixture(scope="module")
+def layca_units_spawn(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("layca_units_spawn")
+    callback = LaycaCallback(rotation_rate=ROTATION_RATE, granularity="unit")
+    return _fit(root, callback, RotationNet(batch_size=4), max_epochs=1)
+
+
+def test_per_unit_layca_keeps_the_ranks_identical(layca_units_spawn: Run) -> None:
+    rank0, rank1 = layca_units_spawn.ranks
+    assert torch.equal(rank0["weights"], rank1["weights"])  # also asserted in the hook, after an all_gather
+    _assert_same(rank0["end_layca"], rank1["end_layca"], "layca state")
+    assert rank0["end_layca"][0]["granularity"] == "unit"
+    assert rank0["layca_step_collectives"] == [0] * STEPS["layca_resumed"]  # one epoch: 8 steps, no collective
+
+
+@pytest.fixture(scope="module")
 def layca_single(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("layca_single")
     return _fit(root, LaycaCallback(rotation_rate=ROTATION_RATE), RotationNet(batch_size=8), devices=1, strategy="auto")

@@ -157,3 +157,22 @@ def test_a_plain_checkpoint_resumed_with_the_callback_keeps_counting_steps(tmp_p
     # 8 steps in the plain run, 8 under Layca: a LayerWarmup reads step 16, not 8.
     assert layca.laycas[0].step_count == 2 * len(loader())
     assert layca.laycas[0].epoch == 1
+
+
+def test_only_biases_trained_steps_without_any_layer_until_one_joins() -> None:
+    # BitFit-style: every weight frozen and out of the optimizer; the biases train. Layca steps them untouched.
+    model = FineTuned()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    opt = ll.Layca(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model.named_parameters()
+    )
+    assert opt.controlled_layer_names == [] and opt.layer_names == LAYERS
+    x, y = next(iter(loader()))
+    F.cross_entropy(model.head(model.backbone(x)), y).backward()
+    opt.step()
+    assert opt.rotation_rates() == {}
+    model.head.weight.requires_grad_(True)
+    opt.add_param_group({"params": [model.head.weight], "lr": 0.1})
+    assert opt.controlled_layer_names == ["head.weight"]
+    assert opt.rotation_rates() == {"head.weight": pytest.approx(ll.DEFAULT_ROTATION_RATE)}

@@ -639,8 +639,7 @@ class Layca(Optimizer):
                 g.rates_version = self._rates_version
         if self._step_layout is not None:
             self._rotate_sharded(groups, self._step_layout)
-            groups = []
-        for g in groups:
+        for g in groups if self._step_layout is None else []:
             params = [p.detach() for p in g.params]
             if g.row_layer is not None:
                 near_rows = rotate_eager_units(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)

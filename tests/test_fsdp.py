@@ -18,6 +18,7 @@ Runs (16 optimizer steps of SGD with momentum, ``log_every_n_steps=2``, unless s
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -328,6 +329,19 @@ def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(
         (at_start,) = rank["train_start_layca"]
         assert at_start["step_count"] == STEPS[name]
         assert at_start["initial_norms"] == uninterrupted["end_layca"][0]["initial_norms"]
+
+
+# --------------------------------------------------------------------------------------------------- example
+def test_the_fsdp2_example_of_the_docs_runs_and_logs_rotation(tmp_path: Path) -> None:
+    # The script of docs/multi-gpu.md, as printed there: 2 processes, each building and sharding the model.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "examples.fsdp2", "--max-steps", "8"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-6000:]
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    rotation = _scalars(read_events(log_dir), "layer_rotation/")
+    assert len(rotation) == 10  # the first layer, 2 in each of the 4 blocks, the head
+    assert all(0 < points[-1][1] < 1 for points in rotation.values())
 
 
 # ------------------------------------------------------------------------------------------------ strategies

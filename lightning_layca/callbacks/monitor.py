@@ -520,12 +520,15 @@ class LayerRotationMonitor(Callback):
         """The scalars written on a logging step, from the layers' cosine distances ``values``."""
         return self._scalar_metrics(values)
 
-    def _angle_histograms(self, angles: list[torch.Tensor]) -> dict[str, AngleHistogram]:
+    def _angle_histograms(self, angles: list[torch.Tensor] | None = None) -> dict[str, AngleHistogram]:
         """The ``layer_angles`` histograms of the monitored layers whose weights are finite (warns for the others).
 
-        Layer by layer, so only one layer's temporaries are alive at a time (:func:`unit_angles` bounds them to a
-        few MiB); the angles kept, one per unit, are small.
+        From ``angles`` (:meth:`_unit_angles`, measured here when not given). Layer by layer, so only one layer's
+        temporaries are alive at a time (:func:`unit_angles` bounds them to a few MiB); the angles kept, one per unit,
+        are small.
         """
+        if angles is None:
+            angles = self._unit_angles()
         finite = torch.stack([torch.isfinite(a).all() for a in angles]).tolist()  # one host transfer
         kept: dict[str, torch.Tensor] = {}
         for name, layer_angles, ok in zip(self.display_names, angles, finite, strict=True):

@@ -222,7 +222,13 @@ def full_sums(partial: torch.Tensor, divisors: torch.Tensor | None) -> torch.Ten
     """
     if divisors is None:
         return partial
-    dist.all_reduce(partial, op=dist.ReduceOp.SUM)
+    if partial.device.type == "cpu" and dist.get_backend() == dist.Backend.NCCL:
+        # Shards kept on the CPU (FSDP2's CPU offload) under an NCCL process group, which reduces CUDA tensors only.
+        summed = partial.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        partial = summed.cpu()
+    else:
+        dist.all_reduce(partial, op=dist.ReduceOp.SUM)
     return partial / (divisors.unsqueeze(-1) if partial.ndim > 1 else divisors)
 
 

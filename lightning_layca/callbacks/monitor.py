@@ -389,6 +389,8 @@ class LayerRotationMonitor(Callback):
     def measure(self) -> dict[str, float]:
         """Return the current cosine distance of every monitored layer to its initial weights (one host sync).
 
+        Under sharded training this is a collective (one ``all_reduce``): call it on every process.
+
         Raises:
             RuntimeError: Before the first fit has started (no initial snapshot yet).
         """

@@ -13,6 +13,19 @@
 * **Refused**: FSDP1 (``FSDPStrategy``), whose parameters are 1-D slices of flat buffers that hide the layers'
   shapes, and DeepSpeed, whose ZeRO partitions are flat buffers with no layer boundaries at all.
 
+What this relies on (torch 2.4 to 2.13; ``tests/test_fsdp.py`` exercises each point):
+
+* A ``DTensor`` parameter's ``to_local()`` is the rank's block, sharing storage with the parameter: the Layca update
+  writes it in place. FSDP2 shards dim 0 in ``torch.chunk`` sizes, so a layer with fewer rows than ranks has empty
+  ``(0, ...)`` shards, whose gradient may be an empty ``DTensor`` or ``None``.
+* With tensor parallelism under FSDP2 a column-wise layer's dim 0 is ``_StridedShard`` over the data-parallel ranks
+  and ``Shard(0)`` over the tensor-parallel ones; a row-wise layer is ``Shard(0), Shard(1)``. Each rank's block is
+  still one box of the global tensor, whose offset ``compute_local_shape_and_global_offset`` gives.
+* A layer ``fully_shard``-ed over a sub-mesh (the data-parallel one) is held whole by every rank outside that mesh
+  (the tensor-parallel ranks): such elements have ``world_size / mesh.size()`` copies, times the sizes of the mesh's
+  ``Replicate`` dimensions.
+* ``torch._foreach_norm`` and ``torch.dot`` accept ``DTensor``\ s but return partial results, one collective per
+  layer when read: the callbacks reduce local tensors instead.
 Every rank builds the same list of layers in the same order (a rank with an empty shard, or no gradient, contributes
 zeros: layers are never filtered by ``grad is None``), so every rank issues the same collectives in the same order.
 Only global rank 0 writes logs and figures; no collective is ever guarded by a rank check.

@@ -24,8 +24,9 @@ What this relies on (torch 2.4 to 2.13; ``tests/test_fsdp.py`` exercises each po
 * A layer ``fully_shard``-ed over a sub-mesh (the data-parallel one) is held whole by every rank outside that mesh
   (the tensor-parallel ranks): such elements have ``world_size / mesh.size()`` copies, times the sizes of the mesh's
   ``Replicate`` dimensions.
-* ``torch._foreach_norm`` and ``torch.dot`` accept ``DTensor``\ s but return partial results, one collective per
+* ``torch._foreach_norm`` and ``torch.dot`` accept ``DTensor`` inputs but return partial results, one collective per
   layer when read: the callbacks reduce local tensors instead.
+
 Every rank builds the same list of layers in the same order (a rank with an empty shard, or no gradient, contributes
 zeros: layers are never filtered by ``grad is None``), so every rank issues the same collectives in the same order.
 Only global rank 0 writes logs and figures; no collective is ever guarded by a rank check.

@@ -51,7 +51,8 @@ RUNS: dict[str, dict[str, Any]] = {
     # The monitor alone with AdamW.
     "monitor_adamw": {"callback": "monitor", "optimizer": "adamw", "dp": 2, "tp": 1},
     # Tensor parallel 2: column-wise (rows split), row-wise (columns split), the rest replicated over the TP ranks.
-    "layca_tp": {"callback": "layca", "optimizer": "sgd", "dp": 1, "tp": 2},
+    # Layca steps each layer in a group of its own (chunks of at most 64 bytes): still one all_reduce per step.
+    "layca_tp": {"callback": "layca", "optimizer": "sgd", "dp": 1, "tp": 2, "chunk_bytes": 64},
     # Both (4 processes), with every unit rotated on its own: rows split over ranks, and a layer's rows over the TP
     # ranks in strided blocks.
     "layca_units_2x2": {"callback": "layca_units", "optimizer": "sgd", "dp": 2, "tp": 2},
@@ -307,6 +308,7 @@ class ShardedProbe(Callback):
                 "weights": weights,
                 "sharded": [is_dtensor(p) for p in layer_params(pl_module)],
                 "local_rows": [int(local_shard(p).shape[0]) for p in layer_params(pl_module)],
+                "layca_groups": [len(opt._groups or []) for opt in trainer.optimizers if isinstance(opt, Layca)],
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
@@ -377,6 +379,10 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None)
     args = parser.parse_args()
     config = RUNS[args.run]
+    if "chunk_bytes" in config:
+        import lightning_layca.layca
+
+        lightning_layca.layca._CPU_CHUNK_BYTES = config["chunk_bytes"]
     counter = AllReduceCounter()
     callbacks: list[Callback] = [rotation_callback(config["callback"]), ShardedProbe(args.root / "probe", counter)]
     if config.get("save_checkpoints"):

@@ -276,6 +276,8 @@ def test_snapshot_in_the_callback_state_is_the_full_initial_weights(request: pyt
 def test_layca_step_issues_exactly_one_all_reduce(request: pytest.FixtureRequest, name: str) -> None:
     for rank in _run(request, name).ranks:
         assert rank["layca_all_reduces"] == [1] * STEPS[name]
+    # In the tensor-parallel run every layer is a (device, dtype) group of its own: their sums go together.
+    assert _run(request, name).ranks[0]["layca_groups"] == [len(LAYERS) if name == "layca_tp" else 1]
 
 
 @pytest.mark.parametrize("name", ALL_RUNS)

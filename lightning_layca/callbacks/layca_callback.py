@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
+from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.distributed import local_shard
 from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
@@ -78,19 +79,19 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
+        rotation_rate: RotationRate | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
-        optimizers: int | Sequence[int] | None = None,
+        optimizers: NonNegativeInt | Sequence[NonNegativeInt] | None = None,
         log_rates: bool = True,
-        log_every_n_steps: int | None = None,
-        reference_lr: float | None = None,
+        log_every_n_steps: PositiveInt | None = None,
+        reference_lr: PositiveFloat | None = None,
         granularity: Literal["layer", "unit"] = "layer",
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
-        histogram_bins: int = 30,
+        histogram_bins: PositiveInt = 30,
         figure: bool = True,
     ) -> None:
         super().__init__(
@@ -122,7 +123,7 @@ class LaycaCallback(LayerRotationMonitor):
             rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
         )
         self.schedule = schedule
-        self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
+        self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
         self.log_rates = bool(log_rates)
         if reference_lr is not None and (
             isinstance(reference_lr, bool)

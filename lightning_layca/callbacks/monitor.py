@@ -5,9 +5,9 @@ rotation, the better a network generalises: every training run can afford to wat
 layers when training first starts and, on logging steps only, measures every layer with multi-tensor reductions
 (two reads of the weights, one of the snapshot) and one transfer to the host:
 
-* ``layer_rotation/<layer>`` and ``layer_rotation_summary/{mean,min,max}``: scalars, through every logger;
+* ``Layer_rotation/<layer>`` and ``Layer_rotation_summary/{mean,min,max}``: scalars, through every logger;
 * ``layer_angles/<layer>``: at epoch end, a TensorBoard histogram of the angle (degrees) each output unit turned;
-* ``layer_rotation_curves``: at epoch end, the paper's figure (one line per layer coloured by depth) as a
+* ``Layer_rotation_curves``: at epoch end, the paper's figure (one line per layer coloured by depth) as a
   TensorBoard image, also written as ``layer_rotation_curves.png`` into the first logger's directory (the
   Trainer's ``default_root_dir`` without a logger). The figure needs matplotlib (``pip install
   'lightning-layca[plot]'``); without it the monitor warns once and skips the figure.
@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_layca.argument_types import PositiveInt
 from lightning_layca.distributed import (
     ShardLayout,
     check_strategy,
@@ -126,7 +127,7 @@ class LayerRotationMonitor(Callback):
         every_n_epochs: Write the angle histograms and the figure at the end of every this many training epochs.
         angle_histograms: Whether to write ``layer_angles/<layer>`` histograms (TensorBoard only).
         histogram_bins: Number of bins of those histograms.
-        figure: Whether to draw the ``layer_rotation_curves`` figure (TensorBoard image and PNG).
+        figure: Whether to draw the ``Layer_rotation_curves`` figure (TensorBoard image and PNG).
 
     Attributes:
         layer_names: Parameter names of the monitored layers, in depth order: the selected layers that are trainable
@@ -154,13 +155,13 @@ class LayerRotationMonitor(Callback):
 
     def __init__(
         self,
-        log_every_n_steps: int | None = None,
+        log_every_n_steps: PositiveInt | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
-        histogram_bins: int = 30,
+        histogram_bins: PositiveInt = 30,
         figure: bool = True,
     ) -> None:
         name = type(self).__name__
@@ -169,12 +170,12 @@ class LayerRotationMonitor(Callback):
         _check_positive_int(name, "histogram_bins", histogram_bins)
         as_patterns(f"{name}: `include`", include)
         as_patterns(f"{name}: `exclude`", exclude)
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = None if log_every_n_steps is None else int(log_every_n_steps)
         self.include = include
         self.exclude = exclude
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = int(every_n_epochs)
         self.angle_histograms = bool(angle_histograms)
-        self.histogram_bins = histogram_bins
+        self.histogram_bins = int(histogram_bins)
         self.figure = bool(figure)
 
         self.layer_names: list[str] = []
@@ -234,6 +235,11 @@ class LayerRotationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy, type(self).__name__)
         self._bound_module = None  # a new fit: nothing bound until `on_fit_start` (even after a failed fit)
+        if stage == "fit":
+            # The earliest hook: a pattern that matches no parameter stops the fit before anything is logged.
+            select_layers(
+                pl_module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -246,11 +252,17 @@ class LayerRotationMonitor(Callback):
         self._bind_layers(pl_module)
         if trainer.is_global_zero:
             writers = tensorboard_writers(trainer)
-            if not writers and (self.angle_histograms or self.figure) and not self._warned_no_tensorboard:
+            # Said when loggers are attached but none is TensorBoard; with no logger at all nothing is expected there.
+            if (
+                not writers
+                and trainer.loggers
+                and (self.angle_histograms or self.figure)
+                and not self._warned_no_tensorboard
+            ):
                 self._warned_no_tensorboard = True
                 rank_zero_warn(
                     f"{type(self).__name__}: no TensorBoardLogger is attached, so the `layer_angles` histograms and "
-                    "the `layer_rotation_curves` image are not written to TensorBoard. Rotation scalars still go to "
+                    "the `Layer_rotation_curves` image are not written to TensorBoard. Rotation scalars still go to "
                     f"the attached loggers ({len(trainer.loggers)}) and to the callback's `history`."
                 )
             new_writers = [w for w in writers if id(w) not in self._layouts_written]
@@ -258,8 +270,8 @@ class LayerRotationMonitor(Callback):
                 new_writers,
                 "layer rotation",
                 {
-                    "cosine distance to initialisation, every layer": r"layer_rotation/.*",
-                    "cosine distance to initialisation, mean / min / max": r"layer_rotation_summary/.*",
+                    "cosine distance to initialisation, every layer": r"Layer_rotation/.*",
+                    "cosine distance to initialisation, mean / min / max": r"Layer_rotation_summary/.*",
                     "rotation per step (tan of the angle), every layer": r"layer_rotation_rate/.*",
                     "L2 norm, every layer": r"layer_norm/.*",
                 },
@@ -616,12 +628,12 @@ class LayerRotationMonitor(Callback):
 
     @staticmethod
     def _scalar_metrics(values: dict[str, float]) -> dict[str, float]:
-        metrics = {f"layer_rotation/{name}": value for name, value in values.items()}
+        metrics = {f"Layer_rotation/{name}": value for name, value in values.items()}
         finite = [v for v in values.values() if v == v]
         if finite:
-            metrics["layer_rotation_summary/mean"] = sum(finite) / len(finite)
-            metrics["layer_rotation_summary/min"] = min(finite)
-            metrics["layer_rotation_summary/max"] = max(finite)
+            metrics["Layer_rotation_summary/mean"] = sum(finite) / len(finite)
+            metrics["Layer_rotation_summary/min"] = min(finite)
+            metrics["Layer_rotation_summary/max"] = max(finite)
         return metrics
 
     def _draw_figure(self, trainer: pl.Trainer, writers: list[Any], step: int) -> None:
@@ -634,10 +646,10 @@ class LayerRotationMonitor(Callback):
             if not self._warned_no_matplotlib:
                 self._warned_no_matplotlib = True
                 rank_zero_warn(
-                    f"{type(self).__name__}: matplotlib is not installed, so the `layer_rotation_curves` figure is "
+                    f"{type(self).__name__}: matplotlib is not installed, so the `Layer_rotation_curves` figure is "
                     f"skipped ({PLOT_EXTRA_HINT}, or pass `figure=False`)."
                 )
             return
         image = render_rgb(fig)  # rendered once, for TensorBoard and for the PNG
-        add_image(writers, "layer_rotation_curves", image, step)
+        add_image(writers, "Layer_rotation_curves", image, step)
         write_png(image, log_directory(trainer) / FIGURE_FILENAME)

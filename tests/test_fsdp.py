@@ -226,12 +226,14 @@ def test_sharded_fit_logs_the_tags_and_rotations_of_one_process(request: pytest.
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     for kind in ("scalars", "histograms", "images", "tensors"):
         assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
-    rotation, expected = _scalars(events, "layer_rotation"), _scalars(reference, "layer_rotation")
-    assert {f"layer_rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
+    rotation, expected = _scalars(events, "Layer_rotation"), _scalars(reference, "Layer_rotation")
+    rotation |= _scalars(events, "layer_rotation_rate/")
+    expected |= _scalars(reference, "layer_rotation_rate/")
+    assert {f"Layer_rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
     for tag, points in expected.items():
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
         assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
-    assert min(v for _, v in expected["layer_rotation_summary/min"][-1:]) > 100 * ROTATION_TOL  # every layer turned
+    assert min(v for _, v in expected["Layer_rotation_summary/min"][-1:]) > 100 * ROTATION_TOL  # every layer turned
     # `layer_rotation_rate/*` (tan of each step's angle) is among the tags compared above; the norms are relative.
     assert {f"layer_rotation_rate/net.{layer}" for layer in LAYERS} <= expected.keys()
     norms, expected_norms = _scalars(events, "layer_norm/"), _scalars(reference, "layer_norm/")
@@ -341,7 +343,7 @@ def test_the_fsdp2_example_of_the_docs_runs_and_logs_rotation(tmp_path: Path) ->
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-6000:]
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
-    rotation = _scalars(read_events(log_dir), "layer_rotation/")
+    rotation = _scalars(read_events(log_dir), "Layer_rotation/")
     assert len(rotation) == 10  # the first layer, 2 in each of the 4 blocks, the head
     assert all(0 < points[-1][1] < 1 for points in rotation.values())
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -35,6 +36,18 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
+from lightning_layca.compiled_step import (
+    IMPLEMENTATIONS,
+    AutoChoice,
+    Implementation,
+    compiled_step_ready,
+    kernel_view,
+    parallel_kernel,
+    rotate_compiled,
+    scalars,
+    unit_view,
+    use_compiled_step,
+)
 from lightning_layca.distributed import ShardLayout, full_sums, is_dtensor, local_shard, shard_layout
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
@@ -45,6 +58,7 @@ from lightning_layca.step import (
     rotate_eager,
     rotate_eager_units,
     step_sums,
+    unit_counts,
     unit_roundoff,
 )
 
@@ -127,6 +141,15 @@ def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
     return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
 
 
+def check_implementation(owner: str, implementation: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``implementation`` is an accepted one."""
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{owner}: `implementation` must be one of {', '.join(repr(x) for x in IMPLEMENTATIONS)}, "
+            f"got {implementation!r}."
+        )
+
+
 def check_granularity(owner: str, granularity: object) -> None:
     """Raise ``ValueError`` (naming ``owner`` and the value) unless ``granularity`` is ``"layer"`` or ``"unit"``."""
     if granularity not in ("layer", "unit"):
@@ -165,7 +188,14 @@ def _chunks(indices: list[int], layers: list[torch.Tensor], max_bytes: int | Non
 
 @dataclass
 class _Group:
-    """The controlled layers of one (device, dtype) chunk, their snapshot buffers and device-side values."""
+    """The controlled layers of one (device, dtype) chunk, their snapshot buffers and device-side values.
+
+    In ``compiled`` groups, the layers at ``fused`` positions take the fused step (see
+    :mod:`lightning_layca.compiled_step`), which reads them through ``views`` and their values through per-layer
+    tensors (``*_scalars``; with ``granularity="unit"``, ``norm_scalars`` holds each layer's norms per unit); the
+    others (a layer that is not one dense block of memory, or that has no split into at least 2 rows and 2 columns)
+    take the eager step.
+    """
 
     indices: list[int]
     params: list[torch.Tensor]
@@ -180,6 +210,29 @@ class _Group:
     rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rates_version: int = -1
+    eligible: bool = False
+    compiled: bool = False
+    fused: list[int] = field(default_factory=list)
+    views: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    parallel: list[bool] = field(default_factory=list)
+    norm_scalars: list[torch.Tensor] = field(default_factory=list)
+    flag_scalars: list[torch.Tensor] = field(default_factory=list)
+    rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    unfused: list[int] = field(default_factory=list)
+    """Positions of the layers the eager step takes in a compiled group."""
+    subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    """Device index tensors of a subset of the layers: their positions, their values' positions (rows with
+    ``granularity="unit"``) and, per row, the position of its layer in the subset (built once per subset)."""
+
+
+def _device_values(values: list[list[float]], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float64 tensor on ``device``; to an accelerator through pinned memory, without a sync."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()  # the caching host allocator keeps it alive until the copy is done
+    return host.to(device, non_blocking=True)
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -227,6 +280,14 @@ class Layca(Optimizer):
             ``OneCycleLR`` records one, else the ``initial_lr`` a scheduler recorded, else ``lr``), so the fastest
             group rotates at ``rotation_rate`` at its peak; a group added later (fine-tuning) is measured against the
             same reference.
+        implementation: How the step is computed; every implementation applies the same rule
+            (:func:`lightning_layca.step.coefficients`). ``"eager"``: multi-tensor torch operations. ``"compiled"``:
+            per layer, one fused reduction pass and one update pass, compiled with ``torch.compile`` at the first step
+            (Inductor: C++ on CPU, Triton on CUDA) for float32, bfloat16 and float16 layers; where compilation fails,
+            one warning and the eager step. ``"auto"`` (default): on CPU, the eager step until its steps have taken
+            :data:`~lightning_layca.compiled_step.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
+            turns out faster (:class:`~lightning_layca.compiled_step.AutoChoice`), so that a short fit never waits
+            for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
@@ -257,6 +318,7 @@ class Layca(Optimizer):
         exclude: str | Sequence[str] | None = None,
         reference_lr: float | None = None,
         granularity: Literal["layer", "unit"] = "layer",
+        implementation: Implementation = "auto",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -272,6 +334,7 @@ class Layca(Optimizer):
         if reference_lr is not None:
             self._check_reference_lr(reference_lr, "`reference_lr`")
         check_granularity("Layca", granularity)
+        check_implementation("Layca", implementation)
 
         # torch's Optimizer.__init__ sets up hook registries and step patching; its placeholder containers are kept
         # apart (see the properties below) until the wrapped optimizer is known.
@@ -283,6 +346,8 @@ class Layca(Optimizer):
         self.schedule = schedule
         self.granularity: Literal["layer", "unit"] = granularity
         self.reference_lr: float | None = None if reference_lr is None else float(reference_lr)
+        self.implementation: Implementation = implementation
+        self._auto = AutoChoice() if implementation == "auto" else None
         self._include = as_patterns("Layca: `include`", include)
         self._exclude = as_patterns("Layca: `exclude`", exclude)
 
@@ -324,6 +389,7 @@ class Layca(Optimizer):
         self._warned_overflow: set[str] = set()
         self._joining: list[int] = []
         self._step_layout: ShardLayout | None = None
+        self._warned_sharded_eager = False
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
@@ -545,15 +611,29 @@ class Layca(Optimizer):
         for i in self._controlled:
             p = self._layers[i]
             by_key[(p.device, p.dtype)].append(i)
-        chunks: list[list[int]] = []
-        for (device, _), indices in by_key.items():
-            chunks.extend(_chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None))
+        chunks: list[tuple[list[int], bool]] = []
+        for (device, dtype), indices in by_key.items():
+            eligible = use_compiled_step(self.implementation, device, dtype)
+            chunks.extend(
+                (chunk, eligible)
+                for chunk in _chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None)
+            )
         groups = []
-        order = [i for idx in chunks for i in idx]
+        order = [i for idx, _ in chunks for i in idx]
         layout = shard_layout([self._layers[i] for i in order])
         self._step_layout = layout if layout.sharded else None
         position = {i: k for k, i in enumerate(order)}
-        for idx in chunks:
+        # Sharded layers take the summed step (local sums, one all_reduce, update), which a fused kernel cannot split.
+        compile_now = self._step_layout is None and (self._auto is None or self._auto.compiled)
+        if self._step_layout is not None and self.implementation == "compiled" and not self._warned_sharded_eager:
+            self._warned_sharded_eager = True
+            warnings.warn(
+                "Layca: implementation='compiled' does not apply to sharded (DTensor) layers: their step sums over "
+                "each process's shard, adds the sums of all processes with one all_reduce, then updates each shard, "
+                "and the fused kernel cannot be split around that collective. They take the eager summed step.",
+                stacklevel=4,
+            )
+        for idx, eligible in chunks:
             device = self._layers[idx[0]].device
             params = [self._layers[i] for i in idx]
             locals_ = [local_shard(p.detach()) for p in params]
@@ -566,16 +646,18 @@ class Layca(Optimizer):
                 row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
             else:
                 norms = torch.tensor([_nan_if_none(self.initial_norms[i]) for i in idx], dtype=torch.float64)
-            groups.append(
-                _Group(
-                    indices=idx,
-                    params=params,
-                    previous=[torch.empty_like(x) for x in locals_],
-                    initial_norms=norms.to(device),
-                    near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
-                    row_layer=row_layer,
-                )
+            g = _Group(
+                indices=idx,
+                params=params,
+                previous=[torch.empty_like(x) for x in locals_],
+                initial_norms=norms.to(device),
+                near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
+                row_layer=row_layer,
+                eligible=eligible and self._step_layout is None,
             )
+            if eligible and compile_now:
+                self._prepare_compiled(g)
+            groups.append(g)
         return groups
 
     def _local_unit_norms(self, i: int, layout: ShardLayout, position: int) -> torch.Tensor:
@@ -585,6 +667,25 @@ class Layca(Optimizer):
             return torch.full((layout.local_rows[position],), math.nan, dtype=torch.float64)
         start = layout.row_starts[position]
         return norms[start : start + layout.local_rows[position]]
+
+    def _prepare_compiled(self, g: _Group) -> None:
+        """The views and per-layer tensors of the compiled step for the layers of ``g`` it can take."""
+        view = unit_view if self.granularity == "unit" else kernel_view
+        pairs = [(view(p.detach()), view(w)) for p, w in zip(g.params, g.previous, strict=True)]
+        views = [(vp, vw) for vp, vw in pairs if vp is not None and vw is not None]
+        g.fused = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
+        g.unfused = [j for j in range(len(g.params)) if j not in g.fused]
+        g.compiled = bool(g.fused)
+        g.views = [vp for vp, _ in views], [vw for _, vw in views]
+        g.parallel = [parallel_kernel(g.params[j]) for j in g.fused]
+        if self.granularity == "unit":  # each layer's norms per unit, in a tensor of its own
+            norms = g.initial_norms.split(unit_counts(g.params))
+            g.norm_scalars = [norms[j].clone() for j in g.fused]
+        else:
+            g.norm_scalars = [scalars(g.initial_norms)[j] for j in g.fused]
+        g.flag_scalars = [scalars(g.near_floor)[j] for j in g.fused]
+        if g.compiled and g.unfused:  # index tensors built now, not in a step (on an accelerator, that would sync)
+            g.subsets[tuple(g.unfused)] = self._subset(g, g.unfused)
 
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
@@ -630,25 +731,40 @@ class Layca(Optimizer):
             loss = self.optimizer.step(closure_with_grad)
 
         rates = self._current_rates()
+        auto = self._auto if self._auto is not None and self._auto.measuring else None
+        seconds = 0.0
         for g in groups:
+            start = time.perf_counter() if auto is not None and g.eligible else None
             if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
                 values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
-                g.rates, g.relative_lrs = torch.tensor(values, dtype=torch.float64, device=g.near_floor.device)
+                layer_rates, layer_relative_lrs = _device_values(values, g.near_floor.device)
+                if g.compiled:
+                    rate_scalars, lr_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
+                    g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
+                g.rates, g.relative_lrs = layer_rates, layer_relative_lrs
                 if g.row_layer is not None:
                     g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
                 g.rates_version = self._rates_version
+            if self._step_layout is not None:
+                continue  # sharded: the summed step below takes every group at once
+            if g.compiled and compiled_step_ready(
+                g.near_floor.device, g.params[0].dtype, g.parallel, per_unit=g.row_layer is not None
+            ):
+                per_unit = g.row_layer is not None
+                done = rotate_compiled(
+                    *g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel, per_unit=per_unit
+                )
+                rest = g.unfused if done == len(g.fused) else sorted(g.unfused + g.fused[done:])
+                if rest:
+                    self._rotate_eager(g, rest)
+            else:
+                self._rotate_eager(g, None)
+            if start is not None:  # eligible groups are on CPU: their kernels have finished
+                seconds += time.perf_counter() - start
         if self._step_layout is not None:
             self._rotate_sharded(groups, self._step_layout)
-        for g in groups if self._step_layout is None else []:
-            params = [p.detach() for p in g.params]
-            if g.row_layer is not None:
-                near_rows = rotate_eager_units(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
-                near_floor = torch.zeros_like(g.near_floor).index_put_((g.row_layer,), near_rows, accumulate=True)
-            else:
-                near_floor, overflowed = rotate_eager(params, g.previous, g.rates, g.relative_lrs, g.initial_norms)
-                if overflowed is not None:
-                    self._warn_overflow([i for i, flag in zip(g.indices, overflowed.tolist(), strict=True) if flag])
-            g.near_floor |= near_floor
+        if auto is not None and any(g.eligible for g in groups) and auto.record(seconds):
+            self._groups = None  # take the other implementation from the next step on
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
@@ -730,6 +846,42 @@ class Layca(Optimizer):
             else:
                 norms = torch.tensor([self.initial_norms[i] for i in g.indices], dtype=torch.float64)
             g.initial_norms.copy_(norms)
+
+    def _rotate_eager(self, g: _Group, positions: list[int] | None) -> None:
+        """The eager step for the layers of ``g`` at ``positions`` (all of them when ``None``)."""
+        chosen = list(range(len(g.params))) if positions is None else positions
+        params, previous = [g.params[j].detach() for j in chosen], [g.previous[j] for j in chosen]
+        rates, relative_lrs, initial_norms, row_layer = g.rates, g.relative_lrs, g.initial_norms, g.row_layer
+        if positions is not None:  # the values of those layers (of their rows) only
+            if tuple(chosen) not in g.subsets:
+                g.subsets[tuple(chosen)] = self._subset(g, chosen)
+            at, rows, row_layer = g.subsets[tuple(chosen)]
+            rates, relative_lrs, initial_norms = rates[rows], relative_lrs[rows], initial_norms[rows]
+        if row_layer is not None:
+            near_rows = rotate_eager_units(params, previous, rates, relative_lrs, initial_norms)
+            near_floor = torch.zeros(len(chosen), dtype=torch.bool, device=near_rows.device)
+            near_floor.index_put_((row_layer,), near_rows, accumulate=True)
+        else:
+            near_floor, overflowed = rotate_eager(params, previous, rates, relative_lrs, initial_norms)
+            if overflowed is not None:
+                flags = overflowed.tolist()
+                self._warn_overflow([g.indices[j] for j, flag in zip(chosen, flags, strict=True) if flag])
+        if positions is None:
+            g.near_floor |= near_floor
+        else:
+            g.near_floor[at] |= near_floor
+
+    @staticmethod
+    def _subset(g: _Group, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        device = g.near_floor.device
+        at = torch.tensor(chosen, dtype=torch.long)
+        if g.row_layer is None:
+            return at.to(device), at.to(device), None
+        counts = unit_counts(g.params)
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+        rows = torch.cat([torch.arange(starts[j], starts[j] + counts[j]) for j in chosen])
+        row_layer = torch.repeat_interleave(torch.arange(len(chosen)), torch.tensor([counts[j] for j in chosen]))
+        return at.to(device), rows.to(device), row_layer.to(device)
 
     def _warn_near_floor(self, groups: list[_Group]) -> None:
         flagged: list[int] = []

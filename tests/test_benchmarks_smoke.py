@@ -56,14 +56,24 @@ def test_quick_run_writes_a_table_with_every_row(tmp_path: Path) -> None:
     assert "torch threads" in text and "load average" in text and "- device: CPU" in text
     rows = re.findall(r"^\| (.+?) \| ([0-9.]+) \| ([0-9.]+)-([0-9.]+) \| ([0-9.]+) \|", text, flags=re.MULTILINE)
     names = [r[0] for r in rows]
-    for expected in ("SGD foreach", "Layca(SGD foreach)", "per-tensor reference (SGD foreach)"):
+    for expected in (
+        "SGD foreach",
+        "Layca(SGD foreach) compiled",
+        "Layca(SGD foreach) eager",
+        "per-tensor reference (SGD foreach)",
+        "prototype: SGD + Layca compiled together",
+    ):
         assert expected in names
     assert names.count("per-tensor reference (SGD foreach)") == 1  # not timed on the bf16 set
+    assert names.count("prototype: SGD + Layca compiled together") == 1  # float32 only
     assert names.count("SGD foreach") == 2
+    assert names.count("Layca(SGD foreach) compiled") == 2
     for _, med, q1, q3, ratio in rows:
         assert 0 < float(q1) <= float(med) <= float(q3)
         assert float(ratio) > 0
     assert "bfloat16" in text and "#### Targets" in text
+    assert 'default (`implementation="auto"`) for this set: compiled' in text
+    assert "first step of the compiled rows" in text
 
 
 def test_unknown_set_is_rejected_with_the_accepted_names() -> None:

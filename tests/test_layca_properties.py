@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lightning_layca as ll
+from tests.implementations import IMPLEMENTATIONS
 
 # The properties hold for every gradient scale drawn, the tiny ones too, about which Layca warns (steps near float32's
 # rounding floor).
@@ -31,13 +32,21 @@ def angle(u: torch.Tensor, v: torch.Tensor) -> float:
     return math.atan2(float(across), float(along))
 
 
-def one_step(shape: list[int], rho: float, grad_scale: float, seed: int, momentum: float = 0.0, decay: float = 0.0):
+def one_step(
+    shape: list[int],
+    rho: float,
+    grad_scale: float,
+    seed: int,
+    momentum: float = 0.0,
+    decay: float = 0.0,
+    implementation: str = "eager",
+):
     generator = torch.Generator().manual_seed(seed)
     layer = torch.nn.Parameter(torch.randn(shape, generator=generator))
     bias = torch.nn.Parameter(torch.randn(shape[0], generator=generator))
     twin_bias = torch.nn.Parameter(bias.detach().clone())
     base = torch.optim.SGD([layer, bias], lr=0.3, momentum=momentum, weight_decay=decay)
-    opt = ll.Layca(base, [("layer", layer), ("bias", bias)], rotation_rate=rho)
+    opt = ll.Layca(base, [("layer", layer), ("bias", bias)], rotation_rate=rho, implementation=implementation)
     twin = torch.optim.SGD([twin_bias], lr=0.3, momentum=momentum, weight_decay=decay)
     before = layer.detach().double().clone()
     layer.grad = torch.randn(shape, generator=generator) * grad_scale
@@ -48,27 +57,32 @@ def one_step(shape: list[int], rho: float, grad_scale: float, seed: int, momentu
     return before, layer.detach().double(), bias.detach(), twin_bias.detach()
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, rho=rates, grad_scale=scales, seed=st.integers(0, 2**16))
-def test_norm_preserved(shape: list[int], rho: float, grad_scale: float, seed: int) -> None:
-    before, after, _, _ = one_step(shape, rho, grad_scale, seed)
+def test_norm_preserved(implementation: str, shape: list[int], rho: float, grad_scale: float, seed: int) -> None:
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed, implementation=implementation)
     n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
     assert abs(n1 - n0) <= 1e-6 * n0
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, rho=rates, grad_scale=scales, seed=st.integers(0, 2**16))
-def test_each_step_rotates_by_atan_rho(shape: list[int], rho: float, grad_scale: float, seed: int) -> None:
-    before, after, _, _ = one_step(shape, rho, grad_scale, seed)
+def test_each_step_rotates_by_atan_rho(
+    implementation: str, shape: list[int], rho: float, grad_scale: float, seed: int
+) -> None:
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed, implementation=implementation)
     assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, rho=rates, grad_scale=scales, seed=st.integers(0, 2**16))
 def test_step_before_reprojection_is_orthogonal_with_norm_rho_w(
-    shape: list[int], rho: float, grad_scale: float, seed: int
+    implementation: str, shape: list[int], rho: float, grad_scale: float, seed: int
 ) -> None:
-    before, after, _, _ = one_step(shape, rho, grad_scale, seed)
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed, implementation=implementation)
     norm = torch.linalg.vector_norm(before)
     # Undo the re-projection: before it, the weights had norm ||w|| * sqrt(1 + rho^2).
     moved = after * (math.sqrt(1 + rho * rho) * norm / torch.linalg.vector_norm(after))
@@ -79,22 +93,38 @@ def test_step_before_reprojection_is_orthogonal_with_norm_rho_w(
     assert abs(float(torch.linalg.vector_norm(step)) - rho * float(norm)) <= 1e-6 * float(norm)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, rho=rates, seed=st.integers(0, 2**16), momentum=st.sampled_from([0.0, 0.9]))
 def test_non_layer_parameters_match_the_base_optimizer_alone(
-    shape: list[int], rho: float, seed: int, momentum: float
+    implementation: str, shape: list[int], rho: float, seed: int, momentum: float
 ) -> None:
-    _, _, bias, twin_bias = one_step(shape, rho, 1.0, seed, momentum, decay=1e-2)
+    _, _, bias, twin_bias = one_step(shape, rho, 1.0, seed, momentum, decay=1e-2, implementation=implementation)
     assert torch.equal(bias, twin_bias)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @settings(max_examples=40, deadline=None)
 @given(shape=shapes, rho=rates, grad_scale=st.floats(1e-2, 1e2), seed=st.integers(0, 2**16))
 def test_weight_decay_dominated_step_keeps_norm_and_angle(
-    shape: list[int], rho: float, grad_scale: float, seed: int
+    implementation: str, shape: list[int], rho: float, grad_scale: float, seed: int
 ) -> None:
     # weight decay 0.05 makes the step mostly radial (||D|| up to ~10x ||D_perp||); Layca projects the radial part out.
-    before, after, _, _ = one_step(shape, rho, grad_scale, seed, decay=0.05)
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed, decay=0.05, implementation=implementation)
+    n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
+    assert abs(n1 - n0) <= 1e-6 * n0
+    assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, rho=rates, grad_scale=st.floats(1e-4, 1e-3), seed=st.integers(0, 2**16))
+def test_almost_purely_radial_step_keeps_norm_and_angle(
+    implementation: str, shape: list[int], rho: float, grad_scale: float, seed: int
+) -> None:
+    # Weight decay 0.05 with gradients of 1e-4 to 1e-3: ||D|| is up to about 1000x ||D_perp||, where forming
+    # ||D||^2 - <D, w>^2 / ||w||^2 in float32 would leave nothing of the tangential part.
+    before, after, _, _ = one_step(shape, rho, grad_scale, seed, decay=0.05, implementation=implementation)
     n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
     assert abs(n1 - n0) <= 1e-6 * n0
     assert abs(angle(after, before) - math.atan(rho)) <= 1e-5

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
+from tests.implementations import IMPLEMENTATIONS
 from tests.reference import ReferenceLayca, depth_decay_multipliers
 
 STEPS = 20
@@ -65,16 +66,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
-def test_fast_step_matches_float64_reference(optimizer_name: str, schedule_name: str) -> None:
+def test_fast_step_matches_float64_reference(optimizer_name: str, schedule_name: str, implementation: str) -> None:
     schedule, multipliers = SCHEDULES[schedule_name]
     model = make_model()
     reference_model = copy.deepcopy(model).double()
 
     base = OPTIMIZERS[optimizer_name](param_groups(model))
     scale_head_lr(base)
-    fast = ll.Layca(base, model.named_parameters(), rotation_rate=0.05, schedule=schedule)
+    fast = ll.Layca(
+        base, model.named_parameters(), rotation_rate=0.05, schedule=schedule, implementation=implementation
+    )
     fast_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(fast, T_max=STEPS)
 
     reference_base = OPTIMIZERS[optimizer_name](param_groups(reference_model))

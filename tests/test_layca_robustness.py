@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
+from tests.implementations import IMPLEMENTATIONS
 
 
 def three_layers(seed: int = 0) -> nn.Sequential:
@@ -24,7 +25,9 @@ def angle(u: torch.Tensor, v: torch.Tensor) -> float:
     )
 
 
-def step_with_middle_gradient(optimizer: str, middle_grad: torch.Tensor | float) -> tuple[list, list]:
+def step_with_middle_gradient(
+    optimizer: str, middle_grad: torch.Tensor | float, implementation: str = "eager"
+) -> tuple[list, list]:
     """One step where the middle layer's gradient is replaced; returns the layer weights before and after."""
     model = three_layers()
     base = {
@@ -32,7 +35,7 @@ def step_with_middle_gradient(optimizer: str, middle_grad: torch.Tensor | float)
         "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
     }[optimizer](model.parameters())
-    opt = ll.Layca(base, model.named_parameters(), rotation_rate=0.1)
+    opt = ll.Layca(base, model.named_parameters(), rotation_rate=0.1, implementation=implementation)
     model(torch.randn(4, 6)).square().mean().backward()
     model[2].weight.grad.fill_(middle_grad) if isinstance(middle_grad, float) else model[2].weight.grad.copy_(
         middle_grad
@@ -45,52 +48,59 @@ def step_with_middle_gradient(optimizer: str, middle_grad: torch.Tensor | float)
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd_momentum", "adam"])
 @pytest.mark.parametrize("middle_grad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-def test_non_finite_gradient_freezes_only_that_layer(optimizer: str, middle_grad: float) -> None:
-    before, after = step_with_middle_gradient(optimizer, middle_grad)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_non_finite_gradient_freezes_only_that_layer(optimizer: str, middle_grad: float, implementation: str) -> None:
+    before, after = step_with_middle_gradient(optimizer, middle_grad, implementation)
     assert all(torch.isfinite(w).all() for w in after)
     assert torch.equal(after[1], before[1])
     for i in (0, 2):
         assert angle(after[i], before[i]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
 
-def test_one_nan_element_freezes_the_whole_layer() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_one_nan_element_freezes_the_whole_layer(implementation: str) -> None:
     grad = torch.ones(8, 8)
     grad[3, 4] = float("nan")
-    before, after = step_with_middle_gradient("sgd", grad)
+    before, after = step_with_middle_gradient("sgd", grad, implementation)
     assert torch.equal(after[1], before[1])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd_momentum"])
-def test_zero_gradient_leaves_the_layer_in_place(optimizer: str) -> None:
-    before, after = step_with_middle_gradient(optimizer, 0.0)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_zero_gradient_leaves_the_layer_in_place(optimizer: str, implementation: str) -> None:
+    before, after = step_with_middle_gradient(optimizer, 0.0, implementation)
     assert torch.equal(after[1], before[1])
     assert angle(after[0], before[0]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
 
-def test_vanishing_gradient_below_the_rounding_floor_does_not_move_the_layer() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vanishing_gradient_below_the_rounding_floor_does_not_move_the_layer(implementation: str) -> None:
     # SGD step of 0.1 * 1e-30: fl(w + D) == w, so the layer stays where it is.
-    before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e-30)
+    before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e-30, implementation)
     assert torch.equal(after[1], before[1])
     assert angle(after[2], before[2]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
 
-def test_small_gradient_rotates_by_the_full_angle() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_small_gradient_rotates_by_the_full_angle(implementation: str) -> None:
     # The point of Layca: no vanishing-gradient effect. A 1e-4 gradient rotates exactly as a large one.
-    before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e-4)
+    before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e-4, implementation)
     assert angle(after[1], before[1]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd_momentum", "adam"])
-def test_large_gradient_rotates_by_the_full_angle(optimizer: str) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_large_gradient_rotates_by_the_full_angle(optimizer: str, implementation: str) -> None:
     # 1e15 is far beyond any sane gradient, yet its float32 sums of squares do not overflow: the step is exact.
-    before, after = step_with_middle_gradient(optimizer, torch.randn(8, 8) * 1e15)
+    before, after = step_with_middle_gradient(optimizer, torch.randn(8, 8) * 1e15, implementation)
     assert angle(after[1], before[1]) == pytest.approx(math.atan(0.1), abs=1e-5)
     assert float(after[1].double().norm()) == pytest.approx(float(before[1].double().norm()), rel=1e-6)
 
 
-def test_huge_gradient_under_adam_never_corrupts_weights() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_huge_gradient_under_adam_never_corrupts_weights(implementation: str) -> None:
     # Adam's own second moment overflows at 1e30 (its step is then 0): no NaN anywhere, other layers step.
-    before, after = step_with_middle_gradient("adam", torch.randn(8, 8) * 1e30)
+    before, after = step_with_middle_gradient("adam", torch.randn(8, 8) * 1e30, implementation)
     assert all(torch.isfinite(w).all() for w in after)
     assert angle(after[2], before[2]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
@@ -99,23 +109,40 @@ def test_huge_gradient_under_sgd_never_corrupts_weights() -> None:
     # An SGD step of 1e29 per element overflows float32 sums of squares: that layer is frozen, with a warning, and
     # the others step.
     with pytest.warns(UserWarning, match=r"base step of layer\(s\) \['2.weight'\] is finite but so large"):
-        before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e30)
+        before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e30, "eager")
     assert all(torch.isfinite(w).all() for w in after)
     assert torch.equal(after[1], before[1])
     assert angle(after[0], before[0]) == pytest.approx(math.atan(0.1), abs=1e-5)
 
 
-def test_skipped_base_step_leaves_everything_unchanged() -> None:
+def test_huge_gradient_under_sgd_rotates_the_layer_with_float64_sums() -> None:
+    # The compiled step accumulates in float64, where the squares of a 1e29 step do not overflow: the layer turns by
+    # the full angle at constant norm, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e30, "compiled")
+    for w, w0 in zip(after, before, strict=True):
+        assert angle(w, w0) == pytest.approx(math.atan(0.1), abs=1e-5)
+        assert float(w.double().norm()) == pytest.approx(float(w0.double().norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_skipped_base_step_leaves_everything_unchanged(implementation: str) -> None:
     model = three_layers()
-    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), implementation=implementation)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()  # no gradients: SGD skips every parameter
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
-def test_skipped_step_under_grad_scaler_leaves_weights_unchanged() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_skipped_step_under_grad_scaler_leaves_weights_unchanged(implementation: str) -> None:
     model = three_layers()
-    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model.named_parameters())
+    opt = ll.Layca(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model.named_parameters(),
+        implementation=implementation,
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     before = [p.detach().clone() for p in model.parameters()]
     loss = model(torch.randn(4, 6)).square().mean()
@@ -133,7 +160,8 @@ def test_skipped_step_under_grad_scaler_leaves_weights_unchanged() -> None:
 
 @pytest.mark.filterwarnings("ignore:Layca. the base optimizer's steps for layer")  # bf16/fp16 rounding: expected
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype, implementation: str) -> None:
     torch.manual_seed(0)
     low = nn.Parameter(torch.randn(16, 32).to(dtype))
     high = nn.Parameter(torch.randn(16, 32))
@@ -142,6 +170,7 @@ def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype) -> Non
         torch.optim.SGD([low, high, bias], lr=0.1, momentum=0.9),
         [("low", low), ("high", high), ("bias", bias)],
         rotation_rate=0.05,
+        implementation=implementation,
     )
     n_low, n_high = float(low.detach().double().norm()), float(high.detach().double().norm())
     # Initial norms are accumulated in float32, not rounded to the layer's dtype.
@@ -165,7 +194,7 @@ def test_mixed_dtypes_step_correctly_in_one_optimizer(dtype: torch.dtype) -> Non
 
 
 def per_step_angles_of_an_unused_layer(
-    make_base, steps: int = 30, dtype: torch.dtype = torch.float32
+    make_base, steps: int = 30, dtype: torch.dtype = torch.float32, implementation: str = "eager"
 ) -> tuple[list[float], list[float]]:
     """Train one layer while another gets exact zero gradients; return both layers' angle (radians) at every step."""
     torch.manual_seed(0)
@@ -173,7 +202,7 @@ def per_step_angles_of_an_unused_layer(
     unused = nn.Linear(256, 256).to(dtype)
     nn.init.normal_(unused.weight, std=0.05)  # ||w|| = 12.8: rounding noise of w + D far above an absolute 1e-7
     named = [("used.weight", used.weight), ("used.bias", used.bias), ("unused.weight", unused.weight)]
-    opt = ll.Layca(make_base([p for _, p in named]), named, rotation_rate=3**-3)
+    opt = ll.Layca(make_base([p for _, p in named]), named, rotation_rate=3**-3, implementation=implementation)
     x = torch.randn(32, 64)
     unused.weight.grad = torch.zeros_like(unused.weight)  # as DDP's find_unused_parameters or a masked head leave it
     used_angles, unused_angles = [], []
@@ -196,27 +225,35 @@ def per_step_angles_of_an_unused_layer(
     ],
     ids=["sgd_momentum_wd", "sgd_wd", "adamw"],
 )
-def test_zero_gradient_under_weight_decay_does_not_turn_the_layer(make_base) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_zero_gradient_under_weight_decay_does_not_turn_the_layer(make_base, implementation: str) -> None:
     # Weight decay alone is a purely radial step: only float32 rounding of w + D has a tangential part, and scaling
     # that up to a full Layca step used to turn the layer by atan(rho) = 2.1 degrees every step.
-    used, unused = per_step_angles_of_an_unused_layer(make_base)
+    used, unused = per_step_angles_of_an_unused_layer(make_base, implementation=implementation)
     assert max(unused) < math.radians(0.01)
     assert used == pytest.approx([math.atan(3**-3)] * len(used), abs=1e-5)
 
 
-def test_zero_gradient_of_a_bfloat16_layer_uses_bfloat16_precision() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_zero_gradient_of_a_bfloat16_layer_uses_bfloat16_precision(implementation: str) -> None:
     # A 1 % radial step in bfloat16 leaves rounding noise of about 0.2 % of ||w|| in D: above float32's floor, below
     # bfloat16's, so the layer must be judged by the precision it is stored in.
     _, unused = per_step_angles_of_an_unused_layer(
-        lambda p: torch.optim.SGD(p, lr=1.0, weight_decay=0.01), steps=5, dtype=torch.bfloat16
+        lambda p: torch.optim.SGD(p, lr=1.0, weight_decay=0.01),
+        steps=5,
+        dtype=torch.bfloat16,
+        implementation=implementation,
     )
     assert max(unused) == 0.0
 
 
-def test_small_base_learning_rate_warns_once_per_run_naming_the_layers() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_small_base_learning_rate_warns_once_per_run_naming_the_layers(implementation: str) -> None:
     torch.manual_seed(0)
     model = three_layers()
-    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=1e-7), model.named_parameters())
+    opt = ll.Layca(
+        torch.optim.SGD(model.parameters(), lr=1e-7), model.named_parameters(), implementation=implementation
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):
@@ -229,11 +266,12 @@ def test_small_base_learning_rate_warns_once_per_run_naming_the_layers() -> None
     assert "Raise the base optimizer's learning rate" in messages[0]
 
 
-def test_annealed_learning_rate_does_not_warn() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_annealed_learning_rate_does_not_warn(implementation: str) -> None:
     # At the end of a schedule the base step is tiny, but so is Layca's: rounding stays as small as at the start.
     torch.manual_seed(0)
     model = three_layers()
-    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), implementation=implementation)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1e-7 if step > 0 else 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -247,7 +285,8 @@ def test_annealed_learning_rate_does_not_warn() -> None:
 # ---------------------------------------------------------------------------------------------------- edge configs
 
 
-def test_huge_effective_rate_turns_a_quarter_turn_without_overflow() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_huge_effective_rate_turns_a_quarter_turn_without_overflow(implementation: str) -> None:
     # rho = 1e200: rho^2 overflows float64, hypot(1, rho) does not. The layer turns by atan(1e200) = pi/2.
     model = three_layers()
     opt = ll.Layca(
@@ -255,6 +294,7 @@ def test_huge_effective_rate_turns_a_quarter_turn_without_overflow() -> None:
         model.named_parameters(),
         rotation_rate=1.0,
         schedule=ll.ByName({"*": 1e200}),
+        implementation=implementation,
     )
     model(torch.randn(4, 6)).square().mean().backward()
     before = [p.detach().clone() for p in opt._layers]
@@ -265,7 +305,8 @@ def test_huge_effective_rate_turns_a_quarter_turn_without_overflow() -> None:
         assert angle(w.detach(), w0) == pytest.approx(math.pi / 2, abs=1e-6)
 
 
-def test_group_without_layers_may_have_zero_learning_rate() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_group_without_layers_may_have_zero_learning_rate(implementation: str) -> None:
     model = three_layers()
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
@@ -273,6 +314,7 @@ def test_group_without_layers_may_have_zero_learning_rate() -> None:
         torch.optim.SGD([{"params": weights, "lr": 0.1}, {"params": biases, "lr": 0.0}]),
         model.named_parameters(),
         rotation_rate=0.1,
+        implementation=implementation,
     )
     model(torch.randn(4, 6)).square().mean().backward()
     before = [p.detach().clone() for p in model.parameters()]

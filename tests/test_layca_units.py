@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
+from tests.implementations import IMPLEMENTATIONS
 from tests.reference import layca_unit_update
 
 RHO = 0.07
@@ -35,13 +36,20 @@ def row_angles(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return torch.atan2(across * b.norm(dim=1), dot)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
-def test_every_unit_turns_by_atan_rho_and_keeps_its_norm_as_the_float64_reference(optimizer_name: str) -> None:
+def test_every_unit_turns_by_atan_rho_and_keeps_its_norm_as_the_float64_reference(
+    optimizer_name: str, implementation: str
+) -> None:
     model = make_model()
     reference_model = copy.deepcopy(model).double()
     layers = ["0.weight", "3.weight", "5.weight"]
     opt = ll.Layca(
-        OPTIMIZERS[optimizer_name](model.parameters()), model.named_parameters(), rotation_rate=RHO, granularity="unit"
+        OPTIMIZERS[optimizer_name](model.parameters()),
+        model.named_parameters(),
+        rotation_rate=RHO,
+        granularity="unit",
+        implementation=implementation,
     )
     reference_base = OPTIMIZERS[optimizer_name](reference_model.parameters())
     reference_params = dict(reference_model.named_parameters())
@@ -77,7 +85,8 @@ def test_every_unit_turns_by_atan_rho_and_keeps_its_norm_as_the_float64_referenc
         assert error < 1e-5, name
 
 
-def test_a_unit_with_zero_gradient_under_weight_decay_stays_while_the_others_move() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_unit_with_zero_gradient_under_weight_decay_stays_while_the_others_move(implementation: str) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(32, 6)
     opt = ll.Layca(
@@ -85,6 +94,7 @@ def test_a_unit_with_zero_gradient_under_weight_decay_stays_while_the_others_mov
         [("weight", layer.weight)],
         rotation_rate=RHO,
         granularity="unit",
+        implementation=implementation,
     )
     for _ in range(10):
         layer.weight.grad = torch.randn(6, 32)
@@ -96,11 +106,16 @@ def test_a_unit_with_zero_gradient_under_weight_decay_stays_while_the_others_mov
         assert [a for k, a in enumerate(angles) if k != 2] == pytest.approx([math.atan(RHO)] * 5, abs=1e-6)
 
 
-def test_a_non_finite_unit_is_frozen_alone() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_non_finite_unit_is_frozen_alone(implementation: str) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(8, 4)
     opt = ll.Layca(
-        torch.optim.SGD([layer.weight], lr=0.1), [("weight", layer.weight)], rotation_rate=RHO, granularity="unit"
+        torch.optim.SGD([layer.weight], lr=0.1),
+        [("weight", layer.weight)],
+        rotation_rate=RHO,
+        granularity="unit",
+        implementation=implementation,
     )
     layer.weight.grad = torch.randn(4, 8)
     layer.weight.grad[1, 3] = float("nan")

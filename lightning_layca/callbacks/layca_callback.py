@@ -27,8 +27,15 @@ from typing_extensions import override
 
 from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
+from lightning_layca.compiled_step import Implementation
 from lightning_layca.distributed import local_shard
-from lightning_layca.layca import DEFAULT_ROTATION_RATE, Layca, check_granularity, check_rotation_rate
+from lightning_layca.layca import (
+    DEFAULT_ROTATION_RATE,
+    Layca,
+    check_granularity,
+    check_implementation,
+    check_rotation_rate,
+)
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.selection import layer_display_name
 
@@ -59,7 +66,10 @@ class LaycaCallback(LayerRotationMonitor):
             scheduler started from, else the group's lr).
         granularity: ``"layer"`` (the paper) or ``"unit"``: every output unit turns by ``atan(rho)`` and keeps its own
             initial norm (see :class:`~lightning_layca.Layca`).
-        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments.
+        log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments other
+            than ``implementation``.
+        implementation: How the Layca step is computed: ``"auto"`` (default), ``"eager"`` or ``"compiled"`` (see
+            :class:`~lightning_layca.Layca`).
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
@@ -93,6 +103,7 @@ class LaycaCallback(LayerRotationMonitor):
         angle_histograms: bool = True,
         histogram_bins: PositiveInt = 30,
         figure: bool = True,
+        implementation: Implementation = "auto",
     ) -> None:
         super().__init__(
             log_every_n_steps,
@@ -135,6 +146,8 @@ class LaycaCallback(LayerRotationMonitor):
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         check_granularity("LaycaCallback", granularity)
         self.granularity: Literal["layer", "unit"] = granularity
+        check_implementation("LaycaCallback", implementation)
+        self.implementation: Implementation = implementation
         self.laycas: dict[int, Layca] = {}
         self._pre_step_counts: dict[int, int] = {}
         self.last_rates: dict[str, float] = {}
@@ -284,6 +297,7 @@ class LaycaCallback(LayerRotationMonitor):
                 exclude=self.exclude,
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
                 granularity=self.granularity,
+                implementation=self.implementation,
             )
             earlier = previous.get(i)
             if (

@@ -1,0 +1,435 @@
+"""The fused Layca step: per layer, one reduction pass and one update pass, compiled with ``torch.compile``.
+
+For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(w + D)`` after it, one compiled call
+
+1. reads ``(p, w)`` once and accumulates, per row, ``a = <D, w>``, ``b = <w, w>`` and ``c = <D, D>`` in float64, with
+   ``D = p - w`` formed in registers: products of float32 (or bfloat16, float16) numbers are exact in float64, so
+   ``||D_perp||^2 = c - a^2 / b`` keeps float32 precision even for a mostly radial step (weight decay), without the
+   explicit projection and re-orthogonalisation the eager step needs. The layer's sums are the sums of its rows;
+   with ``granularity="unit"`` the rows are the units and their sums are used as they are;
+2. turns the sums into ``k1, k2`` with :func:`lightning_layca.step.coefficients`, the rule every path shares
+   (rounding floor, non-finite steps, rates without overflow);
+3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, computed in float64 for float32 layers (in float32
+   for bfloat16 and float16 ones) and rounded once to the layer's dtype. A layer (unit) that does not move
+   (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact zero.
+
+With the snapshot taken before the base step, that is 7 tensor-sized memory passes, against about 19 for the eager
+multi-tensor step. Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
+:data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
+
+Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense
+``rows x columns`` matrix, see :func:`kernel_view`), so one compilation per (device, dtype, kernel) covers every layer
+of every model in the process, and Inductor's on-disk cache serves later processes. Rates, relative learning rates and
+initial norms enter as device tensors, so LR schedulers and time-varying schedules never recompile. Compilation
+happens at the first step that needs it, on a stand-in layer, so that a failure (no C++ compiler, an unsupported
+platform) costs one warning and the eager step takes over before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from lightning_layca.step import coefficients, unit_roundoff
+
+__all__ = [
+    "AUTO_COMPILE_AFTER_SECONDS",
+    "AUTO_TRIAL_STEPS",
+    "IMPLEMENTATIONS",
+    "AutoChoice",
+    "Implementation",
+    "compiled_step_ready",
+    "kernel_view",
+    "parallel_kernel",
+    "rotate_compiled",
+    "scalars",
+    "unit_view",
+    "use_compiled_step",
+]
+
+Implementation = Literal["auto", "eager", "compiled"]
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "compiled")
+"""Accepted values of ``Layca(implementation=...)``."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Layer dtypes the compiled step handles (float64 layers take the eager step, which accumulates in float64)."""
+
+AUTO_DEVICE_TYPES = ("cpu",)
+"""Devices where ``implementation="auto"`` may choose the compiled step: where it was measured faster (see
+``benchmarks/README.md``). CUDA is not among them until it has been measured there."""
+
+AUTO_COMPILE_AFTER_SECONDS = 10.0
+"""``implementation="auto"`` compiles once the eager Layca steps of an optimizer have taken this long in total (a
+compilation takes a few seconds from Inductor's on-disk cache, 15 to 25 seconds without it, on a 2-core CPU). A fit
+that would not have repaid the compilation never compiles, and one that does pays it at most once more than needed:
+the classic rule for renting skis until their price has been spent on rent."""
+
+AUTO_TRIAL_STEPS = 20
+"""After compiling, ``implementation="auto"`` times this many compiled steps and goes back to the eager step for good
+if they were not faster on average than the eager ones."""
+
+PARALLEL_MIN_ELEMENTS = 2**18
+"""On CPU, layers of at least this many elements take the kernel that runs on torch's intra-op threads, smaller ones a
+single-threaded kernel: an OpenMP parallel region costs a wake-up and a few barriers per call, more than it saves on
+a small layer, and far more on a CPU shared with other processes (a barrier then waits for a descheduled thread)."""
+
+_WARMUP_SHAPE = (64, 576)
+"""The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
+exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
+
+_compiled_fns: dict[tuple[bool, bool], Callable[..., torch.Tensor]] = {}
+_ready: dict[tuple[str, torch.dtype, bool, bool], bool] = {}
+
+
+def _fused_step(
+    params: torch.Tensor,
+    previous: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+) -> torch.Tensor:
+    """The Layca step of one layer seen as a matrix (traced and compiled; see the module docstring).
+
+    Args:
+        params: ``p = fl(w + D)``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        previous: ``w``, the same view of the snapshot.
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``: 0-dim for the layer (``granularity="layer"``), or one per row (``"unit"``; the rows are
+            then the units), float64.
+        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's (any unit's).
+
+    Returns:
+        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
+    """
+    weights = previous.double()
+    step = params.double() - weights
+    row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)])
+    sums = row_sums.sum(1, keepdim=True) if initial_norms.dim() == 0 else row_sums
+    radial, weight_sq, step_sq = sums.unbind(0)
+    units = radial.shape[0]
+    # A constant of the compiled code (one compilation per dtype anyway), not an argument converted at every call.
+    roundoff = unit_roundoff(params.dtype)
+    k1, k2, near = coefficients(
+        radial,
+        weight_sq,
+        step_sq,
+        step_sq,
+        rate.expand(units),
+        relative_lr.expand(units),
+        initial_norms.reshape(units),
+        roundoff,
+    )
+    # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers per unit instead
+    # of recomputing the coefficients' square roots and divisions for every vector of elements.
+    k = torch.stack([k1, k2])
+    # float32 layers: the update in float64, where k2 * D of a mostly radial step cancels against k1 * w without
+    # losing float32 digits. bfloat16/float16 layers: float32 is that much more precise than the result (and the
+    # conversions from float32 are the fast ones).
+    if params.dtype != torch.float32:
+        k, weights, step = k.float(), previous.float(), params.float() - previous.float()
+    k1, k2 = k[0].unsqueeze(1), k[1].unsqueeze(1)
+    held = torch.where(k2 != 0, step, 0.0)  # a unit that does not move: its step may hold NaN or inf
+    params.copy_(k1 * weights + k2 * held)
+    near_floor.copy_(near_floor | near.any())
+    return sums
+
+
+# One function per kernel: Dynamo keeps the compilations of a function together (and limits their number), so the
+# single-threaded and per-unit kernels get functions of their own.
+def _fused_step_serial(*args: torch.Tensor) -> torch.Tensor:
+    return _fused_step(*args)
+
+
+def _fused_unit_step(*args: torch.Tensor) -> torch.Tensor:
+    return _fused_step(*args)
+
+
+def _fused_unit_step_serial(*args: torch.Tensor) -> torch.Tensor:
+    return _fused_step(*args)
+
+
+_FUNCTIONS: dict[tuple[bool, bool], Callable[..., torch.Tensor]] = {
+    (True, False): _fused_step,
+    (False, False): _fused_step_serial,
+    (True, True): _fused_unit_step,
+    (False, True): _fused_unit_step_serial,
+}
+
+
+def _compiled(parallel: bool, per_unit: bool = False) -> Callable[..., torch.Tensor]:
+    key = (parallel, per_unit)
+    if key not in _compiled_fns:
+        # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
+        options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
+        if not parallel:
+            options["cpp.threads"] = 1
+        _compiled_fns[key] = torch.compile(_FUNCTIONS[key], dynamic=True, fullgraph=True, options=options)
+    return _compiled_fns[key]
+
+
+def parallel_kernel(layer: torch.Tensor) -> bool:
+    """Whether ``layer`` takes the kernel that runs on torch's intra-op threads (see :data:`PARALLEL_MIN_ELEMENTS`)."""
+    if layer.device.type != "cpu":
+        return True
+    return torch.get_num_threads() > 1 and layer.numel() >= PARALLEL_MIN_ELEMENTS
+
+
+def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a (device, dtype) group of layers may take the compiled step.
+
+    Args:
+        implementation: ``"auto"``, ``"eager"`` or ``"compiled"`` (see :class:`~lightning_layca.Layca`).
+        device: The layers' device.
+        dtype: The layers' dtype.
+
+    Returns:
+        ``False`` for ``"eager"``; for ``"compiled"``, whether the dtype is supported (a warning says so when it is
+        not); for ``"auto"``, whether besides the device is one where the compiled step was measured faster
+        (:data:`AUTO_DEVICE_TYPES`; :class:`AutoChoice` then decides when). Whether compilation works is decided
+        later, by :func:`compiled_step_ready`.
+    """
+    if implementation == "eager":
+        return False
+    if dtype not in SUPPORTED_DTYPES:
+        if implementation == "compiled":
+            warnings.warn(
+                f"Layca: implementation='compiled' handles {', '.join(str(d) for d in SUPPORTED_DTYPES)} layers; the "
+                f"{dtype} layers on {device} take the eager step.",
+                stacklevel=4,
+            )
+        return False
+    if implementation == "compiled":
+        return True
+    return device.type in AUTO_DEVICE_TYPES
+
+
+class AutoChoice:
+    """When ``implementation="auto"`` takes the compiled step: eager first, compiled once it pays, kept if faster.
+
+    Compiling costs seconds once per process, and saves a fraction of every step: worth it for a long fit, not for a
+    short one, and nobody knows in advance how long a fit is. So the eager step runs first while its time is added up;
+    once it reaches :data:`AUTO_COMPILE_AFTER_SECONDS` the compiled step takes over, and after
+    :data:`AUTO_TRIAL_STEPS` compiled steps (the compiling one not counted) it stays only if its mean time beats the
+    eager one's. Times are host wall-clock times of the Layca part of a step, measured on CPU only (where a kernel
+    has finished when its call returns).
+
+    Example:
+        >>> choice = AutoChoice()
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled
+        (False, False)
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled  # changed: the step is compiled from now on
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self.phase: Literal["eager", "trial", "compiled", "eager for good"] = "eager"
+        self.eager_seconds = 0.0
+        self.eager_steps = 0
+        self.trial_seconds = 0.0
+        self.trial_steps = -1  # the first compiled step compiles: not counted
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled step is to be taken now."""
+        return self.phase in ("trial", "compiled")
+
+    @property
+    def measuring(self) -> bool:
+        """Whether :meth:`record` still needs the time of each step."""
+        return self.phase in ("eager", "trial")
+
+    def record(self, seconds: float) -> bool:
+        """Add the time of one step's Layca part; return whether the choice changed (the groups must be rebuilt)."""
+        if self.phase == "eager":
+            self.eager_seconds += seconds
+            self.eager_steps += 1
+            if self.eager_seconds >= AUTO_COMPILE_AFTER_SECONDS:
+                self.phase = "trial"
+                return True
+        elif self.phase == "trial":
+            self.trial_steps += 1
+            if self.trial_steps > 0:
+                self.trial_seconds += seconds
+            if self.trial_steps == AUTO_TRIAL_STEPS:
+                faster = self.trial_seconds / AUTO_TRIAL_STEPS < self.eager_seconds / self.eager_steps
+                self.phase = "compiled" if faster else "eager for good"
+                return not faster
+        return False
+
+
+def compiled_step_ready(
+    device: torch.device, dtype: torch.dtype, parallel: Sequence[bool], per_unit: bool = False
+) -> bool:
+    """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
+
+    The first call per (device type, dtype, kernel) in the process compiles, on a stand-in layer; later calls return
+    the cached answer at once.
+
+    Args:
+        device: The layers' device.
+        dtype: The layers' dtype.
+        parallel: :func:`parallel_kernel` of each layer: the kernels needed.
+        per_unit: Whether the layers step per unit (``granularity="unit"``).
+    """
+    return all(_ready_one(device, dtype, kind, per_unit) for kind in sorted(set(parallel)))
+
+
+def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool) -> bool:
+    if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
+        return False  # one warning per (device, dtype), and never a half-compiled group
+    key = (device.type, dtype, parallel, per_unit)
+    if key not in _ready:
+        try:
+            # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
+            # under `-W error` it would abort the compilation. Floats of the rule (the floor factors) are constants
+            # of the compiled code, not inputs converted to tensors at every call.
+            with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
+                warnings.simplefilter("ignore")
+                # Deterministic stand-in values: the global random state is the user's.
+                grid = torch.arange(_WARMUP_SHAPE[0] * _WARMUP_SHAPE[1], device=device).view(_WARMUP_SHAPE)
+                weights = grid.sin().to(dtype)
+                params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
+                rate, relative_lr = scalars(torch.ones(2, dtype=torch.float64, device=device))
+                norms = torch.ones(_WARMUP_SHAPE[0] if per_unit else (), dtype=torch.float64, device=device)
+                (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
+                _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
+            _ready[key] = True
+        except Exception as error:  # any failure to compile means: use the eager step
+            _give_up(device, dtype, parallel, per_unit, error)
+    return _ready[key]
+
+
+def _give_up(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, error: Exception) -> None:
+    _ready[(device.type, dtype, parallel, per_unit)] = False
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    warnings.warn(
+        f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
+        f"({type(error).__name__}: {reason[:300]}); using the eager step. Pass implementation='eager' to skip the "
+        "attempt.",
+        stacklevel=5,
+    )
+
+
+def scalars(values: torch.Tensor) -> list[torch.Tensor]:
+    """Return the entries of a 1-D tensor as 0-dim tensors sharing its memory, not marked as views of it.
+
+    The compiled function's guards then do not depend on the length of the tensor the scalars come from.
+    """
+    return [x.detach() for x in values.unbind()]
+
+
+def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Return a 2-D view of ``tensor``'s memory with at least 2 rows and 2 columns where its size allows.
+
+    A layer's sums do not depend on the order of its elements, so the view follows memory order (a channels-last
+    convolution kernel is viewed through its permuted shape) and splits the leading dimensions from the others where
+    both sides have at least 2 elements (``(1, 197, 768)`` becomes ``197 x 768``): sizes 0 and 1 would each need a
+    compilation of their own.
+
+    The view is detached (it shares the layer's memory and version counter but is not marked as a view of it), so
+    that the compiled function's guards do not depend on the layer's own shape.
+
+    Returns:
+        The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor) or
+        admit no such split (a prime number of elements in one dimension, as in a ``(7, 1)`` layer): rows or columns
+        of size 1 would need a compilation of their own, for layers too small to matter (the eager step takes them).
+
+    Example:
+        >>> kernel_view(torch.zeros(8, 3, 3, 3)).shape
+        torch.Size([8, 27])
+        >>> kernel_view(torch.zeros(1, 197, 768)).shape
+        torch.Size([197, 768])
+        >>> kernel_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
+        torch.Size([8, 75])
+    """
+    if tensor.dim() == 0:
+        return None
+    if not tensor.is_contiguous():
+        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride()[d], d))
+        tensor = tensor.permute(order)
+        if not tensor.is_contiguous():
+            return None
+    n = tensor.numel()
+    rows = 1
+    for size in tensor.shape[:-1]:
+        rows *= size
+        if rows >= 2 and n // rows >= 2:
+            return tensor.view(rows, n // rows).detach()
+    # One dimension holds everything (a (n, 1) or (1, n) layer): any split with both sides of at least 2 will do.
+    for columns in range(min(16, n // 2), 1, -1):
+        if n % columns == 0:
+            return tensor.view(n // columns, columns).detach()
+    return None
+
+
+def unit_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Return a 2-D view of ``tensor``'s memory whose rows are its units (slices along dim 0), or ``None``.
+
+    As :func:`kernel_view`, but the rows must be the units: ``None`` unless dim 0 is the outermost dimension of a
+    dense layout and there are at least 2 units of at least 2 elements each.
+
+    Example:
+        >>> unit_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
+        torch.Size([8, 75])
+        >>> unit_view(torch.zeros(1, 197, 768)) is None
+        True
+    """
+    if tensor.dim() < 2:
+        return None
+    if not tensor.is_contiguous():
+        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride()[d], d))
+        if order[0] != 0:
+            return None
+        tensor = tensor.permute(order)
+        if not tensor.is_contiguous():
+            return None
+    units = tensor.shape[0]
+    if units < 2 or tensor.numel() // units < 2:
+        return None
+    return tensor.view(units, -1).detach()
+
+
+def rotate_compiled(
+    params: Sequence[torch.Tensor],
+    previous: Sequence[torch.Tensor],
+    rates: Sequence[torch.Tensor],
+    relative_lrs: Sequence[torch.Tensor],
+    initial_norms: Sequence[torch.Tensor],
+    near_floor: Sequence[torch.Tensor],
+    parallel: Sequence[bool],
+    per_unit: bool = False,
+) -> int:
+    """Turn the base step of layers of one device and dtype into a Layca step, in place, one compiled call per layer.
+
+    Needs :func:`compiled_step_ready` to have returned ``True`` for the layers' device, dtype and kernels. Should a
+    later compilation fail (a recompilation after ``torch._dynamo.reset()`` or a change of the number of threads),
+    the layers from the failing one on are left to the caller, after one warning.
+
+    Args:
+        params: :func:`kernel_view` of each layer (detached), holding ``w + D``.
+        previous: The same views of the weights before the base step.
+        rates: ``rho`` per layer, 0-dim float64 tensors on the layers' device.
+        relative_lrs: ``lr_g(t) / lr_ref`` per layer, likewise.
+        initial_norms: ``n0`` per layer, likewise; with ``per_unit``, each layer's 1-D tensor of norms per unit.
+        near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
+        parallel: :func:`parallel_kernel` of each layer.
+        per_unit: Whether every unit (row of :func:`unit_view`) turns by itself (``granularity="unit"``).
+
+    Returns:
+        The number of layers stepped (all of them unless a compilation failed).
+    """
+    steps = {kind: _compiled(kind, per_unit) for kind in set(parallel)}
+    done = 0
+    for *args, kind in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, parallel, strict=True):
+        try:
+            steps[kind](*args)
+        except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
+            _give_up(args[0].device, args[0].dtype, kind, per_unit, error)
+            break
+        done += 1
+    return done

@@ -49,6 +49,7 @@ from lightning_layca.compiled_step import (
     use_compiled_step,
 )
 from lightning_layca.distributed import ShardLayout, full_sums, is_dtensor, local_shard, shard_layout
+from lightning_layca.rotation import pair_sums
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
 from lightning_layca.step import (
@@ -528,7 +529,7 @@ class Layca(Optimizer):
         layers = [self._layers[i].detach() for i in indices]
         layout = shard_layout(layers)
         local = [local_shard(p) for p in layers]
-        squares = [step_sums([w], [w], per_unit=True)[:, 1:2] for w in local]  # per local unit: <w, w>
+        squares = [pair_sums([w], [w], per_unit=True)[:, 1:2] for w in local]  # per local unit: <w, w>
         unit_sq = full_sums(layout.scatter_rows(squares), layout.row_divisors(squares[0].device)).squeeze(1).cpu()
         for i, rows in zip(indices, unit_sq.split(list(layout.rows)), strict=True):
             norm = math.sqrt(float(rows.sum()))

@@ -347,10 +347,8 @@ def float64_sums(
         for start in range(0, rows_x.shape[0], per_block):
             for first in range(0, rows_x.shape[1], SUM_BLOCK_ELEMENTS):  # a long row in pieces
                 block = (slice(start, start + per_block), slice(first, first + SUM_BLOCK_ELEMENTS))
-                v = rows_y[block].double()
-                u = rows_x[block].double()
-                if difference:
-                    u.sub_(v)
+                v = rows_y[block].double()  # the block itself for a float64 tensor: never written to
+                u = rows_x[block].double() - v if difference else rows_x[block].double()
                 if per_unit:
                     sums[block[0]] += torch.stack([(u * v).sum(1), (u * u).sum(1), (v * v).sum(1)], 1)
                 else:

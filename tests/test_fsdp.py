@@ -398,11 +398,14 @@ def _summed_step(params: list[torch.Tensor], previous: list[torch.Tensor], rate:
     apply_coefficients(params, previous, k1, k2, per_unit=per_unit)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("per_unit", [False, True])
-def test_summed_step_takes_the_eager_step(per_unit: bool) -> None:
+def test_summed_step_takes_the_eager_step(per_unit: bool, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(8, 4, 3, 3, generator=g), torch.randn(16, 36, generator=g), torch.randn(1, 16, generator=g)]
-    steps = [0.01 * torch.randn(w.shape, generator=g) for w in weights]
+    shapes = [(8, 4, 3, 3), (16, 36), (1, 16)]
+    weights = [torch.randn(shape, generator=g).to(dtype) for shape in shapes]
+    steps = [0.01 * torch.randn(w.shape, generator=g).to(dtype) for w in weights]
+    originals = [w.clone() for w in weights]
     eager = [w + d for w, d in zip(weights, steps, strict=True)]
     summed = [e.clone() for e in eager]
     rows = sum(w.shape[0] for w in weights)
@@ -415,8 +418,11 @@ def test_summed_step_takes_the_eager_step(per_unit: bool) -> None:
         initial = torch.stack([w.double().norm() for w in weights])
         rotate_eager(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
     _summed_step(summed, weights, 0.1, per_unit)
+    for w, w0 in zip(weights, originals, strict=True):
+        assert torch.equal(w, w0)  # the sums read the weights before the step, never write them
+    atol = 1e-6 if dtype == torch.float32 else 1e-12  # rounding of a step of norm 0.1 |w|
     for e, s in zip(eager, summed, strict=True):
-        torch.testing.assert_close(s, e, rtol=0, atol=1e-6)  # float32 rounding of a step of norm 0.1 |w|
+        torch.testing.assert_close(s, e, rtol=0, atol=atol)
 
 
 def test_summed_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was() -> None:

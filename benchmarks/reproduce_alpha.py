@@ -32,34 +32,72 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import logging
-import math
-import os
-import platform
 import statistics
 import sys
-import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: make `examples` and `lightning_layca` importable
+if __package__ in (None, ""):  # run as a file: make `benchmarks`, `examples` and `lightning_layca` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lightning as L
 
 import lightning_layca as ll
-from examples.mnist1d_cnn import MNIST1DCNN, MNIST1DDataModule
+from benchmarks._mnist1d_experiment import (
+    BATCH_SIZE,
+    CONVOLUTIONS,
+    DATA_SEED,
+    DECAY_AT,
+    DECAY_FACTOR,
+    DIFFERENCE_NOTE,
+    EPOCHS,
+    NUM_SAMPLES,
+    ROOT,
+    SEEDS,
+    SETUP_KEYS,
+    TRAIN_SPLIT,
+    WIDTH,
+    ExperimentCNN,
+    add_common_arguments,
+    check_common_arguments,
+    difference,
+    fit,
+    load_records,
+    machine_line,
+    mean_std,
+    pct,
+    power_of_three,
+    quiet_lightning,
+    run_command,
+    run_missing,
+)
+from examples.mnist1d_cnn import MNIST1DDataModule
 from lightning_layca.figures import rotation_curves_figure, save_png
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = [  # what the tests and other experiments use; the shared pieces are re-exported from here
+    "BATCH_SIZE",
+    "DATA_SEED",
+    "NUM_SAMPLES",
+    "ROOT",
+    "SEEDS",
+    "TRAIN_SPLIT",
+    "AlphaExperimentCNN",
+    "Config",
+    "config_of",
+    "configurations",
+    "curves_figure",
+    "difference",
+    "load_records",
+    "main",
+    "quiet_lightning",
+    "report",
+    "train_one",
+]
+
 ALPHAS = (-0.6, -0.3, 0.0, 0.3, 0.6)
 ROTATION_RATES = (3**-2, 3**-3, 3**-4, 3**-5)
 SGD_LRS = (1.0, 3**-1, 3**-2, 3**-3)
@@ -67,16 +105,6 @@ BEST_ROTATION_RATE = 3**-3
 QUICK_ALPHAS = (-0.6, 0.0, 0.6)
 QUICK_SGD_LRS = (3**-1, 3**-2)
 FIGURE_ALPHAS = (-0.6, 0.0, 0.6)
-SEEDS = (0, 1, 2)
-DATA_SEED = 42
-EPOCHS = 40
-WIDTH = 32
-CONVOLUTIONS = 7  # and the linear head: eight layers
-BATCH_SIZE = 128
-NUM_SAMPLES = 5000
-TRAIN_SPLIT = 0.8
-DECAY_AT = (0.5, 0.75)
-DECAY_FACTOR = 0.2
 # docs/reproduction.md quotes the report's tables (tests/test_reproduce_alpha.py checks that they match the runs).
 FULL_OUTPUTS = (
     ROOT / "docs" / "results" / "alpha_experiment.jsonl",
@@ -88,8 +116,6 @@ QUICK_OUTPUTS = (
     ROOT / "benchmarks" / "results" / "alpha_quick.md",
     ROOT / "benchmarks" / "results" / "alpha_quick.png",
 )
-SETUP_KEYS = ("epochs", "width", "batch_size", "num_samples", "limit_train_batches")
-"""Record fields that must agree for runs to be compared (and for a saved run to count as done)."""
 
 
 # ---------------------------------------------------------------------------------------------- configurations
@@ -113,14 +139,6 @@ class Config:
 def signed(x: float) -> str:
     """``-0.6``, ``0``, ``+0.6``."""
     return "0" if x == 0 else f"{x:+.1f}"
-
-
-def power_of_three(x: float) -> str:
-    """Write ``x`` as ``3^k`` when it is a power of three (``1``, ``3^-2``), else with four significant digits."""
-    k = round(math.log(x, 3))
-    if math.isclose(x, 3.0**k, rel_tol=1e-9):
-        return "1" if k == 0 else f"3^{k}"
-    return f"{x:.4g}"
 
 
 def alpha_sweep(alphas: Sequence[float] = ALPHAS) -> list[Config]:
@@ -158,35 +176,15 @@ def configurations(quick: bool) -> list[Config]:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-class AlphaExperimentCNN(MNIST1DCNN):
+class AlphaExperimentCNN(ExperimentCNN):
     """The 8-layer MNIST-1D CNN trained with plain SGD (no momentum, no weight decay) and a step decay of the lr."""
 
     def __init__(self, width: int, lr: float, epochs: int) -> None:
-        super().__init__(channels=(width,) * CONVOLUTIONS)
+        super().__init__(width, epochs)
         self.lr = lr
-        self.epochs = epochs
 
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.0, weight_decay=0.0)
-        milestones = sorted({max(1, round(f * self.epochs)) for f in DECAY_AT})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=DECAY_FACTOR)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-Trainer banners and the warnings this setup triggers on purpose (no logger)."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*no TensorBoardLogger is attached.*")
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            yield
-    finally:
-        logger.setLevel(level)
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.0, weight_decay=0.0)
 
 
 def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any]) -> dict[str, Any]:
@@ -206,62 +204,20 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
         )
     else:
         monitor = ll.LayerRotationMonitor(angle_histograms=False, figure=False)
-    limit = setup["limit_train_batches"]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=setup["epochs"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=setup["epochs"],  # test accuracy once, after the last epoch
-        limit_train_batches=1.0 if limit is None else limit,
-        callbacks=[monitor],
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - start
-    metrics = trainer.callback_metrics
+    result = fit(model, datamodule, setup, [monitor])
     return {
         **asdict(config),
         "seed": seed,
         **setup,
-        "test_acc": float(metrics["val/acc"]),
-        "test_loss": float(metrics["val/loss"]),
-        "train_acc": float(metrics["train/acc"]),
-        "train_loss": float(metrics["train/loss_epoch"]),
+        **{k: result[k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")},
         "rotation": {name: [v for _, v in points] for name, points in monitor.epoch_rotation.items()},
-        "seconds": round(seconds, 2),
-        "threads": torch.get_num_threads(),
+        **{k: result[k] for k in ("seconds", "threads")},
     }
 
 
 # ---------------------------------------------------------------------------------------------- saved runs
 def config_of(record: dict[str, Any]) -> Config:
     return Config(record["method"], record["alpha"], record["rotation_rate"], record["lr"])
-
-
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """Read the saved runs; all must share one setup (epochs, width, ...), or the comparison would be meaningless."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    setups = {tuple(r[k] for k in SETUP_KEYS) for r in records}
-    if len(setups) > 1:
-        raise ValueError(
-            f"{path} holds runs of {len(setups)} different setups {sorted(setups, key=str)} (fields {SETUP_KEYS}); "
-            "use another --results file or --fresh."
-        )
-    return records
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def by_config(records: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]]]:
@@ -272,15 +228,6 @@ def by_config(records: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- report
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``nan`` for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def pct(mean: float, std: float) -> str:
-    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
-
-
 def final_rotation(record: dict[str, Any]) -> list[float]:
     return [curve[-1] for curve in record["rotation"].values()]
 
@@ -298,20 +245,6 @@ def table_row(config: Config, runs: list[dict[str, Any]]) -> str:
         f"| {config.label} | **{pct(*mean_std(test))}** | {len(runs)} | {seeds} | {pct(*mean_std(train))} | "
         f"{statistics.fmean(rotation):.3f} ({lowest:.3f} to {highest:.3f}) |"
     )
-
-
-def difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
-    """Difference of mean test accuracy (points) with its standard error, and whether it exceeds twice that error."""
-    ma, sa = mean_std([r["test_acc"] for r in a])
-    mb, sb = mean_std([r["test_acc"] for r in b])
-    diff = 100 * (ma - mb)
-    if math.isnan(sa) or math.isnan(sb):
-        return f"{diff:+.1f} points (one seed: no error estimate)"
-    se = 100 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
-    if se == 0:
-        return f"{diff:+.2f} points (no spread over seeds)"
-    verdict = "distinguishable" if abs(diff) > 2 * se else "not distinguishable"
-    return f"{diff:+.2f} ± {se:.2f} points, {diff / se:+.1f} standard errors ({verdict})"
 
 
 def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
@@ -348,22 +281,10 @@ def comparisons(grouped: dict[Config, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def run_command(setup: dict[str, Any], quick: bool) -> str:
-    """The command that runs this setup (options at their default left out)."""
-    defaults = {"epochs": EPOCHS, "width": WIDTH, "batch_size": BATCH_SIZE, "num_samples": NUM_SAMPLES}
-    options = ["--quick"] if quick else []
-    for key, value in setup.items():
-        if value is not None and value != defaults.get(key):
-            options.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join(["python benchmarks/reproduce_alpha.py", *options])
-
-
 def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
     """The Markdown report: setup, one table per sweep, the differences behind the paper's claims."""
     grouped = by_config(records)
     setup = {k: records[0][k] for k in SETUP_KEYS} if records else {}
-    seconds = sum(r["seconds"] for r in records)
-    threads = ", ".join(str(t) for t in sorted({r["threads"] for r in records})) or "no"
     decay = ", ".join(f"{round(f * setup.get('epochs', EPOCHS))}" for f in DECAY_AT)
     lines = [
         "# The paper's alpha experiment on MNIST-1D",
@@ -377,10 +298,8 @@ def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
         + (f"; {setup['limit_train_batches']} batches per epoch" if setup.get("limit_train_batches") else ""),
         "- test accuracy: mean ± sample standard deviation over seeds, in %; rotation: cosine distance of each "
         "layer's final weights to its initial weights, mean over layers (lowest to highest layer), mean over seeds",
-        f"- {len(records)} runs, {seconds / 60:.1f} min of training in total on {platform.machine()} "
-        f"({os.cpu_count()} logical CPUs, torch threads: {threads}), torch {torch.__version__}, "
-        f"lightning {L.__version__}",
-        f"- command: `{run_command(setup, quick)}`",
+        machine_line(records),
+        f"- command: `{run_command('reproduce_alpha.py', setup, quick)}`",
         "",
     ]
     for title, configs in table_groups(quick):
@@ -395,8 +314,7 @@ def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
     lines += [
         "## Differences of mean test accuracy",
         "",
-        "With their standard error sqrt(s1²/n1 + s2²/n2) over seeds (s: sample standard deviation, n: seeds); a "
-        "difference within two standard errors is counted as not distinguishable from seed noise.",
+        DIFFERENCE_NOTE,
         "",
         *(comparisons(grouped) or ["- (not enough runs yet)"]),
         "",
@@ -433,32 +351,14 @@ def curves_figure(records: Sequence[dict[str, Any]], alphas: Sequence[float] = F
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, alpha in {-0.6, 0, 0.6}, two SGD lrs")
-    parser.add_argument("--report-only", action="store_true", help="write the table and figure from saved runs")
-    parser.add_argument("--fresh", action="store_true", help="delete the saved runs first")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--width", type=int, default=WIDTH, help="channels of every convolution")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="MNIST-1D signals, train and test")
-    parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch (tests)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (default 1: the convolutions are small)"
-    )
-    parser.add_argument("--results", type=Path, default=None, help="JSON lines, one per run")
-    parser.add_argument("--table", type=Path, default=None, help="Markdown report")
+    add_common_arguments(parser, quick_help="one seed, alpha in {-0.6, 0, 0.6}, two SGD lrs")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of the rotation curves")
     args = parser.parse_args(argv)
-    for name in ("epochs", "width", "batch_size", "num_samples", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.limit_train_batches is not None and args.limit_train_batches < 1:
-        parser.error(f"--limit-train-batches must be a positive integer, got {args.limit_train_batches}")
+    check_common_arguments(parser, args)
     defaults = QUICK_OUTPUTS if args.quick else FULL_OUTPUTS
     args.results = args.results or defaults[0]
     args.table = args.table or defaults[1]
     args.figure = args.figure or defaults[2]
-    args.seeds = args.seeds if args.seeds is not None else list(SEEDS[:1] if args.quick else SEEDS)
     return args
 
 
@@ -473,40 +373,7 @@ def write_outputs(records: Sequence[dict[str, Any]], args: argparse.Namespace) -
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Run the missing runs (unless ``--report-only``), then write the table and the figure; return the table."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.fresh and args.results.exists() and not args.report_only:
-        args.results.unlink()
-    records = load_records(args.results)
-    if not args.report_only:
-        setup = {
-            "epochs": args.epochs,
-            "width": args.width,
-            "batch_size": args.batch_size,
-            "num_samples": args.num_samples,
-            "limit_train_batches": args.limit_train_batches,
-        }
-        if records and any(records[0][k] != v for k, v in setup.items()):
-            raise ValueError(
-                f"{args.results} holds runs of another setup ({ {k: records[0][k] for k in SETUP_KEYS} }) than "
-                f"this one ({setup}); use another --results file or --fresh."
-            )
-        done = {(config_of(r), r["seed"]) for r in records}
-        todo = [(c, s) for c in configurations(args.quick) for s in args.seeds if (c, s) not in done]
-        print(f"{len(done)} runs saved in {args.results}, {len(todo)} to go", flush=True)
-        if todo:
-            datamodule = MNIST1DDataModule(args.num_samples, TRAIN_SPLIT, args.batch_size, seed=DATA_SEED)
-            datamodule.setup("fit")
-            with quiet_lightning():
-                for i, (config, seed) in enumerate(todo, start=1):
-                    record = train_one(config, seed, datamodule, setup)
-                    append_record(args.results, record)
-                    records.append(record)
-                    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
-                    print(
-                        f"[{stamp}] {i}/{len(todo)} {config.label}, seed {seed}: test accuracy "
-                        f"{100 * record['test_acc']:.1f}%, {record['seconds']:.0f} s",
-                        flush=True,
-                    )
+    records = run_missing(args, configurations(args.quick), config_of, train_one)
     lines = write_outputs(records, args)
     print("\n".join(lines))
     print(f"wrote {args.table} and {args.figure}")

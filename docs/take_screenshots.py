@@ -48,15 +48,18 @@ class Shot:
     fragment: str
     window: tuple[int, int]
     clip: tuple[int, int, int, int]  # x, y, width, height
+    scale: int = SCALE
 
 
 # The legacy dashboards keep their state in the URL fragment (tag filter, smoothing switched off so the curves show
 # the logged values). The left 285 pixels hold the dashboards' settings, the top 64 TensorBoard's tab bar.
 SHOTS = [
-    Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 500), (285, 64, 815, 396)),
-    Shot("scalars", "scalars&tagFilter=layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
+    # What TensorBoard shows first (its Time Series dashboard, default settings), the whole window at its own size.
+    Shot("first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
+    Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 900), (285, 64, 815, 700)),
+    Shot("scalars", "scalars&tagFilter=Layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
     Shot("histograms", "histograms&tagFilter=layer_angles", (1000, 520), (285, 64, 715, 426)),
-    Shot("images", "images&tagFilter=layer_rotation_curves", (1000, 560), (285, 64, 430, 426)),
+    Shot("images", "images&tagFilter=Layer_rotation_curves", (1000, 560), (285, 64, 430, 426)),
 ]
 
 
@@ -172,12 +175,12 @@ def wait_for_tags(url: str, timeout: float = 120.0) -> None:
         try:
             with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=5) as response:
                 tags = json.load(response)
-            if any(tag.startswith("layer_rotation/") for run in tags.values() for tag in run):
+            if any(tag.startswith("Layer_rotation/") for run in tags.values() for tag in run):
                 return
         except OSError:
             pass
         time.sleep(1.0)
-    raise TimeoutError(f"TensorBoard at {url} did not serve any layer_rotation/ tag within {timeout:.0f} s.")
+    raise TimeoutError(f"TensorBoard at {url} did not serve any Layer_rotation/ tag within {timeout:.0f} s.")
 
 
 def chromium_binary() -> str:
@@ -200,10 +203,10 @@ def take_all(url: str, out_dir: Path) -> None:
             browser.page("Runtime.evaluate", expression="localStorage.setItem('_ignoreYOutliers', 'false')")
             for shot in SHOTS:
                 width, height = shot.window
-                metrics = {"width": width, "height": height, "deviceScaleFactor": SCALE, "mobile": False}
+                metrics = {"width": width, "height": height, "deviceScaleFactor": shot.scale, "mobile": False}
                 browser.page("Emulation.setDeviceMetricsOverride", **metrics)
                 browser.page("Page.navigate", url="about:blank")
-                browser.page("Page.navigate", url=f"{url}/#{shot.fragment}")
+                browser.page("Page.navigate", url=f"{url}/#{shot.fragment}" if shot.fragment else f"{url}/")
                 time.sleep(SETTLE_S)
                 x, y, w, h = shot.clip
                 png = browser.page(

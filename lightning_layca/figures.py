@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLOT_EXTRA_HINT", "render_rgb", "rotation_curves_figure", "save_png", "write_png"]
+__all__ = ["PLOT_EXTRA_HINT", "colour_bar_ticks", "render_rgb", "rotation_curves_figure", "save_png", "write_png"]
 
 PLOT_EXTRA_HINT = "pip install 'lightning-layca[plot]'"
 """How to install what figures need."""
@@ -50,16 +50,21 @@ def rotation_curves_figure(
             axes is made.
 
     Returns:
-        The ``matplotlib.figure.Figure`` drawn on, with a colour bar from the first layer to the last next to the axes.
+        The ``matplotlib.figure.Figure`` drawn on, with a colour bar from the first layer to the last next to the axes
+        that names the layers (see :func:`colour_bar_ticks`).
 
     Raises:
         ModuleNotFoundError: When matplotlib is missing (install the ``plot`` extra).
     """
     matplotlib, figure_class = _require_matplotlib()
+    ticks = colour_bar_ticks(list(curves))
     if ax is None:
-        fig = figure_class(figsize=(6.4, 4.0), dpi=100)
-        # Fixed margins rather than tight_layout, which renders the figure once more just to measure it.
-        fig.subplots_adjust(left=0.11, right=0.98, bottom=0.12, top=0.92)
+        width, dpi = 6.4, 100
+        fig = figure_class(figsize=(width, 4.0), dpi=dpi)
+        # Fixed margins rather than tight_layout, which renders the figure once more just to measure it. On the right,
+        # room for the colour bar's layer names (about 6.5 pixels a character in the small font) and its label.
+        names_px = 6.5 * max((len(name) for name in ticks.values()), default=0) + 28
+        fig.subplots_adjust(left=0.11, right=1 - names_px / (width * dpi), bottom=0.12, top=0.92)
         ax = fig.add_subplot(1, 1, 1)
     else:
         fig = ax.figure
@@ -80,9 +85,34 @@ def rotation_curves_figure(
     ax.grid(True, alpha=0.3)
     mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
     bar = fig.colorbar(mappable, ax=ax)
-    bar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # layers are counted, not measured
-    bar.set_label("layer index (input → output)")
+    bar.set_ticks(list(ticks), labels=list(ticks.values()), fontsize="small")
+    bar.set_label("layer (input → output)")
     return fig
+
+
+MAX_NAMED_LAYERS = 8
+"""Up to this many layers, the colour bar names every layer; beyond, the first and the last."""
+
+_MAX_TICK_LABEL = 22
+
+
+def colour_bar_ticks(layers: Sequence[str]) -> dict[int, str]:
+    """Return the colour bar's ticks: layer index -> name, for every layer when few, else the first and the last.
+
+    A name longer than 22 characters keeps its end (``…`` + the last 21), where layers' names differ.
+
+    Example:
+        >>> colour_bar_ticks(["net.conv1", "net.conv2", "net.fc"])
+        {0: 'net.conv1', 1: 'net.conv2', 2: 'net.fc'}
+        >>> colour_bar_ticks([f"blocks.{i}.mlp.fc1" for i in range(12)])
+        {0: 'blocks.0.mlp.fc1', 11: 'blocks.11.mlp.fc1'}
+    """
+    shown = range(len(layers)) if len(layers) <= MAX_NAMED_LAYERS else [0, len(layers) - 1]
+    return {i: _shorten(layers[i]) for i in shown}
+
+
+def _shorten(name: str) -> str:
+    return name if len(name) <= _MAX_TICK_LABEL else "…" + name[-(_MAX_TICK_LABEL - 1) :]
 
 
 def render_rgb(fig: Any) -> Any:

@@ -14,6 +14,12 @@ normalisation parameters) are stepped by the wrapped optimizer untouched.
 This module holds the orchestration: which layers are controlled (including layers frozen at first and trained
 later), their rates, their state, and the grouping of layers by device and dtype; the arithmetic of the step is in
 :mod:`lightning_layca.step`.
+
+Sharded layers (``DTensor`` parameters, as FSDP2's ``fully_shard`` and tensor parallelism make them) take the summed
+form of the step: every rank sums ``(<D, w>, <w, w>, <D, D>)`` over its local shard of every layer in float64, one
+``all_reduce`` for all layers together turns the parts into full sums (:func:`lightning_layca.distributed.full_sums`),
+and every rank applies the same per-layer coefficients to its own shard. The snapshot of ``w`` is per shard, and the
+only collectives are issued inside :meth:`Layca.step`, the same on every rank.
 """
 
 from __future__ import annotations
@@ -42,10 +48,20 @@ from lightning_layca.compiled_step import (
     unit_view,
     use_compiled_step,
 )
-from lightning_layca.rotation import accumulation_dtype
+from lightning_layca.distributed import ShardLayout, full_sums, is_dtensor, local_shard, shard_layout
+from lightning_layca.rotation import pair_sums
 from lightning_layca.schedules import RotationSchedule, Uniform
 from lightning_layca.selection import as_patterns, select_layers
-from lightning_layca.step import NEAR_FLOOR_FACTOR, rotate_eager, rotate_eager_units, unit_counts, unit_rows
+from lightning_layca.step import (
+    NEAR_FLOOR_FACTOR,
+    apply_coefficients,
+    coefficients,
+    rotate_eager,
+    rotate_eager_units,
+    step_sums,
+    unit_counts,
+    unit_roundoff,
+)
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca", "equilibrium_rate"]
 
@@ -185,6 +201,7 @@ class _Group:
     indices: list[int]
     params: list[torch.Tensor]
     previous: list[torch.Tensor]
+    """Per layer, the weights before the base step: this rank's local shard of a sharded layer."""
     initial_norms: torch.Tensor
     """Per layer, or per unit (rows of the group's layers, concatenated) with ``granularity="unit"``."""
     near_floor: torch.Tensor
@@ -217,6 +234,10 @@ def _device_values(values: list[list[float]], device: torch.device) -> torch.Ten
     if device.type == "cuda":
         host = host.pin_memory()  # the caching host allocator keeps it alive until the copy is done
     return host.to(device, non_blocking=True)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class Layca(Optimizer):
@@ -367,6 +388,9 @@ class Layca(Optimizer):
         self._rates_version = 0
         self._warned_near_floor: set[str] = set()
         self._warned_overflow: set[str] = set()
+        self._joining: list[int] = []
+        self._step_layout: ShardLayout | None = None
+        self._warned_sharded_eager = False
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
@@ -480,30 +504,47 @@ class Layca(Optimizer):
         group_of = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
         self._layer_group = {i: group_of[id(p)] for i, p in enumerate(self._layers) if id(p) in group_of}
         controlled = [i for i in self._layer_group if self._layers[i].requires_grad]
-        for i in controlled:
-            if self.initial_norms[i] is None:  # joins now: frozen until now, so these are its initial weights
-                self.initial_norms[i] = self._initial_norm(i)
-            if self.granularity == "unit" and self.initial_unit_norms[i] is None:
-                p = self._layers[i].detach()
-                self.initial_unit_norms[i] = torch.linalg.vector_norm(
-                    unit_rows(p), dim=1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32
-                ).to(device="cpu", dtype=torch.float64)
+        # Joining now: frozen until now, so their weights are their initial weights.
+        joining = [
+            i
+            for i in controlled
+            if self.initial_norms[i] is None or (self.granularity == "unit" and self.initial_unit_norms[i] is None)
+        ]
+        if any(is_dtensor(self._layers[i]) for i in joining):
+            self._joining = joining  # their norms come from the sums of the next step (see _take_initial_norms)
+        else:
+            self._joining = []
+            if joining:
+                self._set_initial_norms(joining)
         self._controlled = controlled
         self._controlled_key = key
         self._groups = None
         self._rates = []
 
-    def _initial_norm(self, i: int) -> float:
-        p = self._layers[i].detach()
-        # Accumulated in float32 at least, so that a bf16/fp16 layer's initial norm is not rounded to its dtype.
-        norm = float(torch.linalg.vector_norm(p, dtype=accumulation_dtype(p.dtype)))
+    def _set_initial_norms(self, indices: list[int]) -> None:
+        """Record the initial norms of joining layers (per unit too with ``granularity="unit"``).
+
+        Float64 sums over each rank's part, through the seam: one collective when the layers are sharded.
+        """
+        layers = [self._layers[i].detach() for i in indices]
+        layout = shard_layout(layers)
+        local = [local_shard(p) for p in layers]
+        squares = [pair_sums([w], [w], per_unit=True)[:, 1:2] for w in local]  # per local unit: <w, w>
+        unit_sq = full_sums(layout.scatter_rows(squares), layout.row_divisors(squares[0].device)).squeeze(1).cpu()
+        for i, rows in zip(indices, unit_sq.split(list(layout.rows)), strict=True):
+            norm = math.sqrt(float(rows.sum()))
+            self._check_initial_norm(i, norm)
+            self.initial_norms[i] = norm
+            if self.granularity == "unit":
+                self.initial_unit_norms[i] = rows.sqrt()
+
+    def _check_initial_norm(self, i: int, norm: float) -> None:
         if not norm > 0 or not math.isfinite(norm):
             raise ValueError(
                 f"Layca: layer {self.layer_names[i]!r} has weights of norm {norm}; Layca cannot rotate a zero (or "
                 f"non-finite) vector. Initialise it differently or leave it to the base optimizer with "
                 f"exclude={self.layer_names[i]!r}."
             )
-        return norm
 
     @property
     def controlled_layer_names(self) -> list[str]:
@@ -579,30 +620,54 @@ class Layca(Optimizer):
                 for chunk in _chunks(indices, self._layers, _CPU_CHUNK_BYTES if device.type == "cpu" else None)
             )
         groups = []
-        compile_now = self._auto is None or self._auto.compiled
+        order = [i for idx, _ in chunks for i in idx]
+        layout = shard_layout([self._layers[i] for i in order])
+        self._step_layout = layout if layout.sharded else None
+        position = {i: k for k, i in enumerate(order)}
+        # Sharded layers take the summed step (local sums, one all_reduce, update), which a fused kernel cannot split.
+        compile_now = self._step_layout is None and (self._auto is None or self._auto.compiled)
+        if self._step_layout is not None and self.implementation == "compiled" and not self._warned_sharded_eager:
+            self._warned_sharded_eager = True
+            warnings.warn(
+                "Layca: implementation='compiled' does not apply to sharded (DTensor) layers: their step sums over "
+                "each process's shard, adds the sums of all processes with one all_reduce, then updates each shard, "
+                "and the fused kernel cannot be split around that collective. They take the eager summed step.",
+                stacklevel=4,
+            )
         for idx, eligible in chunks:
             device = self._layers[idx[0]].device
             params = [self._layers[i] for i in idx]
+            locals_ = [local_shard(p.detach()) for p in params]
             row_layer = None
+            # A sharded layer joining at this step gets its initial norm from the step's own sums (NaN until then).
             if self.granularity == "unit":
-                norms = torch.cat([self.initial_unit_norms[i] for i in idx])  # type: ignore[misc]
-                counts = torch.tensor(unit_counts(params), device=device)
+                # This rank's units of each layer (all of them unless the layer's rows are sharded).
+                norms = torch.cat([self._local_unit_norms(i, layout, position[i]) for i in idx])
+                counts = torch.tensor([layout.local_rows[position[i]] for i in idx], device=device)
                 row_layer = torch.repeat_interleave(torch.arange(len(idx), device=device), counts)
             else:
-                norms = torch.tensor([self.initial_norms[i] for i in idx], dtype=torch.float64)
+                norms = torch.tensor([_nan_if_none(self.initial_norms[i]) for i in idx], dtype=torch.float64)
             g = _Group(
                 indices=idx,
                 params=params,
-                previous=[torch.empty_like(p) for p in params],
+                previous=[torch.empty_like(x) for x in locals_],
                 initial_norms=norms.to(device),
                 near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
                 row_layer=row_layer,
-                eligible=eligible,
+                eligible=eligible and self._step_layout is None,
             )
             if eligible and compile_now:
                 self._prepare_compiled(g)
             groups.append(g)
         return groups
+
+    def _local_unit_norms(self, i: int, layout: ShardLayout, position: int) -> torch.Tensor:
+        """The initial norms of the units of layer ``i`` this rank holds (NaN while the layer has not joined)."""
+        norms = self.initial_unit_norms[i]
+        if norms is None:
+            return torch.full((layout.local_rows[position],), math.nan, dtype=torch.float64)
+        start = layout.row_starts[position]
+        return norms[start : start + layout.local_rows[position]]
 
     def _prepare_compiled(self, g: _Group) -> None:
         """The views and per-layer tensors of the compiled step for the layers of ``g`` it can take."""
@@ -626,9 +691,9 @@ class Layca(Optimizer):
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
         if groups is None or any(
-            buf.device != p.device or buf.dtype != p.dtype or buf.shape != p.shape
+            buf.device != x.device or buf.dtype != x.dtype or buf.shape != x.shape
             for g in groups
-            for p, buf in zip(g.params, g.previous, strict=True)
+            for x, buf in zip(self._locals(g), g.previous, strict=True)
         ):
             groups = self._groups = self._build_groups()
         return groups
@@ -644,12 +709,17 @@ class Layca(Optimizer):
         Returns:
             What the closure returned (``None`` without a closure).
         """
+        if closure is None and not self.state and all(float(group["lr"]) == 0 for group in self.param_groups):
+            # Before loading an optimizer state, torch.distributed.checkpoint (``ModelParallelStrategy``'s
+            # checkpoints) creates the wrapped optimizer's state with one step at learning rate 0 from zero
+            # gradients. That is no training step: nothing rotates, nothing is counted, no collective is issued.
+            return self.optimizer.step()
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self.reference_lr = self._default_reference_lr()
         groups = self._groups_for_step()
         for g in groups:
-            torch._foreach_copy_(g.previous, [p.detach() for p in g.params])
+            torch._foreach_copy_(g.previous, self._locals(g))
 
         if closure is None:
             loss = self.optimizer.step()
@@ -676,6 +746,8 @@ class Layca(Optimizer):
                 if g.row_layer is not None:
                     g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
                 g.rates_version = self._rates_version
+            if self._step_layout is not None:
+                continue  # sharded: the summed step below takes every group at once
             if g.compiled and compiled_step_ready(
                 g.near_floor.device, g.params[0].dtype, g.parallel, per_unit=g.row_layer is not None
             ):
@@ -690,11 +762,91 @@ class Layca(Optimizer):
                 self._rotate_eager(g, None)
             if start is not None:  # eligible groups are on CPU: their kernels have finished
                 seconds += time.perf_counter() - start
+        if self._step_layout is not None:
+            self._rotate_sharded(groups, self._step_layout)
         if auto is not None and any(g.eligible for g in groups) and auto.record(seconds):
             self._groups = None  # take the other implementation from the next step on
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
+
+    @staticmethod
+    def _locals(group: _Group) -> list[torch.Tensor]:
+        """The group's layers as this rank holds them (detached local shards of sharded layers)."""
+        return [local_shard(p.detach()) for p in group.params]
+
+    def _rotate_sharded(self, groups: list[_Group], layout: ShardLayout) -> None:
+        """The summed form of the step for sharded layers.
+
+        Local float64 sums of every group, ONE all-reduce for all of them together, then every rank applies the same
+        coefficients to its own shard.
+        """
+        per_unit = self.granularity == "unit"
+        local = [self._locals(g) for g in groups]
+        device = groups[0].near_floor.device
+        if per_unit:  # per unit: each rank's units placed at their global positions, summed over the ranks
+            rows = [
+                step_sums([x], [w], per_unit=True)
+                for xs, g in zip(local, groups, strict=True)
+                for x, w in zip(xs, g.previous, strict=True)
+            ]
+            full = full_sums(layout.scatter_rows([r.to(device) for r in rows]), layout.row_divisors(device))
+            per_layer = layout.local_rows_of(full)
+            sums, start = [], 0
+            for g in groups:
+                sums.append(torch.cat(per_layer[start : start + len(g.indices)]))
+                start += len(g.indices)
+        else:
+            partial = [step_sums(xs, g.previous).to(device) for xs, g in zip(local, groups, strict=True)]
+            full = full_sums(torch.cat(partial), layout.divisors(device))
+            sums = list(full.split([len(g.indices) for g in groups]))
+        if self._joining:
+            self._take_initial_norms(groups, layout, full if per_unit else torch.cat(sums))
+        for g, xs, s in zip(groups, local, sums, strict=True):
+            s = s.to(g.near_floor.device)
+            a, b, c = s.unbind(1)
+            k1, k2, near = coefficients(
+                a, b, c, c, g.rates, g.relative_lrs, g.initial_norms, unit_roundoff(xs[0].dtype)
+            )
+            # On CPU, reading whether every step is finite costs no synchronisation and saves a pass.
+            finite = xs[0].device.type == "cpu" and bool(torch.isfinite(c).all())
+            apply_coefficients(xs, g.previous, k1, k2, per_unit=per_unit, finite=finite)
+            if g.row_layer is not None:
+                near = torch.zeros_like(g.near_floor).index_put_((g.row_layer,), near, accumulate=True)
+            g.near_floor |= near
+
+    def _take_initial_norms(self, groups: list[_Group], layout: ShardLayout, full: torch.Tensor) -> None:
+        """Record the initial norms of the sharded layers that join at this step from the step's full sums.
+
+        Their weights before this step are their initial weights (they were frozen until now), whose squared norms
+        are the sums ``<w, w>`` every rank now holds: no collective of their own.
+
+        Args:
+            groups: The step's groups, their ``initial_norms`` holding NaN for the joining layers.
+            layout: The layout of the groups' layers in order.
+            full: The step's full sums: per layer, or per global unit (``granularity="unit"``), in that order.
+        """
+        order = [i for g in groups for i in g.indices]
+        joining = set(self._joining)
+        per_unit = self.granularity == "unit"
+        weight_sq = full[:, 1].to(device="cpu", dtype=torch.float64)  # one host transfer, once per joining
+        per_layer = weight_sq.split(list(layout.rows)) if per_unit else weight_sq.split(1)
+        for i, values in zip(order, per_layer, strict=True):
+            if i not in joining:
+                continue
+            norm = math.sqrt(float(values.sum()))
+            self._check_initial_norm(i, norm)
+            self.initial_norms[i] = norm
+            if per_unit:
+                self.initial_unit_norms[i] = values.sqrt()
+        self._joining = []
+        positions = {i: k for k, i in enumerate(order)}
+        for g in groups:
+            if per_unit:
+                norms = torch.cat([self._local_unit_norms(i, layout, positions[i]) for i in g.indices])
+            else:
+                norms = torch.tensor([self.initial_norms[i] for i in g.indices], dtype=torch.float64)
+            g.initial_norms.copy_(norms)
 
     def _rotate_eager(self, g: _Group, positions: list[int] | None) -> None:
         """The eager step for the layers of ``g`` at ``positions`` (all of them when ``None``)."""
@@ -833,9 +985,19 @@ class Layca(Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Return the wrapped optimizer's state dict, with Layca's own state added under ``"layca"``."""
+        """Return the wrapped optimizer's state dict, with Layca's own state (:meth:`layca_state`) under ``"layca"``."""
         state = dict(self.optimizer.state_dict())
-        state["layca"] = {
+        state["layca"] = self.layca_state()
+        return state
+
+    def layca_state(self) -> dict[str, Any]:
+        """Return Layca's own state, without the wrapped optimizer's: initial norms, counters, reference lr.
+
+        The same on every process, sharded or not. Checkpointing through ``torch.distributed.checkpoint`` (as
+        ``ModelParallelStrategy`` does) keeps only an optimizer's ``state`` and ``param_groups``, so
+        :class:`~lightning_layca.LaycaCallback` saves this in its own state as well.
+        """
+        return {
             "layer_names": list(self.layer_names),
             "initial_norms": list(self.initial_norms),
             "granularity": self.granularity,
@@ -845,7 +1007,6 @@ class Layca(Optimizer):
             "epoch": self.epoch,
             "rotation_rate": self.rotation_rate,
         }
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state dict from :meth:`state_dict`, or a plain state dict of the wrapped optimizer.
@@ -857,30 +1018,47 @@ class Layca(Optimizer):
         layca = state_dict.pop("layca", None)
         if "base" in state_dict:  # the layout of lightning_layca 0.1
             state_dict = state_dict["base"]
-        if layca is not None and list(layca["layer_names"]) != self.layer_names:
+        if layca is not None:
+            self._check_layca_state(layca)
+        self.optimizer.load_state_dict(state_dict)
+        self.restored_from_plain_state = layca is None
+        if layca is not None:
+            self.load_layca_state(layca)
+        self._controlled_key = None
+        self._schedule_key = object()
+        self._rates = []
+
+    def load_layca_state(self, layca: dict[str, Any]) -> None:
+        """Restore Layca's own state from :meth:`layca_state`, leaving the wrapped optimizer's state as it is.
+
+        Raises:
+            ValueError: When the state was saved for other layers or another granularity.
+        """
+        self._check_layca_state(layca)
+        self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
+        self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
+        if "reference_lr" in layca:
+            self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
+        elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group
+            self.reference_lr = max(float(x) for x in layca["initial_lrs"])
+        self.step_count = int(layca["step_count"])
+        self.epoch = int(layca["epoch"])
+        self.restored_from_plain_state = False
+        self._controlled_key = None
+        self._schedule_key = object()
+        self._rates = []
+
+    def _check_layca_state(self, layca: dict[str, Any]) -> None:
+        if list(layca["layer_names"]) != self.layer_names:
             raise ValueError(
                 "Layca: the state dict was saved for layers "
                 f"{layca['layer_names']!r}, but this optimizer controls {self.layer_names!r}."
             )
-        self.optimizer.load_state_dict(state_dict)
-        self.restored_from_plain_state = layca is None
-        if layca is not None:
-            if layca.get("granularity", "layer") != self.granularity:
-                raise ValueError(
-                    f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
-                    f"this optimizer has granularity={self.granularity!r}."
-                )
-            self.initial_norms = [None if x is None else float(x) for x in layca["initial_norms"]]
-            self.initial_unit_norms = list(layca.get("initial_unit_norms", [None] * len(self.layer_names)))
-            if "reference_lr" in layca:
-                self.reference_lr = None if layca["reference_lr"] is None else float(layca["reference_lr"])
-            elif layca.get("initial_lrs"):  # 0.1 kept one initial lr per group
-                self.reference_lr = max(float(x) for x in layca["initial_lrs"])
-            self.step_count = int(layca["step_count"])
-            self.epoch = int(layca["epoch"])
-        self._controlled_key = None
-        self._schedule_key = object()
-        self._rates = []
+        if layca.get("granularity", "layer") != self.granularity:
+            raise ValueError(
+                f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
+                f"this optimizer has granularity={self.granularity!r}."
+            )
 
     def __repr__(self) -> str:
         return (

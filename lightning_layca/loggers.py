@@ -31,6 +31,7 @@ __all__ = [
     "add_histograms",
     "add_image",
     "add_multiline_layout",
+    "has_tensorboard",
     "is_logging_step",
     "log_directory",
     "log_scalars",
@@ -61,6 +62,11 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         return
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
+
+
+def has_tensorboard(trainer: pl.Trainer) -> bool:
+    """Whether a TensorBoard logger is attached: the same answer on every process (unlike the writers)."""
+    return any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

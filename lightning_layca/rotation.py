@@ -31,8 +31,13 @@ __all__ = [
     "AngleHistogram",
     "accumulation_dtype",
     "angle_histograms",
+    "angles_from_sums",
     "cosine_distances",
+    "distances_from_sums",
+    "float64_sums",
+    "pair_sums",
     "step_rotation",
+    "step_rotation_from_sums",
     "unit_angles",
 ]
 
@@ -201,8 +206,33 @@ def step_rotation(
         sums.append(torch.stack(row_sums).to(device=device, dtype=torch.float64))
         del d
     a, b, c, norm_sq = torch.cat(sums, dim=1).to(device)
+    return _step_tangent(a, b, c), norm_sq.sqrt()
+
+
+def _step_tangent(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``tan`` of a step's angle from ``a = <D, w_before>``, ``b = ||w_before||^2``, ``c = ||D||^2``."""
     tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
-    return tangential * b.sqrt() / (b + a), norm_sq.sqrt()
+    return tangential * b.sqrt() / (b + a)
+
+
+def step_rotation_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step_rotation` from full float64 sums ``(a, b, c)`` per layer (or unit), as sharded layers give them.
+
+    Args:
+        sums: ``(n, 3)``: ``<D, w_before>``, ``||w_before||^2``, ``||D||^2`` with ``D = w - w_before``
+            (:func:`lightning_layca.step.step_sums` of the weights after and before the step).
+
+    Returns:
+        ``tan`` of the angle and the norm after the step (``sqrt(b + 2 a + c)``), per row of ``sums``.
+
+    Example:
+        >>> # from (1, 0) to (1, 1)
+        >>> tan, norm = step_rotation_from_sums(torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64))
+        >>> tan.tolist(), [round(x, 6) for x in norm.tolist()]
+        ([1.0], [1.414214])
+    """
+    a, b, c = sums.unbind(-1)
+    return _step_tangent(a, b, c), (b + 2 * a + c).clamp_min(0.0).sqrt()
 
 
 @dataclass
@@ -278,3 +308,102 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
         )
         for v, (lo, hi, total, squares), edges, bucket_counts in zip(values, stats, limits, host_counts, strict=True)
     ]
+
+
+SUM_BLOCK_ELEMENTS = 2**16
+"""Sums in float64 convert this many elements at a time: 512 KiB of float64 per operand, which stay in the cache for
+the three products (converting whole layers would stream each through memory several times)."""
+
+
+def unit_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(units, -1)``, one row per output unit; an empty shard (``(0, ...)``) keeps its 0 rows."""
+    return x.flatten(1) if x.ndim >= 2 else x.reshape(1, -1)
+
+
+def float64_sums(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    per_unit: bool = False,
+    difference: bool = False,
+) -> torch.Tensor:
+    """Return ``(<u, v>, <u, u>, <v, v>)`` per pair of tensors (or per unit), formed and summed in float64.
+
+    ``u = x`` (``x - y`` with ``difference``) and ``v = y``, converted block by block. Products of float32 (or lower)
+    numbers are exact in float64, and differences are rounded to 53 bits, so sums that are later subtracted from each
+    other (``||D_perp||^2 = <D, D> - <D, w>^2 / <w, w>``) keep the inputs' precision. Sums over parts add up to the
+    sums over the whole, which is how sharded layers are measured (see :func:`lightning_layca.distributed.full_sums`);
+    an empty shard contributes zeros.
+
+    Returns:
+        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device.
+    """
+    out = []
+    for x, y in zip(xs, ys, strict=True):
+        rows_x, rows_y = unit_view(x.detach()), unit_view(y.detach())
+        if not per_unit and rows_x.is_contiguous() and rows_y.is_contiguous():
+            rows_x, rows_y = rows_x.reshape(1, -1), rows_y.reshape(1, -1)
+        sums = rows_x.new_zeros((rows_x.shape[0] if per_unit else 1, 3), dtype=torch.float64)
+        per_block = max(1, SUM_BLOCK_ELEMENTS // max(1, rows_x.shape[1]))
+        for start in range(0, rows_x.shape[0], per_block):
+            for first in range(0, rows_x.shape[1], SUM_BLOCK_ELEMENTS):  # a long row in pieces
+                block = (slice(start, start + per_block), slice(first, first + SUM_BLOCK_ELEMENTS))
+                v = rows_y[block].double()  # the block itself for a float64 tensor: never written to
+                u = rows_x[block].double() - v if difference else rows_x[block].double()
+                if per_unit:
+                    sums[block[0]] += torch.stack([(u * v).sum(1), (u * u).sum(1), (v * v).sum(1)], 1)
+                else:
+                    u, v = u.reshape(-1), v.reshape(-1)
+                    sums[0] += torch.stack([torch.dot(u, v), torch.dot(u, u), torch.dot(v, v)])
+        out.append(sums)
+    return torch.cat(out)
+
+
+def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
+    """Return ``(<x, y>, <x, x>, <y, y>)`` of every pair of tensors (or of every unit), in float64.
+
+    Args:
+        xs: For example each layer's current weights (a rank's local shards).
+        ys: For example their initial weights, same shapes.
+        per_unit: Sums per unit (rows of :func:`unit_view`, all tensors' rows concatenated) rather than per tensor.
+
+    Returns:
+        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device (see :func:`float64_sums`).
+
+    Example:
+        >>> pair_sums([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])]).tolist()
+        [[1.0, 2.0, 1.0]]
+    """
+    return float64_sums(xs, ys, per_unit)
+
+
+def distances_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Cosine distances ``1 - <w, w0> / (||w|| ||w0||)`` from :func:`pair_sums` of ``(w, w0)``.
+
+    NaN where a norm is zero or a sum is not finite, as :func:`cosine_distances`.
+
+    Example:
+        >>> distances_from_sums(torch.tensor([[0.0, 4.0, 1.0]], dtype=torch.float64)).tolist()
+        [1.0]
+    """
+    dot, weight_sq, initial_sq = sums.unbind(-1)
+    norms = (weight_sq * initial_sq).sqrt()
+    measurable = torch.isfinite(sums).all(-1) & (norms > 0) & torch.isfinite(norms)
+    return torch.where(measurable, 1.0 - dot / torch.where(measurable, norms, 1.0), torch.nan)
+
+
+def angles_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Angles in degrees between current and initial weights from per-unit :func:`pair_sums` of ``(w, w0)``.
+
+    ``atan2(||w_perp|| * ||w0||, <w, w0>)`` with ``||w_perp||^2 = <w, w> - <w, w0>^2 / <w0, w0>`` in float64, as
+    :func:`unit_angles`: 0 for a unit whose current or initial weights are all zero, NaN for one with non-finite sums.
+
+    Example:
+        >>> angles_from_sums(torch.tensor([[0.0, 1.0, 1.0], [1.0, 2.0, 1.0]], dtype=torch.float64)).tolist()
+        [90.0, 45.0]
+    """
+    dot, weight_sq, initial_sq = sums.unbind(-1)
+    safe_sq0 = torch.where(initial_sq > 0, initial_sq, 1.0)
+    perpendicular_sq = (weight_sq - dot.square() / safe_sq0).clamp_min(0.0)
+    angles = torch.rad2deg(torch.atan2(perpendicular_sq.sqrt() * safe_sq0.sqrt(), dot))
+    defined = (initial_sq > 0) & (weight_sq > 0)
+    return torch.where(torch.isfinite(sums).all(-1), torch.where(defined, angles, 0.0), torch.nan)

@@ -19,6 +19,8 @@ import fnmatch
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
+from lightning_layca.argument_types import NonNegativeFloat, PositiveInt, SignedOpenUnitInterval
+
 __all__ = ["ByName", "DepthDecay", "EpochSwitch", "LayerWarmup", "RotationSchedule", "Uniform"]
 
 
@@ -88,7 +90,7 @@ class DepthDecay(RotationSchedule):
         [1.0, 0.1768, 0.0312]
     """
 
-    def __init__(self, alpha: float = 0.0) -> None:
+    def __init__(self, alpha: SignedOpenUnitInterval = 0.0) -> None:
         if not (isinstance(alpha, int | float) and math.isfinite(alpha) and -1.0 < alpha < 1.0):
             raise ValueError(f"DepthDecay: `alpha` must be a number in the open interval (-1, 1), got {alpha!r}.")
         self.alpha = float(alpha)
@@ -118,7 +120,7 @@ class ByName(RotationSchedule):
         [1.0, 0.5]
     """
 
-    def __init__(self, patterns: Mapping[str, float], default: float = 1.0) -> None:
+    def __init__(self, patterns: Mapping[str, NonNegativeFloat], default: NonNegativeFloat = 1.0) -> None:
         if not isinstance(patterns, Mapping) or not patterns:
             raise ValueError(
                 f"ByName: `patterns` must be a non-empty mapping of pattern -> multiplier, got {patterns!r}."
@@ -165,7 +167,7 @@ class EpochSwitch(RotationSchedule):
         ([1.0, 0.03125], [1.0, 1.0])
     """
 
-    def __init__(self, schedules: Sequence[RotationSchedule], milestones: Sequence[int]) -> None:
+    def __init__(self, schedules: Sequence[RotationSchedule], milestones: Sequence[PositiveInt]) -> None:
         schedules = list(schedules)
         milestones = list(milestones)
         if not schedules or not all(isinstance(s, RotationSchedule) for s in schedules):
@@ -182,7 +184,7 @@ class EpochSwitch(RotationSchedule):
                 f"EpochSwitch: `milestones` must be strictly increasing positive epochs, got {milestones!r}."
             )
         self.schedules = schedules
-        self.milestones = milestones
+        self.milestones = [int(m) for m in milestones]
 
     def _active(self, epoch: int) -> int:
         return sum(1 for m in self.milestones if epoch >= m)
@@ -217,12 +219,12 @@ class LayerWarmup(RotationSchedule):
         [0.5]
     """
 
-    def __init__(self, warmup_steps: int, schedule: RotationSchedule | None = None) -> None:
+    def __init__(self, warmup_steps: PositiveInt, schedule: RotationSchedule | None = None) -> None:
         if not isinstance(warmup_steps, int) or warmup_steps <= 0:
             raise ValueError(f"LayerWarmup: `warmup_steps` must be a positive integer, got {warmup_steps!r}.")
         if schedule is not None and not isinstance(schedule, RotationSchedule):
             raise ValueError(f"LayerWarmup: `schedule` must be a RotationSchedule, got {schedule!r}.")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.schedule = schedule if schedule is not None else Uniform()
 
     def _factor(self, step: int) -> float:

@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import torch
 
-from lightning_layca.rotation import inner_products
+from lightning_layca.rotation import float64_sums, inner_products, unit_view
 
 __all__ = [
     "NEAR_FLOOR_FACTOR",
     "ROUNDING_FLOOR_FACTOR",
+    "apply_coefficients",
     "coefficients",
     "rotate_eager",
     "rotate_eager_units",
+    "step_sums",
     "unit_counts",
     "unit_roundoff",
     "unit_rows",
@@ -254,3 +256,72 @@ def rotate_eager_units(
         if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
             p.copy_(out.view_as(p))
     return near_floor
+
+
+def step_sums(params: list[torch.Tensor], previous: list[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
+    """Return ``(a, b, c) = (<D, w>, <w, w>, <D, D>)`` of every layer (or unit), accumulated in float64.
+
+    The form of the step that sums over parts: the sums of a layer split over processes are the sums of its parts'
+    sums, so a rank computes them over its local shard and :func:`lightning_layca.distributed.full_sums` adds the
+    ranks' parts. ``D = p - w`` is formed in float64, where the products of float32 (or lower) numbers are exact, so
+    ``||D_perp||^2 = c - a^2 / b`` keeps the parameters' precision even for a mostly radial step. An empty shard
+    contributes zeros. Large layers are converted in blocks of bounded size.
+
+    Args:
+        params: The layers (detached local shards), holding ``w + D``.
+        previous: Their weights before the base step.
+        per_unit: Sums per unit (rows of every layer seen as ``(units, -1)``, concatenated) rather than per layer.
+
+    Returns:
+        ``(layers, 3)`` or ``(units, 3)``, float64, on the layers' device.
+
+    Example:
+        >>> w = torch.tensor([[3.0, 4.0]])
+        >>> step_sums([w + torch.tensor([[0.0, 1.0]])], [w]).tolist()
+        [[4.0, 25.0, 1.0]]
+    """
+    return float64_sums(params, previous, per_unit, difference=True)[:, [0, 2, 1]]
+
+
+def apply_coefficients(
+    params: list[torch.Tensor],
+    previous: list[torch.Tensor],
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    per_unit: bool = False,
+    finite: bool = False,
+) -> None:
+    """Write ``p = k1 * w + k2 * D`` (``D = p - w``) into every layer, in place: the update of the summed form.
+
+    A layer (unit) that does not move (``k2 = 0``, ``k1 = 1``) ends exactly at ``w``: a non-finite step is replaced
+    by zeros before it is multiplied. Float16/bfloat16 layers are computed in float32 and rounded once.
+
+    Args:
+        params: The layers (detached local shards), holding ``w + D``; overwritten.
+        previous: Their weights before the base step.
+        k1: Per layer (or per unit, rows concatenated), float64.
+        k2: Likewise.
+        per_unit: Whether ``k1``, ``k2`` hold one entry per unit.
+        finite: Whether every step is known to be finite (the sums ``<D, D>`` are), which saves a pass.
+    """
+    dtype = params[0].dtype
+    if not per_unit and dtype not in _LOW_PRECISION:  # multi-tensor ops, per-layer scalars kept on the device
+        torch._foreach_sub_(params, previous)  # params now hold D
+        if not finite:
+            for d in params:
+                torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+        torch._foreach_mul_(params, _as_scalars(k2, dtype))
+        torch._foreach_addcmul_(params, previous, _as_scalars(k1, dtype))
+        return
+    compute = torch.float32 if dtype in _LOW_PRECISION else dtype
+    counts = [unit_view(p).shape[0] for p in params] if per_unit else [1] * len(params)
+    for p, w, c1, c2 in zip(params, previous, k1.to(compute).split(counts), k2.to(compute).split(counts), strict=True):
+        rows_p = unit_view(p)
+        if rows_p.numel() == 0:
+            continue
+        step = rows_p.to(compute).sub_(unit_view(w).to(compute))
+        if not finite:
+            torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0)
+        out = step.mul_(c2.unsqueeze(1)).addcmul_(unit_view(w).to(compute), c1.unsqueeze(1))
+        if out.data_ptr() != p.data_ptr() or out.dtype != p.dtype:  # a copy (low precision, or no view possible)
+            p.copy_(out.view_as(p))

@@ -77,7 +77,7 @@ class RotationNet(L.LightningModule):
         torch.manual_seed(seed)
         features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU())
         self.net = nn.ModuleDict({"features": features, "head": nn.Linear(8, 3)})
-        self.built_checksum = float(sum(p.double().sum() for p in self.net.parameters()))
+        self.built_checksum = float(sum(p.detach().double().sum() for p in self.net.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.net is not None
@@ -111,7 +111,7 @@ def layer_params(pl_module: L.LightningModule) -> list[torch.Tensor]:
 
 def angle(w: torch.Tensor, w0: torch.Tensor) -> float:
     """Angle in radians between two tensors seen as vectors, in float64."""
-    a, b = w.double().flatten(), w0.double().flatten()
+    a, b = w.detach().double().flatten(), w0.detach().double().flatten()
     return float(torch.arccos(torch.clamp(torch.dot(a, b) / (a.norm() * b.norm()), -1.0, 1.0)))
 
 
@@ -206,7 +206,7 @@ class DDPProbe(Callback):
         for opt in laycas:
             opt.step = self._counting_step(opt.step)  # type: ignore[method-assign]
         self._initial_norms = [
-            float(w0.double().norm()) for w0 in self.rotation_callback(trainer).state_dict()["initial"]
+            float(w0.detach().double().norm()) for w0 in self.rotation_callback(trainer).state_dict()["initial"]
         ]
 
     def _counting_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
@@ -244,7 +244,7 @@ class DDPProbe(Callback):
             after = layer_params(pl_module)
             self.step_angles.append([angle(w, w0) for w, w0 in zip(after, self._before_step, strict=True)])
             self.norm_ratios.append(
-                [float(w.double().norm()) / n0 for w, n0 in zip(after, self._initial_norms, strict=True)]
+                [float(w.detach().double().norm()) / n0 for w, n0 in zip(after, self._initial_norms, strict=True)]
             )
         self.trace.append(("batch_end", batch_idx, collective_count()))
 

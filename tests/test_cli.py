@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import lightning_layca as ll
 from examples.cifar10_vgg import CIFAR10VGG, CIFAR10DataModule
-from examples.cli import main
+from examples.cli import condense_parse_error, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -52,11 +52,11 @@ def instantiate(*args: str) -> Any:
     return main(list(args), run=False)
 
 
-def scalar_tags(log_dir: Path) -> list[str]:
+def event_tags(log_dir: Path, kinds: tuple[str, ...] = ("scalars",)) -> list[str]:
     (events,) = log_dir.glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
-    return list(accumulator.Tags()["scalars"])
+    return [tag for kind in kinds for tag in accumulator.Tags()[kind]]
 
 
 @pytest.mark.parametrize("config", sorted(SMALL_DATA))
@@ -67,9 +67,14 @@ def test_documented_config_trains_and_logs_rotation_next_to_accuracy(
 
     assert cli.trainer.global_step == 2
     log_dir = Path(cli.trainer.log_dir)
-    tags = scalar_tags(log_dir)
-    for tag in ("layer_rotation/net.conv1", "layer_rotation/net.fc", "train/acc", "val/acc"):
+    tags = event_tags(log_dir)
+    for tag in ("Layer_rotation/net.conv1", "Layer_rotation/net.fc", "train/acc", "val/acc"):
         assert tag in tags, f"{tag} missing from {tags}"
+    # TensorBoard's first screen (Time Series) lists the tag groups, the part before "/", in code-point order and
+    # opens the first two: here the per-layer rotation and the paper's figure, not `epoch` or a placeholder metric.
+    groups = sorted({tag.split("/")[0] for tag in event_tags(log_dir, ("scalars", "images", "histograms"))})
+    assert groups[:3] == ["Layer_rotation", "Layer_rotation_curves", "Layer_rotation_summary"], groups
+    assert "hp_metric" not in groups
     assert (log_dir / "layer_rotation_curves.png").stat().st_size > 0
     assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out
 
@@ -193,18 +198,59 @@ def test_callbacks_are_configurable_from_the_command_line(tmp_path: Path) -> Non
     assert type(monitor) is ll.LayerRotationMonitor and monitor.log_every_n_steps == 5
 
 
+MAX_ERROR_LINES = 15
+"""A configuration mistake fits on one screen: usage, tip and the error, with the path to the bad value."""
+
+
+def parse_error(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the examples' CLI on ``args``, expect a parse error (exit code 2) that created nothing; return stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "mnist1d_layca.yaml"), *args, *tiny_fit_args(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) <= MAX_ERROR_LINES, err
+    assert not list(tmp_path.glob("mnist1d_layca")), "nothing may be written before the configuration is valid"
+    return err
+
+
+def callback_file(tmp_path: Path, init_args: dict[str, Any]) -> list[str]:
+    """``--config`` arguments of a file that gives the demo's LaycaCallback ``init_args``."""
+    bad = tmp_path / "bad.yaml"
+    callback = {"class_path": "lightning_layca.LaycaCallback", "init_args": init_args}
+    bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    return ["--config", str(bad)]
+
+
+def test_a_bad_alpha_in_yaml_is_a_four_line_parse_error_naming_alpha_and_its_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schedule = {"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": 1.5}}
+    err = parse_error(callback_file(tmp_path, {"schedule": schedule}), tmp_path, capsys)
+    assert err.splitlines() == [
+        "usage: python -m examples.cli [options] fit --config FILE [--KEY=VALUE ...]",
+        "tip: For details of accepted options run: python -m examples.cli fit --help",
+        'error: Parser key "trainer.callbacks" > lightning_layca.LaycaCallback > "schedule" > '
+        'lightning_layca.DepthDecay > "alpha":',
+        "  Not of type SignedOpenUnitInterval: 1.5 is not in the open interval (-1, 1)",
+    ]
+
+
 @pytest.mark.parametrize(
     ("init_args", "message"),
     [
-        ({"rotation_rate": "fast"}, r'Parser key "rotation_rate":.*Literal\[.equilibrium.\].*fast'),
+        (
+            {"rotation_rate": "fast"},
+            r"\"rotation_rate\":.*Not of type RotationRate: could not convert .*'fast'.*Literal\[.equilibrium.\]",
+        ),
         ({"rotaton_rate": 0.1}, r"Option 'rotaton_rate' is not accepted"),
         (
             {"schedule": {"class_path": "lightning_layca.DepthDecy", "init_args": {"alpha": 0.5}}},
-            r"'lightning_layca.DepthDecy'.*has no attribute 'DepthDecy'",
+            r"lightning_layca.DepthDecy:\s+module 'lightning_layca' has no attribute 'DepthDecy'",
         ),
         (
             {"schedule": {"class_path": "lightning_layca.DepthDecay", "init_args": {"alpha": "high"}}},
-            r'Parser key "alpha":\s+Expected a <class \'float\'>. Got value: high',
+            r"\"alpha\":\s+Not of type SignedOpenUnitInterval: could not convert .*'high'",
         ),
     ],
     ids=["wrong-type", "misspelled-argument", "unknown-schedule", "wrong-schedule-argument-type"],
@@ -212,31 +258,100 @@ def test_callbacks_are_configurable_from_the_command_line(tmp_path: Path) -> Non
 def test_configuration_mistakes_are_rejected_by_the_parser_before_training(
     init_args: dict[str, Any], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bad = tmp_path / "bad.yaml"
-    callback = {"class_path": "lightning_layca.LaycaCallback", "init_args": init_args}
-    bad.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIGS / "mnist1d_layca.yaml"), "--config", str(bad), *tiny_fit_args(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
+    err = parse_error(callback_file(tmp_path, init_args), tmp_path, capsys)
     assert re.search(r"error: Parser key \"trainer.callbacks\"", err)
     assert re.search(message, err, flags=re.DOTALL), err
-    assert not list(tmp_path.glob("mnist1d_layca")), "nothing may be written before the configuration is valid"
 
 
-def test_an_out_of_range_value_is_rejected_when_the_callback_is_built_before_training(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"`rotation_rate` must be a number in \(0, 1000\].*got -0\.1"):
+@pytest.mark.parametrize(
+    ("option", "key", "accepted"),
+    [
+        ("--trainer.callbacks.rotation_rate=-0.1", "rotation_rate", "is not in (0, 1000]"),
+        ("--trainer.callbacks.rotation_rate=1001", "rotation_rate", "is not in (0, 1000]"),
+        ("--trainer.callbacks.schedule.alpha=-1", "alpha", "-1 is not in the open interval (-1, 1)"),
+        ("--trainer.callbacks.reference_lr=0", "reference_lr", "does not conform to restriction v>0"),
+        ("--trainer.callbacks.log_every_n_steps=0", "log_every_n_steps", "does not conform to restriction v>0"),
+        ("--trainer.callbacks.every_n_epochs=0", "every_n_epochs", "0 does not conform to restriction v>0"),
+        (
+            "--trainer.callbacks.histogram_bins=2.5",
+            "histogram_bins",
+            "Not of type PositiveInt: invalid literal for int()",
+        ),
+        ("--trainer.callbacks.optimizers=-1", "optimizers", "does not conform to restriction v>=0"),
+    ],
+    ids=[
+        "rotation_rate-negative",
+        "rotation_rate-too-large",
+        "alpha",
+        "reference_lr",
+        "log_every_n_steps",
+        "every_n_epochs",
+        "histogram_bins",
+        "optimizers",
+    ],
+)
+def test_out_of_range_numbers_are_parse_errors_that_name_the_argument_and_the_range(
+    option: str, key: str, accepted: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = parse_error([option], tmp_path, capsys)
+    assert f'> "{key}":' in err.splitlines()[2], err
+    assert accepted in err, err
+
+
+@pytest.mark.parametrize(
+    ("schedule", "key", "accepted"),
+    [
+        ({"class_path": "lightning_layca.LayerWarmup", "init_args": {"warmup_steps": 0}}, "warmup_steps", "v>0"),
+        ({"class_path": "lightning_layca.ByName", "init_args": {"patterns": {"net.fc*": -2.0}}}, "patterns", "v>=0"),
+        (
+            {"class_path": "lightning_layca.ByName", "init_args": {"patterns": {"a": 1}, "default": -1}},
+            "default",
+            "v>=0",
+        ),
+        (
+            {
+                "class_path": "lightning_layca.EpochSwitch",
+                "init_args": {"schedules": [{"class_path": "lightning_layca.Uniform"}] * 2, "milestones": [0]},
+            },
+            "milestones",
+            "0 does not conform to restriction v>0",
+        ),
+    ],
+    ids=["warmup_steps", "ByName-multiplier", "ByName-default", "milestones"],
+)
+def test_out_of_range_schedule_arguments_are_parse_errors(
+    schedule: dict[str, Any], key: str, accepted: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = parse_error(callback_file(tmp_path, {"schedule": schedule}), tmp_path, capsys)
+    assert f'> "{key}":' in err.splitlines()[2], err
+    assert accepted in err, err
+
+
+def test_an_include_pattern_that_matches_nothing_stops_the_cli_before_the_logger_writes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"`include` pattern 'net.conv9\*' matches no parameter"):
         main(
             [
                 "fit",
                 "--config",
                 str(CONFIGS / "mnist1d_layca.yaml"),
-                "--trainer.callbacks.rotation_rate=-0.1",
+                "--trainer.callbacks.include=net.conv9*",
                 *tiny_fit_args(tmp_path),
             ]
         )
-    assert not list(tmp_path.glob("mnist1d_layca"))
+    assert not list(tmp_path.iterdir()), "no version folder: TensorBoard would list it as an empty run"
+
+
+def test_an_unrelated_parse_error_is_reported_as_jsonargparse_wrote_it() -> None:
+    tied = """Parser key "trainer.callbacks":
+  Errors:
+    - Problem with given class_path 'a.A':
+        Option 'x' is not accepted
+    - Problem with given class_path 'b.B':
+        Option 'x' is not accepted"""
+    assert condense_parse_error(tied) == tied
+    assert condense_parse_error('Parser key "seed_everything":\n  Expected an int') == (
+        'Parser key "seed_everything":\n  Expected an int'
+    )
 
 
 def test_without_matplotlib_the_run_trains_and_names_the_extra_that_draws_the_figure(

@@ -294,12 +294,12 @@ def test_ddp_logs_the_tags_and_rotation_of_one_process_on_the_same_global_batch(
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     for kind in ("scalars", "histograms", "images", "tensors"):
         assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
-    rotation, expected = _scalars(events, "layer_rotation"), _scalars(reference, "layer_rotation")
-    assert {"layer_rotation/net.head", "layer_rotation_summary/mean"} <= expected.keys()
+    rotation, expected = _scalars(events, "Layer_rotation"), _scalars(reference, "Layer_rotation")
+    assert {"Layer_rotation/net.head", "Layer_rotation_summary/mean"} <= expected.keys()
     for tag, points in expected.items():
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
         assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
-    assert max(v for _, v in expected["layer_rotation_summary/max"]) > 100 * ROTATION_TOL  # the layers did turn
+    assert max(v for _, v in expected["Layer_rotation_summary/max"]) > 100 * ROTATION_TOL  # the layers did turn
     rates, expected_rates = _scalars(events, "layca/rate"), _scalars(reference, "layca/rate")
     assert rates.keys() == expected_rates.keys()
     for tag, points in expected_rates.items():
@@ -328,8 +328,8 @@ def test_resumed_ddp_run_continues_the_uninterrupted_one(layca_resumed: Run, lay
             assert [v for _, v in resumed[key][layer]] == pytest.approx([v for _, v in points], abs=RESUME_TOL)
     # What the resumed run logged is the second half of the uninterrupted run's curves.
     logged, full = (
-        _scalars(layca_resumed.events(), "layer_rotation/"),
-        _scalars(layca_spawn.events(), "layer_rotation/"),
+        _scalars(layca_resumed.events(), "Layer_rotation/"),
+        _scalars(layca_spawn.events(), "Layer_rotation/"),
     )
     for tag, points in full.items():
         second_half = points[STEPS["layca_resumed"] :]

@@ -5,8 +5,9 @@
 * ```yaml blocks are LightningCLI configs of the examples: a complete one (with ``model:``) is instantiated, one with
   a ``LaycaCallback`` is also fitted for two batches on a small data set so its schedule meets the real layers; a
   fragment is layered on top of the demo config;
-* ```bash blocks may only hold commands this file knows how to check: ``python -m examples.cli`` lines are parsed
-  by the CLI (``--print_config``), ``pip install`` extras must exist, ``make`` targets must exist.
+* ```bash blocks, the README's included, may only hold commands this file knows how to check: ``python -m
+  examples.cli`` lines are parsed by the CLI (``--print_config``), ``pip install`` extras must exist, ``make`` targets
+  and variables must exist; the Configuration page's own-model script (``python train.py``) trains from its YAML file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+README = ROOT / "README.md"
 DEMO_CONFIG = ROOT / "examples" / "configs" / "mnist1d_layca.yaml"
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
@@ -66,10 +68,10 @@ def pages_with(lang: str) -> list[Any]:
     return [pytest.param(page, id=page.stem) for page in sorted(DOCS.glob("*.md")) if blocks(page, lang)]
 
 
-def indexed_blocks(lang: str) -> list[Any]:
+def indexed_blocks(lang: str, extra_pages: tuple[Path, ...] = ()) -> list[Any]:
     return [
         pytest.param(page, i, id=f"{page.stem}-{i}")
-        for page in sorted(DOCS.glob("*.md"))
+        for page in [*sorted(DOCS.glob("*.md")), *extra_pages]
         for i, _ in enumerate(blocks(page, lang))
     ]
 
@@ -130,6 +132,9 @@ def test_yaml_snippets_are_valid_cli_configs(
     text = blocks(page, "yaml")[index]
     config = yaml.safe_load(text)
     assert isinstance(config, dict) and config, "a YAML snippet must be a mapping"
+    if isinstance(config.get("model"), dict) and "class_path" not in config["model"]:
+        assert "LightningCLI(MyModel, MyData)" in page.read_text()  # the own-model script's file: trained below
+        return
     path = tmp_path / "snippet.yaml"
     path.write_text(text)
     monkeypatch.chdir(tmp_path)
@@ -174,10 +179,17 @@ def check_cli_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> st
 
 
 def check_pip_command(argv: list[str]) -> None:
-    extras = importlib.metadata.metadata("lightning-layca").get_all("Provides-Extra") or []
+    metadata = importlib.metadata.metadata("lightning-layca")
+    extras = metadata.get_all("Provides-Extra") or []
     assert argv[:2] == ["pip", "install"], argv
     for arg in argv[2:]:
         if arg.startswith("-"):
+            continue
+        if arg == "build":  # the wheel builder, which the test extra installs too
+            assert any(r.startswith("build") for r in metadata.get_all("Requires-Dist") or []), "add it to `test`"
+            continue
+        if arg.startswith("dist/"):  # the wheel `python -m build` writes (tests/test_distribution.py builds it)
+            assert arg == f"dist/lightning_layca-{metadata['Version']}-py3-none-any.whl", arg
             continue
         match = re.fullmatch(r"(?:\.|lightning-layca)(?:\[(?P<extras>[\w,]+)\])?", arg)
         assert match, f"unexpected install target {arg!r}"
@@ -186,13 +198,19 @@ def check_pip_command(argv: list[str]) -> None:
 
 
 def check_make_command(argv: list[str]) -> None:
-    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
+    variables = set(re.findall(r"^(\w+) \??:?=", makefile, re.MULTILINE))
+    variables |= set(re.findall(r"\$\(origin (\w+)\)", makefile))
     for target in argv[1:]:
-        if "=" not in target:
+        if "=" in target:
+            name = target.split("=", 1)[0]
+            assert name in variables, f"make {target}: the Makefile's variables are {sorted(variables)}"
+        else:
             assert target in targets, f"make {target}: the Makefile has {sorted(targets)}"
 
 
-@pytest.mark.parametrize(("page", "index"), indexed_blocks("bash"))
+@pytest.mark.parametrize(("page", "index"), indexed_blocks("bash", extra_pages=(README,)))
 def test_shell_snippets_are_commands_that_work(
     page: Path, index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -201,7 +219,7 @@ def test_shell_snippets_are_commands_that_work(
     commands = bash_commands(blocks(page, "bash")[index])
     assert commands
     for command in commands:
-        argv = shlex.split(command)
+        argv = shlex.split(command, comments=True)
         if argv[:3] == ["python", "-m", "examples.cli"]:
             monkeypatch.chdir(ROOT)  # the examples' configs are given relative to the repository root
             printed = check_cli_command(argv[3:], capsys)
@@ -213,8 +231,14 @@ def test_shell_snippets_are_commands_that_work(
             check_pip_command(argv)
         elif argv[0] == "make":
             check_make_command(argv)
-        elif argv[0] == "tensorboard":
-            assert argv[1] == "--logdir" and len(argv) == 3, command
+        elif argv[0] in ("tensorboard", ".venv/bin/tensorboard"):
+            # The examples' environment has it: `make demo` creates `.venv`, the Makefile serves logs/ the same way.
+            assert argv[1:] == ["--logdir", "logs"], command
+            assert "$(BIN)/tensorboard --logdir $(LOGDIR)" in (ROOT / "Makefile").read_text()
+        elif argv == ["python", "-m", "build"]:
+            assert (ROOT / "pyproject.toml").is_file()  # tests/test_distribution.py runs it
+        elif argv[:2] == ["python", "train.py"]:
+            assert "LightningCLI(MyModel, MyData)" in page.read_text()  # trained by test_own_model_script_...
         elif argv[:2] == ["python", "docs/take_screenshots.py"]:
             assert (ROOT / argv[1]).is_file()
         elif argv[0] == "mkdocs":
@@ -229,3 +253,32 @@ def test_the_api_reference_documents_every_public_name() -> None:
     documented = set(re.findall(r"^::: lightning_layca\.(\w+)$", (DOCS / "api.md").read_text(), re.MULTILINE))
     public = {name for name in lightning_layca.__all__ if not name.startswith("__")}
     assert public - documented == set(), "add them to docs/api.md"
+
+
+def test_own_model_script_trains_from_its_yaml_file_as_printed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    page = DOCS / "cli.md"
+    kinds = fences(page)
+    (script_index,) = [i for i, (lang, text) in enumerate(kinds) if "LightningCLI(MyModel, MyData)" in text]
+    (_, script), (yaml_lang, config), (bash_lang, command) = kinds[script_index : script_index + 3]
+    assert (yaml_lang, bash_lang) == ("yaml", "bash")
+    (tmp_path / "train.py").write_text(script)
+    (tmp_path / "train.yaml").write_text(config)
+    argv = shlex.split(bash_commands(command)[0])
+    assert argv == ["python", "train.py", "fit", "--config", "train.yaml"]
+    quick = ["--trainer.max_steps=4", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    result = subprocess.run(
+        [sys.executable, *argv[1:], *quick], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "will be overridden" not in result.stderr, "without `optimizer:` the model's configure_optimizers is used"
+    (events,) = (tmp_path / "logs" / "my_model" / "version_0").glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert {"Layer_rotation/net.0", "Layer_rotation/net.2", "layca/rate/net.0", "train/loss"} <= set(tags), tags
+    assert "hp_metric" not in tags

@@ -73,7 +73,7 @@ def test_wraps_the_optimizer_keeps_the_scheduler_and_logs_rates(tmp_path: Path) 
     assert [t for t in scalars if t.startswith("lr-")] == ["lr-SGD"]  # the learning rate is logged once
     # Lightning stepped the wrapper: after the first step every layer turned by exactly atan(rho).
     for layer in LAYERS:
-        first = events.Scalars(f"layer_rotation/{layer}")[0]
+        first = events.Scalars(f"Layer_rotation/{layer}")[0]
         assert (first.step, first.value) == (0, pytest.approx(ONE_STEP, abs=1e-6))
     # The rate follows the relative learning rate: rho in epoch 0, rho / 2 in epoch 1, on every logging step.
     for layer in LAYERS:
@@ -158,15 +158,15 @@ def test_bfloat16_mixed_precision_trains_with_layca(tmp_path: Path) -> None:
 def rotation_rows(log_dir: str) -> dict[int, dict[str, float]]:
     with open(Path(log_dir) / "metrics.csv") as f:
         return {
-            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("layer_rotation/") and v}
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("Layer_rotation/") and v}
             for r in csv.DictReader(f)
-            if r.get("layer_rotation/head")
+            if r.get("Layer_rotation/head")
         }
 
 
 def test_resuming_from_a_checkpoint_is_bit_identical_to_training_straight(tmp_path: Path) -> None:
     def run(root: Path, max_epochs: int, ckpt_path: str | None = None) -> tuple[Any, ...]:
-        callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=3, figure=False)
+        callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False)
         checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
         csv_logger = CSVLogger(root, name="csv")
         trainer = make_trainer(
@@ -275,7 +275,7 @@ def test_rates_are_logged_on_the_rotation_logging_steps_as_the_rate_of_the_step_
     make_trainer(tmp_path, logger=tb, callbacks=[callback], max_epochs=2).fit(PerStepDecay(), loader())
     events = read_events(Path(tb.log_dir))
     for layer in LAYERS:
-        rotation_steps = [e.step for e in events.Scalars(f"layer_rotation/{layer}")]
+        rotation_steps = [e.step for e in events.Scalars(f"Layer_rotation/{layer}")]
         assert rotation_steps == [2, 5, 8, 11, 14]
         rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
         # Optimizer step s (counted from 0) runs after s scheduler steps: its rate is rho / (1 + s / 4).

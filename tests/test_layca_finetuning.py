@@ -70,7 +70,7 @@ class StepSpy(L.Callback):
             w, w0 = params[name].detach().double().flatten(), self.before[name].flatten()
             across = torch.linalg.vector_norm(w - torch.dot(w, w0) / torch.dot(w0, w0) * w0)
             turned = math.atan2(float(across) * float(w0.norm()), float(torch.dot(w, w0)))
-            record[name] = (turned, float(w.norm()), self.rates.get(name, 0.0))
+            record[name] = (turned, float(w.detach().norm()), self.rates.get(name, 0.0))
         self.records.append(record)
 
 

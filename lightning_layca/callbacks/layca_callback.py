@@ -25,8 +25,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
+from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.compiled_step import Implementation
+from lightning_layca.distributed import local_shard
 from lightning_layca.layca import (
     DEFAULT_ROTATION_RATE,
     Layca,
@@ -75,8 +77,8 @@ class LaycaCallback(LayerRotationMonitor):
 
     Raises:
         ValueError: For a bad argument (at construction).
-        MisconfigurationException: When ``optimizers`` names an optimizer that does not exist, or the strategy shards
-            weights (FSDP, DeepSpeed).
+        MisconfigurationException: When ``optimizers`` names an optimizer that does not exist, or for FSDP1
+            (``FSDPStrategy``) and DeepSpeed (``ModelParallelStrategy``, FSDP2, is supported).
 
     Example:
         >>> import lightning as L
@@ -87,19 +89,19 @@ class LaycaCallback(LayerRotationMonitor):
 
     def __init__(
         self,
-        rotation_rate: float | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
+        rotation_rate: RotationRate | Literal["equilibrium"] = DEFAULT_ROTATION_RATE,
         schedule: RotationSchedule | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
-        optimizers: int | Sequence[int] | None = None,
+        optimizers: NonNegativeInt | Sequence[NonNegativeInt] | None = None,
         log_rates: bool = True,
-        log_every_n_steps: int | None = None,
-        reference_lr: float | None = None,
+        log_every_n_steps: PositiveInt | None = None,
+        reference_lr: PositiveFloat | None = None,
         granularity: Literal["layer", "unit"] = "layer",
         *,
-        every_n_epochs: int = 1,
+        every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
-        histogram_bins: int = 30,
+        histogram_bins: PositiveInt = 30,
         figure: bool = True,
         implementation: Implementation = "auto",
     ) -> None:
@@ -132,7 +134,7 @@ class LaycaCallback(LayerRotationMonitor):
             rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
         )
         self.schedule = schedule
-        self.optimizer_indices: list[int] | None = None if indices is None else sorted(set(indices))
+        self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
         self.log_rates = bool(log_rates)
         if reference_lr is not None and (
             isinstance(reference_lr, bool)
@@ -150,6 +152,7 @@ class LaycaCallback(LayerRotationMonitor):
         self._pre_step_counts: dict[int, int] = {}
         self.last_rates: dict[str, float] = {}
         self._step_rates: dict[str, float] = {}  # rates of the optimizer step(s) of the current logging batch
+        self._restored_laycas: dict[int, dict[str, Any]] = {}  # Layca states of a checkpoint, until they are applied
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -210,7 +213,7 @@ class LaycaCallback(LayerRotationMonitor):
         self._pre_step_counts = {index: layca.step_count for index, layca in self.laycas.items()}
         controlled = {name for layca in self.laycas.values() for name in layca.controlled_layer_names}
         return {
-            name: p.detach().clone()
+            name: local_shard(p.detach()).clone()
             for name, p in zip(self.layer_names, self._layers, strict=True)
             if name not in controlled
         }
@@ -223,13 +226,35 @@ class LaycaCallback(LayerRotationMonitor):
                 weights.update(layca.weights_before_last_step())
             else:  # the step was skipped (a GradScaler found inf gradients): the layers did not move
                 params = dict(zip(self.layer_names, self._layers, strict=True))
-                weights.update({n: params[n].detach() for n in layca.controlled_layer_names if n in params})
+                weights.update(
+                    {n: local_shard(params[n].detach()) for n in layca.controlled_layer_names if n in params}
+                )
         return weights
 
     @override
     def _state_key_fields(self) -> dict[str, Any]:
         # The wrapped optimizers tell two LaycaCallbacks apart; two on the same optimizer would wrap it twice.
         return {} if self.optimizer_indices is None else {"optimizers": self.optimizer_indices}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        # Also in the optimizer's state dict; but checkpoints written through torch.distributed.checkpoint
+        # (`ModelParallelStrategy`) keep only the wrapped optimizer's `state` and `param_groups`.
+        state["laycas"] = {index: layca.layca_state() for index, layca in self.laycas.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restored = {int(index): layca for index, layca in state_dict.get("laycas", {}).items()}
+        if self._bound_module is None:  # before the fit starts (DDP): applied when the optimizers are wrapped
+            self._restored_laycas = restored
+            return
+        # During the fit (`ModelParallelStrategy` restores callbacks after `on_fit_start`): the wrappers exist.
+        for index, layca in self.laycas.items():
+            if index in restored:
+                layca.load_layca_state(restored[index])
 
     # ------------------------------------------------------------------ wrapping
     def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -288,6 +313,10 @@ class LaycaCallback(LayerRotationMonitor):
                 layca.step_count = earlier.step_count
             optimizers[i] = layca
             self.laycas[i] = layca
+        for i, layca in self.laycas.items():  # a checkpoint's state wins over what an earlier fit left
+            if i in self._restored_laycas:
+                layca.load_layca_state(self._restored_laycas[i])
+        self._restored_laycas = {}
         trainer.strategy.optimizers = optimizers
 
 

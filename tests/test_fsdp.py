@@ -1,0 +1,435 @@
+"""The rotation callbacks under sharded training: ``ModelParallelStrategy`` (FSDP2, tensor parallel), CPU over gloo.
+
+Each fixture runs one fit as a script (``python -m tests.fsdp_helpers``; Lightning relaunches it for every other rank)
+with :class:`tests.fsdp_helpers.ShardedProbe`, which records every rank's view to a file; the tests compare those
+views across ranks and with a one-process fit of the same network on the same global batches. Every layer is
+sharded; the head has one row, so its shard on data-parallel rank 1 is empty.
+
+Runs (16 optimizer steps of SGD with momentum, ``log_every_n_steps=2``, unless stated):
+
+* ``layca``: ``LaycaCallback``, data-parallel 2; after epoch 0 it saves a distributed checkpoint and a single file;
+* ``layca_resumed_dcp`` / ``layca_resumed_file``: resumed from each of them, from other initial weights (8 steps);
+* ``monitor_adamw``: ``LayerRotationMonitor`` alone, AdamW, data-parallel 2;
+* ``layca_tp``: tensor-parallel 2 (one layer's rows split, one layer's columns split, the rest replicated);
+* ``layca_units_2x2``: data-parallel 2 x tensor-parallel 2 (4 processes), ``granularity="unit"``;
+* ``*_single``: one process, no sharding: the references.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+from lightning_layca import LaycaCallback, LayerRotationMonitor
+from lightning_layca.callbacks.monitor import FIGURE_FILENAME
+from lightning_layca.distributed import MULTI_GPU_DOCS, check_strategy, full_sums, shard_layout
+from lightning_layca.step import (
+    apply_coefficients,
+    coefficients,
+    rotate_eager,
+    rotate_eager_units,
+    step_sums,
+    unit_roundoff,
+)
+from tests.ddp_helpers import read_events
+from tests.fsdp_helpers import LAYERS, LOG_EVERY, ROTATION_RATE, fit_single
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+WEIGHT_TOL = 1e-5  # relative, sharded fit against one process: only summation orders differ
+NORM_TOL = 1e-6  # relative, a full layer's norm against its initial norm
+ANGLE_TOL = 1e-6  # radians, a full layer's angle per step against atan(rho) ~ 0.037
+ROTATION_TOL = 1e-5  # cosine distance, logged by a sharded fit against one process
+
+SHARDED_LAYCA_RUNS = ["layca", "layca_tp", "layca_units_2x2"]
+LAYCA_RUNS = [*SHARDED_LAYCA_RUNS, "layca_resumed_dcp", "layca_resumed_file"]
+ALL_RUNS = [*LAYCA_RUNS, "monitor_adamw"]
+STEPS = dict.fromkeys(ALL_RUNS, 16) | {"layca_resumed_dcp": 8, "layca_resumed_file": 8}
+REFERENCE = dict.fromkeys(ALL_RUNS, "layca_single") | {
+    "monitor_adamw": "monitor_single",
+    "layca_units_2x2": "layca_units_single",
+}
+
+
+@dataclass
+class Run:
+    root: Path
+    ranks: list[dict[str, Any]]
+
+    def events(self) -> Any:
+        (log_dir,) = (self.root / "logs").iterdir()
+        return read_events(log_dir)
+
+
+def _load_run(root: Path) -> Run:
+    files = sorted((root / "probe").glob("rank*.pt"))
+    ranks = [torch.load(f, weights_only=False) for f in files]
+    assert [f.name for f in files] == [f"rank{r}.pt" for r in range(ranks[0]["world_size"])]
+    return Run(root, ranks)
+
+
+def _launch(root: Path, run: str, resume: Path | None = None) -> Run:
+    command = [sys.executable, "-m", "tests.fsdp_helpers", str(root), "--run", run]
+    if resume is not None:
+        command += ["--resume", str(resume)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return _load_run(root)
+
+
+@pytest.fixture(scope="module")
+def layca(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("layca"), "layca")
+
+
+@pytest.fixture(scope="module")
+def layca_resumed_dcp(layca: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("dcp"), "layca_resumed_dcp", layca.root / "checkpoints" / "epoch0_dcp")
+
+
+@pytest.fixture(scope="module")
+def layca_resumed_file(layca: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("file"), "layca_resumed_file", layca.root / "checkpoints" / "epoch0.ckpt")
+
+
+@pytest.fixture(scope="module")
+def monitor_adamw(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("monitor_adamw"), "monitor_adamw")
+
+
+@pytest.fixture(scope="module")
+def layca_tp(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("layca_tp"), "layca_tp")
+
+
+@pytest.fixture(scope="module")
+def layca_units_2x2(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("layca_units_2x2"), "layca_units_2x2")
+
+
+@pytest.fixture(scope="module")
+def layca_single(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("layca_single")
+    fit_single(root, "layca", "sgd")
+    return _load_run(root)
+
+
+@pytest.fixture(scope="module")
+def layca_units_single(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("layca_units_single")
+    fit_single(root, "layca_units", "sgd")
+    return _load_run(root)
+
+
+@pytest.fixture(scope="module")
+def monitor_single(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("monitor_single")
+    fit_single(root, "monitor", "adamw")
+    return _load_run(root)
+
+
+def _run(request: pytest.FixtureRequest, name: str) -> Run:
+    run = request.getfixturevalue(name)
+    assert isinstance(run, Run)
+    return run
+
+
+def _assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Exact equality of nested dicts/lists/tuples of tensors and Python values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _scalars(events: Any, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith(prefix)
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the set-up
+def test_every_layer_is_sharded_and_the_one_row_heads_shard_is_empty_on_rank_1(layca: Run) -> None:
+    rank0, rank1 = layca.ranks
+    assert rank0["sharded"] == rank1["sharded"] == [True] * len(LAYERS)
+    assert rank0["local_rows"] == [2, 4, 3, 1]
+    assert rank1["local_rows"] == [2, 4, 3, 0]
+
+
+# ------------------------------------------------------------------------------------ against one process
+@pytest.mark.parametrize("name", SHARDED_LAYCA_RUNS)
+def test_sharded_layca_fit_ends_with_the_weights_of_one_process(request: pytest.FixtureRequest, name: str) -> None:
+    run, reference = _run(request, name), _run(request, REFERENCE[name])
+    expected = reference.ranks[0]["weights"]
+    for rank in run.ranks:
+        assert rank["global_step"] == STEPS[name]
+        assert rank["weights"].keys() == expected.keys()
+        for key, w in expected.items():
+            torch.testing.assert_close(rank["weights"][key], w, rtol=WEIGHT_TOL, atol=WEIGHT_TOL * float(w.abs().max()))
+        for layer in LAYERS:  # the weights did move: the comparison means something
+            start = reference.ranks[0]["end_state"]["initial"][LAYERS.index(layer)]
+            assert not torch.allclose(expected[f"net.{layer}.weight"], start, rtol=100 * WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("name", ["layca", "layca_tp", "layca_resumed_dcp", "layca_resumed_file"])
+def test_every_step_turns_each_full_layer_by_atan_rho_and_keeps_its_norm(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    for rank in _run(request, name).ranks:
+        assert len(rank["step_angles"]) == STEPS[name]
+        for angles, ratios in zip(rank["step_angles"], rank["norm_ratios"], strict=True):
+            assert angles == pytest.approx([math.atan(ROTATION_RATE)] * len(LAYERS), abs=ANGLE_TOL)
+            assert ratios == pytest.approx([1.0] * len(LAYERS), rel=NORM_TOL)
+
+
+def test_every_step_turns_each_full_unit_by_atan_rho_or_leaves_it_as_one_process_does(
+    layca_units_2x2: Run, layca_units_single: Run
+) -> None:
+    # A unit whose ReLU is dead on the whole batch gets no gradient and stays put (in one process as well).
+    (reference,) = layca_units_single.ranks
+    atan_rho = math.atan(ROTATION_RATE)
+    for rank in layca_units_2x2.ranks:
+        assert len(rank["unit_angles"]) == STEPS["layca_units_2x2"]
+        steps = zip(rank["unit_angles"], rank["unit_norm_ratios"], reference["unit_angles"], strict=True)
+        for angles, ratios, expected in steps:
+            moved = expected > atan_rho / 2
+            assert moved.float().mean() > 0.75
+            torch.testing.assert_close(angles[moved], torch.full_like(angles[moved], atan_rho), atol=ANGLE_TOL, rtol=0)
+            torch.testing.assert_close(angles[~moved], torch.zeros_like(angles[~moved]), atol=ANGLE_TOL, rtol=0)
+            torch.testing.assert_close(ratios, torch.ones_like(ratios), rtol=NORM_TOL, atol=0)
+
+
+@pytest.mark.parametrize("name", ["layca", "layca_tp", "layca_units_2x2", "monitor_adamw"])
+def test_sharded_fit_logs_the_tags_and_rotations_of_one_process(request: pytest.FixtureRequest, name: str) -> None:
+    events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
+    for kind in ("scalars", "histograms", "images", "tensors"):
+        assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
+    rotation, expected = _scalars(events, "Layer_rotation"), _scalars(reference, "Layer_rotation")
+    rotation |= _scalars(events, "layer_rotation_rate/")
+    expected |= _scalars(reference, "layer_rotation_rate/")
+    assert {f"Layer_rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
+    for tag, points in expected.items():
+        assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
+    assert min(v for _, v in expected["Layer_rotation_summary/min"][-1:]) > 100 * ROTATION_TOL  # every layer turned
+    # `layer_rotation_rate/*` (tan of each step's angle) is among the tags compared above; the norms are relative.
+    assert {f"layer_rotation_rate/net.{layer}" for layer in LAYERS} <= expected.keys()
+    norms, expected_norms = _scalars(events, "layer_norm/"), _scalars(reference, "layer_norm/")
+    assert norms.keys() == expected_norms.keys() == {f"layer_norm/net.{layer}" for layer in LAYERS}
+    for tag, points in expected_norms.items():
+        assert [v for _, v in norms[tag]] == pytest.approx([v for _, v in points], rel=WEIGHT_TOL), tag
+
+
+@pytest.mark.parametrize("name", ["layca", "layca_units_2x2", "monitor_adamw"])
+def test_sharded_fit_writes_the_histograms_of_one_process(request: pytest.FixtureRequest, name: str) -> None:
+    events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
+    tags = reference.Tags()["histograms"]
+    assert len([t for t in tags if t.startswith("layer_angles/")]) == len(LAYERS)
+    if name == "layca_units_2x2":  # the last step's rate of every unit, with per-unit control
+        assert len([t for t in tags if t.startswith("layer_unit_rotation_rate/")]) == len(LAYERS)
+    for tag in tags:
+        got, expected = events.Histograms(tag), reference.Histograms(tag)
+        assert [h.step for h in got] == [h.step for h in expected], tag
+        # Angles in degrees; rates as tan of the angle (about 0.037 each, or 0 for a unit that did not move).
+        tol = 1e-3 if tag.startswith("layer_angles/") else 1e-6
+        for g, e in zip(got, expected, strict=True):
+            h, h_expected = g.histogram_value, e.histogram_value
+            assert h.num == h_expected.num, tag
+            assert (h.min, h.max, h.sum) == pytest.approx((h_expected.min, h_expected.max, h_expected.sum), abs=tol), (
+                tag
+            )
+            if tag.startswith("layer_angles/"):  # spread-out values: the same counts in every bin
+                assert list(h.bucket) == list(h_expected.bucket), tag
+            # The rates of a layer's moving units are all rho but for rounding: their bins split the
+            # rounding noise, which differs with the order of the sums.
+
+
+@pytest.mark.parametrize("name", [*SHARDED_LAYCA_RUNS, "monitor_adamw"])
+def test_snapshot_in_the_callback_state_is_the_full_initial_weights(request: pytest.FixtureRequest, name: str) -> None:
+    run, reference = _run(request, name), _run(request, REFERENCE[name])
+    # Gathered from the shards for the checkpoint (global rank 0's copy is the one Lightning writes).
+    _assert_same(run.ranks[0]["end_state"]["initial"], reference.ranks[0]["end_state"]["initial"], "initial")
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+@pytest.mark.parametrize("name", LAYCA_RUNS)
+def test_layca_step_issues_exactly_one_all_reduce(request: pytest.FixtureRequest, name: str) -> None:
+    for rank in _run(request, name).ranks:
+        assert rank["layca_all_reduces"] == [1] * STEPS[name]
+    # In the tensor-parallel run every layer is a (device, dtype) group of its own: their sums go together.
+    assert _run(request, name).ranks[0]["layca_groups"] == [len(LAYERS) if name == "layca_tp" else 1]
+
+
+@pytest.mark.parametrize("name", ALL_RUNS)
+def test_monitor_issues_one_all_reduce_per_logging_step_and_none_in_between(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    for rank in _run(request, name).ranks:
+        expected = [1 if (step + 1) % LOG_EVERY == 0 else 0 for step in range(STEPS[name])]
+        assert rank["monitor_all_reduces"] == expected
+
+
+@pytest.mark.parametrize("name", ALL_RUNS)
+def test_ranks_issue_the_same_all_reduces_in_the_same_order(request: pytest.FixtureRequest, name: str) -> None:
+    ranks = _run(request, name).ranks
+    for rank in ranks[1:]:
+        assert rank["trace"] == ranks[0]["trace"]
+    assert ranks[0]["trace"][-1] >= STEPS[name] // LOG_EVERY
+
+
+def test_one_process_issues_no_all_reduce(layca_single: Run, monitor_single: Run) -> None:
+    for run in (layca_single, monitor_single):
+        (rank,) = run.ranks
+        assert set(rank["layca_all_reduces"]) <= {0}
+        assert set(rank["monitor_all_reduces"]) == {0}
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+@pytest.mark.parametrize("name", ["layca", "monitor_adamw"])
+def test_only_global_rank_zero_writes_logs_and_figures(request: pytest.FixtureRequest, name: str) -> None:
+    run = _run(request, name)
+    rank0, rank1 = run.ranks
+    assert set(rank1["writes"].values()) == {0}, rank1["writes"]
+    for entry in ("add_scalar", "add_histogram_raw", "add_image", "Figure.__init__", "FigureCanvasAgg.draw"):
+        assert rank0["writes"][entry] > 0, entry
+    assert len(list(run.root.rglob("events.out.tfevents.*"))) == 1
+    assert len(list(run.root.rglob(FIGURE_FILENAME))) == 1
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("name", ["layca_resumed_dcp", "layca_resumed_file"])
+def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(
+    request: pytest.FixtureRequest, name: str, layca: Run
+) -> None:
+    resumed = _run(request, name)
+    for rank, uninterrupted in zip(resumed.ranks, layca.ranks, strict=True):
+        _assert_same(rank["weights"], uninterrupted["weights"], "weights")
+        _assert_same(rank["end_state"]["history"], uninterrupted["end_state"]["history"], "history")
+        _assert_same(rank["end_state"]["epoch_rotation"], uninterrupted["end_state"]["epoch_rotation"], "epochs")
+        _assert_same(rank["end_state"]["initial"], uninterrupted["end_state"]["initial"], "initial")
+        _assert_same(rank["end_layca"], uninterrupted["end_layca"], "layca state")
+        (at_start,) = rank["train_start_layca"]
+        assert at_start["step_count"] == STEPS[name]
+        assert at_start["initial_norms"] == uninterrupted["end_layca"][0]["initial_norms"]
+
+
+# --------------------------------------------------------------------------------------------------- example
+def test_the_fsdp2_example_of_the_docs_runs_and_logs_rotation(tmp_path: Path) -> None:
+    # The script of docs/multi-gpu.md, as printed there: 2 processes, each building and sharding the model.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "examples.fsdp2", "--max-steps", "8"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-6000:]
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    rotation = _scalars(read_events(log_dir), "Layer_rotation/")
+    assert len(rotation) == 10  # the first layer, 2 in each of the 4 blocks, the head
+    assert all(0 < points[-1][1] < 1 for points in rotation.values())
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+def test_model_parallel_and_single_device_strategies_are_accepted() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    check_strategy(ModelParallelStrategy(), "LaycaCallback")
+    check_strategy(SingleDeviceStrategy("cpu"), "LaycaCallback")
+
+
+def test_fsdp1_is_refused_naming_model_parallel_strategy() -> None:
+    with pytest.raises(MisconfigurationException, match="ModelParallelStrategy") as error:
+        check_strategy(FSDPStrategy(), "LayerRotationMonitor")
+    assert "1-D slices" in str(error.value) and MULTI_GPU_DOCS in str(error.value)
+
+
+def test_deepspeed_is_refused_with_the_reason() -> None:
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # constructing one needs the deepspeed package
+    with pytest.raises(MisconfigurationException, match="no layer boundaries") as error:
+        check_strategy(strategy, "LaycaCallback")
+    assert MULTI_GPU_DOCS in str(error.value)
+
+
+@pytest.mark.parametrize("callback", [LayerRotationMonitor, LaycaCallback])
+def test_callbacks_refuse_fsdp1_in_setup(callback: type[LayerRotationMonitor]) -> None:
+    import lightning as L
+
+    # Lightning itself refuses FSDP1 on CPU when a Trainer is built: the callback sees only the strategy in `setup`.
+    trainer: Any = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
+        callback().setup(trainer, L.LightningModule(), "fit")
+
+
+def test_the_seam_is_the_identity_without_sharding() -> None:
+    layout = shard_layout([torch.ones(3, 2), torch.ones(5, 4)])
+    partial = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    assert not layout.sharded and layout.divisors() is None and layout.row_divisors() is None
+    assert full_sums(partial, layout.divisors()) is partial  # no collective (no process group exists here)
+    assert layout.local_rows == layout.rows == (3, 5) and layout.row_starts == (0, 0)
+
+
+# ------------------------------------------------------------------------------------ the summed form, one process
+def _summed_step(params: list[torch.Tensor], previous: list[torch.Tensor], rate: float, per_unit: bool) -> None:
+    sums = step_sums(params, previous, per_unit=per_unit)
+    n = len(sums)
+    initial = sums[:, 1].sqrt()  # the layers (units) start on their sphere
+    ones = torch.ones(n, dtype=torch.float64)
+    a, b, c = sums.unbind(1)
+    k1, k2, _ = coefficients(a, b, c, c, rate * ones, ones, initial, unit_roundoff(params[0].dtype))
+    apply_coefficients(params, previous, k1, k2, per_unit=per_unit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_unit", [False, True])
+def test_summed_step_takes_the_eager_step(per_unit: bool, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (16, 36), (1, 16)]
+    weights = [torch.randn(shape, generator=g).to(dtype) for shape in shapes]
+    steps = [0.01 * torch.randn(w.shape, generator=g).to(dtype) for w in weights]
+    originals = [w.clone() for w in weights]
+    eager = [w + d for w, d in zip(weights, steps, strict=True)]
+    summed = [e.clone() for e in eager]
+    rows = sum(w.shape[0] for w in weights)
+    n = rows if per_unit else len(weights)
+    ones = torch.ones(n, dtype=torch.float64)
+    if per_unit:
+        initial = torch.cat([w.double().flatten(1).norm(dim=1) for w in weights])
+        rotate_eager_units(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
+    else:
+        initial = torch.stack([w.double().norm() for w in weights])
+        rotate_eager(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
+    _summed_step(summed, weights, 0.1, per_unit)
+    for w, w0 in zip(weights, originals, strict=True):
+        assert torch.equal(w, w0)  # the sums read the weights before the step, never write them
+    atol = 1e-6 if dtype == torch.float32 else 1e-12  # rounding of a step of norm 0.1 |w|
+    for e, s in zip(eager, summed, strict=True):
+        torch.testing.assert_close(s, e, rtol=0, atol=atol)
+
+
+def test_summed_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was() -> None:
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(6, 5, generator=g), torch.randn(4, 6, generator=g)]
+    params = [weights[0] + 0.01, weights[1].clone()]
+    params[1][2, 3] = float("nan")
+    _summed_step(params, weights, 0.1, per_unit=False)
+    assert torch.equal(params[1], weights[1])
+    assert not torch.equal(params[0], weights[0])  # the finite layer moved

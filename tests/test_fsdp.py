@@ -433,3 +433,31 @@ def test_summed_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was(
     _summed_step(params, weights, 0.1, per_unit=False)
     assert torch.equal(params[1], weights[1])
     assert not torch.equal(params[0], weights[0])  # the finite layer moved
+
+
+def test_compiled_implementation_warns_that_sharded_layers_take_the_summed_step(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_layca import Layca
+
+    # A world of one process, in this process: its layers are DTensors all the same.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = Layca(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            rotation_rate=0.1,
+            implementation="compiled",
+        )
+        model(torch.randn(4, 8)).square().sum().backward()
+        with pytest.warns(UserWarning, match="take the eager summed step"):
+            opt.step()
+        norms = [float(p.detach().full_tensor().norm()) for p in opt._layers]
+        assert opt.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
+    finally:
+        dist.destroy_process_group()

@@ -40,6 +40,10 @@ NUM_SAMPLES = 5000
 TRAIN_SPLIT = 0.8
 DECAY_AT = (0.5, 0.75)
 DECAY_FACTOR = 0.2
+LAYCA_IMPLEMENTATION = "eager"
+"""Layca's step in every experiment: the eager one, which produced the saved runs. ``"auto"`` takes the compiled step
+once the eager steps have taken some seconds of wall time, so on a shared machine a run's rounding, and with it the
+outcome of a run that loses classes, would depend on the load."""
 SETUP_KEYS = ("epochs", "width", "batch_size", "num_samples", "limit_train_batches")
 """Record fields that must agree for runs to be compared (and for a saved run to count as done)."""
 

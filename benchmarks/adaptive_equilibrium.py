@@ -54,6 +54,7 @@ from benchmarks._mnist1d_experiment import (
     DECAY_FACTOR,
     DIFFERENCE_NOTE,
     EPOCHS,
+    LAYCA_IMPLEMENTATION,
     NUM_SAMPLES,
     ROOT,
     SETUP_KEYS,
@@ -213,6 +214,7 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
         monitor = ll.LaycaCallback(
             rotation_rate=config.rotation_rate,  # type: ignore[arg-type]
             granularity=config.granularity,  # type: ignore[arg-type]
+            implementation=LAYCA_IMPLEMENTATION,
             log_every_n_steps=RATE_EVERY,
             log_rates=False,
             angle_histograms=False,

@@ -49,6 +49,7 @@ from benchmarks._mnist1d_experiment import (
     BATCH_SIZE,
     DECAY_FACTOR,
     EPOCHS,
+    LAYCA_IMPLEMENTATION,
     ROOT,
     SETUP_KEYS,
     WIDTH,
@@ -167,6 +168,7 @@ def build(config: Config, seed: int, setup: dict[str, Any], dtype: torch.dtype =
         schedule=schedule,
         exclude=HEAD if config.head == "excluded" else None,
         granularity=config.granularity,  # type: ignore[arg-type]
+        implementation=LAYCA_IMPLEMENTATION,
     )
     return model, base, scheduler, layca
 

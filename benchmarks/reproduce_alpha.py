@@ -55,6 +55,7 @@ from benchmarks._mnist1d_experiment import (
     DECAY_FACTOR,
     DIFFERENCE_NOTE,
     EPOCHS,
+    LAYCA_IMPLEMENTATION,
     NUM_SAMPLES,
     ROOT,
     SEEDS,
@@ -198,6 +199,7 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
         monitor = ll.LaycaCallback(
             rotation_rate=config.rotation_rate,
             schedule=ll.DepthDecay(config.alpha),
+            implementation=LAYCA_IMPLEMENTATION,
             log_rates=False,
             angle_histograms=False,
             figure=False,

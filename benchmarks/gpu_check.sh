@@ -64,9 +64,11 @@ for name in ("lightning", "timm", "tensorboard", "pytest", "hypothesis", "triton
 EOF
 cat "$REPORTS/env.txt"
 
-# 1. CUDA tests. The first of them compiles the fused step (float32, then bfloat16) into Inductor's cache, which the
+# 1. CUDA tests (every test marked `cuda`; a test file that cannot be imported here, for want of hypothesis say, is
+#    reported and the others run). The first of them compiles the fused step (float32, then bfloat16) into Inductor's cache, which the
 #    benchmark then reuses.
-stage "CUDA tests" 180 cuda_tests.txt "$PY" -m pytest -m cuda tests/test_layca_compiled.py -q -rA -p no:cacheprovider
+stage "CUDA tests" 180 cuda_tests.txt "$PY" -m pytest -m cuda tests -q -rA -p no:cacheprovider \
+    --continue-on-collection-errors
 
 # 2. Step cost on GPU shapes (no per-tensor reference: it synchronises per layer and says nothing new on GPU).
 stage "step_cost (CUDA)" 200 step_cost_cuda.log "$PY" -m benchmarks.step_cost --device cuda \

@@ -196,12 +196,13 @@ def build_rows(
     def adamw(**kw: bool) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=ADAMW_LR, **kw)  # type: ignore[arg-type]
 
-    def layca(opt: torch.optim.Optimizer, implementation: str) -> Callable[[], object]:
+    def layca(opt: torch.optim.Optimizer, implementation: str, granularity: str = "layer") -> Callable[[], object]:
         return Layca(
             opt,
             named_parameters=named,
             rotation_rate=ROTATION_RATE,
             implementation=implementation,  # type: ignore[arg-type]
+            granularity=granularity,  # type: ignore[arg-type]
         ).step
 
     sgd_fused = _fused_available(torch.optim.SGD, pset, lr=SGD_LR)
@@ -237,6 +238,14 @@ def build_rows(
         base = adamw(fused=True) if adamw_fused else adamw(foreach=True)
         rows.append(
             Row(f"Layca({adamw_name}) {implementation}", layca(base, implementation), adamw_name, compiled=compiled)
+        )
+        rows.append(
+            Row(
+                f"Layca(SGD foreach) per unit {implementation}",
+                layca(sgd(foreach=True), implementation, "unit"),
+                BASE_ROW,
+                compiled=compiled,
+            )
         )
     if with_reference:
         ref = PerTensorLayca(sgd(foreach=True), pset.layers, ROTATION_RATE)

@@ -683,8 +683,10 @@ class Layca(Optimizer):
             norms = g.initial_norms.split(unit_counts(g.params))
             g.norm_scalars = [norms[j].clone() for j in g.fused]
         else:
-            g.norm_scalars = [scalars(g.initial_norms)[j] for j in g.fused]
-        g.flag_scalars = [scalars(g.near_floor)[j] for j in g.fused]
+            norm_scalars = scalars(g.initial_norms)
+            g.norm_scalars = [norm_scalars[j] for j in g.fused]
+        flag_scalars = scalars(g.near_floor)
+        g.flag_scalars = [flag_scalars[j] for j in g.fused]
         if g.compiled and g.unfused:  # index tensors built now, not in a step (on an accelerator, that would sync)
             g.subsets[tuple(g.unfused)] = self._subset(g, g.unfused)
 

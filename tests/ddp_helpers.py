@@ -282,6 +282,31 @@ class DDPProbe(Callback):
         )
 
 
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Exact equality of nested dicts/lists/tuples of tensors and Python values (tensors: same dtype and values)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def scalars_with_prefix(events: Any, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of an event file whose tag starts with ``prefix``, as ``(step, value)`` pairs."""
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith(prefix)
+    }
+
+
 def read_events(log_dir: Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

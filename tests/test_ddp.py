@@ -32,9 +32,11 @@ from tests.ddp_helpers import (
     ROTATION_RATE,
     DDPProbe,
     RotationNet,
+    assert_same,
     checkpoint_every_epoch,
     make_trainer,
     read_events,
+    scalars_with_prefix,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +152,7 @@ def layca_units_spawn(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_per_unit_layca_keeps_the_ranks_identical(layca_units_spawn: Run) -> None:
     rank0, rank1 = layca_units_spawn.ranks
     assert torch.equal(rank0["weights"], rank1["weights"])  # also asserted in the hook, after an all_gather
-    _assert_same(rank0["end_layca"], rank1["end_layca"], "layca state")
+    assert_same(rank0["end_layca"], rank1["end_layca"], "layca state")
     assert rank0["end_layca"][0]["granularity"] == "unit"
     assert rank0["layca_step_collectives"] == [0] * STEPS["layca_resumed"]  # one epoch: 8 steps, no collective
 
@@ -173,30 +175,6 @@ def _run(request: pytest.FixtureRequest, name: str) -> Run:
     return run
 
 
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    """Exact equality of nested dicts/lists/tuples of tensors and Python values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def _scalars(events: Any, prefix: str) -> dict[str, list[tuple[int, float]]]:
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)]
-        for tag in events.Tags()["scalars"]
-        if tag.startswith(prefix)
-    }
-
-
 # ---------------------------------------------------------------------------------------------- identical ranks
 @pytest.mark.parametrize("name", DDP_RUNS)
 def test_ranks_seeded_differently_end_with_bit_identical_weights(request: pytest.FixtureRequest, name: str) -> None:
@@ -213,7 +191,7 @@ def test_initial_snapshot_is_rank_zeros_weights_on_every_rank(request: pytest.Fi
     # The single-process run builds rank 0's weights (same seed): a snapshot taken before DDP's broadcast would hold
     # rank 1's own weights on rank 1.
     for rank in run.ranks:
-        _assert_same(rank["end_state"]["initial"], reference.ranks[0]["end_state"]["initial"], "initial")
+        assert_same(rank["end_state"]["initial"], reference.ranks[0]["end_state"]["initial"], "initial")
 
 
 @pytest.mark.parametrize("name", LAYCA_RUNS)
@@ -225,13 +203,13 @@ def test_every_rank_wraps_its_optimizer_identically(request: pytest.FixtureReque
         assert layca["layer_names"] == expected["layer_names"]
         assert layca["initial_norms"] == pytest.approx(expected["initial_norms"], rel=1e-7)
         assert layca["reference_lr"] == expected["reference_lr"]
-    _assert_same(run.ranks[0]["end_layca"], run.ranks[1]["end_layca"], "layca state")
+    assert_same(run.ranks[0]["end_layca"], run.ranks[1]["end_layca"], "layca state")
 
 
 @pytest.mark.parametrize("name", DDP_RUNS)
 def test_callback_state_dict_is_identical_on_every_rank(request: pytest.FixtureRequest, name: str) -> None:
     run = _run(request, name)
-    _assert_same(run.ranks[0]["end_state"], run.ranks[1]["end_state"])
+    assert_same(run.ranks[0]["end_state"], run.ranks[1]["end_state"])
     assert len(run.ranks[0]["end_state"]["history"]["net.head"]) >= STEPS[name]
 
 
@@ -294,13 +272,13 @@ def test_ddp_logs_the_tags_and_rotation_of_one_process_on_the_same_global_batch(
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     for kind in ("scalars", "histograms", "images", "tensors"):
         assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
-    rotation, expected = _scalars(events, "Layer_rotation"), _scalars(reference, "Layer_rotation")
+    rotation, expected = scalars_with_prefix(events, "Layer_rotation"), scalars_with_prefix(reference, "Layer_rotation")
     assert {"Layer_rotation/net.head", "Layer_rotation_summary/mean"} <= expected.keys()
     for tag, points in expected.items():
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
         assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
     assert max(v for _, v in expected["Layer_rotation_summary/max"]) > 100 * ROTATION_TOL  # the layers did turn
-    rates, expected_rates = _scalars(events, "layca/rate"), _scalars(reference, "layca/rate")
+    rates, expected_rates = scalars_with_prefix(events, "layca/rate"), scalars_with_prefix(reference, "layca/rate")
     assert rates.keys() == expected_rates.keys()
     for tag, points in expected_rates.items():
         assert [s for s, _ in rates[tag]] == [s for s, _ in points], tag
@@ -312,8 +290,8 @@ def test_resume_restores_the_callback_and_layca_on_every_rank(layca_resumed: Run
     checkpoint = torch.load(layca_spawn.root / "checkpoints" / "epoch=0.ckpt", weights_only=False)
     (callback_state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("LaycaCallback")]
     for rank in layca_resumed.ranks:
-        _assert_same(rank["fit_start_state"], callback_state, "callback state")
-        _assert_same(rank["train_start_layca"], [checkpoint["optimizer_states"][0]["layca"]], "layca state")
+        assert_same(rank["fit_start_state"], callback_state, "callback state")
+        assert_same(rank["train_start_layca"], [checkpoint["optimizer_states"][0]["layca"]], "layca state")
 
 
 def test_resumed_ddp_run_continues_the_uninterrupted_one(layca_resumed: Run, layca_spawn: Run) -> None:
@@ -328,8 +306,8 @@ def test_resumed_ddp_run_continues_the_uninterrupted_one(layca_resumed: Run, lay
             assert [v for _, v in resumed[key][layer]] == pytest.approx([v for _, v in points], abs=RESUME_TOL)
     # What the resumed run logged is the second half of the uninterrupted run's curves.
     logged, full = (
-        _scalars(layca_resumed.events(), "Layer_rotation/"),
-        _scalars(layca_spawn.events(), "Layer_rotation/"),
+        scalars_with_prefix(layca_resumed.events(), "Layer_rotation/"),
+        scalars_with_prefix(layca_spawn.events(), "Layer_rotation/"),
     )
     for tag, points in full.items():
         second_half = points[STEPS["layca_resumed"] :]

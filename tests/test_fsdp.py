@@ -42,7 +42,7 @@ from lightning_layca.step import (
     step_sums,
     unit_roundoff,
 )
-from tests.ddp_helpers import read_events
+from tests.ddp_helpers import assert_same, read_events, scalars_with_prefix
 from tests.fsdp_helpers import LAYERS, LOG_EVERY, ROTATION_RATE, fit_single
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,30 +146,6 @@ def _run(request: pytest.FixtureRequest, name: str) -> Run:
     return run
 
 
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    """Exact equality of nested dicts/lists/tuples of tensors and Python values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def _scalars(events: Any, prefix: str) -> dict[str, list[tuple[int, float]]]:
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)]
-        for tag in events.Tags()["scalars"]
-        if tag.startswith(prefix)
-    }
-
-
 # ------------------------------------------------------------------------------------------------ the set-up
 def test_every_layer_is_sharded_and_the_one_row_heads_shard_is_empty_on_rank_1(layca: Run) -> None:
     rank0, rank1 = layca.ranks
@@ -226,9 +202,9 @@ def test_sharded_fit_logs_the_tags_and_rotations_of_one_process(request: pytest.
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     for kind in ("scalars", "histograms", "images", "tensors"):
         assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
-    rotation, expected = _scalars(events, "Layer_rotation"), _scalars(reference, "Layer_rotation")
-    rotation |= _scalars(events, "layer_rotation_rate/")
-    expected |= _scalars(reference, "layer_rotation_rate/")
+    rotation, expected = scalars_with_prefix(events, "Layer_rotation"), scalars_with_prefix(reference, "Layer_rotation")
+    rotation |= scalars_with_prefix(events, "layer_rotation_rate/")
+    expected |= scalars_with_prefix(reference, "layer_rotation_rate/")
     assert {f"Layer_rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
     for tag, points in expected.items():
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
@@ -236,7 +212,7 @@ def test_sharded_fit_logs_the_tags_and_rotations_of_one_process(request: pytest.
     assert min(v for _, v in expected["Layer_rotation_summary/min"][-1:]) > 100 * ROTATION_TOL  # every layer turned
     # `layer_rotation_rate/*` (tan of each step's angle) is among the tags compared above; the norms are relative.
     assert {f"layer_rotation_rate/net.{layer}" for layer in LAYERS} <= expected.keys()
-    norms, expected_norms = _scalars(events, "layer_norm/"), _scalars(reference, "layer_norm/")
+    norms, expected_norms = scalars_with_prefix(events, "layer_norm/"), scalars_with_prefix(reference, "layer_norm/")
     assert norms.keys() == expected_norms.keys() == {f"layer_norm/net.{layer}" for layer in LAYERS}
     for tag, points in expected_norms.items():
         assert [v for _, v in norms[tag]] == pytest.approx([v for _, v in points], rel=WEIGHT_TOL), tag
@@ -270,7 +246,7 @@ def test_sharded_fit_writes_the_histograms_of_one_process(request: pytest.Fixtur
 def test_snapshot_in_the_callback_state_is_the_full_initial_weights(request: pytest.FixtureRequest, name: str) -> None:
     run, reference = _run(request, name), _run(request, REFERENCE[name])
     # Gathered from the shards for the checkpoint (global rank 0's copy is the one Lightning writes).
-    _assert_same(run.ranks[0]["end_state"]["initial"], reference.ranks[0]["end_state"]["initial"], "initial")
+    assert_same(run.ranks[0]["end_state"]["initial"], reference.ranks[0]["end_state"]["initial"], "initial")
 
 
 # ------------------------------------------------------------------------------------------------ collectives
@@ -325,11 +301,11 @@ def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(
 ) -> None:
     resumed = _run(request, name)
     for rank, uninterrupted in zip(resumed.ranks, layca.ranks, strict=True):
-        _assert_same(rank["weights"], uninterrupted["weights"], "weights")
-        _assert_same(rank["end_state"]["history"], uninterrupted["end_state"]["history"], "history")
-        _assert_same(rank["end_state"]["epoch_rotation"], uninterrupted["end_state"]["epoch_rotation"], "epochs")
-        _assert_same(rank["end_state"]["initial"], uninterrupted["end_state"]["initial"], "initial")
-        _assert_same(rank["end_layca"], uninterrupted["end_layca"], "layca state")
+        assert_same(rank["weights"], uninterrupted["weights"], "weights")
+        assert_same(rank["end_state"]["history"], uninterrupted["end_state"]["history"], "history")
+        assert_same(rank["end_state"]["epoch_rotation"], uninterrupted["end_state"]["epoch_rotation"], "epochs")
+        assert_same(rank["end_state"]["initial"], uninterrupted["end_state"]["initial"], "initial")
+        assert_same(rank["end_layca"], uninterrupted["end_layca"], "layca state")
         (at_start,) = rank["train_start_layca"]
         assert at_start["step_count"] == STEPS[name]
         assert at_start["initial_norms"] == uninterrupted["end_layca"][0]["initial_norms"]
@@ -343,7 +319,7 @@ def test_the_fsdp2_example_of_the_docs_runs_and_logs_rotation(tmp_path: Path) ->
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-6000:]
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
-    rotation = _scalars(read_events(log_dir), "Layer_rotation/")
+    rotation = scalars_with_prefix(read_events(log_dir), "Layer_rotation/")
     assert len(rotation) == 10  # the first layer, 2 in each of the 4 blocks, the head
     assert all(0 < points[-1][1] < 1 for points in rotation.values())
 
@@ -433,3 +409,31 @@ def test_summed_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was(
     _summed_step(params, weights, 0.1, per_unit=False)
     assert torch.equal(params[1], weights[1])
     assert not torch.equal(params[0], weights[0])  # the finite layer moved
+
+
+def test_compiled_implementation_warns_that_sharded_layers_take_the_summed_step(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_layca import Layca
+
+    # A world of one process, in this process: its layers are DTensors all the same.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = Layca(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            rotation_rate=0.1,
+            implementation="compiled",
+        )
+        model(torch.randn(4, 8)).square().sum().backward()
+        with pytest.warns(UserWarning, match="take the eager summed step"):
+            opt.step()
+        norms = [float(p.detach().full_tensor().norm()) for p in opt._layers]
+        assert opt.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
+    finally:
+        dist.destroy_process_group()

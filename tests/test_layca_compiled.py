@@ -187,9 +187,17 @@ def test_channels_last_convolution_equals_the_eager_step() -> None:
         assert relative_error(q.detach(), p.detach()) < 1e-6
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (the examples' modules set one when they are imported)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
 def test_large_layer_takes_the_multithreaded_kernel_and_equals_the_eager_step() -> None:
-    if torch.get_num_threads() < 2:
-        pytest.skip("the multithreaded kernel needs at least 2 torch threads")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512, bias=False), nn.Tanh(), nn.Linear(512, 4, bias=False))
     twin, eager, compiled = twin_optimizers(model, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05))

@@ -912,7 +912,13 @@ class Layca(Optimizer):
     def _near_floor_message(self, indices: list[int]) -> str:
         names = ", ".join(repr(self.layer_names[i]) for i in indices)
         dtypes = sorted({str(self._layers[i].dtype).removeprefix("torch.") for i in indices})
-        advice = "Raise the base optimizer's learning rate: Layca's step does not depend on its magnitude."
+        if isinstance(self.rotation_rate, str):  # "equilibrium": the learning rate also sets the rotation rate
+            advice = (
+                "Under rotation_rate='equilibrium' the learning rate also sets the rotation rate, so raising it "
+                "changes the recipe: give the rotation rate as a number and raise the base learning rate instead."
+            )
+        else:
+            advice = "Raise the base optimizer's learning rate: Layca's step does not depend on its magnitude."
         if any(self._layers[i].dtype in (torch.float16, torch.bfloat16) for i in indices):
             advice += " Or keep float32 weights (Lightning's precision='bf16-mixed' rather than 'bf16-true')."
         return (

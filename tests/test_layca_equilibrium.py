@@ -119,3 +119,15 @@ def test_yaml_rotation_rate_equilibrium_parses(tmp_path: Path, monkeypatch: pyte
     cli = main(["--config", str(root / "examples/configs/mnist1d_layca.yaml"), "--config", str(override)], run=False)
     (layca,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LaycaCallback)]
     assert layca.rotation_rate == "equilibrium"
+
+
+def test_near_floor_advice_under_equilibrium_does_not_say_the_step_ignores_the_learning_rate() -> None:
+    net = model()
+    opt = ll.Layca(
+        torch.optim.SGD(net.parameters(), lr=1e-7, weight_decay=1e-4),
+        net.named_parameters(),
+        rotation_rate="equilibrium",
+    )
+    net(torch.randn(16, 6)).square().mean().backward()
+    with pytest.warns(UserWarning, match="Under rotation_rate='equilibrium' the learning rate also sets"):
+        opt.step()

@@ -27,6 +27,7 @@ platform) costs one warning and the eager step takes over before any weight is t
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -45,6 +46,7 @@ __all__ = [
     "kernel_view",
     "parallel_kernel",
     "rotate_compiled",
+    "rotate_sgd_compiled",
     "scalars",
     "unit_view",
     "use_compiled_step",
@@ -80,34 +82,35 @@ _WARMUP_SHAPE = (64, 576)
 """The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
 exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
 
-_compiled_fns: dict[tuple[bool, bool], Callable[..., torch.Tensor]] = {}
-_ready: dict[tuple[str, torch.dtype, bool, bool], bool] = {}
+_compiled_fns: dict[tuple[tuple[bool, bool] | None, bool, bool], Callable[..., torch.Tensor]] = {}
+_ready: dict[tuple[str, torch.dtype, bool, bool, tuple[bool, bool] | None], bool] = {}
 
 
-def _fused_step(
+def _rotate_rows(
     params: torch.Tensor,
-    previous: torch.Tensor,
+    exact: tuple[torch.Tensor, torch.Tensor],
+    low: tuple[torch.Tensor, torch.Tensor],
     rate: torch.Tensor,
     relative_lr: torch.Tensor,
     initial_norms: torch.Tensor,
     near_floor: torch.Tensor,
 ) -> torch.Tensor:
-    """The Layca step of one layer seen as a matrix (traced and compiled; see the module docstring).
+    """The part every fused step shares: sums, the :func:`~lightning_layca.step.coefficients` rule, the update.
 
     Args:
-        params: ``p = fl(w + D)``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
-        previous: ``w``, the same view of the snapshot.
+        params: The layer's dense 2-D view; overwritten with ``k1 * w + k2 * D``.
+        exact: ``(w, D)`` in float64: the sums' operands, and the update's for a float32 layer.
+        low: ``(w, D)`` in float32: the update's operands for a bfloat16 or float16 layer (unused, and removed from
+            the compiled code, for a float32 layer).
         rate: ``rho`` (0-dim float64).
         relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
-        initial_norms: ``n0``: 0-dim for the layer (``granularity="layer"``), or one per row (``"unit"``; the rows are
-            then the units), float64.
-        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's (any unit's).
+        initial_norms: ``n0``, 0-dim or one per row (see :func:`_fused_step`).
+        near_floor: The layer's near-floor flag, or-ed in place.
 
     Returns:
         ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
     """
-    weights = previous.double()
-    step = params.double() - weights
+    weights, step = exact
     row_sums = torch.stack([(step * weights).sum(1), (weights * weights).sum(1), (step * step).sum(1)])
     sums = row_sums.sum(1, keepdim=True) if initial_norms.dim() == 0 else row_sums
     radial, weight_sq, step_sq = sums.unbind(0)
@@ -131,7 +134,7 @@ def _fused_step(
     # losing float32 digits. bfloat16/float16 layers: float32 is that much more precise than the result (and the
     # conversions from float32 are the fast ones).
     if params.dtype != torch.float32:
-        k, weights, step = k.float(), previous.float(), params.float() - previous.float()
+        k, (weights, step) = k.float(), low
     k1, k2 = k[0].unsqueeze(1), k[1].unsqueeze(1)
     held = torch.where(k2 != 0, step, 0.0)  # a unit that does not move: its step may hold NaN or inf
     params.copy_(k1 * weights + k2 * held)
@@ -139,30 +142,118 @@ def _fused_step(
     return sums
 
 
-# One function per kernel: Dynamo keeps the compilations of a function together (and limits their number), so the
-# single-threaded and per-unit kernels get functions of their own.
-def _fused_step_serial(*args: torch.Tensor) -> torch.Tensor:
-    return _fused_step(*args)
+def _fused_step(
+    params: torch.Tensor,
+    previous: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+) -> torch.Tensor:
+    """The Layca step of one layer seen as a matrix, after the wrapped optimizer's step (traced and compiled).
+
+    Args:
+        params: ``p = fl(w + D)``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        previous: ``w``, the same view of the snapshot.
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``: 0-dim for the layer (``granularity="layer"``), or one per row (``"unit"``; the rows are
+            then the units), float64.
+        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's (any unit's).
+
+    Returns:
+        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
+    """
+    weights = previous.double()
+    exact = weights, params.double() - weights
+    low = previous.float(), params.float() - previous.float()
+    return _rotate_rows(params, exact, low, rate, relative_lr, initial_norms, near_floor)
 
 
-def _fused_unit_step(*args: torch.Tensor) -> torch.Tensor:
-    return _fused_step(*args)
+def _sgd_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    buffer: torch.Tensor | None,
+    hyper: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+    nesterov: bool,
+) -> torch.Tensor:
+    """``torch.optim.SGD``'s step and the Layca step of one layer in one function (traced and compiled).
+
+    The base step is never written to the weights: its direction ``D = -lr * v`` (``v`` the momentum buffer, or the
+    Nesterov or plain direction) is formed in registers, exactly in float64, from the gradient, the weights and the
+    buffer, so no snapshot of the weights is needed and the two passes of the step read ``(w, grad, buffer)`` (writing
+    the new buffer) and ``(w, grad, buffer)`` again (writing ``w``).
+
+    Args:
+        params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        grad: The same view of its gradient.
+        buffer: The same view of its momentum buffer, updated in place (``None`` for SGD without momentum).
+        hyper: ``(lr, momentum, 1 - dampening, weight_decay, sign)`` (float64; ``sign`` is -1 under ``maximize``; on
+            the step that creates the buffer, momentum 0 and ``1 - dampening`` 1, as torch's SGD starts it).
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``, 0-dim or one per row (see :func:`_fused_step`).
+        near_floor: The layer's near-floor flag, or-ed in place.
+        nesterov: Whether the direction is ``d + momentum * v`` rather than ``v``.
+
+    Returns:
+        ``(a, b, c)`` as :func:`_fused_step`.
+    """
+    lr, momentum, dampened, weight_decay, sign = hyper.unbind()
+    # In float32 (the precision of torch's own step for float32 layers; more than its own for lower precisions).
+    weights32 = params.float()
+    direction = grad.float() * sign + weights32 * weight_decay
+    if buffer is not None:
+        velocity = buffer.float() * momentum + direction * dampened
+        buffer.copy_(velocity)
+        direction = direction + velocity * momentum if nesterov else velocity
+    weights = params.double()
+    exact = weights, direction.double() * -lr
+    low = weights32, direction * -lr
+    return _rotate_rows(params, exact, low, rate, relative_lr, initial_norms, near_floor)
 
 
-def _fused_unit_step_serial(*args: torch.Tensor) -> torch.Tensor:
-    return _fused_step(*args)
+def _distinct(function: Callable[..., torch.Tensor], name: str) -> Callable[..., torch.Tensor]:
+    """A copy of ``function`` with a code object of its own.
+
+    Dynamo keeps the compilations of a function with its code object (and limits their number), so every kernel
+    (single-threaded or not, per unit or not) compiles from a copy of its own.
+    """
+    code = function.__code__.replace(co_name=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
 
 
-_FUNCTIONS: dict[tuple[bool, bool], Callable[..., torch.Tensor]] = {
-    (True, False): _fused_step,
-    (False, False): _fused_step_serial,
-    (True, True): _fused_unit_step,
-    (False, True): _fused_unit_step_serial,
+SgdVariant = tuple[bool, bool]
+"""Which form of torch's SGD step a fused kernel computes: ``(momentum, nesterov)``."""
+
+SGD_VARIANTS: tuple[SgdVariant, ...] = ((False, False), (True, False), (True, True))
+
+
+def _kernel_name(variant: SgdVariant | None, parallel: bool, per_unit: bool) -> str:
+    kind = "snapshot" if variant is None else "sgd" + "_momentum" * variant[0] + "_nesterov" * variant[1]
+    return f"_{kind}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
+
+
+# A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
+# process uses stay well within Dynamo's limit of compilations per function.
+_FUNCTIONS: dict[tuple[SgdVariant | None, bool, bool], Callable[..., torch.Tensor]] = {
+    (variant, parallel, per_unit): _distinct(
+        _fused_step if variant is None else _sgd_step, _kernel_name(variant, parallel, per_unit)
+    )
+    for variant in (None, *SGD_VARIANTS)
+    for parallel in (True, False)
+    for per_unit in (True, False)
 }
 
 
-def _compiled(parallel: bool, per_unit: bool = False) -> Callable[..., torch.Tensor]:
-    key = (parallel, per_unit)
+def _compiled(
+    parallel: bool, per_unit: bool = False, variant: SgdVariant | None = None
+) -> Callable[..., torch.Tensor]:
+    key = (variant, parallel, per_unit)
     if key not in _compiled_fns:
         # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
         options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
@@ -263,7 +354,11 @@ class AutoChoice:
 
 
 def compiled_step_ready(
-    device: torch.device, dtype: torch.dtype, parallel: Sequence[bool], per_unit: bool = False
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: Sequence[bool],
+    per_unit: bool = False,
+    sgd: Sequence[SgdVariant] = (),
 ) -> bool:
     """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
 
@@ -275,14 +370,20 @@ def compiled_step_ready(
         dtype: The layers' dtype.
         parallel: :func:`parallel_kernel` of each layer: the kernels needed.
         per_unit: Whether the layers step per unit (``granularity="unit"``).
+        sgd: For the kernels that take torch's SGD step themselves (:func:`rotate_sgd_compiled`), the variant of each
+            layer; empty for the step after the wrapped optimizer's (:func:`rotate_compiled`).
     """
-    return all(_ready_one(device, dtype, kind, per_unit) for kind in sorted(set(parallel)))
+    variants: list[SgdVariant | None] = list(sgd) if sgd else [None] * len(parallel)
+    kernels = sorted(set(zip(parallel, variants, strict=True)), key=repr)
+    return all(_ready_one(device, dtype, kind, per_unit, variant) for kind, variant in kernels)
 
 
-def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool) -> bool:
+def _ready_one(
+    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: SgdVariant | None
+) -> bool:
     if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
         return False  # one warning per (device, dtype), and never a half-compiled group
-    key = (device.type, dtype, parallel, per_unit)
+    key = (device.type, dtype, parallel, per_unit, variant)
     if key not in _ready:
         try:
             # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
@@ -297,15 +398,29 @@ def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_uni
                 rate, relative_lr = scalars(torch.ones(2, dtype=torch.float64, device=device))
                 norms = torch.ones(_WARMUP_SHAPE[0] if per_unit else (), dtype=torch.float64, device=device)
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
-                _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
+                if variant is None:
+                    _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
+                else:
+                    momentum, nesterov = variant
+                    hyper = torch.tensor([0.1, 0.9, 1.0, 1e-4, 1.0], dtype=torch.float64, device=device)
+                    buffer = grid.cos().to(dtype) if momentum else None
+                    kernel = _compiled(parallel, per_unit, variant)
+                    kernel(params, weights, buffer, hyper, rate, relative_lr, norms, flag, nesterov)
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
-            _give_up(device, dtype, parallel, per_unit, error)
+            _give_up(device, dtype, parallel, per_unit, variant, error)
     return _ready[key]
 
 
-def _give_up(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, error: Exception) -> None:
-    _ready[(device.type, dtype, parallel, per_unit)] = False
+def _give_up(
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: bool,
+    per_unit: bool,
+    variant: SgdVariant | None,
+    error: Exception,
+) -> None:
+    _ready[(device.type, dtype, parallel, per_unit, variant)] = False
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     warnings.warn(
         f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
@@ -429,7 +544,56 @@ def rotate_compiled(
         try:
             steps[kind](*args)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
-            _give_up(args[0].device, args[0].dtype, kind, per_unit, error)
+            _give_up(args[0].device, args[0].dtype, kind, per_unit, None, error)
+            break
+        done += 1
+    return done
+
+
+def rotate_sgd_compiled(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor | None],
+    hypers: Sequence[torch.Tensor],
+    rates: Sequence[torch.Tensor],
+    relative_lrs: Sequence[torch.Tensor],
+    initial_norms: Sequence[torch.Tensor],
+    near_floor: Sequence[torch.Tensor],
+    parallel: Sequence[bool],
+    nesterov: Sequence[bool],
+    per_unit: bool = False,
+) -> int:
+    """Take torch's SGD step and the Layca step of layers of one device and dtype together, one compiled call each.
+
+    Needs :func:`compiled_step_ready` (with ``sgd``) to have returned ``True`` for the layers' device, dtype and
+    kernels. Should a later compilation fail, the layers from the failing one on are left to the caller (untouched:
+    neither their weights nor their buffers were written), after one warning.
+
+    Args:
+        params: :func:`kernel_view` (or :func:`unit_view`) of each layer (detached), holding ``w``.
+        grads: The same views of their gradients.
+        buffers: The same views of their momentum buffers (``None`` without momentum), updated in place.
+        hypers: Per layer, ``(lr, momentum, 1 - dampening, weight_decay, sign)`` (see :func:`_sgd_step`).
+        rates: ``rho`` per layer, 0-dim float64 tensors on the layers' device.
+        relative_lrs: ``lr_g(t) / lr_ref`` per layer, likewise.
+        initial_norms: ``n0`` per layer (per unit with ``per_unit``), as in :func:`rotate_compiled`.
+        near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
+        parallel: :func:`parallel_kernel` of each layer.
+        nesterov: Per layer, whether its group uses Nesterov momentum.
+        per_unit: Whether every unit turns by itself (``granularity="unit"``).
+
+    Returns:
+        The number of layers stepped.
+    """
+    done = 0
+    for p, g, buf, hyper, rate, lr, norms, flag, kind, nest in zip(
+        params, grads, buffers, hypers, rates, relative_lrs, initial_norms, near_floor, parallel, nesterov, strict=True
+    ):
+        variant = (buf is not None, nest)
+        try:
+            _compiled(kind, per_unit, variant)(p, g, buf, hyper, rate, lr, norms, flag, nest)
+        except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
+            _give_up(p.device, p.dtype, kind, per_unit, variant, error)
             break
         done += 1
     return done

@@ -44,6 +44,7 @@ from lightning_layca.compiled_step import (
     kernel_view,
     parallel_kernel,
     rotate_compiled,
+    rotate_sgd_compiled,
     scalars,
     unit_view,
     use_compiled_step,
@@ -221,12 +222,43 @@ class _Group:
     rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     unfused: list[int] = field(default_factory=list)
     """Positions of the layers the eager step takes in a compiled group."""
+    owned: list[int] = field(default_factory=list)
+    """Positions of the layers whose ``torch.optim.SGD`` step the fused kernel takes as well (no snapshot; see
+    :func:`lightning_layca.compiled_step.rotate_sgd_compiled`). Disjoint from ``fused`` and ``unfused``."""
+    owned_views: list[torch.Tensor] = field(default_factory=list)
+    owned_parallel: list[bool] = field(default_factory=list)
+    all_norm_scalars: list[torch.Tensor] = field(default_factory=list)
+    all_flag_scalars: list[torch.Tensor] = field(default_factory=list)
+    all_rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    hyper_values: list[tuple[float, ...]] = field(default_factory=list)
+    hyper_rows: list[torch.Tensor] = field(default_factory=list)
+    shapes: list[tuple[torch.device, torch.dtype, torch.Size]] = field(default_factory=list)
+    """The device, dtype and shape of each layer (local shard) when the group was built."""
+    kept: list[int] = field(default_factory=list)
+    """Positions whose ``previous`` holds the weights before the latest step."""
     subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     """Device index tensors of a subset of the layers: their positions, their values' positions (rows with
     ``granularity="unit"``) and, per row, the position of its layer in the subset (built once per subset)."""
 
 
-def _device_values(values: list[list[float]], device: torch.device) -> torch.Tensor:
+@dataclass
+class _SgdPlan:
+    """What the fused SGD kernel does at one step for the owned layers of a group (see ``Layca._sgd_plan``)."""
+
+    positions: list[int] = field(default_factory=list)
+    """Positions (in the group) of the layers the kernel takes at this step; the lists below follow them."""
+    grads: list[torch.Tensor] = field(default_factory=list)
+    buffers: list[torch.Tensor | None] = field(default_factory=list)
+    hypers: list[torch.Tensor] = field(default_factory=list)
+    nesterov: list[bool] = field(default_factory=list)
+    parallel: list[bool] = field(default_factory=list)
+    fallback: list[int] = field(default_factory=list)
+    """Positions of owned layers that take the base step and the other path at this step."""
+    new_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Momentum buffers created (or re-laid out) for this step: stored in the optimizer's state once the kernel ran."""
+
+
+def _device_values(values: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
     """Host numbers as a float64 tensor on ``device``; to an accelerator through pinned memory, without a sync."""
     host = torch.tensor(values, dtype=torch.float64)
     if device.type == "cpu":
@@ -391,6 +423,7 @@ class Layca(Optimizer):
         self._joining: list[int] = []
         self._step_layout: ShardLayout | None = None
         self._warned_sharded_eager = False
+        self._keep_next = False
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self._default_reference_lr()  # fail early on learning rates that cannot define relative rates
@@ -651,6 +684,7 @@ class Layca(Optimizer):
                 indices=idx,
                 params=params,
                 previous=[torch.empty_like(x) for x in locals_],
+                shapes=[(x.device, x.dtype, x.shape) for x in locals_],
                 initial_norms=norms.to(device),
                 near_floor=torch.zeros(len(idx), dtype=torch.bool, device=device),
                 row_layer=row_layer,
@@ -673,29 +707,41 @@ class Layca(Optimizer):
         """The views and per-layer tensors of the compiled step for the layers of ``g`` it can take."""
         view = unit_view if self.granularity == "unit" else kernel_view
         pairs = [(view(p.detach()), view(w)) for p, w in zip(g.params, g.previous, strict=True)]
+        viewable = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
+        g.owned = [j for j in viewable if self._sgd_kernel_applies(g.indices[j])]
+        g.fused = [j for j in viewable if j not in g.owned]
+        g.unfused = [j for j in range(len(g.params)) if j not in viewable]
+        g.compiled = bool(viewable)
         views = [(vp, vw) for vp, vw in pairs if vp is not None and vw is not None]
-        g.fused = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
-        g.unfused = [j for j in range(len(g.params)) if j not in g.fused]
-        g.compiled = bool(g.fused)
-        g.views = [vp for vp, _ in views], [vw for _, vw in views]
+        g.views = [views[viewable.index(j)][0] for j in g.fused], [views[viewable.index(j)][1] for j in g.fused]
         g.parallel = [parallel_kernel(g.params[j]) for j in g.fused]
+        g.owned_views = [views[viewable.index(j)][0] for j in g.owned]
+        g.owned_parallel = [parallel_kernel(g.params[j]) for j in g.owned]
+        for j in g.owned:  # no snapshot buffer until one is needed (see _snapshot)
+            g.previous[j] = torch.empty(0, device=g.previous[j].device, dtype=g.previous[j].dtype)
         if self.granularity == "unit":  # each layer's norms per unit, in a tensor of its own
-            norms = g.initial_norms.split(unit_counts(g.params))
-            g.norm_scalars = [norms[j].clone() for j in g.fused]
+            g.all_norm_scalars = [norms.clone() for norms in g.initial_norms.split(unit_counts(g.params))]
         else:
-            norm_scalars = scalars(g.initial_norms)
-            g.norm_scalars = [norm_scalars[j] for j in g.fused]
-        flag_scalars = scalars(g.near_floor)
-        g.flag_scalars = [flag_scalars[j] for j in g.fused]
+            g.all_norm_scalars = scalars(g.initial_norms)
+        g.all_flag_scalars = scalars(g.near_floor)
+        g.norm_scalars = [g.all_norm_scalars[j] for j in g.fused]
+        g.flag_scalars = [g.all_flag_scalars[j] for j in g.fused]
         if g.compiled and g.unfused:  # index tensors built now, not in a step (on an accelerator, that would sync)
             g.subsets[tuple(g.unfused)] = self._subset(g, g.unfused)
+
+    def _sgd_kernel_applies(self, i: int) -> bool:
+        """Whether layer ``i``'s ``torch.optim.SGD`` step may be taken by the fused kernel (see ``implementation``)."""
+        if type(self.optimizer) is not torch.optim.SGD:  # a subclass may step differently
+            return False
+        group = self.param_groups[self._layer_group[i]]
+        return not group.get("differentiable", False) and not isinstance(group["lr"], torch.Tensor)
 
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
         if groups is None or any(
-            buf.device != x.device or buf.dtype != x.dtype or buf.shape != x.shape
+            (x.device, x.dtype, x.shape) != shape
             for g in groups
-            for x, buf in zip(self._locals(g), g.previous, strict=True)
+            for x, shape in zip(self._locals(g), g.shapes, strict=True)
         ):
             groups = self._groups = self._build_groups()
         return groups
@@ -704,9 +750,13 @@ class Layca(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the wrapped optimizer's step, then turn it into a Layca step for every controlled layer.
 
+        Where the compiled step takes a layer's ``torch.optim.SGD`` step itself (see ``implementation``), that layer
+        is hidden from the wrapped optimizer's step (its gradient is set aside for its duration) and the fused kernel
+        updates its weights and its momentum buffer in the wrapped optimizer's state.
+
         Args:
-            closure: Re-evaluates the model and returns the loss; handed to the wrapped optimizer, which calls it
-                with gradients enabled (exactly once for every torch optimizer but LBFGS).
+            closure: Re-evaluates the model and returns the loss. For torch's own optimizers (LBFGS excepted) Layca
+                calls it first, with gradients enabled, as they would; other optimizers get it to call themselves.
 
         Returns:
             What the closure returned (``None`` without a closure).
@@ -716,61 +766,215 @@ class Layca(Optimizer):
             # checkpoints) creates the wrapped optimizer's state with one step at learning rate 0 from zero
             # gradients. That is no training step: nothing rotates, nothing is counted, no collective is issued.
             return self.optimizer.step()
+        loss = None
+        if closure is not None and self._calls_closure_first():
+            with torch.enable_grad():
+                loss = closure()
+            closure = None
         self._update_controlled()
         if self._controlled and self.reference_lr is None:
             self.reference_lr = self._default_reference_lr()
+        auto = self._auto if self._auto is not None and self._auto.measuring else None
+        # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
+        start = time.perf_counter() if auto is not None and closure is None else None
         groups = self._groups_for_step()
-        for g in groups:
-            torch._foreach_copy_(g.previous, self._locals(g))
+        plans = [self._sgd_plan(g) for g in groups]
+        keep = self._keep_next
+        self._keep_next = False
+        for g, plan in zip(groups, plans, strict=True):
+            owned = set(g.owned) - set(plan.fallback)
+            g.kept = [j for j in range(len(g.params)) if j not in owned or (keep and j not in plan.positions)]
+            self._snapshot(g, g.kept)
 
-        if closure is None:
-            loss = self.optimizer.step()
-        else:
+        hidden = [g.params[j] for g, plan in zip(groups, plans, strict=True) for j in plan.positions]
+        grads = [p.grad for p in hidden]
+        try:
+            for p in hidden:  # the fused kernel takes their SGD step
+                p.grad = None
+            if closure is None:
+                base_loss = self.optimizer.step()
+            else:
 
-            def closure_with_grad() -> Any:
-                with torch.enable_grad():
-                    return closure()
+                def closure_with_grad() -> Any:
+                    with torch.enable_grad():
+                        return closure()
 
-            loss = self.optimizer.step(closure_with_grad)
+                base_loss = self.optimizer.step(closure_with_grad)
+        finally:
+            for p, grad in zip(hidden, grads, strict=True):
+                p.grad = grad
+        loss = base_loss if loss is None else loss
 
         rates = self._current_rates()
-        auto = self._auto if self._auto is not None and self._auto.measuring else None
         seconds = 0.0
-        for g in groups:
-            start = time.perf_counter() if auto is not None and g.eligible else None
+        for g, plan in zip(groups, plans, strict=True):
+            part = time.perf_counter() if auto is not None and start is None and g.eligible else None
             if g.rates_version != self._rates_version:  # a host-to-device copy only when the rates change
-                values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
-                layer_rates, layer_relative_lrs = _device_values(values, g.near_floor.device)
-                if g.compiled:
-                    rate_scalars, lr_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
-                    g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
-                g.rates, g.relative_lrs = layer_rates, layer_relative_lrs
-                if g.row_layer is not None:
-                    g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
-                g.rates_version = self._rates_version
+                self._update_group_rates(g, rates)
             if self._step_layout is not None:
                 continue  # sharded: the summed step below takes every group at once
-            if g.compiled and compiled_step_ready(
-                g.near_floor.device, g.params[0].dtype, g.parallel, per_unit=g.row_layer is not None
-            ):
-                per_unit = g.row_layer is not None
-                done = rotate_compiled(
-                    *g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel, per_unit=per_unit
-                )
-                rest = g.unfused if done == len(g.fused) else sorted(g.unfused + g.fused[done:])
-                if rest:
-                    self._rotate_eager(g, rest)
-            else:
-                self._rotate_eager(g, None)
-            if start is not None:  # eligible groups are on CPU: their kernels have finished
-                seconds += time.perf_counter() - start
+            self._rotate_group(g, plan)
+            if part is not None:  # eligible groups are on CPU: their kernels have finished
+                seconds += time.perf_counter() - part
         if self._step_layout is not None:
             self._rotate_sharded(groups, self._step_layout)
+        if start is not None:
+            seconds = time.perf_counter() - start
         if auto is not None and any(g.eligible for g in groups) and auto.record(seconds):
             self._groups = None  # take the other implementation from the next step on
         self.step_count += 1
         self._warn_near_floor(groups)
         return loss
+
+    def keep_weights_before_next_step(self) -> None:
+        """Have the next step keep the weights of every controlled layer before it (:meth:`weights_before_last_step`).
+
+        Layers whose ``torch.optim.SGD`` step the compiled kernel takes need no copy of their weights for the step
+        itself, so they keep one only when asked; :class:`~lightning_layca.LaycaCallback` asks on its logging steps.
+        """
+        self._keep_next = True
+
+    def _calls_closure_first(self) -> bool:
+        """Whether the wrapped optimizer is one of torch's, which call the closure once, first (LBFGS excepted)."""
+        base = type(self.optimizer)
+        return base.__module__.startswith("torch.optim.") and base is not torch.optim.LBFGS
+
+    def _update_group_rates(self, g: _Group, rates: list[float]) -> None:
+        values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
+        layer_rates, layer_relative_lrs = _device_values(values, g.near_floor.device)
+        if g.compiled:
+            rate_scalars, lr_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
+            g.all_rate_scalars = rate_scalars, lr_scalars
+            g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
+        g.rates, g.relative_lrs = layer_rates, layer_relative_lrs
+        if g.row_layer is not None:
+            g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
+        g.rates_version = self._rates_version
+
+    def _snapshot(self, g: _Group, positions: list[int]) -> None:
+        """Copy the current weights of the layers of ``g`` at ``positions`` into their snapshot buffers."""
+        for j in positions:
+            if g.previous[j].shape != g.shapes[j][2]:  # an owned layer's buffer, allocated on first need
+                g.previous[j] = torch.empty_like(local_shard(g.params[j].detach()))
+        if len(positions) == len(g.params):
+            torch._foreach_copy_(g.previous, self._locals(g))
+        elif positions:
+            torch._foreach_copy_(
+                [g.previous[j] for j in positions], [local_shard(g.params[j].detach()) for j in positions]
+            )
+
+    def _rotate_group(self, g: _Group, plan: _SgdPlan) -> None:
+        """Turn the base step of the layers of ``g`` into Layca steps, and take the planned fused SGD steps."""
+        per_unit = g.row_layer is not None
+        device, dtype = g.near_floor.device, g.params[0].dtype
+        if not g.compiled:
+            self._rotate_eager(g, None)
+            return
+        rest = g.unfused + plan.fallback
+        if g.fused and compiled_step_ready(device, dtype, g.parallel, per_unit=per_unit):
+            done = rotate_compiled(
+                *g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel, per_unit=per_unit
+            )
+            rest = rest + g.fused[done:]
+        else:
+            rest = rest + g.fused
+        if plan.positions:
+            at = plan.positions
+            rates, relative_lrs = g.all_rate_scalars
+            done = rotate_sgd_compiled(
+                [g.owned_views[g.owned.index(j)] for j in at],
+                plan.grads,
+                plan.buffers,
+                plan.hypers,
+                [rates[j] for j in at],
+                [relative_lrs[j] for j in at],
+                [g.all_norm_scalars[j] for j in at],
+                [g.all_flag_scalars[j] for j in at],
+                plan.parallel,
+                plan.nesterov,
+                per_unit=per_unit,
+            )
+            for j in at[:done]:
+                if j in plan.new_buffers:
+                    self.optimizer.state[g.params[j]]["momentum_buffer"] = plan.new_buffers[j]
+            if done < len(at):  # a compilation failed: those layers take the base step and the eager one
+                missed = at[done:]
+                self._snapshot(g, missed)
+                g.kept = sorted(set(g.kept) | set(missed))
+                self._base_step_of([g.params[j] for j in missed])
+                rest += missed
+        if rest:
+            self._rotate_eager(g, None if len(rest) == len(g.params) else sorted(rest))
+
+    def _base_step_of(self, params: list[torch.Tensor]) -> None:
+        """Run the wrapped optimizer's step for ``params`` only (every other gradient set aside meanwhile)."""
+        chosen = {id(p) for p in params}
+        others = [p for group in self.param_groups for p in group["params"] if id(p) not in chosen]
+        grads = [p.grad for p in others]
+        try:
+            for p in others:
+                p.grad = None
+            self.optimizer.step()
+        finally:
+            for p, grad in zip(others, grads, strict=True):
+                p.grad = grad
+
+    def _sgd_plan(self, g: _Group) -> _SgdPlan:
+        """The layers of ``g`` whose ``torch.optim.SGD`` step the fused kernel takes at this step, with its arguments.
+
+        A layer without a gradient is skipped, as SGD skips it. A layer whose gradient the kernel cannot read as it
+        reads the weights (sparse, another dtype or memory layout) takes the base step and the other path
+        (``fallback``), and so does every owned layer where the kernel cannot be compiled.
+        """
+        plan = _SgdPlan()
+        if not g.owned:
+            return plan
+        view = unit_view if g.row_layer is not None else kernel_view
+        device, dtype = g.near_floor.device, g.params[0].dtype
+        state, groups = self.optimizer.state, self.param_groups
+        hyper_values: list[tuple[float, ...]] = []
+        for j, weights_view, parallel in zip(g.owned, g.owned_views, g.owned_parallel, strict=True):
+            p = g.params[j]
+            grad = p.grad
+            if grad is None:
+                continue
+            group = groups[self._layer_group[g.indices[j]]]
+            grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(grad)
+            if (
+                grad_view is None
+                or grad.dtype != dtype
+                or grad_view.shape != weights_view.shape
+                or group.get("differentiable", False)
+            ):
+                plan.fallback.append(j)
+                continue
+            momentum, dampening, buffer = float(group["momentum"]), float(group["dampening"]), None
+            if momentum != 0:
+                buffer = state[p].get("momentum_buffer") if p in state else None
+                if buffer is None:  # torch's SGD starts the buffer at the first step's direction: so does the kernel
+                    buffer = plan.new_buffers[j] = torch.zeros_like(p)
+                    momentum, dampening = 0.0, 0.0
+                elif buffer.stride() != p.stride() or buffer.dtype != dtype or buffer.device != p.device:
+                    buffer = plan.new_buffers[j] = torch.empty_like(p).copy_(buffer)  # e.g. loaded contiguous
+            sign = -1.0 if group["maximize"] else 1.0
+            hyper_values.append((float(group["lr"]), momentum, 1.0 - dampening, float(group["weight_decay"]), sign))
+            plan.positions.append(j)
+            plan.grads.append(grad_view)
+            plan.buffers.append(None if buffer is None else view(buffer))
+            plan.nesterov.append(bool(group["nesterov"]))
+            plan.parallel.append(parallel)
+        variants = [
+            (buffer is not None, nesterov) for buffer, nesterov in zip(plan.buffers, plan.nesterov, strict=True)
+        ]
+        per_unit = g.row_layer is not None
+        if plan.positions and not compiled_step_ready(device, dtype, plan.parallel, per_unit=per_unit, sgd=variants):
+            return _SgdPlan(fallback=plan.fallback + plan.positions)
+        if hyper_values != g.hyper_values:  # a host-to-device copy only when the values change
+            g.hyper_values = hyper_values
+            rows = _device_values(hyper_values, device).unbind() if hyper_values else ()
+            g.hyper_rows = [row.detach() for row in rows]
+        plan.hypers = g.hyper_rows
+        return plan
 
     @staticmethod
     def _locals(group: _Group) -> list[torch.Tensor]:
@@ -932,11 +1136,7 @@ class Layca(Optimizer):
 
         These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only.
         """
-        return {
-            self.layer_names[i]: buffer
-            for g in self._groups or []
-            for i, buffer in zip(g.indices, g.previous, strict=True)
-        }
+        return {self.layer_names[g.indices[j]]: g.previous[j] for g in self._groups or [] for j in g.kept}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter of the wrapped optimizer."""

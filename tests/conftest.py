@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 try:
     from hypothesis import settings
 except ImportError:  # a machine that runs only the CUDA tests (benchmarks/gpu_check.sh) may lack hypothesis
@@ -15,3 +17,15 @@ if settings is not None:
     settings.register_profile("ci", derandomize=True)
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _compiled_step_after_the_base_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests parametrised with ``tests.implementations.AFTER_STEP``: Layca's fused SGD kernel switched off."""
+    from tests.implementations import AFTER_STEP
+
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and AFTER_STEP in callspec.id:
+        import lightning_layca as ll
+
+        monkeypatch.setattr(ll.Layca, "_sgd_kernel_applies", lambda self, i: False)

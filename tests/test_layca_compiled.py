@@ -13,7 +13,11 @@ from torch import nn
 
 import lightning_layca as ll
 from lightning_layca import compiled_step
+from tests.implementations import SubclassedSGD
 from tests.reference import layca_update
+
+KERNELS = {"sgd-in-kernel": torch.optim.SGD, "after-base-step": SubclassedSGD}
+"""Around torch's SGD the compiled kernel takes the SGD step itself; around a subclass, it works after its step."""
 
 
 def cuda(test):
@@ -111,7 +115,7 @@ def test_float64_layers_take_the_eager_step_with_a_warning_when_compiled_is_aske
 
 
 def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_compiler(parallel: bool, per_unit: bool = False):
+    def no_compiler(parallel: bool, per_unit: bool = False, variant: object = None):
         def fail(*args):
             raise RuntimeError("no C++ compiler found\nsecond line")
 
@@ -142,11 +146,12 @@ def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pyt
     [(8, 8), (16, 3, 3, 3), (1, 197, 7), (6, 1), (1, 2, 1, 2), (40, 1000)],
     ids=["square", "conv", "leading-one", "column", "ones", "wide"],
 )
-def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: tuple[int, ...], kernel: str) -> None:
     torch.manual_seed(0)
     layer = nn.Parameter(torch.randn(shape))
     opt = ll.Layca(
-        torch.optim.SGD([layer], lr=0.1, momentum=0.9, weight_decay=0.1),
+        KERNELS[kernel]([layer], lr=0.1, momentum=0.9, weight_decay=0.1),
         [("layer", layer)],
         rotation_rate=0.07,
         implementation="compiled",
@@ -156,31 +161,34 @@ def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: t
     after_base = before - 0.1 * (layer.grad + 0.1 * before)
     opt.step()
     expected = layca_update(before, after_base, 0.07, float(before.double().norm()))
-    assert opt._groups[0].compiled and opt._groups[0].fused == [0]
+    kernel_positions = opt._groups[0].owned if kernel == "sgd-in-kernel" else opt._groups[0].fused
+    assert opt._groups[0].compiled and kernel_positions == [0]
     assert relative_error(layer.detach().flatten(), expected) < 1e-6
 
 
-def test_layer_without_a_two_dimensional_split_steps_eagerly_beside_the_compiled_ones() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layer_without_a_two_dimensional_split_steps_eagerly_beside_the_compiled_ones(kernel: str) -> None:
     torch.manual_seed(0)
     prime = nn.Parameter(torch.randn(7, 1))  # 7 elements in one dimension: no rows x columns split of sizes >= 2
     strided = nn.Parameter(torch.randn(8, 12)[:, ::2])  # not one dense block of memory
     dense = nn.Parameter(torch.randn(8, 6))
     named = [("prime", prime), ("strided", strided), ("dense", dense)]
-    opt = ll.Layca(torch.optim.SGD([p for _, p in named], lr=0.1), named, rotation_rate=0.1, implementation="compiled")
+    opt = ll.Layca(KERNELS[kernel]([p for _, p in named], lr=0.1), named, rotation_rate=0.1, implementation="compiled")
     before = [p.detach().clone() for _, p in named]
     for _, p in named:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt._groups[0].fused == [2] and opt._groups[0].unfused == [0, 1]
+    assert opt._groups[0].fused + opt._groups[0].owned == [2] and opt._groups[0].unfused == [0, 1]
     for (_, p), w in zip(named, before, strict=True):
         assert angle(p.detach(), w) == pytest.approx(math.atan(0.1), abs=1e-5)
         assert float(p.detach().double().norm()) == pytest.approx(float(w.double().norm()), rel=1e-6)
 
 
-def test_channels_last_convolution_equals_the_eager_step() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_channels_last_convolution_equals_the_eager_step(kernel: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
-    twin, eager, compiled = twin_optimizers(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    twin, eager, compiled = twin_optimizers(model, lambda p: KERNELS[kernel](p, lr=0.1, momentum=0.9))
     assert not model[0].weight.is_contiguous()
     train([(model, eager), (twin, compiled)], 5, lambda step: torch.randn(2, 3, 8, 8))
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
@@ -210,15 +218,19 @@ def test_large_layer_takes_the_multithreaded_kernel_and_equals_the_eager_step() 
 
 @pytest.mark.filterwarnings("ignore:Layca. the base optimizer's steps for layer")  # bf16/fp16 rounding: expected
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_layer_is_computed_wide_and_rounded_once(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_low_precision_layer_is_computed_wide_and_rounded_once(dtype: torch.dtype, kernel: str) -> None:
     # From the same bf16/fp16 weights and step, the compiled result is the float64 reference rounded to the dtype:
     # at most one unit in the last place per element.
     torch.manual_seed(0)
     layer = nn.Parameter(torch.randn(32, 48).to(dtype))
-    opt = ll.Layca(torch.optim.SGD([layer], lr=0.5), [("layer", layer)], rotation_rate=0.2, implementation="compiled")
+    opt = ll.Layca(KERNELS[kernel]([layer], lr=0.5), [("layer", layer)], rotation_rate=0.2, implementation="compiled")
     before = layer.detach().clone()
     layer.grad = torch.randn(32, 48).to(dtype)
-    after_base = before - 0.5 * layer.grad
+    # After the base step the step is read back from the rounded weights; the SGD kernel forms it exactly.
+    after_base = (
+        before - 0.5 * layer.grad if kernel == "after-base-step" else before.double() - 0.5 * layer.grad.double()
+    )
     n0 = opt.initial_norms[0]
     opt.step()
     expected = layca_update(before, after_base, 0.2, n0, dtype=dtype).view(32, 48)
@@ -363,7 +375,7 @@ def test_unit_granularity_steps_single_unit_layers_eagerly_beside_the_compiled_o
     for _, p in named:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt._groups[0].fused == [1] and opt._groups[0].unfused == [0]
+    assert opt._groups[0].owned == [1] and opt._groups[0].unfused == [0]
     for (_, p), w in zip(named, before, strict=True):
         for unit, unit_before in zip(p.detach(), w, strict=True):
             assert angle(unit, unit_before) == pytest.approx(math.atan(0.1), abs=1e-5)

@@ -209,8 +209,11 @@ class LaycaCallback(LayerRotationMonitor):
 
     @override
     def _capture_pre_step(self) -> dict[str, torch.Tensor]:
-        # Layca keeps the weights before its step anyway: copy only the layers no wrapper controls.
+        # Layca keeps the weights before its step (asked to for the layers whose fused SGD step needs no copy):
+        # copy only the layers no wrapper controls.
         self._pre_step_counts = {index: layca.step_count for index, layca in self.laycas.items()}
+        for layca in self.laycas.values():
+            layca.keep_weights_before_next_step()
         controlled = {name for layca in self.laycas.values() for name in layca.controlled_layer_names}
         return {
             name: local_shard(p.detach()).clone()

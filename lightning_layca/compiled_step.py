@@ -14,7 +14,12 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
    (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact zero.
 
 With the snapshot taken before the base step, that is 7 tensor-sized memory passes, against about 19 for the eager
-multi-tensor step. Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
+multi-tensor step.
+
+Around ``torch.optim.SGD`` the kernel takes SGD's step too (:func:`_sgd_step`, :func:`rotate_sgd_compiled`): the
+first pass reads ``(w, grad, buffer)``, writes the new momentum buffer and accumulates the sums with
+``D = -lr * v`` formed exactly in float64, the second reads ``(w, grad, buffer)`` and writes ``w``. No snapshot is
+taken and ``fl(w + D)`` is never formed: 7 memory streams in all, against 5 for SGD's own fused step. Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
 :data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
 
 Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense

@@ -317,7 +317,8 @@ class Layca(Optimizer):
             (:func:`lightning_layca.step.coefficients`). ``"eager"``: multi-tensor torch operations. ``"compiled"``:
             per layer, one fused reduction pass and one update pass, compiled with ``torch.compile`` at the first step
             (Inductor: C++ on CPU, Triton on CUDA) for float32, bfloat16 and float16 layers; where compilation fails,
-            one warning and the eager step. ``"auto"`` (default): on CPU, the eager step until its steps have taken
+            one warning and the eager step. Around ``torch.optim.SGD`` itself, the kernel takes SGD's step for the
+            layers as well (momentum buffers kept in SGD's state), so no snapshot of their weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps have taken
             :data:`~lightning_layca.compiled_step.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
             turns out faster (:class:`~lightning_layca.compiled_step.AutoChoice`), so that a short fit never waits
             for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
@@ -783,7 +784,7 @@ class Layca(Optimizer):
         self._keep_next = False
         for g, plan in zip(groups, plans, strict=True):
             owned = set(g.owned) - set(plan.fallback)
-            g.kept = [j for j in range(len(g.params)) if j not in owned or (keep and j not in plan.positions)]
+            g.kept = [j for j in range(len(g.params)) if keep or j not in owned]
             self._snapshot(g, g.kept)
 
         hidden = [g.params[j] for g, plan in zip(groups, plans, strict=True) for j in plan.positions]
@@ -1132,9 +1133,11 @@ class Layca(Optimizer):
         )
 
     def weights_before_last_step(self) -> dict[str, torch.Tensor]:
-        """Return the weights every controlled layer had before the latest step, keyed by parameter name.
+        """Return the weights the controlled layers had before the latest step, keyed by parameter name.
 
-        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only.
+        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only. Layers whose
+        ``torch.optim.SGD`` step the compiled kernel took are included only when :meth:`keep_weights_before_next_step`
+        was called before that step (they need no snapshot otherwise).
         """
         return {self.layer_names[g.indices[j]]: g.previous[j] for g in self._groups or [] for j in g.kept}
 

@@ -32,8 +32,14 @@ def csv_rows(log_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_under_layca_the_measured_rate_is_the_rate_used_and_the_norm_is_constant(tmp_path: Path) -> None:
-    callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False)
+# "compiled": Layca's kernel takes SGD's step and keeps no snapshot, except on the logging steps, where it is asked to.
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_under_layca_the_measured_rate_is_the_rate_used_and_the_norm_is_constant(
+    tmp_path: Path, implementation: str
+) -> None:
+    callback = ll.LaycaCallback(
+        rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False, implementation=implementation
+    )
     tb = TensorBoardLogger(tmp_path, name="tb")
     csv_logger = CSVLogger(tmp_path, name="csv")
     model = PerStepDecay()

@@ -1,0 +1,232 @@
+"""The compiled kernel that takes ``torch.optim.SGD``'s step itself: same steps and same SGD state as the eager path,
+biases stepped by SGD untouched, gradients given back, the closure called once, no snapshot kept unless asked, and a
+fallback for what it cannot read."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_layca as ll
+from lightning_layca import compiled_step
+from tests.implementations import SubclassedSGD
+
+CONFIGS = {
+    "plain": dict(lr=0.1),
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "momentum-wd": dict(lr=0.05, momentum=0.9, weight_decay=5e-3),
+    "dampening": dict(lr=0.1, momentum=0.8, dampening=0.3, weight_decay=1e-3),
+    "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "maximize": dict(lr=0.1, momentum=0.9, maximize=True),
+    "plain-wd": dict(lr=0.1, weight_decay=0.01),
+}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()))
+
+
+def model_and_twin(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10), nn.Tanh(), nn.Linear(10, 4)
+    )
+    return model, copy.deepcopy(model)
+
+
+def layca(model: nn.Module, base: type[torch.optim.SGD], implementation: str, **config: float) -> ll.Layca:
+    return ll.Layca(
+        base(model.parameters(), **config), model.named_parameters(), rotation_rate=0.05, implementation=implementation
+    )
+
+
+def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 3, 8, 8, generator=generator)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_kernel_takes_the_same_steps_and_keeps_the_same_momentum_as_sgd_under_the_eager_step(config: str) -> None:
+    model, twin = model_and_twin()
+    eager = layca(model, torch.optim.SGD, "eager", **CONFIGS[config])
+    compiled = layca(twin, torch.optim.SGD, "compiled", **CONFIGS[config])
+    fit(model, eager, 6)
+    fit(twin, compiled, 6)
+    assert compiled._groups[0].owned == [0, 1, 2]  # every layer's SGD step taken by the kernel
+    # Float32 rounding differs (the kernel reads the step exactly); the gradients carry it into later steps.
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 2e-5, name
+        if CONFIGS[config].get("momentum"):
+            buffers = eager.state[p]["momentum_buffer"], compiled.state[q]["momentum_buffer"]
+            assert relative_error(buffers[1], buffers[0]) < 2e-5, name
+            assert buffers[1].stride() == q.stride()
+        else:
+            assert q not in compiled.state or "momentum_buffer" not in compiled.state[q]  # as torch's SGD
+
+
+def test_biases_are_stepped_by_sgd_itself_bit_for_bit() -> None:
+    model, twin = model_and_twin()
+    compiled = layca(twin, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9, weight_decay=1e-3)
+    plain = torch.optim.SGD(
+        [p for n, p in model.named_parameters() if n.endswith("bias")], lr=0.1, momentum=0.9, weight_decay=1e-3
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(16, 3, 8, 8, generator=generator)
+        twin.zero_grad()
+        twin(x).square().mean().backward()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = q.grad.clone()
+        compiled.step()
+        plain.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if name.endswith("bias"):
+            assert torch.equal(p, q), name
+
+
+def test_gradients_are_given_back_and_the_closure_runs_once_with_gradients_enabled() -> None:
+    model, _ = model_and_twin()
+    opt = layca(model, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    values = {name: g.clone() for name, g in grads.items()}
+    assert calls == [True] and float(loss.detach()) > 0
+    opt.step()  # no closure: the gradients of the last backward pass, as with SGD
+    for name, p in model.named_parameters():
+        assert p.grad is grads[name] and torch.equal(p.grad, values[name]), name
+
+
+def test_no_snapshot_is_kept_unless_asked_and_the_asked_one_holds_the_weights_before_the_step() -> None:
+    model, _ = model_and_twin()
+    opt = layca(model, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
+    fit(model, opt, 1)
+    group = opt._groups[0]
+    assert [group.previous[j].numel() for j in group.owned] == [0, 0, 0]  # no memory held for a snapshot
+    assert opt.weights_before_last_step() == {}
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim >= 2}
+    opt.keep_weights_before_next_step()
+    fit(model, opt, 1)
+    kept = opt.weights_before_last_step()
+    assert kept.keys() == before.keys()
+    for name, w in before.items():
+        assert torch.equal(kept[name], w), name
+    fit(model, opt, 1)  # asked for one step only
+    assert opt.weights_before_last_step() == {}
+
+
+def test_a_layer_without_gradient_stays_and_keeps_its_buffer_as_under_sgd() -> None:
+    model, _ = model_and_twin()
+    opt = layca(model, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
+    fit(model, opt, 2)
+    head = model[5].weight
+    weights, buffer = head.detach().clone(), opt.state[head]["momentum_buffer"].clone()
+    opt.zero_grad()
+    model[:4](torch.randn(4, 3, 8, 8)).square().mean().backward()  # the head gets no gradient
+    opt.step()
+    assert head.grad is None
+    assert torch.equal(head.detach(), weights) and torch.equal(opt.state[head]["momentum_buffer"], buffer)
+
+
+def test_a_gradient_laid_out_unlike_its_weights_takes_the_step_after_sgd_at_that_step() -> None:
+    model, twin = model_and_twin()
+    eager = layca(model, torch.optim.SGD, "eager", lr=0.1, momentum=0.9)
+    compiled = layca(twin, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8)
+    for net, opt in ((model, eager), (twin, compiled)):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        net[0].weight.grad = net[0].weight.grad.to(memory_format=torch.channels_last)  # strides differ now
+        opt.step()
+    assert compiled._groups[0].kept == [0]  # snapshot for the conv only, stepped after SGD's step
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 1e-6
+
+
+@pytest.mark.parametrize(("first", "second"), [("compiled", "eager"), ("eager", "compiled")])
+def test_momentum_restored_from_a_state_dict_carries_on_across_implementations(first: str, second: str) -> None:
+    # Three steps with one implementation, then three with the other from its state dict, against six with the first.
+    config = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    reference, resumed = model_and_twin()
+    reference_opt = layca(reference, torch.optim.SGD, first, **config)
+    fit(reference, reference_opt, 3)
+    fit(reference, reference_opt, 3, seed=2)
+    opt = layca(resumed, torch.optim.SGD, first, **config)
+    fit(resumed, opt, 3)
+    other = layca(resumed, torch.optim.SGD, second, **config)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    fit(resumed, other, 3, seed=2)
+    for p, q in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 2e-5
+
+
+def test_sgd_alone_carries_on_from_the_kernels_momentum() -> None:
+    model, twin = model_and_twin()
+    eager = layca(model, torch.optim.SGD, "eager", lr=0.1, momentum=0.9)
+    compiled = layca(twin, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
+    fit(model, eager, 3)
+    fit(twin, compiled, 3)
+    plain = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    plain.load_state_dict(compiled.state_dict())
+    plain_eager = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain_eager.load_state_dict(eager.state_dict())
+    fit(model, plain_eager, 2, seed=2)
+    fit(twin, plain, 2, seed=2)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 2e-5
+
+
+def test_a_subclass_of_sgd_is_stepped_by_its_own_step() -> None:
+    calls = []
+
+    class CountingSGD(SubclassedSGD):
+        def step(self, closure=None):
+            calls.append(sum(p.grad is not None for group in self.param_groups for p in group["params"]))
+            return super().step(closure)
+
+    model, _ = model_and_twin()
+    opt = layca(model, CountingSGD, "compiled", lr=0.1, momentum=0.9)
+    fit(model, opt, 2)
+    assert opt._groups[0].owned == [] and opt._groups[0].fused == [0, 1, 2]
+    assert calls == [6, 6]  # it saw every gradient
+
+
+def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_eager_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, twin = model_and_twin()
+    eager = layca(model, torch.optim.SGD, "eager", lr=0.1, momentum=0.9)
+    compiled = layca(twin, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
+    fit(model, eager, 2)
+    fit(twin, compiled, 2)  # compiled and ready
+
+    def broken(parallel: bool, per_unit: bool = False, variant: object = None):
+        def fail(*args: object) -> None:
+            raise RuntimeError("recompilation failed")
+
+        return fail
+
+    monkeypatch.setattr(compiled_step, "_ready", dict(compiled_step._ready))  # the failure is forgotten afterwards
+    monkeypatch.setattr(compiled_step, "_compiled", broken)
+    with pytest.warns(UserWarning, match="recompilation failed"):
+        fit(model, eager, 1, seed=3)
+        fit(twin, compiled, 1, seed=3)
+    assert compiled._groups[0].kept == [0, 1, 2]  # snapshots taken for the eager step
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 2e-5

@@ -6,7 +6,9 @@ parameters, 201 MB in float32) on the same random data, SGD with momentum 0.9, a
 * ``no callback``: the reference;
 * ``LayerRotationMonitor without histograms``: ``angle_histograms=False``;
 * ``LayerRotationMonitor``: with the epoch-end ``layer_angles`` histograms;
-* ``LaycaCallback``: Layca around the SGD, with the monitor's histograms.
+* ``LaycaCallback``: Layca around the SGD (``implementation="eager"``), with the monitor's histograms;
+* ``LaycaCallback compiled``: the same with ``implementation="compiled"``, whose kernel takes SGD's step itself and
+  keeps no buffer of the weights before the step (except on logging steps, for the monitor's rates).
 
 Each fit runs in a fresh Python process (the configurations are interleaved, the order rotated every round), so its
 peak resident set size (``ru_maxrss``) is its own. The report gives, per configuration, the median peak over rounds,
@@ -15,7 +17,9 @@ checkpoint the fit writes at its end (measured after the peak) in the same unit.
 exactly; the extra peak adds what they allocate for a while (epoch-end histograms, Layca's step):
 
 * the monitor keeps one snapshot of every monitored layer (one copy; frozen layers none);
-* Layca keeps the weights before the step in a buffer as large as the layers (one more copy).
+* Layca keeps the weights before the step in a buffer as large as the layers (one more copy), except where its
+  compiled kernel takes SGD's step itself: then only on the monitor's logging steps (its rates need the weights before
+  the step), released at the next step, so the peak still holds it once.
 
 After each fit, the temporaries of the callback's two transient allocations are also counted exactly, operator by
 operator (:class:`benchmarks._allocations.LiveTensorBytes`): the epoch-end angle histograms (monitor configurations)
@@ -46,7 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning_layca` importable
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("no callback", "LayerRotationMonitor without histograms", "LayerRotationMonitor", "LaycaCallback")
+CONFIGS = (
+    "no callback",
+    "LayerRotationMonitor without histograms",
+    "LayerRotationMonitor",
+    "LaycaCallback",
+    "LaycaCallback compiled",
+)
 
 
 def _callbacks(config: str) -> list[Any]:
@@ -59,7 +69,9 @@ def _callbacks(config: str) -> list[Any]:
     if config == "LayerRotationMonitor":
         return [ll.LayerRotationMonitor(figure=False)]
     if config == "LaycaCallback":
-        return [ll.LaycaCallback(figure=False)]
+        return [ll.LaycaCallback(figure=False, implementation="eager")]
+    if config == "LaycaCallback compiled":  # the kernel takes SGD's step: no buffer of the weights before the step
+        return [ll.LaycaCallback(figure=False, implementation="compiled")]
     raise SystemExit(f"unknown configuration {config!r}; accepted: {', '.join(CONFIGS)}")
 
 

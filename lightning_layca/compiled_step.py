@@ -16,10 +16,14 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
 With the snapshot taken before the base step, that is 7 tensor-sized memory passes, against about 19 for the eager
 multi-tensor step.
 
-Around ``torch.optim.SGD`` the kernel takes SGD's step too (:func:`_sgd_step`, :func:`rotate_sgd_compiled`): the
-first pass reads ``(w, grad, buffer)``, writes the new momentum buffer and accumulates the sums with
-``D = -lr * v`` formed exactly in float64, the second reads ``(w, grad, buffer)`` and writes ``w``. No snapshot is
-taken and ``fl(w + D)`` is never formed: 7 memory streams in all, against 5 for SGD's own fused step. Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
+Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (:func:`_sgd_step`,
+:func:`_adam_step`, :func:`rotate_base_compiled`; :mod:`lightning_layca.base_steps` says when): the first pass reads
+the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new state and
+accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes ``w``. No
+snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5 for
+SGD's own fused step (10 against 7 for Adam).
+
+Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
 :data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
 
 Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense
@@ -44,14 +48,15 @@ from lightning_layca.step import coefficients, unit_roundoff
 __all__ = [
     "AUTO_COMPILE_AFTER_SECONDS",
     "AUTO_TRIAL_STEPS",
+    "BASE_KERNELS",
     "IMPLEMENTATIONS",
     "AutoChoice",
     "Implementation",
     "compiled_step_ready",
     "kernel_view",
     "parallel_kernel",
+    "rotate_base_compiled",
     "rotate_compiled",
-    "rotate_sgd_compiled",
     "scalars",
     "unit_view",
     "use_compiled_step",
@@ -87,8 +92,8 @@ _WARMUP_SHAPE = (64, 576)
 """The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
 exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
 
-_compiled_fns: dict[tuple[tuple[bool, bool] | None, bool, bool], Callable[..., torch.Tensor]] = {}
-_ready: dict[tuple[str, torch.dtype, bool, bool, tuple[bool, bool] | None], bool] = {}
+_compiled_fns: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {}
+_ready: dict[tuple[str, torch.dtype, bool, bool, str], bool] = {}
 
 
 def _rotate_rows(
@@ -197,8 +202,9 @@ def _sgd_step(
         params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
         grad: The same view of its gradient.
         buffer: The same view of its momentum buffer, updated in place (``None`` for SGD without momentum).
-        hyper: ``(lr, momentum, 1 - dampening, weight_decay, sign)`` (float64; ``sign`` is -1 under ``maximize``; on
-            the step that creates the buffer, momentum 0 and ``1 - dampening`` 1, as torch's SGD starts it).
+        hyper: ``(lr, carried, 1 - dampening, weight_decay, sign, momentum)`` (float64): ``carried`` is the momentum
+            applied to the buffer, 0 (with ``1 - dampening`` 1) on the step that creates it, as torch's SGD starts it;
+            ``sign`` is -1 under ``maximize``; ``momentum`` is Nesterov's.
         rate: ``rho`` (0-dim float64).
         relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
         initial_norms: ``n0``, 0-dim or one per row (see :func:`_fused_step`).
@@ -208,18 +214,105 @@ def _sgd_step(
     Returns:
         ``(a, b, c)`` as :func:`_fused_step`.
     """
-    lr, momentum, dampened, weight_decay, sign = hyper.unbind()
+    lr, carried, dampened, weight_decay, sign, momentum = hyper.unbind()
     # In float32 (the precision of torch's own step for float32 layers; more than its own for lower precisions).
     weights32 = params.float()
     direction = grad.float() * sign + weights32 * weight_decay
     if buffer is not None:
-        velocity = buffer.float() * momentum + direction * dampened
+        velocity = buffer.float() * carried + direction * dampened
         buffer.copy_(velocity)
         direction = direction + velocity * momentum if nesterov else velocity
     weights = params.double()
     exact = weights, direction.double() * -lr
     low = weights32, direction * -lr
     return _rotate_rows(params, exact, low, rate, relative_lr, initial_norms, near_floor)
+
+
+def _adam_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    hyper: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+) -> torch.Tensor:
+    """``torch.optim.Adam``'s (or ``AdamW``'s) step and the Layca step of one layer in one function (compiled).
+
+    As :func:`_sgd_step`: the moments are updated in place (in float32, as torch's own step), and the step
+    ``D = -step_size * m / (sqrt(v) / sqrt(bc2) + eps) - lr * wd * w`` is formed exactly in float64, never written.
+
+    Args:
+        params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        grad: The same view of its gradient.
+        exp_avg: The same view of the first moment, updated in place.
+        exp_avg_sq: The same view of the second moment, updated in place.
+        max_exp_avg_sq: The same view of the largest second moment (``amsgrad``), updated in place, or ``None``.
+        hyper: ``(lr * decoupled_wd, beta1, beta2, eps, coupled_wd, sign, lr / bc1, sqrt(bc2))`` (float64; ``bc1``,
+            ``bc2`` the bias corrections of this step, ``sign`` -1 under ``maximize``).
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``, 0-dim or one per row (see :func:`_fused_step`).
+        near_floor: The layer's near-floor flag, or-ed in place.
+
+    Returns:
+        ``(a, b, c)`` as :func:`_fused_step`.
+    """
+    decay, beta1, beta2, eps, coupled_decay, sign, step_size, correction2 = hyper.unbind()
+    weights32 = params.float()
+    gradient = grad.float() * sign + weights32 * coupled_decay
+    first = exp_avg.float()
+    first = first + (gradient - first) * (1 - beta1)
+    second = exp_avg_sq.float() * beta2 + gradient * gradient * (1 - beta2)
+    exp_avg.copy_(first)
+    exp_avg_sq.copy_(second)
+    if max_exp_avg_sq is not None:
+        second = torch.maximum(max_exp_avg_sq.float(), second)
+        max_exp_avg_sq.copy_(second)
+    direction = first / (second.sqrt() / correction2 + eps)
+    weights = params.double()
+    exact = weights, direction.double() * -step_size - weights * decay
+    low = weights32, direction * -step_size - weights32 * decay
+    return _rotate_rows(params, exact, low, rate, relative_lr, initial_norms, near_floor)
+
+
+# The kernels that take a base optimizer's step, one per form of it, all called as
+# ``kernel(params, grad, *state, hyper, rate, relative_lr, initial_norms, near_floor)``.
+T = torch.Tensor
+
+
+def _sgd(p: T, g: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _sgd_step(p, g, None, h, rate, lr, n0, flag, nesterov=False)
+
+
+def _sgd_momentum(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _sgd_step(p, g, b, h, rate, lr, n0, flag, nesterov=False)
+
+
+def _sgd_nesterov(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _sgd_step(p, g, b, h, rate, lr, n0, flag, nesterov=True)
+
+
+def _adam(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)
+
+
+def _adam_amsgrad(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)
+
+
+BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], int, tuple[float, ...]]] = {
+    "sgd": (_sgd, 0, (0.1, 0.0, 1.0, 1e-4, 1.0, 0.0)),
+    "sgd_momentum": (_sgd_momentum, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
+    "sgd_nesterov": (_sgd_nesterov, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
+    "adam": (_adam, 2, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
+    "adam_amsgrad": (_adam_amsgrad, 3, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
+}
+"""Per form of a base step the kernel takes (:mod:`lightning_layca.base_steps` says which applies): the function,
+the number of state tensors it updates, and stand-in values of ``hyper`` for its first compilation."""
 
 
 def _distinct(function: Callable[..., torch.Tensor], name: str) -> Callable[..., torch.Tensor]:
@@ -232,32 +325,22 @@ def _distinct(function: Callable[..., torch.Tensor], name: str) -> Callable[...,
     return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
 
 
-SgdVariant = tuple[bool, bool]
-"""Which form of torch's SGD step a fused kernel computes: ``(momentum, nesterov)``."""
-
-SGD_VARIANTS: tuple[SgdVariant, ...] = ((False, False), (True, False), (True, True))
-
-
-def _kernel_name(variant: SgdVariant | None, parallel: bool, per_unit: bool) -> str:
-    kind = "snapshot" if variant is None else "sgd" + "_momentum" * variant[0] + "_nesterov" * variant[1]
-    return f"_{kind}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
-
+SNAPSHOT = "snapshot"
+"""The kernel that works after the base optimizer's step, from a snapshot (:func:`_fused_step`)."""
 
 # A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
 # process uses stay well within Dynamo's limit of compilations per function.
-_FUNCTIONS: dict[tuple[SgdVariant | None, bool, bool], Callable[..., torch.Tensor]] = {
+_FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {
     (variant, parallel, per_unit): _distinct(
-        _fused_step if variant is None else _sgd_step, _kernel_name(variant, parallel, per_unit)
+        function, f"_{variant}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
     )
-    for variant in (None, *SGD_VARIANTS)
+    for variant, function in ((SNAPSHOT, _fused_step), *((v, f) for v, (f, _, _) in BASE_KERNELS.items()))
     for parallel in (True, False)
     for per_unit in (True, False)
 }
 
 
-def _compiled(
-    parallel: bool, per_unit: bool = False, variant: SgdVariant | None = None
-) -> Callable[..., torch.Tensor]:
+def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -> Callable[..., torch.Tensor]:
     key = (variant, parallel, per_unit)
     if key not in _compiled_fns:
         # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
@@ -363,7 +446,7 @@ def compiled_step_ready(
     dtype: torch.dtype,
     parallel: Sequence[bool],
     per_unit: bool = False,
-    sgd: Sequence[SgdVariant] = (),
+    variants: Sequence[str] = (),
 ) -> bool:
     """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
 
@@ -375,17 +458,16 @@ def compiled_step_ready(
         dtype: The layers' dtype.
         parallel: :func:`parallel_kernel` of each layer: the kernels needed.
         per_unit: Whether the layers step per unit (``granularity="unit"``).
-        sgd: For the kernels that take torch's SGD step themselves (:func:`rotate_sgd_compiled`), the variant of each
-            layer; empty for the step after the wrapped optimizer's (:func:`rotate_compiled`).
+        variants: For kernels that take the base optimizer's step (:func:`rotate_base_compiled`), each layer's form
+            of it (a key of :data:`BASE_KERNELS`); empty for the step after the base optimizer's
+            (:func:`rotate_compiled`).
     """
-    variants: list[SgdVariant | None] = list(sgd) if sgd else [None] * len(parallel)
-    kernels = sorted(set(zip(parallel, variants, strict=True)), key=repr)
+    forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
+    kernels = sorted(set(zip(parallel, forms, strict=True)))
     return all(_ready_one(device, dtype, kind, per_unit, variant) for kind, variant in kernels)
 
 
-def _ready_one(
-    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: SgdVariant | None
-) -> bool:
+def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str) -> bool:
     if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
         return False  # one warning per (device, dtype), and never a half-compiled group
     key = (device.type, dtype, parallel, per_unit, variant)
@@ -403,14 +485,15 @@ def _ready_one(
                 rate, relative_lr = scalars(torch.ones(2, dtype=torch.float64, device=device))
                 norms = torch.ones(_WARMUP_SHAPE[0] if per_unit else (), dtype=torch.float64, device=device)
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
-                if variant is None:
+                if variant == SNAPSHOT:
                     _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
                 else:
-                    momentum, nesterov = variant
-                    hyper = torch.tensor([0.1, 0.9, 1.0, 1e-4, 1.0], dtype=torch.float64, device=device)
-                    buffer = grid.cos().to(dtype) if momentum else None
-                    kernel = _compiled(parallel, per_unit, variant)
-                    kernel(params, weights, buffer, hyper, rate, relative_lr, norms, flag, nesterov)
+                    _, states, values = BASE_KERNELS[variant]
+                    hyper = torch.tensor(values, dtype=torch.float64, device=device)
+                    state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
+                    _compiled(parallel, per_unit, variant)(
+                        params, weights, *state, hyper, rate, relative_lr, norms, flag
+                    )
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
             _give_up(device, dtype, parallel, per_unit, variant, error)
@@ -418,12 +501,7 @@ def _ready_one(
 
 
 def _give_up(
-    device: torch.device,
-    dtype: torch.dtype,
-    parallel: bool,
-    per_unit: bool,
-    variant: SgdVariant | None,
-    error: Exception,
+    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str, error: Exception
 ) -> None:
     _ready[(device.type, dtype, parallel, per_unit, variant)] = False
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -549,54 +627,54 @@ def rotate_compiled(
         try:
             steps[kind](*args)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
-            _give_up(args[0].device, args[0].dtype, kind, per_unit, None, error)
+            _give_up(args[0].device, args[0].dtype, kind, per_unit, SNAPSHOT, error)
             break
         done += 1
     return done
 
 
-def rotate_sgd_compiled(
+def rotate_base_compiled(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    buffers: Sequence[torch.Tensor | None],
+    states: Sequence[Sequence[torch.Tensor]],
     hypers: Sequence[torch.Tensor],
     rates: Sequence[torch.Tensor],
     relative_lrs: Sequence[torch.Tensor],
     initial_norms: Sequence[torch.Tensor],
     near_floor: Sequence[torch.Tensor],
     parallel: Sequence[bool],
-    nesterov: Sequence[bool],
+    variants: Sequence[str],
     per_unit: bool = False,
 ) -> int:
-    """Take torch's SGD step and the Layca step of layers of one device and dtype together, one compiled call each.
+    """Take the base optimizer's step and the Layca step of layers of one device and dtype together, one call each.
 
-    Needs :func:`compiled_step_ready` (with ``sgd``) to have returned ``True`` for the layers' device, dtype and
+    Needs :func:`compiled_step_ready` (with ``variants``) to have returned ``True`` for the layers' device, dtype and
     kernels. Should a later compilation fail, the layers from the failing one on are left to the caller (untouched:
-    neither their weights nor their buffers were written), after one warning.
+    neither their weights nor their optimizer state were written), after one warning.
 
     Args:
         params: :func:`kernel_view` (or :func:`unit_view`) of each layer (detached), holding ``w``.
         grads: The same views of their gradients.
-        buffers: The same views of their momentum buffers (``None`` without momentum), updated in place.
-        hypers: Per layer, ``(lr, momentum, 1 - dampening, weight_decay, sign)`` (see :func:`_sgd_step`).
+        states: Per layer, the same views of the optimizer state the kernel updates in place (see
+            :data:`BASE_KERNELS`).
+        hypers: Per layer, the kernel's hyperparameters (see :func:`_sgd_step`, :func:`_adam_step`).
         rates: ``rho`` per layer, 0-dim float64 tensors on the layers' device.
         relative_lrs: ``lr_g(t) / lr_ref`` per layer, likewise.
         initial_norms: ``n0`` per layer (per unit with ``per_unit``), as in :func:`rotate_compiled`.
         near_floor: Each layer's near-floor flag (0-dim bool), or-ed in place.
         parallel: :func:`parallel_kernel` of each layer.
-        nesterov: Per layer, whether its group uses Nesterov momentum.
+        variants: Per layer, the form of the base step (a key of :data:`BASE_KERNELS`).
         per_unit: Whether every unit turns by itself (``granularity="unit"``).
 
     Returns:
         The number of layers stepped.
     """
     done = 0
-    for p, g, buf, hyper, rate, lr, norms, flag, kind, nest in zip(
-        params, grads, buffers, hypers, rates, relative_lrs, initial_norms, near_floor, parallel, nesterov, strict=True
+    for p, g, state, hyper, rate, lr, norms, flag, kind, variant in zip(
+        params, grads, states, hypers, rates, relative_lrs, initial_norms, near_floor, parallel, variants, strict=True
     ):
-        variant = (buf is not None, nest)
         try:
-            _compiled(kind, per_unit, variant)(p, g, buf, hyper, rate, lr, norms, flag, nest)
+            _compiled(kind, per_unit, variant)(p, g, *state, hyper, rate, lr, norms, flag)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
             _give_up(p.device, p.dtype, kind, per_unit, variant, error)
             break

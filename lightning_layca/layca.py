@@ -31,11 +31,12 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch.optim import Optimizer
 
+from lightning_layca.base_steps import LayerStep, group_supported, kernel_family, plan_layer
 from lightning_layca.compiled_step import (
     IMPLEMENTATIONS,
     AutoChoice,
@@ -43,8 +44,8 @@ from lightning_layca.compiled_step import (
     compiled_step_ready,
     kernel_view,
     parallel_kernel,
+    rotate_base_compiled,
     rotate_compiled,
-    rotate_sgd_compiled,
     scalars,
     unit_view,
     use_compiled_step,
@@ -223,8 +224,8 @@ class _Group:
     unfused: list[int] = field(default_factory=list)
     """Positions of the layers the eager step takes in a compiled group."""
     owned: list[int] = field(default_factory=list)
-    """Positions of the layers whose ``torch.optim.SGD`` step the fused kernel takes as well (no snapshot; see
-    :func:`lightning_layca.compiled_step.rotate_sgd_compiled`). Disjoint from ``fused`` and ``unfused``."""
+    """Positions of the layers whose base step (``torch.optim.SGD``, ``Adam``, ``AdamW``) the fused kernel takes as
+    well (no snapshot; see :mod:`lightning_layca.base_steps`). Disjoint from ``fused`` and ``unfused``."""
     owned_views: list[torch.Tensor] = field(default_factory=list)
     owned_parallel: list[bool] = field(default_factory=list)
     all_norm_scalars: list[torch.Tensor] = field(default_factory=list)
@@ -242,20 +243,19 @@ class _Group:
 
 
 @dataclass
-class _SgdPlan:
-    """What the fused SGD kernel does at one step for the owned layers of a group (see ``Layca._sgd_plan``)."""
+class _KernelPlan:
+    """The base steps the fused kernel takes at one step for the owned layers of a group (``Layca._kernel_plan``)."""
 
     positions: list[int] = field(default_factory=list)
     """Positions (in the group) of the layers the kernel takes at this step; the lists below follow them."""
+    steps: list[LayerStep] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
-    buffers: list[torch.Tensor | None] = field(default_factory=list)
+    states: list[list[torch.Tensor]] = field(default_factory=list)
+    """Per layer, kernel views of the state tensors of its step."""
     hypers: list[torch.Tensor] = field(default_factory=list)
-    nesterov: list[bool] = field(default_factory=list)
     parallel: list[bool] = field(default_factory=list)
     fallback: list[int] = field(default_factory=list)
     """Positions of owned layers that take the base step and the other path at this step."""
-    new_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Momentum buffers created (or re-laid out) for this step: stored in the optimizer's state once the kernel ran."""
 
 
 def _device_values(values: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
@@ -317,8 +317,10 @@ class Layca(Optimizer):
             (:func:`lightning_layca.step.coefficients`). ``"eager"``: multi-tensor torch operations. ``"compiled"``:
             per layer, one fused reduction pass and one update pass, compiled with ``torch.compile`` at the first step
             (Inductor: C++ on CPU, Triton on CUDA) for float32, bfloat16 and float16 layers; where compilation fails,
-            one warning and the eager step. Around ``torch.optim.SGD`` itself, the kernel takes SGD's step for the
-            layers as well (momentum buffers kept in SGD's state), so no snapshot of their weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps have taken
+            one warning and the eager step. Around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves (not
+            subclasses), the kernel takes their step for the layers as well (their state kept where they keep it),
+            so no snapshot of the weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps
+            have taken
             :data:`~lightning_layca.compiled_step.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
             turns out faster (:class:`~lightning_layca.compiled_step.AutoChoice`), so that a short fit never waits
             for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
@@ -709,7 +711,7 @@ class Layca(Optimizer):
         view = unit_view if self.granularity == "unit" else kernel_view
         pairs = [(view(p.detach()), view(w)) for p, w in zip(g.params, g.previous, strict=True)]
         viewable = [j for j, (vp, vw) in enumerate(pairs) if vp is not None and vw is not None]
-        g.owned = [j for j in viewable if self._sgd_kernel_applies(g.indices[j])]
+        g.owned = [j for j in viewable if self._base_kernel_applies(g.indices[j])]
         g.fused = [j for j in viewable if j not in g.owned]
         g.unfused = [j for j in range(len(g.params)) if j not in viewable]
         g.compiled = bool(viewable)
@@ -730,12 +732,10 @@ class Layca(Optimizer):
         if g.compiled and g.unfused:  # index tensors built now, not in a step (on an accelerator, that would sync)
             g.subsets[tuple(g.unfused)] = self._subset(g, g.unfused)
 
-    def _sgd_kernel_applies(self, i: int) -> bool:
-        """Whether layer ``i``'s ``torch.optim.SGD`` step may be taken by the fused kernel (see ``implementation``)."""
-        if type(self.optimizer) is not torch.optim.SGD:  # a subclass may step differently
-            return False
-        group = self.param_groups[self._layer_group[i]]
-        return not group.get("differentiable", False) and not isinstance(group["lr"], torch.Tensor)
+    def _base_kernel_applies(self, i: int) -> bool:
+        """Whether layer ``i``'s base step may be taken by the fused kernel (see :mod:`lightning_layca.base_steps`)."""
+        family = kernel_family(self.optimizer)
+        return family is not None and group_supported(family, self.param_groups[self._layer_group[i]])
 
     def _groups_for_step(self) -> list[_Group]:
         groups = self._groups
@@ -779,7 +779,7 @@ class Layca(Optimizer):
         # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
         start = time.perf_counter() if auto is not None and closure is None else None
         groups = self._groups_for_step()
-        plans = [self._sgd_plan(g) for g in groups]
+        plans = [self._kernel_plan(g) for g in groups]
         keep = self._keep_next
         self._keep_next = False
         for g, plan in zip(groups, plans, strict=True):
@@ -853,9 +853,16 @@ class Layca(Optimizer):
         g.rates_version = self._rates_version
 
     def _snapshot(self, g: _Group, positions: list[int]) -> None:
-        """Copy the current weights of the layers of ``g`` at ``positions`` into their snapshot buffers."""
+        """Copy the current weights of the layers of ``g`` at ``positions`` into their snapshot buffers.
+
+        The layers whose SGD step the kernel takes have a buffer only for the steps that need one (allocated then,
+        released at the next step that does not): their memory is not held between logging steps.
+        """
+        for j in set(g.owned).difference(positions):
+            if g.previous[j].numel():
+                g.previous[j] = torch.empty(0, device=g.previous[j].device, dtype=g.previous[j].dtype)
         for j in positions:
-            if g.previous[j].shape != g.shapes[j][2]:  # an owned layer's buffer, allocated on first need
+            if g.previous[j].shape != g.shapes[j][2]:
                 g.previous[j] = torch.empty_like(local_shard(g.params[j].detach()))
         if len(positions) == len(g.params):
             torch._foreach_copy_(g.previous, self._locals(g))
@@ -864,7 +871,7 @@ class Layca(Optimizer):
                 [g.previous[j] for j in positions], [local_shard(g.params[j].detach()) for j in positions]
             )
 
-    def _rotate_group(self, g: _Group, plan: _SgdPlan) -> None:
+    def _rotate_group(self, g: _Group, plan: _KernelPlan) -> None:
         """Turn the base step of the layers of ``g`` into Layca steps, and take the planned fused SGD steps."""
         per_unit = g.row_layer is not None
         device, dtype = g.near_floor.device, g.params[0].dtype
@@ -882,22 +889,22 @@ class Layca(Optimizer):
         if plan.positions:
             at = plan.positions
             rates, relative_lrs = g.all_rate_scalars
-            done = rotate_sgd_compiled(
+            done = rotate_base_compiled(
                 [g.owned_views[g.owned.index(j)] for j in at],
                 plan.grads,
-                plan.buffers,
+                plan.states,
                 plan.hypers,
                 [rates[j] for j in at],
                 [relative_lrs[j] for j in at],
                 [g.all_norm_scalars[j] for j in at],
                 [g.all_flag_scalars[j] for j in at],
                 plan.parallel,
-                plan.nesterov,
+                [step.variant for step in plan.steps],
                 per_unit=per_unit,
             )
-            for j in at[:done]:
-                if j in plan.new_buffers:
-                    self.optimizer.state[g.params[j]]["momentum_buffer"] = plan.new_buffers[j]
+            state = self.optimizer.state
+            for j, step in zip(at[:done], plan.steps, strict=False):
+                step.commit(state[g.params[j]])
             if done < len(at):  # a compilation failed: those layers take the base step and the eager one
                 missed = at[done:]
                 self._snapshot(g, missed)
@@ -920,20 +927,22 @@ class Layca(Optimizer):
             for p, grad in zip(others, grads, strict=True):
                 p.grad = grad
 
-    def _sgd_plan(self, g: _Group) -> _SgdPlan:
-        """The layers of ``g`` whose ``torch.optim.SGD`` step the fused kernel takes at this step, with its arguments.
+    def _kernel_plan(self, g: _Group) -> _KernelPlan:
+        """The owned layers of ``g`` whose base step the fused kernel takes at this step, with its arguments.
 
-        A layer without a gradient is skipped, as SGD skips it. A layer whose gradient the kernel cannot read as it
-        reads the weights (sparse, another dtype or memory layout) takes the base step and the other path
-        (``fallback``), and so does every owned layer where the kernel cannot be compiled.
+        A layer without a gradient is skipped, as torch's optimizers skip it. A layer whose gradient the kernel cannot
+        read as it reads the weights (sparse, another dtype or memory layout), or whose step it cannot take now (see
+        :func:`lightning_layca.base_steps.plan_layer`), takes the base step and the other path (``fallback``), and so
+        does every owned layer where the kernel cannot be compiled.
         """
-        plan = _SgdPlan()
-        if not g.owned:
+        plan = _KernelPlan()
+        family = kernel_family(self.optimizer)
+        if not g.owned or family is None:
+            plan.fallback = [j for j in g.owned if g.params[j].grad is not None]
             return plan
         view = unit_view if g.row_layer is not None else kernel_view
         device, dtype = g.near_floor.device, g.params[0].dtype
         state, groups = self.optimizer.state, self.param_groups
-        hyper_values: list[tuple[float, ...]] = []
         for j, weights_view, parallel in zip(g.owned, g.owned_views, g.owned_parallel, strict=True):
             p = g.params[j]
             grad = p.grad
@@ -941,35 +950,23 @@ class Layca(Optimizer):
                 continue
             group = groups[self._layer_group[g.indices[j]]]
             grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(grad)
-            if (
-                grad_view is None
-                or grad.dtype != dtype
-                or grad_view.shape != weights_view.shape
-                or group.get("differentiable", False)
-            ):
+            readable = grad_view is not None and grad.dtype == dtype and grad_view.shape == weights_view.shape
+            step = None
+            if readable and group_supported(family, group):
+                step = plan_layer(family, group, p, state.get(p))
+            if step is None:
                 plan.fallback.append(j)
                 continue
-            momentum, dampening, buffer = float(group["momentum"]), float(group["dampening"]), None
-            if momentum != 0:
-                buffer = state[p].get("momentum_buffer") if p in state else None
-                if buffer is None:  # torch's SGD starts the buffer at the first step's direction: so does the kernel
-                    buffer = plan.new_buffers[j] = torch.zeros_like(p)
-                    momentum, dampening = 0.0, 0.0
-                elif buffer.stride() != p.stride() or buffer.dtype != dtype or buffer.device != p.device:
-                    buffer = plan.new_buffers[j] = torch.empty_like(p).copy_(buffer)  # e.g. loaded contiguous
-            sign = -1.0 if group["maximize"] else 1.0
-            hyper_values.append((float(group["lr"]), momentum, 1.0 - dampening, float(group["weight_decay"]), sign))
             plan.positions.append(j)
-            plan.grads.append(grad_view)
-            plan.buffers.append(None if buffer is None else view(buffer))
-            plan.nesterov.append(bool(group["nesterov"]))
+            plan.steps.append(step)
+            plan.grads.append(cast(torch.Tensor, grad_view))
+            plan.states.append([cast(torch.Tensor, view(x)) for x in step.state])
             plan.parallel.append(parallel)
-        variants = [
-            (buffer is not None, nesterov) for buffer, nesterov in zip(plan.buffers, plan.nesterov, strict=True)
-        ]
+        variants = [step.variant for step in plan.steps]
         per_unit = g.row_layer is not None
-        if plan.positions and not compiled_step_ready(device, dtype, plan.parallel, per_unit=per_unit, sgd=variants):
-            return _SgdPlan(fallback=plan.fallback + plan.positions)
+        if plan.positions and not compiled_step_ready(device, dtype, plan.parallel, per_unit, variants):
+            return _KernelPlan(fallback=plan.fallback + plan.positions)
+        hyper_values = [step.hyper for step in plan.steps]
         if hyper_values != g.hyper_values:  # a host-to-device copy only when the values change
             g.hyper_values = hyper_values
             rows = _device_values(hyper_values, device).unbind() if hyper_values else ()

@@ -21,11 +21,11 @@ if settings is not None:
 
 @pytest.fixture(autouse=True)
 def _compiled_step_after_the_base_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests parametrised with ``tests.implementations.AFTER_STEP``: Layca's fused SGD kernel switched off."""
+    """Tests parametrised with ``tests.implementations.AFTER_STEP``: no kernel that takes the base step itself."""
     from tests.implementations import AFTER_STEP
 
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and AFTER_STEP in callspec.id:
         import lightning_layca as ll
 
-        monkeypatch.setattr(ll.Layca, "_sgd_kernel_applies", lambda self, i: False)
+        monkeypatch.setattr(ll.Layca, "_base_kernel_applies", lambda self, i: False)

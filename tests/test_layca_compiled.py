@@ -210,7 +210,8 @@ def test_large_layer_takes_the_multithreaded_kernel_and_equals_the_eager_step() 
     model = nn.Sequential(nn.Linear(512, 512, bias=False), nn.Tanh(), nn.Linear(512, 4, bias=False))
     twin, eager, compiled = twin_optimizers(model, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05))
     train([(model, eager), (twin, compiled)], 3, lambda step: torch.randn(8, 512))
-    assert compiled._groups[0].parallel == [True, False]  # 512 x 512 = 2**18 elements: the threshold
+    group = compiled._groups[0]
+    assert group.parallel + group.owned_parallel == [True, False]  # 512 x 512 = 2**18 elements: the threshold
     # Both round every step to float32 (6e-8 relative), and the gradients carry the differences into later steps.
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 1e-5

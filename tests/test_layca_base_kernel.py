@@ -271,3 +271,49 @@ def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_ea
     assert compiled._groups[0].kept == [0, 1, 2]  # snapshots taken for the eager step
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 2e-5
+
+
+KERNEL_CASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, weight_decay=0.01)),
+    "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+    "sgd_nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    "adamw_amsgrad": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05, amsgrad=True, maximize=True)),
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
+    # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
+    from lightning_layca.base_steps import kernel_family, plan_layer
+
+    optimizer, config = KERNEL_CASES[case]
+    torch.manual_seed(0)
+    layer = nn.Parameter(torch.randn(16, 24))
+    twin = nn.Parameter(layer.detach().clone())
+    mine, theirs = optimizer([layer], **config), optimizer([twin], **config)
+    family = kernel_family(mine)
+    assert family is not None
+    for step in range(3):
+        grad = torch.randn(16, 24)
+        layer.grad, twin.grad = grad.clone(), grad.clone()
+        before = twin.detach().double().clone()
+        theirs.step()
+        d = twin.detach().double() - before
+        expected = torch.stack([(d * before).sum(), (before * before).sum(), (d * d).sum()])
+        plan = plan_layer(family, mine.param_groups[0], layer, mine.state.get(layer))
+        assert plan is not None
+        hyper = torch.tensor(plan.hyper, dtype=torch.float64)
+        one, n0 = torch.ones((), dtype=torch.float64), torch.tensor(1e6, dtype=torch.float64)
+        flag = torch.zeros((), dtype=torch.bool)
+        kernel = compiled_step.BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
+        weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
+        sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag).flatten()
+        plan.commit(mine.state[layer])
+        # torch's D is fl(w + D) - w: off by up to u * |w_i| per element, so <D, w> (small: D is nearly tangential)
+        # is compared on the scale of ||D|| ||w||, its bound; <w, w> and <D, D> relatively.
+        scale = float((expected[1] * expected[2]).sqrt())
+        assert abs(float(sums[0] - expected[0])) <= 1e-5 * scale, step
+        torch.testing.assert_close(sums[1:], expected[1:], rtol=1e-5, atol=0.0)
+        with torch.no_grad():  # both continue from torch's step, so that the next sums start from the same weights
+            layer.copy_(twin)

@@ -1,14 +1,17 @@
 """What compiling the Layca step costs, and whether a short fit pays for it.
 
-Part 1: the time to compile the fused step (``compiled_step_ready``) for each kernel (float32 multithreaded, float32
-single-threaded, bfloat16 single-threaded), in a fresh process each time: once into an empty Inductor cache (a cold
-compilation, as on a new machine) and once more from the cache that run filled (as in every later process).
+Part 1: the time to compile the fused step (``compiled_step_ready``) for each kernel (after the base step: float32
+multithreaded, float32 single-threaded, bfloat16 single-threaded; with the base step inside: SGD with momentum
+multithreaded and single-threaded, Adam multithreaded), one after the other in a fresh process: once into an empty
+Inductor cache (a cold compilation, as on a new machine) and once more from the cache that run filled (as in every
+later process). The first kernel of the process also pays for importing and starting Inductor.
 
 Part 2: end-to-end short fits, each in a fresh process: a plain training loop (forward, backward, step) of an MLP of
 ``--layers`` square layers of width ``--width`` for ``--steps`` steps, under ``Layca(SGD(momentum=0.9))`` with
-``implementation="eager"``, ``"compiled"`` (compiles at the first step) and ``"auto"`` (the default: eager until the
-eager steps have cost :data:`~lightning_layca.compiled_step.AUTO_COMPILE_AFTER_SECONDS`), interleaved over
-``--repeats`` rounds, with a warm Inductor cache. The table gives the median fit time and its ratio to the eager fit.
+``implementation="eager"``, ``"compiled"`` (compiles at the first step; its kernel takes SGD's step) and ``"auto"``
+(the default: eager until the steps have cost :data:`~lightning_layca.compiled_step.AUTO_COMPILE_AFTER_SECONDS`),
+interleaved over ``--repeats`` rounds, with a warm Inductor cache. The table gives the median fit time and its ratio
+to the eager fit.
 
 Run from the repository root::
 
@@ -34,11 +37,17 @@ _COMPILE_PROBE = """
 import json, time, torch
 from lightning_layca import compiled_step
 out = {}
-for name, dtype, parallel in (("float32 multithreaded", torch.float32, True),
-                              ("float32 single-threaded", torch.float32, False),
-                              ("bfloat16 single-threaded", torch.bfloat16, False)):
+for name, dtype, parallel, variant in (
+    ("float32 multithreaded, after the base step", torch.float32, True, None),
+    ("float32 single-threaded, after the base step", torch.float32, False, None),
+    ("bfloat16 single-threaded, after the base step", torch.bfloat16, False, None),
+    ("float32 multithreaded, SGD momentum step inside", torch.float32, True, "sgd_momentum"),
+    ("float32 single-threaded, SGD momentum step inside", torch.float32, False, "sgd_momentum"),
+    ("float32 multithreaded, Adam/AdamW step inside", torch.float32, True, "adam"),
+):
     t0 = time.perf_counter()
-    ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, [parallel])
+    variants = [variant] if variant else []
+    ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, [parallel], variants=variants)
     out[name] = time.perf_counter() - t0 if ok else None
 print(json.dumps(out))
 """

@@ -243,11 +243,17 @@ def test_low_precision_layer_is_computed_wide_and_rounded_once(dtype: torch.dtyp
 # ------------------------------------------------------------------------------------------------------ compilation
 
 
-def test_learning_rate_schedules_and_warmup_never_recompile() -> None:
+# Around SGD the kernel reads the learning rate, around AdamW the bias corrections too, which change at every step.
+@pytest.mark.parametrize(
+    "make_base",
+    [lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9), lambda p: torch.optim.AdamW(p, lr=1e-2)],
+    ids=["sgd", "adamw"],
+)
+def test_learning_rate_schedules_and_warmup_never_recompile(make_base) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = ll.Layca(
-        torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9),
+        make_base(model.parameters()),
         model.named_parameters(),
         schedule=ll.LayerWarmup(50),
         implementation="compiled",
@@ -270,7 +276,7 @@ def test_learning_rate_schedules_and_warmup_never_recompile() -> None:
             rates.append(opt.rotation_rates()["2.weight"])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert len(set(rates)) == 100  # the rate changed at every step
-    assert opt._groups[0].compiled
+    assert opt._groups[0].compiled and opt._groups[0].owned == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------------------------------ CUDA

@@ -751,9 +751,10 @@ class Layca(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the wrapped optimizer's step, then turn it into a Layca step for every controlled layer.
 
-        Where the compiled step takes a layer's ``torch.optim.SGD`` step itself (see ``implementation``), that layer
-        is hidden from the wrapped optimizer's step (its gradient is set aside for its duration) and the fused kernel
-        updates its weights and its momentum buffer in the wrapped optimizer's state.
+        Where the compiled step takes a layer's base step itself (``torch.optim.SGD``, ``Adam``, ``AdamW``; see
+        ``implementation``), that layer is hidden from the wrapped optimizer's step (its gradient is set aside for its
+        duration) and the fused kernel updates its weights and its state (momentum buffer, moments, step count) in the
+        wrapped optimizer's ``state``.
 
         Args:
             closure: Re-evaluates the model and returns the loss. For torch's own optimizers (LBFGS excepted) Layca
@@ -790,7 +791,7 @@ class Layca(Optimizer):
         hidden = [g.params[j] for g, plan in zip(groups, plans, strict=True) for j in plan.positions]
         grads = [p.grad for p in hidden]
         try:
-            for p in hidden:  # the fused kernel takes their SGD step
+            for p in hidden:  # the fused kernel takes their base step
                 p.grad = None
             if closure is None:
                 base_loss = self.optimizer.step()
@@ -830,8 +831,9 @@ class Layca(Optimizer):
     def keep_weights_before_next_step(self) -> None:
         """Have the next step keep the weights of every controlled layer before it (:meth:`weights_before_last_step`).
 
-        Layers whose ``torch.optim.SGD`` step the compiled kernel takes need no copy of their weights for the step
-        itself, so they keep one only when asked; :class:`~lightning_layca.LaycaCallback` asks on its logging steps.
+        Layers whose base step the compiled kernel takes (``torch.optim.SGD``, ``Adam``, ``AdamW``) need no copy of
+        their weights for the step itself, so they keep one only when asked, for that step;
+        :class:`~lightning_layca.LaycaCallback` asks on its logging steps.
         """
         self._keep_next = True
 
@@ -855,7 +857,7 @@ class Layca(Optimizer):
     def _snapshot(self, g: _Group, positions: list[int]) -> None:
         """Copy the current weights of the layers of ``g`` at ``positions`` into their snapshot buffers.
 
-        The layers whose SGD step the kernel takes have a buffer only for the steps that need one (allocated then,
+        The layers whose base step the kernel takes have a buffer only for the steps that need one (allocated then,
         released at the next step that does not): their memory is not held between logging steps.
         """
         for j in set(g.owned).difference(positions):
@@ -1132,9 +1134,9 @@ class Layca(Optimizer):
     def weights_before_last_step(self) -> dict[str, torch.Tensor]:
         """Return the weights the controlled layers had before the latest step, keyed by parameter name.
 
-        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only. Layers whose
-        ``torch.optim.SGD`` step the compiled kernel took are included only when :meth:`keep_weights_before_next_step`
-        was called before that step (they need no snapshot otherwise).
+        These are Layca's own snapshot buffers (no copy): valid until the next step, and read-only. Layers whose base
+        step the compiled kernel took are included only when :meth:`keep_weights_before_next_step` was called before
+        that step (they need no snapshot otherwise).
         """
         return {self.layer_names[g.indices[j]]: g.previous[j] for g in self._groups or [] for j in g.kept}
 

@@ -61,13 +61,21 @@ def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1)
         opt.step()
 
 
+def trained_twins(
+    base: type[torch.optim.Optimizer], config: dict, steps: int
+) -> tuple[nn.Module, nn.Module, ll.Layca, ll.Layca]:
+    """A model stepped by an eager Layca and its twin by a compiled one, ``steps`` steps on the same batches."""
+    model, twin = model_and_twin()
+    eager = layca(model, base, "eager", **config)
+    compiled = layca(twin, base, "compiled", **config)
+    fit(model, eager, steps)
+    fit(twin, compiled, steps)
+    return model, twin, eager, compiled
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_the_kernel_takes_the_same_steps_and_keeps_the_same_momentum_as_sgd_under_the_eager_step(config: str) -> None:
-    model, twin = model_and_twin()
-    eager = layca(model, torch.optim.SGD, "eager", **CONFIGS[config])
-    compiled = layca(twin, torch.optim.SGD, "compiled", **CONFIGS[config])
-    fit(model, eager, 6)
-    fit(twin, compiled, 6)
+    model, twin, eager, compiled = trained_twins(torch.optim.SGD, CONFIGS[config], 6)
     assert compiled._groups[0].owned == [0, 1, 2]  # every layer's SGD step taken by the kernel
     # Float32 rounding differs (the kernel reads the step exactly); the gradients carry it into later steps.
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
@@ -85,11 +93,7 @@ def test_the_kernel_takes_the_same_steps_and_keeps_the_same_moments_as_adam_unde
     # Adam divides by sqrt(v): where a gradient element is near zero, float32 rounding differences between the two
     # paths can grow from step to step (maximize with betas (0.8, 0.99) reached 6e-4 at step 6 from 1e-7 at step 3).
     base, options = ADAM_CONFIGS[config]
-    model, twin = model_and_twin()
-    eager = layca(model, base, "eager", **options)
-    compiled = layca(twin, base, "compiled", **options)
-    fit(model, eager, 6)
-    fit(twin, compiled, 6)
+    model, twin, eager, compiled = trained_twins(base, options, 6)
     assert compiled._groups[0].owned == [0, 1, 2]
     names = ["exp_avg", "exp_avg_sq"] + ["max_exp_avg_sq"] * bool(options.get("amsgrad"))
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
@@ -218,11 +222,7 @@ def test_state_restored_from_a_state_dict_carries_on_across_implementations(base
 @pytest.mark.parametrize("base", BASES)
 def test_the_optimizer_alone_carries_on_from_the_state_the_kernel_kept(base: str) -> None:
     optimizer, config = BASES[base]
-    model, twin = model_and_twin()
-    eager = layca(model, optimizer, "eager", **config)
-    compiled = layca(twin, optimizer, "compiled", **config)
-    fit(model, eager, 3)
-    fit(twin, compiled, 3)
+    model, twin, eager, compiled = trained_twins(optimizer, config, 3)
     alone = optimizer(twin.parameters(), **config)
     alone.load_state_dict(compiled.state_dict())
     alone_eager = optimizer(model.parameters(), **config)
@@ -251,11 +251,7 @@ def test_a_subclass_of_sgd_is_stepped_by_its_own_step() -> None:
 def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_eager_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model, twin = model_and_twin()
-    eager = layca(model, torch.optim.SGD, "eager", lr=0.1, momentum=0.9)
-    compiled = layca(twin, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
-    fit(model, eager, 2)
-    fit(twin, compiled, 2)  # compiled and ready
+    model, twin, eager, compiled = trained_twins(torch.optim.SGD, dict(lr=0.1, momentum=0.9), 2)  # compiled, ready
 
     def broken(parallel: bool, per_unit: bool = False, variant: object = None):
         def fail(*args: object) -> None:

@@ -209,7 +209,7 @@ class LaycaCallback(LayerRotationMonitor):
 
     @override
     def _capture_pre_step(self) -> dict[str, torch.Tensor]:
-        # Layca keeps the weights before its step (asked to for the layers whose fused SGD step needs no copy):
+        # Layca keeps the weights before its step (asked to for the layers whose fused base step needs no copy):
         # copy only the layers no wrapper controls.
         self._pre_step_counts = {index: layca.step_count for index, layca in self.laycas.items()}
         for layca in self.laycas.values():

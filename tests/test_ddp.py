@@ -47,14 +47,22 @@ NORM_TOL = 1e-5  # relative
 ROTATION_TOL = 1e-5  # cosine distance, DDP against one process: only the gradient's summation order differs
 RESUME_TOL = 1e-6  # a resumed run against the uninterrupted one: the same computations, expected bit-identical
 
-DDP_RUNS = ["layca_spawn", "layca_ddp", "layca_resumed", "layca_accumulate_bf16", "monitor_spawn"]
-LAYCA_RUNS = ["layca_spawn", "layca_ddp", "layca_resumed", "layca_accumulate_bf16"]
-STEPS = {"layca_spawn": 16, "layca_ddp": 16, "layca_resumed": 8, "layca_accumulate_bf16": 4, "monitor_spawn": 16}
+DDP_RUNS = ["layca_spawn", "layca_ddp", "layca_resumed", "layca_accumulate_bf16", "layca_compiled", "monitor_spawn"]
+LAYCA_RUNS = ["layca_spawn", "layca_ddp", "layca_resumed", "layca_accumulate_bf16", "layca_compiled"]
+STEPS = {
+    "layca_spawn": 16,
+    "layca_ddp": 16,
+    "layca_resumed": 8,
+    "layca_accumulate_bf16": 4,
+    "layca_compiled": 16,
+    "monitor_spawn": 16,
+}
 REFERENCE = {
     "layca_spawn": "layca_single",
     "layca_ddp": "layca_single",
     "layca_resumed": "layca_single",
     "layca_accumulate_bf16": "layca_single",
+    "layca_compiled": "layca_single",
     "monitor_spawn": "monitor_single",
 }
 
@@ -134,6 +142,14 @@ def layca_accumulate_bf16(tmp_path_factory: pytest.TempPathFactory) -> Run:
         precision="bf16-mixed",
         max_epochs=1,
     )
+
+
+@pytest.fixture(scope="module")
+def layca_compiled(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    # The compiled kernel takes SGD's step in each process (the layers' gradients set aside during SGD's own step).
+    root = tmp_path_factory.mktemp("layca_compiled")
+    callback = LaycaCallback(rotation_rate=ROTATION_RATE, implementation="compiled")
+    return _fit(root, callback, RotationNet(batch_size=4))
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +281,7 @@ def test_only_global_rank_zero_writes_logs_and_figures(request: pytest.FixtureRe
     assert len(list(run.root.rglob(FIGURE_FILENAME))) == 1
 
 
-@pytest.mark.parametrize("name", ["layca_spawn", "layca_ddp", "monitor_spawn"])
+@pytest.mark.parametrize("name", ["layca_spawn", "layca_ddp", "layca_compiled", "monitor_spawn"])
 def test_ddp_logs_the_tags_and_rotation_of_one_process_on_the_same_global_batch(
     request: pytest.FixtureRequest, name: str
 ) -> None:

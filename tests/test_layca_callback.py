@@ -164,9 +164,17 @@ def rotation_rows(log_dir: str) -> dict[int, dict[str, float]]:
         }
 
 
-def test_resuming_from_a_checkpoint_is_bit_identical_to_training_straight(tmp_path: Path) -> None:
+# "compiled": the kernel takes SGD's step; its state (the momentum buffers) goes through the checkpoint as SGD's.
+@pytest.mark.parametrize("implementation", ["auto", "compiled"])
+def test_resuming_from_a_checkpoint_is_bit_identical_to_training_straight(tmp_path: Path, implementation: str) -> None:
     def run(root: Path, max_epochs: int, ckpt_path: str | None = None) -> tuple[Any, ...]:
-        callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False)
+        callback = ll.LaycaCallback(
+            rotation_rate=RHO,
+            log_every_n_steps=3,
+            figure=False,
+            angle_histograms=False,
+            implementation=implementation,  # type: ignore[arg-type]
+        )
         checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
         csv_logger = CSVLogger(root, name="csv")
         trainer = make_trainer(

@@ -39,9 +39,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-if __package__ in (None, ""):  # run as a file: make `lightning_layca` importable
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning_layca` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._report import publish
 from lightning_layca import LaycaCallback
 
 ROTATION_RATE = 3**-3
@@ -195,12 +196,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         ratio = f"{median[config] / median[base]:.3f}" if config != base else ""
         runs = ", ".join(f"{1e3 * t:.1f}" for t in times[config])
         lines.append(f"| {config} | {1e3 * median[config]:.2f} | {runs} | {ratio} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -283,10 +283,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = ["## Memory of the callbacks (`benchmarks/memory.py`)", "", *head, "", *report(results, args), ""]
     lines.append(f"- load average at the end: {load}")
-    print("\n".join(lines))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    from benchmarks._report import publish
+
+    publish(lines, args.out)
     return lines
 
 

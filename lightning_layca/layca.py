@@ -874,7 +874,7 @@ class Layca(Optimizer):
             )
 
     def _rotate_group(self, g: _Group, plan: _KernelPlan) -> None:
-        """Turn the base step of the layers of ``g`` into Layca steps, and take the planned fused SGD steps."""
+        """Turn the base step of the layers of ``g`` into Layca steps, and take the planned fused base steps."""
         per_unit = g.row_layer is not None
         device, dtype = g.near_floor.device, g.params[0].dtype
         if not g.compiled:

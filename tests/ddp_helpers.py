@@ -150,7 +150,50 @@ def count_writes(counts: dict[str, int]) -> Iterator[None]:
             setattr(cls, method, original)
 
 
-class DDPProbe(Callback):
+class ProbeBase(Callback):
+    """What the DDP and FSDP probes share: the writes counted over the fit, the rotation callback, and Layca steps
+    wrapped to count what they issue outside their closure."""
+
+    def __init__(self) -> None:
+        self.writes: dict[str, int] = {}
+        self._stack: ExitStack | None = None
+
+    @staticmethod
+    def rotation_callback(trainer: L.Trainer) -> LayerRotationMonitor:
+        return next(cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor))  # type: ignore[attr-defined]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stack = ExitStack()
+        self._stack.enter_context(count_writes(self.writes))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    @staticmethod
+    def counting_step(step: Callable[..., Any], count: Callable[[], int], record: list[int]) -> Callable[..., Any]:
+        """Wrap ``Layca.step`` to append to ``record`` what ``count`` counts during it, outside its closure."""
+
+        def counted(closure: Callable[[], Any] | None = None) -> Any:
+            in_closure = 0
+
+            def counted_closure() -> Any:
+                nonlocal in_closure
+                start = count()
+                result = closure()  # type: ignore[misc]
+                in_closure += count() - start
+                return result
+
+            start = count()
+            result = step(None if closure is None else counted_closure)
+            record.append(count() - start - in_closure)
+            return result
+
+        return counted
+
+
+class DDPProbe(ProbeBase):
     """Record what one rank sees; put it after the rotation callback so its hooks run after that callback's.
 
     Written to ``<out_dir>/rank<r>.pt``:
@@ -170,8 +213,8 @@ class DDPProbe(Callback):
     """
 
     def __init__(self, out_dir: str | Path) -> None:
+        super().__init__()
         self.out_dir = Path(out_dir)
-        self.writes: dict[str, int] = {}
         self.step_collectives: list[int] = []
         self.layca_step_collectives: list[int] = []
         self.step_angles: list[list[float]] = []
@@ -179,23 +222,9 @@ class DDPProbe(Callback):
         self.trace: list[tuple[str, int, int]] = []
         self.fit_start_state: dict[str, Any] | None = None
         self.train_start_layca: list[dict[str, Any]] = []
-        self._stack: ExitStack | None = None
         self._seq_before_step: int | None = None
         self._before_step: list[torch.Tensor] = []
         self._initial_norms: list[float] = []
-
-    @staticmethod
-    def rotation_callback(trainer: L.Trainer) -> LayerRotationMonitor:
-        return next(cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor))  # type: ignore[attr-defined]
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._stack = ExitStack()
-        self._stack.enter_context(count_writes(self.writes))
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start_state = self.rotation_callback(trainer).state_dict()
@@ -204,30 +233,10 @@ class DDPProbe(Callback):
         laycas = [opt for opt in trainer.optimizers if isinstance(opt, Layca)]
         self.train_start_layca = [opt.state_dict()["layca"] for opt in laycas]
         for opt in laycas:
-            opt.step = self._counting_step(opt.step)  # type: ignore[method-assign]
+            opt.step = self.counting_step(opt.step, collective_count, self.layca_step_collectives)  # type: ignore[method-assign]
         self._initial_norms = [
             float(w0.detach().double().norm()) for w0 in self.rotation_callback(trainer).state_dict()["initial"]
         ]
-
-    def _counting_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap ``Layca.step`` to count the collectives it issues outside the closure (forward and backward)."""
-
-        def counted(closure: Callable[[], Any] | None = None) -> Any:
-            in_closure = 0
-
-            def counted_closure() -> Any:
-                nonlocal in_closure
-                start = collective_count()
-                result = closure()  # type: ignore[misc]
-                in_closure += collective_count() - start
-                return result
-
-            start = collective_count()
-            result = step(None if closure is None else counted_closure)
-            self.layca_step_collectives.append(collective_count() - start - in_closure)
-            return result
-
-        return counted
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_layca import Layca, LaycaCallback, LayerRotationMonitor
 from lightning_layca.distributed import gather_full, is_dtensor, local_shard
-from tests.ddp_helpers import angle, count_writes
+from tests.ddp_helpers import ProbeBase, angle
 
 ROTATION_RATE = 3**-3
 N_SAMPLES = 64
@@ -177,7 +177,7 @@ def count_all_reduces(counter: AllReduceCounter) -> Iterator[None]:
         dist.all_reduce = original
 
 
-class ShardedProbe(Callback):
+class ShardedProbe(ProbeBase):
     """Record what one rank sees; put it after the rotation callback so its hooks run after that callback's.
 
     Written to ``<out_dir>/rank<r>.pt``:
@@ -196,9 +196,9 @@ class ShardedProbe(Callback):
     """
 
     def __init__(self, out_dir: Path, counter: AllReduceCounter) -> None:
+        super().__init__()
         self.out_dir = out_dir
         self.counter = counter
-        self.writes: dict[str, int] = {}
         self.layca_all_reduces: list[int] = []
         self.monitor_all_reduces: list[int] = []
         self.step_angles: list[list[float]] = []
@@ -207,29 +207,15 @@ class ShardedProbe(Callback):
         self.unit_norm_ratios: list[torch.Tensor] = []
         self.trace: list[int] = []
         self.train_start_layca: list[dict[str, Any]] = []
-        self._stack: ExitStack | None = None
         self._before: list[torch.Tensor] | None = None
         self._initial_norms: list[float] = []
         self._initial_unit_norms: torch.Tensor | None = None
-
-    @staticmethod
-    def rotation_callback(trainer: L.Trainer) -> LayerRotationMonitor:
-        return next(cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor))  # type: ignore[attr-defined]
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._stack = ExitStack()
-        self._stack.enter_context(count_writes(self.writes))
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         laycas = [opt for opt in trainer.optimizers if isinstance(opt, Layca)]
         self.train_start_layca = [opt.state_dict()["layca"] for opt in laycas]
         for opt in laycas:
-            opt.step = self._counting_step(opt.step)  # type: ignore[method-assign]
+            opt.step = self.counting_step(opt.step, self._all_reduces, self.layca_all_reduces)  # type: ignore[method-assign]
         monitor = self.rotation_callback(trainer)
         monitor.on_train_batch_end = self._counting_batch_end(monitor.on_train_batch_end)  # type: ignore[method-assign]
         # The weights at the start of this fit: the initial ones, or a resumed run's, whose norms Layca kept.
@@ -237,23 +223,8 @@ class ShardedProbe(Callback):
         self._initial_norms = [float(w0.double().norm()) for w0 in initial]
         self._initial_unit_norms = torch.cat([w0.double().flatten(1).norm(dim=1) for w0 in initial])
 
-    def _counting_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(closure: Callable[[], Any] | None = None) -> Any:
-            in_closure = 0
-
-            def counted_closure() -> Any:
-                nonlocal in_closure
-                start = self.counter.calls
-                result = closure()  # type: ignore[misc]
-                in_closure += self.counter.calls - start
-                return result
-
-            start = self.counter.calls
-            result = step(None if closure is None else counted_closure)
-            self.layca_all_reduces.append(self.counter.calls - start - in_closure)
-            return result
-
-        return counted
+    def _all_reduces(self) -> int:
+        return self.counter.calls
 
     def _counting_batch_end(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:

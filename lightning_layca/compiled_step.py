@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -195,8 +195,8 @@ def _sgd_step(
 
     The base step is never written to the weights: its direction ``D = -lr * v`` (``v`` the momentum buffer, or the
     Nesterov or plain direction) is formed in registers, exactly in float64, from the gradient, the weights and the
-    buffer, so no snapshot of the weights is needed and the two passes of the step read ``(w, grad, buffer)`` (writing
-    the new buffer) and ``(w, grad, buffer)`` again (writing ``w``).
+    buffer, so no snapshot of the weights is needed: the first pass reads ``(w, grad, buffer)`` and writes the new
+    buffer, the second reads ``w`` and the new buffer (and ``grad`` again for Nesterov) and writes ``w``.
 
     Args:
         params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
@@ -633,16 +633,8 @@ def rotate_compiled(
     Returns:
         The number of layers stepped (all of them unless a compilation failed).
     """
-    steps = {kind: _compiled(kind, per_unit) for kind in set(parallel)}
-    done = 0
-    for *args, kind in zip(params, previous, rates, relative_lrs, initial_norms, near_floor, parallel, strict=True):
-        try:
-            steps[kind](*args)
-        except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
-            _give_up(args[0].device, args[0].dtype, kind, per_unit, SNAPSHOT, error)
-            break
-        done += 1
-    return done
+    calls = zip(params, previous, rates, relative_lrs, initial_norms, near_floor, strict=True)
+    return _call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit)
 
 
 def rotate_base_compiled(
@@ -681,14 +673,31 @@ def rotate_base_compiled(
     Returns:
         The number of layers stepped.
     """
+    calls = (
+        (p, g, *state, hyper, rate, lr, norms, flag)
+        for p, g, state, hyper, rate, lr, norms, flag in zip(
+            params, grads, states, hypers, rates, relative_lrs, initial_norms, near_floor, strict=True
+        )
+    )
+    return _call_kernels(zip(parallel, variants, calls, strict=True), per_unit)
+
+
+def _call_kernels(calls: Iterable[tuple[bool, str, Sequence[torch.Tensor]]], per_unit: bool) -> int:
+    """Call the compiled kernel of each ``(parallel, variant, arguments)`` in turn, the layer's view first.
+
+    A kernel whose compilation fails (a recompilation after ``torch._dynamo.reset()`` or a change of the number of
+    threads) raises before it runs: its layer is untouched, one warning is given and the layers from it on are left
+    to the caller.
+
+    Returns:
+        The number of layers stepped.
+    """
     done = 0
-    for p, g, state, hyper, rate, lr, norms, flag, kind, variant in zip(
-        params, grads, states, hypers, rates, relative_lrs, initial_norms, near_floor, parallel, variants, strict=True
-    ):
+    for parallel, variant, args in calls:
         try:
-            _compiled(kind, per_unit, variant)(p, g, *state, hyper, rate, lr, norms, flag)
+            _compiled(parallel, per_unit, variant)(*args)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
-            _give_up(p.device, p.dtype, kind, per_unit, variant, error)
+            _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, error)
             break
         done += 1
     return done

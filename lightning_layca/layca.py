@@ -29,7 +29,8 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -195,9 +196,9 @@ class _Group:
 
     In ``compiled`` groups, the layers at ``fused`` positions take the fused step (see
     :mod:`lightning_layca.compiled_step`), which reads them through ``views`` and their values through per-layer
-    tensors (``*_scalars``; with ``granularity="unit"``, ``norm_scalars`` holds each layer's norms per unit); the
-    others (a layer that is not one dense block of memory, or that has no split into at least 2 rows and 2 columns)
-    take the eager step.
+    tensors (``*_scalars``, one per position; with ``granularity="unit"``, ``norm_scalars`` holds each layer's norms
+    per unit); the others (a layer that is not one dense block of memory, or that has no split into at least 2 rows
+    and 2 columns) take the eager step.
     """
 
     indices: list[int]
@@ -221,6 +222,7 @@ class _Group:
     norm_scalars: list[torch.Tensor] = field(default_factory=list)
     flag_scalars: list[torch.Tensor] = field(default_factory=list)
     rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    """``rho`` and the relative learning rate of every position, as the compiled kernels read them."""
     unfused: list[int] = field(default_factory=list)
     """Positions of the layers the eager step takes in a compiled group."""
     owned: list[int] = field(default_factory=list)
@@ -228,9 +230,6 @@ class _Group:
     well (no snapshot; see :mod:`lightning_layca.base_steps`). Disjoint from ``fused`` and ``unfused``."""
     owned_views: list[torch.Tensor] = field(default_factory=list)
     owned_parallel: list[bool] = field(default_factory=list)
-    all_norm_scalars: list[torch.Tensor] = field(default_factory=list)
-    all_flag_scalars: list[torch.Tensor] = field(default_factory=list)
-    all_rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     hyper_values: list[tuple[float, ...]] = field(default_factory=list)
     hyper_rows: list[torch.Tensor] = field(default_factory=list)
     shapes: list[tuple[torch.device, torch.dtype, torch.Size]] = field(default_factory=list)
@@ -256,6 +255,19 @@ class _KernelPlan:
     parallel: list[bool] = field(default_factory=list)
     fallback: list[int] = field(default_factory=list)
     """Positions of owned layers that take the base step and the other path at this step."""
+
+
+@contextmanager
+def _gradients_set_aside(params: list[torch.Tensor]) -> Iterator[None]:
+    """Hide the gradients of ``params`` (``None``) from an optimizer step, and give the same tensors back after it."""
+    grads = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
 
 
 def _device_values(values: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
@@ -723,12 +735,10 @@ class Layca(Optimizer):
         for j in g.owned:  # no snapshot buffer until one is needed (see _snapshot)
             g.previous[j] = torch.empty(0, device=g.previous[j].device, dtype=g.previous[j].dtype)
         if self.granularity == "unit":  # each layer's norms per unit, in a tensor of its own
-            g.all_norm_scalars = [norms.clone() for norms in g.initial_norms.split(unit_counts(g.params))]
+            g.norm_scalars = [norms.clone() for norms in g.initial_norms.split(unit_counts(g.params))]
         else:
-            g.all_norm_scalars = scalars(g.initial_norms)
-        g.all_flag_scalars = scalars(g.near_floor)
-        g.norm_scalars = [g.all_norm_scalars[j] for j in g.fused]
-        g.flag_scalars = [g.all_flag_scalars[j] for j in g.fused]
+            g.norm_scalars = scalars(g.initial_norms)
+        g.flag_scalars = scalars(g.near_floor)
         if g.compiled and g.unfused:  # index tensors built now, not in a step (on an accelerator, that would sync)
             g.subsets[tuple(g.unfused)] = self._subset(g, g.unfused)
 
@@ -788,11 +798,8 @@ class Layca(Optimizer):
             g.kept = [j for j in range(len(g.params)) if keep or j not in owned]
             self._snapshot(g, g.kept)
 
-        hidden = [g.params[j] for g, plan in zip(groups, plans, strict=True) for j in plan.positions]
-        grads = [p.grad for p in hidden]
-        try:
-            for p in hidden:  # the fused kernel takes their base step
-                p.grad = None
+        # The fused kernel takes the base step of these layers.
+        with _gradients_set_aside([g.params[j] for g, plan in zip(groups, plans, strict=True) for j in plan.positions]):
             if closure is None:
                 base_loss = self.optimizer.step()
             else:
@@ -802,9 +809,6 @@ class Layca(Optimizer):
                         return closure()
 
                 base_loss = self.optimizer.step(closure_with_grad)
-        finally:
-            for p, grad in zip(hidden, grads, strict=True):
-                p.grad = grad
         loss = base_loss if loss is None else loss
 
         rates = self._current_rates()
@@ -846,9 +850,7 @@ class Layca(Optimizer):
         values = [[rates[i] for i in g.indices], [self._relative_lrs[i] for i in g.indices]]
         layer_rates, layer_relative_lrs = _device_values(values, g.near_floor.device)
         if g.compiled:
-            rate_scalars, lr_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
-            g.all_rate_scalars = rate_scalars, lr_scalars
-            g.rate_scalars = [rate_scalars[j] for j in g.fused], [lr_scalars[j] for j in g.fused]
+            g.rate_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
         g.rates, g.relative_lrs = layer_rates, layer_relative_lrs
         if g.row_layer is not None:
             g.rates, g.relative_lrs = g.rates[g.row_layer], g.relative_lrs[g.row_layer]
@@ -881,16 +883,23 @@ class Layca(Optimizer):
             self._rotate_eager(g, None)
             return
         rest = g.unfused + plan.fallback
+        rates, relative_lrs = g.rate_scalars
         if g.fused and compiled_step_ready(device, dtype, g.parallel, per_unit=per_unit):
+            at = g.fused
             done = rotate_compiled(
-                *g.views, *g.rate_scalars, g.norm_scalars, g.flag_scalars, g.parallel, per_unit=per_unit
+                *g.views,
+                [rates[j] for j in at],
+                [relative_lrs[j] for j in at],
+                [g.norm_scalars[j] for j in at],
+                [g.flag_scalars[j] for j in at],
+                g.parallel,
+                per_unit=per_unit,
             )
             rest = rest + g.fused[done:]
         else:
             rest = rest + g.fused
         if plan.positions:
             at = plan.positions
-            rates, relative_lrs = g.all_rate_scalars
             done = rotate_base_compiled(
                 [g.owned_views[g.owned.index(j)] for j in at],
                 plan.grads,
@@ -898,8 +907,8 @@ class Layca(Optimizer):
                 plan.hypers,
                 [rates[j] for j in at],
                 [relative_lrs[j] for j in at],
-                [g.all_norm_scalars[j] for j in at],
-                [g.all_flag_scalars[j] for j in at],
+                [g.norm_scalars[j] for j in at],
+                [g.flag_scalars[j] for j in at],
                 plan.parallel,
                 [step.variant for step in plan.steps],
                 per_unit=per_unit,
@@ -919,15 +928,8 @@ class Layca(Optimizer):
     def _base_step_of(self, params: list[torch.Tensor]) -> None:
         """Run the wrapped optimizer's step for ``params`` only (every other gradient set aside meanwhile)."""
         chosen = {id(p) for p in params}
-        others = [p for group in self.param_groups for p in group["params"] if id(p) not in chosen]
-        grads = [p.grad for p in others]
-        try:
-            for p in others:
-                p.grad = None
+        with _gradients_set_aside([p for group in self.param_groups for p in group["params"] if id(p) not in chosen]):
             self.optimizer.step()
-        finally:
-            for p, grad in zip(others, grads, strict=True):
-                p.grad = grad
 
     def _kernel_plan(self, g: _Group) -> _KernelPlan:
         """The owned layers of ``g`` whose base step the fused kernel takes at this step, with its arguments.
@@ -938,10 +940,10 @@ class Layca(Optimizer):
         does every owned layer where the kernel cannot be compiled.
         """
         plan = _KernelPlan()
-        family = kernel_family(self.optimizer)
-        if not g.owned or family is None:
-            plan.fallback = [j for j in g.owned if g.params[j].grad is not None]
+        if not g.owned:
             return plan
+        family = kernel_family(self.optimizer)
+        assert family is not None  # layers are owned only around the optimizers it names (_base_kernel_applies)
         view = unit_view if g.row_layer is not None else kernel_view
         device, dtype = g.near_floor.device, g.params[0].dtype
         state, groups = self.optimizer.state, self.param_groups

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lightning_layca.compiled_step import kernel_view, scalars
-from lightning_layca.step import coefficients, unit_roundoff
+from lightning_layca.step.compiled import kernel_view, scalars
+from lightning_layca.step.rule import coefficients, unit_roundoff
 
 
 def _sgd_layca_layer(
@@ -36,7 +36,7 @@ def _sgd_layca_layer(
     radial, weight_sq, step_sq = row_sums.sum(0).view(3, 1).unbind(0)
     one = torch.ones_like(rate).view(1)
     roundoff = unit_roundoff(params.dtype)
-    k1, k2, _ = coefficients(radial, weight_sq, step_sq, step_sq, rate.view(1), one, initial_norm.view(1), roundoff)
+    k1, k2, _ = coefficients(radial, weight_sq, step_sq, rate.view(1), one, initial_norm.view(1), roundoff)
     k = torch.stack([k1, k2]).view(2)
     params.copy_(k[0] * weights + k[1] * torch.where(k[1] != 0, step, 0.0))
 

@@ -75,8 +75,8 @@ from benchmarks._mnist1d_experiment import (
     run_missing,
 )
 from examples.mnist1d_cnn import MNIST1DDataModule
+from lightning_layca.argument_types import EQUILIBRIUM
 from lightning_layca.figures import rotation_curves_figure, save_png
-from lightning_layca.layca import EQUILIBRIUM
 from lightning_layca.selection import layer_display_name
 
 __all__ = ["Config", "config_of", "configurations", "load_records", "main", "report", "train_one"]

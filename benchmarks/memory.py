@@ -155,12 +155,14 @@ def _transient_temporaries(trainer: Any) -> dict[str, int]:
     """Peak bytes of the temporaries of the epoch-end histograms and of one Layca step, counted exactly."""
     import lightning_layca as ll
     from benchmarks._allocations import LiveTensorBytes
+    from lightning_layca.rotation import angle_histograms
 
     found: dict[str, int] = {}
     for callback in trainer.callbacks:
         if isinstance(callback, ll.LayerRotationMonitor) and callback.angle_histograms:
             with LiveTensorBytes() as tracker:
-                callback._angle_histograms()  # what the epoch end computes before writing
+                # What the epoch end computes before writing: the angles of every unit, then their histograms.
+                angle_histograms(callback.layers.unit_angles(), bins=callback.histogram_bins)
             found["histogram_temporaries"] = tracker.peak
         if isinstance(callback, ll.LaycaCallback):
             layca = callback.laycas[0]  # the last batch's gradients are still there; the fit is over

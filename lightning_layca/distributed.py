@@ -1,4 +1,4 @@
-"""Where the callbacks meet distributed training: which strategies are supported, and the seam for sharded weights.
+"""The seam between sharded and unsharded training: local partial sums become full sums in one place.
 
 * **Full copies** (single device, DDP and its spawn/fork variants): every rank computes the same Layca step and the
   same rotation from the same all-reduced gradients, so the callbacks need no collective of their own; the
@@ -10,8 +10,8 @@
   that holds an element in several copies (a mesh dimension on which the layer is replicated) counts it once per
   copy, so the sum is divided by the number of copies (:attr:`ShardLayout.copies`). Without sharding the seam is the
   identity and issues no collective.
-* **Refused**: FSDP1 (``FSDPStrategy``), whose parameters are 1-D slices of flat buffers that hide the layers'
-  shapes, and DeepSpeed, whose ZeRO partitions are flat buffers with no layer boundaries at all.
+* **Refused** (by the callbacks, :mod:`lightning_layca.callbacks.strategies`): FSDP1 and DeepSpeed, whose flat
+  parameter buffers hide the layers.
 
 What this relies on (torch 2.4 to 2.13; ``tests/test_fsdp.py`` exercises each point):
 
@@ -31,9 +31,10 @@ Every rank builds the same list of layers in the same order (a rank with an empt
 zeros: layers are never filtered by ``grad is None``), so every rank issues the same collectives in the same order.
 Only global rank 0 writes logs and figures; no collective is ever guarded by a rank check.
 
+Pure torch: which Lightning strategies are supported is the callbacks' concern
+(:mod:`lightning_layca.callbacks.strategies`).
+
 Example:
-    >>> from lightning.pytorch.strategies import SingleDeviceStrategy
-    >>> check_strategy(SingleDeviceStrategy("cpu"), "LayerRotationMonitor")
     >>> layout = shard_layout([torch.ones(3, 2)])  # a plain tensor: not sharded
     >>> layout.sharded, full_sums(torch.tensor([[6.0]]), layout.divisors()).tolist()
     (False, [[6.0]])
@@ -48,23 +49,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 
 __all__ = [
-    "MULTI_GPU_DOCS",
     "ShardLayout",
-    "check_strategy",
     "full_sums",
     "gather_full",
     "is_dtensor",
     "local_shard",
+    "reduce_sums",
     "shard_layout",
     "shard_of",
 ]
-
-MULTI_GPU_DOCS = "docs/multi-gpu.md#sharded-training-fsdp2"
-"""Where the documentation explains sharded training; the refusals point there."""
 
 
 def _dtensor_module(name: str) -> Any:
@@ -276,38 +271,22 @@ def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
 
 
-def _strategy_names(strategy: Strategy) -> list[str]:
-    return [cls.__name__.lower() for cls in type(strategy).__mro__]
-
-
-def check_strategy(strategy: Strategy, callback_name: str) -> None:
-    """Raise ``MisconfigurationException`` for a strategy whose weights the callbacks cannot see layer by layer.
-
-    Supported: single-device strategies, DDP and its variants (full copies) and ``ModelParallelStrategy`` (FSDP2 and
-    tensor parallelism: ``DTensor`` parameters, combined through :func:`full_sums`).
+def reduce_sums(local: torch.Tensor, layout: ShardLayout | None, per_unit: bool = False) -> torch.Tensor:
+    """The seam for the sums of a list of tensors: local sums in, full sums out (``local`` itself unsharded).
 
     Args:
-        strategy: The Trainer's strategy (``trainer.strategy``).
-        callback_name: The callback asking, named in the error.
+        local: ``(tensors, k)``, or with ``per_unit`` ``(local units, k)`` (every tensor's local rows concatenated),
+            sums over this process's part of each tensor (unit), for the tensors :func:`shard_layout` described.
+        layout: Their layout; ``None`` or unsharded: no collective.
+        per_unit: Whether the sums are per unit.
 
-    Raises:
-        MisconfigurationException: For DeepSpeed, FSDP1 (``FSDPStrategy``) and other sharded strategies.
+    Returns:
+        ``(tensors, k)``, or with ``per_unit`` ``(global units, k)`` (every tensor's units, all of them): the full sums,
+        the same on every process, from ONE ``all_reduce``.
     """
-    if isinstance(strategy, ModelParallelStrategy):
-        return
-    if isinstance(strategy, DeepSpeedStrategy) or any("deepspeed" in name for name in _strategy_names(strategy)):
-        raise MisconfigurationException(
-            f"{callback_name} does not support the `{type(strategy).__name__}` strategy: DeepSpeed's ZeRO keeps the "
-            "weights as flat partitions that cut across layers, with no layer boundaries to measure or rotate. Use "
-            "Lightning's `ModelParallelStrategy` (FSDP2, sharding every layer along its rows) or DDP; see "
-            f"{MULTI_GPU_DOCS}."
-        )
-    if isinstance(strategy, FSDPStrategy) or any(
-        key in name for name in _strategy_names(strategy) for key in ("fsdp", "sharded", "modelparallel")
-    ):
-        raise MisconfigurationException(
-            f"{callback_name} does not support the `{type(strategy).__name__}` strategy: FSDP1 flattens each "
-            "wrapped module's parameters into one buffer, so its parameters are 1-D slices that hide the layers' "
-            "shapes and rows. Use Lightning's `ModelParallelStrategy` (FSDP2: apply `fully_shard` in "
-            f"`configure_model`), which the callbacks support with one collective per step; see {MULTI_GPU_DOCS}."
-        )
+    if layout is None or not layout.sharded:
+        return local
+    if per_unit:
+        rows = list(local.split(list(layout.local_rows)))
+        return full_sums(layout.scatter_rows(rows), layout.row_divisors(local.device))
+    return full_sums(local, layout.divisors(local.device))

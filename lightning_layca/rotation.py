@@ -1,13 +1,18 @@
-"""Layer rotation measured against the initial weights: per-layer cosine distances and per-unit angles.
+"""Layer rotation, measured: cosine distances to the initial weights, per-unit angles, the angle of one step.
 
-Pure torch, no Lightning: the monitoring callbacks call these functions on logging steps only.
+Pure torch, no Lightning: the monitoring callbacks call this module on logging steps only. Every measurement is a
+function of the float64 sums of :mod:`lightning_layca.sums` (the sums the Layca step uses), combined across processes
+by the seam (:func:`lightning_layca.distributed.full_sums`, the identity without sharding), so full tensors and
+sharded ones are measured by the same code:
 
-* :func:`cosine_distances` gives ``d_l = 1 - <w_l, w0_l> / (||w_l|| * ||w0_l||)`` for every layer with multi-tensor
-  reductions per (device, dtype), accumulated in float32 (float64 for float64 layers), and no host synchronisation:
-  the result stays on the device until the caller moves it to the host once for all layers.
-* :func:`unit_angles` gives the angle in degrees between each output unit's (row's) current and initial weights.
-* :func:`angle_histograms` bins those angles on the device with ``torch.histc``; only the bin counts and a few
-  summary numbers per layer cross to the host.
+* ``d_l = 1 - <w_l, w0_l> / (||w_l|| * ||w0_l||)`` (:func:`cosine_distances`, :func:`distances_from_sums`);
+* the angle in degrees between each output unit's current and initial weights (:func:`unit_angles`,
+  :func:`angles_from_sums`);
+* how far one step turned each layer, as ``tan`` of the angle, and its norm after it (:func:`step_rotation`,
+  :func:`step_rotation_from_sums`);
+* :class:`RotationMeter`: everything one logging step needs, for a list of layers and their initial snapshot, with
+  one host transfer and, under sharding, ONE ``all_reduce``;
+* :func:`angle_histograms` bins angles on the device; only bin counts and a few numbers cross to the host.
 
 Example:
     >>> w0 = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
@@ -21,209 +26,77 @@ Example:
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from lightning_layca.argument_types import check_positive_int
+from lightning_layca.distributed import (
+    ShardLayout,
+    full_sums,
+    gather_full,
+    local_shard,
+    reduce_sums,
+    shard_layout,
+)
+from lightning_layca.sums import float64_sums
+
 __all__ = [
     "AngleHistogram",
-    "accumulation_dtype",
+    "Measured",
+    "RotationMeter",
     "angle_histograms",
     "angles_from_sums",
     "cosine_distances",
     "distances_from_sums",
-    "float64_sums",
-    "pair_sums",
     "step_rotation",
     "step_rotation_from_sums",
     "unit_angles",
 ]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+def distances_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Cosine distances ``1 - <w, w0> / (||w|| ||w0||)`` from the sums ``float64_sums(w, w0)``.
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype reductions over tensors of ``dtype`` accumulate in: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def inner_products(xs: list[torch.Tensor], ys: list[torch.Tensor], acc_dtype: torch.dtype) -> list[torch.Tensor]:
-    """Return ``<x, y>`` for every pair, as 0-dim tensors of ``acc_dtype``."""
-    if xs[0].dtype in _LOW_PRECISION:
-        return [
-            torch.dot(x.reshape(-1).to(acc_dtype), y.reshape(-1).to(acc_dtype)) for x, y in zip(xs, ys, strict=True)
-        ]
-    # One BLAS dot per layer, accumulating in the layer's own float32/float64: on CPU much faster than a batched
-    # `_foreach_mm` of (1, n) x (n, 1) products, and equally launch-bound on GPUs for the few dozen layers of a model.
-    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
-
-
-def cosine_distances(
-    weights: Sequence[torch.Tensor],
-    initial: Sequence[torch.Tensor],
-    initial_norms: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Return the cosine distance of every layer to its initial weights, without host synchronisation.
-
-    Args:
-        weights: The current weights, one tensor per layer (any shape; each is seen as one vector).
-        initial: The initial weights, same shapes, devices and dtypes as ``weights``.
-        initial_norms: Optionally ``||w0||`` per layer (0-dim tensors on the layer's device), to save one pass.
-
-    Returns:
-        A 1-D tensor with one distance per layer, on the first layer's device, in float32 (float64 when any layer
-        is float64). A layer whose current or initial weights are all zero, hold inf or NaN, or have a norm beyond
-        the accumulation dtype's range gets ``nan``.
+    NaN where a norm is zero or a sum is not finite.
 
     Example:
-        >>> cosine_distances([torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 0.0])]).tolist()
+        >>> distances_from_sums(torch.tensor([[0.0, 1.0, 4.0]], dtype=torch.float64)).tolist()
         [1.0]
     """
-    if len(weights) != len(initial):
-        raise ValueError(f"cosine_distances: got {len(weights)} weight tensors but {len(initial)} initial tensors.")
-    if not weights:
-        return torch.zeros(0)
-    for i, (w, w0) in enumerate(zip(weights, initial, strict=True)):
-        if w.shape != w0.shape or w.device != w0.device or w.dtype != w0.dtype:
-            raise ValueError(
-                f"cosine_distances: layer #{i} has weights {tuple(w.shape)} {w.dtype} on {w.device} but initial "
-                f"weights {tuple(w0.shape)} {w0.dtype} on {w0.device}; they must match."
-            )
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, w in enumerate(weights):
-        groups[(w.device, w.dtype)].append(i)
-    out_device = weights[0].device
-    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
-    distances: list[torch.Tensor] = [torch.empty(0)] * len(weights)
-    for (_, dtype), indices in groups.items():
-        acc_dtype = accumulation_dtype(dtype)
-        ws = [weights[i].detach() for i in indices]
-        w0s = [initial[i].detach() for i in indices]
-        norm_w = torch.stack(torch._foreach_norm(ws, 2, dtype=acc_dtype))
-        if initial_norms is None:
-            norm_w0 = torch.stack(torch._foreach_norm(w0s, 2, dtype=acc_dtype))
-        else:
-            norm_w0 = torch.stack([initial_norms[i] for i in indices]).to(acc_dtype)
-        dots = torch.stack(inner_products(ws, w0s, acc_dtype))
-        # A layer holding inf or NaN gets NaN; so does a finite one whose norm overflows, where 1 - <w, w0> / inf would
-        # read as exactly 1.
-        measurable = torch.isfinite(norm_w) & torch.isfinite(norm_w0)
-        group_distances = torch.where(measurable, 1.0 - dots / (norm_w * norm_w0), torch.nan)
-        group_distances = group_distances.to(device=out_device, dtype=out_dtype)
-        for i, d in zip(indices, group_distances.unbind(), strict=True):
-            distances[i] = d
-    return torch.stack(distances)
+    dot, initial_sq, weight_sq = sums.unbind(-1)
+    norms = (weight_sq * initial_sq).sqrt()
+    measurable = torch.isfinite(sums).all(-1) & (norms > 0) & torch.isfinite(norms)
+    return torch.where(measurable, 1.0 - dot / torch.where(measurable, norms, 1.0), torch.nan)
 
 
-_UNIT_BLOCK_ELEMENTS = 2**20
-"""Rows are measured in blocks of about this many elements (4 MiB in float32), so the temporaries of
-:func:`unit_angles` stay a few MiB whatever the size of the layer."""
+def angles_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Angles in degrees between current and initial weights from the per-unit sums ``float64_sums(w, w0)``.
 
-
-def unit_angles(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-    """Return the angle in degrees between each output unit's current and initial weights.
-
-    A unit is one row of the weight tensor seen as ``(out_features, -1)`` (one output neuron, or one convolution
-    filter). The angle is computed as ``atan2(||w_perp|| * ||w0||, <w, w0>)``, accurate for small angles where
-    ``acos`` of a cosine close to 1 is not. A unit whose current or initial weights are all zero gets 0; a unit
-    holding inf or NaN gets NaN. Rows are processed in blocks of about a million elements, so the temporaries stay a
-    few MiB however large the layer (only the angles, one per unit, are kept).
-
-    Args:
-        weights: Current weights of one layer.
-        initial: Its initial weights (same shape).
-
-    Returns:
-        One angle per output unit, float32 (float64 for float64 weights), on the weights' device.
+    ``atan2(||w_perp|| * ||w0||, <w, w0>)`` with ``||w_perp||^2 = <w, w> - <w, w0>^2 / <w0, w0>``, accurate for small
+    angles where ``acos`` of a cosine close to 1 is not: 0 for a unit whose current or initial weights are all zero,
+    NaN for one with non-finite sums.
 
     Example:
-        >>> unit_angles(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])).tolist()
-        [90.0]
+        >>> angles_from_sums(torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 2.0]], dtype=torch.float64)).tolist()
+        [90.0, 45.0]
     """
-    acc_dtype = accumulation_dtype(weights.dtype)
-    w_all = weights.detach().reshape(weights.shape[0], -1)
-    w0_all = initial.detach().reshape(initial.shape[0], -1)
-    rows_per_block = max(1, _UNIT_BLOCK_ELEMENTS // max(1, w_all.shape[1]))
-    angles = torch.empty(w_all.shape[0], dtype=acc_dtype, device=w_all.device)
-    for start in range(0, w_all.shape[0], rows_per_block):
-        block = slice(start, start + rows_per_block)
-        angles[block] = _block_angles(w_all[block].to(acc_dtype), w0_all[block].to(acc_dtype))
-    return angles
-
-
-def _block_angles(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """Per-row angles in degrees of one block of rows (see :func:`unit_angles`)."""
-    dot = (w * w0).sum(dim=1)
-    sq0 = (w0 * w0).sum(dim=1)
-    finite = torch.isfinite(w).all(dim=1) & torch.isfinite(w0).all(dim=1)
-    defined = (sq0 > 0) & (w.abs().amax(dim=1) > 0)
-    safe_sq0 = torch.where(sq0 > 0, sq0, 1.0)
-    perpendicular = w - (dot / safe_sq0).unsqueeze(1) * w0
-    angles = torch.rad2deg(torch.atan2(perpendicular.norm(dim=1) * safe_sq0.sqrt(), dot))
-    # A row holding inf gives inf - inf = NaN above, or a finite made-up angle when its initial row is zero.
-    return torch.where(finite, torch.where(defined, angles, 0.0), torch.nan)
-
-
-def step_rotation(
-    weights: Sequence[torch.Tensor], before: Sequence[torch.Tensor], units: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return how far each layer turned in one step, as ``tan`` of the angle, and each layer's norm after it.
-
-    With ``D = w - w_before`` formed explicitly (exact for the small steps of one step), sums ``a = <D, w_before>``,
-    ``b = ||w_before||^2``, ``c = ||D||^2`` give ``tan = sqrt(c - a^2 / b) * sqrt(b) / (b + a)``: the tangential part
-    of the step over the radial part of the new weights, accurate for the small angles of one step where a cosine
-    close to 1 would lose them. This is the unit of Layca's rate ``rho``: under Layca it equals the rate the step used.
-    Sums accumulate in float32 (float64 for float64 layers), one layer-sized temporary at a time.
-
-    Args:
-        weights: The weights after the step, one tensor per layer.
-        before: The same layers' weights before it.
-        units: Measure every output unit (row, slice along dim 0) instead of every layer; the rows of all layers
-            are concatenated.
-
-    Returns:
-        ``tan`` of the angle per layer (per unit) and the L2 norm per layer (per unit), float64, on the first
-        layer's device, with no host synchronisation.
-
-    Example:
-        >>> tan, norm = step_rotation([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])])
-        >>> tan.tolist(), [round(x, 6) for x in norm.tolist()]
-        ([1.0], [1.414214])
-    """
-    device = weights[0].device
-    sums = []
-    for w, w0 in zip(weights, before, strict=True):
-        acc = accumulation_dtype(w.dtype)
-        rows = (w.shape[0] if w.ndim >= 2 else 1) if units else 1
-        w_rows = w.detach().reshape(rows, -1).to(acc)
-        w0_rows = w0.detach().reshape(rows, -1).to(acc)
-        d = w_rows - w0_rows
-        row_sums = [
-            torch.einsum("ij,ij->i", x, y) for x, y in ((d, w0_rows), (w0_rows, w0_rows), (d, d), (w_rows, w_rows))
-        ]
-        sums.append(torch.stack(row_sums).to(device=device, dtype=torch.float64))
-        del d
-    a, b, c, norm_sq = torch.cat(sums, dim=1).to(device)
-    return _step_tangent(a, b, c), norm_sq.sqrt()
-
-
-def _step_tangent(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``tan`` of a step's angle from ``a = <D, w_before>``, ``b = ||w_before||^2``, ``c = ||D||^2``."""
-    tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
-    return tangential * b.sqrt() / (b + a)
+    dot, initial_sq, weight_sq = sums.unbind(-1)
+    safe_sq0 = torch.where(initial_sq > 0, initial_sq, 1.0)
+    perpendicular_sq = (weight_sq - dot.square() / safe_sq0).clamp_min(0.0)
+    angles = torch.rad2deg(torch.atan2(perpendicular_sq.sqrt() * safe_sq0.sqrt(), dot))
+    defined = (initial_sq > 0) & (weight_sq > 0)
+    return torch.where(torch.isfinite(sums).all(-1), torch.where(defined, angles, 0.0), torch.nan)
 
 
 def step_rotation_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`step_rotation` from full float64 sums ``(a, b, c)`` per layer (or unit), as sharded layers give them.
+    """``tan`` of the angle a step turned each layer (unit), and its norm after it, from ``(a, b, c)`` of the step.
 
-    Args:
-        sums: ``(n, 3)``: ``<D, w_before>``, ``||w_before||^2``, ``||D||^2`` with ``D = w - w_before``
-            (:func:`lightning_layca.step.step_sums` of the weights after and before the step).
-
-    Returns:
-        ``tan`` of the angle and the norm after the step (``sqrt(b + 2 a + c)``), per row of ``sums``.
+    With ``a = <D, w_before>``, ``b = ||w_before||^2``, ``c = ||D||^2`` (``float64_sums(w, w_before,
+    difference=True)``): ``tan = sqrt(c - a^2 / b) * sqrt(b) / (b + a)``, the tangential part of the step over the
+    radial part of the new weights, and the norm ``sqrt(b + 2 a + c)``. This is the unit of Layca's rate ``rho``:
+    under Layca it equals the rate the step used.
 
     Example:
         >>> # from (1, 0) to (1, 1)
@@ -232,7 +105,158 @@ def step_rotation_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         ([1.0], [1.414214])
     """
     a, b, c = sums.unbind(-1)
-    return _step_tangent(a, b, c), (b + 2 * a + c).clamp_min(0.0).sqrt()
+    tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
+    return tangential * b.sqrt() / (b + a), (b + 2 * a + c).clamp_min(0.0).sqrt()
+
+
+def cosine_distances(weights: Sequence[torch.Tensor], initial: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Return the cosine distance of every layer to its initial weights (float64, on the first layer's device).
+
+    Args:
+        weights: The current weights, one tensor per layer (any shape; each is seen as one vector).
+        initial: The initial weights, same shapes, devices and dtypes as ``weights``.
+
+    Returns:
+        One distance per layer; ``nan`` for a layer whose current or initial weights are all zero or not finite.
+
+    Example:
+        >>> cosine_distances([torch.tensor([0.0, 2.0])], [torch.tensor([1.0, 0.0])]).tolist()
+        [1.0]
+    """
+    if len(weights) != len(initial):
+        raise ValueError(f"cosine_distances: got {len(weights)} weight tensors but {len(initial)} initial tensors.")
+    for i, (w, w0) in enumerate(zip(weights, initial, strict=True)):
+        if w.shape != w0.shape or w.device != w0.device or w.dtype != w0.dtype:
+            raise ValueError(
+                f"cosine_distances: layer #{i} has weights {tuple(w.shape)} {w.dtype} on {w.device} but initial "
+                f"weights {tuple(w0.shape)} {w0.dtype} on {w0.device}; they must match."
+            )
+    if not weights:
+        return torch.zeros(0, dtype=torch.float64)
+    return distances_from_sums(float64_sums(weights, initial))
+
+
+def unit_angles(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """Return the angle in degrees between each output unit's current and initial weights (float64).
+
+    A unit is one row of the weight tensor seen as ``(out_features, -1)`` (one output neuron, or one convolution
+    filter); see :func:`angles_from_sums`. The sums are taken in blocks, so temporaries stay a few MiB whatever the
+    size of the layer.
+
+    Example:
+        >>> unit_angles(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])).tolist()
+        [90.0]
+    """
+    return angles_from_sums(float64_sums([weights], [initial], per_unit=True))
+
+
+def step_rotation(
+    weights: Sequence[torch.Tensor], before: Sequence[torch.Tensor], units: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return how far each layer (unit) turned in one step, as ``tan`` of the angle, and its norm after it.
+
+    See :func:`step_rotation_from_sums`; ``units`` measures every output unit (rows of all layers concatenated).
+
+    Example:
+        >>> tan, norm = step_rotation([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])])
+        >>> tan.tolist(), [round(x, 6) for x in norm.tolist()]
+        ([1.0], [1.414214])
+    """
+    return step_rotation_from_sums(float64_sums(weights, before, per_unit=units, difference=True))
+
+
+@dataclass
+class Measured:
+    """What one :meth:`RotationMeter.measure` call measured (host numbers; unit tangents stay a tensor)."""
+
+    distances: list[float] = field(default_factory=list)
+    tans: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    unit_tans: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+
+class RotationMeter:
+    """Measure a list of layers against their initial snapshot, sharded or not, through one seam call.
+
+    Args:
+        layers: The layers (parameters; ``DTensor`` under sharding), in the same order on every process.
+        initial: Their initial weights: this process's local shard of each (the whole tensor unsharded).
+    """
+
+    def __init__(self, layers: Sequence[torch.Tensor], initial: Sequence[torch.Tensor]) -> None:
+        self.layers = list(layers)
+        self.initial = list(initial)
+        self.layout: ShardLayout = shard_layout(self.layers)
+
+    def measure(
+        self,
+        distances: bool,
+        steps: Sequence[int] = (),
+        unit_steps: Sequence[int] = (),
+        before: Sequence[torch.Tensor] = (),
+        unit_before: Sequence[torch.Tensor] = (),
+    ) -> Measured:
+        """Measure what a logging step needs, with one host transfer and at most ONE all_reduce.
+
+        Args:
+            distances: Whether to measure every layer's cosine distance to its initial weights.
+            steps: Positions of the layers whose latest step to measure (``tan`` of its angle, norm after it).
+            unit_steps: Positions of the layers whose latest step to measure per unit (rows concatenated).
+            before: The weights before the step of the layers at ``steps`` (local shards).
+            unit_before: Likewise for ``unit_steps``.
+        """
+        out = Measured()
+        local = [local_shard(p.detach()) for p in self.layers]
+        if not (distances and local) and not steps and not unit_steps:
+            return out
+        device = local[0].device
+        layout = self.layout
+        parts: list[torch.Tensor] = []
+        divisors: list[torch.Tensor] = []
+        all_divisors = layout.divisors(device)
+        if distances:
+            parts.append(float64_sums(local, self.initial))
+            divisors += [all_divisors] if all_divisors is not None else []
+        if steps:
+            parts.append(float64_sums([local[k] for k in steps], before, difference=True))
+            divisors += [all_divisors[list(steps)]] if all_divisors is not None else []
+        if unit_steps:
+            sub = layout.subset(unit_steps)
+            rows = float64_sums([local[k] for k in unit_steps], unit_before, per_unit=True, difference=True)
+            parts.append(sub.scatter_rows(list(rows.split(list(sub.local_rows)))))
+            row_divisors = sub.row_divisors(device)
+            divisors += [row_divisors] if row_divisors is not None else []
+        full = full_sums(torch.cat([p.to(device) for p in parts]), torch.cat(divisors) if divisors else None)
+        pieces = iter(full.split([len(part) for part in parts]))
+        if distances:
+            out.distances = distances_from_sums(next(pieces)).tolist()
+        if steps:
+            tans, norms = step_rotation_from_sums(next(pieces))
+            out.tans, out.norms = tans.tolist(), norms.tolist()
+        if unit_steps:
+            out.unit_tans, _ = step_rotation_from_sums(next(pieces))
+        return out
+
+    def unit_angles(self) -> list[torch.Tensor]:
+        """Per layer, the angle in degrees each of its units turned (every unit, on every process).
+
+        Under sharding each process sums over its part of each unit; one all_reduce of three float64 numbers per unit
+        gives every process the full sums.
+        """
+        local = [local_shard(p.detach()) for p in self.layers]
+        full = reduce_sums(float64_sums(local, self.initial, per_unit=True), self.layout, per_unit=True)
+        return list(angles_from_sums(full).split(list(self.layout.rows)))
+
+    def full_initial(self) -> list[torch.Tensor | None]:
+        """The snapshot for a checkpoint: full tensors on the CPU (sharded: gathered, a collective, kept on rank 0)."""
+        if not self.layout.sharded:
+            return [t.detach().cpu() for t in self.initial]
+        keep = torch.distributed.get_rank() == 0
+        full = []
+        for w0, p in zip(self.initial, self.layers, strict=True):
+            gathered = gather_full(w0, p)  # a collective, one layer at a time
+            full.append(gathered.cpu() if keep else None)
+        return full
 
 
 @dataclass
@@ -271,8 +295,7 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
         >>> h.bucket_limits, h.bucket_counts
         ([1.0, 2.0], [1.0, 3.0])
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"angle_histograms: `bins` must be a positive integer, got {bins!r}.")
+    check_positive_int("angle_histograms", "bins", bins)
     if not values:
         return []
     device = values[0].device
@@ -308,102 +331,3 @@ def angle_histograms(values: Sequence[torch.Tensor], bins: int = 30) -> list[Ang
         )
         for v, (lo, hi, total, squares), edges, bucket_counts in zip(values, stats, limits, host_counts, strict=True)
     ]
-
-
-SUM_BLOCK_ELEMENTS = 2**16
-"""Sums in float64 convert this many elements at a time: 512 KiB of float64 per operand, which stay in the cache for
-the three products (converting whole layers would stream each through memory several times)."""
-
-
-def unit_view(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``(units, -1)``, one row per output unit; an empty shard (``(0, ...)``) keeps its 0 rows."""
-    return x.flatten(1) if x.ndim >= 2 else x.reshape(1, -1)
-
-
-def float64_sums(
-    xs: Sequence[torch.Tensor],
-    ys: Sequence[torch.Tensor],
-    per_unit: bool = False,
-    difference: bool = False,
-) -> torch.Tensor:
-    """Return ``(<u, v>, <u, u>, <v, v>)`` per pair of tensors (or per unit), formed and summed in float64.
-
-    ``u = x`` (``x - y`` with ``difference``) and ``v = y``, converted block by block. Products of float32 (or lower)
-    numbers are exact in float64, and differences are rounded to 53 bits, so sums that are later subtracted from each
-    other (``||D_perp||^2 = <D, D> - <D, w>^2 / <w, w>``) keep the inputs' precision. Sums over parts add up to the
-    sums over the whole, which is how sharded layers are measured (see :func:`lightning_layca.distributed.full_sums`);
-    an empty shard contributes zeros.
-
-    Returns:
-        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device.
-    """
-    out = []
-    for x, y in zip(xs, ys, strict=True):
-        rows_x, rows_y = unit_view(x.detach()), unit_view(y.detach())
-        if not per_unit and rows_x.is_contiguous() and rows_y.is_contiguous():
-            rows_x, rows_y = rows_x.reshape(1, -1), rows_y.reshape(1, -1)
-        sums = rows_x.new_zeros((rows_x.shape[0] if per_unit else 1, 3), dtype=torch.float64)
-        per_block = max(1, SUM_BLOCK_ELEMENTS // max(1, rows_x.shape[1]))
-        for start in range(0, rows_x.shape[0], per_block):
-            for first in range(0, rows_x.shape[1], SUM_BLOCK_ELEMENTS):  # a long row in pieces
-                block = (slice(start, start + per_block), slice(first, first + SUM_BLOCK_ELEMENTS))
-                v = rows_y[block].double()  # the block itself for a float64 tensor: never written to
-                u = rows_x[block].double() - v if difference else rows_x[block].double()
-                if per_unit:
-                    sums[block[0]] += torch.stack([(u * v).sum(1), (u * u).sum(1), (v * v).sum(1)], 1)
-                else:
-                    u, v = u.reshape(-1), v.reshape(-1)
-                    sums[0] += torch.stack([torch.dot(u, v), torch.dot(u, u), torch.dot(v, v)])
-        out.append(sums)
-    return torch.cat(out)
-
-
-def pair_sums(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], per_unit: bool = False) -> torch.Tensor:
-    """Return ``(<x, y>, <x, x>, <y, y>)`` of every pair of tensors (or of every unit), in float64.
-
-    Args:
-        xs: For example each layer's current weights (a rank's local shards).
-        ys: For example their initial weights, same shapes.
-        per_unit: Sums per unit (rows of :func:`unit_view`, all tensors' rows concatenated) rather than per tensor.
-
-    Returns:
-        ``(tensors, 3)`` or ``(units, 3)``, float64, on the first tensor's device (see :func:`float64_sums`).
-
-    Example:
-        >>> pair_sums([torch.tensor([[1.0, 1.0]])], [torch.tensor([[1.0, 0.0]])]).tolist()
-        [[1.0, 2.0, 1.0]]
-    """
-    return float64_sums(xs, ys, per_unit)
-
-
-def distances_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """Cosine distances ``1 - <w, w0> / (||w|| ||w0||)`` from :func:`pair_sums` of ``(w, w0)``.
-
-    NaN where a norm is zero or a sum is not finite, as :func:`cosine_distances`.
-
-    Example:
-        >>> distances_from_sums(torch.tensor([[0.0, 4.0, 1.0]], dtype=torch.float64)).tolist()
-        [1.0]
-    """
-    dot, weight_sq, initial_sq = sums.unbind(-1)
-    norms = (weight_sq * initial_sq).sqrt()
-    measurable = torch.isfinite(sums).all(-1) & (norms > 0) & torch.isfinite(norms)
-    return torch.where(measurable, 1.0 - dot / torch.where(measurable, norms, 1.0), torch.nan)
-
-
-def angles_from_sums(sums: torch.Tensor) -> torch.Tensor:
-    """Angles in degrees between current and initial weights from per-unit :func:`pair_sums` of ``(w, w0)``.
-
-    ``atan2(||w_perp|| * ||w0||, <w, w0>)`` with ``||w_perp||^2 = <w, w> - <w, w0>^2 / <w0, w0>`` in float64, as
-    :func:`unit_angles`: 0 for a unit whose current or initial weights are all zero, NaN for one with non-finite sums.
-
-    Example:
-        >>> angles_from_sums(torch.tensor([[0.0, 1.0, 1.0], [1.0, 2.0, 1.0]], dtype=torch.float64)).tolist()
-        [90.0, 45.0]
-    """
-    dot, weight_sq, initial_sq = sums.unbind(-1)
-    safe_sq0 = torch.where(initial_sq > 0, initial_sq, 1.0)
-    perpendicular_sq = (weight_sq - dot.square() / safe_sq0).clamp_min(0.0)
-    angles = torch.rad2deg(torch.atan2(perpendicular_sq.sqrt() * safe_sq0.sqrt(), dot))
-    defined = (initial_sq > 0) & (weight_sq > 0)
-    return torch.where(torch.isfinite(sums).all(-1), torch.where(defined, angles, 0.0), torch.nan)

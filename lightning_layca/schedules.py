@@ -19,7 +19,13 @@ import fnmatch
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
-from lightning_layca.argument_types import NonNegativeFloat, PositiveInt, SignedOpenUnitInterval
+from lightning_layca.argument_types import (
+    NonNegativeFloat,
+    PositiveInt,
+    SignedOpenUnitInterval,
+    check_multiplier,
+    check_positive_int,
+)
 
 __all__ = ["ByName", "DepthDecay", "EpochSwitch", "LayerWarmup", "RotationSchedule", "Uniform"]
 
@@ -126,8 +132,8 @@ class ByName(RotationSchedule):
                 f"ByName: `patterns` must be a non-empty mapping of pattern -> multiplier, got {patterns!r}."
             )
         for pattern, value in patterns.items():
-            _check_multiplier(f"ByName: multiplier of pattern {pattern!r}", value)
-        _check_multiplier("ByName: `default`", default)
+            check_multiplier(f"ByName: multiplier of pattern {pattern!r}", value)
+        check_multiplier("ByName: `default`", default)
         self.patterns = {str(k): float(v) for k, v in patterns.items()}
         self.default = float(default)
 
@@ -170,10 +176,10 @@ class EpochSwitch(RotationSchedule):
     def __init__(self, schedules: Sequence[RotationSchedule], milestones: Sequence[PositiveInt]) -> None:
         schedules = list(schedules)
         milestones = list(milestones)
-        if not schedules or not all(isinstance(s, RotationSchedule) for s in schedules):
-            raise ValueError(
-                f"EpochSwitch: `schedules` must be a non-empty list of RotationSchedule, got {schedules!r}."
-            )
+        if not schedules:
+            raise ValueError("EpochSwitch: `schedules` must be a non-empty list of RotationSchedule, got [].")
+        for schedule in schedules:
+            as_schedule("EpochSwitch", schedule, what="every entry of `schedules`")
         if len(milestones) != len(schedules) - 1:
             raise ValueError(
                 f"EpochSwitch: needs exactly one milestone fewer than schedules, got {len(schedules)} schedules and "
@@ -220,12 +226,9 @@ class LayerWarmup(RotationSchedule):
     """
 
     def __init__(self, warmup_steps: PositiveInt, schedule: RotationSchedule | None = None) -> None:
-        if not isinstance(warmup_steps, int) or warmup_steps <= 0:
-            raise ValueError(f"LayerWarmup: `warmup_steps` must be a positive integer, got {warmup_steps!r}.")
-        if schedule is not None and not isinstance(schedule, RotationSchedule):
-            raise ValueError(f"LayerWarmup: `schedule` must be a RotationSchedule, got {schedule!r}.")
+        check_positive_int("LayerWarmup", "warmup_steps", warmup_steps)
         self.warmup_steps = int(warmup_steps)
-        self.schedule = schedule if schedule is not None else Uniform()
+        self.schedule = as_schedule("LayerWarmup", schedule)
 
     def _factor(self, step: int) -> float:
         return min(1.0, (step + 1) / self.warmup_steps)
@@ -244,6 +247,17 @@ class LayerWarmup(RotationSchedule):
         return [factor * m for m in self.schedule.multipliers(layers, step, epoch)]
 
 
-def _check_multiplier(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite non-negative number, got {value!r}.")
+def as_schedule(owner: str, schedule: object, what: str = "`schedule`") -> RotationSchedule:
+    """Return ``schedule`` (:class:`Uniform` for ``None``); ``TypeError`` naming ``owner`` unless it is a schedule.
+
+    The one check of a schedule argument, for :class:`~lightning_layca.Layca`, the callbacks and the schedules that
+    wrap others.
+    """
+    if schedule is None:
+        return Uniform()
+    if not isinstance(schedule, RotationSchedule):
+        raise TypeError(
+            f"{owner}: {what} must be a RotationSchedule instance, got {schedule!r} (Uniform, DepthDecay, ByName, "
+            "EpochSwitch, LayerWarmup or a subclass of your own)."
+        )
+    return schedule

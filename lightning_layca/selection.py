@@ -20,21 +20,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["layer_display_name", "select_layers"]
+from lightning_layca.argument_types import as_patterns
 
-
-def as_patterns(what: str, patterns: object) -> list[str]:
-    """Return ``patterns`` (``None``, one pattern or a sequence of them) as a list; ``ValueError`` otherwise.
-
-    ``what`` names the argument in the message, for example ``"LayerRotationMonitor: `include`"``.
-    """
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        return [patterns]
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"{what} must be a string or a list of strings, got {patterns!r}.")
-    return list(patterns)
+__all__ = ["filter_layers", "layer_display_name", "select_layers"]
 
 
 def select_layers(
@@ -85,11 +73,30 @@ def select_layers(
                     f"`{what}` pattern {pattern!r} matches no {kind}. Available names: {', '.join(names)}."
                 )
 
+    return filter_layers(named, include_patterns, exclude_patterns)
+
+
+def filter_layers(
+    named: Iterable[tuple[str, torch.Tensor]], include: Sequence[str], exclude: Sequence[str]
+) -> list[tuple[str, torch.Tensor]]:
+    """The selection rule of :func:`select_layers` without its check that every pattern matches something.
+
+    For parameters that join later (a param group added by fine-tuning), among which a pattern need not match.
+
+    Args:
+        named: ``(name, parameter)`` pairs.
+        include: Patterns (a list, see :func:`~lightning_layca.argument_types.as_patterns`).
+        exclude: Patterns.
+
+    Raises:
+        ValueError: When ``include`` selects a parameter that is not real floating-point (complex, integer).
+    """
+
     def chosen(name: str, p: torch.Tensor) -> bool:
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude_patterns):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
             return False
-        if include_patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in include_patterns):
+        if include:
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
                 return False
             if not _is_real_floating(p):
                 raise ValueError(

@@ -279,7 +279,7 @@ class ShardedProbe(ProbeBase):
                 "weights": weights,
                 "sharded": [is_dtensor(p) for p in layer_params(pl_module)],
                 "local_rows": [int(local_shard(p).shape[0]) for p in layer_params(pl_module)],
-                "layca_groups": [len(opt._groups or []) for opt in trainer.optimizers if isinstance(opt, Layca)],
+                "layca_groups": [len(opt.plan.buckets or []) for opt in trainer.optimizers if isinstance(opt, Layca)],
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
@@ -351,9 +351,9 @@ def main() -> None:
     args = parser.parse_args()
     config = RUNS[args.run]
     if "chunk_bytes" in config:
-        import lightning_layca.layca
+        from lightning_layca import plan
 
-        lightning_layca.layca._CPU_CHUNK_BYTES = config["chunk_bytes"]
+        plan.CPU_BUCKET_BYTES = config["chunk_bytes"]
     counter = AllReduceCounter()
     callbacks: list[Callback] = [rotation_callback(config["callback"]), ShardedProbe(args.root / "probe", counter)]
     if config.get("save_checkpoints"):

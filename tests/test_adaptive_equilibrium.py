@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import adaptive_equilibrium as ae
 from benchmarks import layca_fit_failures as lf
-from lightning_layca.layca import equilibrium_rate
+from lightning_layca.step.families import equilibrium_rate
 
 TINY = ["--epochs", "2", "--limit-train-batches", "3", "--num-samples", "300", "--width", "8", "--threads", "1"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import memory, step_cost
 from benchmarks._shapes import SHAPE_SETS, numel
-from lightning_layca import Layca
+from lightning_layca import Layca, sums
 
 
 @pytest.mark.parametrize(
@@ -96,8 +96,15 @@ def test_memory_benchmark_reports_each_configuration_and_the_snapshot_copy_in_th
     assert "temporaries of the epoch-end angle histograms (LayerRotationMonitor)" in text
 
 
-def test_memory_benchmark_fit_with_layca_counts_the_temporaries_of_a_step(tmp_path: Path) -> None:
+def test_memory_benchmark_fit_with_layca_counts_the_temporaries_of_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The eager step converts blocks of SUM_BLOCK_ELEMENTS elements to float64 (8 bytes each): with blocks smaller than
+    # a layer (as in any real model) its temporaries are a few blocks, whatever the model's size.
+    block = 512
+    monkeypatch.setattr(sums, "SUM_BLOCK_ELEMENTS", block)
     measured = memory.fit_once("LaycaCallback", width=64, depth=2, batch=4, steps=2, root=tmp_path)
+    assert 0 < measured["layca_step_temporaries"] <= 3 * 8 * block + 1024  # three blocks, and a few scalars
     assert measured["parameters"] == 2 * (64 * 64 + 64)
     assert measured["peak_rss"] >= measured["rss_at_fit_start"] > 0
     assert measured["checkpoint_bytes"] > 2 * measured["weight_bytes"]  # weights, momentum, the snapshot

@@ -33,15 +33,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Single
 
 from lightning_layca import LaycaCallback, LayerRotationMonitor
 from lightning_layca.callbacks.monitor import FIGURE_FILENAME
-from lightning_layca.distributed import MULTI_GPU_DOCS, check_strategy, full_sums, shard_layout
-from lightning_layca.step import (
-    apply_coefficients,
-    coefficients,
-    rotate_eager,
-    rotate_eager_units,
-    step_sums,
-    unit_roundoff,
-)
+from lightning_layca.callbacks.strategies import MULTI_GPU_DOCS, check_strategy
+from lightning_layca.distributed import full_sums, shard_layout
+from lightning_layca.step import rotate_eager
 from tests.ddp_helpers import assert_same, read_events, scalars_with_prefix
 from tests.fsdp_helpers import LAYERS, LOG_EVERY, ROTATION_RATE, fit_single
 
@@ -364,49 +358,46 @@ def test_the_seam_is_the_identity_without_sharding() -> None:
 
 
 # ------------------------------------------------------------------------------------ the summed form, one process
-def _summed_step(params: list[torch.Tensor], previous: list[torch.Tensor], rate: float, per_unit: bool) -> None:
-    sums = step_sums(params, previous, per_unit=per_unit)
-    n = len(sums)
-    initial = sums[:, 1].sqrt()  # the layers (units) start on their sphere
-    ones = torch.ones(n, dtype=torch.float64)
-    a, b, c = sums.unbind(1)
-    k1, k2, _ = coefficients(a, b, c, c, rate * ones, ones, initial, unit_roundoff(params[0].dtype))
-    apply_coefficients(params, previous, k1, k2, per_unit=per_unit)
+def _reference_step(w: torch.Tensor, p: torch.Tensor, rate: float, per_unit: bool) -> torch.Tensor:
+    """DESIGN.md's four lines in float64 per layer (per row), the initial norm being the norm before the step."""
+    rows_w, rows_p = (
+        w.double().reshape(w.shape[0] if per_unit else 1, -1),
+        p.double().reshape(w.shape[0] if per_unit else 1, -1),
+    )
+    d = rows_p - rows_w
+    perp = d - ((d * rows_w).sum(1, keepdim=True) / (rows_w * rows_w).sum(1, keepdim=True)) * rows_w
+    norm_w = rows_w.norm(dim=1, keepdim=True)
+    out = rows_w + rate * norm_w / perp.norm(dim=1, keepdim=True) * perp
+    return (out * norm_w / out.norm(dim=1, keepdim=True)).reshape(w.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("per_unit", [False, True])
-def test_summed_step_takes_the_eager_step(per_unit: bool, dtype: torch.dtype) -> None:
+def test_the_eager_step_through_its_sums_matches_a_float64_reference(per_unit: bool, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
-    shapes = [(8, 4, 3, 3), (16, 36), (1, 16)]
+    shapes = [(8, 4, 3, 3), (16, 36), (2, 16)]
     weights = [torch.randn(shape, generator=g).to(dtype) for shape in shapes]
-    steps = [0.01 * torch.randn(w.shape, generator=g).to(dtype) for w in weights]
     originals = [w.clone() for w in weights]
-    eager = [w + d for w, d in zip(weights, steps, strict=True)]
-    summed = [e.clone() for e in eager]
-    rows = sum(w.shape[0] for w in weights)
-    n = rows if per_unit else len(weights)
+    params = [w + 0.01 * torch.randn(w.shape, generator=g).to(dtype) for w in weights]
+    expected = [_reference_step(w, p, 0.1, per_unit) for w, p in zip(weights, params, strict=True)]
+    n = sum(w.shape[0] for w in weights) if per_unit else len(weights)
     ones = torch.ones(n, dtype=torch.float64)
-    if per_unit:
-        initial = torch.cat([w.double().flatten(1).norm(dim=1) for w in weights])
-        rotate_eager_units(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
-    else:
-        initial = torch.stack([w.double().norm() for w in weights])
-        rotate_eager(eager, [w.clone() for w in weights], 0.1 * ones, ones, initial)
-    _summed_step(summed, weights, 0.1, per_unit)
+    rows = [w.double().reshape(w.shape[0] if per_unit else 1, -1).norm(dim=1) for w in weights]
+    rotate_eager(params, weights, 0.1 * ones, ones, torch.cat(rows), per_unit=per_unit)
     for w, w0 in zip(weights, originals, strict=True):
         assert torch.equal(w, w0)  # the sums read the weights before the step, never write them
     atol = 1e-6 if dtype == torch.float32 else 1e-12  # rounding of a step of norm 0.1 |w|
-    for e, s in zip(eager, summed, strict=True):
-        torch.testing.assert_close(s, e, rtol=0, atol=atol)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.double(), e, rtol=0, atol=atol)
 
 
-def test_summed_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was() -> None:
+def test_the_eager_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_was() -> None:
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(6, 5, generator=g), torch.randn(4, 6, generator=g)]
     params = [weights[0] + 0.01, weights[1].clone()]
     params[1][2, 3] = float("nan")
-    _summed_step(params, weights, 0.1, per_unit=False)
+    ones = torch.ones(2, dtype=torch.float64)
+    rotate_eager(params, weights, 0.1 * ones, ones, torch.stack([w.double().norm() for w in weights]))
     assert torch.equal(params[1], weights[1])
     assert not torch.equal(params[0], weights[0])  # the finite layer moved
 
@@ -433,7 +424,7 @@ def test_compiled_implementation_warns_that_sharded_layers_take_the_summed_step(
         model(torch.randn(4, 8)).square().sum().backward()
         with pytest.warns(UserWarning, match="take the eager summed step"):
             opt.step()
-        norms = [float(p.detach().full_tensor().norm()) for p in opt._layers]
+        norms = [float(p.detach().full_tensor().norm()) for p in opt.layers.params]
         assert opt.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
     finally:
         dist.destroy_process_group()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca import compiled_step
+from lightning_layca.step import compiled as compiled_step
 from tests.implementations import SubclassedSGD
 
 CONFIGS = {
@@ -76,7 +76,7 @@ def trained_twins(
 @pytest.mark.parametrize("config", CONFIGS)
 def test_the_kernel_takes_the_same_steps_and_keeps_the_same_momentum_as_sgd_under_the_eager_step(config: str) -> None:
     model, twin, eager, compiled = trained_twins(torch.optim.SGD, CONFIGS[config], 6)
-    assert compiled._groups[0].owned == [0, 1, 2]  # every layer's SGD step taken by the kernel
+    assert set(compiled.describe().values()) == {"compiled+base"}  # every layer's SGD step taken by the kernel
     # Float32 rounding differs (the kernel reads the step exactly); the gradients carry it into later steps.
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 2e-5, name
@@ -94,7 +94,7 @@ def test_the_kernel_takes_the_same_steps_and_keeps_the_same_moments_as_adam_unde
     # paths can grow from step to step (maximize with betas (0.8, 0.99) reached 6e-4 at step 6 from 1e-7 at step 3).
     base, options = ADAM_CONFIGS[config]
     model, twin, eager, compiled = trained_twins(base, options, 6)
-    assert compiled._groups[0].owned == [0, 1, 2]
+    assert set(compiled.describe().values()) == {"compiled+base"}
     names = ["exp_avg", "exp_avg_sq"] + ["max_exp_avg_sq"] * bool(options.get("amsgrad"))
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 2e-5, name
@@ -152,8 +152,8 @@ def test_no_snapshot_is_kept_unless_asked_and_the_asked_one_holds_the_weights_be
     model, _ = model_and_twin()
     opt = layca(model, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)
     fit(model, opt, 1)
-    group = opt._groups[0]
-    assert [group.previous[j].numel() for j in group.owned] == [0, 0, 0]  # no memory held for a snapshot
+    assert set(opt.describe().values()) == {"compiled+base"}
+    assert [x.numel() for b in opt.plan.buckets or [] for x in b.previous] == [0, 0, 0]  # no memory held
     assert opt.weights_before_last_step() == {}
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim >= 2}
     opt.keep_weights_before_next_step()
@@ -164,7 +164,7 @@ def test_no_snapshot_is_kept_unless_asked_and_the_asked_one_holds_the_weights_be
         assert torch.equal(kept[name], w), name
     fit(model, opt, 1)  # asked for one step only: the buffers are released
     assert opt.weights_before_last_step() == {}
-    assert [group.previous[j].numel() for j in group.owned] == [0, 0, 0]
+    assert [x.numel() for b in opt.plan.buckets or [] for x in b.previous] == [0, 0, 0]
 
 
 def test_a_layer_without_gradient_stays_and_keeps_its_buffer_as_under_sgd() -> None:
@@ -190,7 +190,7 @@ def test_a_gradient_laid_out_unlike_its_weights_takes_the_step_after_sgd_at_that
         net(x).square().mean().backward()
         net[0].weight.grad = net[0].weight.grad.to(memory_format=torch.channels_last)  # strides differ now
         opt.step()
-    assert compiled._groups[0].kept == [0]  # snapshot for the conv only, stepped after SGD's step
+    assert list(compiled.weights_before_last_step()) == ["0.weight"]  # for the conv only, stepped after SGD
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 1e-6
 
@@ -244,7 +244,7 @@ def test_a_subclass_of_sgd_is_stepped_by_its_own_step() -> None:
     model, _ = model_and_twin()
     opt = layca(model, CountingSGD, "compiled", lr=0.1, momentum=0.9)
     fit(model, opt, 2)
-    assert opt._groups[0].owned == [] and opt._groups[0].fused == [0, 1, 2]
+    assert set(opt.describe().values()) == {"compiled"}  # the kernel works after the subclass's own step
     assert calls == [6, 6]  # it saw every gradient
 
 
@@ -264,7 +264,7 @@ def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_ea
     with pytest.warns(UserWarning, match="recompilation failed"):
         fit(model, eager, 1, seed=3)
         fit(twin, compiled, 1, seed=3)
-    assert compiled._groups[0].kept == [0, 1, 2]  # snapshots taken for the eager step
+    assert len(compiled.weights_before_last_step()) == 3  # snapshots taken for the eager step
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 2e-5
 
@@ -281,14 +281,14 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.base_steps import kernel_family, plan_layer
+    from lightning_layca.step.families import BASE_KERNELS, family_of
 
     optimizer, config = KERNEL_CASES[case]
     torch.manual_seed(0)
     layer = nn.Parameter(torch.randn(16, 24))
     twin = nn.Parameter(layer.detach().clone())
     mine, theirs = optimizer([layer], **config), optimizer([twin], **config)
-    family = kernel_family(mine)
+    family = family_of(mine)
     assert family is not None
     for step in range(3):
         grad = torch.randn(16, 24)
@@ -297,12 +297,12 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         theirs.step()
         d = twin.detach().double() - before
         expected = torch.stack([(d * before).sum(), (before * before).sum(), (d * d).sum()])
-        plan = plan_layer(family, mine.param_groups[0], layer, mine.state.get(layer))
+        plan = family.read_step(mine.param_groups[0], layer, mine.state.get(layer) or {})
         assert plan is not None
         hyper = torch.tensor(plan.hyper, dtype=torch.float64)
         one, n0 = torch.ones((), dtype=torch.float64), torch.tensor(1e6, dtype=torch.float64)
         flag = torch.zeros((), dtype=torch.bool)
-        kernel = compiled_step.BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
+        kernel = BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
         weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
         sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag).flatten()
         plan.commit(mine.state[layer])

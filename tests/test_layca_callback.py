@@ -257,7 +257,6 @@ def test_an_optimizer_index_out_of_range_fails_when_the_fit_starts(tmp_path: Pat
     [
         ({"rotation_rate": 0.0}, r"`rotation_rate` must be a number in \(0, 1000\].*got 0.0"),
         ({"rotation_rate": float("nan")}, r"`rotation_rate` must be a number in \(0, 1000\].*got nan"),
-        ({"schedule": 0.5}, "`schedule` must be a RotationSchedule .*got 0.5"),
         ({"optimizers": [-1]}, r"`optimizers` must be None .*got \[-1\]"),
         ({"optimizers": []}, r"`optimizers` must be None .*got \[\]"),
         ({"log_every_n_steps": -2}, "`log_every_n_steps` must be a positive integer or None, got -2"),
@@ -266,6 +265,16 @@ def test_an_optimizer_index_out_of_range_fails_when_the_fit_starts(tmp_path: Pat
 def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ll.LaycaCallback(**kwargs)
+
+
+def test_a_schedule_of_the_wrong_type_is_refused_as_by_the_optimizer() -> None:
+    # One check for every owner: the same exception type and words from LaycaCallback, Layca and the schedules.
+    for make in (
+        lambda: ll.LaycaCallback(schedule=0.5),  # type: ignore[arg-type]
+        lambda: ll.LayerWarmup(3, schedule=0.5),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=r"`schedule` must be a RotationSchedule instance, got 0.5"):
+            make()
 
 
 class PerStepDecay(TinyCNN):

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca import compiled_step
+from lightning_layca import plan
+from lightning_layca.step import compiled as compiled_step
 from tests.implementations import SubclassedSGD
 from tests.reference import layca_update
 
 KERNELS = {"sgd-in-kernel": torch.optim.SGD, "after-base-step": SubclassedSGD}
 """Around torch's SGD the compiled kernel takes the SGD step itself; around a subclass, it works after its step."""
+KERNEL_PATHS = {"sgd-in-kernel": "compiled+base", "after-base-step": "compiled"}
 
 
 def cuda(test):
@@ -68,14 +70,14 @@ def test_unknown_implementation_is_refused_with_the_accepted_ones(bad: object) -
 
 
 def test_auto_choice_compiles_once_the_eager_steps_have_cost_a_compilation_and_keeps_the_faster() -> None:
-    eager_step = compiled_step.AUTO_COMPILE_AFTER_SECONDS / 4
+    eager_step = plan.AUTO_COMPILE_AFTER_SECONDS / 4
     for compiled_time, kept in ((eager_step / 2, True), (eager_step * 2, False)):
-        choice = compiled_step.AutoChoice()
+        choice = plan.AutoChoice()
         assert [choice.record(eager_step) for _ in range(4)] == [False, False, False, True]
         assert choice.compiled
         assert not choice.record(100.0)  # the compiling step is not counted
-        changes = [choice.record(compiled_time) for _ in range(compiled_step.AUTO_TRIAL_STEPS)]
-        assert changes == [False] * (compiled_step.AUTO_TRIAL_STEPS - 1) + [not kept]
+        changes = [choice.record(compiled_time) for _ in range(plan.AUTO_TRIAL_STEPS)]
+        assert changes == [False] * (plan.AUTO_TRIAL_STEPS - 1) + [not kept]
         assert choice.compiled == kept and not choice.measuring
         assert not choice.record(1e-9) and choice.compiled == kept
 
@@ -88,20 +90,23 @@ def test_auto_steps_eagerly_while_the_eager_steps_are_cheap_then_compiles(monkey
     eager = ll.Layca(torch.optim.SGD(twin.parameters(), lr=0.1), twin.named_parameters(), implementation="eager")
     x = torch.randn(4, 6)
     train([(model, auto), (twin, eager)], 3, lambda step: x)
-    assert not auto._groups[0].compiled and auto._auto.phase == "eager"  # a few cheap steps: no compilation
-    monkeypatch.setattr(compiled_step, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
+    assert set(auto.describe().values()) == {"eager"}  # a few cheap steps: no compilation
+    assert auto.plan.auto is not None and auto.plan.auto.phase == "eager"
+    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
     train([(model, auto), (twin, eager)], 2, lambda step: x)
-    assert auto._groups[0].compiled and auto._auto.phase == "trial"
+    assert set(auto.describe().values()) == {"compiled+base"} and auto.plan.auto.phase == "trial"
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(p.detach(), q.detach()) < 1e-6
 
 
-def test_auto_never_compiles_for_cuda_or_float64_layers() -> None:
+def test_auto_never_compiles_for_cuda_or_float64_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)  # would compile at once if it could
     model = nn.Linear(8, 8).double()
     opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
-    model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
-    opt.step()
-    assert not opt._groups[0].eligible
+    for _ in range(2):
+        model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+        opt.step()
+    assert opt.describe() == {"weight": "eager"} and opt.plan.auto is not None and opt.plan.auto.phase == "eager"
     assert compiled_step.use_compiled_step("auto", torch.device("cuda"), torch.float32) is False
 
 
@@ -111,7 +116,7 @@ def test_float64_layers_take_the_eager_step_with_a_warning_when_compiled_is_aske
     model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
     with pytest.warns(UserWarning, match=r"the torch.float64 layers on cpu take the eager step"):
         opt.step()
-    assert not opt._groups[0].compiled
+    assert opt.describe() == {"weight": "eager"}
 
 
 def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,8 +166,7 @@ def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: t
     after_base = before - 0.1 * (layer.grad + 0.1 * before)
     opt.step()
     expected = layca_update(before, after_base, 0.07, float(before.double().norm()))
-    kernel_positions = opt._groups[0].owned if kernel == "sgd-in-kernel" else opt._groups[0].fused
-    assert opt._groups[0].compiled and kernel_positions == [0]
+    assert opt.describe() == {"layer": "compiled+base" if kernel == "sgd-in-kernel" else "compiled"}
     assert relative_error(layer.detach().flatten(), expected) < 1e-6
 
 
@@ -178,7 +182,7 @@ def test_layer_without_a_two_dimensional_split_steps_eagerly_beside_the_compiled
     for _, p in named:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt._groups[0].fused + opt._groups[0].owned == [2] and opt._groups[0].unfused == [0, 1]
+    assert opt.describe() == {"prime": "eager", "strided": "eager", "dense": KERNEL_PATHS[kernel]}
     for (_, p), w in zip(named, before, strict=True):
         assert angle(p.detach(), w) == pytest.approx(math.atan(0.1), abs=1e-5)
         assert float(p.detach().double().norm()) == pytest.approx(float(w.double().norm()), rel=1e-6)
@@ -210,8 +214,8 @@ def test_large_layer_takes_the_multithreaded_kernel_and_equals_the_eager_step() 
     model = nn.Sequential(nn.Linear(512, 512, bias=False), nn.Tanh(), nn.Linear(512, 4, bias=False))
     twin, eager, compiled = twin_optimizers(model, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05))
     train([(model, eager), (twin, compiled)], 3, lambda step: torch.randn(8, 512))
-    group = compiled._groups[0]
-    assert group.parallel + group.owned_parallel == [True, False]  # 512 x 512 = 2**18 elements: the threshold
+    assert compiled.plan.buckets is not None
+    assert compiled.plan.buckets[0].parallel == [True, False]  # 512 x 512 = 2**18 elements: the threshold
     # Both round every step to float32 (6e-8 relative), and the gradients carry the differences into later steps.
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(q.detach(), p.detach()) < 1e-5
@@ -276,7 +280,7 @@ def test_learning_rate_schedules_and_warmup_never_recompile(make_base) -> None:
             rates.append(opt.rotation_rates()["2.weight"])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert len(set(rates)) == 100  # the rate changed at every step
-    assert opt._groups[0].compiled and opt._groups[0].owned == [0, 1, 2]
+    assert set(opt.describe().values()) == {"compiled+base"}
 
 
 # ------------------------------------------------------------------------------------------------------------ CUDA
@@ -301,7 +305,7 @@ def test_cuda_compiled_step_matches_eager_and_float64_reference(dtype: torch.dty
             p.grad = g.clone()
         opt.step()
         results.append([p.detach().clone() for p in params])
-        assert [g.compiled for g in opt._groups] == [implementation == "compiled"]
+        assert set(opt.describe().values()) == {"compiled+base" if implementation == "compiled" else "eager"}
     tolerance = 1e-6 if dtype == torch.float32 else 2.0**-8
     for w, g, eager, compiled in zip(before, grads, *results, strict=True):
         reference = layca_update(w, w - 0.1 * g, 0.05, float(w.double().norm()), dtype=dtype).view_as(w)
@@ -362,7 +366,7 @@ def test_cuda_ddp_fit_with_layca_callback_keeps_every_layer_on_its_sphere(tmp_pa
     trainer.fit(model, loader())
     layca = callback.laycas[0]
     assert layca.step_count == 16
-    assert [g.compiled for g in layca._groups] == [implementation == "compiled"] * len(layca._groups)
+    assert set(layca.describe().values()) == {"compiled+base" if implementation == "compiled" else "eager"}
     for name, w in layer_weights(model).items():
         w0 = initial[name].to(w.device)
         assert float(w.double().norm()) == pytest.approx(float(w0.double().norm()), rel=1e-5)
@@ -387,7 +391,7 @@ def test_unit_granularity_steps_single_unit_layers_eagerly_beside_the_compiled_o
     for _, p in named:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt._groups[0].owned == [1] and opt._groups[0].unfused == [0]
+    assert opt.describe() == {"single": "eager", "conv": "compiled+base"}
     for (_, p), w in zip(named, before, strict=True):
         for unit, unit_before in zip(p.detach(), w, strict=True):
             assert angle(unit, unit_before) == pytest.approx(math.atan(0.1), abs=1e-5)

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca.layca import equilibrium_rate
+from lightning_layca.step.families import equilibrium_rate
 
 
 def two_groups(model: nn.Module, **second: float) -> list[dict]:

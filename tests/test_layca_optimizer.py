@@ -206,20 +206,20 @@ def test_time_varying_schedule_is_evaluated_only_when_its_key_changes() -> None:
 def test_other_torch_optimizers_are_wrapped(make_base) -> None:
     model = make_model()
     opt = ll.Layca(make_base(model.parameters()), model.named_parameters(), rotation_rate=0.1)
-    norms = [float(p.detach().norm()) for p in opt._layers]
+    norms = [float(p.detach().norm()) for p in opt.layers.params]
     train(model, opt, batches(3))
-    assert [float(p.detach().norm()) for p in opt._layers] == pytest.approx(norms, rel=1e-6)
+    assert [float(p.detach().norm()) for p in opt.layers.params] == pytest.approx(norms, rel=1e-6)
 
 
 def test_cpu_chunking_takes_the_same_step_as_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_layca.layca as layca_module
+    from lightning_layca import plan
 
     results = []
     for chunk_bytes in (None, 64):  # 64 bytes: every layer in its own chunk
-        monkeypatch.setattr(layca_module, "_CPU_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(plan, "CPU_BUCKET_BYTES", chunk_bytes)
         model = make_model()
         opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model.named_parameters())
         train(model, opt, batches(3))
-        assert len(opt._groups) == (1 if chunk_bytes is None else 3)
+        assert len(opt.plan.buckets or []) == (1 if chunk_bytes is None else 3)
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(p, q) for p, q in zip(*results, strict=True))

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 import lightning_layca as ll
 from lightning_layca.callbacks.monitor import FIGURE_FILENAME
-from lightning_layca.distributed import check_strategy
+from lightning_layca.callbacks.strategies import check_strategy
 from tests.tiny_modules import (
     LAYERS,
     UNITS,

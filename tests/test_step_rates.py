@@ -47,7 +47,7 @@ def test_under_layca_the_measured_rate_is_the_rate_used_and_the_norm_is_constant
     trainer = make_trainer(tmp_path, logger=[tb, csv_logger], callbacks=[callback], max_epochs=2)
     trainer.fit(model, loader())
     # Nothing was copied for the measurement: Layca's own snapshot served.
-    assert callback._capture_pre_step() == {}
+    assert callback.copy_weights_before_step() == {}
 
     events = read_events(Path(tb.log_dir))
     rows = csv_rows(csv_logger.log_dir)

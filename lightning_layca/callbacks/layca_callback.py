@@ -14,7 +14,6 @@ one for the discriminator): each one's checkpoint state is stored under a key th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -25,18 +24,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
-from lightning_layca.argument_types import NonNegativeInt, PositiveFloat, PositiveInt, RotationRate
-from lightning_layca.callbacks.monitor import LayerRotationMonitor
-from lightning_layca.compiled_step import Implementation
-from lightning_layca.distributed import local_shard
-from lightning_layca.layca import (
+from lightning_layca.argument_types import (
     DEFAULT_ROTATION_RATE,
-    Layca,
+    Granularity,
+    Implementation,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    RotationRate,
     check_granularity,
     check_implementation,
+    check_reference_lr,
     check_rotation_rate,
 )
-from lightning_layca.schedules import RotationSchedule
+from lightning_layca.callbacks.monitor import LayerRotationMonitor
+from lightning_layca.layca import Layca
+from lightning_layca.schedules import RotationSchedule, as_schedule
 from lightning_layca.selection import layer_display_name
 
 __all__ = ["LaycaCallback"]
@@ -97,7 +100,7 @@ class LaycaCallback(LayerRotationMonitor):
         log_rates: bool = True,
         log_every_n_steps: PositiveInt | None = None,
         reference_lr: PositiveFloat | None = None,
-        granularity: Literal["layer", "unit"] = "layer",
+        granularity: Granularity = "layer",
         *,
         every_n_epochs: PositiveInt = 1,
         angle_histograms: bool = True,
@@ -115,11 +118,8 @@ class LaycaCallback(LayerRotationMonitor):
             figure=figure,
         )
         check_rotation_rate("LaycaCallback", rotation_rate)
-        if schedule is not None and not isinstance(schedule, RotationSchedule):
-            raise ValueError(
-                f"LaycaCallback: `schedule` must be a RotationSchedule (Uniform, DepthDecay, ByName, EpochSwitch, "
-                f"LayerWarmup or your own subclass), got {schedule!r}."
-            )
+        if schedule is not None:
+            as_schedule("LaycaCallback", schedule)
         indices = [optimizers] if isinstance(optimizers, int) else optimizers
         if indices is not None and (
             isinstance(indices, str)
@@ -136,16 +136,10 @@ class LaycaCallback(LayerRotationMonitor):
         self.schedule = schedule
         self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
         self.log_rates = bool(log_rates)
-        if reference_lr is not None and (
-            isinstance(reference_lr, bool)
-            or not isinstance(reference_lr, int | float)
-            or not math.isfinite(reference_lr)
-            or reference_lr <= 0
-        ):
-            raise ValueError(f"LaycaCallback: `reference_lr` must be None or a positive number, got {reference_lr!r}.")
+        check_reference_lr("LaycaCallback", reference_lr)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
         check_granularity("LaycaCallback", granularity)
-        self.granularity: Literal["layer", "unit"] = granularity
+        self.granularity: Granularity = granularity
         check_implementation("LaycaCallback", implementation)
         self.implementation: Implementation = implementation
         self.laycas: dict[int, Layca] = {}
@@ -187,7 +181,7 @@ class LaycaCallback(LayerRotationMonitor):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         # On logging batches only: the rates this step will use are read just before it, when the schedule's step
         # count and the learning rates are the step's own (a per-step LR scheduler moves them after the batch).
-        if not self.log_rates or not self._is_logging_batch(trainer):
+        if not self.log_rates or not self.is_logging_batch(trainer):
             return
         for layca in self.laycas.values():
             if layca is optimizer:
@@ -195,47 +189,41 @@ class LaycaCallback(LayerRotationMonitor):
                     self._step_rates[layer_display_name(name)] = rate
 
     @override
-    def _logging_step_metrics(self, values: dict[str, float]) -> dict[str, float]:
-        metrics = super()._logging_step_metrics(values)
-        metrics.update({f"layca/rate/{name}": rate for name, rate in self._step_rates.items()})
+    def logging_step_scalars(self) -> dict[str, float]:
+        scalars = {f"layca/rate/{name}": rate for name, rate in self._step_rates.items()}
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
-        return metrics
+        return scalars
 
     @property
     @override
-    def _unit_rate_histograms(self) -> bool:
+    def measures_unit_steps(self) -> bool:
         return self.granularity == "unit" and self.angle_histograms
 
     @override
-    def _capture_pre_step(self) -> dict[str, torch.Tensor]:
-        # Layca keeps the weights before its step (asked to for the layers whose fused base step needs no copy):
-        # copy only the layers no wrapper controls.
+    def copy_weights_before_step(self) -> dict[str, torch.Tensor]:
+        # Layca keeps the weights before its step (asked to for the layers whose base step the kernel takes, which
+        # need no copy otherwise): copy only the layers no wrapper controls.
         self._pre_step_counts = {index: layca.step_count for index, layca in self.laycas.items()}
         for layca in self.laycas.values():
             layca.keep_weights_before_next_step()
         controlled = {name for layca in self.laycas.values() for name in layca.controlled_layer_names}
-        return {
-            name: local_shard(p.detach()).clone()
-            for name, p in zip(self.layer_names, self._layers, strict=True)
-            if name not in controlled
-        }
+        copies = super().copy_weights_before_step()
+        return {name: weights for name, weights in copies.items() if name not in controlled}
 
     @override
-    def _pre_step_weights(self) -> dict[str, torch.Tensor]:
-        weights = dict(super()._pre_step_weights())
+    def weights_before_step(self, copies: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = dict(copies)
         for index, layca in self.laycas.items():
             if layca.step_count > self._pre_step_counts.get(index, layca.step_count):
                 weights.update(layca.weights_before_last_step())
             else:  # the step was skipped (a GradScaler found inf gradients): the layers did not move
-                params = dict(zip(self.layer_names, self._layers, strict=True))
-                weights.update(
-                    {n: local_shard(params[n].detach()) for n in layca.controlled_layer_names if n in params}
-                )
+                current = self.layers.local_weights(clone=False)
+                weights.update({n: current[n] for n in layca.controlled_layer_names if n in current})
         return weights
 
     @override
-    def _state_key_fields(self) -> dict[str, Any]:
+    def state_key_fields(self) -> dict[str, Any]:
         # The wrapped optimizers tell two LaycaCallbacks apart; two on the same optimizer would wrap it twice.
         return {} if self.optimizer_indices is None else {"optimizers": self.optimizer_indices}
 
@@ -251,7 +239,7 @@ class LaycaCallback(LayerRotationMonitor):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         restored = {int(index): layca for index, layca in state_dict.get("laycas", {}).items()}
-        if self._bound_module is None:  # before the fit starts (DDP): applied when the optimizers are wrapped
+        if self.layers.module is None:  # before the fit starts (DDP): applied when the optimizers are wrapped
             self._restored_laycas = restored
             return
         # During the fit (`ModelParallelStrategy` restores callbacks after `on_fit_start`): the wrappers exist.
@@ -310,10 +298,7 @@ class LaycaCallback(LayerRotationMonitor):
             ):
                 # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
                 # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
-                layca.initial_norms = list(earlier.initial_norms)
-                layca.initial_unit_norms = list(earlier.initial_unit_norms)
-                layca.reference_lr = earlier.reference_lr
-                layca.step_count = earlier.step_count
+                layca.load_layca_state(earlier.layca_state())
             optimizers[i] = layca
             self.laycas[i] = layca
         for i, layca in self.laycas.items():  # a checkpoint's state wins over what an earlier fit left

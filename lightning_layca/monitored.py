@@ -1,0 +1,216 @@
+"""The layers a rotation monitor measures: candidates, the trainable ones, their initial snapshots, one meter.
+
+:class:`~lightning_layca.LayerRotationMonitor` (and :class:`~lightning_layca.LaycaCallback`, which extends it) keep
+one :class:`MonitoredLayers`: it selects the candidate layers of a model, snapshots each one's initial weights when it
+first becomes trainable (the shard of this process under sharding), checks a model against the layers of a checkpoint
+or an earlier fit, and measures the layers through :class:`~lightning_layca.rotation.RotationMeter`. It imports no
+Lightning: what is logged, and when, is the callback's business.
+
+Example:
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> layers = MonitoredLayers("Monitor")
+    >>> layers.bind(model)
+    ['0.weight', '2.weight']
+    >>> layers.names
+    ['0.weight', '2.weight']
+    >>> layers.measure(distances=True).distances
+    [0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_layca.distributed import is_dtensor, local_shard, shard_of
+from lightning_layca.rotation import Measured, RotationMeter
+from lightning_layca.selection import select_layers
+
+__all__ = ["MonitoredLayers"]
+
+
+def _restored_shard(initial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """This process's part of a restored initial snapshot, on the layer's device and dtype (all of it unsharded).
+
+    A snapshot already bound to a sharded layer is a local shard (``to`` is then a no-op).
+    """
+    if is_dtensor(layer) and initial.shape == layer.shape:
+        initial = shard_of(initial, layer)
+    local = local_shard(layer)
+    return initial.to(device=local.device, dtype=local.dtype)
+
+
+class MonitoredLayers:
+    """The monitored layers of one model, in depth order, with their initial weights.
+
+    Args:
+        owner: The name that errors start with (the callback's class name).
+        include: ``fnmatch`` patterns of parameter names to monitor (default: :func:`~lightning_layca.select_layers`).
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+
+    Attributes:
+        candidate_names: Parameter names of every selectable layer of the model, trainable or not (``None`` before
+            the first :meth:`bind`).
+        names: The monitored layers (candidates that were trainable at some point), in depth order.
+        params: The monitored layers' parameters in the model currently bound, aligned with ``names``.
+        initial: Their initial weights (this process's shard under sharding), aligned with ``names``.
+        module: The module bound by :meth:`bind`; ``None`` outside a fit (:meth:`unbind`).
+    """
+
+    def __init__(
+        self, owner: str, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+    ) -> None:
+        self.owner = owner
+        self.include = include
+        self.exclude = exclude
+        self.candidate_names: list[str] | None = None
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self.initial: list[torch.Tensor] = []
+        self.module: torch.nn.Module | None = None
+        self._candidates: list[tuple[str, torch.Tensor]] = []
+        self._pending: list[tuple[str, torch.Tensor]] = []  # candidates still frozen, not snapshotted
+        self._meter = RotationMeter([], [])
+
+    def bind(self, module: torch.nn.Module) -> list[str]:
+        """Bind the layers of ``module``, the model of a starting fit; return the names of the layers that joined.
+
+        The first bind takes the trainable layers' weights as their initial ones. A later one (a new fit, or a
+        restored checkpoint) checks that ``module`` has the same candidate layers, of the same shapes, and keeps
+        the recorded initial weights (moved to the layers' devices, each process keeping its own shard).
+
+        Raises:
+            ValueError: If nothing is selected, or the layers differ from those recorded.
+        """
+        self.module = module
+        candidates = select_layers(
+            module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
+        )
+        if not candidates:
+            raise ValueError(
+                f"{self.owner}: no parameter of {type(module).__name__} selected as a layer (default: real "
+                "floating-point parameters with ndim >= 2; see `include`/`exclude`)."
+            )
+        names = [name for name, _ in candidates]
+        by_name = dict(candidates)
+        if self.candidate_names is None:  # the first fit: its weights are the initial ones
+            self.names, self.initial = [], []
+        else:
+            self._check(names, by_name)
+            self.initial = [_restored_shard(w0, by_name[n]) for n, w0 in zip(self.names, self.initial, strict=True)]
+        self.candidate_names = names
+        self._candidates = candidates
+        self.params = [by_name[name] for name in self.names]
+        self._meter = RotationMeter(self.params, self.initial)
+        monitored = set(self.names)
+        self._pending = [(name, p) for name, p in candidates if name not in monitored]
+        return self.join_trainable()
+
+    def unbind(self) -> None:
+        """Forget the module of the fit that ended (the layers and their snapshots stay)."""
+        self.module = None
+
+    def _check(self, names: list[str], by_name: dict[str, torch.Tensor]) -> None:
+        unknown = [name for name in self.names if name not in by_name]
+        if unknown or names != self.candidate_names:
+            raise ValueError(
+                f"{self.owner}: the initial weights were recorded for layers {self.candidate_names}, but the model "
+                f"now has layers {names}. Use a new callback for a different model."
+            )
+        for name, w0 in zip(self.names, self.initial, strict=True):
+            p = by_name[name]
+            # A snapshot is the full layer (restored from a checkpoint) or this process's shard of it.
+            if w0.shape != p.shape and w0.shape != local_shard(p).shape:
+                raise ValueError(
+                    f"{self.owner}: layer {name!r} has shape {tuple(p.shape)}, but its initial weights were "
+                    f"recorded with shape {tuple(w0.shape)}."
+                )
+
+    @property
+    def has_candidates(self) -> bool:
+        """Whether a model has been bound (:meth:`bind`): its candidate layers are known."""
+        return bool(self._candidates)
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether some candidate is still frozen (it joins when it becomes trainable)."""
+        return bool(self._pending)
+
+    def join_trainable(self) -> list[str]:
+        """Monitor the candidates that have become trainable, snapshotting their (still initial) weights.
+
+        Returns:
+            The names of the layers that joined, in depth order.
+        """
+        joining = [(name, p) for name, p in self._pending if p.requires_grad]
+        if not joining:
+            return []
+        self._pending = [(name, p) for name, p in self._pending if not p.requires_grad]
+        snapshots = dict(zip(self.names, self.initial, strict=True))
+        for name, p in joining:
+            snapshots[name] = local_shard(p.detach()).clone()  # this process's shard of a sharded layer
+        monitored = [(name, p) for name, p in self._candidates if name in snapshots]  # depth order
+        self.names = [name for name, _ in monitored]
+        self.params = [p for _, p in monitored]
+        self.initial = [snapshots[name] for name in self.names]
+        self._meter = RotationMeter(self.params, self.initial)
+        return [name for name, _ in joining]
+
+    def measure(
+        self,
+        distances: bool,
+        steps: Sequence[str] = (),
+        unit_steps: Sequence[str] = (),
+        before: dict[str, torch.Tensor] | None = None,
+    ) -> Measured:
+        """Measure the monitored layers (:meth:`~lightning_layca.rotation.RotationMeter.measure`), by layer name.
+
+        Args:
+            distances: Whether to measure every layer's cosine distance to its initial weights.
+            steps: Layers whose latest step to measure (``tan`` of its angle and the norm after it).
+            unit_steps: Layers whose latest step to measure per unit (``tan`` per unit, rows concatenated).
+            before: The weights before the step, by layer name, for ``steps`` and ``unit_steps``.
+        """
+        position = {name: k for k, name in enumerate(self.names)}
+        before = before or {}
+        return self._meter.measure(
+            distances and bool(self.params),
+            [position[n] for n in steps],
+            [position[n] for n in unit_steps],
+            [before[n] for n in steps],
+            [before[n] for n in unit_steps],
+        )
+
+    def unit_angles(self) -> list[torch.Tensor]:
+        """The angle (degrees) every unit of every layer turned from its initial weights (a collective if sharded)."""
+        return self._meter.unit_angles()
+
+    def local_weights(self, clone: bool) -> dict[str, torch.Tensor]:
+        """Every monitored layer's weights (this process's shard), by name: copies with ``clone``, else views."""
+        return {
+            name: local_shard(p.detach()).clone() if clone else local_shard(p.detach())
+            for name, p in zip(self.names, self.params, strict=True)
+        }
+
+    def unit_counts(self, names: Sequence[str]) -> list[int]:
+        """The number of units (rows) of each named layer."""
+        params = dict(zip(self.names, self.params, strict=True))
+        return [params[n].shape[0] if params[n].ndim >= 2 else 1 for n in names]
+
+    def state(self) -> dict[str, Any]:
+        """The candidates, the monitored layers and their full initial weights (a collective if sharded)."""
+        return {
+            "candidate_names": None if self.candidate_names is None else list(self.candidate_names),
+            "layer_names": list(self.names),
+            "initial": self._meter.full_initial() if self.candidate_names is not None else None,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` (checked, and moved to the layers, by the next :meth:`bind`)."""
+        self.names = list(state["layer_names"])
+        initial = state["initial"]
+        self.initial = [] if initial is None else [t.detach() for t in initial]
+        candidates = state["candidate_names"]
+        self.candidate_names = None if candidates is None else list(candidates)

@@ -1,0 +1,352 @@
+"""The step plan: which implementation steps which layer, in which bucket, with which snapshot.
+
+The controlled layers are split into **buckets**: layers of one device and dtype, in depth order, cut into runs of a
+few MiB on CPU so that a bucket stays cache-resident across the passes of one step. (A bucket is not a torch param
+group: a param group is the wrapped optimizer's, a bucket the plan's.) Each layer of a bucket takes one **path**:
+
+* ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
+  ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;
+* ``"compiled"``: the base optimizer steps, then the compiled kernel turns its step into a Layca step, from a snapshot;
+* ``"eager"``: the base optimizer steps, then the eager step (:mod:`lightning_layca.step.eager`), from a snapshot.
+  Sharded layers always take it, with their sums combined through the seam.
+
+The fallback chain is that order: a layer whose base step the kernel cannot take at some step (no readable gradient,
+a state it cannot read) takes the base step and the next path at that step; a kernel that fails to compile gives its
+layers to the eager step. :meth:`StepPlan.describe` tells which path each layer takes. With
+``implementation="auto"`` the eager path is taken until :class:`AutoChoice` decides for the compiled one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_layca.distributed import ShardLayout, local_shard, shard_layout
+from lightning_layca.layers import LayerRegistry
+from lightning_layca.step.compiled import kernel_view, parallel_kernel, scalars, unit_view, use_compiled_step
+from lightning_layca.step.families import family_of
+from lightning_layca.sums import unit_counts
+
+__all__ = [
+    "AUTO_COMPILE_AFTER_SECONDS",
+    "AUTO_TRIAL_STEPS",
+    "COMPILED",
+    "EAGER",
+    "WITH_BASE",
+    "AutoChoice",
+    "Bucket",
+    "StepPlan",
+    "local_unit_norms",
+]
+
+EAGER, COMPILED, WITH_BASE = "eager", "compiled", "compiled+base"
+"""The paths a layer can take (see the module docstring)."""
+
+AUTO_COMPILE_AFTER_SECONDS = 10.0
+"""``implementation="auto"`` compiles once the eager steps of an optimizer have taken this long in total (a
+compilation takes a few seconds from Inductor's on-disk cache, 15 to 25 seconds without it, on a 2-core CPU). A fit
+that would not have repaid the compilation never compiles, and one that does pays it at most once more than needed:
+the classic rule for renting skis until their price has been spent on rent."""
+
+AUTO_TRIAL_STEPS = 20
+"""After compiling, ``implementation="auto"`` times this many compiled steps and goes back to the eager step for good
+if they were not faster on average than the eager ones."""
+
+CPU_BUCKET_BYTES: int | None = 4 * 2**20
+"""On CPU, layers are stepped in buckets of at most this many bytes (a larger layer forms its own), so that a bucket
+stays cache-resident across the passes of one step; ``None``: one bucket per device and dtype."""
+
+
+class AutoChoice:
+    """When ``implementation="auto"`` takes the compiled step: eager first, compiled once it pays, kept if faster.
+
+    Compiling costs seconds once per process, and saves a fraction of every step: worth it for a long fit, not for a
+    short one, and nobody knows in advance how long a fit is. So the eager step runs first while its time is added up;
+    once it reaches :data:`AUTO_COMPILE_AFTER_SECONDS` the compiled step takes over, and after
+    :data:`AUTO_TRIAL_STEPS` compiled steps (the compiling one not counted) it stays only if its mean time beats the
+    eager one's. Times are host wall-clock times, measured on CPU only (where a kernel has finished when its call
+    returns): of the whole step, the base optimizer's included, around torch's optimizers (whose closure Layca
+    evaluates first, so that the forward and backward passes are not counted; the compiled step may take the base
+    step itself), of the Layca part of the step around other optimizers.
+
+    Example:
+        >>> choice = AutoChoice()
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled
+        (False, False)
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled  # changed: the step is compiled from now on
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self.phase: Literal["eager", "trial", "compiled", "eager for good"] = "eager"
+        self.eager_seconds = 0.0
+        self.eager_steps = 0
+        self.trial_seconds = 0.0
+        self.trial_steps = -1  # the first compiled step compiles: not counted
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled step is to be taken now."""
+        return self.phase in ("trial", "compiled")
+
+    @property
+    def measuring(self) -> bool:
+        """Whether :meth:`record` still needs the time of each step."""
+        return self.phase in ("eager", "trial")
+
+    def record(self, seconds: float) -> bool:
+        """Add the time of one step; return whether the choice changed (the buckets must be rebuilt)."""
+        if self.phase == "eager":
+            self.eager_seconds += seconds
+            self.eager_steps += 1
+            if self.eager_seconds >= AUTO_COMPILE_AFTER_SECONDS:
+                self.phase = "trial"
+                return True
+        elif self.phase == "trial":
+            self.trial_steps += 1
+            if self.trial_steps > 0:
+                self.trial_seconds += seconds
+            if self.trial_steps == AUTO_TRIAL_STEPS:
+                faster = self.trial_seconds / AUTO_TRIAL_STEPS < self.eager_seconds / self.eager_steps
+                self.phase = "compiled" if faster else "eager for good"
+                return not faster
+        return False
+
+
+@dataclass
+class Bucket:
+    """Controlled layers of one device and dtype, their snapshot buffers, paths and device-side values.
+
+    Positions index the bucket's layers; ``indices`` maps them to the registry's candidates.
+    """
+
+    indices: list[int]
+    params: list[torch.Tensor]
+    previous: list[torch.Tensor]
+    """Per layer, its snapshot: the weights before the base step (this process's shard of a sharded layer)."""
+    shapes: list[tuple[torch.device, torch.dtype, torch.Size]]
+    """The device, dtype and shape of each layer (local shard) when the bucket was built."""
+    initial_norms: torch.Tensor
+    """Per layer, or per unit (rows of the bucket's layers, concatenated) with ``granularity="unit"``."""
+    near_floor: torch.Tensor
+    """Per layer: whether a step of the layer (of one of its units) came near the rounding floor."""
+    row_layer: torch.Tensor | None = None
+    """With ``granularity="unit"``: the position of the layer each row belongs to."""
+    eligible: bool = False
+    """Whether the compiled step may take these layers (``implementation="auto"`` times the buckets that are)."""
+    paths: list[str] = field(default_factory=list)
+    """Per layer, its path (see the module docstring)."""
+    views: list[torch.Tensor | None] = field(default_factory=list)
+    """Per layer, the 2-D view of its weights the compiled kernels read (``None`` on the eager path)."""
+    parallel: list[bool] = field(default_factory=list)
+    norm_scalars: list[torch.Tensor] = field(default_factory=list)
+    flag_scalars: list[torch.Tensor] = field(default_factory=list)
+    rate_scalars: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    """``rho`` and the relative learning rate of every layer, as the compiled kernels read them."""
+    rates: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    relative_lrs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    rates_version: int = -1
+    kept: list[int] = field(default_factory=list)
+    """Positions whose snapshot holds the weights before the latest step."""
+    hyper_values: list[tuple[float, ...]] = field(default_factory=list)
+    hyper_rows: list[torch.Tensor] = field(default_factory=list)
+    subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    """Device index tensors of a subset of the layers: their positions, their rows, and per row the position of its
+    layer in the subset (built once per subset)."""
+
+    @property
+    def per_unit(self) -> bool:
+        """Whether the layers step per unit."""
+        return self.row_layer is not None
+
+    def at(self, path: str) -> list[int]:
+        """The positions of the layers on ``path``."""
+        return [j for j, p in enumerate(self.paths) if p == path]
+
+    def local(self) -> list[torch.Tensor]:
+        """The layers as this process holds them (detached local shards of sharded layers)."""
+        return [local_shard(p.detach()) for p in self.params]
+
+    def subset(self, chosen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Device index tensors of the layers at ``chosen``: positions, rows, and per row its layer in the subset."""
+        key = tuple(chosen)
+        if key not in self.subsets:
+            device = self.near_floor.device
+            at = torch.tensor(key, dtype=torch.long)
+            if self.row_layer is None:
+                self.subsets[key] = at.to(device), at.to(device), None
+            else:
+                counts = unit_counts(self.previous)
+                starts = [sum(counts[:j]) for j in range(len(counts))]
+                rows = torch.cat([torch.arange(starts[j], starts[j] + counts[j]) for j in key])
+                row_layer = torch.repeat_interleave(torch.arange(len(key)), torch.tensor([counts[j] for j in key]))
+                self.subsets[key] = at.to(device), rows.to(device), row_layer.to(device)
+        return self.subsets[key]
+
+    def snapshot(self, positions: Sequence[int]) -> None:
+        """Copy the current weights of the layers at ``positions`` into their snapshots.
+
+        Layers on the ``"compiled+base"`` path have a snapshot only at the steps that need one (allocated then,
+        released at the next step that does not): their memory is not held between logging steps.
+        """
+        for j in set(self.at(WITH_BASE)).difference(positions):
+            if self.previous[j].numel():
+                self.previous[j] = torch.empty(0, device=self.previous[j].device, dtype=self.previous[j].dtype)
+        for j in positions:
+            if self.previous[j].shape != self.shapes[j][2]:
+                self.previous[j] = torch.empty_like(local_shard(self.params[j].detach()))
+        if len(positions) == len(self.params):
+            torch._foreach_copy_(self.previous, self.local())
+        elif positions:
+            torch._foreach_copy_(
+                [self.previous[j] for j in positions], [local_shard(self.params[j].detach()) for j in positions]
+            )
+
+
+class StepPlan:
+    """The buckets of the controlled layers and the path of each layer (see the module docstring).
+
+    Args:
+        implementation: ``"auto"``, ``"eager"`` or ``"compiled"``.
+        per_unit: Whether layers step per unit.
+    """
+
+    def __init__(self, implementation: str, per_unit: bool) -> None:
+        self.implementation = implementation
+        self.per_unit = per_unit
+        self.auto = AutoChoice() if implementation == "auto" else None
+        self.buckets: list[Bucket] | None = None
+        self.layout: ShardLayout | None = None
+        """How the step's layers lie over the processes, when some are sharded (``None`` otherwise)."""
+        self._warned_sharded = False
+
+    def invalidate(self) -> None:
+        """Rebuild the buckets at the next step (the controlled layers or the implementation changed)."""
+        self.buckets = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "buckets": None}  # snapshot buffers are scratch space, rebuilt at the next step
+
+    def for_step(self, registry: LayerRegistry, optimizer: Optimizer) -> list[Bucket]:
+        """The buckets of the coming step: built anew when a layer's device, dtype or shape changed."""
+        buckets = self.buckets
+        if buckets is None or any(
+            (x.device, x.dtype, x.shape) != shape for b in buckets for x, shape in zip(b.local(), b.shapes, strict=True)
+        ):
+            buckets = self.buckets = self._build(registry, optimizer)
+        return buckets
+
+    def describe(self, registry: LayerRegistry, optimizer: Optimizer) -> dict[str, str]:
+        """Return ``{layer name: path}`` of every controlled layer for the coming step (see the module docstring)."""
+        buckets = self.for_step(registry, optimizer)
+        return {registry.names[b.indices[j]]: path for b in buckets for j, path in enumerate(b.paths)}
+
+    def weights_before_last_step(self, registry: LayerRegistry) -> dict[str, torch.Tensor]:
+        """The snapshots that hold the weights before the latest step, keyed by parameter name (no copy)."""
+        return {registry.names[b.indices[j]]: b.previous[j] for b in self.buckets or [] for j in b.kept}
+
+    def _build(self, registry: LayerRegistry, optimizer: Optimizer) -> list[Bucket]:
+        params = registry.params
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i in registry.controlled:
+            by_key[(params[i].device, params[i].dtype)].append(i)
+        chunks: list[tuple[list[int], bool]] = []
+        for (device, dtype), indices in by_key.items():
+            eligible = use_compiled_step(self.implementation, device, dtype)
+            limit = CPU_BUCKET_BYTES if device.type == "cpu" else None
+            chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
+        order = [i for indices, _ in chunks for i in indices]
+        layout = shard_layout([params[i] for i in order])
+        self.layout = layout if layout.sharded else None
+        position = {i: k for k, i in enumerate(order)}
+        # Sharded layers take the eager step: a kernel cannot be split around the collective of their sums.
+        compiled_now = self.layout is None and (self.auto is None or self.auto.compiled)
+        if self.layout is not None and self.implementation == "compiled" and not self._warned_sharded:
+            self._warned_sharded = True
+            warnings.warn(
+                "Layca: implementation='compiled' does not apply to sharded (DTensor) layers: their step sums over "
+                "each process's shard, adds the sums of all processes with one all_reduce, then updates each shard, "
+                "and the compiled kernel cannot be split around that collective. They take the eager summed step.",
+                stacklevel=5,
+            )
+        family = family_of(optimizer)
+        buckets = []
+        for indices, eligible in chunks:
+            device = params[indices[0]].device
+            local = [local_shard(params[i].detach()) for i in indices]
+            row_layer = None
+            # A sharded layer joining at this step gets its initial norm from the step's own sums (NaN until then).
+            if self.per_unit:
+                norms = torch.cat([local_unit_norms(registry, i, layout, position[i]) for i in indices])
+                counts = torch.tensor([layout.local_rows[position[i]] for i in indices], device=device)
+                row_layer = torch.repeat_interleave(torch.arange(len(indices), device=device), counts)
+            else:
+                norms = torch.tensor([_nan_if_none(registry.initial_norms[i]) for i in indices], dtype=torch.float64)
+            bucket = Bucket(
+                indices=indices,
+                params=[params[i] for i in indices],
+                previous=[torch.empty_like(x) for x in local],
+                shapes=[(x.device, x.dtype, x.shape) for x in local],
+                initial_norms=norms.to(device),
+                near_floor=torch.zeros(len(indices), dtype=torch.bool, device=device),
+                row_layer=row_layer,
+                eligible=eligible and self.layout is None,
+                paths=[EAGER] * len(indices),
+                views=[None] * len(indices),
+                parallel=[False] * len(indices),
+            )
+            if eligible and compiled_now:
+                view = unit_view if self.per_unit else kernel_view
+                for j, (i, x) in enumerate(zip(indices, local, strict=True)):
+                    if view(x) is None:
+                        continue
+                    group = optimizer.param_groups[registry.param_group_of[i]]
+                    bucket.paths[j] = WITH_BASE if family is not None and family.supports(group) else COMPILED
+                    bucket.views[j] = view(x)
+                    bucket.parallel[j] = parallel_kernel(params[i])
+                for j in bucket.at(WITH_BASE):  # no snapshot until one is needed (see Bucket.snapshot)
+                    bucket.previous[j] = torch.empty(0, device=device, dtype=local[j].dtype)
+                counts_ = unit_counts(local) if self.per_unit else None
+                norms_ = bucket.initial_norms
+                bucket.norm_scalars = [n.clone() for n in norms_.split(counts_)] if counts_ else scalars(norms_)
+                bucket.flag_scalars = scalars(bucket.near_floor)
+                if EAGER in bucket.paths and bucket.paths != [EAGER] * len(indices):
+                    bucket.subset(bucket.at(EAGER))  # index tensors built now, not in a step (that would sync)
+            buckets.append(bucket)
+        return buckets
+
+
+def _chunks(indices: list[int], layers: list[torch.Tensor], max_bytes: int | None) -> list[list[int]]:
+    """Split consecutive layer indices into runs of at most ``max_bytes`` (a larger layer forms its own run)."""
+    if max_bytes is None:
+        return [indices]
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in indices:
+        nbytes = layers[i].numel() * layers[i].element_size()
+        if out[-1] and size + nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += nbytes
+    return out
+
+
+def local_unit_norms(registry: LayerRegistry, i: int, layout: ShardLayout, position: int) -> torch.Tensor:
+    """The initial norms of the units of layer ``i`` this process holds (NaN while the layer has not joined)."""
+    norms = registry.initial_unit_norms[i]
+    if norms is None:
+        return torch.full((layout.local_rows[position],), math.nan, dtype=torch.float64)
+    start = layout.row_starts[position]
+    return norms[start : start + layout.local_rows[position]]
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -1,0 +1,135 @@
+"""The rotation rate of every layer: ``rho_l(t) = rotation_rate * m_l(t) * lr_g(t) / lr_ref``.
+
+* ``m_l(t)``: the schedule's multiplier, evaluated on the host only when its :meth:`cache_key
+  <lightning_layca.RotationSchedule.cache_key>` changes;
+* ``lr_g(t) / lr_ref``: the relative learning rate of the layer's param group, against the reference learning rate
+  (by default the largest peak learning rate of the param groups holding layers, fixed at the first step);
+* under ``rotation_rate="equilibrium"`` each param group's base rate is its optimizer's equilibrium rate
+  (:func:`lightning_layca.step.families.equilibrium_rate`), from its current lr.
+
+The host values carry a :attr:`Rates.version` that increases when they change, so that a device copy is made only
+then (never a host-to-device copy per step otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from torch.optim import Optimizer
+
+from lightning_layca.argument_types import EQUILIBRIUM, check_reference_lr
+from lightning_layca.schedules import RotationSchedule
+from lightning_layca.step.families import equilibrium_rate
+
+__all__ = ["Rates", "peak_lr"]
+
+
+def peak_lr(group: dict[str, Any]) -> float:
+    """Return the learning rate a param group peaks at, as far as the group records it.
+
+    ``OneCycleLR`` records its peak as ``max_lr``; other schedulers record the lr they started from as
+    ``initial_lr``; without a scheduler the group's ``lr`` is taken.
+    """
+    return float(group.get("max_lr", group.get("initial_lr", group.get("lr", 1.0))))
+
+
+class Rates:
+    """The schedule cache, the reference learning rate and the versioned host rates of one optimizer.
+
+    Args:
+        rotation_rate: The base rate, or ``"equilibrium"``.
+        schedule: The rotation schedule.
+        reference_lr: The reference learning rate, or ``None`` to fix it at the first step.
+    """
+
+    def __init__(self, rotation_rate: float | str, schedule: RotationSchedule, reference_lr: float | None) -> None:
+        self.rotation_rate = rotation_rate
+        self.schedule = schedule
+        self.reference_lr = reference_lr
+        self.version = 0
+        """Increases whenever :meth:`current` returns other values than before."""
+        self._schedule_key: Hashable = object()
+        self._multipliers: list[float] = []
+        self.rates: list[float] = []
+        """Per candidate layer, ``rho_l(t)`` as of the latest :meth:`current` (0 outside every param group)."""
+        self.relative_lrs: list[float] = []
+        """Per candidate layer, ``lr_g(t) / lr_ref`` likewise."""
+
+    def default_reference_lr(self, param_groups: list[dict[str, Any]], holding: Sequence[int]) -> float:
+        """The largest peak learning rate among the param groups at ``holding`` (``ValueError`` if not positive)."""
+        peaks = [peak_lr(param_groups[g]) for g in sorted(set(holding))]
+        lr = max(peaks, default=0.0)
+        check_reference_lr("Layca", lr, f"the learning rates of the param groups holding layers ({peaks})")
+        return lr
+
+    def fix_reference_lr(self, param_groups: list[dict[str, Any]], holding: Sequence[int]) -> None:
+        """Fix the reference learning rate now, if it is not set yet and some param group holds layers."""
+        if self.reference_lr is None and holding:
+            self.reference_lr = self.default_reference_lr(param_groups, holding)
+
+    def check_equilibrium(self, optimizer: Optimizer, holding: Sequence[int]) -> None:
+        """Under ``"equilibrium"``: raise ``ValueError`` now for a param group the formula cannot serve."""
+        if self.rotation_rate == EQUILIBRIUM:
+            for g in sorted(set(holding)):
+                equilibrium_rate(optimizer, optimizer.param_groups[g])
+
+    def invalidate(self) -> None:
+        """Re-evaluate the schedule and the rates at the next :meth:`current` (after a state was loaded)."""
+        self._schedule_key = object()
+        self.rates = []
+
+    def current(
+        self,
+        names: list[str],
+        param_group_of: dict[int, int],
+        optimizer: Optimizer,
+        step: int,
+        epoch: int,
+    ) -> list[float]:
+        """Return the rates of every candidate layer (0 for those outside every param group); see the module.
+
+        Args:
+            names: The candidate layers' names, in depth order (what the schedule maps).
+            param_group_of: Candidate index -> param group index, for the candidates in a param group.
+            optimizer: The wrapped optimizer.
+            step: Layca's step count (what step-based schedules read).
+            epoch: The current epoch.
+
+        Raises:
+            ValueError: When the schedule returns other than one finite non-negative multiplier per layer.
+        """
+        key = self.schedule.cache_key(step, epoch)
+        if key != self._schedule_key:
+            multipliers = [float(m) for m in self.schedule.multipliers(names, step, epoch)]
+            if len(multipliers) != len(names) or not all(math.isfinite(m) and m >= 0 for m in multipliers):
+                raise ValueError(
+                    f"Layca: schedule {self.schedule!r} returned {multipliers!r}; expected "
+                    f"{len(names)} finite non-negative multipliers."
+                )
+            self._multipliers = multipliers
+            self._schedule_key = key
+        groups = optimizer.param_groups
+        if self.reference_lr is not None:
+            reference = self.reference_lr
+        elif param_group_of:
+            reference = self.default_reference_lr(groups, list(param_group_of.values()))
+        else:  # no layer in any param group yet (every layer frozen): nothing to rotate
+            reference = 1.0
+        relative_lrs = [0.0] * len(names)
+        for i, g in param_group_of.items():
+            relative_lrs[i] = float(groups[g]["lr"]) / reference
+        if self.rotation_rate == EQUILIBRIUM:
+            base = [0.0] * len(names)
+            group_rates = {g: equilibrium_rate(optimizer, groups[g]) for g in set(param_group_of.values())}
+            for i, g in param_group_of.items():
+                base[i] = group_rates[g]
+            rates = [m * r for m, r in zip(self._multipliers, base, strict=True)]
+        else:
+            rate = float(self.rotation_rate)
+            rates = [rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
+        if rates != self.rates or relative_lrs != self.relative_lrs:
+            self.rates, self.relative_lrs = rates, relative_lrs
+            self.version += 1
+        return rates

@@ -1,0 +1,355 @@
+"""One entry per base-optimizer family: how its step is read, the kernel that takes it, its equilibrium rate.
+
+Supporting a new base optimizer is one :class:`Family` in :data:`FAMILIES`:
+
+* ``read_step``: for one layer at one step, what torch's own step would do, in the kernel's terms
+  (:class:`LayerStep`): the form of the step (a key of :data:`BASE_KERNELS`), the state tensors it updates in the
+  optimizer's own ``state`` (created as torch creates them at a layer's first step), and its hyperparameters as
+  numbers. The optimizer's state dict is therefore the same as without Layca's kernel: a resume with another
+  implementation, or with the optimizer alone, carries on from it. ``None`` where the kernel cannot take the step.
+* the kernels (:data:`BASE_KERNELS`): the optimizer's step and the Layca step of one layer in one traced function,
+  the step ``D`` formed exactly in float64 and never written, so no snapshot of the weights is needed;
+* ``equilibrium``: the angular update per step (tan of the angle) the optimizer reaches at equilibrium with weight
+  decay (Kosson et al., "Rotational Equilibrium", 2024), for ``rotation_rate="equilibrium"``.
+
+The kernel takes the step of ``torch.optim.SGD``, ``Adam`` and ``AdamW`` themselves (those exact types: a subclass may
+step differently); every other optimizer steps by itself, and Layca works after its step from a snapshot.
+
+Example:
+    >>> p = torch.nn.Parameter(torch.randn(4, 4))
+    >>> family_of(torch.optim.SGD([p], lr=0.1)).name, family_of(torch.optim.RMSprop([p])) is None
+    ('sgd', True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_layca.argument_types import EQUILIBRIUM
+from lightning_layca.step.kernels import rotate_rows
+
+__all__ = ["BASE_KERNELS", "FAMILIES", "Family", "LayerStep", "equilibrium_rate", "family_of"]
+
+
+@dataclass
+class LayerStep:
+    """One layer's base step as the kernel takes it (see :attr:`Family.read_step`)."""
+
+    variant: str
+    """The form of the step: a key of :data:`BASE_KERNELS`."""
+    state: list[torch.Tensor]
+    """The state tensors the kernel updates in place, in its order, laid out as the layer."""
+    hyper: tuple[float, ...]
+    """The kernel's hyperparameters for this step."""
+    new_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Entries to store in the optimizer's state once the kernel ran (state created, or laid out anew)."""
+    counter: torch.Tensor | None = None
+    """Adam's ``step``: incremented once the kernel ran."""
+
+    def commit(self, state: dict[str, Any]) -> None:
+        """Record in the optimizer's ``state`` of the layer that the kernel took the step."""
+        state.update(self.new_state)
+        if self.counter is not None:
+            self.counter.add_(1)
+
+
+def _laid_out_like(
+    name: str, tensor: torch.Tensor, p: torch.Tensor, new_state: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``tensor``, or a copy laid out as ``p`` (a state loaded contiguous for a channels-last layer), recorded."""
+    if tensor.stride() == p.stride() and tensor.dtype == p.dtype and tensor.device == p.device:
+        return tensor
+    new_state[name] = torch.empty_like(p).copy_(tensor)
+    return new_state[name]
+
+
+def _sgd(group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> LayerStep:
+    lr, momentum, weight_decay = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+    sign = -1.0 if group["maximize"] else 1.0
+    if momentum == 0:
+        return LayerStep("sgd", [], (lr, 0.0, 1.0, weight_decay, sign, 0.0))
+    new_state: dict[str, torch.Tensor] = {}
+    buffer = state.get("momentum_buffer")
+    if buffer is None:  # torch's SGD starts the buffer at the first step's direction: momentum 0, no dampening
+        buffer = new_state["momentum_buffer"] = torch.zeros_like(p)
+        carried, dampened = 0.0, 1.0
+    else:
+        buffer = _laid_out_like("momentum_buffer", buffer, p, new_state)
+        carried, dampened = momentum, 1.0 - float(group["dampening"])
+    variant = "sgd_nesterov" if group["nesterov"] else "sgd_momentum"
+    return LayerStep(variant, [buffer], (lr, carried, dampened, weight_decay, sign, momentum), new_state)
+
+
+def _adam(group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], decoupled: bool) -> LayerStep | None:
+    lr, weight_decay, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+    beta1, beta2 = (float(beta) for beta in group["betas"])
+    amsgrad = bool(group["amsgrad"])
+    names = ["exp_avg", "exp_avg_sq"] + ["max_exp_avg_sq"] * amsgrad
+    new_state: dict[str, torch.Tensor] = {}
+    if not state:  # as torch's Adam creates it
+        on_device = group["capturable"] or group["fused"]
+        dtype = torch.float32 if group["fused"] or torch.get_default_dtype() != torch.float64 else torch.float64
+        new_state["step"] = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
+        new_state.update({name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in names})
+        counter, steps = new_state["step"], 0.0
+        moments = [new_state[name] for name in names]
+    else:
+        if not isinstance(state.get("step"), torch.Tensor) or any(name not in state for name in names):
+            return None
+        counter = state["step"]
+        if counter.device.type != "cpu" and p.device.type != "cpu":
+            return None  # reading an accelerator's step count would synchronise with it
+        steps = float(counter)
+        moments = [_laid_out_like(name, state[name], p, new_state) for name in names]
+    t = steps + 1
+    correction1, correction2 = 1 - beta1**t, 1 - beta2**t
+    hyper = (
+        lr * weight_decay if decoupled else 0.0,
+        beta1,
+        beta2,
+        eps,
+        0.0 if decoupled else weight_decay,
+        -1.0 if group["maximize"] else 1.0,
+        lr / correction1,
+        math.sqrt(correction2),
+    )
+    return LayerStep("adam_amsgrad" if amsgrad else "adam", moments, hyper, new_state, counter)
+
+
+def _read_adam(group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> LayerStep | None:
+    return _adam(group, p, state, decoupled=bool(group.get("decoupled_weight_decay")))
+
+
+def _read_adamw(group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> LayerStep | None:
+    return _adam(group, p, state, decoupled=True)
+
+
+def _sgd_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    buffer: torch.Tensor | None,
+    hyper: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+    nesterov: bool,
+) -> torch.Tensor:
+    """``torch.optim.SGD``'s step and the Layca step of one layer in one function (traced and compiled).
+
+    The base step is never written to the weights: its direction ``D = -lr * v`` (``v`` the momentum buffer, or the
+    Nesterov or plain direction) is formed in registers, exactly in float64, from the gradient, the weights and the
+    buffer, so no snapshot of the weights is needed: the first pass reads ``(w, grad, buffer)`` and writes the new
+    buffer, the second reads ``w`` and the new buffer (and ``grad`` again for Nesterov) and writes ``w``.
+
+    Args:
+        params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        grad: The same view of its gradient.
+        buffer: The same view of its momentum buffer, updated in place (``None`` for SGD without momentum).
+        hyper: ``(lr, carried, 1 - dampening, weight_decay, sign, momentum)`` (float64): ``carried`` is the momentum
+            applied to the buffer, 0 (with ``1 - dampening`` 1) on the step that creates it, as torch's SGD starts it;
+            ``sign`` is -1 under ``maximize``; ``momentum`` is Nesterov's.
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``, 0-dim or one per row (see :func:`~lightning_layca.step.kernels.after_step`).
+        near_floor: The layer's near-floor flag, or-ed in place.
+        nesterov: Whether the direction is ``d + momentum * v`` rather than ``v``.
+
+    Returns:
+        ``(a, b, c)`` as :func:`~lightning_layca.step.kernels.after_step`.
+    """
+    lr, carried, dampened, weight_decay, sign, momentum = hyper.unbind()
+    # In float32 (the precision of torch's own step for float32 layers; more than its own for lower precisions).
+    weights32 = params.float()
+    direction = grad.float() * sign + weights32 * weight_decay
+    if buffer is not None:
+        velocity = buffer.float() * carried + direction * dampened
+        buffer.copy_(velocity)
+        direction = direction + velocity * momentum if nesterov else velocity
+    weights = params.double()
+    exact = weights, direction.double() * -lr
+    low = weights32, direction * -lr
+    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor))
+
+
+def _adam_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    hyper: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+) -> torch.Tensor:
+    """``torch.optim.Adam``'s (or ``AdamW``'s) step and the Layca step of one layer in one function (compiled).
+
+    As :func:`_sgd_step`: the moments are updated in place (in float32, as torch's own step), and the step
+    ``D = -step_size * m / (sqrt(v) / sqrt(bc2) + eps) - lr * wd * w`` is formed exactly in float64, never written.
+
+    Args:
+        params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        grad: The same view of its gradient.
+        exp_avg: The same view of the first moment, updated in place.
+        exp_avg_sq: The same view of the second moment, updated in place.
+        max_exp_avg_sq: The same view of the largest second moment (``amsgrad``), updated in place, or ``None``.
+        hyper: ``(lr * decoupled_wd, beta1, beta2, eps, coupled_wd, sign, lr / bc1, sqrt(bc2))`` (float64; ``bc1``,
+            ``bc2`` the bias corrections of this step, ``sign`` -1 under ``maximize``).
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``, 0-dim or one per row (see :func:`~lightning_layca.step.kernels.after_step`).
+        near_floor: The layer's near-floor flag, or-ed in place.
+
+    Returns:
+        ``(a, b, c)`` as :func:`~lightning_layca.step.kernels.after_step`.
+    """
+    decay, beta1, beta2, eps, coupled_decay, sign, step_size, correction2 = hyper.unbind()
+    weights32 = params.float()
+    gradient = grad.float() * sign + weights32 * coupled_decay
+    first = exp_avg.float()
+    first = first + (gradient - first) * (1 - beta1)
+    second = exp_avg_sq.float() * beta2 + gradient * gradient * (1 - beta2)
+    exp_avg.copy_(first)
+    exp_avg_sq.copy_(second)
+    if max_exp_avg_sq is not None:
+        second = torch.maximum(max_exp_avg_sq.float(), second)
+        max_exp_avg_sq.copy_(second)
+    direction = first / (second.sqrt() / correction2 + eps)
+    weights = params.double()
+    exact = weights, direction.double() * -step_size - weights * decay
+    low = weights32, direction * -step_size - weights32 * decay
+    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor))
+
+
+# The kernels that take a base optimizer's step, one per form of it, all called as
+# ``kernel(params, grad, *state, hyper, rate, relative_lr, initial_norms, near_floor)``.
+
+T = torch.Tensor
+
+
+def _sgd_kernel(p: T, g: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _sgd_step(p, g, None, h, rate, lr, n0, flag, nesterov=False)
+
+
+def _sgd_momentum_kernel(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _sgd_step(p, g, b, h, rate, lr, n0, flag, nesterov=False)
+
+
+def _sgd_nesterov_kernel(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _sgd_step(p, g, b, h, rate, lr, n0, flag, nesterov=True)
+
+
+def _adam_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)
+
+
+def _adam_amsgrad_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)
+
+
+BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], int, tuple[float, ...]]] = {
+    "sgd": (_sgd_kernel, 0, (0.1, 0.0, 1.0, 1e-4, 1.0, 0.0)),
+    "sgd_momentum": (_sgd_momentum_kernel, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
+    "sgd_nesterov": (_sgd_nesterov_kernel, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
+    "adam": (_adam_kernel, 2, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
+    "adam_amsgrad": (_adam_amsgrad_kernel, 3, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
+}
+"""Per form of a base step the kernel takes (:attr:`LayerStep.variant`): the kernel, the number of state tensors it
+updates, and stand-in values of ``hyper`` for its first compilation."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base optimizer whose step Layca's compiled kernel can take (see the module docstring)."""
+
+    name: str
+    optimizer: type[Optimizer]
+    """The exact type (a subclass may step differently)."""
+    read_step: Callable[[dict[str, Any], torch.Tensor, dict[str, Any]], LayerStep | None]
+    """``read_step(param_group, layer, state)``: the layer's step at this step, or ``None``."""
+    equilibrium: Callable[[dict[str, Any]], float] | None
+    """The equilibrium rate of a param group (``ValueError`` where it has none), or ``None`` if unknown."""
+
+    def supports(self, group: dict[str, Any]) -> bool:
+        """Whether the kernel can take the steps of this param group (its hyperparameters are plain numbers)."""
+        if group.get("differentiable", False) or isinstance(group["lr"], torch.Tensor):
+            return False
+        return "betas" not in group or not any(isinstance(beta, torch.Tensor) for beta in group["betas"])
+
+
+def _weight_decay(group: dict[str, Any]) -> tuple[float, float]:
+    lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    if not wd > 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' needs weight decay: a param group holding layers has "
+            f"weight_decay={wd} (without decay the norm grows forever and there is no equilibrium). Set "
+            "weight_decay > 0 on that group, or give the rotation rate as a number."
+        )
+    return lr, wd
+
+
+def _sgd_equilibrium(group: dict[str, Any]) -> float:
+    """SGD with momentum ``mu`` (no dampening): ``sqrt(2 * lr * wd / (1 + mu))``."""
+    lr, wd = _weight_decay(group)
+    if float(group.get("dampening", 0.0)) != 0:
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' covers SGD without dampening; got dampening={group['dampening']}."
+        )
+    return math.sqrt(2 * lr * wd / (1 + float(group.get("momentum", 0.0))))
+
+
+def _adamw_equilibrium(group: dict[str, Any]) -> float:
+    """AdamW (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``."""
+    lr, wd = _weight_decay(group)
+    beta1 = float(group["betas"][0])
+    return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("sgd", torch.optim.SGD, _sgd, _sgd_equilibrium),
+    Family("adam", torch.optim.Adam, _read_adam, None),
+    Family("adamw", torch.optim.AdamW, _read_adamw, _adamw_equilibrium),
+)
+"""The base optimizers whose step the compiled kernel takes, and what Layca knows of each."""
+
+
+def family_of(optimizer: Optimizer) -> Family | None:
+    """The :class:`Family` of ``optimizer`` (its exact type), or ``None``."""
+    return next((family for family in FAMILIES if type(optimizer) is family.optimizer), None)
+
+
+def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
+    """Return the angular update per step (tan of the angle) that ``optimizer`` reaches at equilibrium on ``group``.
+
+    With weight decay, the norm of a scale-invariant layer settles where decay's shrinking balances the growth from
+    updates orthogonal to the weights; the angle each step then turns the layer is (Kosson et al., "Rotational
+    Equilibrium", 2024), with ``lr`` and ``wd`` the group's learning rate and weight decay:
+
+    * ``AdamW`` (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``;
+    * ``SGD`` with momentum ``mu`` (no dampening) and weight decay: ``sqrt(2 * lr * wd / (1 + mu))``.
+
+    Raises:
+        ValueError: For another optimizer, a group without positive weight decay, or SGD with dampening.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.randn(4, 4))
+        >>> round(equilibrium_rate(torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4),
+        ...                        {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "dampening": 0}), 6)
+        0.007255
+    """
+    family = family_of(optimizer)
+    if family is None or family.equilibrium is None:
+        known = " and ".join(f"torch.optim.{f.optimizer.__name__}" for f in FAMILIES if f.equilibrium is not None)
+        raise ValueError(
+            f"Layca: rotation_rate='{EQUILIBRIUM}' knows the equilibrium of {known}, not of "
+            f"{type(optimizer).__name__}; give the rotation rate as a number."
+        )
+    return family.equilibrium(group)

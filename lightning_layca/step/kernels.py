@@ -1,0 +1,95 @@
+"""The bodies of the compiled kernels: what one call does to one layer seen as a matrix (traced by Inductor).
+
+:func:`rotate_rows` is the part every kernel shares: the sums of :func:`lightning_layca.sums.row_sums` over the rows
+(the units with ``granularity="unit"``, summed into one row for the layer otherwise), the rule
+:func:`lightning_layca.step.rule.coefficients`, and the update ``p = k1 * w + k2 * D``. :func:`after_step` is the kernel
+that works after the base optimizer's step, from a snapshot; the kernels that take a base optimizer's step themselves
+are in :mod:`lightning_layca.step.families`, one per form of that step. How they are compiled and called is
+:mod:`lightning_layca.step.compiled`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_layca.step.rule import coefficients, combine, unit_roundoff
+from lightning_layca.sums import row_sums
+
+__all__ = ["after_step", "rotate_rows"]
+
+
+def rotate_rows(
+    params: torch.Tensor,
+    exact: tuple[torch.Tensor, torch.Tensor],
+    low: tuple[torch.Tensor, torch.Tensor],
+    scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The part every kernel shares: :func:`~lightning_layca.sums.row_sums`, the rule, the update.
+
+    Args:
+        params: The layer's dense 2-D view; overwritten with ``k1 * w + k2 * D``.
+        exact: ``(w, D)`` in float64: the sums' operands, and the update's for a float32 layer.
+        low: ``(w, D)`` in float32: the update's operands for a bfloat16 or float16 layer (unused, and removed from
+            the compiled code, for a float32 layer).
+        scalars: The layer's ``(rate, relative_lr, initial_norms, near_floor)``, as the kernel was given them (see
+            :func:`after_step`).
+
+    Returns:
+        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
+    """
+    rate, relative_lr, initial_norms, near_floor = scalars
+    weights, step = exact
+    per_row = row_sums(step, weights)
+    sums = per_row.sum(1, keepdim=True) if initial_norms.dim() == 0 else per_row
+    radial, weight_sq, step_sq = sums.unbind(0)
+    units = radial.shape[0]
+    # A constant of the compiled code (one compilation per dtype anyway), not an argument converted at every call.
+    roundoff = unit_roundoff(params.dtype)
+    k1, k2, near = coefficients(
+        radial,
+        weight_sq,
+        step_sq,
+        rate.expand(units),
+        relative_lr.expand(units),
+        initial_norms.reshape(units),
+        roundoff,
+    )
+    # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers per unit instead
+    # of recomputing the coefficients' square roots and divisions for every vector of elements.
+    k = torch.stack([k1, k2])
+    # float32 layers: the update in float64, where k2 * D of a mostly radial step cancels against k1 * w without
+    # losing float32 digits. bfloat16/float16 layers: float32 is that much more precise than the result (and the
+    # conversions from float32 are the fast ones).
+    if params.dtype != torch.float32:
+        k, (weights, step) = k.float(), low
+    params.copy_(combine(weights, step, k[0].unsqueeze(1), k[1].unsqueeze(1)))
+    near_floor.copy_(near_floor | near.any())
+    return sums
+
+
+def after_step(
+    params: torch.Tensor,
+    previous: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+) -> torch.Tensor:
+    """The Layca step of one layer seen as a matrix, after the wrapped optimizer's step (traced and compiled).
+
+    Args:
+        params: ``p = fl(w + D)``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        previous: ``w``, the same view of the snapshot.
+        rate: ``rho`` (0-dim float64).
+        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
+        initial_norms: ``n0``: 0-dim for the layer (``granularity="layer"``), or one per row (``"unit"``; the rows are
+            then the units), float64.
+        near_floor: The layer's near-floor flag (0-dim bool), or-ed in place with this step's (any unit's).
+
+    Returns:
+        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
+    """
+    weights = previous.double()
+    exact = weights, params.double() - weights
+    low = previous.float(), params.float() - previous.float()
+    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor))

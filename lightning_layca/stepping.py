@@ -1,0 +1,299 @@
+"""Running the step plan: each bucket along its layers' paths, with the fallbacks, and the sharded form.
+
+For every bucket (:class:`lightning_layca.plan.Bucket`), after the wrapped optimizer's step:
+
+1. the layers on the ``"compiled+base"`` path whose base step the kernel can take now (:func:`read_base_steps`) are
+   stepped by their kernels; the others fall back to the base step and the next path at this step;
+2. the layers on the ``"compiled"`` path are stepped by the kernel that works after the base step;
+3. the rest take the eager step (:func:`lightning_layca.step.eager.rotate_eager`).
+
+Sharded layers take the eager step for all buckets at once (:func:`rotate_sharded`): local float64 sums, ONE
+``all_reduce`` through the seam, then every process applies the same coefficients to its own shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_layca.distributed import ShardLayout, reduce_sums
+from lightning_layca.layers import LayerRegistry
+from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
+from lightning_layca.step.compiled import (
+    LayerScalars,
+    compiled_step_ready,
+    kernel_view,
+    rotate_base_compiled,
+    rotate_compiled,
+    scalars,
+    unit_view,
+)
+from lightning_layca.step.eager import rotate_eager, step_sums
+from lightning_layca.step.families import LayerStep, family_of
+
+__all__ = [
+    "BaseSteps",
+    "base_step_of",
+    "gradients_set_aside",
+    "read_base_steps",
+    "rotate_bucket",
+    "rotate_buckets",
+    "rotate_sharded",
+    "upload_rates",
+]
+
+
+@dataclass
+class BaseSteps:
+    """The base steps the kernels take at one step for the ``"compiled+base"`` layers of a bucket."""
+
+    positions: list[int] = field(default_factory=list)
+    """Positions of the layers the kernels take at this step; the lists below follow them."""
+    steps: list[LayerStep] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    states: list[list[torch.Tensor]] = field(default_factory=list)
+    """Per layer, kernel views of the state tensors of its step."""
+    hypers: list[torch.Tensor] = field(default_factory=list)
+    parallel: list[bool] = field(default_factory=list)
+    fallback: list[int] = field(default_factory=list)
+    """Positions of ``"compiled+base"`` layers that take the base step and the next path at this step."""
+
+
+@contextmanager
+def gradients_set_aside(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Hide the gradients of ``params`` (``None``) from an optimizer step, and give the same tensors back after it."""
+    grads = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
+
+
+def base_step_of(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> None:
+    """Run ``optimizer``'s step for ``params`` only (every other gradient set aside meanwhile)."""
+    chosen = {id(p) for p in params}
+    others = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in chosen]
+    with gradients_set_aside(others):
+        optimizer.step()
+
+
+def _device_values(values: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float64 tensor on ``device``; to an accelerator through pinned memory, without a sync."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()  # the caching host allocator keeps it alive until the copy is done
+    return host.to(device, non_blocking=True)
+
+
+def upload_rates(bucket: Bucket, rates: list[float], relative_lrs: list[float], version: int) -> None:
+    """Copy the bucket's rates to its device (only when ``version`` changed: no host-to-device copy per step)."""
+    if bucket.rates_version == version:
+        return
+    values = [[rates[i] for i in bucket.indices], [relative_lrs[i] for i in bucket.indices]]
+    layer_rates, layer_relative_lrs = _device_values(values, bucket.near_floor.device)
+    bucket.rate_scalars = scalars(layer_rates), scalars(layer_relative_lrs)
+    bucket.rates, bucket.relative_lrs = layer_rates, layer_relative_lrs
+    if bucket.row_layer is not None:
+        bucket.rates, bucket.relative_lrs = layer_rates[bucket.row_layer], layer_relative_lrs[bucket.row_layer]
+    bucket.rates_version = version
+
+
+def read_base_steps(bucket: Bucket, optimizer: Optimizer, param_group_of: dict[int, int]) -> BaseSteps:
+    """The ``"compiled+base"`` layers of ``bucket`` whose base step the kernels take at this step, with arguments.
+
+    A layer without a gradient is skipped, as torch's optimizers skip it. A layer whose gradient the kernel cannot
+    read as it reads the weights (sparse, another dtype or memory layout), or whose step it cannot take now (see
+    :attr:`lightning_layca.step.families.Family.read_step`), takes the base step and the next path (``fallback``), and
+    so does every such layer where the kernel cannot be compiled.
+    """
+    plan = BaseSteps()
+    with_base = bucket.at(WITH_BASE)
+    if not with_base:
+        return plan
+    family = family_of(optimizer)
+    assert family is not None  # layers take this path only around the optimizers of a family (StepPlan)
+    view = unit_view if bucket.per_unit else kernel_view
+    device, dtype = bucket.near_floor.device, bucket.params[0].dtype
+    state, groups = optimizer.state, optimizer.param_groups
+    for j in with_base:
+        p, weights_view = bucket.params[j], cast(torch.Tensor, bucket.views[j])
+        grad = p.grad
+        if grad is None:
+            continue
+        group = groups[param_group_of[bucket.indices[j]]]
+        grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(grad)
+        readable = grad_view is not None and grad.dtype == dtype and grad_view.shape == weights_view.shape
+        step = family.read_step(group, p, state.get(p) or {}) if readable and family.supports(group) else None
+        if step is None:
+            plan.fallback.append(j)
+            continue
+        plan.positions.append(j)
+        plan.steps.append(step)
+        plan.grads.append(cast(torch.Tensor, grad_view))
+        plan.states.append([cast(torch.Tensor, view(x)) for x in step.state])
+        plan.parallel.append(bucket.parallel[j])
+    variants = [step.variant for step in plan.steps]
+    if plan.positions and not compiled_step_ready(device, dtype, plan.parallel, bucket.per_unit, variants):
+        return BaseSteps(fallback=plan.fallback + plan.positions)
+    hyper_values = [step.hyper for step in plan.steps]
+    if hyper_values != bucket.hyper_values:  # a host-to-device copy only when the values change
+        bucket.hyper_values = hyper_values
+        rows = _device_values(hyper_values, device).unbind() if hyper_values else ()
+        bucket.hyper_rows = [row.detach() for row in rows]
+    plan.hypers = bucket.hyper_rows
+    return plan
+
+
+def rotate_bucket(bucket: Bucket, base: BaseSteps, optimizer: Optimizer) -> None:
+    """Turn the base step of the layers of ``bucket`` into Layca steps along their paths, with the fallbacks."""
+    device, dtype = bucket.near_floor.device, bucket.params[0].dtype
+    rest = bucket.at(EAGER) + base.fallback
+    after = bucket.at(COMPILED)
+    if after and compiled_step_ready(device, dtype, [bucket.parallel[j] for j in after], per_unit=bucket.per_unit):
+        done = rotate_compiled(
+            [cast(torch.Tensor, bucket.views[j]) for j in after],
+            [cast(torch.Tensor, (unit_view if bucket.per_unit else kernel_view)(bucket.previous[j])) for j in after],
+            _layer_scalars(bucket, after),
+            [bucket.parallel[j] for j in after],
+            per_unit=bucket.per_unit,
+        )
+        rest += after[done:]
+    else:
+        rest += after
+    if base.positions:
+        at = base.positions
+        done = rotate_base_compiled(
+            [cast(torch.Tensor, bucket.views[j]) for j in at],
+            base.grads,
+            base.states,
+            base.hypers,
+            _layer_scalars(bucket, at),
+            base.parallel,
+            [step.variant for step in base.steps],
+            per_unit=bucket.per_unit,
+        )
+        state = optimizer.state
+        for j, step in zip(at[:done], base.steps, strict=False):
+            step.commit(state[bucket.params[j]])
+        if done < len(at):  # a compilation failed: those layers take the base step and the eager one
+            missed = at[done:]
+            bucket.snapshot(missed)
+            bucket.kept = sorted(set(bucket.kept) | set(missed))
+            base_step_of(optimizer, [bucket.params[j] for j in missed])
+            rest += missed
+    if rest:
+        _rotate_eager(bucket, sorted(rest))
+
+
+def _layer_scalars(bucket: Bucket, positions: list[int]) -> list[LayerScalars]:
+    """The numbers of the rule of the layers of ``bucket`` at ``positions``, as the compiled kernels take them."""
+    rates, relative_lrs = bucket.rate_scalars
+    return [LayerScalars(rates[j], relative_lrs[j], bucket.norm_scalars[j], bucket.flag_scalars[j]) for j in positions]
+
+
+def _rotate_eager(bucket: Bucket, positions: list[int], sums: torch.Tensor | None = None) -> None:
+    """The eager step for the layers of ``bucket`` at ``positions`` (their full sums given when sharded)."""
+    if len(positions) == len(bucket.params):
+        rates, relative_lrs, norms = bucket.rates, bucket.relative_lrs, bucket.initial_norms
+        at, row_layer = None, bucket.row_layer
+    else:  # the values of those layers (of their rows) only
+        at, rows, row_layer = bucket.subset(positions)
+        rates, relative_lrs, norms = bucket.rates[rows], bucket.relative_lrs[rows], bucket.initial_norms[rows]
+    local = bucket.local()
+    near = rotate_eager(
+        [local[j] for j in positions],
+        [bucket.previous[j] for j in positions],
+        rates,
+        relative_lrs,
+        norms,
+        per_unit=bucket.per_unit,
+        sums=sums,
+    )
+    if row_layer is not None:
+        near = torch.zeros(len(positions), dtype=torch.bool, device=near.device).index_put_(
+            (row_layer,), near, accumulate=True
+        )
+    if at is None:
+        bucket.near_floor |= near
+    else:
+        bucket.near_floor[at] |= near
+
+
+def rotate_buckets(
+    buckets: list[Bucket],
+    base_steps: list[BaseSteps],
+    optimizer: Optimizer,
+    layout: ShardLayout | None,
+    registry: LayerRegistry,
+    timed: bool = False,
+) -> float:
+    """Rotate every bucket along its layers' paths: one by one, or all at once when sharded (``layout``).
+
+    Args:
+        buckets: The buckets of the step (:meth:`~lightning_layca.plan.StepPlan.for_step`), rates uploaded.
+        base_steps: What :func:`read_base_steps` found for each.
+        optimizer: The wrapped optimizer.
+        layout: The layers' shard layout when any is sharded, else ``None``.
+        registry: The layer registry (initial norms of sharded layers).
+        timed: Whether to time the buckets that :class:`~lightning_layca.plan.AutoChoice` compares.
+
+    Returns:
+        With ``timed``, the seconds the eligible buckets took (they are on the CPU: their kernels have finished when
+        the call returns); else 0.
+    """
+    if layout is not None:
+        rotate_sharded(buckets, layout, registry)
+        return 0.0
+    seconds = 0.0
+    for bucket, base in zip(buckets, base_steps, strict=True):
+        start = time.perf_counter() if timed and bucket.eligible else None
+        rotate_bucket(bucket, base, optimizer)
+        if start is not None:
+            seconds += time.perf_counter() - start
+    return seconds
+
+
+def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRegistry) -> None:
+    """The eager step of every bucket at once, for sharded layers: local sums, ONE all_reduce, local updates.
+
+    The sharded layers joining at this step (frozen until now, their weights before the step their initial weights)
+    get their initial norms from the step's full sums ``<w, w>``: no collective of their own.
+    """
+    per_unit = registry.per_unit
+    device = buckets[0].near_floor.device
+    local = torch.cat([step_sums(b.local(), b.previous, per_unit).to(device) for b in buckets])
+    full = reduce_sums(local, layout, per_unit)
+    if registry.joining:
+        order = [i for b in buckets for i in b.indices]
+        per_layer = full[:, 1].split(list(layout.rows)) if per_unit else full[:, 1].split(1)
+        joining = set(registry.joining)
+        pairs = [(i, squares) for i, squares in zip(order, per_layer, strict=True) if i in joining]
+        registry.record_initial_norms([i for i, _ in pairs], [squares for _, squares in pairs])
+        position = {i: k for k, i in enumerate(order)}
+        for b in buckets:  # the buckets were built with NaN for the joining layers
+            if per_unit:
+                norms = torch.cat([local_unit_norms(registry, i, layout, position[i]) for i in b.indices])
+            else:
+                norms = torch.tensor([registry.initial_norms[i] for i in b.indices], dtype=torch.float64)
+            b.initial_norms.copy_(norms)
+    if per_unit:
+        rows = layout.local_rows_of(full)
+        sums, start = [], 0
+        for b in buckets:
+            sums.append(torch.cat(rows[start : start + len(b.indices)]))
+            start += len(b.indices)
+    else:
+        sums = list(full.split([len(b.indices) for b in buckets]))
+    for b, s in zip(buckets, sums, strict=True):
+        _rotate_eager(b, list(range(len(b.params))), s)

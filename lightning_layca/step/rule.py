@@ -131,6 +131,7 @@ def combine(weights: torch.Tensor, step: torch.Tensor, k1: torch.Tensor, k2: tor
     """THE update: ``k1 * w + k2 * D`` for rows of ``(w, D)``, one coefficient pair per row (``(rows, 1)``).
 
     A row that does not move (``k2 = 0``) gives exactly ``k1 * w = w``: its step, NaN or not, is replaced by an exact
-    zero. The eager step calls it block by block, the compiled kernels trace it. ``step`` may be overwritten.
+    zero (a select on the row's coefficient, which Inductor vectorises; a test of every element for NaN it does not).
+    The eager step calls it block by block, the compiled kernels trace it. ``step`` may be overwritten.
     """
-    return step.nan_to_num_(0.0, 0.0, 0.0).mul_(k2).addcmul_(weights, k1)
+    return step.masked_fill_(k2 == 0, 0.0).mul_(k2).addcmul_(weights, k1)

@@ -36,6 +36,7 @@ from lightning_layca.step.compiled import (
 )
 from lightning_layca.step.eager import rotate_eager, step_sums
 from lightning_layca.step.families import LayerStep, family_of
+from lightning_layca.step.rule import NEAR_FLOOR_FACTOR, ROUNDING_FLOOR_FACTOR, unit_roundoff
 
 __all__ = [
     "BaseSteps",
@@ -160,6 +161,7 @@ def rotate_bucket(bucket: Bucket, base: BaseSteps, optimizer: Optimizer) -> None
     device, dtype = bucket.near_floor.device, bucket.params[0].dtype
     rest = bucket.at(EAGER) + base.fallback
     after = bucket.at(COMPILED)
+    sums: list[torch.Tensor] = []
     if after and compiled_step_ready(device, dtype, [bucket.parallel[j] for j in after], per_unit=bucket.per_unit):
         done = rotate_compiled(
             [cast(torch.Tensor, bucket.views[j]) for j in after],
@@ -167,7 +169,12 @@ def rotate_bucket(bucket: Bucket, base: BaseSteps, optimizer: Optimizer) -> None
             _layer_scalars(bucket, after),
             [bucket.parallel[j] for j in after],
             per_unit=bucket.per_unit,
+            sums=sums,
         )
+        if sums:  # the layers whose step rounded to nothing, as on the eager path
+            layer_rates = torch.stack([x.rate for x in _layer_scalars(bucket, after[:done])])
+            stalled = _rounded_away(bucket, after[:done], torch.stack([x[2].sum() for x in sums]), layer_rates)
+            bucket.near_floor[after[:done]] |= stalled
         rest += after[done:]
     else:
         rest += after
@@ -211,23 +218,56 @@ def _rotate_eager(bucket: Bucket, positions: list[int], sums: torch.Tensor | Non
         at, rows, row_layer = bucket.subset(positions)
         rates, relative_lrs, norms = bucket.rates[rows], bucket.relative_lrs[rows], bucket.initial_norms[rows]
     local = bucket.local()
+    params = [local[j] for j in positions]
+    sharded = sums is not None
+    if sums is None:
+        sums = step_sums(params, [bucket.previous[j] for j in positions], bucket.per_unit)
     near = rotate_eager(
-        [local[j] for j in positions],
-        [bucket.previous[j] for j in positions],
-        rates,
-        relative_lrs,
-        norms,
-        per_unit=bucket.per_unit,
-        sums=sums,
+        params, [bucket.previous[j] for j in positions], rates, relative_lrs, norms, per_unit=bucket.per_unit, sums=sums
     )
     if row_layer is not None:
         near = torch.zeros(len(positions), dtype=torch.bool, device=near.device).index_put_(
             (row_layer,), near, accumulate=True
         )
+    if not sharded:  # sharded layers: each process sees part of the gradient; not checked
+        step_sq, layer_rates = sums[:, 2].to(near.device), rates
+        if row_layer is not None:  # per layer: the sum over its units, and the largest rate of them
+            step_sq = torch.zeros(len(positions), dtype=step_sq.dtype, device=near.device).index_add_(
+                0, row_layer, step_sq
+            )
+            layer_rates = torch.zeros(len(positions), dtype=rates.dtype, device=near.device).scatter_reduce_(
+                0, row_layer, rates, "amax"
+            )
+        near = near | _rounded_away(bucket, positions, step_sq, layer_rates)
     if at is None:
         bucket.near_floor |= near
     else:
         bucket.near_floor[at] |= near
+
+
+def _rounded_away(bucket: Bucket, positions: list[int], step_sq: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    """Per layer at ``positions``: whether its step was exactly zero (``step_sq``) although its gradient was not.
+
+    Only layers meant to turn by more than rounding resolves are checked (``rates``, their largest ``rho``, above
+    the near-floor margin): a layer frozen by its schedule or a zero learning rate, or annealed to a rotation below
+    the floor, is expected to stay.
+
+    A base step below the resolution of ``w + D`` rounds to nothing: the paths that work from a snapshot then see no
+    step at all, where the kernels that take the base step see it (and flag it near the floor). Such a layer is
+    flagged near the floor too. Read on the host, so on CPU only (no synchronisation there); elsewhere not checked.
+    """
+    flags = torch.zeros(len(positions), dtype=torch.bool, device=step_sq.device)
+    if step_sq.device.type != "cpu":
+        return flags
+    margin = NEAR_FLOOR_FACTOR * ROUNDING_FLOOR_FACTOR * unit_roundoff(bucket.params[positions[0]].dtype)
+    for i in ((step_sq == 0) & (rates.to(step_sq.device) > margin)).nonzero().flatten().tolist():
+        grad = bucket.params[positions[i]].grad
+        if grad is None or grad.is_sparse:
+            continue
+        # A gradient whose square overflows float32 zeroes steps for another reason (Adam's second moment): left out.
+        largest = grad.detach().abs().max().float()
+        flags[i] = bool((largest > 0) & torch.isfinite(largest.square()))
+    return flags
 
 
 def rotate_buckets(

@@ -84,6 +84,38 @@ def test_vanishing_gradient_below_the_rounding_floor_does_not_move_the_layer(imp
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_step_that_rounds_to_nothing_is_reported_on_every_path(implementation: str) -> None:
+    # A loss scaled by 1e-9: SGD's step (~1e-11) is below float32's resolution of `w + D`, so fl(w + D) == w and no
+    # weight moves. The kernels that take SGD's step see it exactly and flag it; the path that works from a snapshot
+    # sees no step at all, and must say so too, not freeze the layers silently.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), implementation=implementation)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = 1e-9 * torch.nn.functional.cross_entropy(model(torch.randn(32, 16)), torch.randint(0, 4, (32,)))
+    loss.backward()
+    with pytest.warns(UserWarning, match=r"layer\(s\) '0\.weight', '2\.weight' are within 100x"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_layer_with_a_zero_learning_rate_stays_without_a_warning(implementation: str) -> None:
+    # Frozen on purpose (lr 0 in its param group): a zero step with a gradient is not a step lost to rounding.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    groups = [{"params": list(model[0].parameters()), "lr": 0.0}, {"params": list(model[2].parameters())}]
+    opt = ll.Layca(torch.optim.SGD(groups, lr=0.1), model.named_parameters(), implementation=implementation)
+    before, other = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    torch.nn.functional.cross_entropy(model(torch.randn(32, 16)), torch.randint(0, 4, (32,))).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(model[0].weight, before)
+    assert angle(model[2].weight.detach(), other) > 1e-3  # the other layer turns
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_small_gradient_rotates_by_the_full_angle(implementation: str) -> None:
     # The point of Layca: no vanishing-gradient effect. A 1e-4 gradient rotates exactly as a large one.
     before, after = step_with_middle_gradient("sgd", torch.randn(8, 8) * 1e-4, implementation)

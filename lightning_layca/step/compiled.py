@@ -336,6 +336,7 @@ def rotate_compiled(
     layer_scalars: Sequence[LayerScalars],
     parallel: Sequence[bool],
     per_unit: bool = False,
+    sums: list[torch.Tensor] | None = None,
 ) -> int:
     """Turn the base step of layers of one device and dtype into a Layca step, in place, one compiled call per layer.
 
@@ -349,12 +350,13 @@ def rotate_compiled(
         layer_scalars: The :class:`LayerScalars` of each layer.
         parallel: :func:`parallel_kernel` of each layer.
         per_unit: Whether every unit (row of :func:`unit_view`) turns by itself (``granularity="unit"``).
+        sums: Where given, each stepped layer's ``(a, b, c)`` (as the kernel returns them) is appended to it.
 
     Returns:
         The number of layers stepped (all of them unless a compilation failed).
     """
     calls = ((p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True))
-    return _call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit)
+    return _call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, sums)
 
 
 def rotate_base_compiled(
@@ -394,7 +396,9 @@ def rotate_base_compiled(
     return _call_kernels(zip(parallel, variants, calls, strict=True), per_unit)
 
 
-def _call_kernels(calls: Iterable[tuple[bool, str, Sequence[torch.Tensor]]], per_unit: bool) -> int:
+def _call_kernels(
+    calls: Iterable[tuple[bool, str, Sequence[torch.Tensor]]], per_unit: bool, sums: list[torch.Tensor] | None = None
+) -> int:
     """Call the compiled kernel of each ``(parallel, variant, arguments)`` in turn, the layer's view first.
 
     A kernel whose compilation fails (a recompilation after ``torch._dynamo.reset()`` or a change of the number of
@@ -407,9 +411,11 @@ def _call_kernels(calls: Iterable[tuple[bool, str, Sequence[torch.Tensor]]], per
     done = 0
     for parallel, variant, args in calls:
         try:
-            _compiled(parallel, per_unit, variant)(*args)
+            result = _compiled(parallel, per_unit, variant)(*args)
         except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
             _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, error)
             break
+        if sums is not None:
+            sums.append(result)
         done += 1
     return done

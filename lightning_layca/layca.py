@@ -52,7 +52,13 @@ from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import StepPlan
 from lightning_layca.rates import Rates
 from lightning_layca.schedules import RotationSchedule, as_schedule
-from lightning_layca.stepping import gradients_set_aside, read_base_steps, rotate_buckets, upload_rates
+from lightning_layca.stepping import (
+    gradients_set_aside,
+    read_base_steps,
+    rotate_buckets,
+    take_snapshots,
+    upload_rates,
+)
 from lightning_layca.wrapping import WrappedOptimizer
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca"]
@@ -290,10 +296,7 @@ class Layca(WrappedOptimizer):
         buckets = self.plan.for_step(self.layers, self.optimizer)
         base_steps = [read_base_steps(b, self.optimizer, self.layers.param_group_of) for b in buckets]
         keep, self._keep_next = self._keep_next, False
-        for b, base in zip(buckets, base_steps, strict=True):
-            with_base = set(b.at("compiled+base")) - set(base.fallback)
-            b.kept = [j for j in range(len(b.params)) if keep or j not in with_base]
-            b.snapshot(b.kept)
+        take_snapshots(buckets, base_steps, keep_all=keep)
 
         # The kernels take the base step of these layers.
         with gradients_set_aside(
@@ -365,7 +368,6 @@ class Layca(WrappedOptimizer):
         """
         return {
             **self.layers.state(),
-            "granularity": self.granularity,
             "reference_lr": self.reference_lr,
             "step_count": self.step_count,
             "epoch": self.epoch,
@@ -381,7 +383,7 @@ class Layca(WrappedOptimizer):
         state_dict = dict(state_dict)
         layca = state_dict.pop("layca", None)
         if layca is not None:
-            self._check_layca_state(layca)
+            self.layers.check(layca)
         self.optimizer.load_state_dict(state_dict)
         self.restored_from_plain_state = layca is None
         if layca is not None:
@@ -395,7 +397,7 @@ class Layca(WrappedOptimizer):
         Raises:
             ValueError: When the state was saved for other layers or another granularity.
         """
-        self._check_layca_state(layca)
+        self.layers.check(layca)
         self.layers.load(layca)
         reference_lr = layca["reference_lr"]
         self.rates.reference_lr = None if reference_lr is None else float(reference_lr)
@@ -403,14 +405,6 @@ class Layca(WrappedOptimizer):
         self.epoch = int(layca["epoch"])
         self.restored_from_plain_state = False
         self.rates.invalidate()
-
-    def _check_layca_state(self, layca: dict[str, Any]) -> None:
-        self.layers.check(layca)
-        if layca.get("granularity", "layer") != self.granularity:
-            raise ValueError(
-                f"Layca: the state dict was saved with granularity={layca.get('granularity', 'layer')!r}, but "
-                f"this optimizer has granularity={self.granularity!r}."
-            )
 
     def __repr__(self) -> str:
         return (

@@ -179,11 +179,12 @@ class LayerRegistry:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        """The registry's part of Layca's state: layer names and initial norms."""
+        """The registry's part of Layca's state: layer names, initial norms and the granularity they were taken at."""
         return {
             "layer_names": list(self.names),
             "initial_norms": list(self.initial_norms),
             "initial_unit_norms": list(self.initial_unit_norms),
+            "granularity": self._granularity,
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -193,12 +194,21 @@ class LayerRegistry:
         self._key = None
 
     def check(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` when ``state`` was saved for other layers."""
+        """Raise ``ValueError`` when ``state`` was saved for other layers or another granularity."""
         if list(state["layer_names"]) != self.names:
             raise ValueError(
                 f"Layca: the state dict was saved for layers {state['layer_names']!r}, but this optimizer controls "
                 f"{self.names!r}."
             )
+        if state.get("granularity", "layer") != self._granularity:
+            raise ValueError(
+                f"Layca: the state dict was saved with granularity={state.get('granularity', 'layer')!r}, but "
+                f"this optimizer has granularity={self._granularity!r}."
+            )
+
+    @property
+    def _granularity(self) -> str:
+        return "unit" if self.per_unit else "layer"
 
 
 def _name_parameters(

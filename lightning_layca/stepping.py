@@ -46,6 +46,7 @@ __all__ = [
     "rotate_bucket",
     "rotate_buckets",
     "rotate_sharded",
+    "take_snapshots",
     "upload_rates",
 ]
 
@@ -156,23 +157,35 @@ def read_base_steps(bucket: Bucket, optimizer: Optimizer, param_group_of: dict[i
     return plan
 
 
+def take_snapshots(buckets: list[Bucket], base_steps: list[BaseSteps], keep_all: bool) -> None:
+    """Copy the weights before the step of every layer that needs them (all of them with ``keep_all``).
+
+    A layer whose base step a kernel takes needs no snapshot; every other path works from one.
+    """
+    for bucket, base in zip(buckets, base_steps, strict=True):
+        with_base = set(bucket.at(WITH_BASE)) - set(base.fallback)
+        bucket.kept = [j for j in range(len(bucket.params)) if keep_all or j not in with_base]
+        bucket.snapshot(bucket.kept)
+
+
 def rotate_bucket(bucket: Bucket, base: BaseSteps, optimizer: Optimizer) -> None:
     """Turn the base step of the layers of ``bucket`` into Layca steps along their paths, with the fallbacks."""
     device, dtype = bucket.near_floor.device, bucket.params[0].dtype
     rest = bucket.at(EAGER) + base.fallback
     after = bucket.at(COMPILED)
-    sums: list[torch.Tensor] = []
     if after and compiled_step_ready(device, dtype, [bucket.parallel[j] for j in after], per_unit=bucket.per_unit):
+        scalars_after = _layer_scalars(bucket, after)
+        sums: list[torch.Tensor] | None = [] if device.type == "cpu" else None  # see _rounded_away
         done = rotate_compiled(
             [cast(torch.Tensor, bucket.views[j]) for j in after],
             [cast(torch.Tensor, (unit_view if bucket.per_unit else kernel_view)(bucket.previous[j])) for j in after],
-            _layer_scalars(bucket, after),
+            scalars_after,
             [bucket.parallel[j] for j in after],
             per_unit=bucket.per_unit,
             sums=sums,
         )
         if sums:  # the layers whose step rounded to nothing, as on the eager path
-            layer_rates = torch.stack([x.rate for x in _layer_scalars(bucket, after[:done])])
+            layer_rates = torch.stack([x.rate for x in scalars_after[:done]])
             stalled = _rounded_away(bucket, after[:done], torch.stack([x[2].sum() for x in sums]), layer_rates)
             bucket.near_floor[after[:done]] |= stalled
         rest += after[done:]
@@ -218,18 +231,17 @@ def _rotate_eager(bucket: Bucket, positions: list[int], sums: torch.Tensor | Non
         at, rows, row_layer = bucket.subset(positions)
         rates, relative_lrs, norms = bucket.rates[rows], bucket.relative_lrs[rows], bucket.initial_norms[rows]
     local = bucket.local()
-    params = [local[j] for j in positions]
-    sharded = sums is not None
+    params, previous = [local[j] for j in positions], [bucket.previous[j] for j in positions]
+    # Sharded layers (sums given): each process sees part of the gradient, so _rounded_away does not apply.
+    checked = sums is None and params[0].device.type == "cpu"
     if sums is None:
-        sums = step_sums(params, [bucket.previous[j] for j in positions], bucket.per_unit)
-    near = rotate_eager(
-        params, [bucket.previous[j] for j in positions], rates, relative_lrs, norms, per_unit=bucket.per_unit, sums=sums
-    )
+        sums = step_sums(params, previous, bucket.per_unit)
+    near = rotate_eager(params, previous, rates, relative_lrs, norms, per_unit=bucket.per_unit, sums=sums)
     if row_layer is not None:
         near = torch.zeros(len(positions), dtype=torch.bool, device=near.device).index_put_(
             (row_layer,), near, accumulate=True
         )
-    if not sharded:  # sharded layers: each process sees part of the gradient; not checked
+    if checked:
         step_sq, layer_rates = sums[:, 2].to(near.device), rates
         if row_layer is not None:  # per layer: the sum over its units, and the largest rate of them
             step_sq = torch.zeros(len(positions), dtype=step_sq.dtype, device=near.device).index_add_(
@@ -254,11 +266,9 @@ def _rounded_away(bucket: Bucket, positions: list[int], step_sq: torch.Tensor, r
 
     A base step below the resolution of ``w + D`` rounds to nothing: the paths that work from a snapshot then see no
     step at all, where the kernels that take the base step see it (and flag it near the floor). Such a layer is
-    flagged near the floor too. Read on the host, so on CPU only (no synchronisation there); elsewhere not checked.
+    flagged near the floor too. Read on the host, so called for CPU layers only (no synchronisation there).
     """
-    flags = torch.zeros(len(positions), dtype=torch.bool, device=step_sq.device)
-    if step_sq.device.type != "cpu":
-        return flags
+    flags = torch.zeros(len(positions), dtype=torch.bool)
     margin = NEAR_FLOOR_FACTOR * ROUNDING_FLOOR_FACTOR * unit_roundoff(bucket.params[positions[0]].dtype)
     for i in ((step_sq == 0) & (rates.to(step_sq.device) > margin)).nonzero().flatten().tolist():
         grad = bucket.params[positions[i]].grad

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_layca"
 
 FLOORS: dict[str, int] = {
     "argument_types": 0,
+    "tags": 0,
     "sums": 0,
     "wrapping": 0,
     "distributed": 1,

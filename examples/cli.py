@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from lightning_layca import LayerRotationMonitor, select_layers
+from lightning_layca import LayerRotationMonitor
 from lightning_layca.callbacks.monitor import FIGURE_FILENAME
 
 PROG = "python -m examples.cli"
@@ -142,15 +143,14 @@ class ExamplesCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # Lightning creates the logger's version folder just before the callbacks' `setup` hook, where the callbacks
-        # check their patterns: checked here first, a pattern that matches no parameter leaves no empty run behind.
+        # check their arguments against the model (patterns that match no layer, an optimizer the module cannot
+        # have): checked here first, a mistake leaves no empty run behind and is reported as a configuration error.
         for callback in self.trainer.callbacks:
             if isinstance(callback, LayerRotationMonitor):
-                select_layers(
-                    self.model.named_parameters(),
-                    include=callback.include,
-                    exclude=callback.exclude,
-                    trainable_only=False,
-                )
+                try:
+                    callback.check_module(self.model)
+                except (ValueError, MisconfigurationException) as error:
+                    self.parser.error(str(error))
 
     def after_fit(self) -> None:
         trainer = self.trainer

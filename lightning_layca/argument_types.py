@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +50,7 @@ __all__ = [
     "check_granularity",
     "check_implementation",
     "check_multiplier",
+    "check_patterns_match",
     "check_positive_int",
     "check_reference_lr",
     "check_rotation_rate",
@@ -155,6 +157,23 @@ def as_patterns(what: str, patterns: object) -> list[str]:
     if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{what} must be a string or a list of strings, got {patterns!r}.")
     return list(patterns)
+
+
+def check_patterns_match(what: str, patterns: Sequence[str], names: Sequence[str], kind: str) -> None:
+    """Raise ``ValueError`` listing ``names`` when one of the ``fnmatch`` ``patterns`` matches none of them.
+
+    ``what`` names the patterns in the message (``"`include`"``, ``"ByName:"``), ``kind`` what the names are
+    (``"parameter"``, ``"layer"``): the one check of every name pattern, the layer selection's and the schedules'.
+
+    Example:
+        >>> check_patterns_match("`include`", ["fc*"], ["conv.weight", "head.weight"], "parameter")
+        Traceback (most recent call last):
+        ...
+        ValueError: `include` pattern 'fc*' matches no parameter. Available names: conv.weight, head.weight.
+    """
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):  # as the selection matches
+            raise ValueError(f"{what} pattern {pattern!r} matches no {kind}. Available names: {', '.join(names)}.")
 
 
 if TYPE_CHECKING:

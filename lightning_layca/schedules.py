@@ -24,6 +24,7 @@ from lightning_layca.argument_types import (
     PositiveInt,
     SignedOpenUnitInterval,
     check_multiplier,
+    check_patterns_match,
     check_positive_int,
 )
 
@@ -139,11 +140,7 @@ class ByName(RotationSchedule):
 
     def validate(self, layers: Sequence[str]) -> None:
         """Raise ``ValueError`` if a pattern matches no layer."""
-        for pattern in self.patterns:
-            if not fnmatch.filter(layers, pattern):
-                raise ValueError(
-                    f"ByName: pattern {pattern!r} matches no layer. Available layers: {', '.join(layers)}."
-                )
+        check_patterns_match("ByName:", list(self.patterns), layers, "layer")
 
     def multipliers(self, layers: Sequence[str], step: int, epoch: int) -> list[float]:
         """Return the multiplier of the first pattern that matches each layer, else ``default``."""

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lightning_layca.argument_types import as_patterns
+from lightning_layca.argument_types import as_patterns, check_patterns_match
 
 __all__ = ["filter_layers", "layer_display_name", "select_layers"]
 
@@ -66,12 +66,8 @@ def select_layers(
     include_patterns = as_patterns("`include`", include)
     exclude_patterns = as_patterns("`exclude`", exclude)
     kind = "trainable parameter" if trainable_only else "parameter"
-    for what, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
-        for pattern in patterns:
-            if not fnmatch.filter(names, pattern):
-                raise ValueError(
-                    f"`{what}` pattern {pattern!r} matches no {kind}. Available names: {', '.join(names)}."
-                )
+    check_patterns_match("`include`", include_patterns, names, kind)
+    check_patterns_match("`exclude`", exclude_patterns, names, kind)
 
     return filter_layers(named, include_patterns, exclude_patterns)
 

@@ -327,18 +327,43 @@ def test_out_of_range_schedule_arguments_are_parse_errors(
     assert accepted in err, err
 
 
-def test_an_include_pattern_that_matches_nothing_stops_the_cli_before_the_logger_writes(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"`include` pattern 'net.conv9\*' matches no parameter"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "mnist1d_layca.yaml"),
-                "--trainer.callbacks.include=net.conv9*",
-                *tiny_fit_args(tmp_path),
-            ]
-        )
-    assert not list(tmp_path.iterdir()), "no version folder: TensorBoard would list it as an empty run"
+DEMO_LAYERS = "net.conv1.weight, net.conv2.weight, net.conv3.weight, net.conv4.weight, net.fc.weight."
+BY_NAME_TYPO = {"class_path": "lightning_layca.ByName", "init_args": {"patterns": {"net.conv9*": 0.5}}}
+
+
+@pytest.mark.parametrize(
+    ("init_args", "message"),
+    [
+        ({"include": "net.conv9*"}, "`include` pattern 'net.conv9*' matches no parameter. Available names: "),
+        ({"schedule": BY_NAME_TYPO}, "ByName: pattern 'net.conv9*' matches no layer. Available names: "),
+        (
+            {
+                "schedule": {
+                    "class_path": "lightning_layca.EpochSwitch",
+                    "init_args": {
+                        "schedules": [{"class_path": "lightning_layca.Uniform"}, BY_NAME_TYPO],
+                        "milestones": [5],
+                    },
+                }
+            },
+            "ByName: pattern 'net.conv9*' matches no layer. Available names: ",
+        ),
+        (
+            {"optimizers": 5},
+            "LaycaCallback: `optimizers=[5]` names optimizer(s) [5], but MNIST1DCNN uses automatic optimization",
+        ),
+    ],
+    ids=["include", "by-name", "nested-by-name", "optimizer-index"],
+)
+def test_a_mistake_the_model_shows_stops_the_cli_in_a_few_lines_before_anything_is_written(
+    init_args: dict[str, Any], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing written: no version folder (TensorBoard would list it as an empty run), no config.yaml.
+    err = parse_error(callback_file(tmp_path, init_args), tmp_path, capsys)
+    assert not [p for p in tmp_path.iterdir() if p.name != "bad.yaml"]
+    assert err.splitlines()[-1].startswith(f"error: {message}"), err
+    if "Available names" in message:
+        assert err.splitlines()[-1].endswith(DEMO_LAYERS), err
 
 
 def test_an_unrelated_parse_error_is_reported_as_jsonargparse_wrote_it() -> None:

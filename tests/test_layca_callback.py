@@ -247,9 +247,31 @@ def test_validation_and_test_loops_run_with_the_wrapper(tmp_path: Path) -> None:
 
 
 def test_an_optimizer_index_out_of_range_fails_when_the_fit_starts(tmp_path: Path) -> None:
+    # Under manual optimization, how many optimizers the module has is known once `configure_optimizers` has run.
     callback = ll.LaycaCallback(optimizers=[0, 2])
     with pytest.raises(MisconfigurationException, match=r"names optimizer\(s\) \[2\], but `configure_optimizers` "):
-        make_trainer(tmp_path, logger=False, callbacks=[callback]).fit(TinyCNN(), loader())
+        make_trainer(tmp_path, logger=False, callbacks=[callback]).fit(TwoOptimizerCNN(), loader())
+
+
+class NoOptimizerCNN(TinyCNN):
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def test_configure_optimizers_returning_none_is_refused_saying_that_there_is_no_optimizer_to_wrap(
+    tmp_path: Path,
+) -> None:
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[ll.LaycaCallback()])
+    with (
+        pytest.warns(UserWarning, match=r"configure_optimizers` returned `None`"),
+        pytest.raises(
+            MisconfigurationException,
+            match=r"^LaycaCallback: `NoOptimizerCNN.configure_optimizers` returned None: there is no optimizer to "
+            r"wrap\. LaycaCallback needs it to return one",
+        ),
+    ):
+        trainer.fit(NoOptimizerCNN(), loader())
+    assert trainer.global_step == 0
 
 
 @pytest.mark.parametrize(

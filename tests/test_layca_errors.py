@@ -45,7 +45,7 @@ def test_pattern_matching_nothing_lists_the_names(model: nn.Sequential, option: 
 
 
 def test_by_name_pattern_matching_nothing_lists_the_layers(model: nn.Sequential) -> None:
-    with pytest.raises(ValueError, match=r"ByName: pattern 'fc\*' matches no layer\. Available layers: 0\.weight, 2"):
+    with pytest.raises(ValueError, match=r"ByName: pattern 'fc\*' matches no layer\. Available names: 0\.weight, 2"):
         ll.Layca(sgd(model), model.named_parameters(), schedule=ll.ByName({"fc*": 0.5}))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
@@ -79,9 +80,12 @@ class LaycaCallback(LayerRotationMonitor):
         last_rates: Layer display name -> the latest logged effective rate ``rho_l(t)`` (of the last logged step).
 
     Raises:
-        ValueError: For a bad argument (at construction).
-        MisconfigurationException: When ``optimizers`` names an optimizer that does not exist, or for FSDP1
-            (``FSDPStrategy``) and DeepSpeed (``ModelParallelStrategy``, FSDP2, is supported).
+        ValueError: For a bad argument (at construction), or, in ``setup``, a pattern of ``include``, ``exclude`` or
+            the schedule that matches no layer of the module.
+        MisconfigurationException: When ``optimizers`` names an optimizer that does not exist (in ``setup`` under
+            automatic optimization, which has one; when the fit starts otherwise), when ``configure_optimizers``
+            returned none, or for FSDP1 (``FSDPStrategy``) and DeepSpeed (``ModelParallelStrategy``, FSDP2, is
+            supported).
 
     Example:
         >>> import lightning as L
@@ -149,6 +153,27 @@ class LaycaCallback(LayerRotationMonitor):
         self._restored_laycas: dict[int, dict[str, Any]] = {}  # Layca states of a checkpoint, until they are applied
 
     # ------------------------------------------------------------------ hooks
+    @override
+    def check_module(self, pl_module: pl.LightningModule) -> list[str]:
+        """Raise on a mistake of the callback's arguments that the module shows before the fit (called in ``setup``).
+
+        Besides the monitor's checks: a pattern of the schedule (nested schedules too) that matches no candidate layer
+        (``ValueError`` listing the names), and an index of ``optimizers`` other than 0 under automatic optimization,
+        which trains one optimizer (``MisconfigurationException``). Under manual optimization the number of optimizers
+        is known when the fit starts, where an index beyond it is refused.
+        """
+        names = super().check_module(pl_module)
+        if self.schedule is not None:
+            self.schedule.validate(names)
+        beyond = [i for i in self.optimizer_indices or () if i > 0]
+        if pl_module.automatic_optimization and beyond:
+            raise MisconfigurationException(
+                f"LaycaCallback: `optimizers={self.optimizer_indices}` names optimizer(s) {beyond}, but "
+                f"{type(pl_module).__name__} uses automatic optimization, which trains one optimizer (index 0). "
+                "Leave `optimizers` out, or set `self.automatic_optimization = False` to use several."
+            )
+        return names
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._wrap_optimizers(trainer, pl_module)
@@ -250,9 +275,13 @@ class LaycaCallback(LayerRotationMonitor):
     # ------------------------------------------------------------------ wrapping
     def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = list(trainer.strategy.optimizers)
-        if not optimizers:
+        if not optimizers or all(isinstance(optimizer, _MockOptimizer) for optimizer in optimizers):
+            # Lightning stands a placeholder optimizer over no parameter in for a `None` from configure_optimizers.
             raise MisconfigurationException(
-                "LaycaCallback: the Trainer has no optimizer to wrap; return one from `configure_optimizers`."
+                f"LaycaCallback: `{type(pl_module).__name__}.configure_optimizers` returned None: there is no "
+                "optimizer to wrap. LaycaCallback needs it to return one (for example "
+                "`torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)`), or the `optimizer:` section of a "
+                "LightningCLI configuration."
             )
         indices = list(range(len(optimizers))) if self.optimizer_indices is None else self.optimizer_indices
         out_of_range = [i for i in indices if i >= len(optimizers)]

@@ -168,9 +168,20 @@ class LayerRotationMonitor(Callback):
         self.layers.unbind()  # a new fit: nothing bound until `on_fit_start` (even after a failed fit)
         if stage == "fit":
             # The earliest hook: a pattern that matches no parameter stops the fit before anything is logged.
-            select_layers(
-                pl_module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
-            )
+            self.check_module(pl_module)
+
+    def check_module(self, pl_module: pl.LightningModule) -> list[str]:
+        """Raise on a mistake of the callback's arguments that the module shows before the fit (called in ``setup``).
+
+        Here: an ``include`` or ``exclude`` pattern that matches no parameter (``ValueError`` listing the names).
+
+        Returns:
+            The names of the candidate layers: the layers monitored when trainable, frozen ones included.
+        """
+        layers = select_layers(
+            pl_module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
+        )
+        return [name for name, _ in layers]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,21 @@ def test_print_config_shows_the_callbacks_with_their_nested_schedule(capsys: pyt
     assert callback["init_args"]["schedule"] == schedule
     assert printed["optimizer"]["class_path"] == "torch.optim.SGD"
     assert printed["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.MultiStepLR"
+
+
+def test_the_print_config_excerpt_of_the_docs_is_what_print_config_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    docs = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    command, excerpt = re.search(
+        r"```bash\n(python -m examples.cli fit [^`]*--print_config)\n```\n\n"
+        r"prints, among the rest:\n\n```yaml\n(.*?)```",
+        docs,
+        re.DOTALL,
+    ).groups()  # type: ignore[union-attr]
+    args = shlex.split(command.replace("\\\n", " "))[3:]
+    with pytest.raises(SystemExit):
+        main(args)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["callbacks"] == yaml.safe_load(excerpt)["trainer"]["callbacks"]
 
 
 SCHEDULES_IN_YAML = {

@@ -247,7 +247,7 @@ def run_command(script: str, setup: dict[str, Any], quick: bool) -> str:
     for key, value in setup.items():
         if value is not None and value != defaults.get(key):
             options.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join([f"python benchmarks/{script}", *options])
+    return " ".join([f"python -m benchmarks.{script.removesuffix('.py')}", *options])
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:

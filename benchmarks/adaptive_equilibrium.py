@@ -21,9 +21,9 @@ experiment resumes where it stopped and ``--report-only`` builds the report and 
 
 Run from the repository root::
 
-    python benchmarks/adaptive_equilibrium.py                 # 15 runs; writes docs/results/ and docs/images/
-    python benchmarks/adaptive_equilibrium.py --quick         # 5 runs, one seed
-    python benchmarks/adaptive_equilibrium.py --report-only   # report and figures from the saved runs
+    python -m benchmarks.adaptive_equilibrium                 # 15 runs; writes docs/results/ and docs/images/
+    python -m benchmarks.adaptive_equilibrium --quick         # 5 runs, one seed
+    python -m benchmarks.adaptive_equilibrium --report-only   # report and figures from the saved runs
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ Runs are appended to a JSON-lines file as they finish and skipped when present, 
 
 Run from the repository root::
 
-    python benchmarks/layca_fit_failures.py                 # about 35 runs; writes docs/results/
-    python benchmarks/layca_fit_failures.py --report-only   # the report from the saved runs
+    python -m benchmarks.layca_fit_failures                 # about 35 runs; writes docs/results/
+    python -m benchmarks.layca_fit_failures --report-only   # the report from the saved runs
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ side.
 
 Run from the repository root::
 
-    python benchmarks/reproduce_alpha.py                 # 36 runs; writes docs/results/ and docs/images/
-    python benchmarks/reproduce_alpha.py --quick         # 5 runs, one seed, about five minutes
-    python benchmarks/reproduce_alpha.py --report-only   # table and figure from the saved runs
+    python -m benchmarks.reproduce_alpha                 # 36 runs; writes docs/results/ and docs/images/
+    python -m benchmarks.reproduce_alpha --quick         # 5 runs, one seed, about five minutes
+    python -m benchmarks.reproduce_alpha --report-only   # table and figure from the saved runs
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import IO, NoReturn
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_layca import LayerRotationMonitor
@@ -153,16 +153,26 @@ class ExamplesCLI(LightningCLI):
                     self.parser.error(str(error))
 
     def after_fit(self) -> None:
-        trainer = self.trainer
-        if not trainer.is_global_zero or trainer.logger is None or trainer.log_dir is None:
-            return
-        log_dir = Path(trainer.log_dir)
-        lines = [f"TensorBoard logs: {log_dir}"]
-        if (log_dir / FIGURE_FILENAME).is_file():
-            lines.append(f"Layer rotation curves: {log_dir / FIGURE_FILENAME}")
-        command = tensorboard_command(trainer.logger.save_dir or log_dir)
-        lines.append(f"View them next to accuracy: {command}   (then open http://localhost:6006)")
-        print("\n".join(lines))
+        print_where_the_logs_are(self.trainer)
+
+
+def print_where_the_logs_are(trainer: Trainer) -> None:
+    """After a fit, print (on global rank 0) where the logs and the rotation figure are, and how to view them.
+
+    Call it on every process: the log folder is broadcast from global rank 0.
+    """
+    if trainer.logger is None:
+        return
+    log_dir_name = trainer.log_dir  # a broadcast from rank 0: every process must ask
+    if not trainer.is_global_zero or log_dir_name is None:
+        return
+    log_dir = Path(log_dir_name)
+    lines = [f"TensorBoard logs: {log_dir}"]
+    if (log_dir / FIGURE_FILENAME).is_file():
+        lines.append(f"Layer rotation curves: {log_dir / FIGURE_FILENAME}")
+    command = tensorboard_command(trainer.logger.save_dir or log_dir)
+    lines.append(f"View them next to accuracy: {command}   (then open http://localhost:6006)")
+    print("\n".join(lines))
 
 
 def main(args: ArgsType = None, run: bool = True) -> LightningCLI:

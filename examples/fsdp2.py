@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_layca as ll
+from examples.cli import print_where_the_logs_are
 
 
 class Block(nn.Module):
@@ -87,6 +88,7 @@ def main(max_steps: int = 32) -> None:
         enable_checkpointing=False,
     )
     trainer.fit(Classifier())
+    print_where_the_logs_are(trainer)  # as `make demo` does: the log folder, the figure, the TensorBoard command
 
 
 if __name__ == "__main__":

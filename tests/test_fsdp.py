@@ -313,6 +313,10 @@ def test_the_fsdp2_example_of_the_docs_runs_and_logs_rotation(tmp_path: Path) ->
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-6000:]
     (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    printed = result.stdout.splitlines()  # once (global rank 0), as the demo prints them
+    assert [line for line in printed if line.startswith("TensorBoard logs: ")] == [f"TensorBoard logs: {log_dir}"]
+    assert f"Layer rotation curves: {log_dir / 'layer_rotation_curves.png'}" in printed
+    assert any(line.startswith("View them next to accuracy: ") and "--logdir" in line for line in printed)
     rotation = scalars_with_prefix(read_events(log_dir), "Layer_rotation/")
     assert len(rotation) == 10  # the first layer, 2 in each of the 4 blocks, the head
     assert all(0 < points[-1][1] < 1 for points in rotation.values())

@@ -65,6 +65,7 @@ def measure_demo(logdir: str, figure: Path | None) -> dict[str, float]:
         shutil.copyfile(Path(cli.trainer.log_dir or logdir) / FIGURE_FILENAME, figure)
 
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, LaycaCallback))
+    paths = {layer_display_name(n): path for layca in callback.laycas.values() for n, path in layca.describe().items()}
     rotation = dict(callback.last_rotation)  # the last point of each layer's curve
     names = list(rotation)
     recomputed = cosine_distances([final[n] for n in names], [initial[n] for n in names]).tolist()
@@ -72,6 +73,8 @@ def measure_demo(logdir: str, figure: Path | None) -> dict[str, float]:
         if abs(rotation[name] - value) > 1e-6:
             raise RuntimeError(f"{name}: logged rotation {rotation[name]} but {value} from the final weights.")
 
+    if set(paths.values()) != {"eager"}:  # the configuration asks for the eager step: the same on every machine
+        raise RuntimeError(f"The demo's Layca step took other paths than the eager one: {paths}.")
     numbers = {
         "val_accuracy_percent": 100.0 * float(cli.trainer.callback_metrics["val/acc"]),
         "rotation.net.conv1": rotation["net.conv1"],

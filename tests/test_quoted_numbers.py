@@ -1,7 +1,8 @@
 """Numbers the documentation quotes from a results file match that file, and every number of it is quoted.
 
-A quoted number is preceded in the Markdown by ``<!-- quoted <file>.<key> -->``, where ``<file>`` names
-``docs/results/<file>.json`` (written by one command, e.g. ``python -m benchmarks.demo_numbers``) and ``<key>`` an
+A quoted number follows right after a comment in the Markdown, ``<!-- quoted <file>.<key> -->`` (a line break may
+take the place of a space; a line never starts with the comment, which would start an HTML block), where ``<file>``
+names ``docs/results/<file>.json`` (written by one command, e.g. ``python -m benchmarks.demo_numbers``) and ``<key>`` an
 entry of its ``numbers``. The number written must be that value rounded to as many decimals as are written. The test
 reads the committed results: it does not rerun anything.
 """
@@ -18,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 PAGES = sorted([ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").glob("*.md")])
-QUOTED = re.compile(r"<!-- quoted (?P<file>\w+)\.(?P<key>[\w.]+) -->\s*(?P<number>-?\d+(?:\.(?P<decimals>\d+))?)")
+QUOTED = re.compile(r"<!--\s+quoted\s+(?P<file>\w+)\.(?P<key>[\w.]+)\s+-->(?P<number>-?\d+(?:\.\d+)?)")
 
 
 def quotes() -> list[tuple[str, str, str, str]]:
@@ -59,3 +60,10 @@ def test_every_number_of_a_results_file_is_quoted_and_the_versions_are_recorded(
     assert data["torch"] and data["lightning"] and data["command"].startswith("python -m benchmarks.")
     quoted = {key for _, file, key, _ in quotes() if file == name}
     assert sorted(set(data["numbers"]) - quoted) == [], "numbers no page quotes: drop them from the command"
+
+
+def test_no_line_starts_with_a_quote_comment() -> None:
+    # A line that starts with `<!--` starts an HTML block in CommonMark (GitHub): the rest of the paragraph would show
+    # as raw text.
+    starts = [str(page.relative_to(ROOT)) for page in PAGES if re.search(r"^\s*<!--\s+quoted", page.read_text(), re.M)]
+    assert starts == []

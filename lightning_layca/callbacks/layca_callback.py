@@ -20,7 +20,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
@@ -275,8 +274,9 @@ class LaycaCallback(LayerRotationMonitor):
     # ------------------------------------------------------------------ wrapping
     def _wrap_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = list(trainer.strategy.optimizers)
-        if not optimizers or all(isinstance(optimizer, _MockOptimizer) for optimizer in optimizers):
-            # Lightning stands a placeholder optimizer over no parameter in for a `None` from configure_optimizers.
+        # For a `None` from configure_optimizers, Lightning installs a placeholder (`_MockOptimizer`, a private class:
+        # recognised by its name) that holds no parameter of the module.
+        if not optimizers or all(type(optimizer).__name__ == "_MockOptimizer" for optimizer in optimizers):
             raise MisconfigurationException(
                 f"LaycaCallback: `{type(pl_module).__name__}.configure_optimizers` returned None: there is no "
                 "optimizer to wrap. LaycaCallback needs it to return one (for example "

@@ -17,6 +17,7 @@ FLOORS: dict[str, int] = {
     "tags": 0,
     "sums": 0,
     "wrapping": 0,
+    "muon": 0,
     "distributed": 1,
     "selection": 1,
     "schedules": 1,

@@ -183,3 +183,25 @@ def test_peft_model_under_both_callbacks_logs_the_effective_rotation(
         assert cb.last_step_rates["net.base_model.model.5.modules_to_save.default"] == pytest.approx(0.01, rel=1e-5)
     elif callback == "layca":  # nothing but adapters: the optimizer steps as it is
         assert not isinstance(trainer.optimizers[0], ll.Layca)
+
+
+def test_a_resumed_fit_measures_adapters_from_the_start_of_the_first_fit(tmp_path: Path):
+    module = Regression(dora=True, head=False)
+    adapters = adapters_of(module)
+    starts = [dense_effective(a) for a in adapters]
+    kwargs = {
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "default_root_dir": tmp_path,
+    }
+    trainer = L.Trainer(max_epochs=1, callbacks=[ll.LayerRotationMonitor(log_every_n_steps=1)], **kwargs)
+    trainer.fit(module, data())
+    (checkpoint,) = Path(trainer.checkpoint_callback.dirpath).glob("*.ckpt")
+    resumed = Regression(dora=True, head=False)  # the same initial weights: only the checkpoint moves them
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=1)
+    L.Trainer(max_epochs=2, callbacks=[monitor], **kwargs).fit(resumed, data(), ckpt_path=checkpoint)
+    for adapter, v0 in zip(adapters_of(resumed), starts, strict=True):
+        v = dense_effective(adapter)
+        expected = 1 - float((v * v0).sum() / (v.norm() * v0.norm()))
+        assert monitor.last_rotation[adapter.name.removesuffix(".weight")] == pytest.approx(expected, rel=1e-4)

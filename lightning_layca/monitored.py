@@ -46,7 +46,7 @@ def _restored_shard(initial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
 class MonitoredLayers:
     """The monitored layers of one model, in depth order, with their initial weights.
 
-    Adapted layers (LoRA, DoRA: :mod:`lightning_layca.adapters`) are layers too, after the others: their effective
+    Adapted layers (LoRA, DoRA: ``lightning_layca.adapters``) are layers too, after the others: their effective
     weight is measured, and their factors and base weight are not layers of their own.
 
     Args:

@@ -205,3 +205,11 @@ def test_a_resumed_fit_measures_adapters_from_the_start_of_the_first_fit(tmp_pat
         v = dense_effective(adapter)
         expected = 1 - float((v * v0).sum() / (v.norm() * v0.norm()))
         assert monitor.last_rotation[adapter.name.removesuffix(".weight")] == pytest.approx(expected, rel=1e-4)
+
+
+def test_measure_cost_benchmark_prints_every_row_at_a_tiny_size():
+    from benchmarks import adapter_measure_cost
+
+    lines = adapter_measure_cost.main(["--size", "16", "--rank", "2", "--rounds", "1", "--repeats", "1"])
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "time / factored" not in line]
+    assert rows == ["| factored", "| dense, start kept", "| dense, start recomputed"]

@@ -287,3 +287,11 @@ def test_muon_with_adamw_from_yaml_under_the_layca_callback(tmp_path: Path, monk
     assert isinstance(layca, ll.Layca) and isinstance(layca.optimizer, ll.MuonWithAdamW)
     muon_side = [p.shape for g in layca.param_groups if g["use_muon"] for p in g["params"]]
     assert muon_side and all(len(shape) == 2 for shape in muon_side)
+
+
+def test_step_cost_benchmark_prints_every_row_at_a_tiny_size():
+    from benchmarks import muon_step_cost
+
+    lines = muon_step_cost.main(["--width", "8", "--layers", "1", "--rounds", "1", "--steps", "1"])
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "ms per step" not in line]
+    assert rows == ["| Muon", "| Layca(Muon), eager", "| Layca(Muon), compiled"]

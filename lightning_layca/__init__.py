@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_layca.argument_types import DEFAULT_ROTATION_RATE
 from lightning_layca.layca import Layca
 from lightning_layca.muon import MuonWithAdamW
+from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import ByName, DepthDecay, EpochSwitch, LayerWarmup, RotationSchedule, Uniform
 from lightning_layca.selection import layer_display_name, select_layers
 
@@ -34,6 +35,7 @@ __all__ = [
     "LayerWarmup",
     "MuonWithAdamW",
     "RotationSchedule",
+    "ScheduleFree",
     "Uniform",
     "__version__",
     "layer_display_name",

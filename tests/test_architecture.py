@@ -18,6 +18,7 @@ FLOORS: dict[str, int] = {
     "sums": 0,
     "wrapping": 0,
     "muon": 0,
+    "schedule_free": 1,
     "adapters": 0,
     "distributed": 1,
     "selection": 1,

@@ -41,6 +41,7 @@ from lightning_layca.argument_types import (
 )
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import Layca
+from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import RotationSchedule, as_schedule
 from lightning_layca.selection import layer_display_name
 
@@ -270,7 +271,10 @@ class LaycaCallback(LayerRotationMonitor):
         # re-pointing them would log the learning rate twice (and trip torch's step-order check).
         previous, self.laycas = self.laycas, {}
         for i in indices:
-            base = optimizers[i]
+            # Inside a schedule-free optimizer, Layca steps its base sequence z (see lightning_layca.schedule_free).
+            found = optimizers[i]
+            outer: ScheduleFree | None = found if isinstance(found, ScheduleFree) else None
+            base = found if outer is None else outer.optimizer
             if isinstance(base, Layca):  # wrapped by the user in `configure_optimizers`: used as it is
                 if base.rotation_rate != self.rotation_rate or (
                     self.schedule is not None and base.schedule is not self.schedule
@@ -313,7 +317,10 @@ class LaycaCallback(LayerRotationMonitor):
                 # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
                 # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
                 layca.load_layca_state(earlier.layca_state())
-            optimizers[i] = layca
+            if outer is None:
+                optimizers[i] = layca
+            else:
+                outer.optimizer = layca
             self.laycas[i] = layca
         for i, layca in self.laycas.items():  # a checkpoint's state wins over what an earlier fit left
             if i in self._restored_laycas:

@@ -48,6 +48,7 @@ from lightning_layca.loggers import (
     trainer_log_every_n_steps,
 )
 from lightning_layca.monitored import MonitoredLayers
+from lightning_layca.schedule_free import evaluation_weights, has_evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
 from lightning_layca.tags import MAGNITUDE_CHANGE, layer_tag
 
@@ -222,9 +223,16 @@ class LayerRotationMonitor(Callback):
         if not (logging or unit_rates):
             return
         names = [n for n in self.layer_names if before is not None and n in before]
+        evaluating = logging and has_evaluation_weights(trainer.optimizers)  # schedule-free: rotation of x
         measured = self.layers.measure(
-            distances=logging, steps=names if logging else [], unit_steps=names if unit_rates else [], before=before
+            distances=logging and not evaluating,
+            steps=names if logging else [],
+            unit_steps=names if unit_rates else [],
+            before=before,
         )
+        if evaluating:
+            with evaluation_weights(trainer.optimizers):
+                measured.distances = self.layers.measure(distances=True).distances
         if unit_rates:
             unit_tans = measured.unit_tans.split(self.layers.unit_counts(names))
             self._unit_rates = dict(zip([layer_display_name(n) for n in names], unit_tans, strict=True))
@@ -249,7 +257,8 @@ class LayerRotationMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = self.measure()
+        with evaluation_weights(trainer.optimizers):
+            values = self.measure()
         epochs_done = trainer.current_epoch + 1
         self._epochs.append(epochs_done)
         for name, value in values.items():
@@ -257,11 +266,12 @@ class LayerRotationMonitor(Callback):
         if epochs_done % self.every_n_epochs != 0:
             return
         # Every process measures the angles (a collective under sharding), whether or not it writes.
-        angles = (
-            self.layers.unit_angles()
-            if self.angle_histograms and self.layers.names and has_tensorboard(trainer)
-            else None
-        )
+        with evaluation_weights(trainer.optimizers):
+            angles = (
+                self.layers.unit_angles()
+                if self.angle_histograms and self.layers.names and has_tensorboard(trainer)
+                else None
+            )
         unit_rates, self._unit_rates = self._unit_rates, {}
         if not trainer.is_global_zero:
             return

@@ -150,9 +150,9 @@ def test_peft_model_under_both_callbacks_logs_the_effective_rotation(
     adapters = adapters_of(module)
     starts = [dense_effective(a) for a in adapters]
     if callback == "monitor":
-        cb: ll.LayerRotationMonitor = ll.LayerRotationMonitor(log_every_n_steps=1)
+        cb: ll.LayerRotationMonitor = ll.LayerRotationMonitor(log_every_n_steps=1, unmoved_adapter_steps=4)
     else:
-        cb = ll.LaycaCallback(rotation_rate=0.01, log_every_n_steps=1)
+        cb = ll.LaycaCallback(rotation_rate=0.01, log_every_n_steps=1, unmoved_adapter_steps=4)
     trainer = L.Trainer(
         max_epochs=2,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
@@ -213,3 +213,23 @@ def test_measure_cost_benchmark_prints_every_row_at_a_tiny_size():
     lines = adapter_measure_cost.main(["--size", "16", "--rank", "2", "--rounds", "1", "--repeats", "1"])
     rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "time / factored" not in line]
     assert rows == ["| factored", "| dense, start kept", "| dense, start recomputed"]
+
+
+def test_the_monitor_warns_once_during_a_fit_naming_the_adapter_whose_b_is_frozen(tmp_path: Path):
+    module = Regression(dora=False, head=False)
+    module.net.base_model.model[3].lora_B["default"].weight.requires_grad_(False)
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=1, unmoved_adapter_steps=4)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    with pytest.warns(
+        UserWarning, match=r"after 4 optimizer steps .* has not moved: \['net.base_model.model.3.weight'\]"
+    ):
+        trainer.fit(module, data())
+    assert monitor.last_rotation["net.base_model.model.3"] == 0.0
+    assert monitor.last_rotation["net.base_model.model.0"] > 0.0

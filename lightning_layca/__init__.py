@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_layca.argument_types import DEFAULT_ROTATION_RATE
 from lightning_layca.layca import Layca
+from lightning_layca.muon import MuonWithAdamW
+from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import ByName, DepthDecay, EpochSwitch, LayerWarmup, RotationSchedule, Uniform
 from lightning_layca.selection import layer_display_name, select_layers
 
@@ -31,7 +33,9 @@ __all__ = [
     "LaycaCallback",
     "LayerRotationMonitor",
     "LayerWarmup",
+    "MuonWithAdamW",
     "RotationSchedule",
+    "ScheduleFree",
     "Uniform",
     "__version__",
     "layer_display_name",

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lightning_layca.adapters import AdaptedLayers, adapter_parameter_names, cosine_distance, unit_angles_degrees
 from lightning_layca.distributed import is_dtensor, local_shard, shard_of
 from lightning_layca.rotation import Measured, RotationMeter
 from lightning_layca.selection import select_layers
@@ -45,50 +46,74 @@ def _restored_shard(initial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
 class MonitoredLayers:
     """The monitored layers of one model, in depth order, with their initial weights.
 
+    Adapted layers (LoRA, DoRA: ``lightning_layca.adapters``) are layers too, after the others: their effective
+    weight is measured, and their factors and base weight are not layers of their own.
+
     Args:
         owner: The name that errors start with (the callback's class name).
         include: ``fnmatch`` patterns of parameter names to monitor (default: :func:`~lightning_layca.select_layers`).
         exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        unmoved_adapter_steps: After this many optimizer steps, warn once naming the adapted layers whose effective
+            weight has not moved (``None``: never).
 
     Attributes:
         candidate_names: Parameter names of every selectable layer of the model, trainable or not (``None`` before
             the first :meth:`bind`).
-        names: The monitored layers (candidates that were trainable at some point), in depth order.
+        names: The monitored layers (candidates that were trainable at some point), in depth order, then the adapted
+            layers' effective weights (``<module>.weight``).
         params: The monitored layers' parameters in the model currently bound, aligned with ``names``.
         initial: Their initial weights (this process's shard under sharding), aligned with ``names``.
         module: The module bound by :meth:`bind`; ``None`` outside a fit (:meth:`unbind`).
     """
 
     def __init__(
-        self, owner: str, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+        self,
+        owner: str,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        unmoved_adapter_steps: int | None = None,
     ) -> None:
         self.owner = owner
         self.include = include
         self.exclude = exclude
         self.candidate_names: list[str] | None = None
-        self.names: list[str] = []
+        self._names: list[str] = []
         self.params: list[torch.Tensor] = []
         self.initial: list[torch.Tensor] = []
         self.module: torch.nn.Module | None = None
         self._candidates: list[tuple[str, torch.Tensor]] = []
         self._pending: list[tuple[str, torch.Tensor]] = []  # candidates still frozen, not snapshotted
         self._meter = RotationMeter([], [])
+        self.adapted = AdaptedLayers(owner, unmoved_adapter_steps)
+        self.magnitude_changes: dict[str, float] = {}
+        """DoRA: each adapted layer's relative change of magnitude, as of the latest measure of distances."""
+
+    @property
+    def names(self) -> list[str]:
+        """The monitored layers, then the adapted layers' effective weights (see the class docstring)."""
+        return self._names + self.adapted.names
 
     def bind(self, module: torch.nn.Module) -> list[str]:
         """Bind the layers of ``module``, the model of a starting fit; return the names of the layers that joined.
 
-        The first bind takes the trainable layers' weights as their initial ones. A later one (a new fit, or a
-        restored checkpoint) checks that ``module`` has the same candidate layers, of the same shapes, and keeps
-        the recorded initial weights (moved to the layers' devices, each process keeping its own shard).
+        Adapted layers whose start is recorded now are among those that joined. The first bind takes the trainable
+        layers' weights as their initial ones. A later one (a new fit, or a restored checkpoint) checks that
+        ``module`` has the same candidate layers, of the same shapes, and keeps the recorded initial weights (moved
+        to the layers' devices, each process keeping its own shard).
 
         Raises:
             ValueError: If nothing is selected, or the layers differ from those recorded.
         """
         self.module = module
+        adapted = set(adapter_parameter_names(module))
         candidates = select_layers(
-            module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
+            [(n, p) for n, p in module.named_parameters() if n not in adapted],
+            include=self.include,
+            exclude=self.exclude,
+            trainable_only=False,
         )
-        if not candidates:
+        new_adapters = self.adapted.bind(module)
+        if not candidates and not self.adapted.adapters:
             raise ValueError(
                 f"{self.owner}: no parameter of {type(module).__name__} selected as a layer (default: real "
                 "floating-point parameters with ndim >= 2; see `include`/`exclude`)."
@@ -96,30 +121,30 @@ class MonitoredLayers:
         names = [name for name, _ in candidates]
         by_name = dict(candidates)
         if self.candidate_names is None:  # the first fit: its weights are the initial ones
-            self.names, self.initial = [], []
+            self._names, self.initial = [], []
         else:
             self._check(names, by_name)
-            self.initial = [_restored_shard(w0, by_name[n]) for n, w0 in zip(self.names, self.initial, strict=True)]
+            self.initial = [_restored_shard(w0, by_name[n]) for n, w0 in zip(self._names, self.initial, strict=True)]
         self.candidate_names = names
         self._candidates = candidates
-        self.params = [by_name[name] for name in self.names]
+        self.params = [by_name[name] for name in self._names]
         self._meter = RotationMeter(self.params, self.initial)
-        monitored = set(self.names)
+        monitored = set(self._names)
         self._pending = [(name, p) for name, p in candidates if name not in monitored]
-        return self.join_trainable()
+        return self.join_trainable() + new_adapters
 
     def unbind(self) -> None:
         """Forget the module of the fit that ended (the layers and their snapshots stay)."""
         self.module = None
 
     def _check(self, names: list[str], by_name: dict[str, torch.Tensor]) -> None:
-        unknown = [name for name in self.names if name not in by_name]
+        unknown = [name for name in self._names if name not in by_name]
         if unknown or names != self.candidate_names:
             raise ValueError(
                 f"{self.owner}: the initial weights were recorded for layers {self.candidate_names}, but the model "
                 f"now has layers {names}. Use a new callback for a different model."
             )
-        for name, w0 in zip(self.names, self.initial, strict=True):
+        for name, w0 in zip(self._names, self.initial, strict=True):
             p = by_name[name]
             # A snapshot is the full layer (restored from a checkpoint) or this process's shard of it.
             if w0.shape != p.shape and w0.shape != local_shard(p).shape:
@@ -131,7 +156,7 @@ class MonitoredLayers:
     @property
     def has_candidates(self) -> bool:
         """Whether a model has been bound (:meth:`bind`): its candidate layers are known."""
-        return bool(self._candidates)
+        return bool(self._candidates or self.adapted.adapters)
 
     @property
     def has_pending(self) -> bool:
@@ -148,13 +173,13 @@ class MonitoredLayers:
         if not joining:
             return []
         self._pending = [(name, p) for name, p in self._pending if not p.requires_grad]
-        snapshots = dict(zip(self.names, self.initial, strict=True))
+        snapshots = dict(zip(self._names, self.initial, strict=True))
         for name, p in joining:
             snapshots[name] = local_shard(p.detach()).clone()  # this process's shard of a sharded layer
         monitored = [(name, p) for name, p in self._candidates if name in snapshots]  # depth order
-        self.names = [name for name, _ in monitored]
+        self._names = [name for name, _ in monitored]
         self.params = [p for _, p in monitored]
-        self.initial = [snapshots[name] for name in self.names]
+        self.initial = [snapshots[name] for name in self._names]
         self._meter = RotationMeter(self.params, self.initial)
         return [name for name, _ in joining]
 
@@ -173,44 +198,56 @@ class MonitoredLayers:
             unit_steps: Layers whose latest step to measure per unit (``tan`` per unit, rows concatenated).
             before: The weights before the step, by layer name, for ``steps`` and ``unit_steps``.
         """
-        position = {name: k for k, name in enumerate(self.names)}
+        position = {name: k for k, name in enumerate(self._names)}
         before = before or {}
-        return self._meter.measure(
+        measured = self._meter.measure(
             distances and bool(self.params),
             [position[n] for n in steps],
             [position[n] for n in unit_steps],
             [before[n] for n in steps],
             [before[n] for n in unit_steps],
         )
+        if distances and self.adapted.adapters:
+            effective = self.adapted.measure()
+            measured.distances = [*measured.distances, *(cosine_distance(e.cosine) for e in effective)]
+            self.magnitude_changes = {
+                name: e.magnitude_change
+                for name, e in zip(self.adapted.names, effective, strict=True)
+                if e.magnitude_change is not None
+            }
+        return measured
 
     def unit_angles(self) -> list[torch.Tensor]:
         """The angle (degrees) every unit of every layer turned from its initial weights (a collective if sharded)."""
-        return self._meter.unit_angles()
+        angles = self._meter.unit_angles() if self.params else []
+        return angles + unit_angles_degrees([e.unit_cosines for e in self.adapted.measure()])
 
     def local_weights(self, clone: bool) -> dict[str, torch.Tensor]:
         """Every monitored layer's weights (this process's shard), by name: copies with ``clone``, else views."""
         return {
             name: local_shard(p.detach()).clone() if clone else local_shard(p.detach())
-            for name, p in zip(self.names, self.params, strict=True)
+            for name, p in zip(self._names, self.params, strict=True)
         }
 
     def unit_counts(self, names: Sequence[str]) -> list[int]:
         """The number of units (rows) of each named layer."""
-        params = dict(zip(self.names, self.params, strict=True))
+        params = dict(zip(self._names, self.params, strict=True))
         return [params[n].shape[0] if params[n].ndim >= 2 else 1 for n in names]
 
     def state(self) -> dict[str, Any]:
         """The candidates, the monitored layers and their full initial weights (a collective if sharded)."""
         return {
             "candidate_names": None if self.candidate_names is None else list(self.candidate_names),
-            "layer_names": list(self.names),
+            "layer_names": list(self._names),
             "initial": self._meter.full_initial() if self.candidate_names is not None else None,
+            "adapters": self.adapted.state(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state` (checked, and moved to the layers, by the next :meth:`bind`)."""
-        self.names = list(state["layer_names"])
+        self._names = list(state["layer_names"])
         initial = state["initial"]
         self.initial = [] if initial is None else [t.detach() for t in initial]
         candidates = state["candidate_names"]
         self.candidate_names = None if candidates is None else list(candidates)
+        self.adapted.load(state.get("adapters", {}))

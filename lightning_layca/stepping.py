@@ -136,7 +136,8 @@ def read_base_steps(bucket: Bucket, optimizer: Optimizer, param_group_of: dict[i
         group = groups[param_group_of[bucket.indices[j]]]
         grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(grad)
         readable = grad_view is not None and grad.dtype == dtype and grad_view.shape == weights_view.shape
-        step = family.read_step(group, p, state.get(p) or {}) if readable and family.supports(group) else None
+        known = readable and family.read_step is not None and family.supports(group)
+        step = family.read_step(group, p, state.get(p) or {}) if known and family.read_step else None
         if step is None:
             plan.fallback.append(j)
             continue

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "MAGNITUDE_CHANGE",
     "ROTATION",
     "ROTATION_CURVES",
     "ROTATION_RATE",
@@ -62,6 +63,9 @@ UNIT_ANGLE = "unit_angle"
 
 UNIT_STEP_ROTATION = "unit_step_rotation"
 """Histogram: tan of the angle the latest optimizer step turned each output unit of a layer."""
+
+MAGNITUDE_CHANGE = "magnitude_change"
+"""Scalar: DoRA's relative change of an adapted layer's magnitudes, ``||m - m0|| / ||m0||``."""
 
 ROTATION_CURVES = "rotation_curves"
 """Image: the rotation curves of every layer, coloured by depth (the paper's figure)."""

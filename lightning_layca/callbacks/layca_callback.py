@@ -20,10 +20,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
+from lightning_layca.adapters import adapter_parameter_names
 from lightning_layca.argument_types import (
     DEFAULT_ROTATION_RATE,
     Granularity,
@@ -32,6 +33,7 @@ from lightning_layca.argument_types import (
     PositiveFloat,
     PositiveInt,
     RotationRate,
+    as_patterns,
     check_granularity,
     check_implementation,
     check_reference_lr,
@@ -39,6 +41,7 @@ from lightning_layca.argument_types import (
 )
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import Layca
+from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import RotationSchedule, as_schedule
 from lightning_layca.selection import layer_display_name
 
@@ -110,6 +113,7 @@ class LaycaCallback(LayerRotationMonitor):
         histogram_bins: PositiveInt = 30,
         figure: bool = True,
         implementation: Implementation = "auto",
+        unmoved_adapter_steps: PositiveInt | None = 100,
     ) -> None:
         super().__init__(
             log_every_n_steps,
@@ -119,6 +123,7 @@ class LaycaCallback(LayerRotationMonitor):
             angle_histograms=angle_histograms,
             histogram_bins=histogram_bins,
             figure=figure,
+            unmoved_adapter_steps=unmoved_adapter_steps,
         )
         check_rotation_rate("LaycaCallback", rotation_rate)
         if schedule is not None:
@@ -295,7 +300,10 @@ class LaycaCallback(LayerRotationMonitor):
         # re-pointing them would log the learning rate twice (and trip torch's step-order check).
         previous, self.laycas = self.laycas, {}
         for i in indices:
-            base = optimizers[i]
+            # Inside a schedule-free optimizer, Layca steps its base sequence z (see lightning_layca.schedule_free).
+            found = optimizers[i]
+            outer: ScheduleFree | None = found if isinstance(found, ScheduleFree) else None
+            base = found if outer is None else outer.optimizer
             if isinstance(base, Layca):  # wrapped by the user in `configure_optimizers`: used as it is
                 if base.rotation_rate != self.rotation_rate or (
                     self.schedule is not None and base.schedule is not self.schedule
@@ -308,13 +316,23 @@ class LaycaCallback(LayerRotationMonitor):
                     )
                 self.laycas[i] = base
                 continue
+            adapted = adapter_parameter_names(pl_module)
+            held = {id(p) for group in base.param_groups for p in group["params"]}
+            if adapted and not any(
+                p.ndim >= 2 and id(p) in held and n not in adapted for n, p in pl_module.named_parameters()
+            ):
+                rank_zero_info(
+                    f"LaycaCallback: optimizer {i} trains adapters (LoRA/DoRA) only; it steps as it is, and the "
+                    "rotation of the adapted layers' effective weights is monitored."
+                )
+                continue
             layca = Layca(
                 base,
                 named_parameters=pl_module.named_parameters(),
                 rotation_rate=self.rotation_rate,
                 schedule=self.schedule,
                 include=self.include,
-                exclude=self.exclude,
+                exclude=[*as_patterns("LaycaCallback: `exclude`", self.exclude), *adapted],
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
                 granularity=self.granularity,
                 implementation=self.implementation,
@@ -328,7 +346,10 @@ class LaycaCallback(LayerRotationMonitor):
                 # A new fit of the same training run: keep the norms of the true initialisation, the reference lr
                 # and the step count that step-based schedules read. A resumed checkpoint overrides them afterwards.
                 layca.load_layca_state(earlier.layca_state())
-            optimizers[i] = layca
+            if outer is None:
+                optimizers[i] = layca
+            else:
+                outer.optimizer = layca
             self.laycas[i] = layca
         for i, layca in self.laycas.items():  # a checkpoint's state wins over what an earlier fit left
             if i in self._restored_laycas:

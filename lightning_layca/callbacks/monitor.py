@@ -48,7 +48,9 @@ from lightning_layca.loggers import (
     trainer_log_every_n_steps,
 )
 from lightning_layca.monitored import MonitoredLayers
+from lightning_layca.schedule_free import evaluation_weights, has_evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
+from lightning_layca.tags import MAGNITUDE_CHANGE, layer_tag
 
 __all__ = ["FIGURE_FILENAME", "LayerRotationMonitor"]
 
@@ -68,6 +70,9 @@ class LayerRotationMonitor(Callback):
         angle_histograms: Whether to write ``layer_angles/<layer>`` histograms (TensorBoard only).
         histogram_bins: Number of bins of those histograms.
         figure: Whether to draw the ``Layer_rotation_curves`` figure (TensorBoard image and PNG).
+        unmoved_adapter_steps: Adapted layers (LoRA, DoRA) are measured by their effective weight ``W0 + s B A``
+            (``magnitude_change/<layer>`` for DoRA); after this many optimizer steps, warn once naming those whose
+            effective weight has not moved (``None``: never).
 
     Attributes:
         layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`).
@@ -107,8 +112,10 @@ class LayerRotationMonitor(Callback):
         angle_histograms: bool = True,
         histogram_bins: PositiveInt = 30,
         figure: bool = True,
+        unmoved_adapter_steps: PositiveInt | None = 100,
     ) -> None:
         name = type(self).__name__
+        check_positive_int(name, "unmoved_adapter_steps", unmoved_adapter_steps, allow_none=True)
         check_positive_int(name, "log_every_n_steps", log_every_n_steps, allow_none=True)
         check_positive_int(name, "every_n_epochs", every_n_epochs)
         check_positive_int(name, "histogram_bins", histogram_bins)
@@ -122,7 +129,7 @@ class LayerRotationMonitor(Callback):
         self.histogram_bins = int(histogram_bins)
         self.figure = bool(figure)
 
-        self.layers = MonitoredLayers(name, include, exclude)
+        self.layers = MonitoredLayers(name, include, exclude, unmoved_adapter_steps)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_rotation: dict[str, float] = {}
         self.epoch_rotation: dict[str, list[tuple[int, float]]] = {}
@@ -217,6 +224,7 @@ class LayerRotationMonitor(Callback):
         if trainer.global_step == self._last_global_step:  # no optimizer step on this batch (accumulation)
             return
         self._last_global_step = trainer.global_step
+        self.layers.adapted.check_unmoved(trainer.global_step)
         before = None if self._pre_step is None else self.weights_before_step(self._pre_step)
         self._pre_step = None
         unit_rates = (
@@ -226,9 +234,16 @@ class LayerRotationMonitor(Callback):
         if not (logging or unit_rates):
             return
         names = [n for n in self.layer_names if before is not None and n in before]
+        evaluating = logging and has_evaluation_weights(trainer.optimizers)  # schedule-free: rotation of x
         measured = self.layers.measure(
-            distances=logging, steps=names if logging else [], unit_steps=names if unit_rates else [], before=before
+            distances=logging and not evaluating,
+            steps=names if logging else [],
+            unit_steps=names if unit_rates else [],
+            before=before,
         )
+        if evaluating:
+            with evaluation_weights(trainer.optimizers):
+                measured.distances = self.layers.measure(distances=True).distances
         if unit_rates:
             unit_tans = measured.unit_tans.split(self.layers.unit_counts(names))
             self._unit_rates = dict(zip([layer_display_name(n) for n in names], unit_tans, strict=True))
@@ -240,6 +255,8 @@ class LayerRotationMonitor(Callback):
             self.history.setdefault(name, []).append((step, value))
         self.last_rotation = values
         metrics = self._scalar_metrics(values)
+        changes = self.layers.magnitude_changes.items()
+        metrics.update({layer_tag(MAGNITUDE_CHANGE, layer_display_name(n)): v for n, v in changes})
         metrics.update(self.logging_step_scalars())
         if before is not None:
             display = [layer_display_name(n) for n in names]
@@ -251,7 +268,8 @@ class LayerRotationMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = self.measure()
+        with evaluation_weights(trainer.optimizers):
+            values = self.measure()
         epochs_done = trainer.current_epoch + 1
         self._epochs.append(epochs_done)
         for name, value in values.items():
@@ -259,11 +277,12 @@ class LayerRotationMonitor(Callback):
         if epochs_done % self.every_n_epochs != 0:
             return
         # Every process measures the angles (a collective under sharding), whether or not it writes.
-        angles = (
-            self.layers.unit_angles()
-            if self.angle_histograms and self.layers.params and has_tensorboard(trainer)
-            else None
-        )
+        with evaluation_weights(trainer.optimizers):
+            angles = (
+                self.layers.unit_angles()
+                if self.angle_histograms and self.layers.names and has_tensorboard(trainer)
+                else None
+            )
         unit_rates, self._unit_rates = self._unit_rates, {}
         if not trainer.is_global_zero:
             return
@@ -311,7 +330,7 @@ class LayerRotationMonitor(Callback):
         """
         if not self.layers.has_candidates:
             raise RuntimeError(f"{type(self).__name__}: nothing to measure before the first `Trainer.fit` starts.")
-        if not self.layers.params:  # every candidate is still frozen
+        if not self.layers.names:  # every candidate is still frozen
             return {}
         distances = self.layers.measure(distances=True).distances
         return dict(zip(self.display_names, distances, strict=True))

@@ -13,7 +13,9 @@ Supporting a new base optimizer is one :class:`Family` in :data:`FAMILIES`:
   decay (Kosson et al., "Rotational Equilibrium", 2024), for ``rotation_rate="equilibrium"``.
 
 The kernel takes the step of ``torch.optim.SGD``, ``Adam`` and ``AdamW`` themselves (those exact types: a subclass may
-step differently); every other optimizer steps by itself, and Layca works after its step from a snapshot.
+step differently); every other optimizer steps by itself, and Layca works after its step from a snapshot. A family
+without ``read_step`` (``torch.optim.Muon``: its Newton-Schulz orthogonalisation is a matrix iteration, not an
+element-wise step) contributes its equilibrium rate only.
 
 Example:
     >>> p = torch.nn.Parameter(torch.randn(4, 4))
@@ -32,9 +34,10 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_layca.argument_types import EQUILIBRIUM
+from lightning_layca.muon import USE_MUON, MuonWithAdamW
 from lightning_layca.step.kernels import rotate_rows
 
-__all__ = ["BASE_KERNELS", "FAMILIES", "Family", "LayerStep", "equilibrium_rate", "family_of"]
+__all__ = ["BASE_KERNELS", "FAMILIES", "Family", "LayerStep", "equilibrium_rate", "family_of", "muon_correlation"]
 
 
 @dataclass
@@ -268,19 +271,20 @@ updates, and stand-in values of ``hyper`` for its first compilation."""
 
 @dataclass(frozen=True)
 class Family:
-    """A base optimizer whose step Layca's compiled kernel can take (see the module docstring)."""
+    """A base optimizer Layca knows: how its kernel takes its step, its equilibrium rate (see the module docstring)."""
 
     name: str
     optimizer: type[Optimizer]
     """The exact type (a subclass may step differently)."""
-    read_step: Callable[[dict[str, Any], torch.Tensor, dict[str, Any]], LayerStep | None]
-    """``read_step(param_group, layer, state)``: the layer's step at this step, or ``None``."""
+    read_step: Callable[[dict[str, Any], torch.Tensor, dict[str, Any]], LayerStep | None] | None
+    """``read_step(param_group, layer, state)``: the layer's step at this step, or ``None``; ``None`` itself where no
+    kernel takes this optimizer's step (it steps by itself, and Layca works after its step)."""
     equilibrium: Callable[[dict[str, Any]], float] | None
     """The equilibrium rate of a param group (``ValueError`` where it has none), or ``None`` if unknown."""
 
     def supports(self, group: dict[str, Any]) -> bool:
         """Whether the kernel can take the steps of this param group (its hyperparameters are plain numbers)."""
-        if group.get("differentiable", False) or isinstance(group["lr"], torch.Tensor):
+        if self.read_step is None or group.get("differentiable", False) or isinstance(group["lr"], torch.Tensor):
             return False
         return "betas" not in group or not any(isinstance(beta, torch.Tensor) for beta in group["betas"])
 
@@ -313,10 +317,36 @@ def _adamw_equilibrium(group: dict[str, Any]) -> float:
     return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
 
 
+def muon_correlation(momentum: float, nesterov: bool) -> float:
+    """How much Muon's momentum makes consecutive directions add up: ``K = (sum_j a_j)^2 / sum_j a_j^2``.
+
+    Muon's direction at step ``t`` is ``sum_j a_j g_{t-j}`` (before orthogonalisation) with ``a_j = (1 - mu) mu^j``
+    (``buf.lerp_(g, 1 - mu)``), or with Nesterov ``a_0 = 1 - mu^2`` and ``a_j = (1 - mu) mu^(j+1)``; for
+    uncorrelated gradients, ``K`` is the ratio of the squared norm of the summed directions over many steps to the sum
+    of their squared norms: ``(1 + mu) / (1 - mu)`` without Nesterov, ``1 / ((1 - mu^2)^2 + (1 - mu) mu^4 / (1 + mu))``
+    with it (both 1 at ``mu = 0``).
+    """
+    mu = momentum
+    if not nesterov:
+        return (1 + mu) / (1 - mu)
+    return 1 / ((1 - mu**2) ** 2 + (1 - mu) * mu**4 / (1 + mu))
+
+
+def _muon_equilibrium(group: dict[str, Any]) -> float:
+    """Muon (decoupled decay at the group's lr, a direction of fixed norm): ``sqrt(2 * lr * wd / K)``."""
+    lr, wd = _weight_decay(group)
+    momentum = float(group.get("momentum", 0.0))
+    if not 0 <= momentum < 1:
+        raise ValueError(f"Layca: rotation_rate='{EQUILIBRIUM}' covers Muon with momentum in [0, 1); got {momentum}.")
+    return math.sqrt(2 * lr * wd / muon_correlation(momentum, bool(group.get("nesterov", False))))
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("sgd", torch.optim.SGD, _sgd, _sgd_equilibrium),
     Family("adam", torch.optim.Adam, _read_adam, None),
     Family("adamw", torch.optim.AdamW, _read_adamw, _adamw_equilibrium),
+    Family("muon", torch.optim.Muon, None, _muon_equilibrium),
+    Family("muon_adamw", MuonWithAdamW, None, lambda g: (_muon_equilibrium if g[USE_MUON] else _adamw_equilibrium)(g)),
 )
 """The base optimizers whose step the compiled kernel takes, and what Layca knows of each."""
 
@@ -334,7 +364,13 @@ def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
     Equilibrium", 2024), with ``lr`` and ``wd`` the group's learning rate and weight decay:
 
     * ``AdamW`` (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``;
-    * ``SGD`` with momentum ``mu`` (no dampening) and weight decay: ``sqrt(2 * lr * wd / (1 + mu))``.
+    * ``SGD`` with momentum ``mu`` (no dampening) and weight decay: ``sqrt(2 * lr * wd / (1 + mu))``;
+    * ``Muon``: ``sqrt(2 * lr * wd / K)``, ``K`` its momentum's :func:`muon_correlation`. Its step is
+      ``w <- (1 - lr * wd) w - lr' O`` with ``O`` the orthogonalised direction (a fixed norm) and ``lr'`` the lr
+      adjusted to the layer's shape; at equilibrium, decay's ``2 * lr * wd * ||w||^2`` per step balances the growth
+      ``lr'^2 ||O||^2 K``, so the angle ``lr' ||O|| / ||w||`` does not depend on the adjustment (which sets the
+      equilibrium norm). The derivation treats the orthogonalisation as linear: with momentum it also decorrelates
+      consecutive directions, and a simulated Muon settles at a larger angle (about 9 % at momentum 0.9 to 0.95).
 
     Raises:
         ValueError: For another optimizer, a group without positive weight decay, or SGD with dampening.

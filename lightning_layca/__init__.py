@@ -16,6 +16,7 @@ from lightning_layca.argument_types import DEFAULT_ROTATION_RATE
 from lightning_layca.layca import Layca
 from lightning_layca.schedules import ByName, DepthDecay, EpochSwitch, LayerWarmup, RotationSchedule, Uniform
 from lightning_layca.selection import layer_display_name, select_layers
+from lightning_layca.targets import RotationTarget
 
 if TYPE_CHECKING:
     from lightning_layca.callbacks import LaycaCallback, LayerRotationMonitor
@@ -32,6 +33,7 @@ __all__ = [
     "LayerRotationMonitor",
     "LayerWarmup",
     "RotationSchedule",
+    "RotationTarget",
     "Uniform",
     "__version__",
     "layer_display_name",

@@ -397,7 +397,8 @@ class TargetController:
         if step % self.target.interval != 0 and step != self._total():
             return False
         distances = self.measure(controlled, params)
-        stuck, unreachable = [], []
+        stuck: list[tuple[str, str]] = []
+        unreachable: list[tuple[str, str]] = []
         for i, d in zip(controlled, distances, strict=True):
             g = group_of[i]
             previous_gain = self.gains[i]
@@ -410,7 +411,7 @@ class TargetController:
             efficiency = min(1.0, max(MIN_EFFICIENCY, measured))
             gain = self._next_gain(i, g, step, angle, efficiency, group_lrs[g], reference, previous_gain)
             if spent > 0 and not moved:
-                stuck.append(self.names[i])
+                stuck.append((self.names[i], self.names[i]))
                 gain = min(gain, previous_gain) if previous_gain is not None else gain
             self.gains[i] = gain
             self.distances[i], self._effort[i] = d, 0.0
@@ -421,7 +422,9 @@ class TargetController:
                 min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
             )
             if step < self._total() and self.finals[i] > reach:
-                unreachable.append(f"{self.names[i]} (target {self.finals[i]:.3g}, reachable {reach:.3g})")
+                unreachable.append(
+                    (self.names[i], f"{self.names[i]} (target {self.finals[i]:.3g}, reachable {reach:.3g})")
+                )
         self._warn_once(
             "stuck",
             stuck,
@@ -453,11 +456,12 @@ class TargetController:
             self._suffix[key] = suffix
         return self._suffix[key][min(step, total)]
 
-    def _warn_once(self, kind: str, layers: list[str], what: str) -> None:
-        fresh = [n for n in layers if f"{kind}:{n}" not in self._warned]
+    def _warn_once(self, kind: str, layers: list[tuple[str, str]], what: str) -> None:
+        """Warn about the ``(name, description)`` of layers not warned about for ``kind`` yet."""
+        fresh = [(name, text) for name, text in layers if f"{kind}:{name}" not in self._warned]
         if fresh:
-            self._warned.update(f"{kind}:{n}" for n in fresh)
-            _warn(f"Layca: layers {', '.join(fresh)} {what}.")
+            self._warned.update(f"{kind}:{name}" for name, _ in fresh)
+            _warn(f"Layca: layers {', '.join(text for _, text in fresh)} {what}.")
 
     def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[float]:
         """The cosine distance of the layers at ``indices`` to their initial weights (one collective if sharded)."""

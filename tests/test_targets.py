@@ -341,3 +341,16 @@ def test_fsdp2_target_run_equals_one_process_with_one_more_all_reduce_per_contro
         controls = [(s + 1) % TARGET_INTERVAL == 0 or s + 1 == steps for s in range(steps)]
         assert rank["layca_all_reduces"] == [1 + int(c) for c in controls]
     assert reference["layca_all_reduces"] == [0] * steps
+
+
+def test_the_rotation_curves_figure_draws_each_target_dashed_in_its_layers_colour() -> None:
+    from lightning_layca.figures import rotation_curves_figure
+
+    curves = {"a": [0.0, 0.1, 0.3], "b": [0.0, 0.2, 0.25]}
+    targets = {"a": [0.0, 0.15, 0.3], "b": [0.0, 0.15, 0.3]}
+    fig = rotation_curves_figure([0, 1, 2], curves, targets=targets)
+    (ax,) = [a for a in fig.axes if a.get_lines()]
+    solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in dashed] == list(targets.values())
+    assert [line.get_color() for line in dashed] == [line.get_color() for line in solid]

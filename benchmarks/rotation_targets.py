@@ -44,6 +44,7 @@ from benchmarks._mnist1d_experiment import (
     DIFFERENCE_NOTE,
     LAYCA_IMPLEMENTATION,
     ROOT,
+    SETUP_KEYS,
     add_common_arguments,
     check_common_arguments,
     difference,
@@ -157,7 +158,10 @@ def accuracy_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     for r in records:
         grouped.setdefault(config_of(r).label, []).append(r)
     baselines: dict[str, list[dict[str, Any]]] = {}
+    setup = {k: records[0][k] for k in SETUP_KEYS} if records else {}
     for r in load_records(ALPHA_RUNS):
+        if any(r[k] != v for k, v in setup.items()):  # another study: not comparable
+            continue
         if r["method"] == "layca" and r["alpha"] == 0.0:
             baselines.setdefault(f"Layca, uniform rate {power_of_three(r['rotation_rate'])}", []).append(r)
         elif r["method"] == "sgd":
@@ -169,6 +173,8 @@ def accuracy_lines(records: Sequence[dict[str, Any]]) -> list[str]:
             key=lambda k: statistics.fmean(x["test_acc"] for x in baselines[k]),
         )
 
+    if not baselines:
+        return ["No saved uniform-rate or SGD runs of this setup to compare with."]
     best_layca, best_sgd = best("Layca"), best("SGD")
     lines = [
         "| configuration | test accuracy (%) | seeds | per seed | mean final rotation (min to max) |",
@@ -193,7 +199,9 @@ def accuracy_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     lines += ["", "Differences of mean test accuracy:", ""]
     for label in [c.label for c in configurations()]:
         if label in grouped:
-            lines.append(f"- {label} minus best uniform rate ({best_layca}): {difference(grouped[label], runs[best_layca])}")
+            lines.append(
+                f"- {label} minus best uniform rate ({best_layca}): {difference(grouped[label], runs[best_layca])}"
+            )
             lines.append(f"- {label} minus best SGD ({best_sgd}): {difference(grouped[label], runs[best_sgd])}")
     lines += ["", DIFFERENCE_NOTE]
     return lines

@@ -354,3 +354,15 @@ def test_the_rotation_curves_figure_draws_each_target_dashed_in_its_layers_colou
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert [list(line.get_ydata()) for line in dashed] == list(targets.values())
     assert [line.get_color() for line in dashed] == [line.get_color() for line in solid]
+
+
+def test_the_study_script_runs_every_configuration_and_reports_the_tracking(tmp_path: Path) -> None:
+    from benchmarks import rotation_targets as study
+
+    results, table = tmp_path / "runs.jsonl", tmp_path / "table.md"
+    options = ["--seeds", "0", "--epochs", "1", "--width", "4", "--num-samples", "300", "--limit-train-batches", "2"]
+    study.main([*options, "--results", str(results), "--table", str(table)])
+    text = table.read_text()
+    for config in study.configurations():
+        assert text.count(f"| {config.label} | 0 |") == 1  # one tracking row per configuration and seed
+    assert "No saved uniform-rate or SGD runs of this setup" in text

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -255,8 +256,10 @@ def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_in
     names = [ll.layer_display_name(n) for n in layca.layer_names]
     logged = {n: [float(r[f"rotation_target/{n}"]) for r in rows if r.get(f"rotation_target/{n}")] for n in names}
     assert all(len(v) == 8 for v in logged.values())  # 16 steps, every other one logged
-    # The last logged target is the final one (step 16 of 16); the curve rises with the lr integral.
-    assert all(v[-1] == pytest.approx(0.05, rel=1e-12) and v == sorted(v) for v in logged.values())
+    # Logged after steps 2, 4, ..., 16: the lr integral of StepLR (0.1 for 8 steps, then 0.05) so far over its total.
+    integral = [0.1 * min(t, 8) + 0.05 * max(0, t - 8) for t in range(2, 17, 2)]
+    expected = [0.05 * x / integral[-1] for x in integral]
+    assert all(v == pytest.approx(expected, rel=1e-9) for v in logged.values())
     assert list(callback.epoch_targets) == names and all(len(v) == 3 for v in callback.epoch_targets.values())
 
 
@@ -366,3 +369,34 @@ def test_the_study_script_runs_every_configuration_and_reports_the_tracking(tmp_
     for config in study.configurations():
         assert text.count(f"| {config.label} | 0 |") == 1  # one tracking row per configuration and seed
     assert "No saved uniform-rate or SGD runs of this setup" in text
+
+
+def test_a_resumed_fit_under_a_target_continues_the_uninterrupted_one_bit_identically(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class StopAfter(L.Callback):  # an interruption: the fit is configured for 3 epochs and stops after `epochs`
+        def __init__(self, epochs: int) -> None:
+            self.epochs = epochs
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch + 1 >= self.epochs:
+                trainer.should_stop = True
+
+    def fit(root: Path, epochs: int, ckpt_path: str | None = None) -> tuple[TinyCNN, ll.LaycaCallback]:
+        callback = ll.LaycaCallback(
+            target=ll.RotationTarget(0.05, interval=3), figure=False, angle_histograms=False, log_every_n_steps=1
+        )
+        checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)
+        model = TinyCNN(scheduler=True)
+        callbacks = [callback, StopAfter(epochs), checkpoint]
+        trainer = make_trainer(root, logger=False, callbacks=callbacks, max_epochs=3, enable_checkpointing=True)
+        trainer.fit(model, loader(), ckpt_path=ckpt_path)
+        return model, callback
+
+    straight, straight_callback = fit(tmp_path / "straight", 3)
+    fit(tmp_path / "first", 2)  # the horizon and learning-rate profile of the resumed fit come from the checkpoint
+    resumed, resumed_callback = fit(tmp_path / "resumed", 3, str(tmp_path / "first" / "ckpt" / "last.ckpt"))
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    (first,), (second,) = straight_callback.laycas.values(), resumed_callback.laycas.values()
+    assert first.layca_state()["target"] == second.layca_state()["target"]

@@ -73,13 +73,23 @@ def train(
 
 
 def build(
-    target: ll.RotationTarget, steps: int, head_gradient_scale: float = 1.0, dead_head: bool = False
+    target: ll.RotationTarget,
+    steps: int,
+    head_gradient_scale: float = 1.0,
+    dead_head: bool = False,
+    granularity: str = "layer",
 ) -> tuple[TwoLayers, ll.Layca, Any]:
     torch.manual_seed(0)
     model = TwoLayers(head_gradient_scale, dead_head)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=[steps // 2], gamma=0.2)
-    optimizer = ll.Layca(base, model.named_parameters(), target=target, implementation="eager")
+    optimizer = ll.Layca(
+        base,
+        model.named_parameters(),
+        target=target,
+        implementation="eager",
+        granularity=granularity,  # type: ignore[arg-type]
+    )
     optimizer.set_target_horizon(steps, scheduled_lrs(base.param_groups, [(scheduler, True, 1)], steps, steps))
     return model, optimizer, scheduler
 
@@ -400,3 +410,15 @@ def test_a_resumed_fit_under_a_target_continues_the_uninterrupted_one_bit_identi
         assert torch.equal(a, b)
     (first,), (second,) = straight_callback.laycas.values(), resumed_callback.laycas.values()
     assert first.layca_state()["target"] == second.layca_state()["target"]
+
+
+def test_under_unit_granularity_the_controller_steers_each_layers_distance_as_a_whole() -> None:
+    steps, final = 200, 0.3
+    model, optimizer, scheduler = build(ll.RotationTarget(final), steps, granularity="unit")
+    initial = [model.body.weight.detach().clone(), model.head.weight.detach().clone()]
+    train(model, optimizer, range(steps), scheduler)
+    reached = [cosine_distance(w, w0) for w, w0 in zip([model.body.weight, model.head.weight], initial, strict=True)]
+    # Per unit the loop steers a whole layer whose units each turn by its rate: measured 2.3 % short on the body.
+    assert reached == pytest.approx([final, final], rel=0.03)
+    norms = model.body.weight.detach().double().norm(dim=1)  # every unit kept its own initial norm
+    torch.testing.assert_close(norms, initial[0].double().norm(dim=1), rtol=1e-6, atol=0)

@@ -61,6 +61,7 @@ from benchmarks._mnist1d_experiment import (
 from benchmarks.reproduce_alpha import AlphaExperimentCNN
 from examples.mnist1d_cnn import MNIST1DDataModule
 from lightning_layca import targets as targets_module
+from lightning_layca.figures import save_png
 
 UNIFORM = (0.2, 0.4, 0.6, 0.8)
 PROFILES = ((0.6, 0.2), (0.2, 0.6))
@@ -83,6 +84,32 @@ class Config:
         if self.last is None:
             return f"target {self.final:g} (uniform)"
         return f"target {self.final:g} -> {self.last:g} (depth profile)"
+
+
+FIGURE = ROOT / "docs" / "images" / "target_curves.png"
+FIGURE_CONFIGS = (Config(0.2), Config(0.6), Config(0.6, 0.2))
+
+
+def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0) -> Any:
+    """One panel per configuration of :data:`FIGURE_CONFIGS` (one seed): every layer's rotation, its target dashed."""
+    from matplotlib.figure import Figure
+
+    from lightning_layca.figures import rotation_curves_figure
+
+    fig = Figure(figsize=(5.2 * len(FIGURE_CONFIGS), 4.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(FIGURE_CONFIGS), squeeze=False)[0]
+    for ax, config in zip(axes, FIGURE_CONFIGS, strict=True):
+        runs = [r for r in records if config_of(r) == config and r["seed"] == seed]
+        if not runs:
+            ax.set_title(config.label)
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+            continue
+        (run,) = runs
+        epochs = list(range(len(next(iter(run["rotation"].values())))))
+        rotation_curves_figure(
+            epochs, run["rotation"], title=f"{config.label}, seed {seed}", ax=ax, targets=run["targets"]
+        )
+    return fig
 
 
 def configurations() -> list[Config]:
@@ -276,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "not offered: use --seeds and --epochs")
     parser.add_argument("--overhead", action="store_true", help="time the controller on one run per seed")
+    parser.add_argument("--figure", type=Path, default=None, help=f"PNG of rotation and targets (docs: {FIGURE})")
     args = parser.parse_args(argv)
     check_common_arguments(parser, args)
     args.results = args.results or RESULTS
@@ -287,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = report(records)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)
+    if args.figure is not None:
+        save_png(curves_figure(records), args.figure)
     print(text)
 
 

@@ -120,10 +120,11 @@ class Layca(WrappedOptimizer):
             for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
         target: A :class:`~lightning_layca.RotationTarget`: closed loop. Each layer's rate is chosen every
             ``target.interval`` steps so that its cosine distance to the initial weights follows the target's curve
-            (see :mod:`lightning_layca.targets`); ``rotation_rate`` and ``schedule`` then do not apply (a schedule
-            with a target is an error). The controller needs the length of training (``target.total_steps`` or
-            :meth:`set_target_horizon`) and keeps one copy of the controlled layers' initial weights unless they are
-            shared (:meth:`share_initial_weights`, as :class:`~lightning_layca.LaycaCallback` does with its monitor).
+            (see :class:`~lightning_layca.targets.TargetController`); ``rotation_rate`` and ``schedule`` then do not
+            apply (a schedule with a target is an error). The controller needs the length of training
+            (``target.total_steps`` or :meth:`set_target_horizon`) and keeps one copy of the controlled layers' initial
+            weights unless they are shared (:meth:`share_initial_weights`, as :class:`~lightning_layca.LaycaCallback`
+            does with its monitor).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is

@@ -214,7 +214,15 @@ def _warn(message: str) -> None:
 
 
 class TargetController:
-    """The rates that make each layer's rotation follow a :class:`RotationTarget` (see the module for the law).
+    """The rates that make each layer's rotation follow a :class:`RotationTarget`.
+
+    Every ``interval`` steps it measures each layer's cosine distance ``d`` to its initial weights (float64 sums;
+    sharded layers through ``lightning_layca.distributed.reduce_sums``, one ``all_reduce``), estimates the fraction
+    ``e`` of the layer's turning ``sum(atan(rho))`` that became angle ``theta = acos(1 - d)`` (averaged with weight
+    :data:`MEMORY` on the past), and sets the next interval's rate so that ``e * N * atan(rho_bar)`` equals the
+    target's increase over the interval plus :data:`CORRECTION` times the current shortfall in angle, changed by at
+    most :data:`MAX_CHANGE` and kept within ``[min_rate, max_rate]``. A layer that did not move although its rate was
+    positive keeps its rate (anti-windup); it, and a target out of reach, are warned about once.
 
     Works on the host with numbers it measures every ``interval`` steps; between two measurements the rates do not
     change, so the step uploads them only then.

@@ -118,13 +118,11 @@ class Layca(WrappedOptimizer):
             :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
             turns out faster (:class:`~lightning_layca.plan.AutoChoice`), so that a short fit never waits
             for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
-        target: A :class:`~lightning_layca.RotationTarget`: closed loop. Each layer's rate is chosen every
-            ``target.interval`` steps so that its cosine distance to the initial weights follows the target's curve
-            (see :class:`~lightning_layca.targets.TargetController`); ``rotation_rate`` and ``schedule`` then do not
-            apply (a schedule with a target is an error). The controller needs the length of training
-            (``target.total_steps`` or :meth:`set_target_horizon`) and keeps one copy of the controlled layers' initial
-            weights unless they are shared (:meth:`share_initial_weights`, as :class:`~lightning_layca.LaycaCallback`
-            does with its monitor).
+        target: A :class:`~lightning_layca.RotationTarget`: each layer's rate is chosen so that its rotation follows
+            the target (:class:`~lightning_layca.targets.TargetController`, :attr:`targets`); ``rotation_rate`` and
+            ``schedule`` then do not apply. It needs the length of training (``target.total_steps`` or
+            ``targets.set_horizon``) and one copy of the initial weights unless they are shared
+            (``targets.share_initial_weights``, as :class:`~lightning_layca.LaycaCallback` does with its monitor).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
@@ -188,7 +186,7 @@ class Layca(WrappedOptimizer):
         """The step plan: which path steps which layer, the snapshots (``lightning_layca.plan``)."""
         schedule.validate(self.layers.names)
         self.targets = None if target is None else TargetController(target, self.layers.names)
-        """The controller of the rotation target, or ``None`` (``lightning_layca.targets``)."""
+        """The controller of the rotation target, or ``None``."""
         self.rates.controller = self.targets
         self.step_count = 0
         self.epoch = 0
@@ -263,59 +261,14 @@ class Layca(WrappedOptimizer):
         """Return the effective ``rho_l(t)`` of each controlled layer for the next step, keyed by parameter name."""
         self._update_controlled()
         if self.targets is not None:
-            self.targets.prepare(self.step_count, *self._target_arguments())
+            self.targets.prepare(self)
         rates = self._current_rates()
         return {self.layers.names[i]: rates[i] for i in self.layers.controlled}
 
-    def set_target_horizon(self, total_steps: int, lr_profile: Sequence[Sequence[float]] | None = None) -> None:
-        """Tell the rotation target's controller the length of training, and the learning rates it will see.
-
-        Args:
-            total_steps: Optimizer steps of training (where the target curve reaches its final value).
-            lr_profile: Per param group, its learning rate at each of the ``total_steps`` steps (what the
-                ``"lr_integral"`` shape integrates, and what the controller expects of the next interval); ``None``:
-                the current learning rates throughout. :class:`~lightning_layca.LaycaCallback` steps copies of the
-                Trainer's LR schedulers ahead to find them (:func:`lightning_layca.targets.scheduled_lrs`).
-
-        Raises:
-            ValueError: Without a rotation target, or for a bad ``total_steps`` or ``lr_profile``.
-        """
-        if self.targets is None:
-            raise ValueError("Layca.set_target_horizon: this Layca has no rotation target (`target=None`).")
-        self.targets.set_horizon(total_steps, lr_profile)
-
-    def share_initial_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Have the rotation target's controller measure against these initial weights (by parameter name).
-
-        They replace copies of its own: a monitor's snapshots (this process's shards under sharding); read, never
-        written.
-        """
-        if self.targets is not None:
-            self.targets.share_initial_weights(weights)
-
     def rotation_targets(self) -> dict[str, float]:
-        """Return the target cosine distance of each controlled layer after the steps taken so far, by name.
-
-        Empty without a target.
-        """
-        if self.targets is None:
-            return {}
+        """Return each controlled layer's target cosine distance after the steps taken so far (empty without one)."""
         self._update_controlled()
-        group_of = self.layers.param_group_of
-        return {
-            self.layers.names[i]: self.targets.target_distance(i, group_of[i], self.step_count)
-            for i in self.layers.controlled
-        }
-
-    def _target_arguments(self) -> tuple[list[int], list[torch.Tensor], dict[int, int], list[float], float]:
-        layers = self.layers
-        holding = list(layers.param_group_of.values())
-        if self.rates.reference_lr is not None:
-            reference = self.rates.reference_lr
-        else:
-            reference = self.rates.default_reference_lr(self.param_groups, holding) if holding else 1.0
-        lrs = [float(group["lr"]) for group in self.param_groups]
-        return list(layers.controlled), list(layers.params), dict(layers.param_group_of), lrs, reference
+        return {} if self.targets is None else self.targets.targets_now(self)
 
     def _update_controlled(self) -> None:
         if self.layers.update(self.param_groups):
@@ -356,7 +309,7 @@ class Layca(WrappedOptimizer):
         self._update_controlled()
         self.rates.fix_reference_lr(self.param_groups, list(self.layers.param_group_of.values()))
         if self.targets is not None:
-            self.targets.prepare(self.step_count, *self._target_arguments())
+            self.targets.prepare(self)
         auto = self.plan.auto if self.plan.auto is not None and self.plan.auto.measuring else None
         # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
         start = time.perf_counter() if auto is not None and closure is None else None
@@ -384,7 +337,7 @@ class Layca(WrappedOptimizer):
             self.plan.invalidate()  # take the other implementation from the next step on
         self.step_count += 1
         if self.targets is not None:
-            self.targets.after_step(self.step_count, rates, *self._target_arguments())
+            self.targets.after_step(self, rates)
         flags = [(b.near_floor, b.indices) for b in buckets]
         self._diagnostics.near_floor(flags, self.layers.names, self.layers.params, self.step_count, self.rotation_rate)
         return loss

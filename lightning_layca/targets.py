@@ -88,7 +88,7 @@ class RotationTarget:
         interval: Optimizer steps between two measurements and rate updates (default 10).
         total_steps: The number of optimizer steps of training. :class:`~lightning_layca.LaycaCallback` fills it from
             the Trainer; with :class:`~lightning_layca.Layca` alone give it here or through
-            :meth:`~lightning_layca.Layca.set_target_horizon`.
+            :meth:`TargetController.set_horizon` (``Layca(...).targets.set_horizon``).
         max_rate: The largest rate ``g_l`` the controller sets (default 1: 45 degrees per step at relative lr 1).
         min_rate: The smallest (default ``1e-4``).
 
@@ -268,14 +268,14 @@ class TargetController:
     # ------------------------------------------------------------------ horizon
     def set_horizon(self, total_steps: int, lr_profile: Sequence[Sequence[float]] | None = None) -> None:
         """Set the length of training and, per param group, its learning rate at every step (``None``: constant)."""
-        check_positive_int("Layca.set_target_horizon", "total_steps", total_steps)
+        check_positive_int("TargetController.set_horizon", "total_steps", total_steps)
         if lr_profile is not None:
             profile = [[float(x) for x in group] for group in lr_profile]
             if any(
                 len(group) != total_steps or not all(math.isfinite(x) and x >= 0 for x in group) for group in profile
             ):
                 raise ValueError(
-                    f"Layca.set_target_horizon: `lr_profile` must hold, per param group, {total_steps} finite "
+                    f"TargetController.set_horizon: `lr_profile` must hold, per param group, {total_steps} finite "
                     "non-negative learning rates."
                 )
             self.lr_profile = profile
@@ -312,7 +312,7 @@ class TargetController:
         if self.total_steps is None:
             raise ValueError(
                 "Layca: a RotationTarget needs the length of training: give `total_steps` to the RotationTarget or "
-                "call `Layca.set_target_horizon(total_steps)` before the first step (LaycaCallback does it)."
+                "call `layca.targets.set_horizon(total_steps)` before the first step (LaycaCallback does it)."
             )
         return self.total_steps
 
@@ -336,26 +336,38 @@ class TargetController:
                 self._owned.add(i)
 
     # ------------------------------------------------------------------ the loop
-    def prepare(
-        self,
-        step: int,
-        controlled: Sequence[int],
-        params: Sequence[torch.Tensor],
-        group_of: Mapping[int, int],
-        group_lrs: Sequence[float],
-        reference: float,
-    ) -> None:
-        """Before a step: snapshot the layers controlled for the first time and give them their first rate.
+    @staticmethod
+    def _arguments(layca: Any) -> tuple[list[int], list[torch.Tensor], dict[int, int], list[float], float]:
+        """What the loop reads of a ``Layca``.
+
+        Its controlled layers, parameters, their param groups, the groups' learning rates, the reference lr.
+        """
+        layers, rates = layca.layers, layca.rates
+        holding = list(layers.param_group_of.values())
+        reference = rates.reference_lr
+        if reference is None:
+            reference = rates.default_reference_lr(layca.param_groups, holding) if holding else 1.0
+        lrs = [float(group["lr"]) for group in layca.param_groups]
+        return list(layers.controlled), list(layers.params), dict(layers.param_group_of), lrs, float(reference)
+
+    def prepare(self, layca: Any) -> None:
+        """Before a step of ``layca``: snapshot the layers controlled for the first time, give them their first rate.
 
         The first rate assumes a great circle: the angle the target asks for by the first measurement, in as many
         equal turns.
         """
         self._total()
+        controlled, params, group_of, group_lrs, reference = self._arguments(layca)
         new = [i for i in controlled if self.gains[i] is None]
         self._snapshot(controlled, params)
         for i in new:
             g = group_of[i]
-            self.gains[i] = self._next_gain(i, g, step, 0.0, 1.0, group_lrs[g], reference, previous=None)
+            self.gains[i] = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
+
+    def targets_now(self, layca: Any) -> dict[str, float]:
+        """``d*_l`` of every layer ``layca`` controls, after the steps it has taken, by parameter name."""
+        group_of = layca.layers.param_group_of
+        return {self.names[i]: self.target_distance(i, group_of[i], layca.step_count) for i in layca.layers.controlled}
 
     def _next_gain(
         self,
@@ -386,20 +398,13 @@ class TargetController:
             gain = min(max(gain, previous / MAX_CHANGE), previous * MAX_CHANGE)
         return min(max(gain, target.min_rate), target.max_rate)
 
-    def after_step(
-        self,
-        step: int,
-        rates: Sequence[float],
-        controlled: Sequence[int],
-        params: Sequence[torch.Tensor],
-        group_of: Mapping[int, int],
-        group_lrs: Sequence[float],
-        reference: float,
-    ) -> bool:
-        """After step number ``step`` (counted from 1): count the turning; every ``interval`` steps, measure.
+    def after_step(self, layca: Any, rates: Sequence[float]) -> bool:
+        """After a step of ``layca`` taken at ``rates``: count the turning; every ``interval`` steps, measure.
 
         Returns whether new rates were chosen.
         """
+        step = layca.step_count  # counted from 1 after the first step
+        controlled, params, group_of, group_lrs, reference = self._arguments(layca)
         for i in controlled:
             self._effort[i] += math.atan(rates[i])
         if step % self.target.interval != 0 and step != self._total():

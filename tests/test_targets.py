@@ -90,7 +90,7 @@ def build(
         implementation="eager",
         granularity=granularity,  # type: ignore[arg-type]
     )
-    optimizer.set_target_horizon(steps, scheduled_lrs(base.param_groups, [(scheduler, True, 1)], steps, steps))
+    optimizer.targets.set_horizon(steps, scheduled_lrs(base.param_groups, [(scheduler, True, 1)], steps, steps))
     return model, optimizer, scheduler
 
 
@@ -184,7 +184,7 @@ def test_without_a_horizon_the_first_step_says_how_to_give_one() -> None:
         torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), target=ll.RotationTarget()
     )
     model(torch.randn(2, 12)).sum().backward()
-    with pytest.raises(ValueError, match="set_target_horizon"):
+    with pytest.raises(ValueError, match=r"targets.set_horizon"):
         optimizer.step()
 
 

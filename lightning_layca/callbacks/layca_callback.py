@@ -189,7 +189,7 @@ class LaycaCallback(LayerRotationMonitor):
         for layca in self.laycas.values():
             if layca.targets is None:
                 continue
-            layca.share_initial_weights(dict(zip(self.layers.names, self.layers.initial, strict=True)))
+            layca.targets.share_initial_weights(dict(zip(self.layers.names, self.layers.initial, strict=True)))
             if layca.targets.lr_profile is None:  # not restored from a checkpoint
                 total, per_epoch = _training_length(trainer)
                 configs = [
@@ -199,7 +199,7 @@ class LaycaCallback(LayerRotationMonitor):
                     and not isinstance(c.scheduler, ReduceLROnPlateau)
                 ]
                 total = layca.targets.total_steps or total
-                layca.set_target_horizon(total, scheduled_lrs(layca.param_groups, configs, total, per_epoch))
+                layca.targets.set_horizon(total, scheduled_lrs(layca.param_groups, configs, total, per_epoch))
         self.epoch_targets = {name: [value] for name, value in self._targets_now().items()}
 
     def _targets_now(self) -> dict[str, float]:

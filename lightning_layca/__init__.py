@@ -18,6 +18,7 @@ from lightning_layca.muon import MuonWithAdamW
 from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import ByName, DepthDecay, EpochSwitch, LayerWarmup, RotationSchedule, Uniform
 from lightning_layca.selection import layer_display_name, select_layers
+from lightning_layca.targets import RotationTarget
 
 if TYPE_CHECKING:
     from lightning_layca.callbacks import LaycaCallback, LayerRotationMonitor
@@ -35,6 +36,7 @@ __all__ = [
     "LayerWarmup",
     "MuonWithAdamW",
     "RotationSchedule",
+    "RotationTarget",
     "ScheduleFree",
     "Uniform",
     "__version__",

@@ -38,6 +38,7 @@ __all__ = [
     "GRANULARITIES",
     "IMPLEMENTATIONS",
     "MAX_ROTATION_RATE",
+    "TARGET_SHAPES",
     "Granularity",
     "Implementation",
     "NonNegativeFloat",
@@ -46,6 +47,7 @@ __all__ = [
     "PositiveInt",
     "RotationRate",
     "SignedOpenUnitInterval",
+    "TargetShape",
     "as_patterns",
     "check_granularity",
     "check_implementation",
@@ -54,6 +56,9 @@ __all__ = [
     "check_positive_int",
     "check_reference_lr",
     "check_rotation_rate",
+    "check_target_distance",
+    "check_target_rate",
+    "check_target_shape",
 ]
 
 DEFAULT_ROTATION_RATE = 3**-3
@@ -70,6 +75,10 @@ EQUILIBRIUM = "equilibrium"
 Implementation = Literal["auto", "eager", "compiled"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "eager", "compiled")
 """Accepted values of ``implementation``."""
+
+TargetShape = Literal["lr_integral", "linear"]
+TARGET_SHAPES: tuple[str, ...] = ("lr_integral", "linear")
+"""Accepted values of a rotation target's ``shape``."""
 
 Granularity = Literal["layer", "unit"]
 GRANULARITIES: tuple[str, ...] = ("layer", "unit")
@@ -128,6 +137,34 @@ def check_implementation(owner: str, implementation: object) -> None:
             f"{owner}: `implementation` must be one of {', '.join(repr(x) for x in IMPLEMENTATIONS)}, "
             f"got {implementation!r}."
         )
+
+
+def check_target_distance(what: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a cosine distance a layer can be steered to: a number in ``(0, 2)``.
+
+    ``what`` names the value in the message, for example ``"RotationTarget: `final`"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 < value < 2:
+        raise ValueError(
+            f"{what} must be a cosine distance to the initial weights in the open interval (0, 2), got {value!r}."
+        )
+
+
+def check_target_shape(owner: str, shape: object) -> None:
+    """Raise ``ValueError`` (naming ``owner`` and the value) unless ``shape`` is an accepted target shape."""
+    if not isinstance(shape, str) or shape not in TARGET_SHAPES:
+        raise ValueError(f"{owner}: `shape` must be one of {', '.join(repr(x) for x in TARGET_SHAPES)}, got {shape!r}.")
+
+
+def check_target_rate(owner: str, name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a rate a controller may set: a number in ``(0, MAX_ROTATION_RATE]``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_ROTATION_RATE
+    ):
+        raise ValueError(f"{owner}: `{name}` must be a number in (0, {MAX_ROTATION_RATE:g}], got {value!r}.")
 
 
 def check_positive_int(owner: str, name: str, value: object, allow_none: bool = False) -> None:

@@ -39,6 +39,7 @@ def rotation_curves_figure(
     curves: Mapping[str, Sequence[float]],
     title: str = "Layer rotation curves",
     ax: Any | None = None,
+    targets: Mapping[str, Sequence[float]] | None = None,
 ) -> Any:
     """Draw one line per layer (x = epoch, y = cosine distance to the initial weights), coloured by depth.
 
@@ -48,6 +49,8 @@ def rotation_curves_figure(
         title: The axes title.
         ax: A ``matplotlib.axes.Axes`` to draw on (one panel of a larger figure); by default a new figure with one
             axes is made.
+        targets: Layer name -> its rotation target at each of the last ``len(values)`` epochs, drawn dashed in the
+            layer's colour (a closed-loop target beside the rotation it steers).
 
     Returns:
         The ``matplotlib.figure.Figure`` drawn on, with a colour bar from the first layer to the last next to the axes
@@ -72,8 +75,12 @@ def rotation_curves_figure(
     n = len(curves)
     norm = matplotlib.colors.Normalize(vmin=0, vmax=max(n - 1, 1))
     top = 1.0
-    for depth, values in enumerate(curves.values()):
+    for depth, (name, values) in enumerate(curves.items()):
         ax.plot(list(epochs), list(values), color=colormap(norm(depth)), linewidth=1.5)
+        target = (targets or {}).get(name)
+        if target:
+            xs = list(epochs)[-len(target) :]
+            ax.plot(xs, list(target)[-len(xs) :], color=colormap(norm(depth)), linewidth=1.0, linestyle="--")
         finite = [v for v in values if v == v]
         if finite:
             top = max(top, max(finite) * 1.05)

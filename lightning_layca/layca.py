@@ -59,6 +59,7 @@ from lightning_layca.stepping import (
     take_snapshots,
     upload_rates,
 )
+from lightning_layca.targets import RotationTarget, TargetController, check_target
 from lightning_layca.wrapping import WrappedOptimizer
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca"]
@@ -117,6 +118,11 @@ class Layca(WrappedOptimizer):
             :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
             turns out faster (:class:`~lightning_layca.plan.AutoChoice`), so that a short fit never waits
             for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
+        target: A :class:`~lightning_layca.RotationTarget`: each layer's rate is chosen so that its rotation follows
+            the target (:class:`~lightning_layca.targets.TargetController`, :attr:`targets`); ``rotation_rate`` and
+            ``schedule`` then do not apply. It needs the length of training (``target.total_steps`` or
+            ``targets.set_horizon``) and one copy of the initial weights unless they are shared
+            (``targets.share_initial_weights``, as :class:`~lightning_layca.LaycaCallback` does with its monitor).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
@@ -148,6 +154,7 @@ class Layca(WrappedOptimizer):
         reference_lr: float | None = None,
         granularity: Granularity = "layer",
         implementation: Implementation = "auto",
+        target: RotationTarget | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -156,6 +163,7 @@ class Layca(WrappedOptimizer):
         if isinstance(optimizer, Layca):
             raise TypeError("Layca: the optimizer is already wrapped in Layca; wrap the base optimizer once.")
         check_rotation_rate("Layca", rotation_rate)
+        check_target("Layca", target, schedule, rotation_rate)
         schedule = as_schedule("Layca", schedule)
         check_reference_lr("Layca", reference_lr)
         check_granularity("Layca", granularity)
@@ -177,6 +185,9 @@ class Layca(WrappedOptimizer):
         self.plan = StepPlan(implementation, per_unit=granularity == "unit")
         """The step plan: which path steps which layer, the snapshots (``lightning_layca.plan``)."""
         schedule.validate(self.layers.names)
+        self.targets = None if target is None else TargetController(target, self.layers.names)
+        """The controller of the rotation target, or ``None``."""
+        self.rates.controller = self.targets
         self.step_count = 0
         self.epoch = 0
         self.restored_from_plain_state = False
@@ -249,8 +260,15 @@ class Layca(WrappedOptimizer):
     def rotation_rates(self) -> dict[str, float]:
         """Return the effective ``rho_l(t)`` of each controlled layer for the next step, keyed by parameter name."""
         self._update_controlled()
+        if self.targets is not None:
+            self.targets.prepare(self)
         rates = self._current_rates()
         return {self.layers.names[i]: rates[i] for i in self.layers.controlled}
+
+    def rotation_targets(self) -> dict[str, float]:
+        """Return each controlled layer's target cosine distance after the steps taken so far (empty without one)."""
+        self._update_controlled()
+        return {} if self.targets is None else self.targets.targets_now(self)
 
     def _update_controlled(self) -> None:
         if self.layers.update(self.param_groups):
@@ -290,6 +308,8 @@ class Layca(WrappedOptimizer):
             closure = None
         self._update_controlled()
         self.rates.fix_reference_lr(self.param_groups, list(self.layers.param_group_of.values()))
+        if self.targets is not None:
+            self.targets.prepare(self)
         auto = self.plan.auto if self.plan.auto is not None and self.plan.auto.measuring else None
         # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
         start = time.perf_counter() if auto is not None and closure is None else None
@@ -316,6 +336,8 @@ class Layca(WrappedOptimizer):
         if auto is not None and any(b.eligible for b in buckets) and auto.record(seconds):
             self.plan.invalidate()  # take the other implementation from the next step on
         self.step_count += 1
+        if self.targets is not None:
+            self.targets.after_step(self, rates)
         flags = [(b.near_floor, b.indices) for b in buckets]
         self._diagnostics.near_floor(flags, self.layers.names, self.layers.params, self.step_count, self.rotation_rate)
         return loss
@@ -349,6 +371,8 @@ class Layca(WrappedOptimizer):
             return
         if self.layers.add(self.optimizer.param_groups[-1]["params"]):
             self.schedule.validate(self.layers.names)
+            if self.targets is not None:
+                self.targets.resize(self.layers.names)
             self.rates.invalidate()
         self.plan.invalidate()
 
@@ -372,6 +396,7 @@ class Layca(WrappedOptimizer):
             "step_count": self.step_count,
             "epoch": self.epoch,
             "rotation_rate": self.rotation_rate,
+            **({} if self.targets is None else {"target": self.targets.state()}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -404,6 +429,8 @@ class Layca(WrappedOptimizer):
         self.step_count = int(layca["step_count"])
         self.epoch = int(layca["epoch"])
         self.restored_from_plain_state = False
+        if self.targets is not None and "target" in layca:
+            self.targets.load(layca["target"])
         self.rates.invalidate()
 
     def __repr__(self) -> str:

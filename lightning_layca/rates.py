@@ -4,6 +4,8 @@
   <lightning_layca.RotationSchedule.cache_key>` changes;
 * ``lr_g(t) / lr_ref``: the relative learning rate of the layer's param group, against the reference learning rate
   (by default the largest peak learning rate of the param groups holding layers, fixed at the first step);
+* under a rotation target, ``rotation_rate * m_l(t)`` is replaced by the rate ``g_l`` its controller chose
+  (:class:`lightning_layca.targets.TargetController`);
 * under ``rotation_rate="equilibrium"`` each param group's base rate is its optimizer's equilibrium rate
   (:func:`lightning_layca.step.families.equilibrium_rate`), from its current lr.
 
@@ -22,6 +24,7 @@ from torch.optim import Optimizer
 from lightning_layca.argument_types import EQUILIBRIUM, check_reference_lr
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.step.families import equilibrium_rate
+from lightning_layca.targets import TargetController
 
 __all__ = ["Rates", "peak_lr"]
 
@@ -56,6 +59,8 @@ class Rates:
         """Per candidate layer, ``rho_l(t)`` as of the latest :meth:`current` (0 outside every param group)."""
         self.relative_lrs: list[float] = []
         """Per candidate layer, ``lr_g(t) / lr_ref`` likewise."""
+        self.controller: TargetController | None = None
+        """The controller of a rotation target, whose rates replace ``rotation_rate * m_l(t)``."""
 
     def default_reference_lr(self, param_groups: list[dict[str, Any]], holding: Sequence[int]) -> float:
         """The largest peak learning rate among the param groups at ``holding`` (``ValueError`` if not positive)."""
@@ -101,7 +106,7 @@ class Rates:
             ValueError: When the schedule returns other than one finite non-negative multiplier per layer.
         """
         key = self.schedule.cache_key(step, epoch)
-        if key != self._schedule_key:
+        if key != self._schedule_key and self.controller is None:
             multipliers = [float(m) for m in self.schedule.multipliers(names, step, epoch)]
             if len(multipliers) != len(names) or not all(math.isfinite(m) and m >= 0 for m in multipliers):
                 raise ValueError(
@@ -120,7 +125,10 @@ class Rates:
         relative_lrs = [0.0] * len(names)
         for i, g in param_group_of.items():
             relative_lrs[i] = float(groups[g]["lr"]) / reference
-        if self.rotation_rate == EQUILIBRIUM:
+        if self.controller is not None:
+            gains = self.controller.gains
+            rates = [(g or 0.0) * r for g, r in zip(gains, relative_lrs, strict=True)]
+        elif self.rotation_rate == EQUILIBRIUM:
             base = [0.0] * len(names)
             group_rates = {g: equilibrium_rate(optimizer, groups[g]) for g in set(param_group_of.values())}
             for i, g in param_group_of.items():

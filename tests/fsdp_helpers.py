@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_layca import Layca, LaycaCallback, LayerRotationMonitor
+from lightning_layca import Layca, LaycaCallback, LayerRotationMonitor, RotationTarget
 from lightning_layca.distributed import gather_full, is_dtensor, local_shard
 from tests.ddp_helpers import ProbeBase, angle
 
@@ -56,7 +56,10 @@ RUNS: dict[str, dict[str, Any]] = {
     # Both (4 processes), with every unit rotated on its own: rows split over ranks, and a layer's rows over the TP
     # ranks in strided blocks.
     "layca_units_2x2": {"callback": "layca_units", "optimizer": "sgd", "dp": 2, "tp": 2},
+    # A rotation target, measured every TARGET_INTERVAL steps: one more all_reduce on those steps.
+    "layca_target": {"callback": "layca_target", "optimizer": "sgd", "dp": 2, "tp": 1},
 }
+TARGET_INTERVAL = 3
 
 
 class Regressor(nn.Module):
@@ -313,6 +316,9 @@ def rotation_callback(kind: str) -> LayerRotationMonitor:
         return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY)
     if kind == "layca_units":
         return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit")
+    if kind == "layca_target":
+        target = RotationTarget(0.05, interval=TARGET_INTERVAL)
+        return LaycaCallback(target=target, log_every_n_steps=LOG_EVERY)
     return LayerRotationMonitor(log_every_n_steps=LOG_EVERY)
 
 

@@ -28,6 +28,7 @@ FLOORS: dict[str, int] = {
     "step.kernels": 2,
     "step.eager": 2,
     "rotation": 2,
+    "targets": 2,
     "monitored": 3,
     "step.families": 3,
     "step.compiled": 4,

@@ -14,6 +14,7 @@ one for the discriminator): each one's checkpoint state is stored under a key th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.optim.lr_scheduler import CyclicLR
+from torch.optim.lr_scheduler import CyclicLR, ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_layca.adapters import adapter_parameter_names
@@ -44,6 +45,8 @@ from lightning_layca.layca import Layca
 from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import RotationSchedule, as_schedule
 from lightning_layca.selection import layer_display_name
+from lightning_layca.tags import ROTATION_TARGET, layer_tag
+from lightning_layca.targets import RotationTarget, check_target, scheduled_lrs
 
 __all__ = ["LaycaCallback"]
 
@@ -76,6 +79,12 @@ class LaycaCallback(LayerRotationMonitor):
             than ``implementation``.
         implementation: How the Layca step is computed: ``"auto"`` (default), ``"eager"`` or ``"compiled"`` (see
             :class:`~lightning_layca.Layca`).
+        target: A :class:`~lightning_layca.RotationTarget`: each layer's rate is chosen so that its rotation follows
+            the target (see :class:`~lightning_layca.Layca`); ``rotation_rate`` and ``schedule`` then do not apply.
+            The length of training comes from the Trainer (``estimated_stepping_batches``) and the learning rates
+            from stepping its LR schedulers ahead (``ReduceLROnPlateau`` cannot be: the current lr is assumed);
+            the controller measures against the monitor's initial weights (no copy of its own), and the target is
+            logged as ``rotation_target/<layer>`` beside the rotation, and drawn dashed in the rotation curves.
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
@@ -114,6 +123,7 @@ class LaycaCallback(LayerRotationMonitor):
         figure: bool = True,
         implementation: Implementation = "auto",
         unmoved_adapter_steps: PositiveInt | None = 100,
+        target: RotationTarget | None = None,
     ) -> None:
         super().__init__(
             log_every_n_steps,
@@ -126,6 +136,10 @@ class LaycaCallback(LayerRotationMonitor):
             unmoved_adapter_steps=unmoved_adapter_steps,
         )
         check_rotation_rate("LaycaCallback", rotation_rate)
+        check_target("LaycaCallback", target, schedule, rotation_rate)
+        self.target = target
+        self.epoch_targets: dict[str, list[float]] = {}
+        """Layer display name -> its target at the start and at the end of every epoch of the fit (with a target)."""
         if schedule is not None:
             as_schedule("LaycaCallback", schedule)
         indices = [optimizers] if isinstance(optimizers, int) else optimizers
@@ -197,6 +211,42 @@ class LaycaCallback(LayerRotationMonitor):
                 )
                 layca.set_epoch(trainer.current_epoch)
                 layca.restored_from_plain_state = False
+        self._start_targets(trainer)
+
+    def _start_targets(self, trainer: pl.Trainer) -> None:
+        # After every restore (ModelParallelStrategy restores callbacks late): the monitor's initial weights are final.
+        for layca in self.laycas.values():
+            if layca.targets is None:
+                continue
+            layca.targets.share_initial_weights(dict(zip(self.layers.names, self.layers.initial, strict=True)))
+            if layca.targets.lr_profile is None:  # not restored from a checkpoint
+                total, per_epoch = _training_length(trainer)
+                configs = [
+                    (c.scheduler, c.interval == "step", c.frequency)
+                    for c in trainer.lr_scheduler_configs
+                    if getattr(c.scheduler, "optimizer", None) is layca.optimizer
+                    and not isinstance(c.scheduler, ReduceLROnPlateau)
+                ]
+                total = layca.targets.total_steps or total
+                layca.targets.set_horizon(total, scheduled_lrs(layca.param_groups, configs, total, per_epoch))
+        self.epoch_targets = {name: [value] for name, value in self._targets_now().items()}
+
+    def _targets_now(self) -> dict[str, float]:
+        return {
+            layer_display_name(name): value
+            for layca in self.laycas.values()
+            for name, value in layca.rotation_targets().items()
+        }
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, value in self._targets_now().items():
+            self.epoch_targets.setdefault(name, []).append(value)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def figure_targets(self) -> dict[str, list[float]]:
+        return self.epoch_targets
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,6 +270,7 @@ class LaycaCallback(LayerRotationMonitor):
     @override
     def logging_step_scalars(self) -> dict[str, float]:
         scalars = {f"layca/rate/{name}": rate for name, rate in self._step_rates.items()}
+        scalars.update({layer_tag(ROTATION_TARGET, name): value for name, value in self._targets_now().items()})
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
         return scalars
@@ -336,6 +387,7 @@ class LaycaCallback(LayerRotationMonitor):
                 reference_lr=self.reference_lr or _cyclic_max_lr(trainer, base),
                 granularity=self.granularity,
                 implementation=self.implementation,
+                target=self.target,
             )
             earlier = previous.get(i)
             if (
@@ -366,3 +418,16 @@ def _cyclic_max_lr(trainer: pl.Trainer, optimizer: Any) -> float | None:
         if isinstance(config.scheduler, CyclicLR) and config.scheduler.optimizer is optimizer
     ]
     return max(peaks, default=None)
+
+
+def _training_length(trainer: pl.Trainer) -> tuple[int, int]:
+    """Optimizer steps of the fit, and per epoch (``MisconfigurationException`` when training has no end)."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise MisconfigurationException(
+            "LaycaCallback: a RotationTarget needs a finite training length; set `max_epochs` or `max_steps`, or "
+            "give the RotationTarget `total_steps`."
+        )
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
+    return int(total), max(1, per_epoch)

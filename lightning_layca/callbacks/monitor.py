@@ -292,7 +292,7 @@ class LayerRotationMonitor(Callback):
         self._output.histograms(trainer, step, by_name, unit_rates)
         if self.figure:
             curves = {name: [v for _, v in points] for name, points in self.epoch_rotation.items()}
-            self._output.figure(trainer, step, self._epochs, curves)
+            self._output.figure(trainer, step, self._epochs, curves, self.figure_targets())
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -336,6 +336,10 @@ class LayerRotationMonitor(Callback):
         return dict(zip(self.display_names, distances, strict=True))
 
     # ------------------------------------------------------------------ extension hooks (see the class docstring)
+    def figure_targets(self) -> dict[str, list[float]]:
+        """Layer display name -> the target of its rotation at every epoch of the figure, drawn dashed (none here)."""
+        return {}
+
     @property
     def measures_unit_steps(self) -> bool:
         """Hook: whether the epoch's last step is measured per unit, for a histogram (default ``False``)."""

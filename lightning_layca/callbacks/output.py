@@ -106,7 +106,14 @@ class RotationOutput:
         histograms = angle_histograms(list(values.values()), bins=self.histogram_bins)
         add_histograms(writers, dict(zip(values, histograms, strict=True)), step)
 
-    def figure(self, trainer: pl.Trainer, step: int, epochs: list[int], curves: dict[str, list[float]]) -> None:
+    def figure(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        epochs: list[int],
+        curves: dict[str, list[float]],
+        targets: dict[str, list[float]] | None = None,
+    ) -> None:
         """Draw the ``Layer_rotation_curves`` figure: a TensorBoard image and :data:`FIGURE_FILENAME` in the log dir.
 
         Args:
@@ -114,11 +121,12 @@ class RotationOutput:
             step: The step the image is written at.
             epochs: The x axis (epochs completed).
             curves: Layer display name -> cosine distance at each of ``epochs``, in depth order.
+            targets: Layer display name -> its rotation target at each of ``epochs``, drawn dashed (optional).
         """
         if not curves:  # every layer still frozen
             return
         try:
-            fig = rotation_curves_figure(epochs, curves)
+            fig = rotation_curves_figure(epochs, curves, targets=targets)
         except ModuleNotFoundError:
             self._warn_once(
                 "matplotlib",

@@ -1,0 +1,324 @@
+"""Closed-loop rotation targets on the MNIST-1D study: does every layer end where it is told, and what does it buy?
+
+The setup is the one of ``reproduce_alpha.py`` (the 8-layer MNIST-1D CNN, plain SGD without momentum or weight decay
+wrapped by Layca, 40 epochs, the learning rate x0.2 at 50% and 75% of the epochs, seeds 0, 1 and 2), with
+``LaycaCallback(target=RotationTarget(...))`` in place of a fixed rotation rate:
+
+* uniform final targets 0.2, 0.4, 0.6 and 0.8 (every layer), shaped by the integral of the learning rate;
+* depth profiles: 0.6 for the first layer down to 0.2 for the last, linearly in depth, and the reverse.
+
+Per run it records the test accuracy and every layer's final rotation, and prints for each target and seed the ratio
+of the largest to the smallest final rotation and their mean (uniform targets), or each layer's deviation from its
+target (the profile). The report compares test accuracy with uniform-rate Layca at its best rate and plain SGD at its
+best learning rate, read from the saved runs of ``reproduce_alpha.py`` (``docs/results/alpha_experiment.jsonl``: the
+same data, model, schedule, seeds and epochs).
+
+``--overhead`` times the controller itself: the seconds spent in its measurement and rate updates (at the default
+interval) against the whole fit's, on one run.
+
+Run from the repository root::
+
+    python benchmarks/rotation_targets.py               # 15 runs; docs/results/rotation_targets.{jsonl,md}
+    python benchmarks/rotation_targets.py --report-only
+    python benchmarks/rotation_targets.py --overhead --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks`, `examples` and `lightning_layca` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning as L
+
+import lightning_layca as ll
+from benchmarks._mnist1d_experiment import (
+    DIFFERENCE_NOTE,
+    LAYCA_IMPLEMENTATION,
+    ROOT,
+    SETUP_KEYS,
+    add_common_arguments,
+    check_common_arguments,
+    difference,
+    fit,
+    load_records,
+    machine_line,
+    mean_std,
+    pct,
+    power_of_three,
+    quiet_lightning,
+    run_missing,
+    setup_of,
+)
+from benchmarks.reproduce_alpha import AlphaExperimentCNN
+from examples.mnist1d_cnn import MNIST1DDataModule
+from lightning_layca import targets as targets_module
+from lightning_layca.figures import save_png
+
+UNIFORM = (0.2, 0.4, 0.6, 0.8)
+PROFILES = ((0.6, 0.2), (0.2, 0.6))
+ALPHA_RUNS = ROOT / "docs" / "results" / "alpha_experiment.jsonl"
+RESULTS = ROOT / "docs" / "results" / "rotation_targets.jsonl"
+TABLE = ROOT / "docs" / "results" / "rotation_targets.md"
+RATIO_LIMIT = 1.15
+MEAN_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True)
+class Config:
+    """A uniform final target (``last`` None) or a depth profile from ``final`` (first layer) to ``last``."""
+
+    final: float
+    last: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.last is None:
+            return f"target {self.final:g} (uniform)"
+        return f"target {self.final:g} -> {self.last:g} (depth profile)"
+
+
+FIGURE = ROOT / "docs" / "images" / "target_curves.png"
+FIGURE_CONFIGS = (Config(0.2), Config(0.6), Config(0.6, 0.2))
+
+
+def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0) -> Any:
+    """One panel per configuration of :data:`FIGURE_CONFIGS` (one seed): every layer's rotation, its target dashed."""
+    from matplotlib.figure import Figure
+
+    from lightning_layca.figures import rotation_curves_figure
+
+    fig = Figure(figsize=(5.2 * len(FIGURE_CONFIGS), 4.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(FIGURE_CONFIGS), squeeze=False)[0]
+    for ax, config in zip(axes, FIGURE_CONFIGS, strict=True):
+        runs = [r for r in records if config_of(r) == config and r["seed"] == seed]
+        if not runs:
+            ax.set_title(config.label)
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+            continue
+        (run,) = runs
+        epochs = list(range(len(next(iter(run["rotation"].values())))))
+        rotation_curves_figure(
+            epochs, run["rotation"], title=f"{config.label}, seed {seed}", ax=ax, targets=run["targets"]
+        )
+    return fig
+
+
+def configurations() -> list[Config]:
+    return [Config(f) for f in UNIFORM] + [Config(*p) for p in PROFILES]
+
+
+def config_of(record: dict[str, Any]) -> Config:
+    return Config(record["final"], record["last"])
+
+
+def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any]) -> dict[str, Any]:
+    """Train one target from one seed; return its record (accuracy, final rotation and target of every layer)."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    datamodule.seed = seed
+    model = AlphaExperimentCNN(setup["width"], 1.0, setup["epochs"])
+    callback = ll.LaycaCallback(
+        target=ll.RotationTarget(config.final, last_layer=config.last),
+        implementation=LAYCA_IMPLEMENTATION,
+        log_rates=False,
+        angle_histograms=False,
+        figure=False,
+    )
+    result = fit(model, datamodule, setup, [callback])
+    return {
+        **asdict(config),
+        "seed": seed,
+        **setup,
+        **{k: result[k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")},
+        "rotation": {name: [v for _, v in points] for name, points in callback.epoch_rotation.items()},
+        "targets": dict(callback.epoch_targets),
+        **{k: result[k] for k in ("seconds", "threads")},
+    }
+
+
+def final_rotation(record: dict[str, Any]) -> list[float]:
+    return [curve[-1] for curve in record["rotation"].values()]
+
+
+def final_targets(record: dict[str, Any]) -> list[float]:
+    return [curve[-1] for curve in record["targets"].values()]
+
+
+def tracking_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Per target and seed: the spread and mean of the final rotation (uniform), or each layer's deviation."""
+    lines = [
+        "| target | seed | final rotation, first to last layer | max / min | mean (or largest deviation) | met |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r["last"] is not None, r["final"], r["seed"])):
+        final = final_rotation(r)
+        values = " ".join(f"{v:.3f}" for v in final)
+        ratio = max(final) / min(final)
+        if r["last"] is None:
+            mean = statistics.fmean(final)
+            met = ratio <= RATIO_LIMIT and abs(mean - r["final"]) <= MEAN_TOLERANCE
+            lines.append(
+                f"| {Config(r['final']).label} | {r['seed']} | {values} | {ratio:.3f} | {mean:.3f} | "
+                f"{'yes' if met else 'no'} |"
+            )
+        else:
+            deviation = max(abs(v - t) for v, t in zip(final, final_targets(r), strict=True))
+            met = deviation <= MEAN_TOLERANCE
+            lines.append(
+                f"| {config_of(r).label} | {r['seed']} | {values} | {ratio:.3f} | {deviation:.3f} | "
+                f"{'yes' if met else 'no'} |"
+            )
+    return lines
+
+
+def accuracy_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Test accuracy of each target against the best uniform rate and the best plain SGD of the saved runs."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        grouped.setdefault(config_of(r).label, []).append(r)
+    baselines: dict[str, list[dict[str, Any]]] = {}
+    setup = {k: records[0][k] for k in SETUP_KEYS} if records else {}
+    for r in load_records(ALPHA_RUNS):
+        if any(r[k] != v for k, v in setup.items()):  # another study: not comparable
+            continue
+        if r["method"] == "layca" and r["alpha"] == 0.0:
+            baselines.setdefault(f"Layca, uniform rate {power_of_three(r['rotation_rate'])}", []).append(r)
+        elif r["method"] == "sgd":
+            baselines.setdefault(f"SGD, lr {power_of_three(r['lr'])}", []).append(r)
+
+    def best(prefix: str) -> str:
+        return max(
+            (k for k in baselines if k.startswith(prefix)),
+            key=lambda k: statistics.fmean(x["test_acc"] for x in baselines[k]),
+        )
+
+    if not baselines:
+        return ["No saved uniform-rate or SGD runs of this setup to compare with."]
+    best_layca, best_sgd = best("Layca"), best("SGD")
+    lines = [
+        "| configuration | test accuracy (%) | seeds | per seed | mean final rotation (min to max) |",
+        "|---|---:|---:|---|---|",
+    ]
+    order = [c.label for c in configurations()] + [best_layca, best_sgd]
+    runs = {**grouped, best_layca: baselines[best_layca], best_sgd: baselines[best_sgd]}
+    for label in order:
+        if label not in runs:
+            lines.append(f"| {label} | not run | 0 | | |")
+            continue
+        rs = sorted(runs[label], key=lambda r: r["seed"])
+        acc = [r["test_acc"] for r in rs]
+        finals = [final_rotation(r) for r in rs]
+        mean = statistics.fmean(statistics.fmean(f) for f in finals)
+        low = statistics.fmean(min(f) for f in finals)
+        high = statistics.fmean(max(f) for f in finals)
+        per_seed = ", ".join(f"{100 * a:.1f}" for a in acc)
+        lines.append(
+            f"| {label} | **{pct(*mean_std(acc))}** | {len(rs)} | {per_seed} | {mean:.3f} ({low:.3f} to {high:.3f}) |"
+        )
+    lines += ["", "Differences of mean test accuracy:", ""]
+    for label in [c.label for c in configurations()]:
+        if label in grouped:
+            lines.append(
+                f"- {label} minus best uniform rate ({best_layca}): {difference(grouped[label], runs[best_layca])}"
+            )
+            lines.append(f"- {label} minus best SGD ({best_sgd}): {difference(grouped[label], runs[best_sgd])}")
+    lines += ["", DIFFERENCE_NOTE]
+    return lines
+
+
+def report(records: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(
+        [
+            "# Closed-loop rotation targets on MNIST-1D",
+            "",
+            "Written by `benchmarks/rotation_targets.py` (`--report-only` rebuilds it from the saved runs).",
+            "",
+            machine_line(records),
+            "",
+            "## Final rotation against the target",
+            "",
+            f"Met: uniform targets with max/min <= {RATIO_LIMIT} and the mean within {MEAN_TOLERANCE} of the target; "
+            f"the depth profile with every layer within {MEAN_TOLERANCE} of its own target.",
+            "",
+            *tracking_lines(records),
+            "",
+            "## Test accuracy",
+            "",
+            *accuracy_lines(records),
+            "",
+        ]
+    )
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """Time the controller's own work (measurements and rate updates) against the fit, at the default interval."""
+    spent = [0.0]
+    original = targets_module.TargetController.after_step
+    original_prepare = targets_module.TargetController.prepare
+
+    def timed(self: Any, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    def timed_prepare(self: Any, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original_prepare(self, *a, **k)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    targets_module.TargetController.after_step = timed  # type: ignore[method-assign]
+    targets_module.TargetController.prepare = timed_prepare  # type: ignore[method-assign]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    setup = setup_of(args)
+    from benchmarks._mnist1d_experiment import make_datamodule
+
+    datamodule = make_datamodule(setup)
+    with quiet_lightning():
+        for seed in args.seeds:
+            spent[0] = 0.0
+            record = train_one(Config(0.4), seed, datamodule, setup)
+            share = spent[0] / record["seconds"]
+            print(
+                f"seed {seed}: fit {record['seconds']:.1f} s, controller {spent[0]:.3f} s ({100 * share:.2f} % of "
+                f"the fit), interval {ll.RotationTarget().interval} steps, torch threads {torch.get_num_threads()}",
+                flush=True,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, "not offered: use --seeds and --epochs")
+    parser.add_argument("--overhead", action="store_true", help="time the controller on one run per seed")
+    parser.add_argument("--figure", type=Path, default=None, help=f"PNG of rotation and targets (docs: {FIGURE})")
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    args.results = args.results or RESULTS
+    args.table = args.table or TABLE
+    if args.overhead:
+        overhead(args)
+        return
+    records = run_missing(args, configurations(), config_of, train_one)
+    text = report(records)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(text)
+    if args.figure is not None:
+        save_png(curves_figure(records), args.figure)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+"""Closed-loop rotation targets: every layer ends at the cosine distance to its initial weights that the user chooses.
+
+Layca sets how fast each layer turns; where a layer *ends* depends on how consistently its steps point the same way,
+which differs from layer to layer. A :class:`RotationTarget` gives each layer a target curve of its cosine distance to
+the initial weights, ``d*_l(t) = final_l * s(t)``, where ``s`` rises from 0 to 1 over training (``"lr_integral"``: the
+integral of the learning rate so far over its total, so a warm-up or a decay shapes the target as it shapes the
+rotation; ``"linear"``: steps so far over the total). A :class:`TargetController` then sets each layer's rate so that
+the measured distance follows the curve.
+
+The law. Each Layca step turns a layer by ``atan(rho)``; the angle to the initial weights, ``theta = acos(1 - d)``,
+grows by a fraction ``e`` of that (``e = 1`` along a great circle, less when successive steps point different ways).
+Every ``interval`` steps the controller measures ``d`` (:func:`lightning_layca.sums.float64_sums` of the weights and
+the initial weights, float64; sharded layers through the one seam :func:`lightning_layca.distributed.reduce_sums`),
+updates its estimate of ``e`` (the angle gained over the effort spent, ``sum(atan(rho))``, both averaged with weight
+:data:`MEMORY` per interval), and chooses the rate of the next interval so that the expected gain,
+``e * N * atan(rho_bar)``, equals the target's increase over the interval plus :data:`CORRECTION` times the current
+shortfall (a feed-forward term from the learning-rate profile and a proportional correction; the estimate of ``e``
+acts as the integral term). The rate changes by at most a factor :data:`MAX_CHANGE` per interval and stays within
+``[min_rate, max_rate]`` (anti-windup); a layer that did not move at all over an interval although its rate was
+positive (a zero gradient) keeps its rate rather than raising it. Both situations the loop cannot fix are warned about
+once: layers that cannot move, and targets beyond what the steps left can reach even along a great circle at
+``max_rate``.
+
+The rate of layer ``l`` at step ``t`` is ``rho_l(t) = g_l * lr_g(t) / lr_ref``: the controller chooses ``g_l``; the
+learning-rate schedule still shapes the rate within an interval.
+
+Example:
+    >>> target = RotationTarget(0.6, last_layer=0.2)
+    >>> target.finals(["conv1", "conv2", "fc"])
+    [0.6, 0.4, 0.2]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lightning_layca.argument_types import (
+    PositiveInt,
+    TargetShape,
+    check_positive_int,
+    check_target_distance,
+    check_target_rate,
+    check_target_shape,
+)
+from lightning_layca.distributed import local_shard, reduce_sums, shard_layout
+from lightning_layca.sums import float64_sums
+
+__all__ = [
+    "CORRECTION",
+    "MAX_CHANGE",
+    "MEMORY",
+    "RotationTarget",
+    "TargetController",
+    "check_target",
+    "scheduled_lrs",
+]
+
+CORRECTION = 0.5
+"""Fraction of the current shortfall (target angle minus measured angle) the next interval is asked to make up."""
+
+MAX_CHANGE = 4.0
+"""The most a layer's rate changes (up or down) from one control interval to the next."""
+
+MEMORY = 0.7
+"""Weight of the past in the estimate of how much of the turning becomes distance from the initial weights."""
+
+MIN_EFFICIENCY = 0.02
+"""The least fraction of the turning assumed to become distance (a layer walking in circles is not chased forever)."""
+
+
+class RotationTarget:
+    """Where each layer's rotation (cosine distance to its initial weights) should be at the end of training.
+
+    Args:
+        final: The final cosine distance, in ``(0, 2)``: one value for every layer, or a mapping from ``fnmatch``
+            patterns to values (the first matching pattern wins, like :class:`~lightning_layca.ByName`).
+        last_layer: With a number ``final``: the final distance of the last layer; the layers in between are
+            interpolated linearly in depth from ``final`` (first layer) to ``last_layer``.
+        default: With a mapping ``final``: the value of layers no pattern matches (``None``: every layer must match).
+        shape: How the target rises from 0 to ``final``: ``"lr_integral"`` (default, the integral of the learning
+            rate so far over its total) or ``"linear"`` in steps.
+        interval: Optimizer steps between two measurements and rate updates (default 10).
+        total_steps: The number of optimizer steps of training. :class:`~lightning_layca.LaycaCallback` fills it from
+            the Trainer; with :class:`~lightning_layca.Layca` alone give it here or through
+            :meth:`TargetController.set_horizon` (``Layca(...).targets.set_horizon``).
+        max_rate: The largest rate ``g_l`` the controller sets (default 1: 45 degrees per step at relative lr 1).
+        min_rate: The smallest (default ``1e-4``).
+
+    Example:
+        >>> RotationTarget({"head*": 0.2}, default=0.5).finals(["body.0", "head.fc"])
+        [0.5, 0.2]
+    """
+
+    def __init__(
+        self,
+        final: float | Mapping[str, float] = 0.4,
+        *,
+        last_layer: float | None = None,
+        default: float | None = None,
+        shape: TargetShape = "lr_integral",
+        interval: PositiveInt = 10,
+        total_steps: PositiveInt | None = None,
+        max_rate: float = 1.0,
+        min_rate: float = 1e-4,
+    ) -> None:
+        owner = "RotationTarget"
+        if isinstance(final, Mapping):
+            if not final:
+                raise ValueError(
+                    f"{owner}: `final` must be a number or a non-empty mapping of pattern -> value, got {{}}."
+                )
+            for pattern, value in final.items():
+                check_target_distance(f"{owner}: the `final` value of pattern {pattern!r}", value)
+            if last_layer is not None:
+                raise ValueError(
+                    f"{owner}: `last_layer` goes with a number `final`, not a mapping; got {last_layer!r}."
+                )
+            if default is not None:
+                check_target_distance(f"{owner}: `default`", default)
+            self.final: float | dict[str, float] = {str(k): float(v) for k, v in final.items()}
+        else:
+            check_target_distance(f"{owner}: `final`", final)
+            if default is not None:
+                raise ValueError(f"{owner}: `default` goes with a mapping `final`, not a number; got {default!r}.")
+            if last_layer is not None:
+                check_target_distance(f"{owner}: `last_layer`", last_layer)
+            self.final = float(final)
+        check_target_shape(owner, shape)
+        check_positive_int(owner, "interval", interval)
+        check_positive_int(owner, "total_steps", total_steps, allow_none=True)
+        check_target_rate(owner, "max_rate", max_rate)
+        check_target_rate(owner, "min_rate", min_rate)
+        if min_rate > max_rate:
+            raise ValueError(f"{owner}: `min_rate` ({min_rate!r}) must not exceed `max_rate` ({max_rate!r}).")
+        self.last_layer = None if last_layer is None else float(last_layer)
+        self.default = None if default is None else float(default)
+        self.shape: TargetShape = shape
+        self.interval = int(interval)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.max_rate = float(max_rate)
+        self.min_rate = float(min_rate)
+
+    def validate(self, layers: Sequence[str]) -> None:
+        """Raise ``ValueError`` when a pattern matches no layer, or a layer no pattern matches and no ``default``."""
+        if not isinstance(self.final, dict):
+            return
+        for pattern in self.final:
+            if not fnmatch.filter(layers, pattern):
+                raise ValueError(
+                    f"RotationTarget: pattern {pattern!r} matches no layer. Available layers: {', '.join(layers)}."
+                )
+        if self.default is None:
+            missed = [n for n in layers if not any(fnmatch.fnmatchcase(n, p) for p in self.final)]
+            if missed:
+                raise ValueError(
+                    f"RotationTarget: no pattern of `final` matches layers {missed} and no `default` is given."
+                )
+
+    def finals(self, layers: Sequence[str]) -> list[float]:
+        """The final target distance of every layer, in the order of ``layers`` (input to output)."""
+        if isinstance(self.final, dict):
+            out = []
+            for name in layers:
+                value = self.default
+                for pattern, v in self.final.items():
+                    if fnmatch.fnmatchcase(name, pattern):
+                        value = v
+                        break
+                out.append(math.nan if value is None else value)
+            return out
+        n = len(layers)
+        if self.last_layer is None or n <= 1:
+            return [self.final] * n
+        return [self.final + (self.last_layer - self.final) * i / (n - 1) for i in range(n)]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def check_target(owner: str, target: object, schedule: object, rotation_rate: object) -> None:
+    """Raise unless ``target`` is ``None`` or a :class:`RotationTarget` that goes with the other arguments.
+
+    A target replaces ``schedule`` and ``rotation_rate``: no schedule, no ``"equilibrium"``.
+    """
+    if target is None:
+        return
+    if not isinstance(target, RotationTarget):
+        raise TypeError(f"{owner}: `target` must be a RotationTarget instance or None, got {target!r}.")
+    if schedule is not None:
+        raise ValueError(
+            f"{owner}: a rotation target chooses every layer's rate itself; `schedule` must be None with a target, "
+            f"got {schedule!r}."
+        )
+    if rotation_rate == "equilibrium":
+        raise ValueError(
+            f"{owner}: a rotation target chooses every layer's rate itself; it does not go with "
+            "rotation_rate='equilibrium'."
+        )
+
+
+def _angle(distance: float) -> float:
+    return math.acos(min(1.0, max(-1.0, 1.0 - distance)))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
+class TargetController:
+    """The rates that make each layer's rotation follow a :class:`RotationTarget`.
+
+    Every ``interval`` steps it measures each layer's cosine distance ``d`` to its initial weights (float64 sums;
+    sharded layers through ``lightning_layca.distributed.reduce_sums``, one ``all_reduce``), estimates the fraction
+    ``e`` of the layer's turning ``sum(atan(rho))`` that became angle ``theta = acos(1 - d)`` (averaged with weight
+    :data:`MEMORY` on the past), and sets the next interval's rate so that ``e * N * atan(rho_bar)`` equals the
+    target's increase over the interval plus :data:`CORRECTION` times the current shortfall in angle, changed by at
+    most :data:`MAX_CHANGE` and kept within ``[min_rate, max_rate]``. A layer that did not move although its rate was
+    positive keeps its rate (anti-windup); it, and a target out of reach, are warned about once.
+
+    Works on the host with numbers it measures every ``interval`` steps; between two measurements the rates do not
+    change, so the step uploads them only then.
+
+    Args:
+        target: The target.
+        names: The candidate layers' names, in depth order.
+    """
+
+    def __init__(self, target: RotationTarget, names: Sequence[str]) -> None:
+        self.target = target
+        self.total_steps: int | None = target.total_steps
+        self.lr_profile: list[list[float]] | None = None
+        """Per param group, its learning rate at every step of training (``None``: constant)."""
+        self.initial: dict[int, torch.Tensor] = {}
+        """Candidate index -> its initial weights (this process's shard), shared or owned."""
+        self._owned: set[int] = set()
+        self._cumulative: list[list[float]] | None = None
+        self._suffix: dict[tuple[int, float], list[float]] = {}
+        self.resize(names)
+
+    def resize(self, names: Sequence[str]) -> None:
+        """Take the candidate layers (again): their finals; per-layer state kept for the names seen before."""
+        old = getattr(self, "names", [])
+        keep = {n: i for i, n in enumerate(old)}
+        self.target.validate(list(names))
+        self.finals = self.target.finals(list(names))
+
+        def carry(values: list[Any], fill: Any) -> list[Any]:
+            return [values[keep[n]] if n in keep else fill for n in names]
+
+        self.gains: list[float | None] = carry(getattr(self, "gains", []), None)
+        self.distances: list[float] = carry(getattr(self, "distances", []), 0.0)
+        self.targets: list[float] = carry(getattr(self, "targets", []), 0.0)
+        self._progress: list[float] = carry(getattr(self, "_progress", []), 0.0)
+        self._spent: list[float] = carry(getattr(self, "_spent", []), 0.0)
+        self._effort: list[float] = carry(getattr(self, "_effort", []), 0.0)
+        self._warned: set[str] = getattr(self, "_warned", set())
+        self.initial = {names.index(old[i]): t for i, t in self.initial.items() if old[i] in names}
+        self._owned = {names.index(old[i]) for i in self._owned if old[i] in names}
+        self.names = list(names)
+
+    # ------------------------------------------------------------------ horizon
+    def set_horizon(self, total_steps: int, lr_profile: Sequence[Sequence[float]] | None = None) -> None:
+        """Set the length of training and, per param group, its learning rate at every step (``None``: constant)."""
+        check_positive_int("TargetController.set_horizon", "total_steps", total_steps)
+        if lr_profile is not None:
+            profile = [[float(x) for x in group] for group in lr_profile]
+            if any(
+                len(group) != total_steps or not all(math.isfinite(x) and x >= 0 for x in group) for group in profile
+            ):
+                raise ValueError(
+                    f"TargetController.set_horizon: `lr_profile` must hold, per param group, {total_steps} finite "
+                    "non-negative learning rates."
+                )
+            self.lr_profile = profile
+        else:
+            self.lr_profile = None
+        self.total_steps = int(total_steps)
+        self._cumulative, self._suffix = None, {}
+
+    def _lr(self, group: int, step: int, current: float) -> float:
+        profile = self.lr_profile
+        if profile is None or group >= len(profile) or not 0 <= step < len(profile[group]):
+            return current
+        return profile[group][step]
+
+    def _fraction(self, group: int, step: int) -> float:
+        """``s(t)``: how far along its curve the target is after ``step`` steps (0 to 1)."""
+        total = self._total()
+        if step >= total:
+            return 1.0
+        if self.target.shape == "linear" or self.lr_profile is None or group >= len(self.lr_profile):
+            return step / total
+        if self._cumulative is None:
+            self._cumulative = []
+            for group_lrs in self.lr_profile:
+                sums, running = [0.0], 0.0
+                for lr in group_lrs:
+                    running += lr
+                    sums.append(running)
+                self._cumulative.append(sums)
+        cumulative = self._cumulative[group]
+        return cumulative[step] / cumulative[-1] if cumulative[-1] > 0 else step / total
+
+    def _total(self) -> int:
+        if self.total_steps is None:
+            raise ValueError(
+                "Layca: a RotationTarget needs the length of training: give `total_steps` to the RotationTarget or "
+                "call `layca.targets.set_horizon(total_steps)` before the first step (LaycaCallback does it)."
+            )
+        return self.total_steps
+
+    def target_distance(self, i: int, group: int, step: int) -> float:
+        """``d*_l`` of candidate ``i`` (in param group ``group``) after ``step`` steps."""
+        return self.finals[i] * self._fraction(group, step)
+
+    # ------------------------------------------------------------------ initial weights
+    def share_initial_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Use these initial weights (by layer name; a monitor's snapshots) instead of copies of its own."""
+        for name, tensor in weights.items():
+            if name in self.names:
+                i = self.names.index(name)
+                self.initial[i] = tensor
+                self._owned.discard(i)
+
+    def _snapshot(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> None:
+        for i in indices:
+            if i not in self.initial:
+                self.initial[i] = local_shard(params[i].detach()).clone()
+                self._owned.add(i)
+
+    # ------------------------------------------------------------------ the loop
+    @staticmethod
+    def _arguments(layca: Any) -> tuple[list[int], list[torch.Tensor], dict[int, int], list[float], float]:
+        """What the loop reads of a ``Layca``.
+
+        Its controlled layers, parameters, their param groups, the groups' learning rates, the reference lr.
+        """
+        layers, rates = layca.layers, layca.rates
+        holding = list(layers.param_group_of.values())
+        reference = rates.reference_lr
+        if reference is None:
+            reference = rates.default_reference_lr(layca.param_groups, holding) if holding else 1.0
+        lrs = [float(group["lr"]) for group in layca.param_groups]
+        return list(layers.controlled), list(layers.params), dict(layers.param_group_of), lrs, float(reference)
+
+    def prepare(self, layca: Any) -> None:
+        """Before a step of ``layca``: snapshot the layers controlled for the first time, give them their first rate.
+
+        The first rate assumes a great circle: the angle the target asks for by the first measurement, in as many
+        equal turns.
+        """
+        self._total()
+        controlled, params, group_of, group_lrs, reference = self._arguments(layca)
+        new = [i for i in controlled if self.gains[i] is None]
+        self._snapshot(controlled, params)
+        for i in new:
+            g = group_of[i]
+            self.gains[i] = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
+
+    def targets_now(self, layca: Any) -> dict[str, float]:
+        """``d*_l`` of every layer ``layca`` controls, after the steps it has taken, by parameter name."""
+        group_of = layca.layers.param_group_of
+        return {self.names[i]: self.target_distance(i, group_of[i], layca.step_count) for i in layca.layers.controlled}
+
+    def _next_gain(
+        self,
+        i: int,
+        group: int,
+        step: int,
+        angle: float,
+        efficiency: float,
+        lr: float,
+        reference: float,
+        previous: float | None,
+    ) -> float:
+        target = self.target
+        total = self._total()
+        end = min(total, (step // target.interval + 1) * target.interval)
+        if end <= step:
+            return previous if previous is not None else target.min_rate
+        lrs = [self._lr(group, s, lr) / reference for s in range(step, end)]
+        mean_lr = sum(lrs) / len(lrs)
+        now, later = _angle(self.target_distance(i, group, step)), _angle(self.target_distance(i, group, end))
+        want = (later - now) + CORRECTION * (now - angle)
+        if want <= 0 or mean_lr <= 0:
+            gain = target.min_rate
+        else:
+            per_step = min(want / (efficiency * len(lrs)), 0.49 * math.pi)
+            gain = math.tan(per_step) / mean_lr
+        if previous is not None:
+            gain = min(max(gain, previous / MAX_CHANGE), previous * MAX_CHANGE)
+        return min(max(gain, target.min_rate), target.max_rate)
+
+    def after_step(self, layca: Any, rates: Sequence[float]) -> bool:
+        """After a step of ``layca`` taken at ``rates``: count the turning; every ``interval`` steps, measure.
+
+        Returns whether new rates were chosen.
+        """
+        step = layca.step_count  # counted from 1 after the first step
+        controlled, params, group_of, group_lrs, reference = self._arguments(layca)
+        for i in controlled:
+            self._effort[i] += math.atan(rates[i])
+        if step % self.target.interval != 0 and step != self._total():
+            return False
+        distances = self.measure(controlled, params)
+        stuck: list[tuple[str, str]] = []
+        unreachable: list[tuple[str, str]] = []
+        for i, d in zip(controlled, distances, strict=True):
+            g = group_of[i]
+            previous_gain = self.gains[i]
+            angle, spent = _angle(d), self._effort[i]
+            moved = d != self.distances[i]
+            if spent > 0 and moved:
+                self._progress[i] = MEMORY * self._progress[i] + (angle - _angle(self.distances[i]))
+                self._spent[i] = MEMORY * self._spent[i] + spent
+            measured = 1.0 if self._spent[i] <= 0 else self._progress[i] / self._spent[i]
+            efficiency = min(1.0, max(MIN_EFFICIENCY, measured))
+            gain = self._next_gain(i, g, step, angle, efficiency, group_lrs[g], reference, previous_gain)
+            if spent > 0 and not moved:
+                stuck.append((self.names[i], self.names[i]))
+                gain = min(gain, previous_gain) if previous_gain is not None else gain
+            self.gains[i] = gain
+            self.distances[i], self._effort[i] = d, 0.0
+            self.targets[i] = self.target_distance(i, g, step)
+            # Certain: along a great circle at max_rate. Once at max_rate: at the efficiency measured so far.
+            turn = self._remaining_turn(g, step, group_lrs[g], reference)
+            reach = 1.0 - math.cos(
+                min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
+            )
+            if step < self._total() and self.finals[i] > reach:
+                unreachable.append(
+                    (self.names[i], f"{self.names[i]} (target {self.finals[i]:.3g}, reachable {reach:.3g})")
+                )
+        self._warn_once(
+            "stuck",
+            stuck,
+            "did not move over the last control interval although their rate was "
+            "positive (a zero gradient, or no gradient); their rate is held, not raised, and they will "
+            "not follow their rotation target while this lasts",
+        )
+        self._warn_once(
+            "unreachable",
+            unreachable,
+            f"cannot reach their final rotation target in the "
+            f"{self._total() - step} steps left: not even along a great circle at max_rate="
+            f"{self.target.max_rate:g}, or, for a layer already at max_rate, not at the fraction of its turning that "
+            "has become distance so far",
+        )
+        return True
+
+    def _remaining_turn(self, group: int, step: int, lr: float, reference: float) -> float:
+        """The angle the steps left turn a layer by at ``max_rate``: ``sum(atan(max_rate * lr_g(s) / lr_ref))``."""
+        rate, total = self.target.max_rate, self._total()
+        profile = self.lr_profile
+        if profile is None or group >= len(profile):
+            return (total - step) * math.atan(rate * lr / reference)
+        key = (group, reference)
+        if key not in self._suffix:
+            suffix = [0.0] * (total + 1)
+            for s in range(total - 1, -1, -1):
+                suffix[s] = suffix[s + 1] + math.atan(rate * profile[group][s] / reference)
+            self._suffix[key] = suffix
+        return self._suffix[key][min(step, total)]
+
+    def _warn_once(self, kind: str, layers: list[tuple[str, str]], what: str) -> None:
+        """Warn about the ``(name, description)`` of layers not warned about for ``kind`` yet."""
+        fresh = [(name, text) for name, text in layers if f"{kind}:{name}" not in self._warned]
+        if fresh:
+            self._warned.update(f"{kind}:{name}" for name, _ in fresh)
+            _warn(f"Layca: layers {', '.join(text for _, text in fresh)} {what}.")
+
+    def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[float]:
+        """The cosine distance of the layers at ``indices`` to their initial weights (one collective if sharded)."""
+        if not indices:
+            return []
+        chosen = [params[i] for i in indices]
+        local = float64_sums([local_shard(p.detach()) for p in chosen], [self.initial[i] for i in indices])
+        layout = shard_layout(chosen)
+        full = reduce_sums(local, layout if layout.sharded else None)
+        dot, initial_sq, current_sq = full.unbind(1)
+        scale = (initial_sq * current_sq).sqrt()
+        cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
+        return [float(x) for x in (1.0 - cosine).tolist()]
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """The controller's state: rates, estimates, horizon, and the initial weights it owns."""
+        return {
+            "names": list(self.names),
+            "gains": list(self.gains),
+            "distances": list(self.distances),
+            "targets": list(self.targets),
+            "progress": list(self._progress),
+            "spent": list(self._spent),
+            "effort": list(self._effort),
+            "warned": sorted(self._warned),
+            "total_steps": self.total_steps,
+            "lr_profile": self.lr_profile,
+            "initial": {self.names[i]: self.initial[i].clone() for i in sorted(self._owned)},
+        }
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` (for the same layers)."""
+        if list(state["names"]) != self.names:
+            raise ValueError(
+                f"Layca: the rotation target's state was saved for layers {state['names']!r}, but this optimizer "
+                f"controls {self.names!r}."
+            )
+        self.gains = [None if g is None else float(g) for g in state["gains"]]
+        self.distances = [float(x) for x in state["distances"]]
+        self.targets = [float(x) for x in state["targets"]]
+        self._progress = [float(x) for x in state["progress"]]
+        self._spent = [float(x) for x in state["spent"]]
+        self._effort = [float(x) for x in state["effort"]]
+        self._warned = set(state["warned"])
+        self.total_steps = state["total_steps"]
+        self.lr_profile = state["lr_profile"]
+        self._cumulative, self._suffix = None, {}
+        for name, tensor in state["initial"].items():
+            i = self.names.index(name)
+            if i in self.initial and i not in self._owned:
+                continue  # shared with a monitor, which restores its own
+            self.initial[i] = tensor.detach().clone()
+            self._owned.add(i)
+
+
+def scheduled_lrs(
+    param_groups: list[dict[str, Any]],
+    schedulers: Sequence[tuple[Any, bool, int]],
+    total_steps: int,
+    steps_per_epoch: int,
+) -> list[list[float]]:
+    """Per param group, its learning rate at every step of training, found by stepping the schedulers ahead.
+
+    The schedulers and the learning rates are put back as they were afterwards (``state_dict`` and the groups'
+    ``lr``).
+
+    Args:
+        param_groups: The optimizer's param groups (the schedulers write their ``lr``).
+        schedulers: ``(scheduler, per_step, frequency)``: stepped every ``frequency`` steps (``per_step``) or epochs.
+        total_steps: Steps of training.
+        steps_per_epoch: Optimizer steps per epoch.
+    """
+    saved_lrs = [group["lr"] for group in param_groups]
+    saved = [scheduler.state_dict() for scheduler, _, _ in schedulers]
+    profile: list[list[float]] = [[] for _ in param_groups]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(total_steps):
+                for g, group in enumerate(param_groups):
+                    profile[g].append(float(group["lr"]))
+                for scheduler, per_step, frequency in schedulers:
+                    if (per_step and (step + 1) % frequency == 0) or (
+                        not per_step
+                        and (step + 1) % steps_per_epoch == 0
+                        and ((step + 1) // steps_per_epoch) % frequency == 0
+                    ):
+                        scheduler.step()
+    finally:
+        for (scheduler, _, _), state in zip(schedulers, saved, strict=True):
+            scheduler.load_state_dict(state)
+        for group, lr in zip(param_groups, saved_lrs, strict=True):
+            group["lr"] = lr
+    return profile

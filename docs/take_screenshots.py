@@ -59,7 +59,7 @@ SHOTS = [
     Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 900), (285, 64, 815, 700)),
     Shot("scalars", "scalars&tagFilter=Layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
     Shot("histograms", "histograms&tagFilter=layer_angles", (1000, 520), (285, 64, 715, 426)),
-    Shot("images", "images&tagFilter=Layer_rotation_curves", (1000, 560), (285, 64, 430, 426)),
+    Shot("images", "images&tagFilter=Rotation_curves", (1000, 560), (285, 64, 430, 426)),
 ]
 
 
@@ -175,12 +175,12 @@ def wait_for_tags(url: str, timeout: float = 120.0) -> None:
         try:
             with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=5) as response:
                 tags = json.load(response)
-            if any(tag.startswith("Layer_rotation/") for run in tags.values() for tag in run):
+            if any(tag.startswith("Rotation/") for run in tags.values() for tag in run):
                 return
         except OSError:
             pass
         time.sleep(1.0)
-    raise TimeoutError(f"TensorBoard at {url} did not serve any Layer_rotation/ tag within {timeout:.0f} s.")
+    raise TimeoutError(f"TensorBoard at {url} did not serve any Rotation/ tag within {timeout:.0f} s.")
 
 
 def chromium_binary() -> str:

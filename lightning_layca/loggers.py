@@ -30,7 +30,7 @@ from lightning_layca.rotation import AngleHistogram
 __all__ = [
     "add_histograms",
     "add_image",
-    "add_multiline_layout",
+    "add_layout",
     "has_tensorboard",
     "is_logging_step",
     "log_directory",
@@ -97,9 +97,14 @@ def add_image(writers: list[Any], tag: str, image: Any, step: int) -> None:
         writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
 
-def add_multiline_layout(writers: list[Any], category: str, charts: Mapping[str, str]) -> None:
-    """Add a custom-scalars layout: one chart per entry of ``charts`` (title -> tag regex), all curves on it."""
-    layout = {category: {title: ["Multiline", [regex]] for title, regex in charts.items()}}
+def add_layout(writers: list[Any], layout: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """Add a custom-scalars layout: category -> chart title -> ``[kind, tags]``.
+
+    ``kind`` is ``"Multiline"`` (``tags``: regexes, every matching tag on one chart) or ``"Margin"`` (``tags``: the
+    value, lower and upper tags, exactly).
+    """
+    if not layout:
+        return
     for writer in writers:
         writer.add_custom_scalars(layout)
 

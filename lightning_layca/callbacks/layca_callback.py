@@ -5,8 +5,10 @@ strategy so Lightning steps the wrapper in automatic and manual optimization, wi
 clipping, mixed precision (GradScaler skips leave the weights untouched) and checkpoints (the wrapper's state dict
 holds the base optimizer's). LR schedulers stay attached and shape the rotation rate through the relative learning
 rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and, on the
-same logging steps and at the same step values, the effective rate ``layca/rate/<layer>`` that the step just logged
-used, so rates and rotations are curves of the same resolution.
+same logging steps and at the same step values, the effective rate ``Rotation_rate`` that the step just logged used
+(``Rotation_rate_summary/{mean,min,max}`` over the layers, and ``Rotation_rate/<layer>`` with ``per_layer_detail``),
+so rates and rotations are curves of the same resolution. A ``LayerRotationMonitor`` on the same Trainer leaves the
+layers this callback measures to it.
 
 Several instances can share a Trainer when they wrap different optimizers (a GAN with one rate for the generator and
 one for the discriminator): each one's checkpoint state is stored under a key that holds its ``optimizers``.
@@ -24,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
+from lightning_layca import tags
 from lightning_layca.argument_types import (
     DEFAULT_ROTATION_RATE,
     Granularity,
@@ -60,9 +63,10 @@ class LaycaCallback(LayerRotationMonitor):
         optimizers: Index, or indices, into the optimizers ``configure_optimizers`` returned, of those to wrap
             (default: all). With several optimizers (manual optimization) each wrapped one controls its own
             parameters, so ``include``/``exclude`` must make sense for each.
-        log_rates: Whether to log ``layca/rate/<layer>`` on every logging step of the rotation scalars (see
+        log_rates: Whether to log ``Rotation_rate`` on every logging step of the rotation scalars (see
             ``log_every_n_steps``), at the same step value: the effective rate ``rho_l(t)`` used by the optimizer
-            step whose rotation is logged there.
+            step whose rotation is logged there (its summary over the layers, and per layer with
+            ``per_layer_detail``).
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l`` (see
             :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
             the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
@@ -106,6 +110,7 @@ class LaycaCallback(LayerRotationMonitor):
         angle_histograms: bool = True,
         histogram_bins: PositiveInt = 30,
         figure: bool = True,
+        per_layer_detail: bool = False,
         implementation: Implementation = "auto",
     ) -> None:
         super().__init__(
@@ -116,6 +121,7 @@ class LaycaCallback(LayerRotationMonitor):
             angle_histograms=angle_histograms,
             histogram_bins=histogram_bins,
             figure=figure,
+            per_layer_detail=per_layer_detail,
         )
         check_rotation_rate("LaycaCallback", rotation_rate)
         if schedule is not None:
@@ -190,10 +196,19 @@ class LaycaCallback(LayerRotationMonitor):
 
     @override
     def logging_step_scalars(self) -> dict[str, float]:
-        scalars = {f"layca/rate/{name}": rate for name, rate in self._step_rates.items()}
+        scalars = self.step_scalars(tags.ROTATION_RATE, self._step_rates) if self._step_rates else {}
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
         return scalars
+
+    @property
+    @override
+    def measures_first(self) -> bool:
+        return True  # from Layca's own snapshot, with the rates: a plain monitor leaves these layers to it
+
+    @override
+    def per_step_quantities(self) -> list[str]:
+        return ([tags.ROTATION_RATE] if self.log_rates else []) + super().per_step_quantities()
 
     @property
     @override

@@ -227,8 +227,9 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
         )
     recorder = ScalarRecorder(("Step_rotation/", "Weight_norm/"))
     result = fit(model, datamodule, setup, [monitor], loggers=[recorder])
-    rates = {tag.removeprefix("Step_rotation/"): pts for tag, pts in recorder.series.items() if tag.startswith("Step_rotation/")}
-    norms = {tag.removeprefix("Weight_norm/"): pts for tag, pts in recorder.series.items() if tag.startswith("Weight_norm/")}
+    series = recorder.series.items()
+    rates = {tag.removeprefix("Step_rotation/"): pts for tag, pts in series if tag.startswith("Step_rotation/")}
+    norms = {tag.removeprefix("Weight_norm/"): pts for tag, pts in series if tag.startswith("Weight_norm/")}
     steps = [step for step, _ in next(iter(rates.values()), [])]
     return {
         **asdict(config),

@@ -101,12 +101,21 @@ def add_layout(writers: list[Any], layout: Mapping[str, Mapping[str, list[Any]]]
     """Add a custom-scalars layout: category -> chart title -> ``[kind, tags]``.
 
     ``kind`` is ``"Multiline"`` (``tags``: regexes, every matching tag on one chart) or ``"Margin"`` (``tags``: the
-    value, lower and upper tags, exactly).
+    value, lower and upper tags, exactly). TensorBoard shows a category's multiline charts before its margin charts.
     """
     if not layout:
         return
+    # TensorBoard's Custom Scalars page (2.21) shows a category's multiline charts in the order written, then its margin
+    # charts last first: write the margin charts reversed, so that every chart appears in the order given.
+    shown = {
+        category: {
+            **{title: chart for title, chart in charts.items() if chart[0] != "Margin"},
+            **{title: chart for title, chart in reversed(list(charts.items())) if chart[0] == "Margin"},
+        }
+        for category, charts in layout.items()
+    }
     for writer in writers:
-        writer.add_custom_scalars(layout)
+        writer.add_custom_scalars(shown)
 
 
 def log_directory(trainer: pl.Trainer) -> Path:

@@ -27,7 +27,7 @@ import torch
 
 from lightning_layca.distributed import is_dtensor, local_shard, shard_of
 from lightning_layca.rotation import Measured, RotationMeter
-from lightning_layca.selection import select_layers
+from lightning_layca.selection import layer_display_name, select_layers
 
 __all__ = ["LayerShare", "MonitorSpec", "MonitoredLayers", "share_layers"]
 
@@ -67,6 +67,15 @@ class LayerShare:
     """``None`` when it is the only monitor that measures anything, else a name that tells it from the others."""
     measures_any: bool = True
     """Whether some selected layer is left to it."""
+
+    def explanation(self) -> str:
+        """What the monitor leaves out, to whom, and why (for a warning)."""
+        layers = [layer_display_name(name) for name in self.left_out]
+        rest = "measures the others" if self.measures_any else "measures nothing"
+        return (
+            f"{', '.join(self.measured_by)} on the same Trainer measures and logs layers {layers}; this monitor "
+            f"leaves them out, so that each layer is measured and logged once, and {rest}."
+        )
 
 
 def share_layers(

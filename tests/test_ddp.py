@@ -294,7 +294,10 @@ def test_ddp_logs_the_tags_and_rotation_of_one_process_on_the_same_global_batch(
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
         assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
     assert max(v for _, v in expected["Rotation_summary/max"]) > 100 * ROTATION_TOL  # the layers did turn
-    rates, expected_rates = scalars_with_prefix(events, "Rotation_rate"), scalars_with_prefix(reference, "Rotation_rate")
+    rates, expected_rates = (
+        scalars_with_prefix(events, "Rotation_rate"),
+        scalars_with_prefix(reference, "Rotation_rate"),
+    )
     assert rates.keys() == expected_rates.keys()
     for tag, points in expected_rates.items():
         assert [s for s, _ in rates[tag]] == [s for s, _ in points], tag

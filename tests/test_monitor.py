@@ -20,8 +20,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 import lightning_layca as ll
 from lightning_layca.callbacks.monitor import FIGURE_FILENAME
 from lightning_layca.callbacks.output import LAYERS_PER_CHART, layout
-from lightning_layca.tags import STEP_ROTATION
 from lightning_layca.callbacks.strategies import check_strategy
+from lightning_layca.tags import STEP_ROTATION
 from tests.tiny_modules import (
     LAYERS,
     UNITS,
@@ -148,9 +148,16 @@ def test_custom_scalars_layout_charts_every_written_rotation_tag_and_the_summari
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     written = tb_run.events.Tags()["scalars"]
     charts = [chart for category in layout.category for chart in category.chart]
-    shown = [matching(list(chart.multiline.tag), written) for chart in charts if chart.HasField("multiline")]
-    assert shown == [[f"Rotation/{layer}" for layer in LAYERS]]
-    bands = [chart.margin.series[0] for chart in charts if chart.HasField("margin")]
+    curves = [matching(list(chart.multiline.tag), written) for chart in charts if chart.HasField("multiline")]
+    assert curves == [[f"Rotation/{layer}" for layer in LAYERS]]
+    # As TensorBoard shows a category: its multiline charts in order, then its margin charts last first.
+    shown = [
+        chart
+        for category in layout.category
+        for chart in [c for c in category.chart if c.HasField("multiline")]
+        + [c for c in category.chart if c.HasField("margin")][::-1]
+    ]
+    bands = [chart.margin.series[0] for chart in shown if chart.HasField("margin")]
     quantities = ["Rotation", "Step_rotation", "Update_ratio", "Update_ratio_tangential", "Update_ratio_radial"]
     quantities.append("Weight_norm")
     assert [(b.value, b.lower, b.upper) for b in bands] == [

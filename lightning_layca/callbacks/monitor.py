@@ -50,7 +50,14 @@ from typing_extensions import override
 
 from lightning_layca import tags
 from lightning_layca.argument_types import PositiveInt, as_patterns, check_positive_int
-from lightning_layca.callbacks.output import FIGURE_FILENAME, RotationOutput, layout, step_scalars
+from lightning_layca.callbacks.output import (
+    FIGURE_FILENAME,
+    PER_STEP_QUANTITIES,
+    RotationOutput,
+    layout,
+    per_step_values,
+    step_scalars,
+)
 from lightning_layca.callbacks.strategies import check_strategy
 from lightning_layca.loggers import (
     has_tensorboard,
@@ -198,7 +205,8 @@ class LayerRotationMonitor(Callback):
             select_layers(
                 pl_module.named_parameters(), include=self.include, exclude=self.exclude, trainable_only=False
             )
-            self._share_layers(trainer, pl_module)
+            self._siblings = [cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor)]  # type: ignore[attr-defined]
+            _share_layers(self, self._siblings, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -210,10 +218,7 @@ class LayerRotationMonitor(Callback):
         # After strategy setup: the model is on its device and DDP has broadcast rank 0's weights.
         self._bind(pl_module)
         if trainer.is_global_zero:
-            categories: dict[str, Any] = {}
-            for monitor in self._siblings or [self]:
-                if monitor.layers.has_candidates:  # bound: its layers are known
-                    categories.update(monitor.layout())
+            categories = {k: v for m in self._siblings or [self] for k, v in _layout_of(m).items()}
             self._output.start(trainer, self.angle_histograms or self.figure, categories)
 
     @override
@@ -271,16 +276,8 @@ class LayerRotationMonitor(Callback):
             self.last_update_ratios = dict(zip(display, zip(*ratios, strict=True), strict=True))
             for name, total in zip(display, measured.update_ratios, strict=True):
                 self.update_ratio_history.setdefault(name, []).append((step, total))
-            per_step = {
-                tags.STEP_ROTATION: measured.tans,
-                tags.UPDATE_RATIO: measured.update_ratios,
-                tags.UPDATE_RATIO_TANGENTIAL: measured.tangential_ratios,
-                tags.UPDATE_RATIO_RADIAL: measured.radial_ratios,
-                tags.WEIGHT_NORM: measured.norms,
-            }
-            for quantity, layer_values in per_step.items():
-                by_layer = dict(zip(display, layer_values, strict=True))
-                metrics.update(self.step_scalars(quantity, by_layer))
+            for quantity, layer_values in per_step_values(measured).items():
+                metrics.update(self.step_scalars(quantity, dict(zip(display, layer_values, strict=True))))
         log_scalars(trainer, metrics, step)
 
     @override
@@ -390,32 +387,11 @@ class LayerRotationMonitor(Callback):
 
     def per_step_quantities(self) -> list[str]:
         """Hook: the per-step quantities logged on logging steps (:mod:`lightning_layca.tags` names), for the layout."""
-        return [
-            tags.STEP_ROTATION,
-            tags.UPDATE_RATIO,
-            tags.UPDATE_RATIO_TANGENTIAL,
-            tags.UPDATE_RATIO_RADIAL,
-            tags.WEIGHT_NORM,
-        ]
+        return list(PER_STEP_QUANTITIES)
 
     def step_scalars(self, quantity: str, values: dict[str, float]) -> dict[str, float]:
-        """The scalars of a per-step quantity: its summary over the layers, and each layer's with ``per_layer_detail``.
-
-        Args:
-            quantity: A :mod:`lightning_layca.tags` name.
-            values: Layer display name -> value.
-        """
+        """The scalars of a per-step quantity (layer display name -> value): its summary, and per layer on request."""
         return step_scalars(quantity, values, self._output.label, per_layer=self.per_layer_detail)
-
-    def layout(self) -> dict[str, Any]:
-        """This monitor's custom-scalars categories (:func:`lightning_layca.callbacks.output.layout`)."""
-        candidates = self.layers.candidate_names or []
-        return layout(
-            [layer_display_name(n) for n in candidates],
-            self.per_step_quantities(),
-            self.per_layer_detail,
-            self._output.label,
-        )
 
     def state_key_fields(self) -> dict[str, Any]:
         """Hook: the arguments that tell two instances on one Trainer apart (here: the layers they monitor)."""
@@ -425,24 +401,6 @@ class LayerRotationMonitor(Callback):
             "exclude": as_patterns(f"{name}: `exclude`", self.exclude),
         }
         return {key: value for key, value in fields.items() if value}
-
-    def _share_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Leave out the layers another rotation monitor of the Trainer measures; label the summaries if needed."""
-        self._siblings = [cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor)]  # type: ignore[attr-defined]
-        specs = [MonitorSpec(type(m).__name__, m.include, m.exclude, m.measures_first) for m in self._siblings]
-        try:
-            share = share_layers(pl_module.named_parameters(), specs)[self._siblings.index(self)]
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
-        self.layers.left_out = set(share.left_out)
-        self._output.label = share.label
-        if share.left_out:
-            rest = "measures the others" if share.measures_any else "measures nothing"
-            rank_zero_warn(
-                f"{type(self).__name__}: {', '.join(share.measured_by)} on the same Trainer measures and logs layers "
-                f"{[layer_display_name(n) for n in share.left_out]}; this monitor leaves them out, so that each layer "
-                f"is measured and logged once, and {rest}."
-            )
 
     def _measures_step(self, trainer: pl.Trainer) -> bool:
         """Whether the coming optimizer step is measured: on logging batches, and last batches for unit rates."""
@@ -467,3 +425,25 @@ class LayerRotationMonitor(Callback):
             self.epoch_rotation[layer_display_name(name)] = [(e, 0.0) for e in self._epochs]
         if names:  # depth order, for the figure's colours
             self.epoch_rotation = {name: self.epoch_rotation[name] for name in self.display_names}
+
+
+def _share_layers(monitor: LayerRotationMonitor, siblings: list[LayerRotationMonitor], module: torch.nn.Module) -> None:
+    """Leave out the layers another rotation monitor of the Trainer measures; label the summaries if needed."""
+    specs = [MonitorSpec(type(m).__name__, m.include, m.exclude, m.measures_first) for m in siblings]
+    try:
+        share = share_layers(module.named_parameters(), specs)[siblings.index(monitor)]
+    except ValueError as err:
+        raise MisconfigurationException(str(err)) from err
+    monitor.layers.left_out = set(share.left_out)
+    monitor._output.label = share.label
+    if share.left_out:
+        rank_zero_warn(f"{type(monitor).__name__}: {share.explanation()}")
+
+
+def _layout_of(monitor: LayerRotationMonitor) -> dict[str, Any]:
+    """A monitor's custom-scalars categories: none before it is bound, or when others measure all its layers."""
+    candidates = (monitor.layers.candidate_names or []) if monitor.layers.has_candidates else []
+    if not candidates:
+        return {}
+    names = [layer_display_name(n) for n in candidates]
+    return layout(names, monitor.per_step_quantities(), monitor.per_layer_detail, monitor._output.label)

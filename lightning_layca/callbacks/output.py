@@ -27,14 +27,16 @@ from lightning_layca.figures import (
     write_png,
 )
 from lightning_layca.loggers import add_histograms, add_image, add_layout, log_directory, tensorboard_writers
-from lightning_layca.rotation import angle_histograms
+from lightning_layca.rotation import Measured, angle_histograms
 
 __all__ = [
     "FIGURE_FILENAME",
     "LAYERS_PER_CHART",
+    "PER_STEP_QUANTITIES",
     "UPDATE_RATIO_FILENAME",
     "RotationOutput",
     "layout",
+    "per_step_values",
     "step_scalars",
 ]
 
@@ -57,6 +59,22 @@ _CHART_TITLES = {
     tags.UPDATE_RATIO_RADIAL: "log10 ||dW|| / ||W||, radial part",
     tags.WEIGHT_NORM: "L2 norm",
 }
+
+
+PER_STEP_QUANTITIES = (
+    tags.STEP_ROTATION,
+    tags.UPDATE_RATIO,
+    tags.UPDATE_RATIO_TANGENTIAL,
+    tags.UPDATE_RATIO_RADIAL,
+    tags.WEIGHT_NORM,
+)
+"""What a monitor logs of the latest optimizer step on a logging step, in the order of its charts."""
+
+
+def per_step_values(measured: Measured) -> dict[str, list[float]]:
+    """The values of :data:`PER_STEP_QUANTITIES` in one measurement, one per measured layer, by quantity."""
+    values = (measured.tans, measured.update_ratios, measured.tangential_ratios, measured.radial_ratios, measured.norms)
+    return dict(zip(PER_STEP_QUANTITIES, values, strict=True))
 
 
 def step_scalars(
@@ -92,9 +110,9 @@ def layout(
 ) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars categories of one monitor: category -> chart title -> ``[kind, [tag regexes]]``.
 
-    The rotation category has the summary as one chart (the mean, with a band from the min to the max) and the layers
-    in charts of :data:`LAYERS_PER_CHART` by depth; the per-step category has one such summary chart per quantity of
-    ``per_step``; with ``per_layer`` every per-step quantity also has its category of per-layer charts.
+    The first category has one summary chart per quantity (the mean over the layers, with a band from the min to the
+    max): the rotation, then ``per_step``; the second the rotation of the layers, :data:`LAYERS_PER_CHART` to a chart
+    by depth; with ``per_layer`` every per-step quantity also has its category of per-layer charts.
 
     Args:
         layers: Display names of every layer the monitor may measure, in depth order.
@@ -103,6 +121,7 @@ def layout(
         label: The monitor's label, or ``None``.
     """
     suffix = "" if label is None else f" ({label})"
+    quantities = [tags.ROTATION, *per_step]
 
     def summary_chart(quantity: str) -> list[Any]:
         # A margin chart names its three tags exactly (value, lower, upper), not by regex.
@@ -117,16 +136,19 @@ def layout(
             charts[title] = ["Multiline", [_exact([tags.layer_tag(quantity, name) for name in chunk])]]
         return charts
 
-    rotation = {f"{tags.ROTATION} mean, band from min to max{suffix}": summary_chart(tags.ROTATION)}
-    rotation.update(layer_charts(tags.ROTATION))
-    categories = {f"{tags.ROTATION}{suffix}": rotation}
-    if per_step:
-        categories[f"Per-step quantities, mean and min-max band over layers{suffix}"] = {
-            f"{quantity}: {_CHART_TITLES.get(quantity, quantity)}": summary_chart(quantity) for quantity in per_step
-        }
+    summaries = {
+        f"{quantity}: {_CHART_TITLES.get(quantity, quantity)}": summary_chart(quantity) for quantity in quantities
+    }
+    categories = {
+        f"Mean over layers, band from min to max{suffix}": summaries,
+        f"{tags.ROTATION}: {_CHART_TITLES[tags.ROTATION]}, {LAYERS_PER_CHART} layers per chart{suffix}": layer_charts(
+            tags.ROTATION
+        ),
+    }
     if per_layer:
         for quantity in per_step:
-            categories[f"{quantity}: {_CHART_TITLES.get(quantity, quantity)}{suffix}"] = layer_charts(quantity)
+            title = f"{quantity}: {_CHART_TITLES.get(quantity, quantity)}, {LAYERS_PER_CHART} layers per chart{suffix}"
+            categories[title] = layer_charts(quantity)
     return categories
 
 

@@ -60,7 +60,7 @@ SHOTS = {
     "demo": [
         # What TensorBoard shows first (its Time Series dashboard, default settings), the whole window at its own size.
         Shot("first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
-        Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 1500), (285, 64, 815, 1300)),
+        Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 2300), (285, 64, 815, 2200), 1),
         Shot("scalars", "scalars&tagFilter=%5ERotation%2F&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
         Shot("histograms", "histograms&tagFilter=Unit_angle", (1000, 520), (285, 64, 715, 426)),
         Shot("images", "images&tagFilter=Rotation_curves", (1000, 560), (285, 64, 430, 426)),
@@ -68,7 +68,7 @@ SHOTS = {
     ],
     "resnet50": [
         Shot("resnet50_first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
-        Shot("resnet50_custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 1100), (285, 64, 815, 1000)),
+        Shot("resnet50_custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 2300), (285, 64, 815, 2200), 1),
         Shot("resnet50_update_ratio", "images&tagFilter=Update_ratio_curves", (1000, 560), (285, 64, 430, 426)),
     ],
 }
@@ -219,7 +219,7 @@ class ResNet50(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 1000, (48,), generator=g)
@@ -231,8 +231,8 @@ trainer = L.Trainer(max_epochs=3, log_every_n_steps=2, logger=logger, callbacks=
 trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
 """
 """A model with ResNet-50's layers (names and shapes of torchvision's ``resnet50()``): 3 epochs of 6 steps of random
-32x32 images, SGD (momentum 0.9, weight decay 5e-4) watched by ``LayerRotationMonitor``, a logging step every 2
-optimizer steps."""
+32x32 images, SGD (lr 0.01, momentum 0.9, weight decay 5e-4) watched by ``LayerRotationMonitor``, a logging step
+every 2 optimizer steps."""
 
 
 def run_resnet50(save_dir: Path) -> None:

@@ -309,11 +309,14 @@ class SaveBothCheckpointKinds(Callback):
 
 
 def rotation_callback(kind: str) -> LayerRotationMonitor:
+    # Every layer's per-step scalars, which the tests compare with those of one process.
     if kind == "layca":
-        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY)
+        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, per_layer_detail=True)
     if kind == "layca_units":
-        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit")
-    return LayerRotationMonitor(log_every_n_steps=LOG_EVERY)
+        return LaycaCallback(
+            rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit", per_layer_detail=True
+        )
+    return LayerRotationMonitor(log_every_n_steps=LOG_EVERY, per_layer_detail=True)
 
 
 def make_trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:

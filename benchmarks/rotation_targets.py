@@ -18,9 +18,9 @@ interval) against the whole fit's, on one run.
 
 Run from the repository root::
 
-    python benchmarks/rotation_targets.py               # 15 runs; docs/results/rotation_targets.{jsonl,md}
-    python benchmarks/rotation_targets.py --report-only
-    python benchmarks/rotation_targets.py --overhead --seeds 0
+    python -m benchmarks.rotation_targets               # 15 runs; docs/results/rotation_targets.{jsonl,md}
+    python -m benchmarks.rotation_targets --report-only
+    python -m benchmarks.rotation_targets --overhead --seeds 0
 """
 
 from __future__ import annotations

@@ -62,7 +62,13 @@ from lightning_layca.stepping import (
 from lightning_layca.targets import RotationTarget, TargetController, check_target
 from lightning_layca.wrapping import WrappedOptimizer
 
-__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca"]
+__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "PER_UNIT_TARGET_EAGER", "Layca"]
+
+PER_UNIT_TARGET_EAGER = (
+    "under a rotation target with granularity='unit' every unit has a rate of its own, which the eager step reads "
+    "per row and the compiled kernels (one rate per layer) do not; these layers take the eager step"
+)
+"""Why a per-unit rotation target takes the eager step (:meth:`Layca.describe` shows ``"eager"``)."""
 
 
 class Layca(WrappedOptimizer):
@@ -177,11 +183,12 @@ class Layca(WrappedOptimizer):
             base_params, named_parameters, include_patterns, exclude_patterns, per_unit=granularity == "unit"
         )
         """The layer registry: candidates, controlled layers, initial norms (``lightning_layca.layers``)."""
-        self.rates = Rates(rotation_rate, schedule, reference_lr, target, self.layers.names)
+        per_unit = granularity == "unit"
+        self.rates = Rates(rotation_rate, schedule, reference_lr, target, self.layers.names, per_unit)
         """The rates: schedule, reference lr, equilibrium, rotation target (``lightning_layca.rates``)."""
         self.targets: TargetController | None = self.rates.controller
         """The controller of the rotation target, or ``None``."""
-        self.plan = StepPlan(implementation, per_unit=granularity == "unit")
+        self.plan = StepPlan(implementation, per_unit, PER_UNIT_TARGET_EAGER if target and per_unit else None)
         """The step plan: which path steps which layer, the snapshots (``lightning_layca.plan``)."""
         self.step_count = 0
         self.epoch = 0
@@ -234,7 +241,8 @@ class Layca(WrappedOptimizer):
         """Return ``{layer name: path}``: which implementation the next step takes for each controlled layer.
 
         Paths are ``"compiled+base"``, ``"compiled"`` and ``"eager"`` (see ``lightning_layca.plan``). A layer
-        whose base step the kernel cannot take at some step (no readable gradient) falls back along that order.
+        whose base step the kernel cannot take at some step (no readable gradient) falls back along that order. Under
+        a rotation target with ``granularity="unit"`` every layer is ``"eager"`` (:data:`PER_UNIT_TARGET_EAGER`).
 
         Example:
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -312,7 +320,7 @@ class Layca(WrappedOptimizer):
 
         rates = self.rates.of(self)
         for b in buckets:
-            upload_rates(b, rates, self.rates.relative_lrs, self.rates.version)
+            upload_rates(b, rates, self.rates.relative_lrs, self.rates.version, self.rates.unit_rates)
         seconds = rotate_buckets(
             buckets, base_steps, self.optimizer, self.plan.layout, self.layers, timed=auto is not None and start is None
         )

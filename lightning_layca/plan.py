@@ -13,7 +13,9 @@ group: a param group is the wrapped optimizer's, a bucket the plan's.) Each laye
 The fallback chain is that order: a layer whose base step the kernel cannot take at some step (no readable gradient,
 a state it cannot read) takes the base step and the next path at that step; a kernel that fails to compile gives its
 layers to the eager step. :meth:`StepPlan.describe` tells which path each layer takes. With
-``implementation="auto"`` the eager path is taken until :class:`AutoChoice` decides for the compiled one.
+``implementation="auto"`` the eager path is taken until :class:`AutoChoice` decides for the compiled one. A plan made
+with an ``eager_reason`` (a per-unit rotation target: its rates are per row, the kernels take one rate per layer)
+gives every layer the eager path, whatever the implementation.
 """
 
 from __future__ import annotations
@@ -216,9 +218,15 @@ class StepPlan:
     Args:
         implementation: ``"auto"``, ``"eager"`` or ``"compiled"``.
         per_unit: Whether layers step per unit.
+        eager_reason: Why every layer must take the eager path (``None``: none); with ``implementation="compiled"``
+            it is given in a warning.
     """
 
-    def __init__(self, implementation: str, per_unit: bool) -> None:
+    def __init__(self, implementation: str, per_unit: bool, eager_reason: str | None = None) -> None:
+        self.eager_reason = eager_reason
+        """Why every layer takes the eager path, or ``None``."""
+        if eager_reason is not None and implementation == "compiled":
+            warnings.warn(f"Layca: implementation='compiled' does not apply: {eager_reason}.", stacklevel=3)
         self.implementation = implementation
         self.per_unit = per_unit
         self.auto = AutoChoice() if implementation == "auto" else None
@@ -259,7 +267,7 @@ class StepPlan:
             by_key[(params[i].device, params[i].dtype)].append(i)
         chunks: list[tuple[list[int], bool]] = []
         for (device, dtype), indices in by_key.items():
-            eligible = use_compiled_step(self.implementation, device, dtype)
+            eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
             limit = CPU_BUCKET_BYTES if device.type == "cpu" else None
             chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
         order = [i for indices, _ in chunks for i in indices]

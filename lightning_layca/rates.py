@@ -47,6 +47,7 @@ class Rates:
         reference_lr: The reference learning rate, or ``None`` to fix it at the first step.
         target: A rotation target, whose controller then chooses the rates.
         names: The candidate layers' names, in depth order (the schedule and the target are checked against them).
+        per_unit: Under ``granularity="unit"``: the target's controller gives every unit a rate of its own.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Rates:
         reference_lr: float | None,
         target: RotationTarget | None = None,
         names: Sequence[str] = (),
+        per_unit: bool = False,
     ) -> None:
         schedule.validate(list(names))
         self.rotation_rate: float | str = EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
@@ -69,7 +71,10 @@ class Rates:
         """Per candidate layer, ``rho_l(t)`` as of the latest :meth:`current` (0 outside every param group)."""
         self.relative_lrs: list[float] = []
         """Per candidate layer, ``lr_g(t) / lr_ref`` likewise."""
-        self.controller = None if target is None else TargetController(target, names)
+        self.unit_rates: list[list[float]] | None = None
+        """Under a per-unit target: per candidate layer, ``rho`` of each of its units (:attr:`rates` holds their mean,
+        what is logged); else ``None``."""
+        self.controller = None if target is None else TargetController(target, names, per_unit)
         """The controller of a rotation target, whose rates replace ``rotation_rate * m_l(t)``."""
 
     def default_reference_lr(self, param_groups: list[dict[str, Any]], holding: Sequence[int]) -> float:
@@ -181,9 +186,13 @@ class Rates:
         relative_lrs = [0.0] * len(names)
         for i, g in param_group_of.items():
             relative_lrs[i] = float(groups[g]["lr"]) / reference
+        unit_rates = None
         if self.controller is not None:
-            gains = self.controller.gains
-            rates = [(g or 0.0) * r for g, r in zip(gains, relative_lrs, strict=True)]
+            gains = self.controller.layer_gains()
+            rates = [g * r for g, r in zip(gains, relative_lrs, strict=True)]
+            if self.controller.per_unit:
+                units = self.controller.gains
+                unit_rates = [[g * r for g in (u or [])] for u, r in zip(units, relative_lrs, strict=True)]
         elif self.rotation_rate == EQUILIBRIUM:
             base = [0.0] * len(names)
             group_rates = {g: equilibrium_rate(optimizer, groups[g]) for g in set(param_group_of.values())}
@@ -193,7 +202,7 @@ class Rates:
         else:
             rate = float(self.rotation_rate)
             rates = [rate * m * r for m, r in zip(self._multipliers, relative_lrs, strict=True)]
-        if rates != self.rates or relative_lrs != self.relative_lrs:
-            self.rates, self.relative_lrs = rates, relative_lrs
+        if rates != self.rates or relative_lrs != self.relative_lrs or unit_rates != self.unit_rates:
+            self.rates, self.relative_lrs, self.unit_rates = rates, relative_lrs, unit_rates
             self.version += 1
         return rates

@@ -98,8 +98,22 @@ def _device_values(values: Sequence[Sequence[float]], device: torch.device) -> t
     return host.to(device, non_blocking=True)
 
 
-def upload_rates(bucket: Bucket, rates: list[float], relative_lrs: list[float], version: int) -> None:
-    """Copy the bucket's rates to its device (only when ``version`` changed: no host-to-device copy per step)."""
+def upload_rates(
+    bucket: Bucket,
+    rates: list[float],
+    relative_lrs: list[float],
+    version: int,
+    unit_rates: list[list[float]] | None = None,
+) -> None:
+    """Copy the bucket's rates to its device (only when ``version`` changed: no host-to-device copy per step).
+
+    With ``unit_rates`` (per layer, the rate of each unit: a per-unit rotation target), the eager step reads a rate
+    per row (:attr:`~lightning_layca.plan.Bucket.rates`); the compiled kernels, which take one rate per layer, are not
+    given these layers (:class:`~lightning_layca.plan.StepPlan`'s ``eager_reason``).
+
+    Raises:
+        ValueError: With ``unit_rates`` for layers this process holds only some units of (sharded along dim 0).
+    """
     if bucket.rates_version == version:
         return
     values = [[rates[i] for i in bucket.indices], [relative_lrs[i] for i in bucket.indices]]
@@ -108,6 +122,15 @@ def upload_rates(bucket: Bucket, rates: list[float], relative_lrs: list[float], 
     bucket.rates, bucket.relative_lrs = layer_rates, layer_relative_lrs
     if bucket.row_layer is not None:
         bucket.rates, bucket.relative_lrs = layer_rates[bucket.row_layer], layer_relative_lrs[bucket.row_layer]
+        if unit_rates is not None:
+            rows = [x for i in bucket.indices for x in unit_rates[i]]
+            if len(rows) != bucket.row_layer.numel():
+                names = [i for i in bucket.indices if len(unit_rates[i]) != 0]
+                raise ValueError(
+                    f"Layca: a per-unit rotation target needs every unit of a layer on each process; layers {names} "
+                    "are sharded along their units. Use granularity='layer' with a target under this sharding."
+                )
+            (bucket.rates,) = _device_values([rows], bucket.near_floor.device)
     bucket.rates_version = version
 
 

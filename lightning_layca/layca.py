@@ -62,13 +62,7 @@ from lightning_layca.stepping import (
 from lightning_layca.targets import RotationTarget, TargetController, check_target
 from lightning_layca.wrapping import WrappedOptimizer
 
-__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "PER_UNIT_TARGET_EAGER", "Layca"]
-
-PER_UNIT_TARGET_EAGER = (
-    "under a rotation target with granularity='unit' every unit has a rate of its own, which the eager step reads "
-    "per row and the compiled kernels (one rate per layer) do not; these layers take the eager step"
-)
-"""Why a per-unit rotation target takes the eager step (:meth:`Layca.describe` shows ``"eager"``)."""
+__all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca"]
 
 
 class Layca(WrappedOptimizer):
@@ -124,9 +118,8 @@ class Layca(WrappedOptimizer):
             :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
             turns out faster (:class:`~lightning_layca.plan.AutoChoice`), so that a short fit never waits
             for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
-        target: A :class:`~lightning_layca.RotationTarget`, in place of ``rotation_rate`` and ``schedule``: each
-            layer's rate (each unit's under ``granularity="unit"``) is chosen so that its rotation follows the target
-            (:attr:`targets`, :class:`~lightning_layca.targets.TargetController`).
+        target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
+            (per unit under ``granularity="unit"``) follow it (:class:`~lightning_layca.targets.TargetController`).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
@@ -183,12 +176,11 @@ class Layca(WrappedOptimizer):
             base_params, named_parameters, include_patterns, exclude_patterns, per_unit=granularity == "unit"
         )
         """The layer registry: candidates, controlled layers, initial norms (``lightning_layca.layers``)."""
-        per_unit = granularity == "unit"
-        self.rates = Rates(rotation_rate, schedule, reference_lr, target, self.layers.names, per_unit)
+        self.rates = Rates(rotation_rate, schedule, reference_lr, target, self.layers.names, self.layers.per_unit)
         """The rates: schedule, reference lr, equilibrium, rotation target (``lightning_layca.rates``)."""
         self.targets: TargetController | None = self.rates.controller
         """The controller of the rotation target, or ``None``."""
-        self.plan = StepPlan(implementation, per_unit, PER_UNIT_TARGET_EAGER if target and per_unit else None)
+        self.plan = StepPlan(implementation, self.layers.per_unit, self.rates.eager_reason)
         """The step plan: which path steps which layer, the snapshots (``lightning_layca.plan``)."""
         self.step_count = 0
         self.epoch = 0
@@ -242,7 +234,7 @@ class Layca(WrappedOptimizer):
 
         Paths are ``"compiled+base"``, ``"compiled"`` and ``"eager"`` (see ``lightning_layca.plan``). A layer
         whose base step the kernel cannot take at some step (no readable gradient) falls back along that order. Under
-        a rotation target with ``granularity="unit"`` every layer is ``"eager"`` (:data:`PER_UNIT_TARGET_EAGER`).
+        a per-unit rotation target every layer is ``"eager"`` (``lightning_layca.rates.PER_UNIT_TARGET_EAGER``).
 
         Example:
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

@@ -26,7 +26,13 @@ from lightning_layca.schedules import RotationSchedule
 from lightning_layca.step.families import equilibrium_rate
 from lightning_layca.targets import RotationTarget, TargetController
 
-__all__ = ["Rates", "peak_lr"]
+__all__ = ["PER_UNIT_TARGET_EAGER", "Rates", "peak_lr"]
+
+PER_UNIT_TARGET_EAGER = (
+    "under a rotation target with granularity='unit' every unit has a rate of its own, which the eager step reads "
+    "per row and the compiled kernels (one rate per layer) do not; these layers take the eager step"
+)
+"""Why a per-unit rotation target takes the eager step (``Layca.describe()`` shows ``"eager"``)."""
 
 
 def peak_lr(group: dict[str, Any]) -> float:
@@ -94,6 +100,12 @@ class Rates:
         if self.rotation_rate == EQUILIBRIUM:
             for g in sorted(set(holding)):
                 equilibrium_rate(optimizer, optimizer.param_groups[g])
+
+    @property
+    def eager_reason(self) -> str | None:
+        """Why every layer must take the eager step (:data:`PER_UNIT_TARGET_EAGER`), or ``None``."""
+        per_unit = self.controller is not None and self.controller.per_unit
+        return PER_UNIT_TARGET_EAGER if per_unit else None
 
     def check(self, optimizer: Optimizer, layers: Any) -> None:
         """Raise ``ValueError`` now for learning rates unfit for the rates of ``layers`` (a layer registry).

@@ -228,7 +228,7 @@ class TargetController:
     change, so the step uploads them only then.
 
     Under ``granularity="unit"`` (``per_unit``) every output unit (row of
-    :func:`~lightning_layca.sums.row_view`) is a loop of its own: its distance to its initial weights is measured from
+    ``lightning_layca.sums.row_view``) is a loop of its own: its distance to its initial weights is measured from
     the same sums per row, and it gets a rate of its own, so every unit follows its layer's target curve. The step
     then takes per-row rates, which the eager step reads; the compiled kernels take one rate per layer, so these
     layers take the eager step (see :meth:`lightning_layca.Layca.describe`).

@@ -382,6 +382,24 @@ def test_the_study_script_runs_every_configuration_and_reports_the_tracking(tmp_
     assert "No saved uniform-rate or SGD runs of this setup" in text
 
 
+def test_the_study_script_traces_every_control_interval_and_summarises_it_per_phase(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from benchmarks import rotation_targets as study
+
+    options = ["--seeds", "0", "--epochs", "4", "--width", "4", "--num-samples", "1000", "--limit-train-batches", "5"]
+    study.main([*options, "--trace", str(tmp_path / "trace.json"), "--trace-max-rate", "0.5"])
+    saved = json.loads((tmp_path / "trace_seed0.json").read_text())
+    assert [row["step"] for row in saved["intervals"]] == [10, 20]  # every interval of 4 x 5 steps
+    assert all(0 < g <= 0.5 for row in saved["intervals"] for g in row["gain"].values())
+    capsys.readouterr()
+    study.main(["--trace-report", str(tmp_path / "trace_seed0.json")])
+    text = capsys.readouterr().out
+    assert "max_rate 0.5" in text and "net.conv1.weight, steps 10-" in text and "net.fc.weight, steps 20-20" in text
+
+
 def test_a_resumed_fit_under_a_target_continues_the_uninterrupted_one_bit_identically(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 

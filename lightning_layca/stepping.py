@@ -125,10 +125,10 @@ def upload_rates(
         if unit_rates is not None:
             rows = [x for i in bucket.indices for x in unit_rates[i]]
             if len(rows) != bucket.row_layer.numel():
-                names = [i for i in bucket.indices if len(unit_rates[i]) != 0]
                 raise ValueError(
-                    f"Layca: a per-unit rotation target needs every unit of a layer on each process; layers {names} "
-                    "are sharded along their units. Use granularity='layer' with a target under this sharding."
+                    f"Layca: a per-unit rotation target needs every unit of a layer on each process, but this process "
+                    f"holds {bucket.row_layer.numel()} of the {len(rows)} units of its layers (sharded along dim 0). "
+                    "Use granularity='layer' with a target under this sharding."
                 )
             (bucket.rates,) = _device_values([rows], bucket.near_floor.device)
     bucket.rates_version = version

@@ -210,7 +210,7 @@ def _angle(distance: float) -> float:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=5)  # the Layca step (through Rates.after_step)
 
 
 class TargetController:

@@ -273,6 +273,23 @@ def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_in
     assert list(callback.epoch_targets) == names and all(len(v) == 3 for v in callback.epoch_targets.values())
 
 
+def test_callback_runs_a_per_unit_target_on_the_monitors_initial_weights(tmp_path: Path) -> None:
+    target = ll.RotationTarget(0.05, interval=2)
+    callback = ll.LaycaCallback(
+        target=target, granularity="unit", log_every_n_steps=2, figure=False, angle_histograms=False
+    )
+    model = TinyCNN(scheduler=True)
+    make_trainer(tmp_path, logger=False, callbacks=[callback], max_epochs=2).fit(model, loader())
+    (layca,) = callback.laycas.values()
+    assert layca.targets is not None and set(layca.describe().values()) == {"eager"}
+    assert layca.state_dict()["layca"]["target"]["initial"] == {}  # the monitor's snapshots, shared
+    params = dict(model.named_parameters())
+    for i, name in enumerate(layca.layer_names):  # measured at the last step, unit by unit (float64 reference)
+        reference = unit_distances(params[name], layca.targets.initial[i]).tolist()
+        assert layca.targets.unit_distances[i] == pytest.approx(reference, abs=1e-12)
+        assert len(reference) == params[name].shape[0] and all(math.isfinite(d) for d in reference)
+
+
 def test_rotation_target_is_configurable_from_yaml(tmp_path: Path) -> None:
     from examples.cli import main
 

@@ -14,7 +14,7 @@ decay of the learning rate):
 
 from seeds 0, 1 and 2. Every run records its test and training accuracy, every layer's rotation (cosine distance to
 its initial weights) at every epoch end, and, every few optimizer steps, the tangent of the angle every layer turned
-in that step (``layer_rotation_rate/<layer>``) and its norm (``layer_norm/<layer>``), as the monitor logs them.
+in that step (``Step_rotation/<layer>``) and its norm (``Weight_norm/<layer>``), as the monitor logs them.
 
 Each finished run is appended at once to a JSON-lines file, and runs already there are skipped, so an interrupted
 experiment resumes where it stopped and ``--report-only`` builds the report and the figures from whatever has finished.
@@ -219,13 +219,17 @@ def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: d
             log_rates=False,
             angle_histograms=False,
             figure=False,
+            per_layer_detail=True,
         )
     else:
-        monitor = ll.LayerRotationMonitor(log_every_n_steps=RATE_EVERY, angle_histograms=False, figure=False)
-    recorder = ScalarRecorder(("layer_rotation_rate/", "layer_norm/"))
+        monitor = ll.LayerRotationMonitor(
+            log_every_n_steps=RATE_EVERY, angle_histograms=False, figure=False, per_layer_detail=True
+        )
+    recorder = ScalarRecorder(("Step_rotation/", "Weight_norm/"))
     result = fit(model, datamodule, setup, [monitor], loggers=[recorder])
-    rates = {tag.removeprefix("layer_rotation_rate/"): pts for tag, pts in recorder.series.items() if "rate/" in tag}
-    norms = {tag.removeprefix("layer_norm/"): pts for tag, pts in recorder.series.items() if "norm/" in tag}
+    series = recorder.series.items()
+    rates = {tag.removeprefix("Step_rotation/"): pts for tag, pts in series if tag.startswith("Step_rotation/")}
+    norms = {tag.removeprefix("Weight_norm/"): pts for tag, pts in series if tag.startswith("Weight_norm/")}
     steps = [step for step, _ in next(iter(rates.values()), [])]
     return {
         **asdict(config),
@@ -397,7 +401,7 @@ def report(records: Sequence[dict[str, Any]], quick: bool) -> list[str]:
         + (f"; {setup['limit_train_batches']} batches per epoch" if setup.get("limit_train_batches") else ""),
         "- test accuracy: mean ± sample standard deviation over seeds, in %; rotation: cosine distance of each "
         "layer's final weights to its initial weights, mean over layers (lowest to highest layer), mean over seeds",
-        f"- rates: `layer_rotation_rate`, the tangent of the angle a layer turned in one optimizer step, measured "
+        f"- rates: `Step_rotation`, the tangent of the angle a layer turned in one optimizer step, measured "
         f"every {RATE_EVERY} steps",
         machine_line(records),
         f"- command: `{run_command('adaptive_equilibrium.py', setup, quick)}`",

@@ -5,7 +5,7 @@ parameters, 201 MB in float32) on the same random data, SGD with momentum 0.9, a
 
 * ``no callback``: the reference;
 * ``LayerRotationMonitor without histograms``: ``angle_histograms=False``;
-* ``LayerRotationMonitor``: with the epoch-end ``layer_angles`` histograms;
+* ``LayerRotationMonitor``: with the epoch-end ``Unit_angle`` histograms;
 * ``LaycaCallback``: Layca around the SGD (``implementation="eager"``), with the monitor's histograms;
 * ``LaycaCallback compiled``: the same with ``implementation="compiled"``, whose kernel takes SGD's step itself and
   keeps no buffer of the weights before the step (except on logging steps, for the monitor's rates).

@@ -1,8 +1,9 @@
 """Cost of layer-rotation monitoring: one monitor update against one SGD step, and end-to-end ``Trainer.fit``.
 
-Part 1 (micro): on the parameter shapes of ResNet-18 (built by hand, no torchvision), one monitor update (what
-``LayerRotationMonitor`` does on a logging step: every layer's cosine distance to its snapshot, moved to the host
-once) against one ``SGD(lr, momentum=0.9, foreach=True)`` step on the same parameters (and, for reference, one
+Part 1 (micro): on the parameter shapes of ResNet-18 (built by hand, no torchvision), one monitor update (every
+layer's cosine distance to its snapshot, moved to the host once) and the full measurement of a logging step (the
+same, plus the latest step's sums, from which its angle, update ratio and its two parts, and the norm come; one host
+transfer) against one ``SGD(lr, momentum=0.9, foreach=True)`` step on the same parameters (and, for reference, one
 step without momentum), interleaved, medians.
 Target: an update costs at most one base SGD step.
 
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._shapes import SHAPE_SETS
-from lightning_layca.rotation import cosine_distances
+from lightning_layca.rotation import RotationMeter, cosine_distances
 
 
 def _sync(device: torch.device) -> None:
@@ -70,10 +71,18 @@ def micro(device: torch.device, repeats: int) -> list[str]:
     def monitor_update() -> None:
         cosine_distances(layers, snapshot).tolist()
 
+    meter = RotationMeter(layers, snapshot)
+    before = [p.detach().clone() for p in layers]  # the copy the monitor takes before a logging step's update
+    positions = list(range(len(layers)))
+
+    def logging_step_measurement() -> None:
+        meter.measure(distances=True, steps=positions, before=before)
+
     rows: dict[str, Callable[[], Any]] = {
         "SGD step (foreach, momentum 0.9)": sgd.step,
         "SGD step (foreach, no momentum)": plain_sgd.step,
         "monitor update": monitor_update,
+        "logging step: rotation + step (angle, update ratio, norm)": logging_step_measurement,
     }
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(3):

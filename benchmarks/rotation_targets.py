@@ -18,9 +18,9 @@ interval) against the whole fit's, on one run.
 
 Run from the repository root::
 
-    python benchmarks/rotation_targets.py               # 15 runs; docs/results/rotation_targets.{jsonl,md}
-    python benchmarks/rotation_targets.py --report-only
-    python benchmarks/rotation_targets.py --overhead --seeds 0
+    python -m benchmarks.rotation_targets               # 15 runs; docs/results/rotation_targets.{jsonl,md}
+    python -m benchmarks.rotation_targets --report-only
+    python -m benchmarks.rotation_targets --overhead --seeds 0
     python -m benchmarks.rotation_targets --trace docs/results/target_trace.json --trace-final 0.4 --seeds 0
     python -m benchmarks.rotation_targets --trace-report docs/results/target_trace_*.json
 
@@ -247,7 +247,7 @@ def report(records: Sequence[dict[str, Any]]) -> str:
         [
             "# Closed-loop rotation targets on MNIST-1D",
             "",
-            "Written by `benchmarks/rotation_targets.py` (`--report-only` rebuilds it from the saved runs).",
+            "Written by `python -m benchmarks.rotation_targets` (`--report-only` rebuilds it from the saved runs).",
             "",
             machine_line(records),
             "",

@@ -1,11 +1,14 @@
-"""Take the TensorBoard screenshots of the docs from a real run of the demo.
+"""Take the TensorBoard screenshots of the docs from real runs: the demo and a ResNet-50-sized model.
 
-Trains the demo (``examples/configs/mnist1d_layca.yaml``: a few minutes on a 2-core CPU) into a log directory, serves
-it with a local ``tensorboard``, drives headless Chromium through its DevTools protocol and writes the pictures into
-``docs/screenshots/``. Run from the repository root::
+Trains the demo (``examples/configs/mnist1d_layca.yaml``: a few minutes on a 2-core CPU) and a model with the layers of
+ResNet-50 (built here, 54 layers, a few steps of random 32x32 images, SGD watched by ``LayerRotationMonitor``) into log
+directories, serves each with a local ``tensorboard``, drives headless Chromium through its DevTools protocol and
+writes the pictures into ``docs/screenshots/``. It also prints how many charts TensorBoard's first screen shows and the
+groups its Time Series dashboard lists. Run from the repository root::
 
-    python docs/take_screenshots.py                                 # train the demo in a temporary folder
-    python docs/take_screenshots.py --logdir /tmp/demo_logs         # train there, or reuse the logs found there
+    python docs/take_screenshots.py                                 # train both in a temporary folder
+    python docs/take_screenshots.py --run resnet50                  # only the ResNet-50-sized model
+    python docs/take_screenshots.py --logdir /tmp/logs              # train there, or reuse the logs found there
 
 Needs Chromium (Debian: ``apt-get install chromium``) and the ``examples`` extra. Not part of the test suite.
 
@@ -53,14 +56,33 @@ class Shot:
 
 # The legacy dashboards keep their state in the URL fragment (tag filter, smoothing switched off so the curves show
 # the logged values). The left 285 pixels hold the dashboards' settings, the top 64 TensorBoard's tab bar.
-SHOTS = [
-    # What TensorBoard shows first (its Time Series dashboard, default settings), the whole window at its own size.
-    Shot("first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
-    Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 900), (285, 64, 815, 700)),
-    Shot("scalars", "scalars&tagFilter=Layer_rotation&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
-    Shot("histograms", "histograms&tagFilter=layer_angles", (1000, 520), (285, 64, 715, 426)),
-    Shot("images", "images&tagFilter=Layer_rotation_curves", (1000, 560), (285, 64, 430, 426)),
-]
+SHOTS = {
+    "demo": [
+        # What TensorBoard shows first (its Time Series dashboard, default settings), the whole window at its own size.
+        Shot("first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
+        Shot("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 2300), (285, 64, 815, 2200), 1),
+        Shot("scalars", "scalars&tagFilter=%5ERotation%2F&_smoothingWeight=0", (1000, 800), (285, 64, 715, 690)),
+        Shot("histograms", "histograms&tagFilter=Unit_angle", (1000, 520), (285, 64, 715, 426)),
+        Shot("images", "images&tagFilter=Rotation_curves", (1000, 560), (285, 64, 430, 426)),
+        Shot("update_ratio", "images&tagFilter=Update_ratio_curves", (1000, 560), (285, 64, 430, 426)),
+    ],
+    "resnet50": [
+        Shot("resnet50_first_screen", "", (1280, 800), (0, 0, 1280, 800), scale=1),
+        Shot("resnet50_custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 2300), (285, 64, 815, 2200), 1),
+        Shot("resnet50_update_ratio", "images&tagFilter=Update_ratio_curves", (1000, 560), (285, 64, 430, 426)),
+    ],
+}
+
+# The Time Series dashboard's group headers ("<group> N cards"), and the cards whose box is in the window.
+COUNT_CARDS = r"""(() => {
+  const groups = Array.from(document.querySelectorAll('metrics-card-group-toolbar, .group-toolbar'))
+    .map(e => e.innerText.replace(/\s+/g, ' ').trim());
+  const cards = Array.from(document.querySelectorAll('card-view'));
+  const visible = cards.filter(c => { const r = c.getBoundingClientRect();
+    return r.height > 0 && r.top < window.innerHeight && r.bottom > 0 && r.left < window.innerWidth; });
+  return JSON.stringify({groups: groups, rendered: cards.length, visible: visible.length,
+    titles: visible.map(c => c.innerText.split('\n')[0])});
+})()"""
 
 
 class DevTools:
@@ -145,6 +167,81 @@ class DevTools:
         os.close(self._from_browser)
 
 
+RESNET50 = """
+import lightning as L, torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.loggers import TensorBoardLogger
+import lightning_layca as ll
+
+class Bottleneck(nn.Module):
+    def __init__(self, c_in, width, stride):
+        super().__init__()
+        c_out = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+class ResNet50(L.LightningModule):
+    # torchvision's resnet50(): its layer names and shapes, 54 layers, 25,557,032 parameters.
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        c_in = 64
+        for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+            layers = []
+            for b in range(blocks):
+                layers.append(Bottleneck(c_in, width, 2 if b == 0 and stage > 1 else 1))
+                c_in = 4 * width
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+        self.fc = nn.Linear(2048, 1000)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+        return self.fc(x.mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 1000, (48,), generator=g)
+model = ResNet50()
+assert sum(p.numel() for p in model.parameters()) == 25_557_032
+logger = TensorBoardLogger(SAVE_DIR, name="resnet50", default_hp_metric=False)
+trainer = L.Trainer(max_epochs=3, log_every_n_steps=2, logger=logger, callbacks=[ll.LayerRotationMonitor()],
+                    enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+"""
+"""A model with ResNet-50's layers (names and shapes of torchvision's ``resnet50()``): 3 epochs of 6 steps of random
+32x32 images, SGD (lr 0.01, momentum 0.9, weight decay 5e-4) watched by ``LayerRotationMonitor``, a logging step
+every 2 optimizer steps."""
+
+
+def run_resnet50(save_dir: Path) -> None:
+    """Fit :data:`RESNET50`, writing its TensorBoard logs under ``save_dir``."""
+    print("training the ResNet-50-sized model", flush=True)
+    code = f"SAVE_DIR = {str(save_dir)!r}\n{RESNET50}"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def run_demo(config: str, save_dir: Path) -> None:
     """Train the demo, writing its TensorBoard logs under ``save_dir``."""
     command = [
@@ -169,18 +266,18 @@ def free_port() -> int:
 
 
 def wait_for_tags(url: str, timeout: float = 120.0) -> None:
-    """Wait until TensorBoard has read the rotation scalars of the logs."""
+    """Wait until TensorBoard has read the scalars of the logs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=5) as response:
                 tags = json.load(response)
-            if any(tag.startswith("Layer_rotation/") for run in tags.values() for tag in run):
+            if any(tags.values()):
                 return
         except OSError:
             pass
         time.sleep(1.0)
-    raise TimeoutError(f"TensorBoard at {url} did not serve any Layer_rotation/ tag within {timeout:.0f} s.")
+    raise TimeoutError(f"TensorBoard at {url} did not serve any scalar within {timeout:.0f} s.")
 
 
 def chromium_binary() -> str:
@@ -192,8 +289,8 @@ def chromium_binary() -> str:
     raise FileNotFoundError("Chromium is needed for the screenshots: apt-get install chromium")
 
 
-def take_all(url: str, out_dir: Path) -> None:
-    """Photograph every dashboard of :data:`SHOTS`."""
+def take_all(url: str, out_dir: Path, shots: list[Shot]) -> None:
+    """Photograph every dashboard of ``shots``; print what the first screen shows."""
     with tempfile.TemporaryDirectory() as profile:
         browser = DevTools(chromium_binary(), profile)
         try:
@@ -201,13 +298,16 @@ def take_all(url: str, out_dir: Path) -> None:
             browser.page("Page.navigate", url=f"{url}/")
             time.sleep(3.0)
             browser.page("Runtime.evaluate", expression="localStorage.setItem('_ignoreYOutliers', 'false')")
-            for shot in SHOTS:
+            for shot in shots:
                 width, height = shot.window
                 metrics = {"width": width, "height": height, "deviceScaleFactor": shot.scale, "mobile": False}
                 browser.page("Emulation.setDeviceMetricsOverride", **metrics)
                 browser.page("Page.navigate", url="about:blank")
                 browser.page("Page.navigate", url=f"{url}/#{shot.fragment}" if shot.fragment else f"{url}/")
                 time.sleep(SETTLE_S)
+                if not shot.fragment:  # the first screen: count its charts
+                    counted = browser.page("Runtime.evaluate", expression=COUNT_CARDS, returnByValue=True)
+                    print(f"{shot.name}: {counted['result']['value']}", flush=True)
                 x, y, w, h = shot.clip
                 png = browser.page(
                     "Page.captureScreenshot", format="png", clip={"x": x, "y": y, "width": w, "height": h, "scale": 1}
@@ -229,28 +329,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--logdir", type=Path, help="log directory: reused if it has logs, else the demo trains there")
     parser.add_argument("--config", default=DEMO_CONFIG, help=f"demo config to train (default: {DEMO_CONFIG})")
+    parser.add_argument("--run", choices=["all", *SHOTS], default="all", help="which run to photograph")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots", help="where to write the PNGs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-
     with tempfile.TemporaryDirectory() as tmp:
-        logdir = args.logdir or Path(tmp) / "logs"
-        if not has_logs(logdir):
-            run_demo(args.config, logdir)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        tensorboard = Path(sys.executable).parent / "tensorboard"
-        server = subprocess.Popen(
-            [str(tensorboard), "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_tags(url)
-            take_all(url, args.out)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        for run in SHOTS if args.run == "all" else [args.run]:
+            logdir = (args.logdir or Path(tmp)) / run
+            if not has_logs(logdir):
+                if run == "demo":
+                    run_demo(args.config, logdir)
+                else:
+                    run_resnet50(logdir)
+            serve_and_take(logdir, args.out, SHOTS[run])
+
+
+def serve_and_take(logdir: Path, out: Path, shots: list[Shot]) -> None:
+    """Serve ``logdir`` with a local TensorBoard and photograph ``shots``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    server = subprocess.Popen(
+        [str(tensorboard), "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_tags(url)
+        take_all(url, out, shots)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

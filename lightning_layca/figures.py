@@ -1,4 +1,4 @@
-"""The paper's layer-rotation figure: one curve per layer, coloured from the first layer to the last.
+"""The paper's layer-rotation figure, and the update-ratio figure: one curve per layer, coloured first to last layer.
 
 matplotlib is an optional dependency (the ``plot`` extra, ``pip install lightning-layca[plot]``) and is imported only
 when a figure is drawn. Figures are drawn on matplotlib's Agg canvas without ``pyplot``, so no GUI backend is ever
@@ -16,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLOT_EXTRA_HINT", "colour_bar_ticks", "render_rgb", "rotation_curves_figure", "save_png", "write_png"]
+__all__ = [
+    "PLOT_EXTRA_HINT",
+    "colour_bar_ticks",
+    "render_rgb",
+    "rotation_curves_figure",
+    "save_png",
+    "update_ratio_figure",
+    "write_png",
+]
 
 PLOT_EXTRA_HINT = "pip install 'lightning-layca[plot]'"
 """How to install what figures need."""
@@ -59,6 +67,58 @@ def rotation_curves_figure(
     Raises:
         ModuleNotFoundError: When matplotlib is missing (install the ``plot`` extra).
     """
+    matplotlib, _ = _require_matplotlib()
+    fig, ax = _layer_curves(
+        {name: (list(epochs), list(values)) for name, values in curves.items()}, title, "epoch",
+        "cosine distance to initialisation", ax,
+    )  # fmt: skip
+    colormap, norm = matplotlib.colormaps["viridis"], _depth_norm(matplotlib, len(curves))
+    for depth, name in enumerate(curves):
+        target = list((targets or {}).get(name, []))
+        if target:
+            xs = list(epochs)[-len(target) :]
+            ax.plot(xs, target[-len(xs) :], color=colormap(norm(depth)), linewidth=1.0, linestyle="--")
+    top = max([1.0] + [v * 1.05 for values in curves.values() for v in values if v == v])
+    ax.set_ylim(0.0, top)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return fig
+
+
+def update_ratio_figure(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    reference: float,
+    title: str = "Update-to-data ratio",
+    ax: Any | None = None,
+) -> Any:
+    """Draw one line per layer of ``log10 ||dW|| / ||W||`` over the logging steps, coloured by depth, and a reference.
+
+    Args:
+        curves: Layer name -> ``[(step, log10 ratio), ...]``, in depth order (input first).
+        reference: The y of the dashed horizontal reference line (the usual -3).
+        title: The axes title.
+        ax: A ``matplotlib.axes.Axes`` to draw on; by default a new figure with one axes is made.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` drawn on, with the colour bar of :func:`rotation_curves_figure`.
+
+    Example:
+        >>> fig = update_ratio_figure({"conv1": [(0, -2.5), (10, -3.1)], "fc": [(0, -2.9), (10, -3.4)]}, -3.0)
+        >>> render_rgb(fig).shape[2]
+        3
+    """
+    fig, ax = _layer_curves(
+        {name: ([x for x, _ in points], [y for _, y in points]) for name, points in curves.items()},
+        title, "step", "log10 ||dW|| / ||W||", ax,
+    )  # fmt: skip
+    ax.axhline(reference, color="black", linestyle="--", linewidth=1.0, label=f"reference {reference:g}")
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def _layer_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str, ax: Any
+) -> tuple[Any, Any]:
+    """One line per layer coloured by depth (viridis, input first), labelled axes, and a colour bar naming layers."""
     matplotlib, figure_class = _require_matplotlib()
     ticks = colour_bar_ticks(list(curves))
     if ax is None:
@@ -72,29 +132,23 @@ def rotation_curves_figure(
     else:
         fig = ax.figure
     colormap = matplotlib.colormaps["viridis"]
-    n = len(curves)
-    norm = matplotlib.colors.Normalize(vmin=0, vmax=max(n - 1, 1))
-    top = 1.0
-    for depth, (name, values) in enumerate(curves.items()):
-        ax.plot(list(epochs), list(values), color=colormap(norm(depth)), linewidth=1.5)
-        target = (targets or {}).get(name)
-        if target:
-            xs = list(epochs)[-len(target) :]
-            ax.plot(xs, list(target)[-len(xs) :], color=colormap(norm(depth)), linewidth=1.0, linestyle="--")
-        finite = [v for v in values if v == v]
-        if finite:
-            top = max(top, max(finite) * 1.05)
-    ax.set_ylim(0.0, top)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cosine distance to initialisation")
+    norm = _depth_norm(matplotlib, len(curves))
+    for depth, (xs, ys) in enumerate(curves.values()):
+        ax.plot(list(xs), list(ys), color=colormap(norm(depth)), linewidth=1.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
     bar = fig.colorbar(mappable, ax=ax)
     bar.set_ticks(list(ticks), labels=list(ticks.values()), fontsize="small")
     bar.set_label("layer (input → output)")
-    return fig
+    return fig, ax
+
+
+def _depth_norm(matplotlib: Any, layers: int) -> Any:
+    """The colour scale of depth: layer index 0 (input) to ``layers - 1`` (output)."""
+    return matplotlib.colors.Normalize(vmin=0, vmax=max(layers - 1, 1))
 
 
 MAX_NAMED_LAYERS = 8

@@ -30,7 +30,7 @@ from lightning_layca.rotation import AngleHistogram
 __all__ = [
     "add_histograms",
     "add_image",
-    "add_multiline_layout",
+    "add_layout",
     "has_tensorboard",
     "is_logging_step",
     "log_directory",
@@ -97,11 +97,25 @@ def add_image(writers: list[Any], tag: str, image: Any, step: int) -> None:
         writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
 
-def add_multiline_layout(writers: list[Any], category: str, charts: Mapping[str, str]) -> None:
-    """Add a custom-scalars layout: one chart per entry of ``charts`` (title -> tag regex), all curves on it."""
-    layout = {category: {title: ["Multiline", [regex]] for title, regex in charts.items()}}
+def add_layout(writers: list[Any], layout: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """Add a custom-scalars layout: category -> chart title -> ``[kind, tags]``.
+
+    ``kind`` is ``"Multiline"`` (``tags``: regexes, every matching tag on one chart) or ``"Margin"`` (``tags``: the
+    value, lower and upper tags, exactly). TensorBoard shows a category's multiline charts before its margin charts.
+    """
+    if not layout:
+        return
+    # TensorBoard's Custom Scalars page (2.21) shows a category's multiline charts in the order written, then its margin
+    # charts last first: write the margin charts reversed, so that every chart appears in the order given.
+    shown = {
+        category: {
+            **{title: chart for title, chart in charts.items() if chart[0] != "Margin"},
+            **{title: chart for title, chart in reversed(list(charts.items())) if chart[0] == "Margin"},
+        }
+        for category, charts in layout.items()
+    }
     for writer in writers:
-        writer.add_custom_scalars(layout)
+        writer.add_custom_scalars(shown)
 
 
 def log_directory(trainer: pl.Trainer) -> Path:

@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,9 +28,9 @@ import torch
 from lightning_layca.adapters import AdaptedLayers, adapter_parameter_names, cosine_distance, unit_angles_degrees
 from lightning_layca.distributed import is_dtensor, local_shard, shard_of
 from lightning_layca.rotation import Measured, RotationMeter
-from lightning_layca.selection import select_layers
+from lightning_layca.selection import layer_display_name, select_layers
 
-__all__ = ["MonitoredLayers"]
+__all__ = ["LayerShare", "MonitorSpec", "MonitoredLayers", "share_layers"]
 
 
 def _restored_shard(initial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,100 @@ def _restored_shard(initial: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         initial = shard_of(initial, layer)
     local = local_shard(layer)
     return initial.to(device=local.device, dtype=local.dtype)
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """What :func:`share_layers` needs of one monitor on a Trainer."""
+
+    owner: str
+    """The monitor's class name."""
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    measures_first: bool = False
+    """Whether the monitor measures its layers before plain monitors do (a ``LaycaCallback``, from Layca's snapshot)."""
+
+
+@dataclass
+class LayerShare:
+    """The share of one monitor: the layers it leaves to other monitors, and the label of its summaries."""
+
+    left_out: list[str] = field(default_factory=list)
+    """Parameter names it selects but another monitor measures."""
+    measured_by: list[str] = field(default_factory=list)
+    """The owners of the monitors that measure ``left_out``."""
+    label: str | None = None
+    """``None`` when it is the only monitor that measures anything, else a name that tells it from the others."""
+    measures_any: bool = True
+    """Whether some selected layer is left to it."""
+
+    def explanation(self) -> str:
+        """What the monitor leaves out, to whom, and why (for a warning)."""
+        layers = [layer_display_name(name) for name in self.left_out]
+        rest = "measures the others" if self.measures_any else "measures nothing"
+        return (
+            f"{', '.join(self.measured_by)} on the same Trainer measures and logs layers {layers}; this monitor "
+            f"leaves them out, so that each layer is measured and logged once, and {rest}."
+        )
+
+
+def share_layers(
+    named_parameters: Iterable[tuple[str, torch.Tensor]], specs: Sequence[MonitorSpec]
+) -> list[LayerShare]:
+    """Give every layer to one monitor, so that no tag is written twice at one step; label each monitor's summaries.
+
+    The monitors that measure first (``LaycaCallback``) choose first, then the others, each in the Trainer's order; a
+    monitor leaves out the layers an earlier one chose. When more than one monitor measures something, each has a
+    label: its ``include`` patterns joined by ``+`` (else its class name), followed by ``-<pattern>`` for each
+    ``exclude`` pattern.
+
+    Returns:
+        One :class:`LayerShare` per spec, in the order of ``specs``.
+
+    Raises:
+        ValueError: When two monitors that measure something would get the same label.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> shares = share_layers(model.named_parameters(), [MonitorSpec("A", include="0.*"), MonitorSpec("B")])
+        >>> [(s.left_out, s.label) for s in shares]
+        [([], '0.*'), (['0.weight'], 'B')]
+    """
+    params = list(named_parameters)
+    order = sorted(range(len(specs)), key=lambda k: not specs[k].measures_first)  # stable
+    taken: dict[str, str] = {}
+    shares = [LayerShare() for _ in specs]
+    active = []
+    for k in order:
+        spec = specs[k]
+        chosen = [n for n, _ in select_layers(params, include=spec.include, exclude=spec.exclude, trainable_only=False)]
+        left_out = [n for n in chosen if n in taken]
+        shares[k].left_out = left_out
+        shares[k].measured_by = sorted({taken[n] for n in left_out})
+        shares[k].measures_any = len(left_out) < len(chosen)
+        for name in chosen:
+            taken.setdefault(name, spec.owner)
+        if shares[k].measures_any:
+            active.append(k)
+    if len(active) > 1:
+        labels = {k: _label(specs[k]) for k in active}
+        if len(set(labels.values())) < len(labels):
+            raise ValueError(
+                "Rotation monitors on one Trainer would write their summaries under the same names "
+                f"({sorted(labels.values())}): give them different `include`/`exclude` patterns."
+            )
+        for k, label in labels.items():
+            shares[k].label = label
+    return shares
+
+
+def _patterns(patterns: str | Sequence[str] | None) -> list[str]:
+    return [] if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _label(spec: MonitorSpec) -> str:
+    include = _patterns(spec.include)
+    return ("+".join(include) if include else spec.owner) + "".join(f"-{p}" for p in _patterns(spec.exclude))
 
 
 class MonitoredLayers:
@@ -81,6 +176,9 @@ class MonitoredLayers:
         self.params: list[torch.Tensor] = []
         self.initial: list[torch.Tensor] = []
         self.module: torch.nn.Module | None = None
+        self.left_out: set[str] = set()
+        """Parameter names selected but measured by another monitor (:func:`share_layers`): never candidates."""
+        self._bound = False
         self._candidates: list[tuple[str, torch.Tensor]] = []
         self._pending: list[tuple[str, torch.Tensor]] = []  # candidates still frozen, not snapshotted
         self._meter = RotationMeter([], [])
@@ -105,15 +203,17 @@ class MonitoredLayers:
             ValueError: If nothing is selected, or the layers differ from those recorded.
         """
         self.module = module
+        self._bound = True
         adapted = set(adapter_parameter_names(module))
-        candidates = select_layers(
+        selected = select_layers(
             [(n, p) for n, p in module.named_parameters() if n not in adapted],
             include=self.include,
             exclude=self.exclude,
             trainable_only=False,
         )
+        candidates = [(name, p) for name, p in selected if name not in self.left_out]
         new_adapters = self.adapted.bind(module)
-        if not candidates and not self.adapted.adapters:
+        if not selected and not self.adapted.adapters:
             raise ValueError(
                 f"{self.owner}: no parameter of {type(module).__name__} selected as a layer (default: real "
                 "floating-point parameters with ndim >= 2; see `include`/`exclude`)."
@@ -156,7 +256,7 @@ class MonitoredLayers:
     @property
     def has_candidates(self) -> bool:
         """Whether a model has been bound (:meth:`bind`): its candidate layers are known."""
-        return bool(self._candidates or self.adapted.adapters)
+        return self._bound
 
     @property
     def has_pending(self) -> bool:

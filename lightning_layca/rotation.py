@@ -10,6 +10,8 @@ sharded ones are measured by the same code:
   :func:`angles_from_sums`);
 * how far one step turned each layer, as ``tan`` of the angle, and its norm after it (:func:`step_rotation`,
   :func:`step_rotation_from_sums`);
+* the update-to-data ratio of one step, ``log10 ||dW|| / ||W||``, and its exact split into a tangential and a radial
+  part (:func:`update_ratios_from_sums`), from the same sums as the step's angle;
 * :class:`RotationMeter`: everything one logging step needs, for a list of layers and their initial snapshot, with
   one host transfer and, under sharding, ONE ``all_reduce``;
 * :func:`angle_histograms` bins angles on the device; only bin counts and a few numbers cross to the host.
@@ -53,6 +55,7 @@ __all__ = [
     "step_rotation",
     "step_rotation_from_sums",
     "unit_angles",
+    "update_ratios_from_sums",
 ]
 
 
@@ -107,6 +110,43 @@ def step_rotation_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     a, b, c = sums.unbind(-1)
     tangential = (c - a.square() / b).clamp_min(0.0).sqrt()
     return tangential * b.sqrt() / (b + a), (b + 2 * a + c).clamp_min(0.0).sqrt()
+
+
+def update_ratios_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log10 of the update-to-data ratio of a step, total, tangential and radial, from ``(a, b, c)`` of the step.
+
+    With ``a = <D, w>``, ``b = ||w||^2``, ``c = ||D||^2`` (``w`` the weights before the step, ``D`` the step; the sums
+    :func:`step_rotation_from_sums` takes), the step splits into its part along ``w``, of norm ``|a| / sqrt(b)``, and
+    its part orthogonal to ``w``, of norm ``sqrt(c - a^2 / b)``; their squares add up to ``c`` exactly. Divided by
+    ``||w|| = sqrt(b)``:
+
+    * total ``r = sqrt(c / b)``, radial ``r_rad = |a| / b``, tangential ``r_tan = sqrt(c / b - a^2 / b^2)``, so
+      ``r_tan^2 + r_rad^2 = r^2`` (up to the rounding of float64);
+    * the tangential part and the step's angle ``theta`` (:func:`step_rotation_from_sums`) are related by
+      ``r_tan = tan(theta) * (1 + a / b)``: ``r_tan = sin(theta)`` for a step that keeps the norm (Layca), and
+      ``r_tan ~ tan(theta)`` for any step small against the weights.
+
+    Returned as log10 (``-inf`` for a part that is exactly zero, NaN where ``b`` is 0 or a sum is not finite).
+
+    Example:
+        >>> # from (1, 0) to (1.001, 0.001): a tangential and a radial part of 1e-3 each
+        >>> total, tangential, radial = update_ratios_from_sums(torch.tensor([[1e-3, 1.0, 2e-6]], dtype=torch.float64))
+        >>> [round(x, 4) for x in (total.item(), tangential.item(), radial.item())]
+        [-2.8495, -3.0, -3.0]
+    """
+    a, b, c = sums.unbind(-1)
+    valid = torch.isfinite(sums).all(-1) & (b > 0)
+    safe_b = torch.where(valid, b, 1.0)
+    total_sq = c / safe_b
+    radial = a.abs() / safe_b
+    tangential_sq = (total_sq - radial.square()).clamp_min(0.0)
+    # log10 of a square root as half the log10 of the square: no rounding of the root in between.
+    total, tangential = 0.5 * total_sq.log10(), 0.5 * tangential_sq.log10()
+    return (
+        torch.where(valid, total, torch.nan),
+        torch.where(valid, tangential, torch.nan),
+        torch.where(valid, radial.log10(), torch.nan),
+    )
 
 
 def cosine_distances(weights: Sequence[torch.Tensor], initial: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -172,6 +212,10 @@ class Measured:
     distances: list[float] = field(default_factory=list)
     tans: list[float] = field(default_factory=list)
     norms: list[float] = field(default_factory=list)
+    update_ratios: list[float] = field(default_factory=list)
+    """log10 of ``||dW|| / ||W||`` of the step of each layer of ``steps`` (see :func:`update_ratios_from_sums`)."""
+    tangential_ratios: list[float] = field(default_factory=list)
+    radial_ratios: list[float] = field(default_factory=list)
     unit_tans: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
@@ -200,7 +244,8 @@ class RotationMeter:
 
         Args:
             distances: Whether to measure every layer's cosine distance to its initial weights.
-            steps: Positions of the layers whose latest step to measure (``tan`` of its angle, norm after it).
+            steps: Positions of the layers whose latest step to measure (``tan`` of its angle, norm after it, update
+                ratios), from the one set of step sums.
             unit_steps: Positions of the layers whose latest step to measure per unit (rows concatenated).
             before: The weights before the step of the layers at ``steps`` (local shards).
             unit_before: Likewise for ``unit_steps``.
@@ -231,8 +276,12 @@ class RotationMeter:
         if distances:
             out.distances = distances_from_sums(next(pieces)).tolist()
         if steps:
-            tans, norms = step_rotation_from_sums(next(pieces))
-            out.tans, out.norms = tans.tolist(), norms.tolist()
+            step_sums = next(pieces)
+            tans, norms = step_rotation_from_sums(step_sums)
+            total, tangential, radial = update_ratios_from_sums(step_sums)
+            # One host transfer for the five per-layer numbers.
+            host = torch.stack([tans, norms, total, tangential, radial]).tolist()
+            out.tans, out.norms, out.update_ratios, out.tangential_ratios, out.radial_ratios = host
         if unit_steps:
             out.unit_tans, _ = step_rotation_from_sums(next(pieces))
         return out

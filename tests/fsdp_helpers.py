@@ -312,14 +312,17 @@ class SaveBothCheckpointKinds(Callback):
 
 
 def rotation_callback(kind: str) -> LayerRotationMonitor:
+    # Every layer's per-step scalars, which the tests compare with those of one process.
     if kind == "layca":
-        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY)
+        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, per_layer_detail=True)
     if kind == "layca_units":
-        return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit")
+        return LaycaCallback(
+            rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit", per_layer_detail=True
+        )
     if kind == "layca_target":
         target = RotationTarget(0.05, interval=TARGET_INTERVAL)
         return LaycaCallback(target=target, log_every_n_steps=LOG_EVERY)
-    return LayerRotationMonitor(log_every_n_steps=LOG_EVERY)
+    return LayerRotationMonitor(log_every_n_steps=LOG_EVERY, per_layer_detail=True)
 
 
 def make_trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:

@@ -173,7 +173,7 @@ def test_peft_model_under_both_callbacks_logs_the_effective_rotation(
         assert expected > 1e-6
     (metrics,) = Path(trainer.log_dir).glob("metrics.csv")
     header = metrics.read_text().splitlines()[0].split(",")
-    assert all((f"magnitude_change/{n}" in header) == dora for n in names)
+    assert all((f"Magnitude_change/{n}" in header) == dora for n in names)
     if dora:
         assert all(v > 0 for v in cb.layers.magnitude_changes.values())
     if callback == "layca" and head:  # Layca controls the head; the base optimizer trains the adapters

@@ -69,12 +69,13 @@ def test_documented_config_trains_and_logs_rotation_next_to_accuracy(
     assert cli.trainer.global_step == 2
     log_dir = Path(cli.trainer.log_dir)
     tags = event_tags(log_dir)
-    for tag in ("Layer_rotation/net.conv1", "Layer_rotation/net.fc", "train/acc", "val/acc"):
+    for tag in ("Rotation/net.conv1", "Rotation/net.fc", "train/acc", "val/acc"):
         assert tag in tags, f"{tag} missing from {tags}"
     # TensorBoard's first screen (Time Series) lists the tag groups, the part before "/", in code-point order and
-    # opens the first two: here the per-layer rotation and the paper's figure, not `epoch` or a placeholder metric.
+    # opens on the first: here the per-layer rotation, then the paper's figure, not `epoch` or a placeholder metric.
     groups = sorted({tag.split("/")[0] for tag in event_tags(log_dir, ("scalars", "images", "histograms"))})
-    assert groups[:3] == ["Layer_rotation", "Layer_rotation_curves", "Layer_rotation_summary"], groups
+    assert groups[:2] == ["Rotation", "Rotation_curves"], groups
+    assert groups.index("Rotation_summary") < groups.index("epoch")
     assert "hp_metric" not in groups
     assert (log_dir / "layer_rotation_curves.png").stat().st_size > 0
     assert f"tensorboard --logdir {tmp_path}" in capsys.readouterr().out
@@ -85,10 +86,10 @@ def test_documented_config_trains_and_logs_rotation_next_to_accuracy(
         assert optimizer.rotation_rate == pytest.approx(3**-3, rel=1e-12)
         assert repr(optimizer.schedule) == "DepthDecay(alpha=0.0)"
         assert optimizer.layer_names[0] == "net.conv1.weight" and optimizer.layer_names[-1] == "net.fc.weight"
-        assert "layca/rate/net.conv1" in tags
+        assert "Rotation_rate_summary/mean" in tags
     else:
         assert type(optimizer) is torch.optim.SGD
-        assert not any(tag.startswith("layca/") for tag in tags)
+        assert not any(tag.startswith("Rotation_rate") for tag in tags)
 
 
 def test_cifar10_config_builds_without_torchvision_or_download() -> None:

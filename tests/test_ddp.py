@@ -288,13 +288,16 @@ def test_ddp_logs_the_tags_and_rotation_of_one_process_on_the_same_global_batch(
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     for kind in ("scalars", "histograms", "images", "tensors"):
         assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
-    rotation, expected = scalars_with_prefix(events, "Layer_rotation"), scalars_with_prefix(reference, "Layer_rotation")
-    assert {"Layer_rotation/net.head", "Layer_rotation_summary/mean"} <= expected.keys()
+    rotation, expected = scalars_with_prefix(events, "Rotation"), scalars_with_prefix(reference, "Rotation")
+    assert {"Rotation/net.head", "Rotation_summary/mean"} <= expected.keys()
     for tag, points in expected.items():
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
         assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
-    assert max(v for _, v in expected["Layer_rotation_summary/max"]) > 100 * ROTATION_TOL  # the layers did turn
-    rates, expected_rates = scalars_with_prefix(events, "layca/rate"), scalars_with_prefix(reference, "layca/rate")
+    assert max(v for _, v in expected["Rotation_summary/max"]) > 100 * ROTATION_TOL  # the layers did turn
+    rates, expected_rates = (
+        scalars_with_prefix(events, "Rotation_rate"),
+        scalars_with_prefix(reference, "Rotation_rate"),
+    )
     assert rates.keys() == expected_rates.keys()
     for tag, points in expected_rates.items():
         assert [s for s, _ in rates[tag]] == [s for s, _ in points], tag
@@ -322,8 +325,8 @@ def test_resumed_ddp_run_continues_the_uninterrupted_one(layca_resumed: Run, lay
             assert [v for _, v in resumed[key][layer]] == pytest.approx([v for _, v in points], abs=RESUME_TOL)
     # What the resumed run logged is the second half of the uninterrupted run's curves.
     logged, full = (
-        scalars_with_prefix(layca_resumed.events(), "Layer_rotation/"),
-        scalars_with_prefix(layca_spawn.events(), "Layer_rotation/"),
+        scalars_with_prefix(layca_resumed.events(), "Rotation"),
+        scalars_with_prefix(layca_spawn.events(), "Rotation"),
     )
     for tag, points in full.items():
         second_half = points[STEPS["layca_resumed"] :]

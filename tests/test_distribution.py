@@ -193,7 +193,7 @@ FIT_SCRIPT = textwrap.dedent(
     trainer.fit(Model(), data)
     events = EventAccumulator(logger.log_dir)
     events.Reload()
-    tags = [t for t in events.Tags()["scalars"] if t.startswith("Layer_rotation/")]
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("Rotation/")]
     print(f"package={ll.__file__}")
     print(f"typed={(Path(ll.__file__).parent / 'py.typed').is_file()}")
     print(f"steps={trainer.global_step}")

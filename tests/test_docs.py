@@ -280,5 +280,5 @@ def test_own_model_script_trains_from_its_yaml_file_as_printed(tmp_path: Path) -
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    assert {"Layer_rotation/net.0", "Layer_rotation/net.2", "layca/rate/net.0", "train/loss"} <= set(tags), tags
+    assert {"Rotation/net.0", "Rotation/net.2", "Rotation_rate_summary/mean", "train/loss"} <= set(tags), tags
     assert "hp_metric" not in tags

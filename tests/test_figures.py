@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_layca.figures import MAX_NAMED_LAYERS, render_rgb, rotation_curves_figure
+from lightning_layca.figures import MAX_NAMED_LAYERS, render_rgb, rotation_curves_figure, update_ratio_figure
 
 
 def colour_bar_labels(fig: object) -> list[str]:
@@ -38,3 +38,15 @@ def test_long_layer_names_keep_their_end_and_fit_in_the_figure() -> None:
     renderer = fig.canvas.get_renderer()
     rightmost = max(label.get_window_extent(renderer).x1 for label in [*bar.get_yticklabels(), bar.yaxis.label])
     assert rightmost <= width, (rightmost, width)
+
+
+def test_the_update_ratio_figure_draws_every_layer_and_the_reference_line() -> None:
+    curves = {f"layer{i}": [(0, -2.0 - 0.1 * i), (10, -3.2 - 0.1 * i)] for i in range(12)}
+    fig = update_ratio_figure(curves, reference=-3.0)
+    ax, _ = fig.axes
+    lines = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
+    assert lines[:12] == [([0, 10], [y for _, y in points]) for points in curves.values()]
+    (reference,) = lines[12:]
+    assert reference[1] == [-3.0, -3.0]  # a horizontal line at -3 across the axes
+    assert colour_bar_labels(fig) == ["layer0", "layer11"]
+    assert ax.get_ylabel() == "log10 ||dW|| / ||W||"

@@ -196,18 +196,18 @@ def test_sharded_fit_logs_the_tags_and_rotations_of_one_process(request: pytest.
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     for kind in ("scalars", "histograms", "images", "tensors"):
         assert sorted(events.Tags()[kind]) == sorted(reference.Tags()[kind]), kind
-    rotation, expected = scalars_with_prefix(events, "Layer_rotation"), scalars_with_prefix(reference, "Layer_rotation")
-    rotation |= scalars_with_prefix(events, "layer_rotation_rate/")
-    expected |= scalars_with_prefix(reference, "layer_rotation_rate/")
-    assert {f"Layer_rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
+    rotation, expected = scalars_with_prefix(events, "Rotation"), scalars_with_prefix(reference, "Rotation")
+    rotation |= scalars_with_prefix(events, "Step_rotation/")
+    expected |= scalars_with_prefix(reference, "Step_rotation/")
+    assert {f"Rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
     for tag, points in expected.items():
         assert [s for s, _ in rotation[tag]] == [s for s, _ in points], tag
         assert [v for _, v in rotation[tag]] == pytest.approx([v for _, v in points], abs=ROTATION_TOL), tag
-    assert min(v for _, v in expected["Layer_rotation_summary/min"][-1:]) > 100 * ROTATION_TOL  # every layer turned
-    # `layer_rotation_rate/*` (tan of each step's angle) is among the tags compared above; the norms are relative.
-    assert {f"layer_rotation_rate/net.{layer}" for layer in LAYERS} <= expected.keys()
-    norms, expected_norms = scalars_with_prefix(events, "layer_norm/"), scalars_with_prefix(reference, "layer_norm/")
-    assert norms.keys() == expected_norms.keys() == {f"layer_norm/net.{layer}" for layer in LAYERS}
+    assert min(v for _, v in expected["Rotation_summary/min"][-1:]) > 100 * ROTATION_TOL  # every layer turned
+    # `Step_rotation/*` (tan of each step's angle) is among the tags compared above; the norms are relative.
+    assert {f"Step_rotation/net.{layer}" for layer in LAYERS} <= expected.keys()
+    norms, expected_norms = scalars_with_prefix(events, "Weight_norm/"), scalars_with_prefix(reference, "Weight_norm/")
+    assert norms.keys() == expected_norms.keys() == {f"Weight_norm/net.{layer}" for layer in LAYERS}
     for tag, points in expected_norms.items():
         assert [v for _, v in norms[tag]] == pytest.approx([v for _, v in points], rel=WEIGHT_TOL), tag
 
@@ -216,21 +216,21 @@ def test_sharded_fit_logs_the_tags_and_rotations_of_one_process(request: pytest.
 def test_sharded_fit_writes_the_histograms_of_one_process(request: pytest.FixtureRequest, name: str) -> None:
     events, reference = _run(request, name).events(), _run(request, REFERENCE[name]).events()
     tags = reference.Tags()["histograms"]
-    assert len([t for t in tags if t.startswith("layer_angles/")]) == len(LAYERS)
+    assert len([t for t in tags if t.startswith("Unit_angle/")]) == len(LAYERS)
     if name == "layca_units_2x2":  # the last step's rate of every unit, with per-unit control
-        assert len([t for t in tags if t.startswith("layer_unit_rotation_rate/")]) == len(LAYERS)
+        assert len([t for t in tags if t.startswith("Unit_step_rotation/")]) == len(LAYERS)
     for tag in tags:
         got, expected = events.Histograms(tag), reference.Histograms(tag)
         assert [h.step for h in got] == [h.step for h in expected], tag
         # Angles in degrees; rates as tan of the angle (about 0.037 each, or 0 for a unit that did not move).
-        tol = 1e-3 if tag.startswith("layer_angles/") else 1e-6
+        tol = 1e-3 if tag.startswith("Unit_angle/") else 1e-6
         for g, e in zip(got, expected, strict=True):
             h, h_expected = g.histogram_value, e.histogram_value
             assert h.num == h_expected.num, tag
             assert (h.min, h.max, h.sum) == pytest.approx((h_expected.min, h_expected.max, h_expected.sum), abs=tol), (
                 tag
             )
-            if tag.startswith("layer_angles/"):  # spread-out values: the same counts in every bin
+            if tag.startswith("Unit_angle/"):  # spread-out values: the same counts in every bin
                 assert list(h.bucket) == list(h_expected.bucket), tag
             # The rates of a layer's moving units are all rho but for rounding: their bins split the
             # rounding noise, which differs with the order of the sums.
@@ -317,7 +317,7 @@ def test_the_fsdp2_example_of_the_docs_runs_and_logs_rotation(tmp_path: Path) ->
     assert [line for line in printed if line.startswith("TensorBoard logs: ")] == [f"TensorBoard logs: {log_dir}"]
     assert f"Layer rotation curves: {log_dir / 'layer_rotation_curves.png'}" in printed
     assert any(line.startswith("View them next to accuracy: ") and "--logdir" in line for line in printed)
-    rotation = scalars_with_prefix(read_events(log_dir), "Layer_rotation/")
+    rotation = scalars_with_prefix(read_events(log_dir), "Rotation/")
     assert len(rotation) == 10  # the first layer, 2 in each of the 4 blocks, the head
     assert all(0 < points[-1][1] < 1 for points in rotation.values())
 

@@ -55,7 +55,9 @@ def norms(module: torch.nn.Module) -> list[float]:
 
 
 def test_wraps_the_optimizer_keeps_the_scheduler_and_logs_rates(tmp_path: Path) -> None:
-    callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=1, figure=False, angle_histograms=False)
+    callback = ll.LaycaCallback(
+        rotation_rate=RHO, log_every_n_steps=1, figure=False, angle_histograms=False, per_layer_detail=True
+    )
     tb = TensorBoardLogger(tmp_path, name="tb")
     trainer = make_trainer(tmp_path, logger=tb, callbacks=[callback, LearningRateMonitor()], max_epochs=2)
     model = TinyCNN(scheduler=True)
@@ -73,11 +75,11 @@ def test_wraps_the_optimizer_keeps_the_scheduler_and_logs_rates(tmp_path: Path) 
     assert [t for t in scalars if t.startswith("lr-")] == ["lr-SGD"]  # the learning rate is logged once
     # Lightning stepped the wrapper: after the first step every layer turned by exactly atan(rho).
     for layer in LAYERS:
-        first = events.Scalars(f"Layer_rotation/{layer}")[0]
+        first = events.Scalars(f"Rotation/{layer}")[0]
         assert (first.step, first.value) == (0, pytest.approx(ONE_STEP, abs=1e-6))
     # The rate follows the relative learning rate: rho in epoch 0, rho / 2 in epoch 1, on every logging step.
     for layer in LAYERS:
-        rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
+        rates = [(e.step, e.value) for e in events.Scalars(f"Rotation_rate/{layer}")]
         assert rates == [(step, pytest.approx(RHO if step < 8 else RHO / 2, rel=1e-6)) for step in range(16)]
     assert callback.last_rates == pytest.approx(dict.fromkeys(LAYERS, RHO / 2))
     assert norms(model) == pytest.approx(norms(TinyCNN()), rel=1e-5)
@@ -158,9 +160,9 @@ def test_bfloat16_mixed_precision_trains_with_layca(tmp_path: Path) -> None:
 def rotation_rows(log_dir: str) -> dict[int, dict[str, float]]:
     with open(Path(log_dir) / "metrics.csv") as f:
         return {
-            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("Layer_rotation/") and v}
+            int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("Rotation/") and v}
             for r in csv.DictReader(f)
-            if r.get("Layer_rotation/head")
+            if r.get("Rotation/head")
         }
 
 
@@ -309,25 +311,29 @@ class PerStepDecay(TinyCNN):
 
 
 def test_rates_are_logged_on_the_rotation_logging_steps_as_the_rate_of_the_step_logged_there(tmp_path: Path) -> None:
-    callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False)
+    callback = ll.LaycaCallback(
+        rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False, per_layer_detail=True
+    )
     tb = TensorBoardLogger(tmp_path, name="tb")
     make_trainer(tmp_path, logger=tb, callbacks=[callback], max_epochs=2).fit(PerStepDecay(), loader())
     events = read_events(Path(tb.log_dir))
     for layer in LAYERS:
-        rotation_steps = [e.step for e in events.Scalars(f"Layer_rotation/{layer}")]
+        rotation_steps = [e.step for e in events.Scalars(f"Rotation/{layer}")]
         assert rotation_steps == [2, 5, 8, 11, 14]
-        rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
+        rates = [(e.step, e.value) for e in events.Scalars(f"Rotation_rate/{layer}")]
         # Optimizer step s (counted from 0) runs after s scheduler steps: its rate is rho / (1 + s / 4).
         assert rates == [(s, pytest.approx(RHO / (1 + s / 4), rel=1e-6)) for s in rotation_steps]
     assert callback.last_rates == pytest.approx(dict.fromkeys(LAYERS, RHO / (1 + 14 / 4)), rel=1e-6)
 
 
 def test_rates_under_a_step_decay_are_step_functions_at_the_rotation_resolution(tmp_path: Path) -> None:
-    callback = ll.LaycaCallback(rotation_rate=RHO, log_every_n_steps=4, figure=False, angle_histograms=False)
+    callback = ll.LaycaCallback(
+        rotation_rate=RHO, log_every_n_steps=4, figure=False, angle_histograms=False, per_layer_detail=True
+    )
     tb = TensorBoardLogger(tmp_path, name="tb")
     make_trainer(tmp_path, logger=tb, callbacks=[callback], max_epochs=2).fit(TinyCNN(scheduler=True), loader())
     events = read_events(Path(tb.log_dir))
-    rates = [(e.step, e.value) for e in events.Scalars("layca/rate/head")]
+    rates = [(e.step, e.value) for e in events.Scalars("Rotation_rate/head")]
     assert rates == [(step, pytest.approx(RHO if step < 8 else RHO / 2, rel=1e-6)) for step in (3, 7, 11, 15)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +19,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 import lightning_layca as ll
 from lightning_layca.callbacks.monitor import FIGURE_FILENAME
+from lightning_layca.callbacks.output import LAYERS_PER_CHART, layout
 from lightning_layca.callbacks.strategies import check_strategy
+from lightning_layca.tags import STEP_ROTATION
 from tests.tiny_modules import (
     LAYERS,
     UNITS,
@@ -61,7 +64,7 @@ def tb_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 def test_rotation_scalars_equal_independent_cosine_distance_of_final_weights(tb_run: SimpleNamespace) -> None:
     for layer in LAYERS:
-        events = tb_run.events.Scalars(f"Layer_rotation/{layer}")
+        events = tb_run.events.Scalars(f"Rotation/{layer}")
         assert [e.step for e in events] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
         expected = cosine_distance_fp64(tb_run.final[layer], tb_run.initial[layer])
         assert expected > 1e-3  # the layers did move
@@ -72,36 +75,36 @@ def test_rotation_scalars_equal_independent_cosine_distance_of_final_weights(tb_
 def test_rotation_scalars_share_the_step_axis_of_self_log(tb_run: SimpleNamespace) -> None:
     loss_steps = [e.step for e in tb_run.events.Scalars("train_loss")]
     for layer in LAYERS:
-        assert [e.step for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")] == loss_steps
+        assert [e.step for e in tb_run.events.Scalars(f"Rotation/{layer}")] == loss_steps
 
 
 def test_summary_scalars_are_mean_min_and_max_over_layers(tb_run: SimpleNamespace) -> None:
-    per_layer = [[e.value for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")] for layer in LAYERS]
+    per_layer = [[e.value for e in tb_run.events.Scalars(f"Rotation/{layer}")] for layer in LAYERS]
     columns = list(zip(*per_layer, strict=True))
     for stat, reduce in (("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)):
-        values = [e.value for e in tb_run.events.Scalars(f"Layer_rotation_summary/{stat}")]
+        values = [e.value for e in tb_run.events.Scalars(f"Rotation_summary/{stat}")]
         assert values == pytest.approx([reduce(c) for c in columns], abs=1e-6)
 
 
 def test_history_attribute_holds_every_logged_value(tb_run: SimpleNamespace) -> None:
     for layer in LAYERS:
-        logged = [(e.step, e.value) for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")]
+        logged = [(e.step, e.value) for e in tb_run.events.Scalars(f"Rotation/{layer}")]
         history = tb_run.monitor.history[layer]
         assert [s for s, _ in history] == [s for s, _ in logged]
         assert [v for _, v in history] == pytest.approx([v for _, v in logged], abs=1e-7)
 
 
 def test_csv_logger_receives_the_same_rotation_scalars(tb_run: SimpleNamespace) -> None:
-    rows = [r for r in tb_run.csv_rows if r.get("Layer_rotation/head")]
+    rows = [r for r in tb_run.csv_rows if r.get("Rotation/head")]
     assert [int(r["step"]) for r in rows] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
     for layer in LAYERS:
-        tb_values = [e.value for e in tb_run.events.Scalars(f"Layer_rotation/{layer}")]
-        assert [float(r[f"Layer_rotation/{layer}"]) for r in rows] == pytest.approx(tb_values, abs=1e-6)
+        tb_values = [e.value for e in tb_run.events.Scalars(f"Rotation/{layer}")]
+        assert [float(r[f"Rotation/{layer}"]) for r in rows] == pytest.approx(tb_values, abs=1e-6)
 
 
 def test_angle_histograms_have_one_count_per_output_unit_every_epoch(tb_run: SimpleNamespace) -> None:
     for layer in LAYERS:
-        events = tb_run.events.Histograms(f"layer_angles/{layer}")
+        events = tb_run.events.Histograms(f"Unit_angle/{layer}")
         assert [e.step for e in events] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
         last = events[-1].histogram_value
         assert sum(last.bucket) == UNITS[layer]
@@ -115,7 +118,7 @@ def test_angle_histograms_have_one_count_per_output_unit_every_epoch(tb_run: Sim
 
 
 def test_rotation_curves_figure_goes_to_tensorboard_and_to_a_png(tb_run: SimpleNamespace) -> None:
-    images = tb_run.events.Images("Layer_rotation_curves")
+    images = tb_run.events.Images("Rotation_curves")
     assert [e.step for e in images] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert images[-1].width > 100 and images[-1].height > 100
     png = tb_run.tb_dir / FIGURE_FILENAME
@@ -131,18 +134,49 @@ def test_epoch_rotation_starts_at_zero_and_ends_at_the_final_distance(tb_run: Si
         assert points[-1][1] == pytest.approx(expected, abs=1e-5)
 
 
-def test_custom_scalars_layout_puts_every_rotation_curve_on_one_chart(tb_run: SimpleNamespace) -> None:
+def matching(regexes: list[str], tag_names: list[str]) -> list[str]:
+    """The tags a custom-scalars multiline chart shows: those any of its regexes finds (as TensorBoard's backend)."""
+    return [tag for tag in tag_names if any(re.search(regex, tag) for regex in regexes)]
+
+
+def test_custom_scalars_layout_charts_every_written_rotation_tag_and_the_summaries_as_bands(
+    tb_run: SimpleNamespace,
+) -> None:
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     (event,) = tb_run.events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert sorted(charts.values()) == [
-        [r"Layer_rotation/.*"],
-        [r"Layer_rotation_summary/.*"],
-        [r"layer_norm/.*"],
-        [r"layer_rotation_rate/.*"],
+    written = tb_run.events.Tags()["scalars"]
+    charts = [chart for category in layout.category for chart in category.chart]
+    curves = [matching(list(chart.multiline.tag), written) for chart in charts if chart.HasField("multiline")]
+    assert curves == [[f"Rotation/{layer}" for layer in LAYERS]]
+    # As TensorBoard shows a category: its multiline charts in order, then its margin charts last first.
+    shown = [
+        chart
+        for category in layout.category
+        for chart in [c for c in category.chart if c.HasField("multiline")]
+        + [c for c in category.chart if c.HasField("margin")][::-1]
     ]
+    bands = [chart.margin.series[0] for chart in shown if chart.HasField("margin")]
+    quantities = ["Rotation", "Step_rotation", "Update_ratio", "Update_ratio_tangential", "Update_ratio_radial"]
+    quantities.append("Weight_norm")
+    assert [(b.value, b.lower, b.upper) for b in bands] == [
+        (f"{q}_summary/mean", f"{q}_summary/min", f"{q}_summary/max") for q in quantities
+    ]
+    assert {tag for band in bands for tag in (band.value, band.lower, band.upper)} <= set(written)
+
+
+def test_custom_scalars_charts_hold_a_few_neighbouring_layers_each() -> None:
+    layers = [f"net.{i}" for i in range(14)]
+    categories = layout(layers, [STEP_ROTATION], per_layer=True)
+    for quantity in ("Rotation", "Step_rotation"):
+        (category,) = [charts for title, charts in categories.items() if title.startswith(quantity)]
+        multiline = [tags for kind, tags in category.values() if kind == "Multiline"]
+        all_tags = [f"{quantity}/{name}" for name in layers] + [f"{quantity}/net.1x", "Other/net.1"]
+        assert [matching(regexes, all_tags) for regexes in multiline] == [
+            [f"{quantity}/net.{i}" for i in chunk] for chunk in (range(0, 6), range(6, 12), range(12, 14))
+        ]
+    assert LAYERS_PER_CHART == 6
 
 
 def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tmp_path: Path) -> None:
@@ -153,10 +187,10 @@ def test_without_tensorboard_it_warns_once_and_logs_scalars_to_the_csv_logger(tm
     with pytest.warns(UserWarning, match="no TensorBoardLogger is attached") as record:
         trainer.fit(model, loader())
     assert sum("TensorBoardLogger" in str(w.message) for w in record) == 1
-    rows = [r for r in read_csv(csv_logger.log_dir) if r.get("Layer_rotation/head")]
+    rows = [r for r in read_csv(csv_logger.log_dir) if r.get("Rotation/head")]
     assert [int(r["step"]) for r in rows] == [3, 7]
     expected = cosine_distance_fp64(layer_weights(model)["head"], layer_weights(TinyCNN())["head"])
-    assert float(rows[-1]["Layer_rotation/head"]) == pytest.approx(expected, abs=1e-5)
+    assert float(rows[-1]["Rotation/head"]) == pytest.approx(expected, abs=1e-5)
     assert (Path(csv_logger.log_dir) / FIGURE_FILENAME).is_file()
 
 
@@ -285,14 +319,14 @@ def test_non_finite_weights_are_logged_as_nan_and_skipped_in_histograms_with_one
     assert "'head'" in skipped[0] and {"'features.0'", "'features.3'"} == {s.split()[2] for s in skipped[1:]}
 
     events = read_events(Path(tb.log_dir))
-    head = [(e.step, e.value) for e in events.Scalars("Layer_rotation/head")]
+    head = [(e.step, e.value) for e in events.Scalars("Rotation/head")]
     assert [s for s, _ in head] == [3, 7, 11, 15]
     assert head[0][1] > 0 and all(math.isnan(v) for _, v in head[1:])
     assert [math.isnan(v) for _, v in monitor.history["features.0"]] == [False, False, True, True]
-    summary = [e.value for e in events.Scalars("Layer_rotation_summary/mean")]
+    summary = [e.value for e in events.Scalars("Rotation_summary/mean")]
     assert len(summary) == 2  # the mean of finite layers, while there are any
     # Epoch 0: the head's histogram is skipped, the features' are written; epoch 1: every layer is skipped.
-    assert "layer_angles/head" not in events.Tags()["histograms"]
-    assert [e.step for e in events.Histograms("layer_angles/features.0")] == [STEPS_PER_EPOCH]
+    assert "Unit_angle/head" not in events.Tags()["histograms"]
+    assert [e.step for e in events.Histograms("Unit_angle/features.0")] == [STEPS_PER_EPOCH]
     assert math.isnan(monitor.epoch_rotation["head"][-1][1])
-    assert len(events.Images("Layer_rotation_curves")) == 2  # the figure is still drawn
+    assert len(events.Images("Rotation_curves")) == 2  # the figure is still drawn

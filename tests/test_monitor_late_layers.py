@@ -98,15 +98,15 @@ def test_backbone_unfrozen_by_backbone_finetuning_is_monitored_from_the_first_fi
         assert monitor.last_rotation[layer] == pytest.approx(expected, abs=1e-6)
     events = read_events(Path(tb.log_dir))
     for layer in BACKBONE:
-        assert [e.step for e in events.Scalars(f"Layer_rotation/{layer}")] == [11, 15, 19, 23]
+        assert [e.step for e in events.Scalars(f"Rotation/{layer}")] == [11, 15, 19, 23]
         assert [s for s, _ in monitor.history[layer]] == [11, 15, 19, 23]
         points = monitor.epoch_rotation[layer]
         assert [e for e, _ in points] == [0, 1, 2, 3]
         assert [v for _, v in points[:2]] == [0.0, 0.0]  # frozen before epoch 1: its true rotation
         assert points[2][1] > 1e-5
-    assert [e.step for e in events.Scalars("Layer_rotation/head")] == [3, 7, 11, 15, 19, 23]
+    assert [e.step for e in events.Scalars("Rotation/head")] == [3, 7, 11, 15, 19, 23]
     assert list(monitor.epoch_rotation) == ALL_LAYERS  # depth order: the figure colours by depth
-    assert len(events.Images("Layer_rotation_curves")) == 3
+    assert len(events.Images("Rotation_curves")) == 3
 
 
 def test_layers_that_stay_frozen_are_not_monitored_and_cost_no_snapshot(tmp_path: Path) -> None:
@@ -188,7 +188,9 @@ def test_resuming_restores_which_layers_joined_and_their_snapshots_exactly(tmp_p
 
 def test_layca_rates_of_layers_that_join_later_are_logged_from_their_first_logging_step(tmp_path: Path) -> None:
     rho = 0.05
-    callback = ll.LaycaCallback(rotation_rate=rho, log_every_n_steps=4, figure=False, angle_histograms=False)
+    callback = ll.LaycaCallback(
+        rotation_rate=rho, log_every_n_steps=4, figure=False, angle_histograms=False, per_layer_detail=True
+    )
     tb = TensorBoardLogger(tmp_path, name="tb")
     trainer = make_trainer(
         tmp_path, logger=tb, callbacks=[callback, BackboneFinetuning(unfreeze_backbone_at_epoch=1)], max_epochs=3
@@ -196,9 +198,9 @@ def test_layca_rates_of_layers_that_join_later_are_logged_from_their_first_loggi
     trainer.fit(BackboneCNN(), loader())
     events = read_events(Path(tb.log_dir))
     for layer in BACKBONE:
-        rates = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
-        assert [s for s, _ in rates] == [e.step for e in events.Scalars(f"Layer_rotation/{layer}")] == [11, 15, 19, 23]
+        rates = [(e.step, e.value) for e in events.Scalars(f"Rotation_rate/{layer}")]
+        assert [s for s, _ in rates] == [e.step for e in events.Scalars(f"Rotation/{layer}")] == [11, 15, 19, 23]
         # BackboneFinetuning adds the backbone at a tenth of the head's lr, then doubles it each epoch (its default).
         assert [v for _, v in rates] == pytest.approx([0.1 * rho] * 2 + [0.2 * rho] * 2, rel=1e-6)
-    head = [(e.step, e.value) for e in events.Scalars("layca/rate/head")]
+    head = [(e.step, e.value) for e in events.Scalars("Rotation_rate/head")]
     assert head == [(s, pytest.approx(rho, rel=1e-6)) for s in (3, 7, 11, 15, 19, 23)]

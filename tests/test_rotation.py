@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from benchmarks._allocations import LiveTensorBytes
-from lightning_layca.rotation import angle_histograms, cosine_distances, unit_angles
+from lightning_layca.rotation import angle_histograms, cosine_distances, unit_angles, update_ratios_from_sums
+from lightning_layca.sums import float64_sums
 
 
 def reference_distance(w: torch.Tensor, w0: torch.Tensor) -> float:
@@ -166,3 +167,25 @@ def test_unit_angles_temporaries_are_bounded_whatever_the_layer_size() -> None:
     rows, rows0 = w.double(), w0.double()
     cos = (rows * rows0).sum(1) / (rows.norm(dim=1) * rows0.norm(dim=1))
     assert angles.tolist() == pytest.approx(torch.rad2deg(torch.acos(cos)).tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize("radial_scale", [0.0, 1e-4, 1.0, -0.3])
+def test_update_ratio_splits_exactly_into_tangential_and_radial_parts(radial_scale: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    before = [torch.randn(64, 32, generator=g), torch.randn(8, 3, 3, 3, generator=g)]
+    # A step with a chosen share along the weights: from orthogonal (0) to mostly radial (1, -0.3).
+    steps = [1e-3 * torch.randn(w.shape, generator=g) + radial_scale * 1e-3 * w for w in before]
+    after = [w + d for w, d in zip(before, steps, strict=True)]
+    total, tangential, radial = update_ratios_from_sums(float64_sums(after, before, difference=True))
+    for k, (w, w_after) in enumerate(zip(before, after, strict=True)):
+        # Independent reference in float64: project the step actually taken (rounded in float32) on the weights.
+        w64, d64 = w.double().flatten(), (w_after.double() - w.double()).flatten()
+        along = torch.dot(d64, w64) / torch.dot(w64, w64) * w64
+        expected = [float((x.norm() / w64.norm()).log10()) for x in (d64, d64 - along, along)]
+        got = [float(total[k]), float(tangential[k]), float(radial[k])]
+        if radial_scale == 0.0:
+            assert got[:2] == pytest.approx(expected[:2], abs=1e-9)
+            assert got[2] < got[0] - 1  # a random step is nearly orthogonal to 64 * 32 weights
+        else:
+            assert got == pytest.approx(expected, abs=1e-9)
+        assert 10 ** (2 * got[1]) + 10 ** (2 * got[2]) == pytest.approx(10 ** (2 * got[0]), rel=1e-12)

@@ -1,4 +1,4 @@
-"""Per-step rotation rates and norms in the monitor: layer_rotation_rate/<layer>, layer_norm/<layer>."""
+"""Per-step rotation rates and norms in the monitor: Step_rotation/<layer>, Weight_norm/<layer>."""
 
 from __future__ import annotations
 
@@ -38,7 +38,12 @@ def test_under_layca_the_measured_rate_is_the_rate_used_and_the_norm_is_constant
     tmp_path: Path, implementation: str
 ) -> None:
     callback = ll.LaycaCallback(
-        rotation_rate=RHO, log_every_n_steps=3, figure=False, angle_histograms=False, implementation=implementation
+        rotation_rate=RHO,
+        log_every_n_steps=3,
+        figure=False,
+        angle_histograms=False,
+        implementation=implementation,
+        per_layer_detail=True,
     )
     tb = TensorBoardLogger(tmp_path, name="tb")
     csv_logger = CSVLogger(tmp_path, name="csv")
@@ -52,14 +57,14 @@ def test_under_layca_the_measured_rate_is_the_rate_used_and_the_norm_is_constant
     events = read_events(Path(tb.log_dir))
     rows = csv_rows(csv_logger.log_dir)
     for layer in LAYERS:
-        measured = [(e.step, e.value) for e in events.Scalars(f"layer_rotation_rate/{layer}")]
-        used = [(e.step, e.value) for e in events.Scalars(f"layca/rate/{layer}")]
+        measured = [(e.step, e.value) for e in events.Scalars(f"Step_rotation/{layer}")]
+        used = [(e.step, e.value) for e in events.Scalars(f"Rotation_rate/{layer}")]
         assert [s for s, _ in measured] == [s for s, _ in used] == [2, 5, 8, 11, 14]
         assert [v for _, v in measured] == pytest.approx([v for _, v in used], rel=1e-5)
         assert len({round(v, 6) for _, v in used}) == 5  # the rate really changed from one logged step to the next
-        from_csv = [float(r[f"layer_rotation_rate/{layer}"]) for r in rows if r.get(f"layer_rotation_rate/{layer}")]
+        from_csv = [float(r[f"Step_rotation/{layer}"]) for r in rows if r.get(f"Step_rotation/{layer}")]
         assert from_csv == pytest.approx([v for _, v in used], rel=1e-5)
-        layer_norms = [e.value for e in events.Scalars(f"layer_norm/{layer}")]
+        layer_norms = [e.value for e in events.Scalars(f"Weight_norm/{layer}")]
         assert layer_norms == pytest.approx([norms[layer]] * 5, rel=1e-6)
 
 
@@ -84,21 +89,80 @@ def tan_of_turn_fp64(after: torch.Tensor, before: torch.Tensor) -> float:
 
 
 def test_with_plain_sgd_the_rate_and_norm_match_a_float64_computation(tmp_path: Path) -> None:
-    monitor = ll.LayerRotationMonitor(log_every_n_steps=4, figure=False, angle_histograms=False)
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=4, figure=False, angle_histograms=False, per_layer_detail=True)
     witness = StepWitness()
     csv_logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(tmp_path, logger=csv_logger, callbacks=[monitor, witness], max_epochs=1)
     trainer.fit(TinyCNN(), loader())
-    rows = [r for r in csv_rows(csv_logger.log_dir) if r.get("layer_rotation_rate/head")]
+    rows = [r for r in csv_rows(csv_logger.log_dir) if r.get("Step_rotation/head")]
     assert [int(r["step"]) for r in rows] == [3, 7]
     for row in rows:
         before, after = witness.steps[int(row["step"])]
         for layer in LAYERS:
-            assert float(row[f"layer_rotation_rate/{layer}"]) == pytest.approx(
+            assert float(row[f"Step_rotation/{layer}"]) == pytest.approx(
                 tan_of_turn_fp64(after[layer], before[layer]), rel=1e-5
             )
-            assert float(row[f"layer_norm/{layer}"]) == pytest.approx(float(after[layer].double().norm()), rel=1e-6)
+            assert float(row[f"Weight_norm/{layer}"]) == pytest.approx(float(after[layer].double().norm()), rel=1e-6)
     assert monitor._pre_step is None  # the transient copy is freed at the batch end
+
+
+def update_ratios_fp64(after: torch.Tensor, before: torch.Tensor) -> tuple[float, float, float]:
+    """Independent reference: the step's projection on the weights before it and its remainder, in float64."""
+    w, d = before.double().flatten(), (after.double() - before.double()).flatten()
+    radial = torch.dot(d, w) / torch.dot(w, w) * w
+    tangential = d - radial
+    return tuple(math.log10(float(x.norm() / w.norm())) for x in (d, tangential, radial))  # type: ignore[return-value]
+
+
+class WeightDecayCNN(TinyCNN):
+    """SGD with weight decay: steps with a sizeable radial part."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=0.5)
+
+
+def test_update_ratio_and_its_exact_tangential_and_radial_parts_match_a_float64_computation(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=4, figure=False, angle_histograms=False, per_layer_detail=True)
+    witness = StepWitness()
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, logger=csv_logger, callbacks=[monitor, witness], max_epochs=1)
+    trainer.fit(WeightDecayCNN(), loader())
+    rows = [r for r in csv_rows(csv_logger.log_dir) if r.get("Update_ratio/head")]
+    assert [int(r["step"]) for r in rows] == [3, 7]
+    for row in rows:
+        before, after = witness.steps[int(row["step"])]
+        for layer in LAYERS:
+            logged = [
+                float(row[f"{q}/{layer}"]) for q in ("Update_ratio", "Update_ratio_tangential", "Update_ratio_radial")
+            ]
+            expected = update_ratios_fp64(after[layer], before[layer])
+            assert logged == pytest.approx(expected, abs=1e-5)  # log10: 1e-5 is a relative 2.3e-5 on the ratio
+            assert expected[2] > expected[0] - 2  # weight decay: the radial part is not negligible
+            total, tangential, radial = (10.0 ** (2 * x) for x in logged)
+            assert tangential + radial == pytest.approx(total, rel=1e-6)  # the split is exact
+    assert monitor.update_ratio_history["head"] == [
+        (3, pytest.approx(float(rows[0]["Update_ratio/head"]))),
+        (7, pytest.approx(float(rows[1]["Update_ratio/head"]))),
+    ]
+
+
+def test_by_default_per_step_quantities_are_summaries_over_the_layers(tmp_path: Path) -> None:
+    monitor = ll.LayerRotationMonitor(log_every_n_steps=4, figure=False, angle_histograms=False)
+    witness = StepWitness()
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, logger=csv_logger, callbacks=[monitor, witness], max_epochs=1)
+    trainer.fit(WeightDecayCNN(), loader())
+    rows = csv_rows(csv_logger.log_dir)
+    columns = set(rows[0])
+    assert {f"Rotation/{layer}" for layer in LAYERS} <= columns
+    assert not {c for c in columns if c.split("/")[0] in ("Step_rotation", "Update_ratio", "Weight_norm")}
+    (last,) = [r for r in rows if r.get("Update_ratio_summary/mean") and int(r["step"]) == 7]
+    before, after = witness.steps[7]
+    ratios = [update_ratios_fp64(after[layer], before[layer])[0] for layer in LAYERS]
+    tans = [tan_of_turn_fp64(after[layer], before[layer]) for layer in LAYERS]
+    for quantity, values in (("Update_ratio", ratios), ("Step_rotation", tans)):
+        summary = [float(last[f"{quantity}_summary/{s}"]) for s in ("mean", "min", "max")]
+        assert summary == pytest.approx([sum(values) / len(values), min(values), max(values)], rel=1e-5)
 
 
 def test_per_unit_control_histograms_every_units_rate_at_epoch_end(tmp_path: Path) -> None:
@@ -108,7 +172,7 @@ def test_per_unit_control_histograms_every_units_rate_at_epoch_end(tmp_path: Pat
     trainer.fit(TinyCNN(momentum=0.0), loader())
     events = read_events(Path(tb.log_dir))
     for layer in LAYERS:
-        (histogram,) = events.Histograms(f"layer_unit_rotation_rate/{layer}")
+        (histogram,) = events.Histograms(f"Unit_step_rotation/{layer}")
         # Every unit turned by atan(rho) in the epoch's last step (dead units excepted: they stay at 0).
         assert histogram.histogram_value.max == pytest.approx(RHO, rel=1e-5)
         assert histogram.histogram_value.min in (0.0, pytest.approx(RHO, rel=1e-5))

@@ -264,7 +264,7 @@ def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_in
 
     rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
     names = [ll.layer_display_name(n) for n in layca.layer_names]
-    logged = {n: [float(r[f"rotation_target/{n}"]) for r in rows if r.get(f"rotation_target/{n}")] for n in names}
+    logged = {n: [float(r[f"Rotation_target/{n}"]) for r in rows if r.get(f"Rotation_target/{n}")] for n in names}
     assert all(len(v) == 8 for v in logged.values())  # 16 steps, every other one logged
     # Logged after steps 2, 4, ..., 16: the lr integral of StepLR (0.1 for 8 steps, then 0.05) so far over its total.
     integral = [0.1 * min(t, 8) + 0.05 * max(0, t - 8) for t in range(2, 17, 2)]

@@ -5,8 +5,10 @@ strategy so Lightning steps the wrapper in automatic and manual optimization, wi
 clipping, mixed precision (GradScaler skips leave the weights untouched) and checkpoints (the wrapper's state dict
 holds the base optimizer's). LR schedulers stay attached and shape the rotation rate through the relative learning
 rate. As a :class:`~lightning_layca.LayerRotationMonitor`, the callback also logs every layer's rotation, and, on the
-same logging steps and at the same step values, the effective rate ``layca/rate/<layer>`` that the step just logged
-used, so rates and rotations are curves of the same resolution.
+same logging steps and at the same step values, the effective rate ``Rotation_rate`` that the step just logged used
+(``Rotation_rate_summary/{mean,min,max}`` over the layers, and ``Rotation_rate/<layer>`` with ``per_layer_detail``),
+so rates and rotations are curves of the same resolution. A ``LayerRotationMonitor`` on the same Trainer leaves the
+layers this callback measures to it.
 
 Several instances can share a Trainer when they wrap different optimizers (a GAN with one rate for the generator and
 one for the discriminator): each one's checkpoint state is stored under a key that holds its ``optimizers``.
@@ -25,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import CyclicLR, ReduceLROnPlateau
 from typing_extensions import override
 
+from lightning_layca import tags
 from lightning_layca.adapters import adapter_parameter_names
 from lightning_layca.argument_types import (
     DEFAULT_ROTATION_RATE,
@@ -45,7 +48,6 @@ from lightning_layca.layca import Layca
 from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import RotationSchedule, as_schedule
 from lightning_layca.selection import layer_display_name
-from lightning_layca.tags import ROTATION_TARGET, layer_tag
 from lightning_layca.targets import RotationTarget, check_target, scheduled_lrs
 
 __all__ = ["LaycaCallback"]
@@ -66,9 +68,10 @@ class LaycaCallback(LayerRotationMonitor):
         optimizers: Index, or indices, into the optimizers ``configure_optimizers`` returned, of those to wrap
             (default: all). With several optimizers (manual optimization) each wrapped one controls its own
             parameters, so ``include``/``exclude`` must make sense for each.
-        log_rates: Whether to log ``layca/rate/<layer>`` on every logging step of the rotation scalars (see
+        log_rates: Whether to log ``Rotation_rate`` on every logging step of the rotation scalars (see
             ``log_every_n_steps``), at the same step value: the effective rate ``rho_l(t)`` used by the optimizer
-            step whose rotation is logged there.
+            step whose rotation is logged there (its summary over the layers, and per layer with
+            ``per_layer_detail``).
         reference_lr: The learning rate at which a layer rotates at ``rotation_rate * m_l`` (see
             :class:`~lightning_layca.Layca`). Default: the largest peak learning rate of the groups holding layers at
             the first step (``OneCycleLR``'s ``max_lr``, a ``CyclicLR`` scheduler's ``max_lr``, else the lr a
@@ -84,7 +87,7 @@ class LaycaCallback(LayerRotationMonitor):
             The length of training comes from the Trainer (``estimated_stepping_batches``) and the learning rates
             from stepping its LR schedulers ahead (``ReduceLROnPlateau`` cannot be: the current lr is assumed);
             the controller measures against the monitor's initial weights (no copy of its own), and the target is
-            logged as ``rotation_target/<layer>`` beside the rotation, and drawn dashed in the rotation curves.
+            logged as ``Rotation_target/<layer>`` beside the rotation, and drawn dashed in the rotation curves.
 
     Attributes:
         laycas: The wrappers of the current fit, keyed by optimizer index.
@@ -121,6 +124,7 @@ class LaycaCallback(LayerRotationMonitor):
         angle_histograms: bool = True,
         histogram_bins: PositiveInt = 30,
         figure: bool = True,
+        per_layer_detail: bool = False,
         implementation: Implementation = "auto",
         unmoved_adapter_steps: PositiveInt | None = 100,
         target: RotationTarget | None = None,
@@ -133,6 +137,7 @@ class LaycaCallback(LayerRotationMonitor):
             angle_histograms=angle_histograms,
             histogram_bins=histogram_bins,
             figure=figure,
+            per_layer_detail=per_layer_detail,
             unmoved_adapter_steps=unmoved_adapter_steps,
         )
         check_rotation_rate("LaycaCallback", rotation_rate)
@@ -269,11 +274,22 @@ class LaycaCallback(LayerRotationMonitor):
 
     @override
     def logging_step_scalars(self) -> dict[str, float]:
-        scalars = {f"layca/rate/{name}": rate for name, rate in self._step_rates.items()}
-        scalars.update({layer_tag(ROTATION_TARGET, name): value for name, value in self._targets_now().items()})
+        scalars = self.step_scalars(tags.ROTATION_RATE, self._step_rates) if self._step_rates else {}
+        scalars.update(
+            {tags.layer_tag(tags.ROTATION_TARGET, name): value for name, value in self._targets_now().items()}
+        )
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
         return scalars
+
+    @property
+    @override
+    def measures_first(self) -> bool:
+        return True  # from Layca's own snapshot, with the rates: a plain monitor leaves these layers to it
+
+    @override
+    def per_step_quantities(self) -> list[str]:
+        return ([tags.ROTATION_RATE] if self.log_rates else []) + super().per_step_quantities()
 
     @property
     @override

@@ -5,12 +5,21 @@ rotation, the better a network generalises: every training run can afford to wat
 layers when training first starts and, on logging steps only, measures every layer with multi-tensor reductions
 (two reads of the weights, one of the snapshot) and one transfer to the host:
 
-* ``Layer_rotation/<layer>`` and ``Layer_rotation_summary/{mean,min,max}``: scalars, through every logger;
-* ``layer_angles/<layer>``: at epoch end, a TensorBoard histogram of the angle (degrees) each output unit turned;
-* ``Layer_rotation_curves``: at epoch end, the paper's figure (one line per layer coloured by depth) as a
-  TensorBoard image, also written as ``layer_rotation_curves.png`` into the first logger's directory (the
-  Trainer's ``default_root_dir`` without a logger). The figure needs matplotlib (``pip install
-  'lightning-layca[plot]'``); without it the monitor warns once and skips the figure.
+* ``Rotation/<layer>`` and ``Rotation_summary/{mean,min,max}``: scalars, through every logger;
+* on the same steps, what the latest optimizer step did to each layer: ``Step_rotation`` (tan of its angle),
+  ``Update_ratio`` (log10 of ``||dW|| / ||W||``) and its exact ``Update_ratio_tangential`` and ``Update_ratio_radial``
+  parts, and ``Weight_norm``, as ``<Quantity>_summary/{mean,min,max}`` over the layers, and per layer
+  (``<Quantity>/<layer>``) with ``per_layer_detail=True``: the first screen stays readable at hundreds of layers;
+* ``Unit_angle/<layer>``: at epoch end, a TensorBoard histogram of the angle (degrees) each output unit turned;
+* ``Rotation_curves`` and ``Update_ratio_curves``: at epoch end, the paper's figure (one line per layer coloured by
+  depth) and the update ratio of every layer with its -3 reference, as TensorBoard images, also written as
+  ``layer_rotation_curves.png`` and ``update_ratio_curves.png`` into the first logger's directory (the Trainer's
+  ``default_root_dir`` without a logger). Figures need matplotlib (``pip install 'lightning-layca[plot]'``);
+  without it the monitor warns once and skips them.
+
+Every name comes from :mod:`lightning_layca.tags`. Several rotation callbacks on one Trainer measure each layer once:
+a ``LaycaCallback`` measures its layers, a monitor leaves them out (and says so), and monitors with different layers
+label their summaries and figures (:func:`lightning_layca.monitored.share_layers`).
 
 What was measured stays available on the callback (``history``, ``last_rotation``, ``epoch_rotation``), loggers or
 not, and survives checkpointing together with the initial weights, so a resumed run still measures from the true
@@ -34,11 +43,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_layca import tags
 from lightning_layca.argument_types import PositiveInt, as_patterns, check_positive_int
-from lightning_layca.callbacks.output import FIGURE_FILENAME, RotationOutput
+from lightning_layca.callbacks.output import (
+    FIGURE_FILENAME,
+    PER_STEP_QUANTITIES,
+    RotationOutput,
+    layout,
+    per_step_values,
+    step_scalars,
+)
 from lightning_layca.callbacks.strategies import check_strategy
 from lightning_layca.loggers import (
     has_tensorboard,
@@ -47,10 +66,9 @@ from lightning_layca.loggers import (
     logging_step,
     trainer_log_every_n_steps,
 )
-from lightning_layca.monitored import MonitoredLayers
+from lightning_layca.monitored import MonitoredLayers, MonitorSpec, share_layers
 from lightning_layca.schedule_free import evaluation_weights, has_evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
-from lightning_layca.tags import MAGNITUDE_CHANGE, layer_tag
 
 __all__ = ["FIGURE_FILENAME", "LayerRotationMonitor"]
 
@@ -66,12 +84,16 @@ class LayerRotationMonitor(Callback):
             with ``ndim >= 2``, as :func:`~lightning_layca.select_layers`). Patterns may name parameters that are
             frozen when the fit starts: they are monitored from their first optimizer step on.
         exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        every_n_epochs: Write the angle histograms and the figure at the end of every this many training epochs.
-        angle_histograms: Whether to write ``layer_angles/<layer>`` histograms (TensorBoard only).
+        every_n_epochs: Write the angle histograms and the figures at the end of every this many training epochs.
+        angle_histograms: Whether to write ``Unit_angle/<layer>`` histograms (TensorBoard only).
         histogram_bins: Number of bins of those histograms.
-        figure: Whether to draw the ``Layer_rotation_curves`` figure (TensorBoard image and PNG).
+        figure: Whether to draw the ``Rotation_curves`` and ``Update_ratio_curves`` figures (TensorBoard images and
+            PNGs).
+        per_layer_detail: Whether to log the per-step quantities (``Step_rotation``, ``Update_ratio`` and its parts,
+            ``Weight_norm``) of every layer as scalars (``<Quantity>/<layer>``) besides their summaries over the
+            layers. Off by default: with it, each layer has five more charts.
         unmoved_adapter_steps: Adapted layers (LoRA, DoRA) are measured by their effective weight ``W0 + s B A``
-            (``magnitude_change/<layer>`` for DoRA); after this many optimizer steps, warn once naming those whose
+            (``Magnitude_change/<layer>`` for DoRA); after this many optimizer steps, warn once naming those whose
             effective weight has not moved (``None``: never).
 
     Attributes:
@@ -82,11 +104,17 @@ class LayerRotationMonitor(Callback):
         epoch_rotation: Layer display name -> ``[(epochs completed, cosine distance), ...]``, starting at ``(0, 0.0)``
             and measured at the end of every training epoch (the figure's data). A layer that joined later has 0 for
             the epochs before it joined, which is its true rotation: it was frozen.
+        update_ratio_history: Layer display name -> ``[(step, log10 ||dW|| / ||W||), ...]`` at every logging step
+            (the update-ratio figure's data).
+        last_update_ratios: Layer display name -> ``(total, tangential, radial)``, log10 of the update-to-data ratio
+            of the latest logged optimizer step and of its two parts
+            (:func:`~lightning_layca.rotation.update_ratios_from_sums`).
 
     Extending: a subclass changes what is measured through the hooks :attr:`measures_unit_steps`,
-    :meth:`copy_weights_before_step`, :meth:`weights_before_step`, :meth:`logging_step_scalars` and
-    :meth:`state_key_fields` (:class:`~lightning_layca.LaycaCallback` uses them to measure from Layca's own snapshot
-    and to log the rates), and reads :attr:`layers` and :meth:`is_logging_batch`; the measurement itself is
+    :attr:`measures_first`, :meth:`copy_weights_before_step`, :meth:`weights_before_step`,
+    :meth:`logging_step_scalars`, :meth:`per_step_quantities` and :meth:`state_key_fields`
+    (:class:`~lightning_layca.LaycaCallback` uses them to measure from Layca's own snapshot and to log the rates), and
+    reads :attr:`layers`, :meth:`is_logging_batch` and :meth:`step_scalars`; the measurement itself is
     :class:`lightning_layca.rotation.RotationMeter`.
 
     Raises:
@@ -112,6 +140,7 @@ class LayerRotationMonitor(Callback):
         angle_histograms: bool = True,
         histogram_bins: PositiveInt = 30,
         figure: bool = True,
+        per_layer_detail: bool = False,
         unmoved_adapter_steps: PositiveInt | None = 100,
     ) -> None:
         name = type(self).__name__
@@ -128,15 +157,19 @@ class LayerRotationMonitor(Callback):
         self.angle_histograms = bool(angle_histograms)
         self.histogram_bins = int(histogram_bins)
         self.figure = bool(figure)
+        self.per_layer_detail = bool(per_layer_detail)
 
         self.layers = MonitoredLayers(name, include, exclude, unmoved_adapter_steps)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_rotation: dict[str, float] = {}
         self.epoch_rotation: dict[str, list[tuple[int, float]]] = {}
+        self.update_ratio_history: dict[str, list[tuple[int, float]]] = {}
+        self.last_update_ratios: dict[str, tuple[float, float, float]] = {}
 
         self._epochs: list[int] = []  # the x axis of `epoch_rotation`, kept apart for layers that join later
         self._last_global_step = -1
         self._output = RotationOutput(name, self.histogram_bins)
+        self._siblings: list[LayerRotationMonitor] = []  # every rotation monitor of the Trainer, self included
         # The monitored layers' weights before the optimizer step of a batch that measures the step (logging batches,
         # and the epoch's last batch when per-unit rates are histogrammed); freed at the batch end.
         self._pre_step: dict[str, torch.Tensor] | None = None
@@ -176,6 +209,8 @@ class LayerRotationMonitor(Callback):
         if stage == "fit":
             # The earliest hook: a pattern that matches no parameter stops the fit before anything is logged.
             self.check_module(pl_module)
+            self._siblings = [cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor)]  # type: ignore[attr-defined]
+            _share_layers(self, self._siblings, pl_module)
 
     def check_module(self, pl_module: pl.LightningModule) -> list[str]:
         """Raise on a mistake of the callback's arguments that the module shows before the fit (called in ``setup``).
@@ -200,7 +235,8 @@ class LayerRotationMonitor(Callback):
         # After strategy setup: the model is on its device and DDP has broadcast rank 0's weights.
         self._bind(pl_module)
         if trainer.is_global_zero:
-            self._output.start(trainer, wants_tensorboard=self.angle_histograms or self.figure)
+            categories = {k: v for m in self._siblings or [self] for k, v in _layout_of(m).items()}
+            self._output.start(trainer, self.angle_histograms or self.figure, categories)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -254,16 +290,21 @@ class LayerRotationMonitor(Callback):
         for name, value in values.items():
             self.history.setdefault(name, []).append((step, value))
         self.last_rotation = values
-        metrics = self._scalar_metrics(values)
+        label = self._output.label
+        metrics = step_scalars(tags.ROTATION, values, label)
         changes = self.layers.magnitude_changes.items()
-        metrics.update({layer_tag(MAGNITUDE_CHANGE, layer_display_name(n)): v for n, v in changes})
+        metrics.update({tags.layer_tag(tags.MAGNITUDE_CHANGE, layer_display_name(n)): v for n, v in changes})
         metrics.update(self.logging_step_scalars())
-        if before is not None:
+        if before is not None and names:
             display = [layer_display_name(n) for n in names]
             self.last_step_rates = dict(zip(display, measured.tans, strict=True))
             self.last_norms = dict(zip(display, measured.norms, strict=True))
-            metrics.update({f"layer_rotation_rate/{n}": v for n, v in self.last_step_rates.items()})
-            metrics.update({f"layer_norm/{n}": v for n, v in self.last_norms.items()})
+            ratios = (measured.update_ratios, measured.tangential_ratios, measured.radial_ratios)
+            self.last_update_ratios = dict(zip(display, zip(*ratios, strict=True), strict=True))
+            for name, total in zip(display, measured.update_ratios, strict=True):
+                self.update_ratio_history.setdefault(name, []).append((step, total))
+            for quantity, layer_values in per_step_values(measured).items():
+                metrics.update(self.step_scalars(quantity, dict(zip(display, layer_values, strict=True))))
         log_scalars(trainer, metrics, step)
 
     @override
@@ -292,7 +333,7 @@ class LayerRotationMonitor(Callback):
         self._output.histograms(trainer, step, by_name, unit_rates)
         if self.figure:
             curves = {name: [v for _, v in points] for name, points in self.epoch_rotation.items()}
-            self._output.figure(trainer, step, self._epochs, curves, self.figure_targets())
+            self._output.figures(trainer, step, self._epochs, curves, self.update_ratio_history, self.figure_targets())
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -301,6 +342,7 @@ class LayerRotationMonitor(Callback):
             "epochs": list(self._epochs),
             "history": {k: list(v) for k, v in self.history.items()},
             "epoch_rotation": {k: list(v) for k, v in self.epoch_rotation.items()},
+            "update_ratio_history": {k: list(v) for k, v in self.update_ratio_history.items()},
         }
 
     @override
@@ -313,6 +355,9 @@ class LayerRotationMonitor(Callback):
             k: [(int(e), float(v)) for e, v in pts] for k, pts in state_dict["epoch_rotation"].items()
         }
         self._epochs = [int(e) for e in state_dict["epochs"]]
+        self.update_ratio_history = {  # absent from checkpoints of earlier versions
+            k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("update_ratio_history", {}).items()
+        }
         self.last_rotation = {k: pts[-1][1] for k, pts in self.history.items() if pts}
         if self.layers.module is not None:
             # Under `ModelParallelStrategy` Lightning restores the callbacks after `on_fit_start`: bind the restored
@@ -330,7 +375,7 @@ class LayerRotationMonitor(Callback):
         """
         if not self.layers.has_candidates:
             raise RuntimeError(f"{type(self).__name__}: nothing to measure before the first `Trainer.fit` starts.")
-        if not self.layers.names:  # every candidate is still frozen
+        if not self.layers.names:  # every candidate is still frozen, or measured by another monitor
             return {}
         distances = self.layers.measure(distances=True).distances
         return dict(zip(self.display_names, distances, strict=True))
@@ -365,6 +410,22 @@ class LayerRotationMonitor(Callback):
         """Hook: more scalars to log on a logging step, beside the rotation (default: none)."""
         return {}
 
+    @property
+    def measures_first(self) -> bool:
+        """Hook: whether this monitor measures its layers before plain monitors on the same Trainer (default ``False``).
+
+        Plain monitors on the Trainer leave its layers out (:func:`~lightning_layca.monitored.share_layers`).
+        """
+        return False
+
+    def per_step_quantities(self) -> list[str]:
+        """Hook: the per-step quantities logged on logging steps (:mod:`lightning_layca.tags` names), for the layout."""
+        return list(PER_STEP_QUANTITIES)
+
+    def step_scalars(self, quantity: str, values: dict[str, float]) -> dict[str, float]:
+        """The scalars of a per-step quantity (layer display name -> value): its summary, and per layer on request."""
+        return step_scalars(quantity, values, self._output.label, per_layer=self.per_layer_detail)
+
     def state_key_fields(self) -> dict[str, Any]:
         """Hook: the arguments that tell two instances on one Trainer apart (here: the layers they monitor)."""
         name = type(self).__name__
@@ -398,12 +459,24 @@ class LayerRotationMonitor(Callback):
         if names:  # depth order, for the figure's colours
             self.epoch_rotation = {name: self.epoch_rotation[name] for name in self.display_names}
 
-    @staticmethod
-    def _scalar_metrics(values: dict[str, float]) -> dict[str, float]:
-        metrics = {f"Layer_rotation/{name}": value for name, value in values.items()}
-        finite = [v for v in values.values() if v == v]
-        if finite:
-            metrics["Layer_rotation_summary/mean"] = sum(finite) / len(finite)
-            metrics["Layer_rotation_summary/min"] = min(finite)
-            metrics["Layer_rotation_summary/max"] = max(finite)
-        return metrics
+
+def _share_layers(monitor: LayerRotationMonitor, siblings: list[LayerRotationMonitor], module: torch.nn.Module) -> None:
+    """Leave out the layers another rotation monitor of the Trainer measures; label the summaries if needed."""
+    specs = [MonitorSpec(type(m).__name__, m.include, m.exclude, m.measures_first) for m in siblings]
+    try:
+        share = share_layers(module.named_parameters(), specs)[siblings.index(monitor)]
+    except ValueError as err:
+        raise MisconfigurationException(str(err)) from err
+    monitor.layers.left_out = set(share.left_out)
+    monitor._output.label = share.label
+    if share.left_out:
+        rank_zero_warn(f"{type(monitor).__name__}: {share.explanation()}")
+
+
+def _layout_of(monitor: LayerRotationMonitor) -> dict[str, Any]:
+    """A monitor's custom-scalars categories: none before it is bound, or when others measure all its layers."""
+    candidates = (monitor.layers.candidate_names or []) if monitor.layers.has_candidates else []
+    if not candidates:
+        return {}
+    names = [layer_display_name(n) for n in candidates]
+    return layout(names, monitor.per_step_quantities(), monitor.per_layer_detail, monitor._output.label)

@@ -8,7 +8,8 @@ On entry every layer holds ``p = fl(w + D)`` (the wrapped optimizer has stepped)
    ``all_reduce`` for every layer of the step), unsharded the seam is the identity;
 3. :func:`lightning_layca.step.rule.coefficients` turns them into ``k1, k2``;
 4. :func:`update` writes ``p = k1 * w + k2 * D`` (:func:`lightning_layca.step.rule.combine`, in float64 for float32
-   layers, as the compiled kernels compute it).
+   layers, as the compiled kernels compute it; in float32, in place, for a float32 CPU layer whose two terms do not
+   cancel: :func:`lightning_layca.step.rule.single_precision_suffices`).
 
 Example:
     >>> w = torch.tensor([[3.0, 4.0]])

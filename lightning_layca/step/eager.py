@@ -116,7 +116,11 @@ def update(
                 p.copy_(combine(weights, step, rows_k[:, :1], rows_k[:, 1:]).view_as(p))
             continue
         if single is not None and single[i]:  # in place, in the layer's own dtype: D, then k1 * w + k2 * D
-            combine(rows_w, rows_p.sub_(rows_w), k_own[:, :1], k_own[:, 1:])
+            if per_unit:
+                combine(rows_w, rows_p.sub_(rows_w), k_own[:, :1], k_own[:, 1:])
+            else:  # one pair of numbers, read on the host (CPU)
+                k1_, k2_ = k_own[0].tolist()
+                combine(rows_w, rows_p.sub_(rows_w), k1_, k2_)
             continue
         for block in row_blocks(rows_p):
             rows_k = k[block[0]] if per_unit else k

@@ -157,11 +157,18 @@ def single_precision_suffices(
     return torch.isfinite(terms) & (terms <= SINGLE_PRECISION_CANCELLATION * initial_norms)
 
 
-def combine(weights: torch.Tensor, step: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+def combine(
+    weights: torch.Tensor, step: torch.Tensor, k1: torch.Tensor | float, k2: torch.Tensor | float
+) -> torch.Tensor:
     """THE update: ``k1 * w + k2 * D`` for rows of ``(w, D)``, one coefficient pair per row (``(rows, 1)``).
 
     A row that does not move (``k2 = 0``) gives exactly ``k1 * w = w``: its step, NaN or not, is replaced by an exact
     zero (a select on the row's coefficient, which Inductor vectorises; a test of every element for NaN it does not).
-    The eager step calls it block by block, the compiled kernels trace it. ``step`` may be overwritten.
+    The eager step calls it block by block, the compiled kernels trace it. ``step`` may be overwritten. With host
+    numbers ``k1, k2`` (one pair for all of ``step``: the eager float32 update of a layer on CPU) the zero is decided
+    on the host and the update takes two in-place passes.
     """
+    if isinstance(k1, float) and isinstance(k2, float):
+        return (step.zero_() if k2 == 0 else step.mul_(k2)).add_(weights, alpha=k1)
+    assert isinstance(k1, torch.Tensor) and isinstance(k2, torch.Tensor)  # both host numbers, or both tensors
     return step.masked_fill_(k2 == 0, 0.0).mul_(k2).addcmul_(weights, k1)

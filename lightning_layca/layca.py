@@ -22,8 +22,8 @@ delegates has a room of its own:
 * :mod:`lightning_layca.step`: the arithmetic; :mod:`lightning_layca.diagnostics`: the warnings.
 
 Sharded layers (``DTensor`` parameters, as FSDP2's ``fully_shard`` and tensor parallelism make them) take the eager step
-with one ``all_reduce`` of their float64 sums per step (:func:`lightning_layca.distributed.reduce_sums`), issued inside
-:meth:`Layca.step`, the same on every process.
+(with ``implementation="compiled"``, the compiled kernel's two halves) with one ``all_reduce`` of their float64 sums
+per step (:func:`lightning_layca.distributed.reduce_sums`), issued inside :meth:`Layca.step`, the same on every process.
 """
 
 from __future__ import annotations

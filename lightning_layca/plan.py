@@ -7,8 +7,9 @@ group: a param group is the wrapped optimizer's, a bucket the plan's.) Each laye
 * ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
   ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;
 * ``"compiled"``: the base optimizer steps, then the compiled kernel turns its step into a Layca step, from a snapshot;
+  sharded layers take it in two halves around the seam's one collective (with ``implementation="compiled"``);
 * ``"eager"``: the base optimizer steps, then the eager step (:mod:`lightning_layca.step.eager`), from a snapshot.
-  Sharded layers always take it, with their sums combined through the seam.
+  Sharded layers take it under ``"auto"``, with their sums combined through the seam.
 
 The fallback chain is that order: a layer whose base step the kernel cannot take at some step (no readable gradient,
 a state it cannot read) takes the base step and the next path at that step; a kernel that fails to compile gives its
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -277,7 +277,6 @@ class StepPlan:
         self._switching = False
         self.layout: ShardLayout | None = None
         """How the step's layers lie over the processes, when some are sharded (``None`` otherwise)."""
-        self._warned_sharded = False
 
     def invalidate(self) -> None:
         """Rebuild the buckets at the next step (the controlled layers changed)."""
@@ -333,17 +332,13 @@ class StepPlan:
         layout = shard_layout([params[i] for i in order])
         self.layout = layout if layout.sharded else None
         position = {i: k for k, i in enumerate(order)}
-        # Sharded layers take the eager step: a kernel cannot be split around the collective of their sums.
-        compiled_now = self.layout is None and (self.auto is None or self.auto.compiled)
-        if self.layout is not None and self.implementation == "compiled" and not self._warned_sharded:
-            self._warned_sharded = True
-            warnings.warn(
-                "Layca: implementation='compiled' does not apply to sharded (DTensor) layers: their step sums over "
-                "each process's shard, adds the sums of all processes with one all_reduce, then updates each shard, "
-                "and the compiled kernel cannot be split around that collective. They take the eager summed step.",
-                stacklevel=5,
-            )
-        family = family_of(optimizer)
+        # Sharded layers take the compiled step when asked for (its two halves around the one collective, after the
+        # base step: see stepping.rotate_sharded); "auto" times no sharded step and keeps them eager.
+        if self.layout is None:
+            compiled_now = self.auto is None or self.auto.compiled
+        else:
+            compiled_now = self.implementation == "compiled"
+        family = None if self.layout is not None else family_of(optimizer)
         buckets = []
         for indices, eligible in chunks:
             device = params[indices[0]].device
@@ -377,7 +372,7 @@ class StepPlan:
                     group = optimizer.param_groups[registry.param_group_of[i]]
                     bucket.paths[j] = WITH_BASE if family is not None and family.supports(group) else COMPILED
                     bucket.views[j] = view(x)
-                    bucket.parallel[j] = parallel_kernel(params[i])
+                    bucket.parallel[j] = parallel_kernel(x)
                 for j in bucket.at(WITH_BASE):  # no snapshot until one is needed (see Bucket.snapshot)
                     bucket.previous[j] = torch.empty(0, device=device, dtype=local[j].dtype)
                 counts_ = unit_counts(local) if self.per_unit else None

@@ -4,8 +4,9 @@ The eager step (``implementation="eager"``, and the default's first steps) is, a
 float64 sums of every layer (``step.eager.step_sums``), the rule (``step.rule.coefficients``) and the update
 (``step.eager.update``); before it, a snapshot of the weights. This script times each block on the layers of a
 parameter set (ResNet-18 shapes by default; every layer moved by a small random step, the weights restored before
-every repetition), as the median process CPU time over ``--repeats`` repetitions, and the whole
-``step.eager.rotate_eager``. Run it against two checkouts back to back to compare them::
+every repetition), as the median process CPU time over ``--repeats`` repetitions, the whole
+``step.eager.rotate_eager``, and a whole ``Layca(SGD foreach)`` eager step on the set beside the SGD step alone.
+Run it against two checkouts back to back to compare them::
 
     PYTHONPATH=. python -m benchmarks.eager_blocks --threads 1
     PYTHONPATH=/path/to/other/checkout python -m benchmarks.eager_blocks --threads 1
@@ -28,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._shapes import SHAPE_SETS
+from lightning_layca import Layca
 from lightning_layca.step import eager
 from lightning_layca.step.rule import coefficients, unit_roundoff
 
@@ -71,6 +73,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             layers, previous, k1, k2, single=[True] * n
         )
     rows["rotate_eager (sums, rule, update)"] = lambda: eager.rotate_eager(layers, previous, rates, relative_lrs, norms)
+    # The whole step as a user runs it: Layca(SGD(momentum=0.9, foreach=True), implementation="eager") on the full set
+    # (biases and normalisation weights included), with its snapshot, base step, buckets and checks.
+    named = [(name, torch.randn(s, generator=gen).requires_grad_()) for name, s in SHAPE_SETS[args.set]()]
+    for _, p in named:
+        p.grad = 1e-2 * torch.randn(p.shape, generator=gen)
+    base = torch.optim.SGD([p for _, p in named], lr=0.01, momentum=0.9, foreach=True)
+    whole = Layca(base, named, rotation_rate=3**-3, implementation="eager")
+    whole.step()
+    rows["Layca(SGD foreach) eager, whole step"] = whole.step
+    rows["SGD foreach alone, same tensors"] = base.step
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"# eager blocks: {args.set}, {n} layers, {sum(w.numel() for w in layers):,} elements")
     print(f"- code: {Path(eager.__file__).resolve().parent.parent.parent}; torch {torch.__version__}, "

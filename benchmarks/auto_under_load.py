@@ -15,6 +15,8 @@ Run from the repository root::
 
     python -m benchmarks.auto_under_load --runs 10 --out benchmarks/results/auto_under_load_cpu.md
     python -m benchmarks.auto_under_load --code /path/to/other/checkout   # the rule of another version
+
+The runs import ``lightning_layca`` (and this script) from ``--code``, whose ``benchmarks/`` must hold this script.
 """
 
 from __future__ import annotations
@@ -173,10 +175,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         out = Path(f"/tmp/auto_under_load_{os.getpid()}_{run}.json")
         start, stop = args.load_start + run * args.load_shift, args.load_stop + run * args.load_shift
         load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # run from the checkout measured: `-m` puts the working directory first on the path
             [sys.executable, "-m", "benchmarks.auto_under_load", "--child", str(out), "--set", args.set,
              "--seconds", str(args.seconds)],
-            cwd=ROOT, env=env,
+            cwd=args.code, env=env,
         )  # fmt: skip
         t0 = time.perf_counter()
         time.sleep(start)

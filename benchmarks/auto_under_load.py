@@ -89,6 +89,8 @@ def child(spec: str, seconds: float, out: Path) -> None:
     taken, wall, cpu, started = [], [], [], time.perf_counter()
     while time.perf_counter() - started < seconds:
         compiled = bool(auto.compiled)  # what this step takes: the plan was built (or is rebuilt) for it
+        if compiled and not any(taken):  # the first compiled step: tell the script (--load-at-trial)
+            out.with_suffix(".trial").touch()
         t0, c0 = time.perf_counter(), time.process_time()
         optimizer.step()
         taken.append(compiled)
@@ -142,6 +144,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-start", type=float, default=6.0, help="seconds into the first run the load starts")
     parser.add_argument("--load-stop", type=float, default=36.0, help="seconds into the first run the load stops")
     parser.add_argument("--load-shift", type=float, default=2.0, help="the load window moves by this much per run")
+    parser.add_argument(
+        "--load-at-trial",
+        type=float,
+        default=None,
+        help="instead of the window: load for this many seconds from the run's first compiled step on (the moment "
+        "a one-off comparison of the two steps is most exposed to)",
+    )
     parser.add_argument("--code", default=str(ROOT), help="checkout whose lightning_layca the runs import")
     parser.add_argument("--out", default=None, help="markdown file to write the report to")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -161,10 +170,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     lines += machine_description(torch.device("cpu"))
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.code, capture_output=True, text=True)
     lines.append(f"- code of the runs: {args.code} ({code.stdout.strip() or 'not a git checkout'})")
+    window = (
+        f"from the first compiled step for {args.load_at_trial:g} s"
+        if args.load_at_trial is not None
+        else f"from {args.load_start:g} s to {args.load_stop:g} s into the run, the window shifted by "
+        f"{args.load_shift:g} s per run"
+    )
     lines += [
         f"- each run: {args.seconds:g} s of back-to-back default steps, {args.threads} torch thread(s); load: "
-        f"{args.load_threads} busy threads from {args.load_start:g} s to {args.load_stop:g} s into the run, the "
-        f"window shifted by {args.load_shift:g} s per run",
+        f"{args.load_threads} busy threads {window}",
         "",
         "| run | load window (s) | load avg at start | steps | first compiled step | changes | final | faster "
         "(eager / compiled ms, CPU time) | slower kept: longest stretch, all (steps) |",
@@ -181,7 +195,13 @@ def main(argv: Sequence[str] | None = None) -> str:
             cwd=args.code, env=env,
         )  # fmt: skip
         t0 = time.perf_counter()
-        time.sleep(start)
+        if args.load_at_trial is not None:
+            trial = out.with_suffix(".trial")
+            while not trial.exists() and proc.poll() is None:
+                time.sleep(0.05)
+            start = time.perf_counter() - t0
+            stop = start + args.load_at_trial
+        time.sleep(max(0.0, start - (time.perf_counter() - t0)))
         loader = subprocess.Popen(
             [sys.executable, "-c", f"from benchmarks.auto_under_load import load; load({args.load_threads})"],
             cwd=ROOT, env=env,
@@ -190,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         loader.kill()
         loader.wait()
         proc.wait()
+        start, stop = round(start, 1), round(stop, 1)
         a = analyse(json.loads(out.read_text()))
         ended_faster += a["final"] == a["faster"]
         worst = max(worst, a["slower, longest stretch"])

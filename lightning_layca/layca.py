@@ -22,8 +22,8 @@ delegates has a room of its own:
 * :mod:`lightning_layca.step`: the arithmetic; :mod:`lightning_layca.diagnostics`: the warnings.
 
 Sharded layers (``DTensor`` parameters, as FSDP2's ``fully_shard`` and tensor parallelism make them) take the eager step
-with one ``all_reduce`` of their float64 sums per step (:func:`lightning_layca.distributed.reduce_sums`), issued inside
-:meth:`Layca.step`, the same on every process.
+(with ``implementation="compiled"``, the compiled kernel's two halves) with one ``all_reduce`` of their float64 sums
+per step (:func:`lightning_layca.distributed.reduce_sums`), issued inside :meth:`Layca.step`, the same on every process.
 """
 
 from __future__ import annotations
@@ -114,10 +114,10 @@ class Layca(WrappedOptimizer):
             one warning and the eager step. Around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves (not
             subclasses), the kernel takes their step for the layers as well (their state kept where they keep it),
             so no snapshot of the weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps
-            have taken
-            :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
-            turns out faster (:class:`~lightning_layca.plan.AutoChoice`), so that a short fit never waits
-            for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
+            have taken :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, so that a short fit never
+            waits for a compilation; then whichever step is faster in a trial of alternating turns, the trial
+            repeated at intervals so that no choice stays wrong for long (:class:`~lightning_layca.plan.AutoChoice`);
+            elsewhere the eager step (the compiled one has not been measured on GPUs yet).
         target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
             (per unit under ``granularity="unit"``) follow it (:class:`~lightning_layca.targets.TargetController`).
 
@@ -295,9 +295,10 @@ class Layca(WrappedOptimizer):
             closure = None
         self._update_controlled()
         self.rates.prepare(self)
-        auto = self.plan.auto if self.plan.auto is not None and self.plan.auto.measuring else None
+        auto = self.plan.auto
+        timed = auto is not None and auto.measuring
         # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
-        start = time.perf_counter() if auto is not None and closure is None else None
+        start = time.perf_counter() if timed and closure is None else None
         buckets = self.plan.for_step(self.layers, self.optimizer)
         base_steps = [read_base_steps(b, self.optimizer, self.layers.param_group_of) for b in buckets]
         keep, self._keep_next = self._keep_next, False
@@ -314,12 +315,12 @@ class Layca(WrappedOptimizer):
         for b in buckets:
             upload_rates(b, rates, self.rates.relative_lrs, self.rates.version, self.rates.unit_rates)
         seconds = rotate_buckets(
-            buckets, base_steps, self.optimizer, self.plan.layout, self.layers, timed=auto is not None and start is None
+            buckets, base_steps, self.optimizer, self.plan.layout, self.layers, timed=timed and start is None
         )
         if start is not None:
             seconds = time.perf_counter() - start
         if auto is not None and any(b.eligible for b in buckets) and auto.record(seconds):
-            self.plan.invalidate()  # take the other implementation from the next step on
+            self.plan.switch()  # take the other implementation from the next step on
         self.step_count += 1
         self.rates.after_step(self, rates)
         flags = [(b.near_floor, b.indices) for b in buckets]

@@ -185,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         help="wall clock, or each process's CPU time (on a shared CPU: preemption by other jobs is not counted, nor "
         "is waiting for the other process in a collective)",
     )
+    parser.add_argument(
+        "--implementation", choices=["auto", "eager", "compiled"], default="auto", help="Layca's step implementation"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where the processes meet (default: a new one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
@@ -205,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         log_every_n_steps=1,
         logger=TensorBoardLogger(args.workdir, name="logs"),
         callbacks=[
-            LaycaCallback(rotation_rate=ROTATION_RATE, angle_histograms=False, figure=False),
+            LaycaCallback(
+                rotation_rate=ROTATION_RATE,
+                angle_histograms=False,
+                figure=False,
+                implementation=args.implementation,
+            ),
             StepCost(args.warmup, args.workdir / "times", args.clock),
         ],
         enable_progress_bar=False,
@@ -229,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         f"- MLP {args.depth} x {args.width} + head ({parameters / 1e6:.2f} M parameters), every Linear "
         f"`fully_shard`-ed over {world_size} processes; SGD momentum 0.9, batch {args.batch_size} per process; "
         f"{args.steps} timed steps after {args.warmup}, every one a logging step; clock: {args.clock}; medians of "
-        "the slower process",
+        f"the slower process; Layca implementation={args.implementation!r}",
         "",
         "| measure | ms per step (median) | quartiles (ms) | / sharded SGD step |",
         "|---|---:|---|---:|",

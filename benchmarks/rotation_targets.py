@@ -21,6 +21,12 @@ Run from the repository root::
     python -m benchmarks.rotation_targets               # 15 runs; docs/results/rotation_targets.{jsonl,md}
     python -m benchmarks.rotation_targets --report-only
     python -m benchmarks.rotation_targets --overhead --seeds 0
+    python -m benchmarks.rotation_targets --trace docs/results/target_trace.json --trace-final 0.4 --seeds 0
+    python -m benchmarks.rotation_targets --trace-report docs/results/target_trace_*.json
+
+``--trace`` records every control interval of one run per seed (each layer's rate, distance, target and the
+controller's estimate of the fraction of its turning that became distance) and prints a summary per phase of the
+learning rate.
 """
 
 from __future__ import annotations
@@ -120,13 +126,15 @@ def config_of(record: dict[str, Any]) -> Config:
     return Config(record["final"], record["last"])
 
 
-def train_one(config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any]) -> dict[str, Any]:
+def train_one(
+    config: Config, seed: int, datamodule: MNIST1DDataModule, setup: dict[str, Any], max_rate: float = 1.0
+) -> dict[str, Any]:
     """Train one target from one seed; return its record (accuracy, final rotation and target of every layer)."""
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule.seed = seed
     model = AlphaExperimentCNN(setup["width"], 1.0, setup["epochs"])
     callback = ll.LaycaCallback(
-        target=ll.RotationTarget(config.final, last_layer=config.last),
+        target=ll.RotationTarget(config.final, last_layer=config.last, max_rate=max_rate),
         implementation=LAYCA_IMPLEMENTATION,
         log_rates=False,
         angle_histograms=False,
@@ -239,7 +247,7 @@ def report(records: Sequence[dict[str, Any]]) -> str:
         [
             "# Closed-loop rotation targets on MNIST-1D",
             "",
-            "Written by `benchmarks/rotation_targets.py` (`--report-only` rebuilds it from the saved runs).",
+            "Written by `python -m benchmarks.rotation_targets` (`--report-only` rebuilds it from the saved runs).",
             "",
             machine_line(records),
             "",
@@ -299,13 +307,102 @@ def overhead(args: argparse.Namespace) -> None:
             )
 
 
+def trace(args: argparse.Namespace, final: float, path: Path) -> None:
+    """Record every control interval of one run per seed (uniform ``final``): each layer's rate, distance, target."""
+    import json
+
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    original = targets_module.TargetController.after_step
+
+    def traced(self: Any, layca: Any, *a: Any, **k: Any) -> Any:
+        chose = original(self, layca, *a, **k)
+        if chose:
+            efficiency = [
+                p[0] / s[0] if s and s[0] > 0 else None for p, s in zip(self._progress, self._spent, strict=True)
+            ]
+            rows.append(
+                {
+                    "step": layca.step_count,
+                    "relative_lr": float(layca.param_groups[0]["lr"]) / float(layca.reference_lr),
+                    "gain": dict(zip(self.names, self.layer_gains(), strict=True)),
+                    "distance": dict(zip(self.names, self.distances, strict=True)),
+                    "target": dict(zip(self.names, self.targets, strict=True)),
+                    "efficiency": dict(zip(self.names, efficiency, strict=True)),
+                }
+            )
+        return chose
+
+    targets_module.TargetController.after_step = traced  # type: ignore[method-assign]
+    torch.set_num_threads(args.threads)
+    setup = setup_of(args)
+    from benchmarks._mnist1d_experiment import make_datamodule
+
+    datamodule = make_datamodule(setup)
+    with quiet_lightning():
+        for seed in args.seeds:
+            rows.clear()
+            record = train_one(Config(final), seed, datamodule, setup, args.trace_max_rate)
+            out = path.with_name(f"{path.stem}_seed{seed}{path.suffix}")
+            out.write_text(json.dumps({"record": record, "intervals": rows, "max_rate": args.trace_max_rate}))
+            print(f"seed {seed}: {len(rows)} intervals -> {out}", flush=True)
+            print(trace_summary(json.loads(out.read_text())), flush=True)
+
+
+def trace_summary(saved: dict[str, Any], layers: Sequence[str] = ("net.conv1.weight", "net.fc.weight")) -> str:
+    """Per phase of constant learning rate, for ``layers``: distance (mean, sd, last), rate, efficiency, at max_rate."""
+    rows, record, max_rate = saved["intervals"], saved["record"], saved["max_rate"]
+    lines = [
+        f"max_rate {max_rate:g}: test accuracy {100 * record['test_acc']:.1f} %, training accuracy "
+        f"{100 * record['train_acc']:.1f} %, final rotation "
+        + ", ".join(f"{name} {curve[-1]:.3f}" for name, curve in record["rotation"].items())
+    ]
+    phases: list[list[dict[str, Any]]] = []
+    for row in rows:
+        if not phases or phases[-1][-1]["relative_lr"] != row["relative_lr"]:
+            phases.append([])
+        phases[-1].append(row)
+    for name in layers:
+        for phase in phases:
+            d = [r["distance"][name] for r in phase]
+            rho = [r["gain"][name] * r["relative_lr"] for r in phase]
+            e = [r["efficiency"][name] for r in phase if r["efficiency"][name] is not None]
+            capped = sum(r["gain"][name] >= max_rate * (1 - 1e-9) for r in phase)
+            lines.append(
+                f"  {name}, steps {phase[0]['step']}-{phase[-1]['step']} (relative lr {phase[0]['relative_lr']:g}): "
+                f"distance mean {statistics.mean(d):.3f} sd {statistics.pstdev(d):.3f} max {max(d):.3f} "
+                f"last {d[-1]:.3f} "
+                f"(target last {phase[-1]['target'][name]:.3f}), rho mean {statistics.mean(rho):.3g}, "
+                f"efficiency mean {statistics.mean(e):.3f} (first {e[0]:.3f}, last {e[-1]:.3f}), "
+                f"at max_rate {capped}/{len(phase)} intervals"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "not offered: use --seeds and --epochs")
     parser.add_argument("--overhead", action="store_true", help="time the controller on one run per seed")
     parser.add_argument("--figure", type=Path, default=None, help=f"PNG of rotation and targets (docs: {FIGURE})")
+    parser.add_argument(
+        "--trace", type=Path, default=None, help="JSON of every control interval of a uniform --trace-final target"
+    )
+    parser.add_argument("--trace-final", type=float, default=0.4)
+    parser.add_argument("--trace-report", type=Path, nargs="*", help="summarise saved --trace files")
+    parser.add_argument("--trace-max-rate", type=float, default=1.0, help="the target's max_rate in --trace runs")
     args = parser.parse_args(argv)
     check_common_arguments(parser, args)
+    if args.trace_report:
+        import json
+
+        for path in args.trace_report:
+            print(path)
+            print(trace_summary(json.loads(path.read_text())))
+        return
+    if args.trace is not None:
+        trace(args, args.trace_final, args.trace)
+        return
     args.results = args.results or RESULTS
     args.table = args.table or TABLE
     if args.overhead:

@@ -22,8 +22,8 @@ delegates has a room of its own:
 * :mod:`lightning_layca.step`: the arithmetic; :mod:`lightning_layca.diagnostics`: the warnings.
 
 Sharded layers (``DTensor`` parameters, as FSDP2's ``fully_shard`` and tensor parallelism make them) take the eager step
-with one ``all_reduce`` of their float64 sums per step (:func:`lightning_layca.distributed.reduce_sums`), issued inside
-:meth:`Layca.step`, the same on every process.
+(with ``implementation="compiled"``, the compiled kernel's two halves) with one ``all_reduce`` of their float64 sums
+per step (:func:`lightning_layca.distributed.reduce_sums`), issued inside :meth:`Layca.step`, the same on every process.
 """
 
 from __future__ import annotations
@@ -114,15 +114,12 @@ class Layca(WrappedOptimizer):
             one warning and the eager step. Around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves (not
             subclasses), the kernel takes their step for the layers as well (their state kept where they keep it),
             so no snapshot of the weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps
-            have taken
-            :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, then the compiled step if it
-            turns out faster (:class:`~lightning_layca.plan.AutoChoice`), so that a short fit never waits
-            for a compilation; elsewhere the eager step (the compiled one has not been measured on GPUs yet).
-        target: A :class:`~lightning_layca.RotationTarget`: each layer's rate is chosen so that its rotation follows
-            the target (:class:`~lightning_layca.targets.TargetController`, :attr:`targets`); ``rotation_rate`` and
-            ``schedule`` then do not apply. It needs the length of training (``target.total_steps`` or
-            ``targets.set_horizon``) and one copy of the initial weights unless they are shared
-            (``targets.share_initial_weights``, as :class:`~lightning_layca.LaycaCallback` does with its monitor).
+            have taken :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, so that a short fit never
+            waits for a compilation; then whichever step is faster in a trial of alternating turns, the trial
+            repeated at intervals so that no choice stays wrong for long (:class:`~lightning_layca.plan.AutoChoice`);
+            elsewhere the eager step (the compiled one has not been measured on GPUs yet).
+        target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
+            (per unit under ``granularity="unit"``) follow it (:class:`~lightning_layca.targets.TargetController`).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is
@@ -179,15 +176,12 @@ class Layca(WrappedOptimizer):
             base_params, named_parameters, include_patterns, exclude_patterns, per_unit=granularity == "unit"
         )
         """The layer registry: candidates, controlled layers, initial norms (``lightning_layca.layers``)."""
-        rate = EQUILIBRIUM if rotation_rate == EQUILIBRIUM else float(rotation_rate)
-        self.rates = Rates(rate, schedule, None if reference_lr is None else float(reference_lr))
-        """The rates: schedule, reference lr, equilibrium (``lightning_layca.rates``)."""
-        self.plan = StepPlan(implementation, per_unit=granularity == "unit")
-        """The step plan: which path steps which layer, the snapshots (``lightning_layca.plan``)."""
-        schedule.validate(self.layers.names)
-        self.targets = None if target is None else TargetController(target, self.layers.names)
+        self.rates = Rates(rotation_rate, schedule, reference_lr, target, self.layers.names, self.layers.per_unit)
+        """The rates: schedule, reference lr, equilibrium, rotation target (``lightning_layca.rates``)."""
+        self.targets: TargetController | None = self.rates.controller
         """The controller of the rotation target, or ``None``."""
-        self.rates.controller = self.targets
+        self.plan = StepPlan(implementation, self.layers.per_unit, self.rates.eager_reason)
+        """The step plan: which path steps which layer, the snapshots (``lightning_layca.plan``)."""
         self.step_count = 0
         self.epoch = 0
         self.restored_from_plain_state = False
@@ -196,10 +190,7 @@ class Layca(WrappedOptimizer):
         self._diagnostics = Diagnostics()
         self._keep_next = False
         self.layers.update(self.param_groups)
-        holding = list(self.layers.param_group_of.values())
-        if self.layers.controlled and self.rates.reference_lr is None:
-            self.rates.default_reference_lr(self.param_groups, holding)  # fail early on unusable learning rates
-        self.rates.check_equilibrium(optimizer, holding)
+        self.rates.check(optimizer, self.layers)  # fail early on unusable learning rates
 
     # ------------------------------------------------------------------ what the wrapper controls
     @property
@@ -242,7 +233,8 @@ class Layca(WrappedOptimizer):
         """Return ``{layer name: path}``: which implementation the next step takes for each controlled layer.
 
         Paths are ``"compiled+base"``, ``"compiled"`` and ``"eager"`` (see ``lightning_layca.plan``). A layer
-        whose base step the kernel cannot take at some step (no readable gradient) falls back along that order.
+        whose base step the kernel cannot take at some step (no readable gradient) falls back along that order. Under
+        a per-unit rotation target every layer is ``"eager"`` (``lightning_layca.rates.PER_UNIT_TARGET_EAGER``).
 
         Example:
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -260,9 +252,8 @@ class Layca(WrappedOptimizer):
     def rotation_rates(self) -> dict[str, float]:
         """Return the effective ``rho_l(t)`` of each controlled layer for the next step, keyed by parameter name."""
         self._update_controlled()
-        if self.targets is not None:
-            self.targets.prepare(self)
-        rates = self._current_rates()
+        self.rates.prepare(self, fix_reference=False)
+        rates = self.rates.of(self)
         return {self.layers.names[i]: rates[i] for i in self.layers.controlled}
 
     def rotation_targets(self) -> dict[str, float]:
@@ -274,10 +265,6 @@ class Layca(WrappedOptimizer):
         if self.layers.update(self.param_groups):
             self.plan.invalidate()
             self.rates.invalidate()
-
-    def _current_rates(self) -> list[float]:
-        layers = self.layers
-        return self.rates.current(layers.names, layers.param_group_of, self.optimizer, self.step_count, self.epoch)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -307,12 +294,11 @@ class Layca(WrappedOptimizer):
                 loss = closure()
             closure = None
         self._update_controlled()
-        self.rates.fix_reference_lr(self.param_groups, list(self.layers.param_group_of.values()))
-        if self.targets is not None:
-            self.targets.prepare(self)
-        auto = self.plan.auto if self.plan.auto is not None and self.plan.auto.measuring else None
+        self.rates.prepare(self)
+        auto = self.plan.auto
+        timed = auto is not None and auto.measuring
         # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
-        start = time.perf_counter() if auto is not None and closure is None else None
+        start = time.perf_counter() if timed and closure is None else None
         buckets = self.plan.for_step(self.layers, self.optimizer)
         base_steps = [read_base_steps(b, self.optimizer, self.layers.param_group_of) for b in buckets]
         keep, self._keep_next = self._keep_next, False
@@ -325,19 +311,18 @@ class Layca(WrappedOptimizer):
             base_loss = self.base_step(closure)
         loss = base_loss if loss is None else loss
 
-        rates = self._current_rates()
+        rates = self.rates.of(self)
         for b in buckets:
-            upload_rates(b, rates, self.rates.relative_lrs, self.rates.version)
+            upload_rates(b, rates, self.rates.relative_lrs, self.rates.version, self.rates.unit_rates)
         seconds = rotate_buckets(
-            buckets, base_steps, self.optimizer, self.plan.layout, self.layers, timed=auto is not None and start is None
+            buckets, base_steps, self.optimizer, self.plan.layout, self.layers, timed=timed and start is None
         )
         if start is not None:
             seconds = time.perf_counter() - start
         if auto is not None and any(b.eligible for b in buckets) and auto.record(seconds):
-            self.plan.invalidate()  # take the other implementation from the next step on
+            self.plan.switch()  # take the other implementation from the next step on
         self.step_count += 1
-        if self.targets is not None:
-            self.targets.after_step(self, rates)
+        self.rates.after_step(self, rates)
         flags = [(b.near_floor, b.indices) for b in buckets]
         self._diagnostics.near_floor(flags, self.layers.names, self.layers.params, self.step_count, self.rotation_rate)
         return loss
@@ -370,10 +355,7 @@ class Layca(WrappedOptimizer):
         if self._base_or_none() is None:  # torch's Optimizer.__init__ adds its placeholder group
             return
         if self.layers.add(self.optimizer.param_groups[-1]["params"]):
-            self.schedule.validate(self.layers.names)
-            if self.targets is not None:
-                self.targets.resize(self.layers.names)
-            self.rates.invalidate()
+            self.rates.resize(self.layers.names)
         self.plan.invalidate()
 
     # ------------------------------------------------------------------ state
@@ -396,7 +378,7 @@ class Layca(WrappedOptimizer):
             "step_count": self.step_count,
             "epoch": self.epoch,
             "rotation_rate": self.rotation_rate,
-            **({} if self.targets is None else {"target": self.targets.state()}),
+            **self.rates.state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -424,14 +406,10 @@ class Layca(WrappedOptimizer):
         """
         self.layers.check(layca)
         self.layers.load(layca)
-        reference_lr = layca["reference_lr"]
-        self.rates.reference_lr = None if reference_lr is None else float(reference_lr)
         self.step_count = int(layca["step_count"])
         self.epoch = int(layca["epoch"])
         self.restored_from_plain_state = False
-        if self.targets is not None and "target" in layca:
-            self.targets.load(layca["target"])
-        self.rates.invalidate()
+        self.rates.load(layca)
 
     def __repr__(self) -> str:
         return (

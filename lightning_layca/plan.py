@@ -7,18 +7,22 @@ group: a param group is the wrapped optimizer's, a bucket the plan's.) Each laye
 * ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
   ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;
 * ``"compiled"``: the base optimizer steps, then the compiled kernel turns its step into a Layca step, from a snapshot;
+  sharded layers take it in two halves around the seam's one collective (with ``implementation="compiled"``);
 * ``"eager"``: the base optimizer steps, then the eager step (:mod:`lightning_layca.step.eager`), from a snapshot.
-  Sharded layers always take it, with their sums combined through the seam.
+  Sharded layers take it under ``"auto"``, with their sums combined through the seam.
 
 The fallback chain is that order: a layer whose base step the kernel cannot take at some step (no readable gradient,
 a state it cannot read) takes the base step and the next path at that step; a kernel that fails to compile gives its
 layers to the eager step. :meth:`StepPlan.describe` tells which path each layer takes. With
-``implementation="auto"`` the eager path is taken until :class:`AutoChoice` decides for the compiled one.
+``implementation="auto"`` the eager path is taken until :class:`AutoChoice` decides for the compiled one. A plan made
+with an ``eager_reason`` (a per-unit rotation target: its rates are per row, the kernels take one rate per layer)
+gives every layer the eager path, whatever the implementation.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,8 +39,10 @@ from lightning_layca.step.families import family_of
 from lightning_layca.sums import unit_counts
 
 __all__ = [
+    "AUTO_BLOCK_STEPS",
     "AUTO_COMPILE_AFTER_SECONDS",
-    "AUTO_TRIAL_STEPS",
+    "AUTO_REVISIT_STEPS",
+    "AUTO_TRIAL_BLOCKS",
     "COMPILED",
     "EAGER",
     "WITH_BASE",
@@ -55,9 +61,17 @@ compilation takes a few seconds from Inductor's on-disk cache, 15 to 25 seconds 
 that would not have repaid the compilation never compiles, and one that does pays it at most once more than needed:
 the classic rule for renting skis until their price has been spent on rent."""
 
-AUTO_TRIAL_STEPS = 20
-"""After compiling, ``implementation="auto"`` times this many compiled steps and goes back to the eager step for good
-if they were not faster on average than the eager ones."""
+AUTO_BLOCK_STEPS = 5
+"""A comparison of the two implementations (a *trial*) gives them turns of this many steps each, alternately; the
+first step of a turn is not counted (it follows the other implementation: a compilation, buffers allocated anew)."""
+
+AUTO_TRIAL_BLOCKS = 4
+"""Turns of each implementation in one trial (``2 * AUTO_TRIAL_BLOCKS * AUTO_BLOCK_STEPS`` steps in all)."""
+
+AUTO_REVISIT_STEPS = (100, 1600)
+"""After a trial, the chosen implementation runs this many steps before the next trial: the first number after the
+first trial and after a trial that changed the choice, doubled after each trial that confirmed it, up to the
+second. No choice, right or wrong, is kept longer than the second number of steps without a new trial."""
 
 CPU_BUCKET_BYTES: int | None = 4 * 2**20
 """On CPU, layers are stepped in buckets of at most this many bytes (a larger layer forms its own), so that a bucket
@@ -65,59 +79,99 @@ stays cache-resident across the passes of one step; ``None``: one bucket per dev
 
 
 class AutoChoice:
-    """When ``implementation="auto"`` takes the compiled step: eager first, compiled once it pays, kept if faster.
+    """When ``implementation="auto"`` takes the compiled step: eager first, compiled once it pays, the faster kept.
 
     Compiling costs seconds once per process, and saves a fraction of every step: worth it for a long fit, not for a
     short one, and nobody knows in advance how long a fit is. So the eager step runs first while its time is added up;
-    once it reaches :data:`AUTO_COMPILE_AFTER_SECONDS` the compiled step takes over, and after
-    :data:`AUTO_TRIAL_STEPS` compiled steps (the compiling one not counted) it stays only if its mean time beats the
-    eager one's. Times are host wall-clock times, measured on CPU only (where a kernel has finished when its call
-    returns): of the whole step, the base optimizer's included, around torch's optimizers (whose closure Layca
-    evaluates first, so that the forward and backward passes are not counted; the compiled step may take the base
-    step itself), of the Layca part of the step around other optimizers.
+    once it reaches :data:`AUTO_COMPILE_AFTER_SECONDS` a *trial* starts: the compiled and the eager step take turns
+    of :data:`AUTO_BLOCK_STEPS` steps, :data:`AUTO_TRIAL_BLOCKS` turns each. Each turn is summed up by the median of
+    its timed steps, each pair of neighbouring turns by the ratio compiled / eager of theirs, and the compiled step
+    is chosen when the median of these ratios is below 1. A load that comes and goes (a data loader, another job)
+    slows both turns of a pair alike, except in the two pairs where it starts and stops, which the median of seven
+    ratios outvotes. A choice is never final: after :data:`AUTO_REVISIT_STEPS` steps (twice as many each time a
+    trial confirms the choice, up to a bound) another trial runs, so a choice that load got wrong is corrected within
+    a bounded number of steps, at the price of a few turns of the slower implementation per revisit (at most
+    ``AUTO_TRIAL_BLOCKS * AUTO_BLOCK_STEPS`` steps every ``AUTO_REVISIT_STEPS[1]``: 1.2 % of the steps once the
+    choice is settled).
+
+    Times are host wall-clock times, measured on CPU only (where a kernel has finished when its call returns): of the
+    whole step, the base optimizer's included, around torch's optimizers (whose closure Layca evaluates first, so that
+    the forward and backward passes are not counted; the compiled step may take the base step itself), of the Layca
+    part of the step around other optimizers. :meth:`record` takes them one step at a time, so the rule can be
+    replayed with any timings.
 
     Example:
         >>> choice = AutoChoice()
         >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled
         (False, False)
-        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled  # changed: the step is compiled from now on
+        >>> choice.record(AUTO_COMPILE_AFTER_SECONDS / 2), choice.compiled  # changed: a trial starts, compiled first
         (True, True)
     """
 
     def __init__(self) -> None:
-        self.phase: Literal["eager", "trial", "compiled", "eager for good"] = "eager"
-        self.eager_seconds = 0.0
-        self.eager_steps = 0
-        self.trial_seconds = 0.0
-        self.trial_steps = -1  # the first compiled step compiles: not counted
-
-    @property
-    def compiled(self) -> bool:
+        self.phase: Literal["eager", "trial", "chosen"] = "eager"
+        """``"eager"`` before the first trial, ``"trial"`` during one, ``"chosen"`` between trials."""
+        self.compiled = False
         """Whether the compiled step is to be taken now."""
-        return self.phase in ("trial", "compiled")
+        self.chosen = False
+        """What the latest trial chose (``True``: compiled)."""
+        self.trials = 0
+        """Trials completed."""
+        self.eager_seconds = 0.0
+        self.turn: list[float] = []
+        """The timed steps of the current turn."""
+        self.turns: list[float] = []
+        """The median step of every completed turn of the current trial (they alternate)."""
+        self.turn_steps = 0
+        self.steps_to_trial = 0
+        self.revisit_after = AUTO_REVISIT_STEPS[0]
 
     @property
     def measuring(self) -> bool:
-        """Whether :meth:`record` still needs the time of each step."""
-        return self.phase in ("eager", "trial")
+        """Whether :meth:`record` needs the time of the coming step (between trials it only counts steps)."""
+        return self.phase != "chosen"
 
     def record(self, seconds: float) -> bool:
-        """Add the time of one step; return whether the choice changed (the buckets must be rebuilt)."""
+        """Count one step and its time; return whether the implementation changes (the buckets must be rebuilt)."""
         if self.phase == "eager":
             self.eager_seconds += seconds
-            self.eager_steps += 1
-            if self.eager_seconds >= AUTO_COMPILE_AFTER_SECONDS:
-                self.phase = "trial"
-                return True
-        elif self.phase == "trial":
-            self.trial_steps += 1
-            if self.trial_steps > 0:
-                self.trial_seconds += seconds
-            if self.trial_steps == AUTO_TRIAL_STEPS:
-                faster = self.trial_seconds / AUTO_TRIAL_STEPS < self.eager_seconds / self.eager_steps
-                self.phase = "compiled" if faster else "eager for good"
-                return not faster
-        return False
+            return self.eager_seconds >= AUTO_COMPILE_AFTER_SECONDS and self._start_trial()
+        if self.phase == "chosen":
+            self.steps_to_trial -= 1
+            return self.steps_to_trial <= 0 and self._start_trial()
+        if self.turn_steps > 0:  # the first step of a turn follows the other implementation: not counted
+            self.turn.append(seconds)
+        self.turn_steps += 1
+        if self.turn_steps < AUTO_BLOCK_STEPS:
+            return False
+        self.turns.append(statistics.median(self.turn))
+        self.turn, self.turn_steps = [], 0
+        if len(self.turns) < 2 * AUTO_TRIAL_BLOCKS:
+            self.compiled = not self.compiled
+            return True
+        return self._choose()
+
+    def _start_trial(self) -> bool:
+        self.phase, self.turn, self.turns, self.turn_steps = "trial", [], [], 0
+        self.compiled = not self.compiled  # the other implementation takes the first turn
+        return True
+
+    def _choose(self) -> bool:
+        # The last turn was the current implementation's; turns alternate backwards from it.
+        compiled_turn = [self.compiled == (k % 2 == (len(self.turns) - 1) % 2) for k in range(len(self.turns))]
+        ratios = [
+            (a / b if compiled_turn[k] else b / a) if min(a, b) > 0 else 1.0
+            for k, (a, b) in enumerate(zip(self.turns, self.turns[1:], strict=False))
+        ]
+        faster = statistics.median(ratios) < 1.0
+        confirmed = self.trials > 0 and faster == self.chosen
+        first, longest = AUTO_REVISIT_STEPS
+        self.revisit_after = min(2 * self.revisit_after, longest) if confirmed else first
+        self.phase, self.steps_to_trial, self.chosen = "chosen", self.revisit_after, faster
+        self.trials += 1
+        changed = faster != self.compiled
+        self.compiled = faster
+        return changed
 
 
 @dataclass
@@ -216,20 +270,34 @@ class StepPlan:
     Args:
         implementation: ``"auto"``, ``"eager"`` or ``"compiled"``.
         per_unit: Whether layers step per unit.
+        eager_reason: Why every layer must take the eager path (``None``: none); with ``implementation="compiled"``
+            it is given in a warning.
     """
 
-    def __init__(self, implementation: str, per_unit: bool) -> None:
+    def __init__(self, implementation: str, per_unit: bool, eager_reason: str | None = None) -> None:
+        self.eager_reason = eager_reason
+        """Why every layer takes the eager path, or ``None``."""
+        if eager_reason is not None and implementation == "compiled":
+            warnings.warn(f"Layca: implementation='compiled' does not apply: {eager_reason}.", stacklevel=3)
         self.implementation = implementation
         self.per_unit = per_unit
         self.auto = AutoChoice() if implementation == "auto" else None
         self.buckets: list[Bucket] | None = None
+        self._switching = False
         self.layout: ShardLayout | None = None
         """How the step's layers lie over the processes, when some are sharded (``None`` otherwise)."""
-        self._warned_sharded = False
 
     def invalidate(self) -> None:
-        """Rebuild the buckets at the next step (the controlled layers or the implementation changed)."""
+        """Rebuild the buckets at the next step (the controlled layers changed)."""
         self.buckets = None
+
+    def switch(self) -> None:
+        """Rebuild the buckets at the next step, for the other implementation (``"auto"``).
+
+        Until then the buckets of the latest step stay, with the weights they kept before it
+        (:meth:`weights_before_last_step`): a logging step that changes implementation still has them.
+        """
+        self._switching = True
 
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "buckets": None}  # snapshot buffers are scratch space, rebuilt at the next step
@@ -237,10 +305,17 @@ class StepPlan:
     def for_step(self, registry: LayerRegistry, optimizer: Optimizer) -> list[Bucket]:
         """The buckets of the coming step: built anew when a layer's device, dtype or shape changed."""
         buckets = self.buckets
-        if buckets is None or any(
-            (x.device, x.dtype, x.shape) != shape for b in buckets for x, shape in zip(b.local(), b.shapes, strict=True)
+        if (
+            buckets is None
+            or self._switching
+            or any(
+                (x.device, x.dtype, x.shape) != shape
+                for b in buckets
+                for x, shape in zip(b.local(), b.shapes, strict=True)
+            )
         ):
             buckets = self.buckets = self._build(registry, optimizer)
+            self._switching = False
         return buckets
 
     def describe(self, registry: LayerRegistry, optimizer: Optimizer) -> dict[str, str]:
@@ -259,24 +334,20 @@ class StepPlan:
             by_key[(params[i].device, params[i].dtype)].append(i)
         chunks: list[tuple[list[int], bool]] = []
         for (device, dtype), indices in by_key.items():
-            eligible = use_compiled_step(self.implementation, device, dtype)
+            eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
             limit = CPU_BUCKET_BYTES if device.type == "cpu" else None
             chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
         order = [i for indices, _ in chunks for i in indices]
         layout = shard_layout([params[i] for i in order])
         self.layout = layout if layout.sharded else None
         position = {i: k for k, i in enumerate(order)}
-        # Sharded layers take the eager step: a kernel cannot be split around the collective of their sums.
-        compiled_now = self.layout is None and (self.auto is None or self.auto.compiled)
-        if self.layout is not None and self.implementation == "compiled" and not self._warned_sharded:
-            self._warned_sharded = True
-            warnings.warn(
-                "Layca: implementation='compiled' does not apply to sharded (DTensor) layers: their step sums over "
-                "each process's shard, adds the sums of all processes with one all_reduce, then updates each shard, "
-                "and the compiled kernel cannot be split around that collective. They take the eager summed step.",
-                stacklevel=5,
-            )
-        family = family_of(optimizer)
+        # Sharded layers take the compiled step when asked for (its two halves around the one collective, after the
+        # base step: see stepping.rotate_sharded); "auto" times no sharded step and keeps them eager.
+        if self.layout is None:
+            compiled_now = self.auto is None or self.auto.compiled
+        else:
+            compiled_now = self.implementation == "compiled"
+        family = None if self.layout is not None else family_of(optimizer)
         buckets = []
         for indices, eligible in chunks:
             device = params[indices[0]].device
@@ -310,7 +381,7 @@ class StepPlan:
                     group = optimizer.param_groups[registry.param_group_of[i]]
                     bucket.paths[j] = WITH_BASE if family is not None and family.supports(group) else COMPILED
                     bucket.views[j] = view(x)
-                    bucket.parallel[j] = parallel_kernel(params[i])
+                    bucket.parallel[j] = parallel_kernel(x)
                 for j in bucket.at(WITH_BASE):  # no snapshot until one is needed (see Bucket.snapshot)
                     bucket.previous[j] = torch.empty(0, device=device, dtype=local[j].dtype)
                 counts_ = unit_counts(local) if self.per_unit else None

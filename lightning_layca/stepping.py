@@ -7,8 +7,10 @@ For every bucket (:class:`lightning_layca.plan.Bucket`), after the wrapped optim
 2. the layers on the ``"compiled"`` path are stepped by the kernel that works after the base step;
 3. the rest take the eager step (:func:`lightning_layca.step.eager.rotate_eager`).
 
-Sharded layers take the eager step for all buckets at once (:func:`rotate_sharded`): local float64 sums, ONE
-``all_reduce`` through the seam, then every process applies the same coefficients to its own shard.
+Sharded layers take their step for all buckets at once (:func:`rotate_sharded`): local float64 sums, ONE
+``all_reduce`` through the seam, then every process applies the same coefficients to its own shard; on the
+``"compiled"`` path the local sums and the update are the two halves of the compiled kernel, on the ``"eager"`` path
+the eager sums and update.
 """
 
 from __future__ import annotations
@@ -26,17 +28,22 @@ from lightning_layca.distributed import ShardLayout, reduce_sums
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
 from lightning_layca.step.compiled import (
+    SHARDED_SUMS,
+    SHARDED_UPDATE,
     LayerScalars,
     compiled_step_ready,
     kernel_view,
     rotate_base_compiled,
     rotate_compiled,
     scalars,
+    sharded_sums_compiled,
+    sharded_update_compiled,
     unit_view,
 )
 from lightning_layca.step.eager import rotate_eager, step_sums
 from lightning_layca.step.families import LayerStep, family_of
 from lightning_layca.step.rule import NEAR_FLOOR_FACTOR, ROUNDING_FLOOR_FACTOR, unit_roundoff
+from lightning_layca.sums import unit_counts
 
 __all__ = [
     "BaseSteps",
@@ -98,8 +105,22 @@ def _device_values(values: Sequence[Sequence[float]], device: torch.device) -> t
     return host.to(device, non_blocking=True)
 
 
-def upload_rates(bucket: Bucket, rates: list[float], relative_lrs: list[float], version: int) -> None:
-    """Copy the bucket's rates to its device (only when ``version`` changed: no host-to-device copy per step)."""
+def upload_rates(
+    bucket: Bucket,
+    rates: list[float],
+    relative_lrs: list[float],
+    version: int,
+    unit_rates: list[list[float]] | None = None,
+) -> None:
+    """Copy the bucket's rates to its device (only when ``version`` changed: no host-to-device copy per step).
+
+    With ``unit_rates`` (per layer, the rate of each unit: a per-unit rotation target), the eager step reads a rate
+    per row (:attr:`~lightning_layca.plan.Bucket.rates`); the compiled kernels, which take one rate per layer, are not
+    given these layers (:class:`~lightning_layca.plan.StepPlan`'s ``eager_reason``).
+
+    Raises:
+        ValueError: With ``unit_rates`` for layers this process holds only some units of (sharded along dim 0).
+    """
     if bucket.rates_version == version:
         return
     values = [[rates[i] for i in bucket.indices], [relative_lrs[i] for i in bucket.indices]]
@@ -108,6 +129,15 @@ def upload_rates(bucket: Bucket, rates: list[float], relative_lrs: list[float], 
     bucket.rates, bucket.relative_lrs = layer_rates, layer_relative_lrs
     if bucket.row_layer is not None:
         bucket.rates, bucket.relative_lrs = layer_rates[bucket.row_layer], layer_relative_lrs[bucket.row_layer]
+        if unit_rates is not None:
+            rows = [x for i in bucket.indices for x in unit_rates[i]]
+            if len(rows) != bucket.row_layer.numel():
+                raise ValueError(
+                    f"Layca: a per-unit rotation target needs every unit of a layer on each process, but this process "
+                    f"holds {bucket.row_layer.numel()} of the {len(rows)} units of its layers (sharded along dim 0). "
+                    "Use granularity='layer' with a target under this sharding."
+                )
+            (bucket.rates,) = _device_values([rows], bucket.near_floor.device)
     bucket.rates_version = version
 
 
@@ -316,14 +346,17 @@ def rotate_buckets(
 
 
 def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRegistry) -> None:
-    """The eager step of every bucket at once, for sharded layers: local sums, ONE all_reduce, local updates.
+    """The step of every bucket at once, for sharded layers: local sums, ONE all_reduce, local updates.
 
-    The sharded layers joining at this step (frozen until now, their weights before the step their initial weights)
-    get their initial norms from the step's full sums ``<w, w>``: no collective of their own.
+    Layers on the ``"compiled"`` path take the two halves of the compiled kernel (their local sums, then the update
+    from the full sums); the others the eager sums and update. The sharded layers joining at this step (frozen until
+    now, their weights before the step their initial weights) get their initial norms from the step's full sums
+    ``<w, w>``: no collective of their own.
     """
     per_unit = registry.per_unit
     device = buckets[0].near_floor.device
-    local = torch.cat([step_sums(b.local(), b.previous, per_unit).to(device) for b in buckets])
+    compiled = [_compiled_positions(b) for b in buckets]
+    local = torch.cat([_local_sums(b, at, per_unit).to(device) for b, at in zip(buckets, compiled, strict=True)])
     full = reduce_sums(local, layout, per_unit)
     if registry.joining:
         order = [i for b in buckets for i in b.indices]
@@ -338,13 +371,66 @@ def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRe
             else:
                 norms = torch.tensor([registry.initial_norms[i] for i in b.indices], dtype=torch.float64)
             b.initial_norms.copy_(norms)
+            if per_unit and b.norm_scalars:  # the compiled kernels' copies of them
+                b.norm_scalars = [n.clone() for n in b.initial_norms.split(unit_counts(b.previous))]
     if per_unit:
         rows = layout.local_rows_of(full)
         sums, start = [], 0
         for b in buckets:
-            sums.append(torch.cat(rows[start : start + len(b.indices)]))
+            sums.append(list(rows[start : start + len(b.indices)]))
             start += len(b.indices)
     else:
-        sums = list(full.split([len(b.indices) for b in buckets]))
-    for b, s in zip(buckets, sums, strict=True):
-        _rotate_eager(b, list(range(len(b.params))), s)
+        sums = [list(part.split(1)) for part in full.split([len(b.indices) for b in buckets])]
+    for b, layer_sums, at in zip(buckets, sums, compiled, strict=True):
+        if at:
+            done = sharded_update_compiled(
+                [cast(torch.Tensor, b.views[j]) for j in at],
+                [cast(torch.Tensor, _kernel_view(b, b.previous[j])) for j in at],
+                [layer_sums[j].T for j in at],
+                _layer_scalars(b, at),
+                [b.parallel[j] for j in at],
+                per_unit=b.per_unit,
+            )
+            at = at[:done]  # a compilation that failed leaves the rest to the eager update
+        rest = sorted(set(range(len(b.params))) - set(at))
+        if rest:
+            _rotate_eager(b, rest, torch.cat([layer_sums[j] for j in rest]))
+
+
+def _kernel_view(bucket: Bucket, tensor: torch.Tensor) -> torch.Tensor | None:
+    return (unit_view if bucket.per_unit else kernel_view)(tensor)
+
+
+def _compiled_positions(bucket: Bucket) -> list[int]:
+    """The positions of ``bucket`` whose sharded step the compiled kernels take (compiling them if needed)."""
+    at = bucket.at(COMPILED)
+    device, dtype = bucket.near_floor.device, bucket.params[0].dtype
+    parallel = [bucket.parallel[j] for j in at] * 2
+    variants = [SHARDED_SUMS] * len(at) + [SHARDED_UPDATE] * len(at)
+    if at and compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
+        return at
+    return []
+
+
+def _local_sums(bucket: Bucket, compiled: list[int], per_unit: bool) -> torch.Tensor:
+    """The partial sums of this process's shards of the bucket's layers: ``(layers, 3)`` or ``(local units, 3)``."""
+    local = bucket.local()
+    parts: list[torch.Tensor | None] = [None] * len(local)
+    if compiled:
+        norms = [bucket.norm_scalars[j] for j in compiled]
+        found = sharded_sums_compiled(
+            [cast(torch.Tensor, bucket.views[j]) for j in compiled],
+            [cast(torch.Tensor, _kernel_view(bucket, bucket.previous[j])) for j in compiled],
+            norms,
+            [bucket.parallel[j] for j in compiled],
+            per_unit=per_unit,
+        )
+        for j, sums in zip(compiled, found, strict=False):
+            parts[j] = sums.T
+    rest = [j for j, part in enumerate(parts) if part is None]
+    if rest:
+        eager_sums = step_sums([local[j] for j in rest], [bucket.previous[j] for j in rest], per_unit)
+        counts = unit_counts([local[j] for j in rest]) if per_unit else [1] * len(rest)
+        for j, sums in zip(rest, eager_sums.split(counts), strict=True):
+            parts[j] = sums
+    return torch.cat([cast(torch.Tensor, part) for part in parts])

@@ -36,7 +36,7 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -210,7 +210,7 @@ def _angle(distance: float) -> float:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=5)  # the Layca step (through Rates.after_step)
 
 
 class TargetController:
@@ -227,13 +227,21 @@ class TargetController:
     Works on the host with numbers it measures every ``interval`` steps; between two measurements the rates do not
     change, so the step uploads them only then.
 
+    Under ``granularity="unit"`` (``per_unit``) every output unit (row of
+    ``lightning_layca.sums.row_view``) is a loop of its own: its distance to its initial weights is measured from
+    the same sums per row, and it gets a rate of its own, so every unit follows its layer's target curve. The step
+    then takes per-row rates, which the eager step reads; the compiled kernels take one rate per layer, so these
+    layers take the eager step (see :meth:`lightning_layca.Layca.describe`).
+
     Args:
         target: The target.
         names: The candidate layers' names, in depth order.
+        per_unit: Whether every unit of a layer is controlled by itself.
     """
 
-    def __init__(self, target: RotationTarget, names: Sequence[str]) -> None:
+    def __init__(self, target: RotationTarget, names: Sequence[str], per_unit: bool = False) -> None:
         self.target = target
+        self.per_unit = per_unit
         self.total_steps: int | None = target.total_steps
         self.lr_profile: list[list[float]] | None = None
         """Per param group, its learning rate at every step of training (``None``: constant)."""
@@ -254,16 +262,27 @@ class TargetController:
         def carry(values: list[Any], fill: Any) -> list[Any]:
             return [values[keep[n]] if n in keep else fill for n in names]
 
-        self.gains: list[float | None] = carry(getattr(self, "gains", []), None)
-        self.distances: list[float] = carry(getattr(self, "distances", []), 0.0)
+        self.gains: list[list[float] | None] = carry(getattr(self, "gains", []), None)
+        """Per candidate layer, the rate ``g`` of each unit (one entry per layer unless ``per_unit``)."""
+        self.unit_distances: list[list[float]] = carry(getattr(self, "unit_distances", []), [])
+        """Per candidate layer, each unit's distance at the latest measurement (one entry unless ``per_unit``)."""
         self.targets: list[float] = carry(getattr(self, "targets", []), 0.0)
-        self._progress: list[float] = carry(getattr(self, "_progress", []), 0.0)
-        self._spent: list[float] = carry(getattr(self, "_spent", []), 0.0)
-        self._effort: list[float] = carry(getattr(self, "_effort", []), 0.0)
+        self._progress: list[list[float]] = carry(getattr(self, "_progress", []), [])
+        self._spent: list[list[float]] = carry(getattr(self, "_spent", []), [])
+        self._effort: list[list[float]] = carry(getattr(self, "_effort", []), [])
         self._warned: set[str] = getattr(self, "_warned", set())
         self.initial = {names.index(old[i]): t for i, t in self.initial.items() if old[i] in names}
         self._owned = {names.index(old[i]) for i in self._owned if old[i] in names}
         self.names = list(names)
+
+    @property
+    def distances(self) -> list[float]:
+        """Per candidate layer, its distance at the latest measurement (the mean over its units with ``per_unit``)."""
+        return [sum(d) / len(d) if d else 0.0 for d in self.unit_distances]
+
+    def layer_gains(self) -> list[float]:
+        """Per candidate layer, its rate ``g`` (the mean over its units with ``per_unit``; 0 before its first step)."""
+        return [sum(g) / len(g) if g else 0.0 for g in self.gains]
 
     # ------------------------------------------------------------------ horizon
     def set_horizon(self, total_steps: int, lr_profile: Sequence[Sequence[float]] | None = None) -> None:
@@ -361,8 +380,15 @@ class TargetController:
         new = [i for i in controlled if self.gains[i] is None]
         self._snapshot(controlled, params)
         for i in new:
-            g = group_of[i]
-            self.gains[i] = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
+            g, units = group_of[i], self._units(params[i])
+            gain = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
+            self.gains[i] = [gain] * units
+            self.unit_distances[i] = [0.0] * units
+            self._progress[i], self._spent[i], self._effort[i] = [0.0] * units, [0.0] * units, [0.0] * units
+
+    def _units(self, param: torch.Tensor) -> int:
+        """How many loops a layer has: its units (rows, the global count if sharded) with ``per_unit``, else 1."""
+        return param.shape[0] if self.per_unit and param.ndim >= 2 else 1
 
     def targets_now(self, layca: Any) -> dict[str, float]:
         """``d*_l`` of every layer ``layca`` controls, after the steps it has taken, by parameter name."""
@@ -405,39 +431,34 @@ class TargetController:
         """
         step = layca.step_count  # counted from 1 after the first step
         controlled, params, group_of, group_lrs, reference = self._arguments(layca)
+        relative_lrs = layca.rates.relative_lrs
         for i in controlled:
-            self._effort[i] += math.atan(rates[i])
+            gains, effort, relative = self.gains[i] or [], self._effort[i], relative_lrs[i]
+            for u, gain in enumerate(gains):
+                effort[u] += math.atan(gain * relative)
         if step % self.target.interval != 0 and step != self._total():
             return False
         distances = self.measure(controlled, params)
         stuck: list[tuple[str, str]] = []
         unreachable: list[tuple[str, str]] = []
-        for i, d in zip(controlled, distances, strict=True):
-            g = group_of[i]
-            previous_gain = self.gains[i]
-            angle, spent = _angle(d), self._effort[i]
-            moved = d != self.distances[i]
-            if spent > 0 and moved:
-                self._progress[i] = MEMORY * self._progress[i] + (angle - _angle(self.distances[i]))
-                self._spent[i] = MEMORY * self._spent[i] + spent
-            measured = 1.0 if self._spent[i] <= 0 else self._progress[i] / self._spent[i]
-            efficiency = min(1.0, max(MIN_EFFICIENCY, measured))
-            gain = self._next_gain(i, g, step, angle, efficiency, group_lrs[g], reference, previous_gain)
-            if spent > 0 and not moved:
-                stuck.append((self.names[i], self.names[i]))
-                gain = min(gain, previous_gain) if previous_gain is not None else gain
-            self.gains[i] = gain
-            self.distances[i], self._effort[i] = d, 0.0
-            self.targets[i] = self.target_distance(i, g, step)
-            # Certain: along a great circle at max_rate. Once at max_rate: at the efficiency measured so far.
+        for i, unit_distances in zip(controlled, distances, strict=True):
+            g, name = group_of[i], self.names[i]
             turn = self._remaining_turn(g, step, group_lrs[g], reference)
-            reach = 1.0 - math.cos(
-                min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
-            )
-            if step < self._total() and self.finals[i] > reach:
-                unreachable.append(
-                    (self.names[i], f"{self.names[i]} (target {self.finals[i]:.3g}, reachable {reach:.3g})")
-                )
+            stuck_units, reaches = [], []
+            for u, d in enumerate(unit_distances):
+                gain, moved, reach = self._control(i, u, g, step, d, group_lrs[g], reference, turn)
+                if not moved:
+                    stuck_units.append(u)
+                if step < self._total() and self.finals[i] > reach:
+                    reaches.append(reach)
+                cast(list[float], self.gains[i])[u] = gain
+            self.targets[i] = self.target_distance(i, g, step)
+            if stuck_units:
+                units = f" (units {', '.join(map(str, stuck_units))})" if self.per_unit else ""
+                stuck.append((name, name + units))
+            if reaches:
+                what = "its units " if self.per_unit else ""
+                unreachable.append((name, f"{name} (target {self.finals[i]:.3g}, {what}reachable {min(reaches):.3g})"))
         self._warn_once(
             "stuck",
             stuck,
@@ -454,6 +475,28 @@ class TargetController:
             "has become distance so far",
         )
         return True
+
+    def _control(
+        self, i: int, u: int, group: int, step: int, d: float, lr: float, reference: float, turn: float
+    ) -> tuple[float, bool, float]:
+        """One loop (layer ``i``, unit ``u``) at a measurement: its next rate, whether it moved, its reachable end."""
+        previous_gain = cast(list[float], self.gains[i])[u]
+        angle, spent, last = _angle(d), self._effort[i][u], self.unit_distances[i][u]
+        moved = d != last
+        if spent > 0 and moved:
+            self._progress[i][u] = MEMORY * self._progress[i][u] + (angle - _angle(last))
+            self._spent[i][u] = MEMORY * self._spent[i][u] + spent
+        measured = 1.0 if self._spent[i][u] <= 0 else self._progress[i][u] / self._spent[i][u]
+        efficiency = min(1.0, max(MIN_EFFICIENCY, measured))
+        gain = self._next_gain(i, group, step, angle, efficiency, lr, reference, previous_gain)
+        if spent > 0 and not moved:  # anti-windup: a loop that cannot move keeps its rate
+            gain = min(gain, previous_gain)
+        self.unit_distances[i][u], self._effort[i][u] = d, 0.0
+        # Certain: along a great circle at max_rate. Once at max_rate: at the efficiency measured so far.
+        reach = 1.0 - math.cos(
+            min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
+        )
+        return gain, not (spent > 0 and not moved), reach
 
     def _remaining_turn(self, group: int, step: int, lr: float, reference: float) -> float:
         """The angle the steps left turn a layer by at ``max_rate``: ``sum(atan(max_rate * lr_g(s) / lr_ref))``."""
@@ -476,30 +519,38 @@ class TargetController:
             self._warned.update(f"{kind}:{name}" for name, _ in fresh)
             _warn(f"Layca: layers {', '.join(text for _, text in fresh)} {what}.")
 
-    def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[float]:
-        """The cosine distance of the layers at ``indices`` to their initial weights (one collective if sharded)."""
+    def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[list[float]]:
+        """The cosine distance to their initial weights of the layers at ``indices``, per unit with ``per_unit``.
+
+        One collective if sharded. A unit whose weights (or initial weights) are all zero is at distance 0.
+        """
         if not indices:
             return []
         chosen = [params[i] for i in indices]
-        local = float64_sums([local_shard(p.detach()) for p in chosen], [self.initial[i] for i in indices])
+        local_params = [local_shard(p.detach()) for p in chosen]
+        local = float64_sums(local_params, [self.initial[i] for i in indices], self.per_unit)
         layout = shard_layout(chosen)
-        full = reduce_sums(local, layout if layout.sharded else None)
+        full = reduce_sums(local, layout if layout.sharded else None, self.per_unit)
         dot, initial_sq, current_sq = full.unbind(1)
         scale = (initial_sq * current_sq).sqrt()
         cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
-        return [float(x) for x in (1.0 - cosine).tolist()]
+        values = (1.0 - cosine).tolist()
+        counts = [self._units(p) for p in chosen]
+        starts = [sum(counts[:k]) for k in range(len(counts))]
+        return [[float(x) for x in values[a : a + n]] for a, n in zip(starts, counts, strict=True)]
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """The controller's state: rates, estimates, horizon, and the initial weights it owns."""
         return {
             "names": list(self.names),
-            "gains": list(self.gains),
-            "distances": list(self.distances),
+            "per_unit": self.per_unit,
+            "gains": [None if g is None else list(g) for g in self.gains],
+            "distances": [list(d) for d in self.unit_distances],
             "targets": list(self.targets),
-            "progress": list(self._progress),
-            "spent": list(self._spent),
-            "effort": list(self._effort),
+            "progress": [list(x) for x in self._progress],
+            "spent": [list(x) for x in self._spent],
+            "effort": [list(x) for x in self._effort],
             "warned": sorted(self._warned),
             "total_steps": self.total_steps,
             "lr_profile": self.lr_profile,
@@ -513,12 +564,20 @@ class TargetController:
                 f"Layca: the rotation target's state was saved for layers {state['names']!r}, but this optimizer "
                 f"controls {self.names!r}."
             )
-        self.gains = [None if g is None else float(g) for g in state["gains"]]
-        self.distances = [float(x) for x in state["distances"]]
+        if bool(state.get("per_unit", False)) != self.per_unit:
+            raise ValueError(
+                f"Layca: the rotation target's state was saved with per_unit={state.get('per_unit', False)!r}, but "
+                f"this optimizer's controller has per_unit={self.per_unit!r} (granularity must match)."
+            )
+
+        def floats(rows: Sequence[Sequence[float]]) -> list[list[float]]:
+            return [[float(x) for x in row] for row in rows]
+
+        self.gains = [None if g is None else [float(x) for x in g] for g in state["gains"]]
+        self.unit_distances = floats(state["distances"])
         self.targets = [float(x) for x in state["targets"]]
-        self._progress = [float(x) for x in state["progress"]]
-        self._spent = [float(x) for x in state["spent"]]
-        self._effort = [float(x) for x in state["effort"]]
+        self._progress, self._spent = floats(state["progress"]), floats(state["spent"])
+        self._effort = floats(state["effort"])
         self._warned = set(state["warned"])
         self.total_steps = state["total_steps"]
         self.lr_profile = state["lr_profile"]

@@ -53,6 +53,8 @@ RUNS: dict[str, dict[str, Any]] = {
     # Tensor parallel 2: column-wise (rows split), row-wise (columns split), the rest replicated over the TP ranks.
     # Layca steps each layer in a group of its own (chunks of at most 64 bytes): still one all_reduce per step.
     "layca_tp": {"callback": "layca", "optimizer": "sgd", "dp": 1, "tp": 2, "chunk_bytes": 64},
+    # The first fit with the compiled step: each shard's sums and update in compiled kernels around the collective.
+    "layca_compiled": {"callback": "layca_compiled", "optimizer": "sgd", "dp": 2, "tp": 1},
     # Both (4 processes), with every unit rotated on its own: rows split over ranks, and a layer's rows over the TP
     # ranks in strided blocks.
     "layca_units_2x2": {"callback": "layca_units", "optimizer": "sgd", "dp": 2, "tp": 2},
@@ -195,7 +197,8 @@ class ShardedProbe(ProbeBase):
     * ``trace``: the all-reduce count at every batch end (ranks in lockstep have equal traces);
     * ``writes``: calls to TensorBoard writers and matplotlib drawing in this process;
     * ``end_state`` (the callback's ``state_dict``), ``end_layca`` (Layca's), ``weights`` (every full parameter),
-      ``train_start_layca`` (Layca's state once a checkpoint is restored), ``global_step``, ``local_rows`` (per layer).
+      ``train_start_layca`` (Layca's state once a checkpoint is restored), ``global_step``, ``local_rows`` (per layer),
+      ``paths`` (``Layca.describe()`` at the end).
     """
 
     def __init__(self, out_dir: Path, counter: AllReduceCounter) -> None:
@@ -283,6 +286,7 @@ class ShardedProbe(ProbeBase):
                 "sharded": [is_dtensor(p) for p in layer_params(pl_module)],
                 "local_rows": [int(local_shard(p).shape[0]) for p in layer_params(pl_module)],
                 "layca_groups": [len(opt.plan.buckets or []) for opt in trainer.optimizers if isinstance(opt, Layca)],
+                "paths": [opt.describe() for opt in trainer.optimizers if isinstance(opt, Layca)],
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
@@ -315,6 +319,10 @@ def rotation_callback(kind: str) -> LayerRotationMonitor:
     # Every layer's per-step scalars, which the tests compare with those of one process.
     if kind == "layca":
         return LaycaCallback(rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, per_layer_detail=True)
+    if kind == "layca_compiled":
+        return LaycaCallback(
+            rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, implementation="compiled", per_layer_detail=True
+        )
     if kind == "layca_units":
         return LaycaCallback(
             rotation_rate=ROTATION_RATE, log_every_n_steps=LOG_EVERY, granularity="unit", per_layer_detail=True

@@ -110,3 +110,18 @@ def test_memory_benchmark_fit_with_layca_counts_the_temporaries_of_a_step(
     assert measured["checkpoint_bytes"] > 2 * measured["weight_bytes"]  # weights, momentum, the snapshot
     assert 0 <= measured["layca_step_temporaries"] < measured["weight_bytes"]
     assert 0 < measured["histogram_temporaries"] <= 3 * measured["largest_layer_bytes"]
+
+
+def test_auto_under_load_reads_where_a_run_ended_and_its_stretches_on_the_slower_step() -> None:
+    from benchmarks import auto_under_load
+
+    # 20 eager steps, a trial of alternating turns of 5, 30 eager steps (a wrong choice), a trial, 40 compiled steps.
+    trial = ([True] * 5 + [False] * 5) * 4
+    taken = [False] * 20 + trial + [False] * 30 + trial + [True] * 40
+    result = {"taken": taken, "reference_ms": {"eager": 40.0, "compiled": 20.0}}
+    a = auto_under_load.analyse(result)
+    assert (a["final"], a["faster"], a["first compiled step"]) == ("compiled", "compiled", 20)
+    # The 30 eager steps run on from the trial's last (eager) turn: one stretch of 35 steps.
+    assert (a["slower, longest stretch"], a["slower, all stretches"]) == (35, 35)
+    # A run that stops in the middle of a trial ends on the choice before it.
+    assert auto_under_load.analyse({**result, "taken": taken[:-40] + trial[:7]})["final"] == "eager"

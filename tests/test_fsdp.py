@@ -10,6 +10,7 @@ Runs (16 optimizer steps of SGD with momentum, ``log_every_n_steps=2``, unless s
 * ``layca``: ``LaycaCallback``, data-parallel 2; after epoch 0 it saves a distributed checkpoint and a single file;
 * ``layca_resumed_dcp`` / ``layca_resumed_file``: resumed from each of them, from other initial weights (8 steps);
 * ``monitor_adamw``: ``LayerRotationMonitor`` alone, AdamW, data-parallel 2;
+* ``layca_compiled``: as ``layca`` (without checkpoints), with ``implementation="compiled"``;
 * ``layca_tp``: tensor-parallel 2 (one layer's rows split, one layer's columns split, the rest replicated);
 * ``layca_units_2x2``: data-parallel 2 x tensor-parallel 2 (4 processes), ``granularity="unit"``;
 * ``*_single``: one process, no sharding: the references.
@@ -47,7 +48,7 @@ NORM_TOL = 1e-6  # relative, a full layer's norm against its initial norm
 ANGLE_TOL = 1e-6  # radians, a full layer's angle per step against atan(rho) ~ 0.037
 ROTATION_TOL = 1e-5  # cosine distance, logged by a sharded fit against one process
 
-SHARDED_LAYCA_RUNS = ["layca", "layca_tp", "layca_units_2x2"]
+SHARDED_LAYCA_RUNS = ["layca", "layca_compiled", "layca_tp", "layca_units_2x2"]
 LAYCA_RUNS = [*SHARDED_LAYCA_RUNS, "layca_resumed_dcp", "layca_resumed_file"]
 ALL_RUNS = [*LAYCA_RUNS, "monitor_adamw"]
 STEPS = dict.fromkeys(ALL_RUNS, 16) | {"layca_resumed_dcp": 8, "layca_resumed_file": 8}
@@ -104,6 +105,11 @@ def monitor_adamw(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 @pytest.fixture(scope="module")
+def layca_compiled(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("layca_compiled"), "layca_compiled")
+
+
+@pytest.fixture(scope="module")
 def layca_tp(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return _launch(tmp_path_factory.mktemp("layca_tp"), "layca_tp")
 
@@ -148,6 +154,13 @@ def test_every_layer_is_sharded_and_the_one_row_heads_shard_is_empty_on_rank_1(l
     assert rank1["local_rows"] == [2, 4, 3, 0]
 
 
+def test_the_compiled_run_steps_every_shard_with_the_compiled_kernels_but_the_empty_one(layca_compiled: Run) -> None:
+    rank0, rank1 = layca_compiled.ranks
+    compiled = {f"net.{layer}.weight": "compiled" for layer in LAYERS}
+    assert rank0["paths"] == [compiled]
+    assert rank1["paths"] == [compiled | {"net.head.weight": "eager"}]  # no kernel for a shard of no rows
+
+
 # ------------------------------------------------------------------------------------ against one process
 @pytest.mark.parametrize("name", SHARDED_LAYCA_RUNS)
 def test_sharded_layca_fit_ends_with_the_weights_of_one_process(request: pytest.FixtureRequest, name: str) -> None:
@@ -163,7 +176,7 @@ def test_sharded_layca_fit_ends_with_the_weights_of_one_process(request: pytest.
             assert not torch.allclose(expected[f"net.{layer}.weight"], start, rtol=100 * WEIGHT_TOL)
 
 
-@pytest.mark.parametrize("name", ["layca", "layca_tp", "layca_resumed_dcp", "layca_resumed_file"])
+@pytest.mark.parametrize("name", ["layca", "layca_compiled", "layca_tp", "layca_resumed_dcp", "layca_resumed_file"])
 def test_every_step_turns_each_full_layer_by_atan_rho_and_keeps_its_norm(
     request: pytest.FixtureRequest, name: str
 ) -> None:
@@ -406,29 +419,45 @@ def test_the_eager_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_w
     assert not torch.equal(params[0], weights[0])  # the finite layer moved
 
 
-def test_compiled_implementation_warns_that_sharded_layers_take_the_summed_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("granularity", ["layer", "unit"])
+@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
+    tmp_path: Path, implementation: str, granularity: str
+) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from lightning_layca import Layca
+    from tests.fsdp_helpers import AllReduceCounter, count_all_reduces
+
+    def model_and_layca(shard: bool, implementation: str) -> tuple[torch.nn.Module, Layca]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+        if shard:
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        kwargs = {"rotation_rate": 0.1, "granularity": granularity, "implementation": implementation}
+        return model, Layca(base, model.named_parameters(), **kwargs)
 
     # A world of one process, in this process: its layers are DTensors all the same.
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        opt = Layca(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
-            rotation_rate=0.1,
-            implementation="compiled",
-        )
-        model(torch.randn(4, 8)).square().sum().backward()
-        with pytest.warns(UserWarning, match="take the eager summed step"):
-            opt.step()
-        norms = [float(p.detach().full_tensor().norm()) for p in opt.layers.params]
-        assert opt.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
+        sharded, layca = model_and_layca(True, implementation)
+        reference, reference_layca = model_and_layca(False, "eager")
+        counter = AllReduceCounter()
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(4):
+            for model, opt in ((sharded, layca), (reference, reference_layca)):
+                model(x).square().sum().backward()
+                with count_all_reduces(counter):
+                    opt.step()
+                opt.zero_grad()
+        assert counter.calls == 4  # one collective per sharded step, none unsharded
+        assert set(layca.describe().values()) == {implementation}
+        for (name, p), q in zip(sharded.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.detach().full_tensor(), q.detach(), rtol=1e-6, atol=1e-7, msg=name)
+        norms = [float(p.detach().full_tensor().norm()) for p in layca.layers.params]
+        assert layca.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
     finally:
         dist.destroy_process_group()

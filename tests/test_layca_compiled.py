@@ -69,19 +69,6 @@ def test_unknown_implementation_is_refused_with_the_accepted_ones(bad: object) -
         ll.LaycaCallback(implementation=bad)
 
 
-def test_auto_choice_compiles_once_the_eager_steps_have_cost_a_compilation_and_keeps_the_faster() -> None:
-    eager_step = plan.AUTO_COMPILE_AFTER_SECONDS / 4
-    for compiled_time, kept in ((eager_step / 2, True), (eager_step * 2, False)):
-        choice = plan.AutoChoice()
-        assert [choice.record(eager_step) for _ in range(4)] == [False, False, False, True]
-        assert choice.compiled
-        assert not choice.record(100.0)  # the compiling step is not counted
-        changes = [choice.record(compiled_time) for _ in range(plan.AUTO_TRIAL_STEPS)]
-        assert changes == [False] * (plan.AUTO_TRIAL_STEPS - 1) + [not kept]
-        assert choice.compiled == kept and not choice.measuring
-        assert not choice.record(1e-9) and choice.compiled == kept
-
-
 def test_auto_steps_eagerly_while_the_eager_steps_are_cheap_then_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))

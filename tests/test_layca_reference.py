@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
+from lightning_layca.step.eager import rotate_eager
 from tests.implementations import IMPLEMENTATIONS
-from tests.reference import ReferenceLayca, depth_decay_multipliers
+from tests.reference import ReferenceLayca, depth_decay_multipliers, layca_update
 
 STEPS = 20
 RTOL = 1e-5  # relative error of every parameter tensor, float32 fast path vs float64 reference
@@ -119,3 +120,44 @@ def test_rates_follow_schedule_and_relative_lr() -> None:
     for group in base.param_groups:
         group["lr"] *= 0.25
     assert list(opt.rotation_rates().values()) == pytest.approx([0.25 * r for r in expected], rel=1e-12)
+
+
+# ------------------------------------------------------------------ the precision of the eager update, per layer
+U32 = 2.0**-24
+
+
+def eager_against_reference(radial: float, tangential: float, rho: float, seed: int) -> tuple[float, float]:
+    """One eager step of a float32 layer with a step of the given radial and tangential sizes (relative to ||w||).
+
+    Returns the distance of the result to the float64 reference (:func:`tests.reference.layca_update`) rounded to
+    float32, and ``u * n0``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 40, generator=gen)
+    direction = torch.randn(96, 40, generator=gen).double()
+    w64 = w.double()
+    direction -= (direction * w64).sum() / (w64 * w64).sum() * w64  # orthogonal to w
+    step = radial * w64 + tangential * w64.norm() * direction / direction.norm()
+    p = (w64 + step).float()
+    n0 = float(w64.norm())
+    expected = layca_update(w, p, rho, n0).float().view_as(w)
+    f64 = {"dtype": torch.float64}
+    rotate_eager([p], [w], torch.tensor([rho], **f64), torch.ones(1, **f64), torch.tensor([n0], **f64))
+    return float((p.double() - expected.double()).norm()), U32 * n0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_eager_update_of_a_tangential_step_is_within_a_few_float32_roundings_of_the_reference(seed: int) -> None:
+    # Typical steps: mostly tangential, rho well below 1. The update may be formed in float32 in place
+    # (step.rule.single_precision_suffices): at most 5 roundings of n0, plus the reference's own rounding.
+    for radial, tangential, rho in ((0.0, 1e-2, 0.05), (-1e-3, 1e-3, 0.2), (-5e-4, 1e-2, 0.9)):
+        error, ulp = eager_against_reference(radial, tangential, rho, seed)
+        assert error <= 6 * ulp, (radial, tangential, rho, error / ulp)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_eager_update_of_a_mostly_radial_step_scaled_up_keeps_float64_precision(seed: int) -> None:
+    # ||D|| about 500 times ||D_perp||, rho 0.5: k2 * D and k1 * w cancel by a factor of about 250, so a float32 update
+    # would be off by hundreds of roundings. The eager update forms it in float64 and rounds it once.
+    error, ulp = eager_against_reference(-5e-2, 1e-4, 0.5, seed)
+    assert error <= 2 * ulp, error / ulp

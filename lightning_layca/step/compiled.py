@@ -18,6 +18,10 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
 
 With the snapshot taken before the base step, that is 7 tensor-sized memory passes.
 
+For a process's shard of a sharded layer the kernel comes in two halves (:data:`SHARDED_SUMS`,
+:data:`SHARDED_UPDATE`): step 1 alone, returning the shard's partial sums, then, once the seam has added the sums of
+every process in the step's one collective, steps 2 and 3 from the full sums: the same passes.
+
 Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (the kernels of
 :mod:`lightning_layca.step.families`, called by :func:`rotate_base_compiled`; the family table says when): the first
 pass reads
@@ -47,10 +51,12 @@ from typing import Any, NamedTuple
 import torch
 
 from lightning_layca.step.families import BASE_KERNELS
-from lightning_layca.step.kernels import after_step
+from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
     "BASE_KERNELS",
+    "SHARDED_SUMS",
+    "SHARDED_UPDATE",
     "SNAPSHOT",
     "LayerScalars",
     "compiled_step_ready",
@@ -59,6 +65,8 @@ __all__ = [
     "rotate_base_compiled",
     "rotate_compiled",
     "scalars",
+    "sharded_sums_compiled",
+    "sharded_update_compiled",
     "unit_view",
     "use_compiled_step",
 ]
@@ -96,13 +104,24 @@ def _distinct(function: Callable[..., torch.Tensor], name: str) -> Callable[...,
 SNAPSHOT = "snapshot"
 """The kernel that works after the base optimizer's step, from a snapshot (:func:`after_step`)."""
 
+SHARDED_SUMS, SHARDED_UPDATE = "sharded_sums", "sharded_update"
+"""The two halves of :data:`SNAPSHOT` for a process's shard of a sharded layer, around the one collective of the step
+(:func:`sharded_sums_compiled`, :func:`sharded_update_compiled`)."""
+
+_BODIES: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (
+    (SNAPSHOT, after_step),
+    (SHARDED_SUMS, sharded_sums),
+    (SHARDED_UPDATE, sharded_update),
+    *((v, f) for v, (f, _, _) in BASE_KERNELS.items()),
+)
+
 # A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
 # process uses stay well within Dynamo's limit of compilations per function.
 _FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {
     (variant, parallel, per_unit): _distinct(
         function, f"_{variant}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
     )
-    for variant, function in ((SNAPSHOT, after_step), *((v, f) for v, (f, _, _) in BASE_KERNELS.items()))
+    for variant, function in _BODIES
     for parallel in (True, False)
     for per_unit in (True, False)
 }
@@ -123,7 +142,7 @@ def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -
         options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
         if not parallel:
             options["cpp.threads"] = 1
-        if variant != SNAPSHOT:
+        if variant in BASE_KERNELS:
             options.update(_BASE_STEP_OPTIONS)
         _compiled_fns[key] = torch.compile(_FUNCTIONS[key], dynamic=True, fullgraph=True, options=options)
     return _compiled_fns[key]
@@ -212,6 +231,11 @@ def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_uni
                 (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
                 if variant == SNAPSHOT:
                     _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
+                elif variant == SHARDED_SUMS:
+                    _compiled(parallel, per_unit, variant)(params, weights, norms)
+                elif variant == SHARDED_UPDATE:
+                    sums = torch.ones((3, _WARMUP_SHAPE[0] if per_unit else 1), dtype=torch.float64, device=device)
+                    _compiled(parallel, per_unit, variant)(params, weights, sums, rate, relative_lr, norms, flag)
                 else:
                     _, states, values = BASE_KERNELS[variant]
                     hyper = torch.tensor(values, dtype=torch.float64, device=device)
@@ -394,6 +418,56 @@ def rotate_base_compiled(
         for p, g, state, hyper, scalars_ in zip(params, grads, states, hypers, layer_scalars, strict=True)
     )
     return _call_kernels(zip(parallel, variants, calls, strict=True), per_unit)
+
+
+def sharded_sums_compiled(
+    params: Sequence[torch.Tensor],
+    previous: Sequence[torch.Tensor],
+    initial_norms: Sequence[torch.Tensor],
+    parallel: Sequence[bool],
+    per_unit: bool = False,
+) -> list[torch.Tensor]:
+    """The partial sums ``(a, b, c)`` of a process's shards of sharded layers, one compiled call per layer.
+
+    Needs :func:`compiled_step_ready` (with ``variants`` :data:`SHARDED_SUMS` and :data:`SHARDED_UPDATE`) to have
+    returned ``True``. The full sums are the seam's (:func:`lightning_layca.distributed.reduce_sums`); then
+    :func:`sharded_update_compiled`. Should a later compilation fail, the sums of the layers from the failing one on
+    are left to the caller (fewer results than layers), after one warning.
+
+    Args:
+        params: :func:`kernel_view` (or :func:`unit_view`) of each local shard (detached), holding ``w + D``.
+        previous: The same views of the weights before the base step.
+        initial_norms: Per layer, its initial norm (0-dim), or per unit its local units' norms (tells the kernel the
+            granularity).
+        parallel: :func:`parallel_kernel` of each local shard.
+        per_unit: Whether every unit turns by itself.
+
+    Returns:
+        Per layer, ``(3, 1)`` or per unit ``(3, rows)`` float64 sums.
+    """
+    sums: list[torch.Tensor] = []
+    arguments = zip(params, previous, initial_norms, strict=True)
+    _call_kernels(zip(parallel, [SHARDED_SUMS] * len(parallel), arguments, strict=True), per_unit, sums)
+    return sums
+
+
+def sharded_update_compiled(
+    params: Sequence[torch.Tensor],
+    previous: Sequence[torch.Tensor],
+    sums: Sequence[torch.Tensor],
+    layer_scalars: Sequence[LayerScalars],
+    parallel: Sequence[bool],
+    per_unit: bool = False,
+) -> int:
+    """The Layca step of a process's shards from their layers' full sums (``(3, 1)`` or ``(3, rows)`` each).
+
+    Returns:
+        The number of layers stepped (all of them unless a compilation failed).
+    """
+    calls = (
+        (p, w, full, *scalars_) for p, w, full, scalars_ in zip(params, previous, sums, layer_scalars, strict=True)
+    )
+    return _call_kernels(zip(parallel, [SHARDED_UPDATE] * len(parallel), calls, strict=True), per_unit)
 
 
 def _call_kernels(

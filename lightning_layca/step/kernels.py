@@ -15,7 +15,7 @@ import torch
 from lightning_layca.step.rule import coefficients, combine, unit_roundoff
 from lightning_layca.sums import row_sums
 
-__all__ = ["after_step", "rotate_rows"]
+__all__ = ["after_step", "layer_sums", "rotate_rows", "sharded_sums", "sharded_update", "update_rows"]
 
 
 def rotate_rows(
@@ -37,10 +37,32 @@ def rotate_rows(
     Returns:
         ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
     """
-    rate, relative_lr, initial_norms, near_floor = scalars
+    return update_rows(params, exact, low, layer_sums(exact, scalars[2]), scalars)
+
+
+def layer_sums(exact: tuple[torch.Tensor, torch.Tensor], initial_norms: torch.Tensor) -> torch.Tensor:
+    """``(a, b, c)`` of ``exact = (w, D)`` (float64), as ``(3, 1)`` for the layer or ``(3, rows)`` per unit.
+
+    Summed over the rows for a layer (``initial_norms`` 0-dim), per row (unit) otherwise.
+    """
     weights, step = exact
     per_row = row_sums(step, weights)
-    sums = per_row.sum(1, keepdim=True) if initial_norms.dim() == 0 else per_row
+    return per_row.sum(1, keepdim=True) if initial_norms.dim() == 0 else per_row
+
+
+def update_rows(
+    params: torch.Tensor,
+    exact: tuple[torch.Tensor, torch.Tensor],
+    low: tuple[torch.Tensor, torch.Tensor],
+    sums: torch.Tensor,
+    scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The rule and the update of :func:`rotate_rows`, from the layer's (unit's) full sums ``(3, 1)`` or ``(3, rows)``.
+
+    Returns ``sums``.
+    """
+    rate, relative_lr, initial_norms, near_floor = scalars
+    weights, step = exact
     radial, weight_sq, step_sq = sums.unbind(0)
     units = radial.shape[0]
     # A constant of the compiled code (one compilation per dtype anyway), not an argument converted at every call.
@@ -93,3 +115,30 @@ def after_step(
     exact = weights, params.double() - weights
     low = previous.float(), params.float() - previous.float()
     return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor))
+
+
+def sharded_sums(params: torch.Tensor, previous: torch.Tensor, initial_norms: torch.Tensor) -> torch.Tensor:
+    """The first half of :func:`after_step` for a process's shard of a layer: its partial sums ``(a, b, c)`` only.
+
+    ``initial_norms`` tells the granularity (0-dim: the layer's sums, ``(3, 1)``; one per row: per unit,
+    ``(3, rows)``). The full sums come from the sums of every process through the seam
+    (:func:`lightning_layca.distributed.reduce_sums`), then :func:`sharded_update` takes the step.
+    """
+    weights = previous.double()
+    return layer_sums((weights, params.double() - weights), initial_norms)
+
+
+def sharded_update(
+    params: torch.Tensor,
+    previous: torch.Tensor,
+    sums: torch.Tensor,
+    rate: torch.Tensor,
+    relative_lr: torch.Tensor,
+    initial_norms: torch.Tensor,
+    near_floor: torch.Tensor,
+) -> torch.Tensor:
+    """The second half of :func:`after_step` for a process's shard: the rule and the update from the full ``sums``."""
+    weights = previous.double()
+    exact = weights, params.double() - weights
+    low = previous.float(), params.float() - previous.float()
+    return update_rows(params, exact, low, sums, (rate, relative_lr, initial_norms, near_floor))

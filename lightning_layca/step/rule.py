@@ -34,8 +34,10 @@ __all__ = [
     "LOW_PRECISION",
     "NEAR_FLOOR_FACTOR",
     "ROUNDING_FLOOR_FACTOR",
+    "SINGLE_PRECISION_CANCELLATION",
     "coefficients",
     "combine",
+    "single_precision_suffices",
     "unit_roundoff",
     "update_dtype",
 ]
@@ -48,6 +50,10 @@ NEAR_FLOOR_FACTOR = 100.0
 than about 1 %: Layca warns once for such a layer. The comparison is made at the reference learning rate (the step is
 divided by the relative learning rate first): when a scheduler anneals the learning rate, the base step and Layca's
 step shrink together, and the rounding error of the rotation stays as small in absolute terms as it was."""
+
+SINGLE_PRECISION_CANCELLATION = 2.0
+"""The update ``k1 * w + k2 * D`` of a float32 layer may be computed in float32 when its two terms are together at
+most this many times the result's norm: ``|k1| ||w|| + |k2| ||D|| <= 2 n0`` (see :func:`single_precision_suffices`)."""
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 """Parameter dtypes whose update is computed in float32 and rounded once."""
@@ -127,11 +133,42 @@ def update_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else torch.float64
 
 
-def combine(weights: torch.Tensor, step: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+def single_precision_suffices(
+    k1: torch.Tensor, k2: torch.Tensor, weight_sq: torch.Tensor, step_sq: torch.Tensor, initial_norms: torch.Tensor
+) -> torch.Tensor:
+    """Per layer (unit): whether ``k1 * w + k2 * D`` may be formed in the layers' own precision rather than wider.
+
+    Computed in float32 from ``w`` and ``fl(w + D)``, every element of the update is off by at most a few roundings
+    of its two terms: with ``|k1| ||w|| + |k2| ||D|| <= SINGLE_PRECISION_CANCELLATION * n0`` the error vector's norm
+    is at most ``(2 * 2 + 1) u n0`` (``D = fl(w + D) - w`` exact or off by ``u |D_i|``, ``k2 * D`` and the sum
+    rounded once each), against ``u n0 / 2`` for the update formed in float64 and rounded once: the layer's norm and
+    its angle are still exact to a few float32 ulps. Where the terms cancel (a mostly radial step scaled up, ``k2 *
+    D`` and ``k1 * w`` large and opposite) float32 would lose the tangential digits, and the update is formed in
+    float64 (:func:`update_dtype`). Typical training steps (mostly tangential, ``rho`` well below 1) pass.
+
+    Args:
+        k1: From :func:`coefficients`.
+        k2: Likewise.
+        weight_sq: ``b = <w, w>``.
+        step_sq: ``c = <D, D>``.
+        initial_norms: ``n0``.
+    """
+    terms = k1.abs() * weight_sq.sqrt() + k2.abs() * step_sq.sqrt()
+    return torch.isfinite(terms) & (terms <= SINGLE_PRECISION_CANCELLATION * initial_norms)
+
+
+def combine(
+    weights: torch.Tensor, step: torch.Tensor, k1: torch.Tensor | float, k2: torch.Tensor | float
+) -> torch.Tensor:
     """THE update: ``k1 * w + k2 * D`` for rows of ``(w, D)``, one coefficient pair per row (``(rows, 1)``).
 
     A row that does not move (``k2 = 0``) gives exactly ``k1 * w = w``: its step, NaN or not, is replaced by an exact
     zero (a select on the row's coefficient, which Inductor vectorises; a test of every element for NaN it does not).
-    The eager step calls it block by block, the compiled kernels trace it. ``step`` may be overwritten.
+    The eager step calls it block by block, the compiled kernels trace it. ``step`` may be overwritten. With host
+    numbers ``k1, k2`` (one pair for all of ``step``: the eager float32 update of a layer on CPU) the zero is decided
+    on the host and the update takes two in-place passes.
     """
+    if isinstance(k1, float) and isinstance(k2, float):
+        return (step.zero_() if k2 == 0 else step.mul_(k2)).add_(weights, alpha=k1)
+    assert isinstance(k1, torch.Tensor) and isinstance(k2, torch.Tensor)  # both host numbers, or both tensors
     return step.masked_fill_(k2 == 0, 0.0).mul_(k2).addcmul_(weights, k1)

@@ -41,6 +41,7 @@ FLOORS: dict[str, int] = {
     "layca": 8,
     "loggers": 9,
     "callbacks.strategies": 9,
+    "callbacks.horizon": 9,
     "callbacks.output": 10,
     "callbacks.monitor": 11,
     "callbacks.layca_callback": 12,

@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     "selection": 1,
     "schedules": 1,
     "figures": 1,
+    "callbacks.records": 2,
     "step.rule": 1,
     "step.kernels": 2,
     "step.eager": 2,

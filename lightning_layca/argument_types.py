@@ -48,6 +48,7 @@ __all__ = [
     "RotationRate",
     "SignedOpenUnitInterval",
     "TargetShape",
+    "as_optimizer_indices",
     "as_patterns",
     "check_granularity",
     "check_implementation",
@@ -174,6 +175,24 @@ def check_positive_int(owner: str, name: str, value: object, allow_none: bool = 
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         accepted = "a positive integer" + (" or None" if allow_none else "")
         raise ValueError(f"{owner}: `{name}` must be {accepted}, got {value!r}.")
+
+
+def as_optimizer_indices(owner: str, optimizers: int | Sequence[int] | None) -> list[int] | None:
+    """Return ``optimizers`` (``None``: all, one index or a non-empty sequence of them) as sorted distinct indices.
+
+    Raises ``ValueError`` for anything else, a negative index or a ``bool`` among them.
+    """
+    indices = [optimizers] if isinstance(optimizers, int) else optimizers
+    if indices is not None and (
+        isinstance(indices, str)
+        or not indices
+        or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+    ):
+        raise ValueError(
+            f"{owner}: `optimizers` must be None (wrap all), a non-negative index or a non-empty list of them, got "
+            f"{optimizers!r}."
+        )
+    return None if indices is None else sorted({int(i) for i in indices})
 
 
 def check_multiplier(what: str, value: object) -> None:

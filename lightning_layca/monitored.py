@@ -28,6 +28,7 @@ import torch
 from lightning_layca.adapters import AdaptedLayers, adapter_parameter_names, cosine_distance, unit_angles_degrees
 from lightning_layca.distributed import is_dtensor, local_shard, shard_of
 from lightning_layca.rotation import Measured, RotationMeter
+from lightning_layca.schedule_free import evaluation_weights, has_evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
 
 __all__ = ["LayerShare", "MonitorSpec", "MonitoredLayers", "share_layers"]
@@ -316,6 +317,53 @@ class MonitoredLayers:
                 if e.magnitude_change is not None
             }
         return measured
+
+    def measure_step(
+        self, logging: bool, unit_steps: bool, before: dict[str, torch.Tensor] | None, optimizers: Sequence[Any]
+    ) -> tuple[list[str], Measured]:
+        """Measure what a training batch's optimizer step calls for (:meth:`measure`).
+
+        Args:
+            logging: Whether the batch logs: every layer's distance to its initial weights (of the evaluation weights
+                under a schedule-free optimizer, ``lightning_layca.schedule_free``), and the step of the layers
+                in ``before``.
+            unit_steps: Whether to measure the step of the layers in ``before`` per unit too.
+            before: The weights before the step, by parameter name (``None``: no step is measured).
+            optimizers: The Trainer's optimizers.
+
+        Returns:
+            The names of the layers whose step was measured, in depth order, and the measurement.
+        """
+        names = [n for n in self.names if before is not None and n in before]
+        evaluating = logging and has_evaluation_weights(optimizers)
+        measured = self.measure(
+            distances=logging and not evaluating,
+            steps=names if logging else [],
+            unit_steps=names if unit_steps else [],
+            before=before,
+        )
+        if evaluating:
+            with evaluation_weights(optimizers):
+                measured.distances = self.measure(distances=True).distances
+        return names, measured
+
+    def rotation(self) -> dict[str, float]:
+        """Every monitored layer's cosine distance to its initial weights, by display name (a collective if sharded).
+
+        Raises:
+            RuntimeError: Before the first fit has started (no initial snapshot yet).
+        """
+        if not self.has_candidates:
+            raise RuntimeError(f"{self.owner}: nothing to measure before the first `Trainer.fit` starts.")
+        if not self.names:  # every candidate is still frozen, or measured by another monitor
+            return {}
+        distances = self.measure(distances=True).distances
+        return dict(zip([layer_display_name(n) for n in self.names], distances, strict=True))
+
+    def unit_step_tans(self, names: Sequence[str], measured: Measured) -> dict[str, torch.Tensor]:
+        """Display name -> ``tan`` of the angle each unit turned in the measured step, of the layers ``names``."""
+        unit_tans = measured.unit_tans.split(self.unit_counts(names))
+        return dict(zip([layer_display_name(n) for n in names], unit_tans, strict=True))
 
     def unit_angles(self) -> list[torch.Tensor]:
         """The angle (degrees) every unit of every layer turned from its initial weights (a collective if sharded)."""

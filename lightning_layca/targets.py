@@ -57,6 +57,7 @@ __all__ = [
     "MEMORY",
     "RotationTarget",
     "TargetController",
+    "TargetCurve",
     "check_target",
     "scheduled_lrs",
 ]
@@ -213,6 +214,98 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=5)  # the Layca step (through Rates.after_step)
 
 
+class TargetCurve:
+    """How far along its rise from 0 to its final value a :class:`RotationTarget` is at every step of training.
+
+    ``s(t)`` follows the target's ``shape``: the integral of a param group's learning rate so far over its total
+    (``"lr_integral"``, from the learning rate at every step of training, the *profile*) or steps so far over the
+    total (``"linear"``, and ``"lr_integral"`` without a profile). The curve also knows what the steps left can turn a
+    layer by at most, which tells a :class:`TargetController` whether a target is still in reach.
+
+    Args:
+        target: The target (its ``shape``, ``max_rate`` and, if given, ``total_steps``).
+    """
+
+    def __init__(self, target: RotationTarget) -> None:
+        self.target = target
+        self.total_steps: int | None = target.total_steps
+        """The number of optimizer steps of training (``None``: not known yet)."""
+        self.lr_profile: list[list[float]] | None = None
+        """Per param group, its learning rate at every step of training (``None``: constant)."""
+        self._cumulative: list[list[float]] | None = None
+        self._suffix: dict[tuple[int, float], list[float]] = {}
+
+    def set_horizon(self, total_steps: int, lr_profile: Sequence[Sequence[float]] | None = None) -> None:
+        """Set the length of training and, per param group, its learning rate at every step (``None``: constant)."""
+        check_positive_int("TargetController.set_horizon", "total_steps", total_steps)
+        if lr_profile is not None:
+            profile = [[float(x) for x in group] for group in lr_profile]
+            if any(
+                len(group) != total_steps or not all(math.isfinite(x) and x >= 0 for x in group) for group in profile
+            ):
+                raise ValueError(
+                    f"TargetController.set_horizon: `lr_profile` must hold, per param group, {total_steps} finite "
+                    "non-negative learning rates."
+                )
+            self.restore(int(total_steps), profile)
+        else:
+            self.restore(int(total_steps), None)
+
+    def restore(self, total_steps: int | None, lr_profile: list[list[float]] | None) -> None:
+        """Take a horizon saved by a controller's ``state`` (checked when it was set)."""
+        self.total_steps = total_steps
+        self.lr_profile = lr_profile
+        self._cumulative, self._suffix = None, {}
+
+    def total(self) -> int:
+        """The number of optimizer steps of training (``ValueError`` while it is not known)."""
+        if self.total_steps is None:
+            raise ValueError(
+                "Layca: a RotationTarget needs the length of training: give `total_steps` to the RotationTarget or "
+                "call `layca.targets.set_horizon(total_steps)` before the first step (LaycaCallback does it)."
+            )
+        return self.total_steps
+
+    def lr(self, group: int, step: int, current: float) -> float:
+        """The learning rate of param group ``group`` at ``step`` (``current`` without a profile for it)."""
+        profile = self.lr_profile
+        if profile is None or group >= len(profile) or not 0 <= step < len(profile[group]):
+            return current
+        return profile[group][step]
+
+    def fraction(self, group: int, step: int) -> float:
+        """``s(t)``: how far along its curve the target is after ``step`` steps (0 to 1)."""
+        total = self.total()
+        if step >= total:
+            return 1.0
+        if self.target.shape == "linear" or self.lr_profile is None or group >= len(self.lr_profile):
+            return step / total
+        if self._cumulative is None:
+            self._cumulative = []
+            for group_lrs in self.lr_profile:
+                sums, running = [0.0], 0.0
+                for lr in group_lrs:
+                    running += lr
+                    sums.append(running)
+                self._cumulative.append(sums)
+        cumulative = self._cumulative[group]
+        return cumulative[step] / cumulative[-1] if cumulative[-1] > 0 else step / total
+
+    def remaining_turn(self, group: int, step: int, lr: float, reference: float) -> float:
+        """The angle the steps left turn a layer by at ``max_rate``: ``sum(atan(max_rate * lr_g(s) / lr_ref))``."""
+        rate, total = self.target.max_rate, self.total()
+        profile = self.lr_profile
+        if profile is None or group >= len(profile):
+            return (total - step) * math.atan(rate * lr / reference)
+        key = (group, reference)
+        if key not in self._suffix:
+            suffix = [0.0] * (total + 1)
+            for s in range(total - 1, -1, -1):
+                suffix[s] = suffix[s + 1] + math.atan(rate * profile[group][s] / reference)
+            self._suffix[key] = suffix
+        return self._suffix[key][min(step, total)]
+
+
 class TargetController:
     """The rates that make each layer's rotation follow a :class:`RotationTarget`.
 
@@ -242,14 +335,11 @@ class TargetController:
     def __init__(self, target: RotationTarget, names: Sequence[str], per_unit: bool = False) -> None:
         self.target = target
         self.per_unit = per_unit
-        self.total_steps: int | None = target.total_steps
-        self.lr_profile: list[list[float]] | None = None
-        """Per param group, its learning rate at every step of training (``None``: constant)."""
+        self.curve = TargetCurve(target)
+        """The target's rise over training: its horizon and the learning-rate profile it follows."""
         self.initial: dict[int, torch.Tensor] = {}
         """Candidate index -> its initial weights (this process's shard), shared or owned."""
         self._owned: set[int] = set()
-        self._cumulative: list[list[float]] | None = None
-        self._suffix: dict[tuple[int, float], list[float]] = {}
         self.resize(names)
 
     def resize(self, names: Sequence[str]) -> None:
@@ -285,59 +375,23 @@ class TargetController:
         return [sum(g) / len(g) if g else 0.0 for g in self.gains]
 
     # ------------------------------------------------------------------ horizon
+    @property
+    def total_steps(self) -> int | None:
+        """The number of optimizer steps of training (``None``: not known yet)."""
+        return self.curve.total_steps
+
+    @property
+    def lr_profile(self) -> list[list[float]] | None:
+        """Per param group, its learning rate at every step of training (``None``: constant)."""
+        return self.curve.lr_profile
+
     def set_horizon(self, total_steps: int, lr_profile: Sequence[Sequence[float]] | None = None) -> None:
         """Set the length of training and, per param group, its learning rate at every step (``None``: constant)."""
-        check_positive_int("TargetController.set_horizon", "total_steps", total_steps)
-        if lr_profile is not None:
-            profile = [[float(x) for x in group] for group in lr_profile]
-            if any(
-                len(group) != total_steps or not all(math.isfinite(x) and x >= 0 for x in group) for group in profile
-            ):
-                raise ValueError(
-                    f"TargetController.set_horizon: `lr_profile` must hold, per param group, {total_steps} finite "
-                    "non-negative learning rates."
-                )
-            self.lr_profile = profile
-        else:
-            self.lr_profile = None
-        self.total_steps = int(total_steps)
-        self._cumulative, self._suffix = None, {}
-
-    def _lr(self, group: int, step: int, current: float) -> float:
-        profile = self.lr_profile
-        if profile is None or group >= len(profile) or not 0 <= step < len(profile[group]):
-            return current
-        return profile[group][step]
-
-    def _fraction(self, group: int, step: int) -> float:
-        """``s(t)``: how far along its curve the target is after ``step`` steps (0 to 1)."""
-        total = self._total()
-        if step >= total:
-            return 1.0
-        if self.target.shape == "linear" or self.lr_profile is None or group >= len(self.lr_profile):
-            return step / total
-        if self._cumulative is None:
-            self._cumulative = []
-            for group_lrs in self.lr_profile:
-                sums, running = [0.0], 0.0
-                for lr in group_lrs:
-                    running += lr
-                    sums.append(running)
-                self._cumulative.append(sums)
-        cumulative = self._cumulative[group]
-        return cumulative[step] / cumulative[-1] if cumulative[-1] > 0 else step / total
-
-    def _total(self) -> int:
-        if self.total_steps is None:
-            raise ValueError(
-                "Layca: a RotationTarget needs the length of training: give `total_steps` to the RotationTarget or "
-                "call `layca.targets.set_horizon(total_steps)` before the first step (LaycaCallback does it)."
-            )
-        return self.total_steps
+        self.curve.set_horizon(total_steps, lr_profile)
 
     def target_distance(self, i: int, group: int, step: int) -> float:
         """``d*_l`` of candidate ``i`` (in param group ``group``) after ``step`` steps."""
-        return self.finals[i] * self._fraction(group, step)
+        return self.finals[i] * self.curve.fraction(group, step)
 
     # ------------------------------------------------------------------ initial weights
     def share_initial_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -375,7 +429,7 @@ class TargetController:
         The first rate assumes a great circle: the angle the target asks for by the first measurement, in as many
         equal turns.
         """
-        self._total()
+        self.curve.total()
         controlled, params, group_of, group_lrs, reference = self._arguments(layca)
         new = [i for i in controlled if self.gains[i] is None]
         self._snapshot(controlled, params)
@@ -407,11 +461,11 @@ class TargetController:
         previous: float | None,
     ) -> float:
         target = self.target
-        total = self._total()
+        total = self.curve.total()
         end = min(total, (step // target.interval + 1) * target.interval)
         if end <= step:
             return previous if previous is not None else target.min_rate
-        lrs = [self._lr(group, s, lr) / reference for s in range(step, end)]
+        lrs = [self.curve.lr(group, s, lr) / reference for s in range(step, end)]
         mean_lr = sum(lrs) / len(lrs)
         now, later = _angle(self.target_distance(i, group, step)), _angle(self.target_distance(i, group, end))
         want = (later - now) + CORRECTION * (now - angle)
@@ -436,20 +490,20 @@ class TargetController:
             gains, effort, relative = self.gains[i] or [], self._effort[i], relative_lrs[i]
             for u, gain in enumerate(gains):
                 effort[u] += math.atan(gain * relative)
-        if step % self.target.interval != 0 and step != self._total():
+        if step % self.target.interval != 0 and step != self.curve.total():
             return False
         distances = self.measure(controlled, params)
         stuck: list[tuple[str, str]] = []
         unreachable: list[tuple[str, str]] = []
         for i, unit_distances in zip(controlled, distances, strict=True):
             g, name = group_of[i], self.names[i]
-            turn = self._remaining_turn(g, step, group_lrs[g], reference)
+            turn = self.curve.remaining_turn(g, step, group_lrs[g], reference)
             stuck_units, reaches = [], []
             for u, d in enumerate(unit_distances):
                 gain, moved, reach = self._control(i, u, g, step, d, group_lrs[g], reference, turn)
                 if not moved:
                     stuck_units.append(u)
-                if step < self._total() and self.finals[i] > reach:
+                if step < self.curve.total() and self.finals[i] > reach:
                     reaches.append(reach)
                 cast(list[float], self.gains[i])[u] = gain
             self.targets[i] = self.target_distance(i, g, step)
@@ -470,7 +524,7 @@ class TargetController:
             "unreachable",
             unreachable,
             f"cannot reach their final rotation target in the "
-            f"{self._total() - step} steps left: not even along a great circle at max_rate="
+            f"{self.curve.total() - step} steps left: not even along a great circle at max_rate="
             f"{self.target.max_rate:g}, or, for a layer already at max_rate, not at the fraction of its turning that "
             "has become distance so far",
         )
@@ -497,20 +551,6 @@ class TargetController:
             min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
         )
         return gain, not (spent > 0 and not moved), reach
-
-    def _remaining_turn(self, group: int, step: int, lr: float, reference: float) -> float:
-        """The angle the steps left turn a layer by at ``max_rate``: ``sum(atan(max_rate * lr_g(s) / lr_ref))``."""
-        rate, total = self.target.max_rate, self._total()
-        profile = self.lr_profile
-        if profile is None or group >= len(profile):
-            return (total - step) * math.atan(rate * lr / reference)
-        key = (group, reference)
-        if key not in self._suffix:
-            suffix = [0.0] * (total + 1)
-            for s in range(total - 1, -1, -1):
-                suffix[s] = suffix[s + 1] + math.atan(rate * profile[group][s] / reference)
-            self._suffix[key] = suffix
-        return self._suffix[key][min(step, total)]
 
     def _warn_once(self, kind: str, layers: list[tuple[str, str]], what: str) -> None:
         """Warn about the ``(name, description)`` of layers not warned about for ``kind`` yet."""
@@ -579,9 +619,7 @@ class TargetController:
         self._progress, self._spent = floats(state["progress"]), floats(state["spent"])
         self._effort = floats(state["effort"])
         self._warned = set(state["warned"])
-        self.total_steps = state["total_steps"]
-        self.lr_profile = state["lr_profile"]
-        self._cumulative, self._suffix = None, {}
+        self.curve.restore(state["total_steps"], state["lr_profile"])
         for name, tensor in state["initial"].items():
             i = self.names.index(name)
             if i in self.initial and i not in self._owned:

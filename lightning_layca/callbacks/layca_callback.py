@@ -16,7 +16,6 @@ one for the discriminator): each one's checkpoint state is stored under a key th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.optim.lr_scheduler import CyclicLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_layca import tags
@@ -37,18 +36,20 @@ from lightning_layca.argument_types import (
     PositiveFloat,
     PositiveInt,
     RotationRate,
+    as_optimizer_indices,
     as_patterns,
     check_granularity,
     check_implementation,
     check_reference_lr,
     check_rotation_rate,
 )
+from lightning_layca.callbacks.horizon import start_targets, targets_now
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import Layca
 from lightning_layca.schedule_free import ScheduleFree
 from lightning_layca.schedules import RotationSchedule, as_schedule
 from lightning_layca.selection import layer_display_name
-from lightning_layca.targets import RotationTarget, check_target, scheduled_lrs
+from lightning_layca.targets import RotationTarget, check_target
 
 __all__ = ["LaycaCallback"]
 
@@ -147,21 +148,11 @@ class LaycaCallback(LayerRotationMonitor):
         """Layer display name -> its target at the start and at the end of every epoch of the fit (with a target)."""
         if schedule is not None:
             as_schedule("LaycaCallback", schedule)
-        indices = [optimizers] if isinstance(optimizers, int) else optimizers
-        if indices is not None and (
-            isinstance(indices, str)
-            or not indices
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
-        ):
-            raise ValueError(
-                f"LaycaCallback: `optimizers` must be None (wrap all), a non-negative index or a non-empty list of "
-                f"them, got {optimizers!r}."
-            )
         self.rotation_rate: float | Literal["equilibrium"] = (
             rotation_rate if isinstance(rotation_rate, str) else float(rotation_rate)
         )
         self.schedule = schedule
-        self.optimizer_indices: list[int] | None = None if indices is None else sorted({int(i) for i in indices})
+        self.optimizer_indices = as_optimizer_indices("LaycaCallback", optimizers)
         self.log_rates = bool(log_rates)
         check_reference_lr("LaycaCallback", reference_lr)
         self.reference_lr = None if reference_lr is None else float(reference_lr)
@@ -216,36 +207,13 @@ class LaycaCallback(LayerRotationMonitor):
                 )
                 layca.set_epoch(trainer.current_epoch)
                 layca.restored_from_plain_state = False
-        self._start_targets(trainer)
-
-    def _start_targets(self, trainer: pl.Trainer) -> None:
         # After every restore (ModelParallelStrategy restores callbacks late): the monitor's initial weights are final.
-        for layca in self.laycas.values():
-            if layca.targets is None:
-                continue
-            layca.targets.share_initial_weights(dict(zip(self.layers.names, self.layers.initial, strict=True)))
-            if layca.targets.lr_profile is None:  # not restored from a checkpoint
-                total, per_epoch = _training_length(trainer)
-                configs = [
-                    (c.scheduler, c.interval == "step", c.frequency)
-                    for c in trainer.lr_scheduler_configs
-                    if getattr(c.scheduler, "optimizer", None) is layca.optimizer
-                    and not isinstance(c.scheduler, ReduceLROnPlateau)
-                ]
-                total = layca.targets.total_steps or total
-                layca.targets.set_horizon(total, scheduled_lrs(layca.param_groups, configs, total, per_epoch))
-        self.epoch_targets = {name: [value] for name, value in self._targets_now().items()}
-
-    def _targets_now(self) -> dict[str, float]:
-        return {
-            layer_display_name(name): value
-            for layca in self.laycas.values()
-            for name, value in layca.rotation_targets().items()
-        }
+        start_targets(trainer, self.laycas.values(), self.layers)
+        self.epoch_targets = {name: [value] for name, value in targets_now(self.laycas.values()).items()}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for name, value in self._targets_now().items():
+        for name, value in targets_now(self.laycas.values()).items():
             self.epoch_targets.setdefault(name, []).append(value)
         super().on_train_epoch_end(trainer, pl_module)
 
@@ -276,7 +244,10 @@ class LaycaCallback(LayerRotationMonitor):
     def logging_step_scalars(self) -> dict[str, float]:
         scalars = self.step_scalars(tags.ROTATION_RATE, self._step_rates) if self._step_rates else {}
         scalars.update(
-            {tags.layer_tag(tags.ROTATION_TARGET, name): value for name, value in self._targets_now().items()}
+            {
+                tags.layer_tag(tags.ROTATION_TARGET, name): value
+                for name, value in targets_now(self.laycas.values()).items()
+            }
         )
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
@@ -434,16 +405,3 @@ def _cyclic_max_lr(trainer: pl.Trainer, optimizer: Any) -> float | None:
         if isinstance(config.scheduler, CyclicLR) and config.scheduler.optimizer is optimizer
     ]
     return max(peaks, default=None)
-
-
-def _training_length(trainer: pl.Trainer) -> tuple[int, int]:
-    """Optimizer steps of the fit, and per epoch (``MisconfigurationException`` when training has no end)."""
-    total = trainer.estimated_stepping_batches
-    if not math.isfinite(total):
-        raise MisconfigurationException(
-            "LaycaCallback: a RotationTarget needs a finite training length; set `max_epochs` or `max_steps`, or "
-            "give the RotationTarget `total_steps`."
-        )
-    batches = trainer.num_training_batches
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
-    return int(total), max(1, per_epoch)

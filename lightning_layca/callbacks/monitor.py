@@ -55,9 +55,12 @@ from lightning_layca.callbacks.output import (
     PER_STEP_QUANTITIES,
     RotationOutput,
     layout,
-    per_step_values,
+    per_step_by_layer,
+    rotation_scalars,
     step_scalars,
+    update_ratio_parts,
 )
+from lightning_layca.callbacks.records import RotationRecords
 from lightning_layca.callbacks.strategies import check_strategy
 from lightning_layca.loggers import (
     has_tensorboard,
@@ -67,7 +70,7 @@ from lightning_layca.loggers import (
     trainer_log_every_n_steps,
 )
 from lightning_layca.monitored import MonitoredLayers, MonitorSpec, share_layers
-from lightning_layca.schedule_free import evaluation_weights, has_evaluation_weights
+from lightning_layca.schedule_free import evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
 
 __all__ = ["FIGURE_FILENAME", "LayerRotationMonitor"]
@@ -160,13 +163,10 @@ class LayerRotationMonitor(Callback):
         self.per_layer_detail = bool(per_layer_detail)
 
         self.layers = MonitoredLayers(name, include, exclude, unmoved_adapter_steps)
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._records = RotationRecords()  # `history`, `update_ratio_history`, `epoch_rotation`, checkpointed
         self.last_rotation: dict[str, float] = {}
-        self.epoch_rotation: dict[str, list[tuple[int, float]]] = {}
-        self.update_ratio_history: dict[str, list[tuple[int, float]]] = {}
         self.last_update_ratios: dict[str, tuple[float, float, float]] = {}
 
-        self._epochs: list[int] = []  # the x axis of `epoch_rotation`, kept apart for layers that join later
         self._last_global_step = -1
         self._output = RotationOutput(name, self.histogram_bins)
         self._siblings: list[LayerRotationMonitor] = []  # every rotation monitor of the Trainer, self included
@@ -187,6 +187,21 @@ class LayerRotationMonitor(Callback):
         becomes trainable (a fine-tuning callback unfreezes it). Set when the first fit starts; grows as layers join.
         """
         return self.layers.names
+
+    @property
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        """Layer display name -> ``[(step, cosine distance), ...]`` at every logging step (see the class)."""
+        return self._records.history
+
+    @property
+    def epoch_rotation(self) -> dict[str, list[tuple[int, float]]]:
+        """Layer display name -> ``[(epochs completed, cosine distance), ...]`` (see the class)."""
+        return self._records.epoch_rotation
+
+    @property
+    def update_ratio_history(self) -> dict[str, list[tuple[int, float]]]:
+        """Layer display name -> ``[(step, log10 ||dW|| / ||W||), ...]`` at every logging step (see the class)."""
+        return self._records.update_ratio_history
 
     @property
     def display_names(self) -> list[str]:
@@ -249,7 +264,7 @@ class LayerRotationMonitor(Callback):
         # The last moment before a step can change a layer that has just been unfrozen (a fine-tuning callback, or
         # the module itself, flips `requires_grad` at any point before the step).
         if self.layers.has_pending:
-            self._joined(self.layers.join_trainable())
+            self._records.join(self.layers.join_trainable(), self.layer_names)
         if self._pre_step is None and self.layers.params and self._measures_step(trainer):
             self._pre_step = self.copy_weights_before_step()
 
@@ -263,48 +278,26 @@ class LayerRotationMonitor(Callback):
         self.layers.adapted.check_unmoved(trainer.global_step)
         before = None if self._pre_step is None else self.weights_before_step(self._pre_step)
         self._pre_step = None
-        unit_rates = (
-            before is not None and self.measures_unit_steps and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        )
+        unit_rates = before is not None and self._measures_unit_step(trainer)
         logging = self.is_logging_batch(trainer)
         if not (logging or unit_rates):
             return
-        names = [n for n in self.layer_names if before is not None and n in before]
-        evaluating = logging and has_evaluation_weights(trainer.optimizers)  # schedule-free: rotation of x
-        measured = self.layers.measure(
-            distances=logging and not evaluating,
-            steps=names if logging else [],
-            unit_steps=names if unit_rates else [],
-            before=before,
-        )
-        if evaluating:
-            with evaluation_weights(trainer.optimizers):
-                measured.distances = self.layers.measure(distances=True).distances
+        names, measured = self.layers.measure_step(logging, unit_rates, before, trainer.optimizers)
         if unit_rates:
-            unit_tans = measured.unit_tans.split(self.layers.unit_counts(names))
-            self._unit_rates = dict(zip([layer_display_name(n) for n in names], unit_tans, strict=True))
+            self._unit_rates = self.layers.unit_step_tans(names, measured)
         if not logging:
             return
         step = logging_step(trainer)
-        values = dict(zip(self.display_names, measured.distances, strict=True))
-        for name, value in values.items():
-            self.history.setdefault(name, []).append((step, value))
-        self.last_rotation = values
-        label = self._output.label
-        metrics = step_scalars(tags.ROTATION, values, label)
-        changes = self.layers.magnitude_changes.items()
-        metrics.update({tags.layer_tag(tags.MAGNITUDE_CHANGE, layer_display_name(n)): v for n, v in changes})
+        self.last_rotation = dict(zip(self.display_names, measured.distances, strict=True))
+        per_step = per_step_by_layer(measured, [layer_display_name(n) for n in names]) if names else {}
+        self._records.add_step(step, self.last_rotation, per_step.get(tags.UPDATE_RATIO, {}))
+        if per_step:
+            self.last_step_rates, self.last_norms = per_step[tags.STEP_ROTATION], per_step[tags.WEIGHT_NORM]
+            self.last_update_ratios = update_ratio_parts(per_step)
+        metrics = rotation_scalars(self.last_rotation, self.layers.magnitude_changes, self._output.label)
         metrics.update(self.logging_step_scalars())
-        if before is not None and names:
-            display = [layer_display_name(n) for n in names]
-            self.last_step_rates = dict(zip(display, measured.tans, strict=True))
-            self.last_norms = dict(zip(display, measured.norms, strict=True))
-            ratios = (measured.update_ratios, measured.tangential_ratios, measured.radial_ratios)
-            self.last_update_ratios = dict(zip(display, zip(*ratios, strict=True), strict=True))
-            for name, total in zip(display, measured.update_ratios, strict=True):
-                self.update_ratio_history.setdefault(name, []).append((step, total))
-            for quantity, layer_values in per_step_values(measured).items():
-                metrics.update(self.step_scalars(quantity, dict(zip(display, layer_values, strict=True))))
+        for quantity, values in per_step.items():
+            metrics.update(self.step_scalars(quantity, values))
         log_scalars(trainer, metrics, step)
 
     @override
@@ -312,9 +305,7 @@ class LayerRotationMonitor(Callback):
         with evaluation_weights(trainer.optimizers):
             values = self.measure()
         epochs_done = trainer.current_epoch + 1
-        self._epochs.append(epochs_done)
-        for name, value in values.items():
-            self.epoch_rotation.setdefault(name, []).append((epochs_done, value))
+        self._records.add_epoch(epochs_done, values)
         if epochs_done % self.every_n_epochs != 0:
             return
         # Every process measures the angles (a collective under sharding), whether or not it writes.
@@ -328,37 +319,21 @@ class LayerRotationMonitor(Callback):
         if not trainer.is_global_zero:
             return
         # Rank 0 only, and nothing below is a collective.
-        step = logging_step(trainer)
         by_name = {} if angles is None else dict(zip(self.display_names, angles, strict=True))
-        self._output.histograms(trainer, step, by_name, unit_rates)
-        if self.figure:
-            curves = {name: [v for _, v in points] for name, points in self.epoch_rotation.items()}
-            self._output.figures(trainer, step, self._epochs, curves, self.update_ratio_history, self.figure_targets())
+        figure = (self._records, self.figure_targets()) if self.figure else None
+        self._output.epoch_end(trainer, logging_step(trainer), by_name, unit_rates, figure)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.layers.state(),
-            "epochs": list(self._epochs),
-            "history": {k: list(v) for k, v in self.history.items()},
-            "epoch_rotation": {k: list(v) for k, v in self.epoch_rotation.items()},
-            "update_ratio_history": {k: list(v) for k, v in self.update_ratio_history.items()},
-        }
+        return {**self.layers.state(), **self._records.state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Called before `on_fit_start`, which moves the snapshot to the layers' device (after it, under
         # `ModelParallelStrategy`).
         self.layers.load(state_dict)
-        self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict["history"].items()}
-        self.epoch_rotation = {
-            k: [(int(e), float(v)) for e, v in pts] for k, pts in state_dict["epoch_rotation"].items()
-        }
-        self._epochs = [int(e) for e in state_dict["epochs"]]
-        self.update_ratio_history = {  # absent from checkpoints of earlier versions
-            k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("update_ratio_history", {}).items()
-        }
-        self.last_rotation = {k: pts[-1][1] for k, pts in self.history.items() if pts}
+        self._records.load(state_dict)
+        self.last_rotation = self._records.last_rotation()
         if self.layers.module is not None:
             # Under `ModelParallelStrategy` Lightning restores the callbacks after `on_fit_start`: bind the restored
             # snapshot (each process keeps its own shard of it) to the layers of the fit in progress.
@@ -373,12 +348,7 @@ class LayerRotationMonitor(Callback):
         Raises:
             RuntimeError: Before the first fit has started (no initial snapshot yet).
         """
-        if not self.layers.has_candidates:
-            raise RuntimeError(f"{type(self).__name__}: nothing to measure before the first `Trainer.fit` starts.")
-        if not self.layers.names:  # every candidate is still frozen, or measured by another monitor
-            return {}
-        distances = self.layers.measure(distances=True).distances
-        return dict(zip(self.display_names, distances, strict=True))
+        return self.layers.rotation()
 
     # ------------------------------------------------------------------ extension hooks (see the class docstring)
     def figure_targets(self) -> dict[str, list[float]]:
@@ -437,9 +407,11 @@ class LayerRotationMonitor(Callback):
 
     def _measures_step(self, trainer: pl.Trainer) -> bool:
         """Whether the coming optimizer step is measured: on logging batches, and last batches for unit rates."""
-        return self.is_logging_batch(trainer) or (
-            self.measures_unit_steps and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        )
+        return self.is_logging_batch(trainer) or self._measures_unit_step(trainer)
+
+    def _measures_unit_step(self, trainer: pl.Trainer) -> bool:
+        """Whether the current batch's step is measured per unit: the epoch's last, with :attr:`measures_unit_steps`."""
+        return self.measures_unit_steps and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def is_logging_batch(self, trainer: pl.Trainer) -> bool:
         """Whether the current batch logs the rotation scalars (``log_every_n_steps``, on Lightning's logging steps)."""
@@ -449,15 +421,8 @@ class LayerRotationMonitor(Callback):
         first = self.layers.candidate_names is None
         joined = self.layers.bind(pl_module)
         if first:  # the first fit: its weights are the initial ones
-            self.epoch_rotation, self._epochs = {}, [0]
-        self._joined(joined)
-
-    def _joined(self, names: list[str]) -> None:
-        """Layers that joined were frozen until now: their rotation was 0 at every epoch end so far."""
-        for name in names:
-            self.epoch_rotation[layer_display_name(name)] = [(e, 0.0) for e in self._epochs]
-        if names:  # depth order, for the figure's colours
-            self.epoch_rotation = {name: self.epoch_rotation[name] for name in self.display_names}
+            self._records.restart_epochs()
+        self._records.join(joined, self.layer_names)
 
 
 def _share_layers(monitor: LayerRotationMonitor, siblings: list[LayerRotationMonitor], module: torch.nn.Module) -> None:

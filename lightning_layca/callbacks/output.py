@@ -1,7 +1,8 @@
 """What a rotation monitor writes: the scalars of a logging step, the TensorBoard layout, histograms and figures.
 
 :func:`step_scalars` turns per-layer measurements into the scalars of a logging step (a summary over the layers, and
-each layer's value where asked). :class:`RotationOutput` is the monitor's writer, by composition: the monitor decides
+each layer's value where asked; :func:`rotation_scalars` for the rotation, :func:`per_step_by_layer` for what one
+optimizer step did). :class:`RotationOutput` is the monitor's writer, by composition: the monitor decides
 what is measured and when, this class turns it into the custom-scalars layout, TensorBoard histograms, the
 ``Rotation_curves`` and ``Update_ratio_curves`` images and their PNG copies, and says once what it cannot write (no
 TensorBoard logger, no matplotlib, a layer whose weights are not finite). Everything here runs on global rank 0 and
@@ -19,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_layca import tags
+from lightning_layca.callbacks.records import RotationRecords
 from lightning_layca.figures import (
     PLOT_EXTRA_HINT,
     render_rgb,
@@ -28,6 +30,7 @@ from lightning_layca.figures import (
 )
 from lightning_layca.loggers import add_histograms, add_image, add_layout, log_directory, tensorboard_writers
 from lightning_layca.rotation import Measured, angle_histograms
+from lightning_layca.selection import layer_display_name
 
 __all__ = [
     "FIGURE_FILENAME",
@@ -36,8 +39,11 @@ __all__ = [
     "UPDATE_RATIO_FILENAME",
     "RotationOutput",
     "layout",
+    "per_step_by_layer",
     "per_step_values",
+    "rotation_scalars",
     "step_scalars",
+    "update_ratio_parts",
 ]
 
 FIGURE_FILENAME = "layer_rotation_curves.png"
@@ -75,6 +81,35 @@ def per_step_values(measured: Measured) -> dict[str, list[float]]:
     """The values of :data:`PER_STEP_QUANTITIES` in one measurement, one per measured layer, by quantity."""
     values = (measured.tans, measured.update_ratios, measured.tangential_ratios, measured.radial_ratios, measured.norms)
     return dict(zip(PER_STEP_QUANTITIES, values, strict=True))
+
+
+def per_step_by_layer(measured: Measured, layers: Sequence[str]) -> dict[str, dict[str, float]]:
+    """:func:`per_step_values` by quantity, then by layer display name (``layers``: those whose step was measured)."""
+    return {quantity: dict(zip(layers, v, strict=True)) for quantity, v in per_step_values(measured).items()}
+
+
+def update_ratio_parts(per_step: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[float, float, float]]:
+    """Layer display name -> ``(total, tangential, radial)`` update ratio, from :func:`per_step_by_layer`."""
+    total, tangential, radial = (
+        per_step[q] for q in (tags.UPDATE_RATIO, tags.UPDATE_RATIO_TANGENTIAL, tags.UPDATE_RATIO_RADIAL)
+    )
+    return {name: (value, tangential[name], radial[name]) for name, value in total.items()}
+
+
+def rotation_scalars(
+    rotation: Mapping[str, float], magnitude_changes: Mapping[str, float], label: str | None = None
+) -> dict[str, float]:
+    """The rotation scalars of a logging step: every layer's and their summary, and each DoRA layer's magnitude change.
+
+    Args:
+        rotation: Layer display name -> cosine distance to its initial weights.
+        magnitude_changes: Adapted layer parameter name -> the change of its magnitude vector (DoRA).
+        label: The monitor's label (several monitors on one Trainer), or ``None``.
+    """
+    metrics = step_scalars(tags.ROTATION, rotation, label)
+    changes = magnitude_changes.items()
+    metrics.update({tags.layer_tag(tags.MAGNITUDE_CHANGE, layer_display_name(name)): v for name, v in changes})
+    return metrics
 
 
 def step_scalars(
@@ -204,6 +239,29 @@ class RotationOutput:
         new_writers = [w for w in writers if id(w) not in self._layouts_written]
         add_layout(new_writers, categories)
         self._layouts_written.update(id(w) for w in new_writers)
+
+    def epoch_end(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        angles: dict[str, torch.Tensor],
+        unit_rates: dict[str, torch.Tensor],
+        figure: tuple[RotationRecords, dict[str, list[float]]] | None,
+    ) -> None:
+        """At the end of an epoch that writes them: the :meth:`histograms`, and the :meth:`figures` if asked.
+
+        Args:
+            trainer: The Trainer.
+            step: The step they are written at.
+            angles: See :meth:`histograms`.
+            unit_rates: See :meth:`histograms`.
+            figure: The monitor's records and its targets (see :meth:`figures`), or ``None`` for no figure.
+        """
+        self.histograms(trainer, step, angles, unit_rates)
+        if figure is not None:
+            records, targets = figure
+            curves, ratios = records.epoch_curves(), records.update_ratio_history
+            self.figures(trainer, step, records.epochs, curves, ratios, targets)
 
     def histograms(
         self, trainer: pl.Trainer, step: int, angles: dict[str, torch.Tensor], unit_rates: dict[str, torch.Tensor]

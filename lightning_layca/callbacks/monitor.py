@@ -224,7 +224,9 @@ class LayerRotationMonitor(Callback):
         if stage == "fit":
             # The earliest hook: a pattern that matches no parameter stops the fit before anything is logged.
             self.check_module(pl_module)
-            self._siblings = [cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor)]  # type: ignore[attr-defined]
+            monitors = [cb for cb in trainer.callbacks if isinstance(cb, LayerRotationMonitor)]  # type: ignore[attr-defined]
+            # A callback's own `setup` called on a Trainer that does not hold it (as a test may) shares with nobody.
+            self._siblings = monitors if self in monitors else [self]
             _share_layers(self, self._siblings, pl_module)
 
     def check_module(self, pl_module: pl.LightningModule) -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lightning_layca as ll
-from lightning_layca.step.families import equilibrium_rate, muon_correlation, polar_linear_share
+from lightning_layca.step.families import equilibrium_rate, muon_correlation, polar_correlation_terms
 from tests.tiny_modules import TinyCNN, loader
 
 RATE = 0.01
@@ -160,9 +160,10 @@ def test_muon_equilibrium_without_momentum_matches_a_simulation_whatever_the_lr_
     assert equilibrium_rate(base, muon_group(0.0, False)) == pytest.approx(math.sqrt(2 * 0.05 * 0.1), rel=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(64, 32), (16, 64)])
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_equilibrium_with_momentum_matches_a_simulation_for_aspect_ratios_a_quarter_to_a_half(nesterov, shape):
+@pytest.mark.parametrize(
+    ("nesterov", "shape"), [(True, (64, 32)), (False, (64, 32)), (True, (16, 64)), (False, (16, 64)), (True, (64, 64))]
+)
+def test_muon_equilibrium_with_momentum_matches_a_simulation_for_aspect_ratios_a_quarter_to_one(nesterov, shape):
     base = torch.optim.Muon([nn.Parameter(torch.ones(2, 2))])
     measured = muon_equilibrium_angle(0.9, nesterov, None, steps=2000, shape=shape)
     assert measured == pytest.approx(equilibrium_rate(base, muon_group(0.9, nesterov, shape)), rel=0.03)
@@ -176,18 +177,27 @@ def test_muon_correlation_reduces_to_the_momentum_buffers_own_when_orthogonalisi
         for coefficients, flag in ((plain, False), (nesterov, True)):
             direct = sum(coefficients) ** 2 / sum(a * a for a in coefficients)
             assert muon_correlation(mu, flag) == pytest.approx(direct, rel=1e-9)
-            assert muon_correlation(mu, flag, share=0.72, decay=0.99) <= direct
+            assert muon_correlation(mu, flag, (0.72, 0.14, 0.14), decay=0.99) <= direct
 
 
-def test_polar_linear_share_is_the_squared_mean_singular_value_of_gaussian_matrices():
-    # Square: Marchenko-Pastur's mean singular value is 8 / (3 pi) (unit mean square); otherwise a float64 sample.
-    assert polar_linear_share(64, 64) == pytest.approx((8 / (3 * math.pi)) ** 2, rel=1e-3)
+def test_polar_correlation_terms_match_the_correlation_of_polar_factors_of_gaussian_matrices():
+    # References: Marchenko-Pastur's mean singular value of a square matrix, 8 / (3 pi) (unit mean square), and a
+    # float64 sample of polar factors (exact SVDs) of matrices correlated by c.
+    assert polar_correlation_terms(64, 64)[0] == pytest.approx((8 / (3 * math.pi)) ** 2, rel=1e-3)
     generator = torch.Generator().manual_seed(0)
-    for rows, cols in ((256, 128), (64, 256)):
-        s = torch.linalg.svdvals(torch.randn(20, rows, cols, generator=generator, dtype=torch.float64))
-        sample = float(s.mean() ** 2 / s.square().mean())
-        assert polar_linear_share(rows, cols) == pytest.approx(sample, rel=0.01)
-        assert polar_linear_share(rows, cols) == polar_linear_share(cols, rows)
+    for rows, cols in ((128, 64), (32, 128)):  # square matrices: f is a rough upper bound there, not checked
+        terms = polar_correlation_terms(rows, cols)
+        assert sum(terms) == pytest.approx(1.0, rel=1e-12) and min(terms) >= 0
+        assert terms == polar_correlation_terms(cols, rows)
+        x = torch.randn(24, rows, cols, generator=generator, dtype=torch.float64)
+        z = torch.randn(24, rows, cols, generator=generator, dtype=torch.float64)
+        s = torch.linalg.svdvals(x)
+        assert terms[0] == pytest.approx(float(s.mean() ** 2 / s.square().mean()), rel=0.01)
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        for c in (0.5, 0.9):
+            u2, _, vh2 = torch.linalg.svd(c * x + math.sqrt(1 - c * c) * z, full_matrices=False)
+            sample = float(((u @ vh) * (u2 @ vh2)).sum() / (24 * min(rows, cols)))
+            assert sum(h * c**n for h, n in zip(terms, (1, 3, 5), strict=True)) == pytest.approx(sample, abs=0.01)
 
 
 def test_layca_equilibrium_rate_of_muon_and_of_the_muon_adamw_pair():

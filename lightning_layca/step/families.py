@@ -45,7 +45,7 @@ __all__ = [
     "equilibrium_rate",
     "family_of",
     "muon_correlation",
-    "polar_linear_share",
+    "polar_correlation_terms",
 ]
 
 
@@ -326,29 +326,44 @@ def _adamw_equilibrium(group: dict[str, Any]) -> float:
     return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
 
 
-def polar_linear_share(rows: int, cols: int, points: int = 128) -> float:
-    """The share ``kappa`` of the polar factor of a large Gaussian ``rows x cols`` matrix that is linear in it.
+def polar_correlation_terms(rows: int, cols: int, points: int = 96) -> tuple[float, float, float]:
+    """The first odd Hermite coefficients ``(h1, h3, h5)`` of the polar map of a large Gaussian ``rows x cols`` matrix.
 
-    For the polar factor ``O`` of ``X``: ``kappa = (E ||X||_*)^2 / (E ||X||_F^2 * min(rows, cols))``, the squared
-    mean singular value over the mean squared one.
+    Two such matrices correlated by ``c`` have polar factors correlated by ``f(c) = h1 c + h3 c^3 + h5 c^5``
+    (``h_n >= 0``, ``f(1) = 1``), with two of its properties matched:
+
+    * ``f'(0) = h1 = kappa``, the polar map's linear share: ``(E ||X||_*)^2 / (E ||X||_F^2 * min(rows, cols))``;
+    * ``f'(1) = beta``: perturbing ``X`` by ``dX`` turns its polar factor ``U V^T`` by ``U A V^T`` with
+      ``A_ij = (a_ij - a_ji) / (s_i + s_j)`` (``a = U^T dX V``, ``s`` the singular values), plus ``a_ki / s_i`` into
+      the ``max - min`` directions outside the factor's span; averaged, ``beta = 2 lam E[1 / (r + r')^2] + 1``.
 
     With ``lam = min / max`` of the shape, the squared singular values (scaled to mean 1) follow the
-    Marchenko-Pastur law on ``[(1 - sqrt(lam))^2, (1 + sqrt(lam))^2]``; ``kappa = (E sqrt(x))^2`` under it, taken
-    here by a fixed ``points``-point quadrature (``8 / (3 pi)`` squared, 0.72, for a square matrix; towards 1 for a
-    thin one).
+    Marchenko-Pastur law on ``[(1 - sqrt(lam))^2, (1 + sqrt(lam))^2]``: ``kappa = (E r)^2`` and the ``beta`` above
+    with ``r, r'`` two independent square roots of it, taken by a fixed ``points``-point quadrature. Square matrices
+    (``beta`` grows without bound as ``lam -> 1``) and shapes near them keep ``h3 = 0`` and ``h5 = 1 - kappa``,
+    the steepest end these terms allow.
     """
     lam = min(rows, cols) / max(rows, cols)
     low, high = (1 - math.sqrt(lam)) ** 2, (1 + math.sqrt(lam)) ** 2
     half, mid = (high - low) / 2, (high + low) / 2
-    mean_root = 0.0
+    roots, weights = [], []
     for i in range(points):  # x = mid + half cos(theta): the density's square root becomes half * sin(theta)
         theta = math.pi * (i + 0.5) / points
         x = mid + half * math.cos(theta)
-        mean_root += (half * math.sin(theta)) ** 2 / (2 * math.pi * lam * math.sqrt(x)) * math.pi / points
-    return mean_root**2
+        roots.append(math.sqrt(x))
+        weights.append((half * math.sin(theta)) ** 2 / (2 * math.pi * lam * x) * math.pi / points)
+    kappa = sum(w * r for w, r in zip(weights, roots, strict=True)) ** 2
+    pairs = sum(
+        w * v / (r + q) ** 2 for w, r in zip(weights, roots, strict=True) for v, q in zip(weights, roots, strict=True)
+    )
+    beta = 2 * lam * pairs + 1
+    h5 = min(max((beta - kappa - 3 * (1 - kappa)) / 2, 0.0), 1 - kappa)
+    return kappa, 1 - kappa - h5, h5
 
 
-def muon_correlation(momentum: float, nesterov: bool, share: float = 1.0, decay: float = 1.0) -> float:
+def muon_correlation(
+    momentum: float, nesterov: bool, terms: tuple[float, float, float] = (1.0, 0.0, 0.0), decay: float = 1.0
+) -> float:
     """How much Muon's consecutive orthogonalised directions add up: ``K = 1 + 2 * sum_k decay^k rho_k``.
 
     ``rho_k = <O_t, O_{t-k}> / ||O||^2`` is the correlation of the orthogonalised directions ``k`` steps apart and
@@ -357,13 +372,11 @@ def muon_correlation(momentum: float, nesterov: bool, share: float = 1.0, decay:
     ``a_0 = 1 - mu^2`` and ``a_j = (1 - mu) mu^(j+1)``; for uncorrelated gradients the directions ``k`` steps apart
     are correlated by ``c_k = C mu^k`` (``C = 1`` without Nesterov, ``C < 1`` with it).
 
-    Orthogonalising decorrelates them: for large Gaussian matrices correlated by ``c``, the polar factors are
-    correlated by ``f(c) = sum_n h_n c^n`` over odd ``n`` (the Hermite expansion of the polar map, ``h_n >= 0``,
-    ``sum h_n = f(1) = 1``), whose linear coefficient ``h_1`` is :func:`polar_linear_share` ``kappa``. Keeping the
-    first two terms, ``f(c) = kappa c + (1 - kappa) c^3``, the sum is geometric:
-    ``K = 1 + 2 (kappa C q1 / (1 - q1) + (1 - kappa) C^3 q3 / (1 - q3))``, ``q1 = decay mu``,
-    ``q3 = decay mu^3``. With ``share = decay = 1`` (a linear orthogonalisation) it is the momentum buffers' own
-    ``(1 + mu) / (1 - mu)``, or ``1 / ((1 - mu^2)^2 + (1 - mu) mu^4 / (1 + mu))`` with Nesterov.
+    Orthogonalising decorrelates them: ``rho_k = f(c_k)``, ``f(c) = h1 c + h3 c^3 + h5 c^5`` with ``terms`` the
+    coefficients (:func:`polar_correlation_terms`), so the sum is geometric:
+    ``K = 1 + 2 sum_n h_n C^n q_n / (1 - q_n)``, ``q_n = decay mu^n``. With the default ``terms`` (a linear
+    orthogonalisation) and ``decay = 1`` it is the momentum buffers' own ``(1 + mu) / (1 - mu)``, or
+    ``1 / ((1 - mu^2)^2 + (1 - mu) mu^4 / (1 + mu))`` with Nesterov.
     """
     mu = momentum
     if nesterov:
@@ -371,23 +384,27 @@ def muon_correlation(momentum: float, nesterov: bool, share: float = 1.0, decay:
         coupling = ((1 - mu**2) * (1 - mu) * mu + (1 - mu) ** 2 * mu**4 / (1 - mu**2)) / norm if mu else 0.0
     else:
         coupling = 1.0
-    q1, q3 = decay * mu, decay * mu**3
-    return 1 + 2 * (share * coupling * q1 / (1 - q1) + (1 - share) * coupling**3 * q3 / (1 - q3))
+    total = 0.0
+    for n, h in zip((1, 3, 5), terms, strict=True):
+        q = decay * mu**n
+        total += h * coupling**n * q / (1 - q)
+    return 1 + 2 * total
 
 
 def _muon_equilibrium(group: dict[str, Any]) -> float:
     """Muon (decoupled decay at the group's lr, a direction of fixed norm): ``sqrt(2 * lr * wd / K)``.
 
-    ``K`` is the :func:`muon_correlation` of its momentum, with the mean :func:`polar_linear_share` of the group's
-    matrices and the decay ``1 - lr * wd``.
+    ``K`` is the :func:`muon_correlation` of its momentum, with the mean :func:`polar_correlation_terms` of the
+    group's matrices and the decay ``1 - lr * wd``.
     """
     lr, wd = _weight_decay(group)
     momentum = float(group.get("momentum", 0.0))
     if not 0 <= momentum < 1:
         raise ValueError(f"Layca: rotation_rate='{EQUILIBRIUM}' covers Muon with momentum in [0, 1); got {momentum}.")
-    shares = [polar_linear_share(*p.shape) for p in group["params"] if p.ndim == 2]
-    share = sum(shares) / len(shares) if shares else 1.0
-    return math.sqrt(2 * lr * wd / muon_correlation(momentum, bool(group.get("nesterov", False)), share, 1 - lr * wd))
+    each = [polar_correlation_terms(*p.shape) for p in group["params"] if p.ndim == 2] or [(1.0, 0.0, 0.0)]
+    h1, h3, h5 = (sum(t[i] for t in each) / len(each) for i in range(3))
+    nesterov = bool(group.get("nesterov", False))
+    return math.sqrt(2 * lr * wd / muon_correlation(momentum, nesterov, (h1, h3, h5), 1 - lr * wd))
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -420,9 +437,8 @@ def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
       ``lr'^2 ||O||^2 K``, so the angle ``lr' ||O|| / ||w||`` does not depend on the adjustment (which sets the
       equilibrium norm). ``K`` counts how the orthogonalised directions of consecutive steps add up, which is less
       than their momentum buffers do: orthogonalising decorrelates them, by an amount set by the matrices' aspect
-      ratio (:func:`polar_linear_share`, averaged over the group's matrices). Against a simulated Muon it holds within
-      3 % for aspect ratios from 1/4 to 1/2 at momentum 0.9 (and without momentum); square matrices settle about
-      4 % above it.
+      ratio (:func:`polar_correlation_terms`, averaged over the group's matrices). Against a simulated Muon it
+      holds within 3 % at momentum 0.9 (and without momentum) for aspect ratios from 1/4 to 1 (see the docs).
 
     Raises:
         ValueError: For another optimizer, a group without positive weight decay, or SGD with dampening.

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lightning_layca as ll
-from lightning_layca.step.families import equilibrium_rate
+from lightning_layca.step.families import equilibrium_rate, muon_correlation, polar_correlation_terms
 from tests.tiny_modules import TinyCNN, loader
 
 RATE = 0.01
@@ -125,18 +125,20 @@ def test_flattened_conv_weights_train_under_muon_and_turn_by_the_rate_per_filter
     assert norm.tolist() == pytest.approx(before.flatten(1).norm(dim=1).tolist(), rel=1e-6)
 
 
-def muon_equilibrium_angle(momentum: float, nesterov: bool, adjust_lr_fn: str | None, steps: int) -> float:
+def muon_equilibrium_angle(
+    momentum: float, nesterov: bool, adjust_lr_fn: str | None, steps: int, shape: tuple[int, int] = (64, 32)
+) -> float:
     """Muon alone on one scale-invariant layer (random gradients orthogonal to it, of norm 1/||w||): the mean tan of
     the angle per step over the last quarter of the run."""
     generator = torch.Generator().manual_seed(0)
-    w = nn.Parameter(torch.randn(64, 32, generator=generator))
+    w = nn.Parameter(torch.randn(*shape, generator=generator))
     base = torch.optim.Muon(
         [w], lr=0.05, weight_decay=0.1, momentum=momentum, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn
     )
     tans = []
     for _ in range(steps):
         before = w.detach().clone()
-        g = torch.randn(64, 32, generator=generator)
+        g = torch.randn(*shape, generator=generator)
         g -= (g * before).sum() / before.square().sum() * before
         w.grad = g / before.norm()
         base.step()
@@ -144,8 +146,9 @@ def muon_equilibrium_angle(momentum: float, nesterov: bool, adjust_lr_fn: str | 
     return sum(tans[-steps // 4 :]) / (steps // 4)
 
 
-def muon_group(momentum: float, nesterov: bool) -> dict:
-    return {"lr": 0.05, "weight_decay": 0.1, "momentum": momentum, "nesterov": nesterov}
+def muon_group(momentum: float, nesterov: bool, shape: tuple[int, int] = (64, 32)) -> dict:
+    params = [nn.Parameter(torch.zeros(shape))]
+    return {"params": params, "lr": 0.05, "weight_decay": 0.1, "momentum": momentum, "nesterov": nesterov}
 
 
 @pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
@@ -157,13 +160,44 @@ def test_muon_equilibrium_without_momentum_matches_a_simulation_whatever_the_lr_
     assert equilibrium_rate(base, muon_group(0.0, False)) == pytest.approx(math.sqrt(2 * 0.05 * 0.1), rel=1e-12)
 
 
-def test_muon_equilibrium_with_momentum_is_below_a_simulation_by_the_decorrelation_of_orthogonalised_steps():
-    # Measured, not a tolerance: with momentum 0.9 (Nesterov) the formula, which treats the orthogonalisation as
-    # linear, lies 5 to 12 % below the simulated angle (the orthogonalised directions of consecutive steps are less
-    # correlated than the momentum buffers they come from).
+@pytest.mark.parametrize(
+    ("nesterov", "shape"), [(True, (64, 32)), (False, (64, 32)), (True, (16, 64)), (False, (16, 64)), (True, (64, 64))]
+)
+def test_muon_equilibrium_with_momentum_matches_a_simulation_for_aspect_ratios_a_quarter_to_one(nesterov, shape):
     base = torch.optim.Muon([nn.Parameter(torch.ones(2, 2))])
-    measured = muon_equilibrium_angle(0.9, True, None, steps=2000)
-    assert 1.05 < measured / equilibrium_rate(base, muon_group(0.9, True)) < 1.12
+    measured = muon_equilibrium_angle(0.9, nesterov, None, steps=2000, shape=shape)
+    assert measured == pytest.approx(equilibrium_rate(base, muon_group(0.9, nesterov, shape)), rel=0.03)
+
+
+def test_muon_correlation_reduces_to_the_momentum_buffers_own_when_orthogonalising_is_linear():
+    # Reference: the buffers' coefficients a_j summed directly, K = (sum a_j)^2 / sum a_j^2 (no decay).
+    for mu in (0.0, 0.5, 0.9, 0.95):
+        plain = [(1 - mu) * mu**j for j in range(3000)]
+        nesterov = [1 - mu**2] + [(1 - mu) * mu ** (j + 1) for j in range(1, 3000)]
+        for coefficients, flag in ((plain, False), (nesterov, True)):
+            direct = sum(coefficients) ** 2 / sum(a * a for a in coefficients)
+            assert muon_correlation(mu, flag) == pytest.approx(direct, rel=1e-9)
+            assert muon_correlation(mu, flag, (0.72, 0.14, 0.14), decay=0.99) <= direct
+
+
+def test_polar_correlation_terms_match_the_correlation_of_polar_factors_of_gaussian_matrices():
+    # References: Marchenko-Pastur's mean singular value of a square matrix, 8 / (3 pi) (unit mean square), and a
+    # float64 sample of polar factors (exact SVDs) of matrices correlated by c.
+    assert polar_correlation_terms(64, 64)[0] == pytest.approx((8 / (3 * math.pi)) ** 2, rel=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols in ((128, 64), (32, 128)):  # square matrices: f is a rough upper bound there, not checked
+        terms = polar_correlation_terms(rows, cols)
+        assert sum(terms) == pytest.approx(1.0, rel=1e-12) and min(terms) >= 0
+        assert terms == polar_correlation_terms(cols, rows)
+        x = torch.randn(24, rows, cols, generator=generator, dtype=torch.float64)
+        z = torch.randn(24, rows, cols, generator=generator, dtype=torch.float64)
+        s = torch.linalg.svdvals(x)
+        assert terms[0] == pytest.approx(float(s.mean() ** 2 / s.square().mean()), rel=0.01)
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        for c in (0.5, 0.9):
+            u2, _, vh2 = torch.linalg.svd(c * x + math.sqrt(1 - c * c) * z, full_matrices=False)
+            sample = float(((u @ vh) * (u2 @ vh2)).sum() / (24 * min(rows, cols)))
+            assert sum(h * c**n for h, n in zip(terms, (1, 3, 5), strict=True)) == pytest.approx(sample, abs=0.01)
 
 
 def test_layca_equilibrium_rate_of_muon_and_of_the_muon_adamw_pair():

@@ -125,3 +125,31 @@ def test_auto_under_load_reads_where_a_run_ended_and_its_stretches_on_the_slower
     assert (a["slower, longest stretch"], a["slower, all stretches"]) == (35, 35)
     # A run that stops in the middle of a trial ends on the choice before it.
     assert auto_under_load.analyse({**result, "taken": taken[:-40] + trial[:7]})["final"] == "eager"
+
+
+def test_lora_finetune_quick_run_reports_every_run_with_dora_magnitudes_only_for_dora(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("sklearn")
+    from benchmarks import lora_finetune
+
+    out = tmp_path / "lora.md"
+    lora_finetune.main(["--quick", "--seeds", "0", "--out", str(out)])
+    rows = [
+        line.split("|")[1:-1]
+        for line in out.read_text().splitlines()
+        if line.startswith("| lora") or line.startswith("| dora")
+    ]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("lora", "monitor"),
+        ("lora", "layca"),
+        ("dora", "monitor"),
+        ("dora", "layca"),
+    ]
+    for r in rows:
+        accuracy, rotations, magnitudes = float(r[3]), [float(c) for c in r[4:7]], [c.strip() for c in r[7:9]]
+        assert 0.0 <= accuracy <= 1.0
+        assert all(0.0 < v < 2.0 for v in rotations)  # adapters and head moved, cosine distance in (0, 2)
+        if r[0].strip() == "lora":
+            assert magnitudes == ["-", "-"]
+        else:
+            assert all(float(m) > 0.0 for m in magnitudes)

@@ -58,7 +58,36 @@ def _time(fn: Callable[[], Any], device: torch.device, clock: Callable[[], float
     return (clock() - t0) * 1e3
 
 
-def micro(device: torch.device, repeats: int, clock: str = "wall") -> list[str]:
+def _compiled_distance_sums(
+    layers: list[torch.Tensor], snapshot: list[torch.Tensor]
+) -> tuple[Callable[[], Any], float]:
+    """A prototype, not the library's path: every layer's sums against its snapshot in ONE compiled call.
+
+    The same arithmetic as the monitor (:func:`lightning_layca.sums.row_sums` of float64 operands, which Inductor
+    fuses with the conversions, so each layer and its snapshot are read once from memory), compiled for these shapes.
+    Returns the measure (distances moved to the host, as the monitor's) and the seconds the compilation took.
+    """
+    from lightning_layca.rotation import distances_from_sums
+    from lightning_layca.sums import row_sums
+
+    def sums(weights: list[torch.Tensor], initial: list[torch.Tensor]) -> torch.Tensor:
+        rows = [
+            row_sums(w.double().view(1, -1), w0.double().view(1, -1)) for w, w0 in zip(weights, initial, strict=True)
+        ]
+        return torch.cat(rows, dim=1).T
+
+    compiled = torch.compile(sums, fullgraph=True, dynamic=False)
+
+    def measure() -> None:
+        with torch.no_grad():
+            distances_from_sums(compiled(layers, snapshot)).tolist()
+
+    start = time.perf_counter()
+    measure()
+    return measure, time.perf_counter() - start
+
+
+def micro(device: torch.device, repeats: int, clock: str = "wall", compiled_prototype: bool = False) -> list[str]:
     g = torch.Generator().manual_seed(0)
     shapes = SHAPE_SETS["resnet18"]()
     params = [torch.randn(shape, generator=g).to(device).requires_grad_() for _, shape in shapes]
@@ -92,6 +121,11 @@ def micro(device: torch.device, repeats: int, clock: str = "wall") -> list[str]:
         "cosine distances from scratch (three products per element)": distances_from_scratch,
         "logging step: rotation + step (angle, update ratio, norm)": logging_step_measurement,
     }
+    compile_seconds = None
+    if compiled_prototype:
+        rows["prototype: the distances' sums of all layers in one compiled call"], compile_seconds = (
+            _compiled_distance_sums(layers, snapshot)
+        )
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(3):
         for fn in rows.values():
@@ -112,6 +146,8 @@ def micro(device: torch.device, repeats: int, clock: str = "wall") -> list[str]:
     ]
     for name in names:
         lines.append(f"| {name} | {med[name]:.3f} | {med[name] / med[names[0]]:.2f} |")
+    if compile_seconds is not None:
+        lines += ["", f"The prototype's compilation took {compile_seconds:.1f} s (wall clock), once per process."]
     return lines
 
 
@@ -260,6 +296,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--skip-fit", action="store_true", help="run the micro benchmark only")
     parser.add_argument(
+        "--compiled-prototype",
+        action="store_true",
+        help="micro benchmark: also time a prototype that forms the distances' sums in one compiled call",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
@@ -275,7 +316,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("\n".join(micro(device, args.repeats, args.clock)))
+    print("\n".join(micro(device, args.repeats, args.clock, args.compiled_prototype)))
     print(f"load average after the micro benchmark: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.skip_fit:
         print()

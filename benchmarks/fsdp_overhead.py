@@ -18,6 +18,9 @@ repository root::
 
     python -m benchmarks.fsdp_overhead
     python -m benchmarks.fsdp_overhead --width 1024 --depth 6 --steps 60 --out benchmarks/results/fsdp_overhead.md
+    python -m benchmarks.fsdp_overhead --clock cpu --implementation compiled --sections
+
+``--sections`` also times the parts of the Layca step (snapshot, local sums, the collective, the update).
 """
 
 from __future__ import annotations

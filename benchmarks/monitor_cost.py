@@ -4,7 +4,9 @@ Part 1 (micro): on the parameter shapes of ResNet-18 (built by hand, no torchvis
 layer's cosine distance to its snapshot, moved to the host once) and the full measurement of a logging step (the
 same, plus the latest step's sums, from which its angle, update ratio and its two parts, and the norm come; one host
 transfer) against one ``SGD(lr, momentum=0.9, foreach=True)`` step on the same parameters (and, for reference, one
-step without momentum), interleaved, medians.
+step without momentum), interleaved, medians. The update is the meter's (the snapshot's ``<w0, w0>`` kept from its
+first measure); the distances formed from scratch are timed beside it, and ``--compiled-prototype`` adds a prototype
+that forms the distances' sums of all layers in one compiled call (not the library's path).
 Target: an update costs at most one base SGD step.
 
 Part 2 (end to end): ``Trainer.fit`` of a small CNN on synthetic data with plain SGD, with ``LayerRotationMonitor``
@@ -18,6 +20,7 @@ Run from the repository root::
 
     python -m benchmarks.monitor_cost                 # CPU, or CUDA when present
     python -m benchmarks.monitor_cost --device cpu --rounds 5 --steps 200
+    OMP_NUM_THREADS=1 python -m benchmarks.monitor_cost --device cpu --skip-fit --clock cpu --compiled-prototype
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ repository root::
 
     python -m benchmarks.fsdp_overhead
     python -m benchmarks.fsdp_overhead --width 1024 --depth 6 --steps 60 --out benchmarks/results/fsdp_overhead.md
+    python -m benchmarks.fsdp_overhead --clock cpu --implementation compiled --sections
+
+``--sections`` also times the parts of the Layca step (snapshot, local sums, the collective, the update).
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ from lightning_layca import Layca, LaycaCallback
 
 ROTATION_RATE = 3**-3
 MEASURES = ("sharded SGD step", "Layca(SGD) step", "monitor logging step")
+SECTIONS = {
+    "  of which: snapshot of the shards": ("lightning_layca.layca", "take_snapshots"),
+    "  of which: local sums": ("lightning_layca.stepping", "_local_sums"),
+    "  of which: the collective (full sums)": ("lightning_layca.stepping", "reduce_sums"),
+    "  of which: update of the shards (compiled)": ("lightning_layca.stepping", "sharded_update_compiled"),
+    "  of which: update of the shards (eager)": ("lightning_layca.stepping", "_rotate_eager"),
+}
+"""With ``--sections``: the parts of the Layca step timed apart (the functions the step calls for them)."""
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -100,14 +111,33 @@ class StepCost(Callback):
     Lightning hands the optimizer step a closure that runs forward and backward; its time is taken out of both steps.
     """
 
-    def __init__(self, warmup: int, out_dir: Path, clock: str) -> None:
+    def __init__(self, warmup: int, out_dir: Path, clock: str, sections: bool = False) -> None:
         self.warmup = warmup
         self.out_dir = out_dir
         self.clock = CLOCKS[clock]
-        self.times: dict[str, list[float]] = {name: [] for name in MEASURES}
+        self.sections = SECTIONS if sections else {}
+        self.times: dict[str, list[float]] = {name: [] for name in (*MEASURES, *self.sections)}
         self._step = 0
         self._closure = 0.0
         self._base = 0.0
+        self._in_sections = dict.fromkeys(self.sections, 0.0)
+
+    def _time_sections(self) -> None:
+        """Wrap each function of :data:`SECTIONS` so that its time in the step is added up (looked up at call time)."""
+        import importlib
+
+        for name, (module_name, function) in self.sections.items():
+            module = importlib.import_module(module_name)
+            original = getattr(module, function)
+
+            def timed(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+                start = self.clock()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self._in_sections[_name] += self.clock() - start
+
+            setattr(module, function, timed)
 
     def _record(self, name: str, seconds: float) -> None:
         if self._step >= self.warmup:
@@ -138,8 +168,12 @@ class StepCost(Callback):
             total = self.clock() - start
             self._record("sharded SGD step", self._base)
             self._record("Layca(SGD) step", total - self._closure)
+            for name in self.sections:
+                self._record(name, self._in_sections[name])
+                self._in_sections[name] = 0.0
             return result
 
+        self._time_sections()
         layca.optimizer.step = timed_base  # type: ignore[method-assign]
         layca.step = timed_layca  # type: ignore[method-assign]
         callback = next(cb for cb in trainer.callbacks if isinstance(cb, LaycaCallback))  # type: ignore[attr-defined]
@@ -188,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     parser.add_argument(
         "--implementation", choices=["auto", "eager", "compiled"], default="auto", help="Layca's step implementation"
     )
+    parser.add_argument(
+        "--sections",
+        action="store_true",
+        help="also time the parts of the Layca step: snapshot, local sums, the collective, the update",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where the processes meet (default: a new one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
@@ -214,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
                 figure=False,
                 implementation=args.implementation,
             ),
-            StepCost(args.warmup, args.workdir / "times", args.clock),
+            StepCost(args.warmup, args.workdir / "times", args.clock, args.sections),
         ],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -226,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     load_after = load_average()
 
     per_rank = [json.loads((args.workdir / "times" / f"rank{r}.json").read_text()) for r in range(world_size)]
-    slower = {name: [max(values) for values in zip(*(t[name] for t in per_rank), strict=True)] for name in MEASURES}
+    measures = [*MEASURES[:2], *(SECTIONS if args.sections else ()), MEASURES[2]]
+    slower = {name: [max(values) for values in zip(*(t[name] for t in per_rank), strict=True)] for name in measures}
     median = {name: statistics.median(values) for name, values in slower.items()}
     base = median["sharded SGD step"]
     parameters = args.depth * (args.width * args.width + args.width) + 10 * args.width + 10
@@ -242,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         "| measure | ms per step (median) | quartiles (ms) | / sharded SGD step |",
         "|---|---:|---|---:|",
     ]
-    for name in MEASURES:
+    for name in measures:
         q1, _, q3 = statistics.quantiles(slower[name], n=4)
         lines.append(
             f"| {name} | {1e3 * median[name]:.2f} | {1e3 * q1:.2f} - {1e3 * q3:.2f} | {median[name] / base:.2f} |"

@@ -4,7 +4,9 @@ Part 1 (micro): on the parameter shapes of ResNet-18 (built by hand, no torchvis
 layer's cosine distance to its snapshot, moved to the host once) and the full measurement of a logging step (the
 same, plus the latest step's sums, from which its angle, update ratio and its two parts, and the norm come; one host
 transfer) against one ``SGD(lr, momentum=0.9, foreach=True)`` step on the same parameters (and, for reference, one
-step without momentum), interleaved, medians.
+step without momentum), interleaved, medians. The update is the meter's (the snapshot's ``<w0, w0>`` kept from its
+first measure); the distances formed from scratch are timed beside it, and ``--compiled-prototype`` adds a prototype
+that forms the distances' sums of all layers in one compiled call (not the library's path).
 Target: an update costs at most one base SGD step.
 
 Part 2 (end to end): ``Trainer.fit`` of a small CNN on synthetic data with plain SGD, with ``LayerRotationMonitor``
@@ -18,6 +20,7 @@ Run from the repository root::
 
     python -m benchmarks.monitor_cost                 # CPU, or CUDA when present
     python -m benchmarks.monitor_cost --device cpu --rounds 5 --steps 200
+    OMP_NUM_THREADS=1 python -m benchmarks.monitor_cost --device cpu --skip-fit --clock cpu --compiled-prototype
 """
 
 from __future__ import annotations
@@ -47,15 +50,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], device: torch.device) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(fn: Callable[[], Any], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     _sync(device)
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
-def micro(device: torch.device, repeats: int) -> list[str]:
+def _compiled_distance_sums(
+    layers: list[torch.Tensor], snapshot: list[torch.Tensor]
+) -> tuple[Callable[[], Any], float]:
+    """A prototype, not the library's path: every layer's sums against its snapshot in ONE compiled call.
+
+    The same arithmetic as the monitor (:func:`lightning_layca.sums.row_sums` of float64 operands, which Inductor
+    fuses with the conversions, so each layer and its snapshot are read once from memory), compiled for these shapes.
+    Returns the measure (distances moved to the host, as the monitor's) and the seconds the compilation took.
+    """
+    from lightning_layca.rotation import distances_from_sums
+    from lightning_layca.sums import row_sums
+
+    def sums(weights: list[torch.Tensor], initial: list[torch.Tensor]) -> torch.Tensor:
+        rows = [
+            row_sums(w.double().view(1, -1), w0.double().view(1, -1)) for w, w0 in zip(weights, initial, strict=True)
+        ]
+        return torch.cat(rows, dim=1).T
+
+    compiled = torch.compile(sums, fullgraph=True, dynamic=False)
+
+    def measure() -> None:
+        with torch.no_grad():
+            distances_from_sums(compiled(layers, snapshot)).tolist()
+
+    start = time.perf_counter()
+    measure()
+    return measure, time.perf_counter() - start
+
+
+def micro(device: torch.device, repeats: int, clock: str = "wall", compiled_prototype: bool = False) -> list[str]:
     g = torch.Generator().manual_seed(0)
     shapes = SHAPE_SETS["resnet18"]()
     params = [torch.randn(shape, generator=g).to(device).requires_grad_() for _, shape in shapes]
@@ -68,10 +103,14 @@ def micro(device: torch.device, repeats: int) -> list[str]:
     sgd = torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
     plain_sgd = torch.optim.SGD(params, lr=1e-3, foreach=True)
 
+    meter = RotationMeter(layers, snapshot)
+
     def monitor_update() -> None:
+        meter.measure(distances=True)
+
+    def distances_from_scratch() -> None:
         cosine_distances(layers, snapshot).tolist()
 
-    meter = RotationMeter(layers, snapshot)
     before = [p.detach().clone() for p in layers]  # the copy the monitor takes before a logging step's update
     positions = list(range(len(layers)))
 
@@ -81,9 +120,15 @@ def micro(device: torch.device, repeats: int) -> list[str]:
     rows: dict[str, Callable[[], Any]] = {
         "SGD step (foreach, momentum 0.9)": sgd.step,
         "SGD step (foreach, no momentum)": plain_sgd.step,
-        "monitor update": monitor_update,
+        "monitor update (the meter: the snapshot's <w0, w0> kept from its first measure)": monitor_update,
+        "cosine distances from scratch (three products per element)": distances_from_scratch,
         "logging step: rotation + step (angle, update ratio, norm)": logging_step_measurement,
     }
+    compile_seconds = None
+    if compiled_prototype:
+        rows["prototype: the distances' sums of all layers in one compiled call"], compile_seconds = (
+            _compiled_distance_sums(layers, snapshot)
+        )
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(3):
         for fn in rows.values():
@@ -92,18 +137,20 @@ def micro(device: torch.device, repeats: int) -> list[str]:
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_time(rows[name], device))
+            times[name].append(_time(rows[name], device, CLOCKS[clock]))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     n_params = sum(p.numel() for p in params)
     lines = [
         f"### One monitor update vs one SGD step, ResNet-18 shapes ({n_params:,} parameters, {len(layers)} layers), "
-        f"{device.type}, {repeats} interleaved repeats",
+        f"{device.type}, {repeats} interleaved repeats, {clock} clock, {torch.get_num_threads()} thread(s)",
         "",
         "| | median ms | ratio to SGD step |",
         "|---|---:|---:|",
     ]
     for name in names:
         lines.append(f"| {name} | {med[name]:.3f} | {med[name] / med[names[0]]:.2f} |")
+    if compile_seconds is not None:
+        lines += ["", f"The prototype's compilation took {compile_seconds:.1f} s (wall clock), once per process."]
     return lines
 
 
@@ -251,6 +298,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps per epoch end to end")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--skip-fit", action="store_true", help="run the micro benchmark only")
+    parser.add_argument(
+        "--compiled-prototype",
+        action="store_true",
+        help="micro benchmark: also time a prototype that forms the distances' sums in one compiled call",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="micro benchmark: wall clock, or the process's CPU time (with OMP_NUM_THREADS=1 on a shared machine: "
+        "time other jobs take is not counted)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     warnings.filterwarnings("ignore")
@@ -259,7 +318,9 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
-    print("\n".join(micro(device, args.repeats)))
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n".join(micro(device, args.repeats, args.clock, args.compiled_prototype)))
+    print(f"load average after the micro benchmark: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.skip_fit:
         print()
         print("\n".join(end_to_end(device, args.rounds, args.steps, args.epochs)))

@@ -231,6 +231,9 @@ class RotationMeter:
         self.layers = list(layers)
         self.initial = list(initial)
         self.layout: ShardLayout = shard_layout(self.layers)
+        # <w0, w0> of every local snapshot, from the first measure of distances on: a snapshot never changes, so the
+        # later ones form two products per element instead of three.
+        self._initial_squares: torch.Tensor | None = None
 
     def measure(
         self,
@@ -260,7 +263,9 @@ class RotationMeter:
         divisors: list[torch.Tensor] = []
         all_divisors = layout.divisors(device)
         if distances:
-            parts.append(float64_sums(local, self.initial))
+            sums = float64_sums(local, self.initial, y_squares=self._initial_squares)
+            self._initial_squares = sums[:, 1].clone()
+            parts.append(sums)
             divisors += [all_divisors] if all_divisors is not None else []
         if steps:
             parts.append(float64_sums([local[k] for k in steps], before, difference=True))

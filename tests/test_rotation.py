@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from benchmarks._allocations import LiveTensorBytes
-from lightning_layca.rotation import angle_histograms, cosine_distances, unit_angles, update_ratios_from_sums
+from lightning_layca.rotation import (
+    RotationMeter,
+    angle_histograms,
+    cosine_distances,
+    unit_angles,
+    update_ratios_from_sums,
+)
 from lightning_layca.sums import float64_sums
 
 
@@ -39,6 +45,31 @@ def test_cosine_distances_match_float64_reference_for_mixed_shapes(dtype: torch.
     expected = [reference_distance(a, b) for a, b in zip(w, w0, strict=True)]
     tolerance = 1e-12  # float64 sums: the products of float32 numbers are exact
     assert d.tolist() == pytest.approx(expected, abs=tolerance)
+
+
+def test_a_meter_measures_every_logging_step_against_a_float64_reference() -> None:
+    # From the second measure on the meter reuses the snapshot's <w0, w0>: the distances must stay those of a float64
+    # computation from scratch as the weights move, for layers larger than one block of the sums (2**18 elements).
+    g = torch.Generator().manual_seed(3)
+    shapes = [(600, 512), (64, 3, 3, 3), (10, 20)]
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    layers = [x.clone() for x in w0]
+    meter = RotationMeter(layers, w0)
+    for scale in (0.0, 1e-4, 0.3):
+        for w in layers:
+            w.add_(torch.randn(w.shape, generator=g), alpha=scale)  # in place, as an optimizer steps
+        expected = [reference_distance(w, x) for w, x in zip(layers, w0, strict=True)]
+        assert meter.measure(distances=True).distances == pytest.approx(expected, abs=1e-12)
+
+
+def test_known_squares_of_y_give_the_same_sums() -> None:
+    g = torch.Generator().manual_seed(4)
+    ys = [torch.randn(s, generator=g) for s in [(300, 1000), (7, 5)]]
+    xs = [y + torch.randn(y.shape, generator=g) for y in ys]
+    full = float64_sums(xs, ys)
+    assert torch.equal(float64_sums(xs, ys, y_squares=full[:, 1].clone()), full)
+    with pytest.raises(ValueError, match="y_squares"):
+        float64_sums(xs, ys, per_unit=True, y_squares=full[:, 1])
 
 
 def test_cosine_distances_of_bfloat16_layers_are_summed_in_float64() -> None:

@@ -84,12 +84,14 @@ class Config:
 
     final: float
     last: float | None = None
+    steer: bool = False
 
     @property
     def label(self) -> str:
+        steered = ", steered" if self.steer else ""
         if self.last is None:
-            return f"target {self.final:g} (uniform)"
-        return f"target {self.final:g} -> {self.last:g} (depth profile)"
+            return f"target {self.final:g} (uniform{steered})"
+        return f"target {self.final:g} -> {self.last:g} (depth profile{steered})"
 
 
 FIGURE = ROOT / "docs" / "images" / "target_curves.png"
@@ -119,11 +121,12 @@ def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0) -> Any:
 
 
 def configurations() -> list[Config]:
-    return [Config(f) for f in UNIFORM] + [Config(*p) for p in PROFILES]
+    plain = [Config(f) for f in UNIFORM] + [Config(*p) for p in PROFILES]
+    return plain + [Config(c.final, c.last, steer=True) for c in plain]
 
 
 def config_of(record: dict[str, Any]) -> Config:
-    return Config(record["final"], record["last"])
+    return Config(record["final"], record["last"], record.get("steer", False))
 
 
 def train_one(
@@ -134,7 +137,7 @@ def train_one(
     datamodule.seed = seed
     model = AlphaExperimentCNN(setup["width"], 1.0, setup["epochs"])
     callback = ll.LaycaCallback(
-        target=ll.RotationTarget(config.final, last_layer=config.last, max_rate=max_rate),
+        target=ll.RotationTarget(config.final, last_layer=config.last, max_rate=max_rate, steer=config.steer),
         implementation=LAYCA_IMPLEMENTATION,
         log_rates=False,
         angle_histograms=False,
@@ -148,6 +151,12 @@ def train_one(
         **{k: result[k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")},
         "rotation": {name: [v for _, v in points] for name, points in callback.epoch_rotation.items()},
         "targets": dict(callback.epoch_targets),
+        "steered_degrees": {
+            name: angle
+            for layca in callback.laycas.values()
+            if layca.targets is not None
+            for name, angle in zip(layca.targets.names, layca.targets.steered, strict=True)
+        },
         **{k: result[k] for k in ("seconds", "threads")},
     }
 
@@ -163,27 +172,28 @@ def final_targets(record: dict[str, Any]) -> list[float]:
 def tracking_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """Per target and seed: the spread and mean of the final rotation (uniform), or each layer's deviation."""
     lines = [
-        "| target | seed | final rotation, first to last layer | max / min | mean (or largest deviation) | met |",
-        "|---|---:|---|---:|---:|---|",
+        "| target | seed | final rotation, first to last layer | max / min | mean (or largest deviation) | met "
+        "| steered, degrees, least to most |",
+        "|---|---:|---|---:|---:|---|---|",
     ]
-    for r in sorted(records, key=lambda r: (r["last"] is not None, r["final"], r["seed"])):
+    for r in sorted(records, key=lambda r: (r.get("steer", False), r["last"] is not None, r["final"], r["seed"])):
         final = final_rotation(r)
         values = " ".join(f"{v:.3f}" for v in final)
         ratio = max(final) / min(final)
+        steered = list(r.get("steered_degrees", {}).values())
+        steering = f"{min(steered):.0f} to {max(steered):.0f}" if r.get("steer", False) and steered else ""
         if r["last"] is None:
             mean = statistics.fmean(final)
             met = ratio <= RATIO_LIMIT and abs(mean - r["final"]) <= MEAN_TOLERANCE
-            lines.append(
-                f"| {Config(r['final']).label} | {r['seed']} | {values} | {ratio:.3f} | {mean:.3f} | "
-                f"{'yes' if met else 'no'} |"
-            )
+            summary = f"{mean:.3f}"
         else:
             deviation = max(abs(v - t) for v, t in zip(final, final_targets(r), strict=True))
             met = deviation <= MEAN_TOLERANCE
-            lines.append(
-                f"| {config_of(r).label} | {r['seed']} | {values} | {ratio:.3f} | {deviation:.3f} | "
-                f"{'yes' if met else 'no'} |"
-            )
+            summary = f"{deviation:.3f}"
+        lines.append(
+            f"| {config_of(r).label} | {r['seed']} | {values} | {ratio:.3f} | {summary} | {'yes' if met else 'no'} "
+            f"| {steering} |"
+        )
     return lines
 
 

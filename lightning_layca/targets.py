@@ -21,6 +21,13 @@ positive (a zero gradient) keeps its rate rather than raising it. Both situation
 once: layers that cannot move, and targets beyond what the steps left can reach even along a great circle at
 ``max_rate``.
 
+A rate cannot take a layer further than its gradient lets it: late in training a layer whose steps keep pointing
+back into a basin turns in place, and a faster rate only makes it jitter further out. With ``steer=True`` the
+controller also **steers**: at each measurement it rotates every layer that moved over the interval, in the plane of
+its weights and its initial weights (norm kept), by :data:`CORRECTION` times its angle error (away from the initial
+weights when short of the target, towards them when past it), then measures the layer again and sets the rate from
+there. The steered angle is counted apart from the steps' turning, so the estimate of ``e`` stays the steps' own.
+
 The rate of layer ``l`` at step ``t`` is ``rho_l(t) = g_l * lr_g(t) / lr_ref``: the controller chooses ``g_l``; the
 learning-rate schedule still shapes the rate within an interval.
 
@@ -49,7 +56,7 @@ from lightning_layca.argument_types import (
     check_target_shape,
 )
 from lightning_layca.distributed import local_shard, reduce_sums, shard_layout
-from lightning_layca.sums import float64_sums
+from lightning_layca.sums import float64_sums, row_view
 
 __all__ = [
     "CORRECTION",
@@ -70,6 +77,11 @@ MAX_CHANGE = 4.0
 
 MEMORY = 0.7
 """Weight of the past in the estimate of how much of the turning becomes distance from the initial weights."""
+
+STEER_EFFICIENCY = 0.25
+"""With ``steer=True``: the least efficiency the rate law assumes. A layer whose turning no longer becomes distance is
+not turned faster than a quarter-efficient layer would need (a faster rate only makes it jitter around a basin);
+steering makes up the rest."""
 
 MIN_EFFICIENCY = 0.02
 """The least fraction of the turning assumed to become distance (a layer walking in circles is not chased forever)."""
@@ -92,6 +104,10 @@ class RotationTarget:
             :meth:`TargetController.set_horizon` (``Layca(...).targets.set_horizon``).
         max_rate: The largest rate ``g_l`` the controller sets (default 1: 45 degrees per step at relative lr 1).
         min_rate: The smallest (default ``1e-4``).
+        steer: Whether the controller also turns each layer directly towards its target at every measurement (half
+            its angle error, in the plane of its weights and its initial weights) when the rate alone does not get
+            it there (default ``False``: the controller only sets rates). A layer that did not move over the
+            interval (a zero gradient) is never steered.
 
     Example:
         >>> RotationTarget({"head*": 0.2}, default=0.5).finals(["body.0", "head.fc"])
@@ -109,6 +125,7 @@ class RotationTarget:
         total_steps: PositiveInt | None = None,
         max_rate: float = 1.0,
         min_rate: float = 1e-4,
+        steer: bool = False,
     ) -> None:
         owner = "RotationTarget"
         if isinstance(final, Mapping):
@@ -137,6 +154,8 @@ class RotationTarget:
         check_positive_int(owner, "total_steps", total_steps, allow_none=True)
         check_target_rate(owner, "max_rate", max_rate)
         check_target_rate(owner, "min_rate", min_rate)
+        if not isinstance(steer, bool):
+            raise TypeError(f"{owner}: `steer` must be True or False, got {steer!r}.")
         if min_rate > max_rate:
             raise ValueError(f"{owner}: `min_rate` ({min_rate!r}) must not exceed `max_rate` ({max_rate!r}).")
         self.last_layer = None if last_layer is None else float(last_layer)
@@ -146,6 +165,7 @@ class RotationTarget:
         self.total_steps = None if total_steps is None else int(total_steps)
         self.max_rate = float(max_rate)
         self.min_rate = float(min_rate)
+        self.steer = steer
 
     def validate(self, layers: Sequence[str]) -> None:
         """Raise ``ValueError`` when a pattern matches no layer, or a layer no pattern matches and no ``default``."""
@@ -208,6 +228,14 @@ def check_target(owner: str, target: object, schedule: object, rotation_rate: ob
 
 def _angle(distance: float) -> float:
     return math.acos(min(1.0, max(-1.0, 1.0 - distance)))
+
+
+def _distances(sums: torch.Tensor) -> list[float]:
+    """Each unit's cosine distance from its ``(units, 3)`` sums ``(<w, w0>, <w0, w0>, <w, w>)`` (0 for a zero unit)."""
+    dot, initial_sq, current_sq = sums.unbind(1)
+    scale = (initial_sq * current_sq).sqrt()
+    cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
+    return [float(x) for x in (1.0 - cosine).tolist()]
 
 
 def _warn(message: str) -> None:
@@ -357,6 +385,8 @@ class TargetController:
         self.unit_distances: list[list[float]] = carry(getattr(self, "unit_distances", []), [])
         """Per candidate layer, each unit's distance at the latest measurement (one entry unless ``per_unit``)."""
         self.targets: list[float] = carry(getattr(self, "targets", []), 0.0)
+        self.steered: list[float] = carry(getattr(self, "steered", []), 0.0)
+        """Per candidate layer, the total angle (degrees) steering turned it by (the mean over its units)."""
         self._progress: list[list[float]] = carry(getattr(self, "_progress", []), [])
         self._spent: list[list[float]] = carry(getattr(self, "_spent", []), [])
         self._effort: list[list[float]] = carry(getattr(self, "_effort", []), [])
@@ -492,7 +522,14 @@ class TargetController:
                 effort[u] += math.atan(gain * relative)
         if step % self.target.interval != 0 and step != self.curve.total():
             return False
-        distances = self.measure(controlled, params)
+        sums = self._sums(controlled, params)
+        distances = [_distances(layer) for layer in sums]
+        estimates = {
+            i: [self._estimate(i, u, d) for u, d in enumerate(unit_distances)]
+            for i, unit_distances in zip(controlled, distances, strict=True)
+        }
+        if self.target.steer:
+            distances = self._steer(controlled, params, sums, distances, estimates, group_of, step)
         stuck: list[tuple[str, str]] = []
         unreachable: list[tuple[str, str]] = []
         for i, unit_distances in zip(controlled, distances, strict=True):
@@ -500,10 +537,13 @@ class TargetController:
             turn = self.curve.remaining_turn(g, step, group_lrs[g], reference)
             stuck_units, reaches = [], []
             for u, d in enumerate(unit_distances):
-                gain, moved, reach = self._control(i, u, g, step, d, group_lrs[g], reference, turn)
+                efficiency, measured, moved, _ = estimates[i][u]
+                gain, reach = self._control(
+                    i, u, g, step, d, efficiency, measured, moved, group_lrs[g], reference, turn
+                )
                 if not moved:
                     stuck_units.append(u)
-                if step < self.curve.total() and self.finals[i] > reach:
+                if step < self.curve.total() and self.finals[i] > reach and not self.target.steer:
                     reaches.append(reach)
                 cast(list[float], self.gains[i])[u] = gain
             self.targets[i] = self.target_distance(i, g, step)
@@ -530,27 +570,112 @@ class TargetController:
         )
         return True
 
-    def _control(
-        self, i: int, u: int, group: int, step: int, d: float, lr: float, reference: float, turn: float
-    ) -> tuple[float, bool, float]:
-        """One loop (layer ``i``, unit ``u``) at a measurement: its next rate, whether it moved, its reachable end."""
-        previous_gain = cast(list[float], self.gains[i])[u]
-        angle, spent, last = _angle(d), self._effort[i][u], self.unit_distances[i][u]
+    def _estimate(self, i: int, u: int, d: float) -> tuple[float, float, bool, float]:
+        """One loop (layer ``i``, unit ``u``) measured at ``d``.
+
+        Returns its efficiency (clamped, and as measured), whether it moved, and the angle its steps are estimated to
+        have gained since the last measurement (the measured efficiency times the turning spent: negative for a layer
+        whose gradient pulls it back towards its initial weights).
+        """
+        spent, last = self._effort[i][u], self.unit_distances[i][u]
         moved = d != last
         if spent > 0 and moved:
-            self._progress[i][u] = MEMORY * self._progress[i][u] + (angle - _angle(last))
+            self._progress[i][u] = MEMORY * self._progress[i][u] + (_angle(d) - _angle(last))
             self._spent[i][u] = MEMORY * self._spent[i][u] + spent
         measured = 1.0 if self._spent[i][u] <= 0 else self._progress[i][u] / self._spent[i][u]
-        efficiency = min(1.0, max(MIN_EFFICIENCY, measured))
+        floor = STEER_EFFICIENCY if self.target.steer else MIN_EFFICIENCY
+        return min(1.0, max(floor, measured)), measured, not (spent > 0 and not moved), measured * spent
+
+    def _control(
+        self,
+        i: int,
+        u: int,
+        group: int,
+        step: int,
+        d: float,
+        efficiency: float,
+        measured: float,
+        moved: bool,
+        lr: float,
+        reference: float,
+        turn: float,
+    ) -> tuple[float, float]:
+        """One loop at a measurement (after steering, at distance ``d``): its next rate, its reachable end."""
+        previous_gain = cast(list[float], self.gains[i])[u]
+        angle = _angle(d)
         gain = self._next_gain(i, group, step, angle, efficiency, lr, reference, previous_gain)
-        if spent > 0 and not moved:  # anti-windup: a loop that cannot move keeps its rate
+        if not moved:  # anti-windup: a loop that cannot move keeps its rate
             gain = min(gain, previous_gain)
         self.unit_distances[i][u], self._effort[i][u] = d, 0.0
         # Certain: along a great circle at max_rate. Once at max_rate: at the efficiency measured so far.
         reach = 1.0 - math.cos(
             min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
         )
-        return gain, not (spent > 0 and not moved), reach
+        return gain, reach
+
+    def _steer(
+        self,
+        indices: Sequence[int],
+        params: Sequence[torch.Tensor],
+        sums: Sequence[torch.Tensor],
+        distances: list[list[float]],
+        estimates: Mapping[int, Sequence[tuple[float, float, bool, float]]],
+        group_of: Mapping[int, int],
+        step: int,
+    ) -> list[list[float]]:
+        """Turn every loop that moved by :data:`CORRECTION` times its angle error; return the distances after.
+
+        The rotation is in the plane of the weights ``w`` and the initial weights ``w0`` (of the layer, or of each unit
+        under ``per_unit``) and keeps ``||w||``: ``w <- alpha w + beta w0`` with the angle ``phi`` to ``w0`` becoming
+        ``phi + delta``, ``alpha = cos(delta) + cos(phi) sin(delta) / sin(phi)`` and
+        ``beta = -sin(delta) ||w|| / (||w0|| sin(phi))``, computed in float64 and rounded once to the layer's dtype.
+        A loop at ``phi = 0`` (no plane yet), or whose norms are zero, is left alone. The steered layers are measured
+        again (one more collective when sharded) so that the next interval's estimate sees the steps' turning only.
+        """
+        steered = []
+        layer_sums = dict(zip(indices, sums, strict=True))
+        for i, unit_distances in zip(indices, distances, strict=True):
+            want = _angle(self.target_distance(i, group_of[i], step))
+            deltas = []
+            for u, d in enumerate(unit_distances):
+                phi = _angle(d)
+                _, measured, moved, gained = estimates[i][u]
+                rate_falls_short = (
+                    measured < STEER_EFFICIENCY or cast(list[float], self.gains[i])[u] >= self.target.max_rate
+                )
+                turn = CORRECTION * (want - phi) + max(0.0, -gained)
+                steer = moved and rate_falls_short and math.sin(phi) > 1e-6
+                deltas.append(min(math.pi, max(0.0, phi + turn)) - phi if steer else 0.0)
+            if any(deltas):
+                steered.append((i, deltas))
+        if not steered:
+            return distances
+        for i, deltas in steered:
+            self._rotate(i, params[i], deltas, layer_sums[i])
+            self.steered[i] += math.degrees(sum(abs(x) for x in deltas) / len(deltas))
+        after = dict(zip([i for i, _ in steered], self.measure([i for i, _ in steered], params), strict=True))
+        return [after.get(i, d) for i, d in zip(indices, distances, strict=True)]
+
+    def _rotate(self, i: int, param: torch.Tensor, deltas: Sequence[float], sums: torch.Tensor) -> None:
+        """``w <- alpha w + beta w0`` per loop (see :meth:`_steer`), in place on this process's shard."""
+        dot, initial_sq, current_sq = sums.unbind(1)
+        delta = torch.tensor(deltas, dtype=torch.float64, device=sums.device)
+        scale = (initial_sq * current_sq).sqrt()
+        usable = (scale > 0) & (delta != 0)
+        cosine = torch.where(usable, dot / torch.where(usable, scale, 1.0), 1.0).clamp(-1.0, 1.0)
+        sine = (1.0 - cosine * cosine).clamp_min(0.0).sqrt()
+        usable &= sine > 0
+        safe_sine = torch.where(usable, sine, 1.0)
+        ratio = (current_sq / torch.where(usable, initial_sq, 1.0)).sqrt()
+        alpha = torch.where(usable, torch.cos(delta) + cosine * torch.sin(delta) / safe_sine, 1.0)
+        beta = torch.where(usable, -torch.sin(delta) * ratio / safe_sine, 0.0)
+        weights = local_shard(param.detach())
+        if weights.numel() == 0:
+            return
+        rows = row_view(weights) if self.per_unit else weights.reshape(1, -1)
+        initial = row_view(self.initial[i]) if self.per_unit else self.initial[i].reshape(1, -1)
+        moved = alpha.to(rows.device)[:, None] * rows.double() + beta.to(rows.device)[:, None] * initial.double()
+        weights.copy_(moved.reshape(weights.shape))
 
     def _warn_once(self, kind: str, layers: list[tuple[str, str]], what: str) -> None:
         """Warn about the ``(name, description)`` of layers not warned about for ``kind`` yet."""
@@ -559,25 +684,24 @@ class TargetController:
             self._warned.update(f"{kind}:{name}" for name, _ in fresh)
             _warn(f"Layca: layers {', '.join(text for _, text in fresh)} {what}.")
 
-    def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[list[float]]:
-        """The cosine distance to their initial weights of the layers at ``indices``, per unit with ``per_unit``.
+    def _sums(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer at ``indices``, its ``(units, 3)`` float64 sums ``(<w, w0>, <w0, w0>, <w, w>)``.
 
-        One collective if sharded. A unit whose weights (or initial weights) are all zero is at distance 0.
+        One collective if sharded; one unit per layer unless ``per_unit``.
         """
-        if not indices:
-            return []
         chosen = [params[i] for i in indices]
         local_params = [local_shard(p.detach()) for p in chosen]
         local = float64_sums(local_params, [self.initial[i] for i in indices], self.per_unit)
         layout = shard_layout(chosen)
         full = reduce_sums(local, layout if layout.sharded else None, self.per_unit)
-        dot, initial_sq, current_sq = full.unbind(1)
-        scale = (initial_sq * current_sq).sqrt()
-        cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
-        values = (1.0 - cosine).tolist()
-        counts = [self._units(p) for p in chosen]
-        starts = [sum(counts[:k]) for k in range(len(counts))]
-        return [[float(x) for x in values[a : a + n]] for a, n in zip(starts, counts, strict=True)]
+        return list(full.split([self._units(p) for p in chosen]))
+
+    def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[list[float]]:
+        """The cosine distance to their initial weights of the layers at ``indices``, per unit with ``per_unit``.
+
+        One collective if sharded. A unit whose weights (or initial weights) are all zero is at distance 0.
+        """
+        return [_distances(layer) for layer in self._sums(indices, params)] if indices else []
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -588,6 +712,7 @@ class TargetController:
             "gains": [None if g is None else list(g) for g in self.gains],
             "distances": [list(d) for d in self.unit_distances],
             "targets": list(self.targets),
+            "steered": list(self.steered),
             "progress": [list(x) for x in self._progress],
             "spent": [list(x) for x in self._spent],
             "effort": [list(x) for x in self._effort],
@@ -616,6 +741,7 @@ class TargetController:
         self.gains = [None if g is None else [float(x) for x in g] for g in state["gains"]]
         self.unit_distances = floats(state["distances"])
         self.targets = [float(x) for x in state["targets"]]
+        self.steered = [float(x) for x in state.get("steered", [0.0] * len(self.names))]
         self._progress, self._spent = floats(state["progress"]), floats(state["spent"])
         self._effort = floats(state["effort"])
         self._warned = set(state["warned"])

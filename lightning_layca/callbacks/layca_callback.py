@@ -43,7 +43,7 @@ from lightning_layca.argument_types import (
     check_reference_lr,
     check_rotation_rate,
 )
-from lightning_layca.callbacks.horizon import start_targets, targets_now
+from lightning_layca.callbacks.horizon import start_targets, steered_now, targets_now
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import Layca
 from lightning_layca.schedule_free import ScheduleFree
@@ -247,6 +247,12 @@ class LaycaCallback(LayerRotationMonitor):
             {
                 tags.layer_tag(tags.ROTATION_TARGET, name): value
                 for name, value in targets_now(self.laycas.values()).items()
+            }
+        )
+        scalars.update(
+            {
+                tags.layer_tag(tags.ROTATION_STEERED, name): value
+                for name, value in steered_now(self.laycas.values()).items()
             }
         )
         self.last_rates.update(self._step_rates)

@@ -55,8 +55,7 @@ from lightning_layca.argument_types import (
     check_target_rate,
     check_target_shape,
 )
-from lightning_layca.distributed import local_shard, reduce_sums, shard_layout
-from lightning_layca.sums import float64_sums, row_view
+from lightning_layca.start_weights import StartWeights, distances_of
 
 __all__ = [
     "CORRECTION",
@@ -230,14 +229,6 @@ def _angle(distance: float) -> float:
     return math.acos(min(1.0, max(-1.0, 1.0 - distance)))
 
 
-def _distances(sums: torch.Tensor) -> list[float]:
-    """Each unit's cosine distance from its ``(units, 3)`` sums ``(<w, w0>, <w0, w0>, <w, w>)`` (0 for a zero unit)."""
-    dot, initial_sq, current_sq = sums.unbind(1)
-    scale = (initial_sq * current_sq).sqrt()
-    cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
-    return [float(x) for x in (1.0 - cosine).tolist()]
-
-
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=5)  # the Layca step (through Rates.after_step)
 
@@ -365,9 +356,8 @@ class TargetController:
         self.per_unit = per_unit
         self.curve = TargetCurve(target)
         """The target's rise over training: its horizon and the learning-rate profile it follows."""
-        self.initial: dict[int, torch.Tensor] = {}
-        """Candidate index -> its initial weights (this process's shard), shared or owned."""
-        self._owned: set[int] = set()
+        self.start = StartWeights(per_unit)
+        """The layers' initial weights (shared with a monitor or owned), and the distance from them."""
         self.resize(names)
 
     def resize(self, names: Sequence[str]) -> None:
@@ -391,8 +381,7 @@ class TargetController:
         self._spent: list[list[float]] = carry(getattr(self, "_spent", []), [])
         self._effort: list[list[float]] = carry(getattr(self, "_effort", []), [])
         self._warned: set[str] = getattr(self, "_warned", set())
-        self.initial = {names.index(old[i]): t for i, t in self.initial.items() if old[i] in names}
-        self._owned = {names.index(old[i]) for i in self._owned if old[i] in names}
+        self.start.reindex(old, names)
         self.names = list(names)
 
     @property
@@ -424,19 +413,14 @@ class TargetController:
         return self.finals[i] * self.curve.fraction(group, step)
 
     # ------------------------------------------------------------------ initial weights
+    @property
+    def initial(self) -> dict[int, torch.Tensor]:
+        """Candidate index -> its initial weights (this process's shard), shared or owned."""
+        return self.start.tensors
+
     def share_initial_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Use these initial weights (by layer name; a monitor's snapshots) instead of copies of its own."""
-        for name, tensor in weights.items():
-            if name in self.names:
-                i = self.names.index(name)
-                self.initial[i] = tensor
-                self._owned.discard(i)
-
-    def _snapshot(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> None:
-        for i in indices:
-            if i not in self.initial:
-                self.initial[i] = local_shard(params[i].detach()).clone()
-                self._owned.add(i)
+        self.start.share(self.names, weights)
 
     # ------------------------------------------------------------------ the loop
     @staticmethod
@@ -462,7 +446,7 @@ class TargetController:
         self.curve.total()
         controlled, params, group_of, group_lrs, reference = self._arguments(layca)
         new = [i for i in controlled if self.gains[i] is None]
-        self._snapshot(controlled, params)
+        self.start.snapshot(controlled, params)
         for i in new:
             g, units = group_of[i], self._units(params[i])
             gain = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
@@ -522,8 +506,8 @@ class TargetController:
                 effort[u] += math.atan(gain * relative)
         if step % self.target.interval != 0 and step != self.curve.total():
             return False
-        sums = self._sums(controlled, params)
-        distances = [_distances(layer) for layer in sums]
+        sums = self.start.sums(controlled, params)
+        distances = [distances_of(layer) for layer in sums]
         estimates = {
             i: [self._estimate(i, u, d) for u, d in enumerate(unit_distances)]
             for i, unit_distances in zip(controlled, distances, strict=True)
@@ -651,31 +635,11 @@ class TargetController:
         if not steered:
             return distances
         for i, deltas in steered:
-            self._rotate(i, params[i], deltas, layer_sums[i])
+            self.start.rotate(i, params[i], deltas, layer_sums[i])
             self.steered[i] += math.degrees(sum(abs(x) for x in deltas) / len(deltas))
-        after = dict(zip([i for i, _ in steered], self.measure([i for i, _ in steered], params), strict=True))
+        turned = [i for i, _ in steered]
+        after = dict(zip(turned, self.start.distances(turned, params), strict=True))
         return [after.get(i, d) for i, d in zip(indices, distances, strict=True)]
-
-    def _rotate(self, i: int, param: torch.Tensor, deltas: Sequence[float], sums: torch.Tensor) -> None:
-        """``w <- alpha w + beta w0`` per loop (see :meth:`_steer`), in place on this process's shard."""
-        dot, initial_sq, current_sq = sums.unbind(1)
-        delta = torch.tensor(deltas, dtype=torch.float64, device=sums.device)
-        scale = (initial_sq * current_sq).sqrt()
-        usable = (scale > 0) & (delta != 0)
-        cosine = torch.where(usable, dot / torch.where(usable, scale, 1.0), 1.0).clamp(-1.0, 1.0)
-        sine = (1.0 - cosine * cosine).clamp_min(0.0).sqrt()
-        usable &= sine > 0
-        safe_sine = torch.where(usable, sine, 1.0)
-        ratio = (current_sq / torch.where(usable, initial_sq, 1.0)).sqrt()
-        alpha = torch.where(usable, torch.cos(delta) + cosine * torch.sin(delta) / safe_sine, 1.0)
-        beta = torch.where(usable, -torch.sin(delta) * ratio / safe_sine, 0.0)
-        weights = local_shard(param.detach())
-        if weights.numel() == 0:
-            return
-        rows = row_view(weights) if self.per_unit else weights.reshape(1, -1)
-        initial = row_view(self.initial[i]) if self.per_unit else self.initial[i].reshape(1, -1)
-        moved = alpha.to(rows.device)[:, None] * rows.double() + beta.to(rows.device)[:, None] * initial.double()
-        weights.copy_(moved.reshape(weights.shape))
 
     def _warn_once(self, kind: str, layers: list[tuple[str, str]], what: str) -> None:
         """Warn about the ``(name, description)`` of layers not warned about for ``kind`` yet."""
@@ -684,24 +648,12 @@ class TargetController:
             self._warned.update(f"{kind}:{name}" for name, _ in fresh)
             _warn(f"Layca: layers {', '.join(text for _, text in fresh)} {what}.")
 
-    def _sums(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per layer at ``indices``, its ``(units, 3)`` float64 sums ``(<w, w0>, <w0, w0>, <w, w>)``.
-
-        One collective if sharded; one unit per layer unless ``per_unit``.
-        """
-        chosen = [params[i] for i in indices]
-        local_params = [local_shard(p.detach()) for p in chosen]
-        local = float64_sums(local_params, [self.initial[i] for i in indices], self.per_unit)
-        layout = shard_layout(chosen)
-        full = reduce_sums(local, layout if layout.sharded else None, self.per_unit)
-        return list(full.split([self._units(p) for p in chosen]))
-
     def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[list[float]]:
         """The cosine distance to their initial weights of the layers at ``indices``, per unit with ``per_unit``.
 
         One collective if sharded. A unit whose weights (or initial weights) are all zero is at distance 0.
         """
-        return [_distances(layer) for layer in self._sums(indices, params)] if indices else []
+        return self.start.distances(indices, params)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -719,7 +671,7 @@ class TargetController:
             "warned": sorted(self._warned),
             "total_steps": self.total_steps,
             "lr_profile": self.lr_profile,
-            "initial": {self.names[i]: self.initial[i].clone() for i in sorted(self._owned)},
+            "initial": self.start.state(self.names),
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -746,12 +698,7 @@ class TargetController:
         self._effort = floats(state["effort"])
         self._warned = set(state["warned"])
         self.curve.restore(state["total_steps"], state["lr_profile"])
-        for name, tensor in state["initial"].items():
-            i = self.names.index(name)
-            if i in self.initial and i not in self._owned:
-                continue  # shared with a monitor, which restores its own
-            self.initial[i] = tensor.detach().clone()
-            self._owned.add(i)
+        self.start.load(self.names, state["initial"])
 
 
 def scheduled_lrs(

@@ -66,6 +66,7 @@ __all__ = [
     "TargetCurve",
     "check_target",
     "scheduled_lrs",
+    "steering_turn",
 ]
 
 CORRECTION = 0.5
@@ -227,6 +228,35 @@ def check_target(owner: str, target: object, schedule: object, rotation_rate: ob
 
 def _angle(distance: float) -> float:
     return math.acos(min(1.0, max(-1.0, 1.0 - distance)))
+
+
+def steering_turn(phi: float, want: float, measured: float, moved: bool, gained: float, at_max_rate: bool) -> float:
+    """The angle a steering target turns one loop by at a measurement (positive: away from its initial weights).
+
+    :data:`CORRECTION` times the angle error ``want - phi``, plus the pull-back its steps are estimated to make
+    (``-gained`` when negative), but only where the rate falls short: the loop's measured efficiency is below
+    :data:`STEER_EFFICIENCY` or its rate is at ``max_rate``. A loop that did not move (a zero gradient), or at
+    ``phi = 0`` (no plane to turn in yet), is not steered. The angle stays within ``[0, pi]``.
+
+    Example:
+        >>> round(steering_turn(0.5, 0.9, measured=0.01, moved=True, gained=-0.1, at_max_rate=False), 6)
+        0.3
+    """
+    if not moved or math.sin(phi) <= 1e-6 or (measured >= STEER_EFFICIENCY and not at_max_rate):
+        return 0.0
+    turn = CORRECTION * (want - phi) + max(0.0, -gained)
+    return min(math.pi, max(0.0, phi + turn)) - phi
+
+
+STUCK = (
+    "did not move over the last control interval although their rate was positive (a zero gradient, or no gradient); "
+    "their rate is held, not raised, and they will not follow their rotation target while this lasts"
+)
+UNREACHABLE = (
+    "cannot reach their final rotation target in the {} steps left: not even along a great circle at max_rate={:g}, "
+    "or, for a layer already at max_rate, not at the fraction of its turning that has become distance so far (a "
+    "RotationTarget with steer=True turns such layers there)"
+)
 
 
 def _warn(message: str) -> None:
@@ -537,21 +567,8 @@ class TargetController:
             if reaches:
                 what = "its units " if self.per_unit else ""
                 unreachable.append((name, f"{name} (target {self.finals[i]:.3g}, {what}reachable {min(reaches):.3g})"))
-        self._warn_once(
-            "stuck",
-            stuck,
-            "did not move over the last control interval although their rate was "
-            "positive (a zero gradient, or no gradient); their rate is held, not raised, and they will "
-            "not follow their rotation target while this lasts",
-        )
-        self._warn_once(
-            "unreachable",
-            unreachable,
-            f"cannot reach their final rotation target in the "
-            f"{self.curve.total() - step} steps left: not even along a great circle at max_rate="
-            f"{self.target.max_rate:g}, or, for a layer already at max_rate, not at the fraction of its turning that "
-            "has become distance so far",
-        )
+        self._warn_once("stuck", stuck, STUCK)
+        self._warn_once("unreachable", unreachable, UNREACHABLE.format(self.curve.total() - step, self.target.max_rate))
         return True
 
     def _estimate(self, i: int, u: int, d: float) -> tuple[float, float, bool, float]:
@@ -607,29 +624,20 @@ class TargetController:
         group_of: Mapping[int, int],
         step: int,
     ) -> list[list[float]]:
-        """Turn every loop that moved by :data:`CORRECTION` times its angle error; return the distances after.
+        """Turn every loop by :func:`steering_turn` (:meth:`StartWeights.rotate`); return the distances after.
 
-        The rotation is in the plane of the weights ``w`` and the initial weights ``w0`` (of the layer, or of each unit
-        under ``per_unit``) and keeps ``||w||``: ``w <- alpha w + beta w0`` with the angle ``phi`` to ``w0`` becoming
-        ``phi + delta``, ``alpha = cos(delta) + cos(phi) sin(delta) / sin(phi)`` and
-        ``beta = -sin(delta) ||w|| / (||w0|| sin(phi))``, computed in float64 and rounded once to the layer's dtype.
-        A loop at ``phi = 0`` (no plane yet), or whose norms are zero, is left alone. The steered layers are measured
-        again (one more collective when sharded) so that the next interval's estimate sees the steps' turning only.
+        The steered layers are measured again (one more collective when sharded), so that the next interval's
+        estimate sees the steps' turning only.
         """
         steered = []
         layer_sums = dict(zip(indices, sums, strict=True))
         for i, unit_distances in zip(indices, distances, strict=True):
             want = _angle(self.target_distance(i, group_of[i], step))
-            deltas = []
-            for u, d in enumerate(unit_distances):
-                phi = _angle(d)
-                _, measured, moved, gained = estimates[i][u]
-                rate_falls_short = (
-                    measured < STEER_EFFICIENCY or cast(list[float], self.gains[i])[u] >= self.target.max_rate
-                )
-                turn = CORRECTION * (want - phi) + max(0.0, -gained)
-                steer = moved and rate_falls_short and math.sin(phi) > 1e-6
-                deltas.append(min(math.pi, max(0.0, phi + turn)) - phi if steer else 0.0)
+            gains = cast(list[float], self.gains[i])
+            deltas = [
+                steering_turn(_angle(d), want, *estimates[i][u][1:], at_max_rate=gains[u] >= self.target.max_rate)
+                for u, d in enumerate(unit_distances)
+            ]
             if any(deltas):
                 steered.append((i, deltas))
         if not steered:

@@ -98,15 +98,17 @@ FIGURE = ROOT / "docs" / "images" / "target_curves.png"
 FIGURE_CONFIGS = (Config(0.2), Config(0.6), Config(0.6, 0.2))
 
 
-def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0) -> Any:
-    """One panel per configuration of :data:`FIGURE_CONFIGS` (one seed): every layer's rotation, its target dashed."""
+def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0, steer: bool = False) -> Any:
+    """One panel per configuration of :data:`FIGURE_CONFIGS` (one seed, steered or not): every layer's rotation, its
+    target dashed."""
     from matplotlib.figure import Figure
 
     from lightning_layca.figures import rotation_curves_figure
 
     fig = Figure(figsize=(5.2 * len(FIGURE_CONFIGS), 4.2), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(FIGURE_CONFIGS), squeeze=False)[0]
-    for ax, config in zip(axes, FIGURE_CONFIGS, strict=True):
+    for ax, plain in zip(axes, FIGURE_CONFIGS, strict=True):
+        config = Config(plain.final, plain.last, steer)
         runs = [r for r in records if config_of(r) == config and r["seed"] == seed]
         if not runs:
             ax.set_title(config.label)
@@ -394,7 +396,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "not offered: use --seeds and --epochs")
     parser.add_argument("--overhead", action="store_true", help="time the controller on one run per seed")
-    parser.add_argument("--figure", type=Path, default=None, help=f"PNG of rotation and targets (docs: {FIGURE})")
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help=f"PNGs of rotation and targets, plain and steered (docs: {FIGURE}, ..._steered.png)",
+    )
     parser.add_argument(
         "--trace", type=Path, default=None, help="JSON of every control interval of a uniform --trace-final target"
     )
@@ -424,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.table.write_text(text)
     if args.figure is not None:
         save_png(curves_figure(records), args.figure)
+        save_png(curves_figure(records, steer=True), args.figure.with_name(f"{args.figure.stem}_steered.png"))
     print(text)
 
 

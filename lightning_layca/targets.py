@@ -23,10 +23,11 @@ once: layers that cannot move, and targets beyond what the steps left can reach 
 
 A rate cannot take a layer further than its gradient lets it: late in training a layer whose steps keep pointing
 back into a basin turns in place, and a faster rate only makes it jitter further out. With ``steer=True`` the
-controller also **steers**: at each measurement it rotates every layer that moved over the interval, in the plane of
-its weights and its initial weights (norm kept), by :data:`CORRECTION` times its angle error (away from the initial
-weights when short of the target, towards them when past it), then measures the layer again and sets the rate from
-there. The steered angle is counted apart from the steps' turning, so the estimate of ``e`` stays the steps' own.
+controller also **steers** such layers: at each measurement, a layer that moved over the interval but whose
+efficiency fell below :data:`STEER_EFFICIENCY` (or whose rate is at ``max_rate``) is rotated in the plane of its
+weights and its initial weights (norm kept) by :data:`CORRECTION` times its angle error plus the pull-back its steps
+are estimated to make (:func:`steering_turn`), then measured again; its rate assumes that efficiency at least. The
+steered angle is counted apart from the steps' turning, so the estimate of ``e`` stays the steps' own.
 
 The rate of layer ``l`` at step ``t`` is ``rho_l(t) = g_l * lr_g(t) / lr_ref``: the controller chooses ``g_l``; the
 learning-rate schedule still shapes the rate within an interval.
@@ -78,10 +79,10 @@ MAX_CHANGE = 4.0
 MEMORY = 0.7
 """Weight of the past in the estimate of how much of the turning becomes distance from the initial weights."""
 
-STEER_EFFICIENCY = 0.25
-"""With ``steer=True``: the least efficiency the rate law assumes. A layer whose turning no longer becomes distance is
-not turned faster than a quarter-efficient layer would need (a faster rate only makes it jitter around a basin);
-steering makes up the rest."""
+STEER_EFFICIENCY = 0.1
+"""With ``steer=True``: the efficiency below which a layer is steered, and the least the rate law then assumes. A layer
+whose turning no longer becomes distance is not turned faster than a layer of this efficiency would need (a faster
+rate only makes it jitter around a basin); steering makes up the rest. Layers above it are left to their rate."""
 
 MIN_EFFICIENCY = 0.02
 """The least fraction of the turning assumed to become distance (a layer walking in circles is not chased forever)."""
@@ -104,10 +105,10 @@ class RotationTarget:
             :meth:`TargetController.set_horizon` (``Layca(...).targets.set_horizon``).
         max_rate: The largest rate ``g_l`` the controller sets (default 1: 45 degrees per step at relative lr 1).
         min_rate: The smallest (default ``1e-4``).
-        steer: Whether the controller also turns each layer directly towards its target at every measurement (half
-            its angle error, in the plane of its weights and its initial weights) when the rate alone does not get
-            it there (default ``False``: the controller only sets rates). A layer that did not move over the
-            interval (a zero gradient) is never steered.
+        steer: Whether the controller also turns a layer directly towards its target at a measurement (in the
+            plane of its weights and its initial weights) when its rate no longer gets it there: its turning has
+            stopped becoming distance, or its rate is at ``max_rate`` (default ``False``: the controller only sets
+            rates). A layer that did not move over the interval (a zero gradient) is never steered.
 
     Example:
         >>> RotationTarget({"head*": 0.2}, default=0.5).finals(["body.0", "head.fc"])

@@ -54,7 +54,7 @@ ROTATION_TARGET = "Rotation_target"
 """Scalar: the closed-loop target of :data:`ROTATION` for a layer on that step."""
 
 ROTATION_STEERED = "Rotation_steered"
-"""Scalar: the total angle (degrees) a steering rotation target has turned a layer by, beyond its steps."""
+"""Scalar: the total angle (degrees) a steering rotation target has turned a layer by so far, beyond its steps."""
 
 STEP_ROTATION = "Step_rotation"
 """Scalar: tan of the angle the latest optimizer step turned a layer (any optimizer)."""

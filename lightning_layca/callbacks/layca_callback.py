@@ -249,12 +249,9 @@ class LaycaCallback(LayerRotationMonitor):
                 for name, value in targets_now(self.laycas.values()).items()
             }
         )
-        scalars.update(
-            {
-                tags.layer_tag(tags.ROTATION_STEERED, name): value
-                for name, value in steered_now(self.laycas.values()).items()
-            }
-        )
+        steered = steered_now(self.laycas.values())
+        if steered:
+            scalars.update(self.step_scalars(tags.ROTATION_STEERED, steered))
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
         return scalars

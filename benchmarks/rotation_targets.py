@@ -309,14 +309,16 @@ def overhead(args: argparse.Namespace) -> None:
     datamodule = make_datamodule(setup)
     with quiet_lightning():
         for seed in args.seeds:
-            spent[0] = 0.0
-            record = train_one(Config(0.4), seed, datamodule, setup)
-            share = spent[0] / record["seconds"]
-            print(
-                f"seed {seed}: fit {record['seconds']:.1f} s, controller {spent[0]:.3f} s ({100 * share:.2f} % of "
-                f"the fit), interval {ll.RotationTarget().interval} steps, torch threads {torch.get_num_threads()}",
-                flush=True,
-            )
+            for steer in (False, True):
+                spent[0] = 0.0
+                record = train_one(Config(0.4, steer=steer), seed, datamodule, setup)
+                share = spent[0] / record["seconds"]
+                print(
+                    f"seed {seed}{', steered' if steer else ''}: fit {record['seconds']:.1f} s, controller "
+                    f"{spent[0]:.3f} s ({100 * share:.2f} % of the fit), interval {ll.RotationTarget().interval} "
+                    f"steps, torch threads {torch.get_num_threads()}",
+                    flush=True,
+                )
 
 
 def trace(args: argparse.Namespace, final: float, path: Path) -> None:

@@ -84,27 +84,31 @@ class Config:
 
     final: float
     last: float | None = None
+    steer: bool = False
 
     @property
     def label(self) -> str:
+        steered = ", steered" if self.steer else ""
         if self.last is None:
-            return f"target {self.final:g} (uniform)"
-        return f"target {self.final:g} -> {self.last:g} (depth profile)"
+            return f"target {self.final:g} (uniform{steered})"
+        return f"target {self.final:g} -> {self.last:g} (depth profile{steered})"
 
 
 FIGURE = ROOT / "docs" / "images" / "target_curves.png"
 FIGURE_CONFIGS = (Config(0.2), Config(0.6), Config(0.6, 0.2))
 
 
-def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0) -> Any:
-    """One panel per configuration of :data:`FIGURE_CONFIGS` (one seed): every layer's rotation, its target dashed."""
+def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0, steer: bool = False) -> Any:
+    """One panel per configuration of :data:`FIGURE_CONFIGS` (one seed, steered or not): every layer's rotation, its
+    target dashed."""
     from matplotlib.figure import Figure
 
     from lightning_layca.figures import rotation_curves_figure
 
     fig = Figure(figsize=(5.2 * len(FIGURE_CONFIGS), 4.2), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(FIGURE_CONFIGS), squeeze=False)[0]
-    for ax, config in zip(axes, FIGURE_CONFIGS, strict=True):
+    for ax, plain in zip(axes, FIGURE_CONFIGS, strict=True):
+        config = Config(plain.final, plain.last, steer)
         runs = [r for r in records if config_of(r) == config and r["seed"] == seed]
         if not runs:
             ax.set_title(config.label)
@@ -119,11 +123,12 @@ def curves_figure(records: Sequence[dict[str, Any]], seed: int = 0) -> Any:
 
 
 def configurations() -> list[Config]:
-    return [Config(f) for f in UNIFORM] + [Config(*p) for p in PROFILES]
+    plain = [Config(f) for f in UNIFORM] + [Config(*p) for p in PROFILES]
+    return plain + [Config(c.final, c.last, steer=True) for c in plain]
 
 
 def config_of(record: dict[str, Any]) -> Config:
-    return Config(record["final"], record["last"])
+    return Config(record["final"], record["last"], record.get("steer", False))
 
 
 def train_one(
@@ -134,7 +139,7 @@ def train_one(
     datamodule.seed = seed
     model = AlphaExperimentCNN(setup["width"], 1.0, setup["epochs"])
     callback = ll.LaycaCallback(
-        target=ll.RotationTarget(config.final, last_layer=config.last, max_rate=max_rate),
+        target=ll.RotationTarget(config.final, last_layer=config.last, max_rate=max_rate, steer=config.steer),
         implementation=LAYCA_IMPLEMENTATION,
         log_rates=False,
         angle_histograms=False,
@@ -148,6 +153,12 @@ def train_one(
         **{k: result[k] for k in ("test_acc", "test_loss", "train_acc", "train_loss")},
         "rotation": {name: [v for _, v in points] for name, points in callback.epoch_rotation.items()},
         "targets": dict(callback.epoch_targets),
+        "steered_degrees": {
+            name: angle
+            for layca in callback.laycas.values()
+            if layca.targets is not None
+            for name, angle in zip(layca.targets.names, layca.targets.steered, strict=True)
+        },
         **{k: result[k] for k in ("seconds", "threads")},
     }
 
@@ -163,27 +174,28 @@ def final_targets(record: dict[str, Any]) -> list[float]:
 def tracking_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """Per target and seed: the spread and mean of the final rotation (uniform), or each layer's deviation."""
     lines = [
-        "| target | seed | final rotation, first to last layer | max / min | mean (or largest deviation) | met |",
-        "|---|---:|---|---:|---:|---|",
+        "| target | seed | final rotation, first to last layer | max / min | mean (or largest deviation) | met "
+        "| steered, degrees, least to most |",
+        "|---|---:|---|---:|---:|---|---|",
     ]
-    for r in sorted(records, key=lambda r: (r["last"] is not None, r["final"], r["seed"])):
+    for r in sorted(records, key=lambda r: (r.get("steer", False), r["last"] is not None, r["final"], r["seed"])):
         final = final_rotation(r)
         values = " ".join(f"{v:.3f}" for v in final)
         ratio = max(final) / min(final)
+        steered = list(r.get("steered_degrees", {}).values())
+        steering = f"{min(steered):.0f} to {max(steered):.0f}" if r.get("steer", False) and steered else ""
         if r["last"] is None:
             mean = statistics.fmean(final)
             met = ratio <= RATIO_LIMIT and abs(mean - r["final"]) <= MEAN_TOLERANCE
-            lines.append(
-                f"| {Config(r['final']).label} | {r['seed']} | {values} | {ratio:.3f} | {mean:.3f} | "
-                f"{'yes' if met else 'no'} |"
-            )
+            summary = f"{mean:.3f}"
         else:
             deviation = max(abs(v - t) for v, t in zip(final, final_targets(r), strict=True))
             met = deviation <= MEAN_TOLERANCE
-            lines.append(
-                f"| {config_of(r).label} | {r['seed']} | {values} | {ratio:.3f} | {deviation:.3f} | "
-                f"{'yes' if met else 'no'} |"
-            )
+            summary = f"{deviation:.3f}"
+        lines.append(
+            f"| {config_of(r).label} | {r['seed']} | {values} | {ratio:.3f} | {summary} | {'yes' if met else 'no'} "
+            f"| {steering} |"
+        )
     return lines
 
 
@@ -297,14 +309,16 @@ def overhead(args: argparse.Namespace) -> None:
     datamodule = make_datamodule(setup)
     with quiet_lightning():
         for seed in args.seeds:
-            spent[0] = 0.0
-            record = train_one(Config(0.4), seed, datamodule, setup)
-            share = spent[0] / record["seconds"]
-            print(
-                f"seed {seed}: fit {record['seconds']:.1f} s, controller {spent[0]:.3f} s ({100 * share:.2f} % of "
-                f"the fit), interval {ll.RotationTarget().interval} steps, torch threads {torch.get_num_threads()}",
-                flush=True,
-            )
+            for steer in (False, True):
+                spent[0] = 0.0
+                record = train_one(Config(0.4, steer=steer), seed, datamodule, setup)
+                share = spent[0] / record["seconds"]
+                print(
+                    f"seed {seed}{', steered' if steer else ''}: fit {record['seconds']:.1f} s, controller "
+                    f"{spent[0]:.3f} s ({100 * share:.2f} % of the fit), interval {ll.RotationTarget().interval} "
+                    f"steps, torch threads {torch.get_num_threads()}",
+                    flush=True,
+                )
 
 
 def trace(args: argparse.Namespace, final: float, path: Path) -> None:
@@ -384,7 +398,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "not offered: use --seeds and --epochs")
     parser.add_argument("--overhead", action="store_true", help="time the controller on one run per seed")
-    parser.add_argument("--figure", type=Path, default=None, help=f"PNG of rotation and targets (docs: {FIGURE})")
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help=f"PNGs of rotation and targets, plain and steered (docs: {FIGURE}, ..._steered.png)",
+    )
     parser.add_argument(
         "--trace", type=Path, default=None, help="JSON of every control interval of a uniform --trace-final target"
     )
@@ -414,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.table.write_text(text)
     if args.figure is not None:
         save_png(curves_figure(records), args.figure)
+        save_png(curves_figure(records, steer=True), args.figure.with_name(f"{args.figure.stem}_steered.png"))
     print(text)
 
 

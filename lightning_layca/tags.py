@@ -27,6 +27,7 @@ __all__ = [
     "ROTATION",
     "ROTATION_CURVES",
     "ROTATION_RATE",
+    "ROTATION_STEERED",
     "ROTATION_TARGET",
     "STEP_ROTATION",
     "SUMMARY_STATISTICS",
@@ -51,6 +52,9 @@ ROTATION_RATE = "Rotation_rate"
 
 ROTATION_TARGET = "Rotation_target"
 """Scalar: the closed-loop target of :data:`ROTATION` for a layer on that step."""
+
+ROTATION_STEERED = "Rotation_steered"
+"""Scalar: the total angle (degrees) a steering rotation target has turned a layer by so far, beyond its steps."""
 
 STEP_ROTATION = "Step_rotation"
 """Scalar: tan of the angle the latest optimizer step turned a layer (any optimizer)."""

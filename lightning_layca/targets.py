@@ -21,6 +21,14 @@ positive (a zero gradient) keeps its rate rather than raising it. Both situation
 once: layers that cannot move, and targets beyond what the steps left can reach even along a great circle at
 ``max_rate``.
 
+A rate cannot take a layer further than its gradient lets it: late in training a layer whose steps keep pointing
+back into a basin turns in place, and a faster rate only makes it jitter further out. With ``steer=True`` the
+controller also **steers** such layers: at each measurement, a layer that moved over the interval but whose
+efficiency fell below :data:`STEER_EFFICIENCY` (or whose rate is at ``max_rate``) is rotated in the plane of its
+weights and its initial weights (norm kept) by :data:`CORRECTION` times its angle error plus the pull-back its steps
+are estimated to make (:func:`steering_turn`), then measured again; its rate assumes that efficiency at least. The
+steered angle is counted apart from the steps' turning, so the estimate of ``e`` stays the steps' own.
+
 The rate of layer ``l`` at step ``t`` is ``rho_l(t) = g_l * lr_g(t) / lr_ref``: the controller chooses ``g_l``; the
 learning-rate schedule still shapes the rate within an interval.
 
@@ -48,8 +56,7 @@ from lightning_layca.argument_types import (
     check_target_rate,
     check_target_shape,
 )
-from lightning_layca.distributed import local_shard, reduce_sums, shard_layout
-from lightning_layca.sums import float64_sums
+from lightning_layca.start_weights import StartWeights, distances_of
 
 __all__ = [
     "CORRECTION",
@@ -60,6 +67,7 @@ __all__ = [
     "TargetCurve",
     "check_target",
     "scheduled_lrs",
+    "steering_turn",
 ]
 
 CORRECTION = 0.5
@@ -70,6 +78,11 @@ MAX_CHANGE = 4.0
 
 MEMORY = 0.7
 """Weight of the past in the estimate of how much of the turning becomes distance from the initial weights."""
+
+STEER_EFFICIENCY = 0.1
+"""With ``steer=True``: the efficiency below which a layer is steered, and the least the rate law then assumes. A layer
+whose turning no longer becomes distance is not turned faster than a layer of this efficiency would need (a faster
+rate only makes it jitter around a basin); steering makes up the rest. Layers above it are left to their rate."""
 
 MIN_EFFICIENCY = 0.02
 """The least fraction of the turning assumed to become distance (a layer walking in circles is not chased forever)."""
@@ -92,6 +105,10 @@ class RotationTarget:
             :meth:`TargetController.set_horizon` (``Layca(...).targets.set_horizon``).
         max_rate: The largest rate ``g_l`` the controller sets (default 1: 45 degrees per step at relative lr 1).
         min_rate: The smallest (default ``1e-4``).
+        steer: Whether the controller also turns a layer directly towards its target at a measurement (in the
+            plane of its weights and its initial weights) when its rate no longer gets it there: its turning has
+            stopped becoming distance, or its rate is at ``max_rate`` (default ``False``: the controller only sets
+            rates). A layer that did not move over the interval (a zero gradient) is never steered.
 
     Example:
         >>> RotationTarget({"head*": 0.2}, default=0.5).finals(["body.0", "head.fc"])
@@ -109,6 +126,7 @@ class RotationTarget:
         total_steps: PositiveInt | None = None,
         max_rate: float = 1.0,
         min_rate: float = 1e-4,
+        steer: bool = False,
     ) -> None:
         owner = "RotationTarget"
         if isinstance(final, Mapping):
@@ -137,6 +155,8 @@ class RotationTarget:
         check_positive_int(owner, "total_steps", total_steps, allow_none=True)
         check_target_rate(owner, "max_rate", max_rate)
         check_target_rate(owner, "min_rate", min_rate)
+        if not isinstance(steer, bool):
+            raise TypeError(f"{owner}: `steer` must be True or False, got {steer!r}.")
         if min_rate > max_rate:
             raise ValueError(f"{owner}: `min_rate` ({min_rate!r}) must not exceed `max_rate` ({max_rate!r}).")
         self.last_layer = None if last_layer is None else float(last_layer)
@@ -146,6 +166,7 @@ class RotationTarget:
         self.total_steps = None if total_steps is None else int(total_steps)
         self.max_rate = float(max_rate)
         self.min_rate = float(min_rate)
+        self.steer = steer
 
     def validate(self, layers: Sequence[str]) -> None:
         """Raise ``ValueError`` when a pattern matches no layer, or a layer no pattern matches and no ``default``."""
@@ -208,6 +229,35 @@ def check_target(owner: str, target: object, schedule: object, rotation_rate: ob
 
 def _angle(distance: float) -> float:
     return math.acos(min(1.0, max(-1.0, 1.0 - distance)))
+
+
+def steering_turn(phi: float, want: float, measured: float, moved: bool, gained: float, at_max_rate: bool) -> float:
+    """The angle a steering target turns one loop by at a measurement (positive: away from its initial weights).
+
+    :data:`CORRECTION` times the angle error ``want - phi``, plus the pull-back its steps are estimated to make
+    (``-gained`` when negative), but only where the rate falls short: the loop's measured efficiency is below
+    :data:`STEER_EFFICIENCY` or its rate is at ``max_rate``. A loop that did not move (a zero gradient), or at
+    ``phi = 0`` (no plane to turn in yet), is not steered. The angle stays within ``[0, pi]``.
+
+    Example:
+        >>> round(steering_turn(0.5, 0.9, measured=0.01, moved=True, gained=-0.1, at_max_rate=False), 6)
+        0.3
+    """
+    if not moved or math.sin(phi) <= 1e-6 or (measured >= STEER_EFFICIENCY and not at_max_rate):
+        return 0.0
+    turn = CORRECTION * (want - phi) + max(0.0, -gained)
+    return min(math.pi, max(0.0, phi + turn)) - phi
+
+
+STUCK = (
+    "did not move over the last control interval although their rate was positive (a zero gradient, or no gradient); "
+    "their rate is held, not raised, and they will not follow their rotation target while this lasts"
+)
+UNREACHABLE = (
+    "cannot reach their final rotation target in the {} steps left: not even along a great circle at max_rate={:g}, "
+    "or, for a layer already at max_rate, not at the fraction of its turning that has become distance so far (a "
+    "RotationTarget with steer=True turns such layers there)"
+)
 
 
 def _warn(message: str) -> None:
@@ -337,9 +387,8 @@ class TargetController:
         self.per_unit = per_unit
         self.curve = TargetCurve(target)
         """The target's rise over training: its horizon and the learning-rate profile it follows."""
-        self.initial: dict[int, torch.Tensor] = {}
-        """Candidate index -> its initial weights (this process's shard), shared or owned."""
-        self._owned: set[int] = set()
+        self.start = StartWeights(per_unit)
+        """The layers' initial weights (shared with a monitor or owned), and the distance from them."""
         self.resize(names)
 
     def resize(self, names: Sequence[str]) -> None:
@@ -357,12 +406,13 @@ class TargetController:
         self.unit_distances: list[list[float]] = carry(getattr(self, "unit_distances", []), [])
         """Per candidate layer, each unit's distance at the latest measurement (one entry unless ``per_unit``)."""
         self.targets: list[float] = carry(getattr(self, "targets", []), 0.0)
+        self.steered: list[float] = carry(getattr(self, "steered", []), 0.0)
+        """Per candidate layer, the total angle (degrees) steering turned it by (the mean over its units)."""
         self._progress: list[list[float]] = carry(getattr(self, "_progress", []), [])
         self._spent: list[list[float]] = carry(getattr(self, "_spent", []), [])
         self._effort: list[list[float]] = carry(getattr(self, "_effort", []), [])
         self._warned: set[str] = getattr(self, "_warned", set())
-        self.initial = {names.index(old[i]): t for i, t in self.initial.items() if old[i] in names}
-        self._owned = {names.index(old[i]) for i in self._owned if old[i] in names}
+        self.start.reindex(old, names)
         self.names = list(names)
 
     @property
@@ -394,19 +444,14 @@ class TargetController:
         return self.finals[i] * self.curve.fraction(group, step)
 
     # ------------------------------------------------------------------ initial weights
+    @property
+    def initial(self) -> dict[int, torch.Tensor]:
+        """Candidate index -> its initial weights (this process's shard), shared or owned."""
+        return self.start.tensors
+
     def share_initial_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Use these initial weights (by layer name; a monitor's snapshots) instead of copies of its own."""
-        for name, tensor in weights.items():
-            if name in self.names:
-                i = self.names.index(name)
-                self.initial[i] = tensor
-                self._owned.discard(i)
-
-    def _snapshot(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> None:
-        for i in indices:
-            if i not in self.initial:
-                self.initial[i] = local_shard(params[i].detach()).clone()
-                self._owned.add(i)
+        self.start.share(self.names, weights)
 
     # ------------------------------------------------------------------ the loop
     @staticmethod
@@ -432,7 +477,7 @@ class TargetController:
         self.curve.total()
         controlled, params, group_of, group_lrs, reference = self._arguments(layca)
         new = [i for i in controlled if self.gains[i] is None]
-        self._snapshot(controlled, params)
+        self.start.snapshot(controlled, params)
         for i in new:
             g, units = group_of[i], self._units(params[i])
             gain = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
@@ -492,7 +537,14 @@ class TargetController:
                 effort[u] += math.atan(gain * relative)
         if step % self.target.interval != 0 and step != self.curve.total():
             return False
-        distances = self.measure(controlled, params)
+        sums = self.start.sums(controlled, params)
+        distances = [distances_of(layer) for layer in sums]
+        estimates = {
+            i: [self._estimate(i, u, d) for u, d in enumerate(unit_distances)]
+            for i, unit_distances in zip(controlled, distances, strict=True)
+        }
+        if self.target.steer:
+            distances = self._steer(controlled, params, sums, distances, estimates, group_of, step)
         stuck: list[tuple[str, str]] = []
         unreachable: list[tuple[str, str]] = []
         for i, unit_distances in zip(controlled, distances, strict=True):
@@ -500,10 +552,13 @@ class TargetController:
             turn = self.curve.remaining_turn(g, step, group_lrs[g], reference)
             stuck_units, reaches = [], []
             for u, d in enumerate(unit_distances):
-                gain, moved, reach = self._control(i, u, g, step, d, group_lrs[g], reference, turn)
+                efficiency, measured, moved, _ = estimates[i][u]
+                gain, reach = self._control(
+                    i, u, g, step, d, efficiency, measured, moved, group_lrs[g], reference, turn
+                )
                 if not moved:
                     stuck_units.append(u)
-                if step < self.curve.total() and self.finals[i] > reach:
+                if step < self.curve.total() and self.finals[i] > reach and not self.target.steer:
                     reaches.append(reach)
                 cast(list[float], self.gains[i])[u] = gain
             self.targets[i] = self.target_distance(i, g, step)
@@ -513,44 +568,87 @@ class TargetController:
             if reaches:
                 what = "its units " if self.per_unit else ""
                 unreachable.append((name, f"{name} (target {self.finals[i]:.3g}, {what}reachable {min(reaches):.3g})"))
-        self._warn_once(
-            "stuck",
-            stuck,
-            "did not move over the last control interval although their rate was "
-            "positive (a zero gradient, or no gradient); their rate is held, not raised, and they will "
-            "not follow their rotation target while this lasts",
-        )
-        self._warn_once(
-            "unreachable",
-            unreachable,
-            f"cannot reach their final rotation target in the "
-            f"{self.curve.total() - step} steps left: not even along a great circle at max_rate="
-            f"{self.target.max_rate:g}, or, for a layer already at max_rate, not at the fraction of its turning that "
-            "has become distance so far",
-        )
+        self._warn_once("stuck", stuck, STUCK)
+        self._warn_once("unreachable", unreachable, UNREACHABLE.format(self.curve.total() - step, self.target.max_rate))
         return True
 
-    def _control(
-        self, i: int, u: int, group: int, step: int, d: float, lr: float, reference: float, turn: float
-    ) -> tuple[float, bool, float]:
-        """One loop (layer ``i``, unit ``u``) at a measurement: its next rate, whether it moved, its reachable end."""
-        previous_gain = cast(list[float], self.gains[i])[u]
-        angle, spent, last = _angle(d), self._effort[i][u], self.unit_distances[i][u]
+    def _estimate(self, i: int, u: int, d: float) -> tuple[float, float, bool, float]:
+        """One loop (layer ``i``, unit ``u``) measured at ``d``.
+
+        Returns its efficiency (clamped, and as measured), whether it moved, and the angle its steps are estimated to
+        have gained since the last measurement (the measured efficiency times the turning spent: negative for a layer
+        whose gradient pulls it back towards its initial weights).
+        """
+        spent, last = self._effort[i][u], self.unit_distances[i][u]
         moved = d != last
         if spent > 0 and moved:
-            self._progress[i][u] = MEMORY * self._progress[i][u] + (angle - _angle(last))
+            self._progress[i][u] = MEMORY * self._progress[i][u] + (_angle(d) - _angle(last))
             self._spent[i][u] = MEMORY * self._spent[i][u] + spent
         measured = 1.0 if self._spent[i][u] <= 0 else self._progress[i][u] / self._spent[i][u]
-        efficiency = min(1.0, max(MIN_EFFICIENCY, measured))
+        floor = STEER_EFFICIENCY if self.target.steer else MIN_EFFICIENCY
+        return min(1.0, max(floor, measured)), measured, not (spent > 0 and not moved), measured * spent
+
+    def _control(
+        self,
+        i: int,
+        u: int,
+        group: int,
+        step: int,
+        d: float,
+        efficiency: float,
+        measured: float,
+        moved: bool,
+        lr: float,
+        reference: float,
+        turn: float,
+    ) -> tuple[float, float]:
+        """One loop at a measurement (after steering, at distance ``d``): its next rate, its reachable end."""
+        previous_gain = cast(list[float], self.gains[i])[u]
+        angle = _angle(d)
         gain = self._next_gain(i, group, step, angle, efficiency, lr, reference, previous_gain)
-        if spent > 0 and not moved:  # anti-windup: a loop that cannot move keeps its rate
+        if not moved:  # anti-windup: a loop that cannot move keeps its rate
             gain = min(gain, previous_gain)
         self.unit_distances[i][u], self._effort[i][u] = d, 0.0
         # Certain: along a great circle at max_rate. Once at max_rate: at the efficiency measured so far.
         reach = 1.0 - math.cos(
             min(math.pi, angle + (turn if gain < self.target.max_rate else max(0.0, measured) * turn))
         )
-        return gain, not (spent > 0 and not moved), reach
+        return gain, reach
+
+    def _steer(
+        self,
+        indices: Sequence[int],
+        params: Sequence[torch.Tensor],
+        sums: Sequence[torch.Tensor],
+        distances: list[list[float]],
+        estimates: Mapping[int, Sequence[tuple[float, float, bool, float]]],
+        group_of: Mapping[int, int],
+        step: int,
+    ) -> list[list[float]]:
+        """Turn every loop by :func:`steering_turn` (:meth:`StartWeights.rotate`); return the distances after.
+
+        The steered layers are measured again (one more collective when sharded), so that the next interval's
+        estimate sees the steps' turning only.
+        """
+        steered = []
+        layer_sums = dict(zip(indices, sums, strict=True))
+        for i, unit_distances in zip(indices, distances, strict=True):
+            want = _angle(self.target_distance(i, group_of[i], step))
+            gains = cast(list[float], self.gains[i])
+            deltas = [
+                steering_turn(_angle(d), want, *estimates[i][u][1:], at_max_rate=gains[u] >= self.target.max_rate)
+                for u, d in enumerate(unit_distances)
+            ]
+            if any(deltas):
+                steered.append((i, deltas))
+        if not steered:
+            return distances
+        for i, deltas in steered:
+            self.start.rotate(i, params[i], deltas, layer_sums[i])
+            self.steered[i] += math.degrees(sum(abs(x) for x in deltas) / len(deltas))
+        turned = [i for i, _ in steered]
+        after = dict(zip(turned, self.start.distances(turned, params), strict=True))
+        return [after.get(i, d) for i, d in zip(indices, distances, strict=True)]
 
     def _warn_once(self, kind: str, layers: list[tuple[str, str]], what: str) -> None:
         """Warn about the ``(name, description)`` of layers not warned about for ``kind`` yet."""
@@ -564,20 +662,7 @@ class TargetController:
 
         One collective if sharded. A unit whose weights (or initial weights) are all zero is at distance 0.
         """
-        if not indices:
-            return []
-        chosen = [params[i] for i in indices]
-        local_params = [local_shard(p.detach()) for p in chosen]
-        local = float64_sums(local_params, [self.initial[i] for i in indices], self.per_unit)
-        layout = shard_layout(chosen)
-        full = reduce_sums(local, layout if layout.sharded else None, self.per_unit)
-        dot, initial_sq, current_sq = full.unbind(1)
-        scale = (initial_sq * current_sq).sqrt()
-        cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
-        values = (1.0 - cosine).tolist()
-        counts = [self._units(p) for p in chosen]
-        starts = [sum(counts[:k]) for k in range(len(counts))]
-        return [[float(x) for x in values[a : a + n]] for a, n in zip(starts, counts, strict=True)]
+        return self.start.distances(indices, params)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -588,13 +673,14 @@ class TargetController:
             "gains": [None if g is None else list(g) for g in self.gains],
             "distances": [list(d) for d in self.unit_distances],
             "targets": list(self.targets),
+            "steered": list(self.steered),
             "progress": [list(x) for x in self._progress],
             "spent": [list(x) for x in self._spent],
             "effort": [list(x) for x in self._effort],
             "warned": sorted(self._warned),
             "total_steps": self.total_steps,
             "lr_profile": self.lr_profile,
-            "initial": {self.names[i]: self.initial[i].clone() for i in sorted(self._owned)},
+            "initial": self.start.state(self.names),
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -616,16 +702,12 @@ class TargetController:
         self.gains = [None if g is None else [float(x) for x in g] for g in state["gains"]]
         self.unit_distances = floats(state["distances"])
         self.targets = [float(x) for x in state["targets"]]
+        self.steered = [float(x) for x in state.get("steered", [0.0] * len(self.names))]
         self._progress, self._spent = floats(state["progress"]), floats(state["spent"])
         self._effort = floats(state["effort"])
         self._warned = set(state["warned"])
         self.curve.restore(state["total_steps"], state["lr_profile"])
-        for name, tensor in state["initial"].items():
-            i = self.names.index(name)
-            if i in self.initial and i not in self._owned:
-                continue  # shared with a monitor, which restores its own
-            self.initial[i] = tensor.detach().clone()
-            self._owned.add(i)
+        self.start.load(self.names, state["initial"])
 
 
 def scheduled_lrs(

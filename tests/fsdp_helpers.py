@@ -60,6 +60,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "layca_units_2x2": {"callback": "layca_units", "optimizer": "sgd", "dp": 2, "tp": 2},
     # A rotation target, measured every TARGET_INTERVAL steps: one more all_reduce on those steps.
     "layca_target": {"callback": "layca_target", "optimizer": "sgd", "dp": 2, "tp": 1},
+    # A steering target whose rate is held at a tiny max_rate: every control interval steers, and measures again.
+    "layca_target_steer": {"callback": "layca_target_steer", "optimizer": "sgd", "dp": 2, "tp": 1},
 }
 TARGET_INTERVAL = 3
 
@@ -329,6 +331,9 @@ def rotation_callback(kind: str) -> LayerRotationMonitor:
         )
     if kind == "layca_target":
         target = RotationTarget(0.05, interval=TARGET_INTERVAL)
+        return LaycaCallback(target=target, log_every_n_steps=LOG_EVERY)
+    if kind == "layca_target_steer":
+        target = RotationTarget(0.05, interval=TARGET_INTERVAL, max_rate=1e-3, steer=True)
         return LaycaCallback(target=target, log_every_n_steps=LOG_EVERY)
     return LayerRotationMonitor(log_every_n_steps=LOG_EVERY, per_layer_detail=True)
 

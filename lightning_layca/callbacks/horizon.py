@@ -22,7 +22,7 @@ from lightning_layca.monitored import MonitoredLayers
 from lightning_layca.selection import layer_display_name
 from lightning_layca.targets import scheduled_lrs
 
-__all__ = ["start_targets", "targets_now", "training_length"]
+__all__ = ["start_targets", "steered_now", "targets_now", "training_length"]
 
 
 def start_targets(trainer: pl.Trainer, laycas: Iterable[Layca], layers: MonitoredLayers) -> None:
@@ -58,6 +58,16 @@ def start_targets(trainer: pl.Trainer, laycas: Iterable[Layca], layers: Monitore
 def targets_now(laycas: Iterable[Layca]) -> dict[str, float]:
     """Layer display name -> its rotation target after the steps taken, for every layer of the wrappers."""
     return {layer_display_name(name): value for layca in laycas for name, value in layca.rotation_targets().items()}
+
+
+def steered_now(laycas: Iterable[Layca]) -> dict[str, float]:
+    """Layer display name -> the angle (degrees) steering has turned it by so far, for wrappers whose target steers."""
+    return {
+        layer_display_name(layca.layer_names[i]): layca.targets.steered[i]
+        for layca in laycas
+        if layca.targets is not None and layca.targets.target.steer
+        for i in layca.layers.controlled
+    }
 
 
 def training_length(trainer: pl.Trainer) -> tuple[int, int]:

@@ -43,7 +43,7 @@ from lightning_layca.argument_types import (
     check_reference_lr,
     check_rotation_rate,
 )
-from lightning_layca.callbacks.horizon import start_targets, targets_now
+from lightning_layca.callbacks.horizon import start_targets, steered_now, targets_now
 from lightning_layca.callbacks.monitor import LayerRotationMonitor
 from lightning_layca.layca import Layca
 from lightning_layca.schedule_free import ScheduleFree
@@ -249,6 +249,9 @@ class LaycaCallback(LayerRotationMonitor):
                 for name, value in targets_now(self.laycas.values()).items()
             }
         )
+        steered = steered_now(self.laycas.values())
+        if steered:
+            scalars.update(self.step_scalars(tags.ROTATION_STEERED, steered))
         self.last_rates.update(self._step_rates)
         self._step_rates = {}
         return scalars

@@ -393,7 +393,10 @@ def test_callback_runs_a_per_unit_target_on_the_monitors_initial_weights(tmp_pat
 def test_rotation_target_is_configurable_from_yaml(tmp_path: Path) -> None:
     from examples.cli import main
 
-    target = {"class_path": "lightning_layca.RotationTarget", "init_args": {"final": 0.4, "shape": "linear"}}
+    target = {
+        "class_path": "lightning_layca.RotationTarget",
+        "init_args": {"final": 0.4, "shape": "linear", "steer": True},
+    }
     callback = {"class_path": "lightning_layca.LaycaCallback", "init_args": {"target": target, "schedule": None}}
     override = tmp_path / "target.yaml"
     override.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
@@ -406,31 +409,34 @@ def test_rotation_target_is_configurable_from_yaml(tmp_path: Path) -> None:
     finally:
         sys.argv = argv
     (layca,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LaycaCallback)]
-    assert repr(layca.target) == repr(ll.RotationTarget(0.4, shape="linear"))
+    assert repr(layca.target) == repr(ll.RotationTarget(0.4, shape="linear", steer=True))
 
 
 # ---------------------------------------------------------------------------------------------- distributed
-@pytest.fixture(scope="module")
-def ddp_target(tmp_path_factory: pytest.TempPathFactory) -> Any:
+@pytest.fixture(scope="module", params=[False, True], ids=["rates", "steered"])
+def ddp_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.ddp_helpers import DDPProbe, RotationNet
     from tests.ddp_helpers import make_trainer as make_ddp_trainer
     from tests.test_ddp import _load_run
 
     root = tmp_path_factory.mktemp("ddp_target")
-    callback = ll.LaycaCallback(target=ll.RotationTarget(0.05, interval=3))
-    make_ddp_trainer(root, [callback, DDPProbe(root / "probe")]).fit(RotationNet(batch_size=4))
-    return _load_run(root)
+    steer = request.param  # steered: held at a tiny rate, so that every control interval steers
+    target = ll.RotationTarget(0.05, interval=3, steer=steer, max_rate=1e-3 if steer else 1.0)
+    make_ddp_trainer(root, [ll.LaycaCallback(target=target), DDPProbe(root / "probe")]).fit(RotationNet(batch_size=4))
+    return steer, _load_run(root)
 
 
 def test_ddp_ranks_seeded_differently_stay_bit_identical_under_a_target_with_no_collective(ddp_target: Any) -> None:
     from tests.ddp_helpers import assert_same
 
-    rank0, rank1 = ddp_target.ranks
+    steer, run = ddp_target
+    rank0, rank1 = run.ranks
     assert rank0["built_checksum"] != rank1["built_checksum"]
     assert torch.equal(rank0["weights"], rank1["weights"])  # also asserted in the hook, after an all_gather
     assert_same(rank0["end_layca"], rank1["end_layca"], "layca state")
     assert rank0["end_layca"][0]["target"]["distances"][0][0] > 0  # the controller did measure
     assert rank0["layca_step_collectives"] == [0] * rank0["global_step"]  # every rank computes the same alone
+    assert (min(rank0["end_layca"][0]["target"]["steered"]) > 0) == steer
 
 
 @pytest.fixture(scope="module", params=["layca_target", "layca_target_steer"])

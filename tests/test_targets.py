@@ -312,24 +312,28 @@ def test_scheduled_lrs_steps_the_schedulers_ahead_and_puts_everything_back() -> 
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_initial_weights(tmp_path: Path) -> None:
+def fit_logged(
+    tmp_path: Path, target: ll.RotationTarget, **kwargs: Any
+) -> tuple[TinyCNN, ll.LaycaCallback, ll.Layca, list[dict[str, str]]]:
+    """A 2-epoch fit of the tiny CNN under ``target``, logging every other step to CSV: model, callback, Layca, rows."""
+    import csv
+
     from lightning.pytorch.loggers import CSVLogger
 
-    target = ll.RotationTarget(0.05, interval=2)
-    callback = ll.LaycaCallback(
-        target=target, log_every_n_steps=2, figure=False, angle_histograms=False, per_layer_detail=True
-    )
+    callback = ll.LaycaCallback(target=target, log_every_n_steps=2, figure=False, angle_histograms=False, **kwargs)
     logger = CSVLogger(tmp_path, name="csv")
     model = TinyCNN(scheduler=True)
     make_trainer(tmp_path, logger=logger, callbacks=[callback], max_epochs=2).fit(model, loader())
     (layca,) = callback.laycas.values()
     assert layca.targets is not None
+    return model, callback, layca, list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
+
+
+def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_initial_weights(tmp_path: Path) -> None:
+    _, callback, layca, rows = fit_logged(tmp_path, ll.RotationTarget(0.05, interval=2))
     # One copy of the initial weights: the monitor's own tensors, none of the controller's.
     assert all(any(t is w0 for w0 in callback.layers.initial) for t in layca.targets.initial.values())
     assert layca.state_dict()["layca"]["target"]["initial"] == {}
-    import csv
-
-    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
     names = [ll.layer_display_name(n) for n in layca.layer_names]
     logged = {n: [float(r[f"Rotation_target/{n}"]) for r in rows if r.get(f"Rotation_target/{n}")] for n in names}
     assert all(len(v) == 8 for v in logged.values())  # 16 steps, every other one logged
@@ -342,20 +346,9 @@ def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_in
 
 
 def test_callback_logs_the_angle_a_steering_target_turned_each_layer_by(tmp_path: Path) -> None:
-    from lightning.pytorch.loggers import CSVLogger
-
     target = ll.RotationTarget(0.05, interval=2, max_rate=1e-3, steer=True)  # held at a tiny rate: steered
-    callback = ll.LaycaCallback(
-        target=target, log_every_n_steps=2, figure=False, angle_histograms=False, per_layer_detail=True
-    )
-    logger = CSVLogger(tmp_path, name="csv")
-    model = TinyCNN(scheduler=True)
-    make_trainer(tmp_path, logger=logger, callbacks=[callback], max_epochs=2).fit(model, loader())
-    (layca,) = callback.laycas.values()
+    model, callback, layca, rows = fit_logged(tmp_path, target, per_layer_detail=True)
     assert layca.targets is not None
-    import csv
-
-    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
     for i, name in enumerate(layca.layer_names):
         column = f"Rotation_steered/{ll.layer_display_name(name)}"
         logged = [float(r[column]) for r in rows if r.get(column)]

@@ -28,7 +28,9 @@ pass reads
 the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new state and
 accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes ``w``. No
 snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5 for
-SGD's own fused step (10 against 7 for Adam).
+SGD's own fused step. Adam's kernel writes its float32 direction in the first pass and reads it back (12 streams
+against 7, see :func:`lightning_layca.step.families._adam_step`): its square root and divisions, which bound the step
+on a CPU, are computed once per element instead of in both passes.
 
 Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
 :data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
@@ -50,7 +52,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lightning_layca.step.families import BASE_KERNELS
+from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
@@ -87,11 +89,11 @@ _WARMUP_SHAPE = (64, 576)
 """The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
 exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
 
-_compiled_fns: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {}
+_compiled_fns: dict[tuple[str, bool, bool], Callable[..., Any]] = {}
 _ready: dict[tuple[str, torch.dtype, bool, bool, str], bool] = {}
 
 
-def _distinct(function: Callable[..., torch.Tensor], name: str) -> Callable[..., torch.Tensor]:
+def _distinct(function: Callable[..., Any], name: str) -> Callable[..., Any]:
     """A copy of ``function`` with a code object of its own.
 
     Dynamo keeps the compilations of a function with its code object (and limits their number), so every kernel
@@ -108,16 +110,17 @@ SHARDED_SUMS, SHARDED_UPDATE = "sharded_sums", "sharded_update"
 """The two halves of :data:`SNAPSHOT` for a process's shard of a sharded layer, around the one collective of the step
 (:func:`sharded_sums_compiled`, :func:`sharded_update_compiled`)."""
 
-_BODIES: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (
+# A compiled kernel returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
+_BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SNAPSHOT, after_step),
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
-    *((v, f) for v, (f, _, _) in BASE_KERNELS.items()),
+    *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
 )
 
 # A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
 # process uses stay well within Dynamo's limit of compilations per function.
-_FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {
+_FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., Any]] = {
     (variant, parallel, per_unit): _distinct(
         function, f"_{variant}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
     )
@@ -135,7 +138,7 @@ the AdamW kernel took 25.9 ms instead of 40.2 ms, the SGD one 17.4 instead of 22
 showed no difference, and keeps the default)."""
 
 
-def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -> Callable[..., torch.Tensor]:
+def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -> Callable[..., Any]:
     key = (variant, parallel, per_unit)
     if key not in _compiled_fns:
         # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.

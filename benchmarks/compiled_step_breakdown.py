@@ -12,8 +12,11 @@ parameter set (ResNet-18 shapes by default), this prints
    wrapper and Python shares are upper bounds;
 3. without the profiler: the cost of one compiled call on a tiny layer (2 x 3 elements, so almost all of it is the
    call's overhead), times the calls per step: Dynamo's overhead per step;
-4. the wrapped optimizer stepping the non-rotated parameters alone (process CPU time), as it does inside the Layca
-   step.
+4. the same compiled rows with one layer per compiled call and with :data:`LAYERS_PER_CALL`, alternated in one
+   process (blocks of steps, medians), with the profiler's breakdown of each: Dynamo's overhead per step before and
+   after batching layers into calls;
+5. the wrapped optimizer stepping the non-rotated parameters alone (process CPU time), on the process's threads and
+   as Layca runs it (:func:`~lightning_layca.stepping.small_steps_on_one_thread`).
 
 Run from the repository root::
 
@@ -38,6 +41,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.step_cost import _load, build_rows, machine_description, make_param_set
+from lightning_layca.step import compiled as compiled_step
 from lightning_layca.step.compiled import (
     BASE_KERNELS,
     LayerScalars,
@@ -45,6 +49,7 @@ from lightning_layca.step.compiled import (
     rotate_base_compiled,
     scalars,
 )
+from lightning_layca.stepping import small_steps_on_one_thread
 
 ROWS = ("Layca(SGD foreach) compiled", "Layca(SGD fused) compiled", "Layca(AdamW fused) compiled")
 BASES = ("SGD foreach", "SGD fused", "AdamW fused")
@@ -165,6 +170,32 @@ def batched_prototype(size: int, repeats: int = 500) -> tuple[float, float]:
         return seconds, _per_call_us(lambda: compiled(*tiny), repeats) / size
 
 
+def layers_per_call_ab(step: Callable[[], object], rounds: int = 8) -> list[str]:
+    """One layer per compiled call against :data:`LAYERS_PER_CALL`, alternated: table rows of medians and profiles."""
+    sizes = (1, compiled_step.LAYERS_PER_CALL)
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    try:
+        for size in sizes:
+            compiled_step.LAYERS_PER_CALL = size
+            for _ in range(3):  # compile, warm up
+                step()
+        for _ in range(rounds):
+            for size in sizes:
+                compiled_step.LAYERS_PER_CALL = size
+                times[size].append(cpu_ms_per_step(step, blocks=1, block=4))
+        lines = []
+        for size in sizes:
+            compiled_step.LAYERS_PER_CALL = size
+            b = profile_breakdown(step, 3)
+            lines.append(
+                f"{size} | {statistics.median(times[size]):.2f} | {b['calls']:.0f} | {b['wrappers']:.2f} | "
+                f"{b['kernels']:.2f} | {b['rest']:.2f} |"
+            )
+        return lines
+    finally:
+        compiled_step.LAYERS_PER_CALL = sizes[1]
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", default="resnet18")
@@ -235,6 +266,19 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         )
     lines += [
         "",
+        f"## Layers per compiled call: 1 against {compiled_step.LAYERS_PER_CALL}, alternated in this process",
+        "",
+        "Process CPU time per step (median of 8 blocks of 4 steps, the two settings alternated), then a profile of 3 "
+        "steps of each (ms per step, profiler overhead included):",
+        "",
+        "| row | layers per call | ms per step | compiled calls per step | Dynamo/AOT wrappers | kernels | rest |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ROWS:
+        if name in chosen:
+            lines += [f"| {name} | {line}" for line in layers_per_call_ab(chosen[name].step)]
+    lines += [
+        "",
         "## The wrapped optimizer stepping the parameters Layca does not rotate, alone",
         "",
     ]
@@ -249,7 +293,14 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         opt = make()
         for _ in range(3):
             opt.step()
-        lines.append(f"* {name}: {cpu_ms_per_step(opt.step, blocks=5, block=20):.3f} ms per step")
+
+        def as_layca_runs_it(opt: torch.optim.Optimizer = opt) -> None:
+            with small_steps_on_one_thread(opt):
+                opt.step()
+
+        alone = cpu_ms_per_step(opt.step, blocks=5, block=20)
+        inside = cpu_ms_per_step(as_layca_runs_it, blocks=5, block=20)
+        lines.append(f"* {name}: {alone:.3f} ms per step; as Layca runs it: {inside:.3f} ms")
     lines += ["", f"Load average at end: {_load()}"]
     out = Path(args.out or Path(__file__).parent / "results" / f"compiled_step_breakdown_{args.threads}thread.md")
     out.write_text("\n".join(lines) + "\n")

@@ -28,9 +28,10 @@ pass reads
 the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new state and
 accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes ``w``. No
 snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5 for
-SGD's own fused step. Adam's kernel writes its float32 direction in the first pass and reads it back (12 streams
-against 7, see :func:`lightning_layca.step.families._adam_step`): its square root and divisions, which bound the step
-on a CPU, are computed once per element instead of in both passes.
+SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
+recomputes the velocity from the old buffer and the gradient). Adam's kernel writes its float32 direction in the
+first pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.families._adam_step`): its square
+root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
 Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
 :data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
@@ -100,8 +101,8 @@ LAYERS_PER_CALL = 4
 
 Measured on the 2-core CPU container, 1 thread (``benchmarks/compiled_step_breakdown.py``, ``benchmarks/README.md``):
 one call costs about 100 us of wrappers and guards; stepping 4 tiny layers per call costs 37-41 us per layer, 8 per
-call 28-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty cache, for 4 layers 17 s, against
-2-5 s for one layer. A step's layers are called bucket by bucket (CPU buckets hold up to 4 MiB of layers): on MLP-200
+call 31-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty cache, for 4 layers 17 s, against
+2.3 s for one layer. A step's layers are called bucket by bucket (CPU buckets hold up to 4 MiB of layers): on MLP-200
 shapes (200 layers) the step went from 200 calls to 50 and from 48.5 to 39.3 ms (``Layca(SGD fused)``); on
 ResNet-18 shapes, whose large layers each fill a bucket, from 21 calls to 15, with no measurable difference."""
 

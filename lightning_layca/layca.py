@@ -56,6 +56,7 @@ from lightning_layca.stepping import (
     gradients_set_aside,
     read_base_steps,
     rotate_buckets,
+    small_steps_on_one_thread,
     take_snapshots,
     upload_rates,
 )
@@ -305,8 +306,11 @@ class Layca(WrappedOptimizer):
         take_snapshots(buckets, base_steps, keep_all=keep)
 
         # The kernels take the base step of these layers.
-        with gradients_set_aside(
-            [b.params[j] for b, base in zip(buckets, base_steps, strict=True) for j in base.positions]
+        with (
+            gradients_set_aside(
+                [b.params[j] for b, base in zip(buckets, base_steps, strict=True) for j in base.positions]
+            ),
+            small_steps_on_one_thread(self.optimizer, closure),
         ):
             base_loss = self.base_step(closure)
         loss = base_loss if loss is None else loss

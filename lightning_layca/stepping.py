@@ -28,6 +28,7 @@ from lightning_layca.distributed import ShardLayout, reduce_sums
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
 from lightning_layca.step.compiled import (
+    PARALLEL_MIN_ELEMENTS,
     SHARDED_SUMS,
     SHARDED_UPDATE,
     LayerScalars,
@@ -53,6 +54,7 @@ __all__ = [
     "rotate_bucket",
     "rotate_buckets",
     "rotate_sharded",
+    "small_steps_on_one_thread",
     "take_snapshots",
     "upload_rates",
 ]
@@ -72,6 +74,41 @@ class BaseSteps:
     parallel: list[bool] = field(default_factory=list)
     fallback: list[int] = field(default_factory=list)
     """Positions of ``"compiled+base"`` layers that take the base step and the next path at this step."""
+
+
+@contextmanager
+def small_steps_on_one_thread(optimizer: Optimizer, closure: object = None) -> Iterator[None]:
+    """Run the block (the wrapped optimizer's step) on one thread where it steps small CPU tensors only.
+
+    Around torch's ``SGD``, ``Adam`` and ``AdamW`` (their exact types: element-wise steps), when every parameter
+    left with a gradient is a CPU tensor of fewer than :data:`~lightning_layca.step.compiled.PARALLEL_MIN_ELEMENTS`
+    elements (the kernels take the layers' steps; the biases and normalisation weights are left): their fused CPU
+    step opens a parallel region per tensor, which costs far more than such a tensor's step. An element-wise step
+    computes every element alike whatever the number of threads, so the results are those of the optimizer's own
+    step. The intra-op thread count is process-wide: set back to its value when the block ends. With a ``closure``
+    (the step runs the model first) nothing changes.
+    """
+    threads = torch.get_num_threads()
+    family = family_of(optimizer)
+    small = (
+        closure is None
+        and threads > 1
+        and family is not None
+        and family.read_step is not None
+        and all(
+            p.grad is None or (p.device.type == "cpu" and p.numel() < PARALLEL_MIN_ELEMENTS)
+            for group in optimizer.param_groups
+            for p in group["params"]
+        )
+    )
+    if not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -126,6 +126,67 @@ def test_biases_are_stepped_by_sgd_itself_bit_for_bit() -> None:
             assert torch.equal(p, q), name
 
 
+def threads_of_the_optimizer_step_and_equal_to_alone(
+    base: type[torch.optim.Optimizer], config: dict, large: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], bool]:
+    """Three steps on two threads of Layca around ``base`` and of ``base`` alone on the parameters Layca leaves it.
+
+    Returns the thread count the optimizer's own step saw each time, and whether those parameters ended equal.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    extra = nn.Parameter(torch.randn(2**18 if large else 200_000) * 0.1)
+    named = [*model.named_parameters(), ("extra", extra)]
+    left = [p for _, p in named if p.ndim == 1]
+    small = [p.detach().clone().requires_grad_() for p in left]
+    optimizer = base([p for _, p in named], **config)
+    seen: list[int] = []
+    step = optimizer.step
+
+    def counted_step(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "step", counted_step)
+    stepped = ll.Layca(optimizer, named, rotation_rate=0.05, implementation="compiled")
+    alone = base(small, **config)
+    generator = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(3):
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=generator)
+            for q, p in zip(small, left, strict=True):
+                q.grad = p.grad.clone()
+            stepped.step()
+            alone.step()
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert set(stepped.describe().values()) == {"compiled+base"}
+    return seen, all(torch.equal(p, q) for p, q in zip(left, small, strict=True))
+
+
+@pytest.mark.parametrize(
+    "base, config",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05, fused=True)),
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, foreach=True)),
+    ],
+    ids=["sgd-fused", "adamw-fused", "sgd-foreach"],
+)
+def test_small_parameters_left_to_the_optimizer_step_bit_for_bit_as_it_steps_them_alone_on_two_threads(
+    base: type[torch.optim.Optimizer], config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Biases and a 1-D parameter of 200,000 elements (which two threads split) are not rotated: the optimizer steps
+    # them, on one thread when they are all it steps; the twin optimizer steps the same tensors alone on two threads.
+    assert threads_of_the_optimizer_step_and_equal_to_alone(base, config, False, monkeypatch) == ([1, 1, 1], True)
+    # A 1-D parameter of 2**18 elements keeps the optimizer's step on the process's threads.
+    assert threads_of_the_optimizer_step_and_equal_to_alone(base, config, True, monkeypatch) == ([2, 2, 2], True)
+
+
 def test_gradients_are_given_back_and_the_closure_runs_once_with_gradients_enabled() -> None:
     model, _ = model_and_twin()
     opt = layca(model, torch.optim.SGD, "compiled", lr=0.1, momentum=0.9)

@@ -130,6 +130,32 @@ def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pyt
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize(
+    "kernel, granularity", [("sgd-in-kernel", "layer"), ("after-base-step", "unit")], ids=["sgd-layer", "after-unit"]
+)
+def test_layers_stepped_several_per_compiled_call_end_bit_for_bit_as_one_per_call(
+    kernel: str, granularity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Five layers of one kernel, two per call: two calls of two layers and one of one; against one layer per call.
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for width in (6, 7, 5, 8, 4) for m in (nn.LazyLinear(width), nn.Tanh())))
+    model(torch.randn(1, 5))
+    twin = copy.deepcopy(model)
+    results = []
+    for layers_per_call, net in ((1, model), (2, twin)):
+        monkeypatch.setattr(compiled_step, "LAYERS_PER_CALL", layers_per_call)
+        base = KERNELS[kernel](net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        opt = ll.Layca(base, net.named_parameters(), implementation="compiled", granularity=granularity)
+        generator = torch.Generator().manual_seed(1)
+        train([(net, opt)], 3, lambda step, g=generator: torch.randn(4, 5, generator=g))
+        assert set(opt.describe().values()) == {"compiled+base" if kernel == "sgd-in-kernel" else "compiled"}
+        results.append(
+            [p.detach().clone() for p in net.parameters()] + [opt.state[p]["momentum_buffer"] for p in net.parameters()]
+        )
+    for one, several in zip(*results, strict=True):
+        assert torch.equal(one, several)
+
+
 # ------------------------------------------------------------------------------------------------------ arithmetic
 
 

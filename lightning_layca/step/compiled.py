@@ -28,14 +28,22 @@ pass reads
 the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new state and
 accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes ``w``. No
 snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5 for
-SGD's own fused step (10 against 7 for Adam).
+SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
+recomputes the velocity from the old buffer and the gradient). Adam's kernel writes its float32 direction in the
+first pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.families._adam_step`): its square
+root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
 Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
 :data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
 
 Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense
 ``rows x columns`` matrix, see :func:`kernel_view`), so one compilation per (device, dtype, kernel) covers every layer
-of every model in the process, and Inductor's on-disk cache serves later processes. Rates, relative learning rates and
+of every model in the process, and Inductor's on-disk cache serves later processes. Each compiled call costs tens of
+microseconds of Dynamo's wrappers and guards whatever the layer's size, so consecutive layers that take the same
+kernel are stepped :data:`LAYERS_PER_CALL` per call, by a function of that many layers (the same body for each,
+with the same arithmetic), and the rest one per call: a run of ``n`` such layers takes ``n // LAYERS_PER_CALL`` calls
+of ``LAYERS_PER_CALL`` layers and ``n % LAYERS_PER_CALL`` calls of one. Two compilations per (device, dtype, kernel)
+at most, whatever the model's depth. Rates, relative learning rates and
 initial norms enter as device tensors, so LR schedulers and time-varying schedules never recompile. Compilation
 happens at the first step that needs it, on a stand-in layer, so that a failure (no C++ compiler, an unsupported
 platform) costs one warning and the eager step takes over before any weight is touched.
@@ -50,11 +58,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lightning_layca.step.families import BASE_KERNELS
+from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
     "BASE_KERNELS",
+    "LAYERS_PER_CALL",
     "SHARDED_SUMS",
     "SHARDED_UPDATE",
     "SNAPSHOT",
@@ -87,11 +96,21 @@ _WARMUP_SHAPE = (64, 576)
 """The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
 exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
 
-_compiled_fns: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {}
-_ready: dict[tuple[str, torch.dtype, bool, bool, str], bool] = {}
+LAYERS_PER_CALL = 4
+"""Layers per compiled call for runs of consecutive layers that take the same kernel (see the module docstring).
+
+Measured on the 2-core CPU container, 1 thread (``benchmarks/compiled_step_breakdown.py``, ``benchmarks/README.md``):
+one call costs about 100 us of wrappers and guards; stepping 4 tiny layers per call costs 37-41 us per layer, 8 per
+call 31-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty cache, for 4 layers 17 s, against
+2.3 s for one layer. A step's layers are called bucket by bucket (CPU buckets hold up to 4 MiB of layers): on MLP-200
+shapes (200 layers) the step went from 200 calls to 50 and from 48.5 to 39.3 ms (``Layca(SGD fused)``); on
+ResNet-18 shapes, whose large layers each fill a bucket, from 21 calls to 15, with no measurable difference."""
+
+_compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
+_ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}
 
 
-def _distinct(function: Callable[..., torch.Tensor], name: str) -> Callable[..., torch.Tensor]:
+def _distinct(function: Callable[..., Any], name: str) -> Callable[..., Any]:
     """A copy of ``function`` with a code object of its own.
 
     Dynamo keeps the compilations of a function with its code object (and limits their number), so every kernel
@@ -108,16 +127,17 @@ SHARDED_SUMS, SHARDED_UPDATE = "sharded_sums", "sharded_update"
 """The two halves of :data:`SNAPSHOT` for a process's shard of a sharded layer, around the one collective of the step
 (:func:`sharded_sums_compiled`, :func:`sharded_update_compiled`)."""
 
-_BODIES: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (
+# A compiled kernel returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
+_BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SNAPSHOT, after_step),
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
-    *((v, f) for v, (f, _, _) in BASE_KERNELS.items()),
+    *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
 )
 
 # A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
 # process uses stay well within Dynamo's limit of compilations per function.
-_FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {
+_FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., Any]] = {
     (variant, parallel, per_unit): _distinct(
         function, f"_{variant}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
     )
@@ -125,6 +145,47 @@ _FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., torch.Tensor]] = {
     for parallel in (True, False)
     for per_unit in (True, False)
 }
+
+
+def _batched(body: Callable[..., Any], size: int) -> Callable[..., Any]:
+    """``body`` for ``size`` layers in one function: their arguments in turn, their results as a tuple."""
+
+    def layers(*args: torch.Tensor) -> tuple[Any, ...]:
+        arity = len(args) // size
+        return tuple(body(*args[i * arity : (i + 1) * arity]) for i in range(size))
+
+    return layers
+
+
+def _function(variant: str, parallel: bool, per_unit: bool, size: int) -> Callable[..., Any]:
+    """The function compiled for ``size`` layers per call (a code object of its own per size)."""
+    one = _FUNCTIONS[(variant, parallel, per_unit)]
+    if size == 1:
+        return one
+    return _distinct(_batched(one, size), f"{one.__name__}_{size}_layers")
+
+
+def _kernel(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., Any]:
+    return _compiled(parallel, per_unit, variant) if size == 1 else _compiled_layers(parallel, per_unit, variant, size)
+
+
+def _call_plan(kinds: Sequence[tuple[bool, str]]) -> list[tuple[int, int]]:
+    """``(first layer, layers)`` of each compiled call for layers of these ``(parallel, variant)`` kernels, in order.
+
+    A run of ``n`` consecutive layers of one kernel takes ``n // LAYERS_PER_CALL`` calls of :data:`LAYERS_PER_CALL`
+    layers, then one call per layer left.
+    """
+    plan: list[tuple[int, int]] = []
+    start = 0
+    while start < len(kinds):
+        end = start
+        while end < len(kinds) and kinds[end] == kinds[start]:
+            end += 1
+        full = (end - start) // LAYERS_PER_CALL * LAYERS_PER_CALL if LAYERS_PER_CALL > 1 else 0
+        plan += [(i, LAYERS_PER_CALL) for i in range(start, start + full, LAYERS_PER_CALL)]
+        plan += [(i, 1) for i in range(start + full, end)]
+        start = end
+    return plan
 
 
 _BASE_STEP_OPTIONS = {"realize_reads_threshold": 100}
@@ -135,8 +196,14 @@ the AdamW kernel took 25.9 ms instead of 40.2 ms, the SGD one 17.4 instead of 22
 showed no difference, and keeps the default)."""
 
 
-def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -> Callable[..., torch.Tensor]:
-    key = (variant, parallel, per_unit)
+def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -> Callable[..., Any]:
+    """The compiled kernel for one layer per call."""
+    return _compiled_layers(parallel, per_unit, variant, 1)
+
+
+def _compiled_layers(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., Any]:
+    """The compiled kernel for ``size`` layers per call."""
+    key = (variant, parallel, per_unit, size)
     if key not in _compiled_fns:
         # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
         options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
@@ -144,7 +211,8 @@ def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -
             options["cpp.threads"] = 1
         if variant in BASE_KERNELS:
             options.update(_BASE_STEP_OPTIONS)
-        _compiled_fns[key] = torch.compile(_FUNCTIONS[key], dynamic=True, fullgraph=True, options=options)
+        function = _function(variant, parallel, per_unit, size)
+        _compiled_fns[key] = torch.compile(function, dynamic=True, fullgraph=True, options=options)
     return _compiled_fns[key]
 
 
@@ -207,14 +275,47 @@ def compiled_step_ready(
             (:func:`rotate_compiled`).
     """
     forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
-    kernels = sorted(set(zip(parallel, forms, strict=True)))
-    return all(_ready_one(device, dtype, kind, per_unit, variant) for kind, variant in kernels)
+    kinds = list(zip(parallel, forms, strict=True))
+    kernels = sorted({(*kinds[first], size) for first, size in _call_plan(kinds)})
+    return all(_ready_one(device, dtype, kind, per_unit, variant, size) for kind, variant, size in kernels)
 
 
-def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str) -> bool:
+def _stand_in(
+    device: torch.device, dtype: torch.dtype, per_unit: bool, variant: str, layer: int, rule: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The arguments of a kernel for a stand-in layer, the ``layer``-th of a call.
+
+    ``rule`` holds its rate, relative learning rate and flag: 0-dim tensors from one tensor each, as the steps pass
+    them.
+    """
+    # Rows and columns differ from each other and from those of the other layers of the call: equal sizes seen at
+    # compilation would be tied together by the compiled code's guards.
+    shape = (_WARMUP_SHAPE[0] + 2 * layer, _WARMUP_SHAPE[1] + 2 * layer)
+    # Deterministic stand-in values: the global random state is the user's.
+    grid = torch.arange(shape[0] * shape[1], device=device).view(shape)
+    weights = grid.sin().to(dtype)
+    params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
+    rate, relative_lr, flag = rule
+    norms = torch.ones(shape[0] if per_unit else (), dtype=torch.float64, device=device)
+    if variant == SNAPSHOT:
+        return [params, weights, rate, relative_lr, norms, flag]
+    if variant == SHARDED_SUMS:
+        return [params, weights, norms]
+    if variant == SHARDED_UPDATE:
+        sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
+        return [params, weights, sums, rate, relative_lr, norms, flag]
+    _, states, values = BASE_KERNELS[variant]
+    hyper = torch.tensor(values, dtype=torch.float64, device=device)
+    state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
+    return [params, weights, *state, hyper, rate, relative_lr, norms, flag]
+
+
+def _ready_one(
+    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str, size: int
+) -> bool:
     if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
         return False  # one warning per (device, dtype), and never a half-compiled group
-    key = (device.type, dtype, parallel, per_unit, variant)
+    key = (device.type, dtype, parallel, per_unit, variant, size)
     if key not in _ready:
         try:
             # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
@@ -222,37 +323,31 @@ def _ready_one(device: torch.device, dtype: torch.dtype, parallel: bool, per_uni
             # of the compiled code, not inputs converted to tensors at every call.
             with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
                 warnings.simplefilter("ignore")
-                # Deterministic stand-in values: the global random state is the user's.
-                grid = torch.arange(_WARMUP_SHAPE[0] * _WARMUP_SHAPE[1], device=device).view(_WARMUP_SHAPE)
-                weights = grid.sin().to(dtype)
-                params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
-                rate, relative_lr = scalars(torch.ones(2, dtype=torch.float64, device=device))
-                norms = torch.ones(_WARMUP_SHAPE[0] if per_unit else (), dtype=torch.float64, device=device)
-                (flag,) = scalars(torch.zeros(1, dtype=torch.bool, device=device))
-                if variant == SNAPSHOT:
-                    _compiled(parallel, per_unit)(params, weights, rate, relative_lr, norms, flag)
-                elif variant == SHARDED_SUMS:
-                    _compiled(parallel, per_unit, variant)(params, weights, norms)
-                elif variant == SHARDED_UPDATE:
-                    sums = torch.ones((3, _WARMUP_SHAPE[0] if per_unit else 1), dtype=torch.float64, device=device)
-                    _compiled(parallel, per_unit, variant)(params, weights, sums, rate, relative_lr, norms, flag)
-                else:
-                    _, states, values = BASE_KERNELS[variant]
-                    hyper = torch.tensor(values, dtype=torch.float64, device=device)
-                    state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
-                    _compiled(parallel, per_unit, variant)(
-                        params, weights, *state, hyper, rate, relative_lr, norms, flag
-                    )
+                rates = scalars(torch.ones(size, dtype=torch.float64, device=device))
+                relative_lrs = scalars(torch.ones(size, dtype=torch.float64, device=device))
+                flags = scalars(torch.zeros(size, dtype=torch.bool, device=device))
+                arguments = [
+                    x
+                    for i in range(size)
+                    for x in _stand_in(device, dtype, per_unit, variant, i, [rates[i], relative_lrs[i], flags[i]])
+                ]
+                _kernel(parallel, per_unit, variant, size)(*arguments)
             _ready[key] = True
         except Exception as error:  # any failure to compile means: use the eager step
-            _give_up(device, dtype, parallel, per_unit, variant, error)
+            _give_up(device, dtype, parallel, per_unit, variant, size, error)
     return _ready[key]
 
 
 def _give_up(
-    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str, error: Exception
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: bool,
+    per_unit: bool,
+    variant: str,
+    size: int,
+    error: Exception,
 ) -> None:
-    _ready[(device.type, dtype, parallel, per_unit, variant)] = False
+    _ready[(device.type, dtype, parallel, per_unit, variant, size)] = False
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     warnings.warn(
         f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
@@ -475,21 +570,25 @@ def _call_kernels(
 ) -> int:
     """Call the compiled kernel of each ``(parallel, variant, arguments)`` in turn, the layer's view first.
 
-    A kernel whose compilation fails (a recompilation after ``torch._dynamo.reset()`` or a change of the number of
-    threads) raises before it runs: its layer is untouched, one warning is given and the layers from it on are left
-    to the caller.
+    Consecutive layers of one kernel are stepped :data:`LAYERS_PER_CALL` per call (:func:`_call_plan`). A kernel
+    whose compilation fails (a recompilation after ``torch._dynamo.reset()`` or a change of the number of threads)
+    raises before it runs: the layers of that call are untouched, one warning is given and the layers from the first
+    of them on are left to the caller.
 
     Returns:
         The number of layers stepped.
     """
+    layers = list(calls)
     done = 0
-    for parallel, variant, args in calls:
+    for first, size in _call_plan([(parallel, variant) for parallel, variant, _ in layers]):
+        parallel, variant, args = layers[first]
+        arguments = [x for _, _, layer_args in layers[first : first + size] for x in layer_args]
         try:
-            result = _compiled(parallel, per_unit, variant)(*args)
-        except Exception as error:  # a failed compilation before the kernel ran: the layer is untouched
-            _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, error)
+            result = _kernel(parallel, per_unit, variant, size)(*arguments)
+        except Exception as error:  # a failed compilation before the kernel ran: the layers are untouched
+            _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, size, error)
             break
         if sums is not None:
-            sums.append(result)
-        done += 1
+            sums.extend([result] if size == 1 else result)
+        done += size
     return done

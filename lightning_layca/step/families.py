@@ -39,6 +39,7 @@ from lightning_layca.step.kernels import rotate_rows
 
 __all__ = [
     "BASE_KERNELS",
+    "COMPILED_FORMS",
     "FAMILIES",
     "Family",
     "LayerStep",
@@ -201,11 +202,14 @@ def _adam_step(
     relative_lr: torch.Tensor,
     initial_norms: torch.Tensor,
     near_floor: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.optim.Adam``'s (or ``AdamW``'s) step and the Layca step of one layer in one function (compiled).
 
     As :func:`_sgd_step`: the moments are updated in place (in float32, as torch's own step), and the step
     ``D = -step_size * m / (sqrt(v) / sqrt(bc2) + eps) - lr * wd * w`` is formed exactly in float64, never written.
+    The float32 direction ``m / (sqrt(v) / sqrt(bc2) + eps)`` is written once, in the pass that updates the moments,
+    and read back by the sums and the update: left to itself, Inductor recomputes it (a square root and two divisions
+    per element, the kernel's costliest arithmetic) in the update pass from the old moments and the gradient.
 
     Args:
         params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
@@ -221,7 +225,9 @@ def _adam_step(
         near_floor: The layer's near-floor flag, or-ed in place.
 
     Returns:
-        ``(a, b, c)`` as :func:`~lightning_layca.step.kernels.after_step`.
+        ``(a, b, c)`` as :func:`~lightning_layca.step.kernels.after_step`, and the direction (float32, laid out as
+        ``params``): compiled as an output (:data:`COMPILED_FORMS`), it is stored (a graph output always is) rather
+        than recomputed; the callers drop it.
     """
     decay, beta1, beta2, eps, coupled_decay, sign, step_size, correction2 = hyper.unbind()
     weights32 = params.float()
@@ -238,7 +244,7 @@ def _adam_step(
     weights = params.double()
     exact = weights, direction.double() * -step_size - weights * decay
     low = weights32, direction * -step_size - weights32 * decay
-    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor))
+    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor)), direction
 
 
 # The kernels that take a base optimizer's step, one per form of it, all called as
@@ -260,10 +266,18 @@ def _sgd_nesterov_kernel(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T)
 
 
 def _adam_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
-    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)
+    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)[0]
 
 
 def _adam_amsgrad_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)[0]
+
+
+def _adam_storing_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> tuple[T, T]:
+    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)
+
+
+def _adam_amsgrad_storing_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> tuple[T, T]:
     return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)
 
 
@@ -275,7 +289,15 @@ BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], int, tuple[float, ...
     "adam_amsgrad": (_adam_amsgrad_kernel, 3, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
 }
 """Per form of a base step the kernel takes (:attr:`LayerStep.variant`): the kernel, the number of state tensors it
-updates, and stand-in values of ``hyper`` for its first compilation."""
+updates, and stand-in values of ``hyper`` for its first compilation. Each kernel returns the layer's sums."""
+
+COMPILED_FORMS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    "adam": _adam_storing_kernel,
+    "adam_amsgrad": _adam_amsgrad_storing_kernel,
+}
+"""The function compiled for a form of :data:`BASE_KERNELS` where it is not the kernel itself: the same arithmetic,
+returning besides the sums what the compiled code must store rather than recompute (Adam's direction, see
+:func:`_adam_step`). Its first output is the sums."""
 
 
 @dataclass(frozen=True)

@@ -343,6 +343,7 @@ def test_callback_logs_the_target_beside_the_rotation_and_shares_the_monitors_in
     assert all(v == pytest.approx(expected, rel=1e-9) for v in logged.values())
     assert list(callback.epoch_targets) == names and all(len(v) == 3 for v in callback.epoch_targets.values())
     assert not any(key.startswith("Rotation_steered") for key in rows[0])  # no steering, no steering chart
+    assert "Rotation_steered" not in callback.per_step_quantities()
 
 
 def test_callback_logs_the_angle_a_steering_target_turned_each_layer_by(tmp_path: Path) -> None:
@@ -356,6 +357,7 @@ def test_callback_logs_the_angle_a_steering_target_turned_each_layer_by(tmp_path
         assert logged[-1] == pytest.approx(layca.targets.steered[i], rel=1e-12)
     largest = [float(r["Rotation_steered_summary/max"]) for r in rows if r.get("Rotation_steered_summary/max")]
     assert largest[-1] == pytest.approx(max(layca.targets.steered), rel=1e-12)  # the summary, written by default
+    assert "Rotation_steered" in callback.per_step_quantities()  # a summary chart of its own in the layout
     # Where the rate alone (1e-3) could not, every layer ends near the target (float64 reference): within 15 %,
     # measured 0.045 for all three (steering closes half the error per interval and trails a target rising this fast).
     params, initial = (

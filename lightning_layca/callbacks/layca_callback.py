@@ -263,7 +263,8 @@ class LaycaCallback(LayerRotationMonitor):
 
     @override
     def per_step_quantities(self) -> list[str]:
-        return ([tags.ROTATION_RATE] if self.log_rates else []) + super().per_step_quantities()
+        steered = [tags.ROTATION_STEERED] if self.target is not None and self.target.steer else []
+        return ([tags.ROTATION_RATE] if self.log_rates else []) + steered + super().per_step_quantities()
 
     @property
     @override

@@ -59,6 +59,7 @@ neighbouring layers (its title names the first and the last), and the charts fol
 _CHART_TITLES = {
     tags.ROTATION: "cosine distance to initialisation",
     tags.ROTATION_RATE: "rate set by Layca (tan of the angle)",
+    tags.ROTATION_STEERED: "angle turned by steering so far (degrees)",
     tags.STEP_ROTATION: "rotation of the latest step (tan of the angle)",
     tags.UPDATE_RATIO: "log10 ||dW|| / ||W|| (reference -3)",
     tags.UPDATE_RATIO_TANGENTIAL: "log10 ||dW|| / ||W||, tangential part",

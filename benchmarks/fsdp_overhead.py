@@ -2,8 +2,9 @@
 
 One fit of an MLP under Lightning's ``ModelParallelStrategy`` on 2 CPU processes over gloo (every ``Linear``
 ``fully_shard``-ed: each process holds half the rows of every layer, parameters and gradients are ``DTensor``
-objects), with ``LaycaCallback`` around SGD with momentum and ``log_every_n_steps=1``, so that every step is a
-logging step. In every process, after ``--warmup`` steps, a timing callback measures per optimizer step:
+objects), with ``LaycaCallback`` around SGD with momentum and ``log_every_n_steps=1`` (``--log-every-n-steps``), so
+that every step is a logging step. In every process, after ``--warmup`` steps, a timing callback measures per
+optimizer step:
 
 * ``sharded SGD step``: the baseline, torch's ``SGD.step`` on every sharded parameter: taken, between the closure and
   the Layca step, by an ``SGD`` of the same hyperparameters on copies of the parameters, with the same gradients
@@ -259,11 +260,22 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         action="store_true",
         help="also time the parts of the Layca step: snapshot, local sums, the collective, the update",
     )
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=1,
+        help="the Trainer's logging interval: 1 makes every step a logging step (the callback keeps a copy of the "
+        "weights before each); above --warmup + --steps no step logs, and the last row times the callback's batch end "
+        "between logging steps",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where the processes meet (default: a new one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
-    if min(args.width, args.depth, args.batch_size, args.steps) < 1 or args.warmup < 0:
-        parser.error("--width, --depth, --batch-size and --steps must be positive and --warmup non-negative.")
+    if min(args.width, args.depth, args.batch_size, args.steps, args.log_every_n_steps) < 1 or args.warmup < 0:
+        parser.error(
+            "--width, --depth, --batch-size, --steps and --log-every-n-steps must be positive and --warmup "
+            "non-negative."
+        )
     if args.workdir is None:  # chosen once, by the first process: the others are started with it
         args.workdir = Path(tempfile.mkdtemp(prefix="fsdp_overhead_"))
         sys.argv += ["--workdir", str(args.workdir)]
@@ -276,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
             data_parallel_size=world_size, tensor_parallel_size=1, timeout=timedelta(seconds=300)
         ),
         max_epochs=1,
-        log_every_n_steps=1,
+        log_every_n_steps=args.log_every_n_steps,
         logger=TensorBoardLogger(args.workdir, name="logs"),
         callbacks=[
             LaycaCallback(
@@ -302,22 +314,35 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     median = {name: statistics.median(values) for name, values in slower.items()}
     base = median["sharded SGD step"]
     parameters = args.depth * (args.width * args.width + args.width) + 10 * args.width + 10
+    logging = (
+        "every one a logging step"
+        if args.log_every_n_steps == 1
+        else f"log_every_n_steps={args.log_every_n_steps}"
+        + (" (no logging step)" if args.log_every_n_steps > args.warmup + args.steps else "")
+    )
     lines = [
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"lightning {L.__version__}; {world_size} processes over gloo",
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
         f"- MLP {args.depth} x {args.width} + head ({parameters / 1e6:.2f} M parameters), every Linear "
         f"`fully_shard`-ed over {world_size} processes; SGD momentum 0.9, batch {args.batch_size} per process; "
-        f"{args.steps} timed steps after {args.warmup}, every one a logging step; clock: {args.clock}; medians of "
+        f"{args.steps} timed steps after {args.warmup}, {logging}; clock: {args.clock}; medians of "
         f"the slower process; Layca implementation={args.implementation!r}",
         "",
         "| measure | ms per step (median) | quartiles (ms) | / sharded SGD step |",
         "|---|---:|---|---:|",
     ]
+
+    def label(name: str) -> str:
+        if name == MEASURES[2] and args.log_every_n_steps > args.warmup + args.steps:
+            return "monitor batch end (no logging step)"
+        return name
+
     for name in measures:
         q1, _, q3 = statistics.quantiles(slower[name], n=4)
         lines.append(
-            f"| {name} | {1e3 * median[name]:.2f} | {1e3 * q1:.2f} - {1e3 * q3:.2f} | {median[name] / base:.2f} |"
+            f"| {label(name)} | {1e3 * median[name]:.2f} | {1e3 * q1:.2f} - {1e3 * q3:.2f} "
+            f"| {median[name] / base:.2f} |"
         )
     return publish(lines, args.out)
 

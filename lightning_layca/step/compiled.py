@@ -20,7 +20,10 @@ With the snapshot taken before the base step, that is 7 tensor-sized memory pass
 
 For a process's shard of a sharded layer the kernel comes in two halves (:data:`SHARDED_SUMS`,
 :data:`SHARDED_UPDATE`): step 1 alone, returning the shard's partial sums, then, once the seam has added the sums of
-every process in the step's one collective, steps 2 and 3 from the full sums: the same passes.
+every process in the step's one collective, steps 2 and 3 from the full sums: the same passes. So do the kernels that
+take the base step (below; :func:`sharded_base_sums_compiled`, :func:`sharded_base_update_compiled`): the first half
+reads the weights, the gradient and the optimizer's state, writes the new state and returns the shard's sums, the
+second forms the step again from the weights and the new state, as the first formed it, and writes the weights.
 
 Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (the kernels of
 :mod:`lightning_layca.step.families`, called by :func:`rotate_base_compiled`; the family table says when): the first

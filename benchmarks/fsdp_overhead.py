@@ -63,7 +63,8 @@ BASE_SECTION = "  of which: the wrapped optimizer's step"
 SECTIONS: dict[str, tuple[str, str] | None] = {
     BASE_SECTION: None,  # timed around the wrapped optimizer's step
     "  of which: snapshot of the shards": ("lightning_layca.layca", "take_snapshots"),
-    "  of which: local sums (and base step, compiled+base)": ("lightning_layca.stepping", "_local_sums"),
+    "  of which: base step's state and local sums (compiled+base)": ("lightning_layca.stepping", "_base_sums"),
+    "  of which: local sums (compiled, eager)": ("lightning_layca.stepping", "_local_sums"),
     "  of which: the collective (full sums)": ("lightning_layca.stepping", "reduce_sums"),
     "  of which: update of the shards (compiled)": ("lightning_layca.stepping", "sharded_update_compiled"),
     "  of which: update of the shards (compiled+base)": ("lightning_layca.stepping", "sharded_base_update_compiled"),

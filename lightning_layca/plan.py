@@ -229,7 +229,8 @@ class Bucket:
 
     def local(self) -> list[torch.Tensor]:
         """The layers as this process holds them (detached local shards of sharded layers)."""
-        return [local_shard(p.detach()) for p in self.params]
+        # The local part detached, rather than the DTensor: a DTensor's detach dispatches, a tensor's does not.
+        return [local_shard(p).detach() for p in self.params]
 
     def subset(self, chosen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Device index tensors of the layers at ``chosen``: positions, rows, and per row its layer in the subset."""
@@ -258,12 +259,12 @@ class Bucket:
                 self.previous[j] = torch.empty(0, device=self.previous[j].device, dtype=self.previous[j].dtype)
         for j in positions:
             if self.previous[j].shape != self.shapes[j][2]:
-                self.previous[j] = torch.empty_like(local_shard(self.params[j].detach()))
+                self.previous[j] = torch.empty_like(local_shard(self.params[j]).detach())
         if len(positions) == len(self.params):
             torch._foreach_copy_(self.previous, self.local())
         elif positions:
             torch._foreach_copy_(
-                [self.previous[j] for j in positions], [local_shard(self.params[j].detach()) for j in positions]
+                [self.previous[j] for j in positions], [local_shard(self.params[j]).detach() for j in positions]
             )
 
 

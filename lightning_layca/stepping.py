@@ -414,9 +414,8 @@ def rotate_sharded(
     per_unit = registry.per_unit
     device = buckets[0].near_floor.device
     compiled = [_compiled_positions(b, base) for b, base in zip(buckets, base_steps, strict=True)]
-    parts = [
-        _local_sums(b, base, at, optimizer, per_unit) for b, base, at in zip(buckets, base_steps, compiled, strict=True)
-    ]
+    base_sums = _base_sums(buckets, base_steps, optimizer, per_unit)
+    parts = [_local_sums(b, found, at, per_unit) for b, found, at in zip(buckets, base_sums, compiled, strict=True)]
     local = torch.cat([part.to(device) for part in parts])
     full = reduce_sums(local, layout, per_unit)
     if registry.joining:
@@ -442,19 +441,19 @@ def rotate_sharded(
             start += len(b.indices)
     else:
         sums = [list(part.split(1)) for part in full.split([len(b.indices) for b in buckets])]
+    for members in _runs(buckets, base_steps):
+        sharded_base_update_compiled(
+            [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],
+            [base_steps[k].grads[i] for k, i in members],
+            [base_steps[k].states[i] for k, i in members],
+            [base_steps[k].hypers[i] for k, i in members],
+            [sums[k][base_steps[k].positions[i]].T for k, i in members],
+            [_layer_scalars(buckets[k], [base_steps[k].positions[i]])[0] for k, i in members],
+            [base_steps[k].parallel[i] for k, i in members],
+            [base_steps[k].steps[i].variant for k, i in members],
+            per_unit=per_unit,
+        )
     for b, base, layer_sums, at in zip(buckets, base_steps, sums, compiled, strict=True):
-        if base.positions:
-            sharded_base_update_compiled(
-                [cast(torch.Tensor, b.views[j]) for j in base.positions],
-                base.grads,
-                base.states,
-                base.hypers,
-                [layer_sums[j].T for j in base.positions],
-                _layer_scalars(b, base.positions),
-                base.parallel,
-                [step.variant for step in base.steps],
-                per_unit=b.per_unit,
-            )
         if at:
             done = sharded_update_compiled(
                 [cast(torch.Tensor, b.views[j]) for j in at],
@@ -489,38 +488,70 @@ def _compiled_positions(bucket: Bucket, base: BaseSteps) -> list[int]:
     return []
 
 
-def _local_sums(
-    bucket: Bucket, base: BaseSteps, compiled: list[int], optimizer: Optimizer, per_unit: bool
-) -> torch.Tensor:
-    """The partial sums of this process's shards of the bucket's layers: ``(layers, 3)`` or ``(local units, 3)``.
+def _runs(buckets: list[Bucket], base_steps: list[BaseSteps]) -> list[list[tuple[int, int]]]:
+    """The layers whose base step the kernels take, as ``(bucket, index in its BaseSteps)``, per device and dtype.
 
-    The layers whose base step the kernels take get their state updated here (the first half of their kernel). Should
-    that kernel fail to compile, the layers it left take the base step now, from a snapshot, and the eager step.
+    The sharded step calls every bucket's kernels at once, so the layers of one device and dtype are called together,
+    :data:`~lightning_layca.step.compiled.LAYERS_PER_CALL` per call across buckets.
     """
-    local = bucket.local()
-    parts: list[torch.Tensor | None] = [None] * len(local)
-    if base.positions:
-        at = base.positions
-        found = sharded_base_sums_compiled(
-            [cast(torch.Tensor, bucket.views[j]) for j in at],
-            base.grads,
-            base.states,
-            base.hypers,
-            [bucket.norm_scalars[j] for j in at],
-            base.parallel,
-            [step.variant for step in base.steps],
+    runs: dict[tuple[torch.device, torch.dtype], list[tuple[int, int]]] = {}
+    for k, (bucket, base) in enumerate(zip(buckets, base_steps, strict=True)):
+        key = (bucket.near_floor.device, bucket.params[0].dtype)
+        runs.setdefault(key, []).extend((k, i) for i in range(len(base.positions)))
+    return [members for members in runs.values() if members]
+
+
+def _base_sums(
+    buckets: list[Bucket], base_steps: list[BaseSteps], optimizer: Optimizer, per_unit: bool
+) -> list[dict[int, torch.Tensor]]:
+    """The first halves of the kernels that take the base step, for every bucket at once: sums by position.
+
+    They update the optimizer state. Layers they leave (their kernels could not be compiled for layers called
+    together) are untouched: they take the base step now, from a snapshot, and the eager step (dropped from
+    ``base_steps``).
+    """
+    found: list[dict[int, torch.Tensor]] = [{} for _ in buckets]
+    for members in _runs(buckets, base_steps):
+        first = buckets[members[0][0]]
+        parallel = [base_steps[k].parallel[i] for k, i in members]
+        variants = [base_steps[k].steps[i].variant for k, i in members]
+        forms = [sharded_forms(v)[0] for v in variants] + [sharded_forms(v)[1] for v in variants]
+        device, dtype = first.near_floor.device, first.params[0].dtype
+        if not compiled_step_ready(device, dtype, parallel * 2, per_unit, forms):
+            continue
+        sums = sharded_base_sums_compiled(
+            [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],
+            [base_steps[k].grads[i] for k, i in members],
+            [base_steps[k].states[i] for k, i in members],
+            [base_steps[k].hypers[i] for k, i in members],
+            [buckets[k].norm_scalars[base_steps[k].positions[i]] for k, i in members],
+            parallel,
+            variants,
             per_unit=per_unit,
         )
-        state = optimizer.state
-        for j, step, sums in zip(at, base.steps, found, strict=False):
-            step.commit(state[bucket.params[j]])
-            parts[j] = sums.T
-        if len(found) < len(at):  # those layers are untouched: the base step and the eager step
-            missed = at[len(found) :]
+        for (k, i), layer_sums in zip(members, sums, strict=False):
+            j = base_steps[k].positions[i]
+            base_steps[k].steps[i].commit(optimizer.state[buckets[k].params[j]])
+            found[k][j] = layer_sums.T
+    for bucket, base, sums_at in zip(buckets, base_steps, found, strict=True):
+        # The layers of a bucket are called in order: those stepped are the first ones.
+        missed = base.positions[len(sums_at) :]
+        if missed:
             bucket.snapshot(missed)
             bucket.kept = sorted(set(bucket.kept) | set(missed))
             base_step_of(optimizer, [bucket.params[j] for j in missed])
-            _drop_base_steps(base, len(found))
+            _drop_base_steps(base, len(sums_at))
+    return found
+
+
+def _local_sums(
+    bucket: Bucket, base_sums: dict[int, torch.Tensor], compiled: list[int], per_unit: bool
+) -> torch.Tensor:
+    """The partial sums of this process's shards of the bucket's layers: ``(layers, 3)`` or ``(local units, 3)``.
+
+    ``base_sums``: the sums the kernels that take the base step returned, by position (:func:`_base_sums`).
+    """
+    parts: list[torch.Tensor | None] = [base_sums.get(j) for j in range(len(bucket.params))]
     if compiled:
         norms = [bucket.norm_scalars[j] for j in compiled]
         found = sharded_sums_compiled(
@@ -534,6 +565,7 @@ def _local_sums(
             parts[j] = sums.T
     rest = [j for j, part in enumerate(parts) if part is None]
     if rest:
+        local = bucket.local()
         eager_sums = step_sums([local[j] for j in rest], [bucket.previous[j] for j in rest], per_unit)
         counts = unit_counts([local[j] for j in rest]) if per_unit else [1] * len(rest)
         for j, sums in zip(rest, eager_sums.split(counts), strict=True):

@@ -19,6 +19,7 @@ Runs (16 optimizer steps of SGD with momentum, ``log_every_n_steps=2``, unless s
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -446,11 +447,22 @@ BASE_OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("optimizer", sorted(BASE_OPTIMIZERS))
-@pytest.mark.parametrize("granularity", ["layer", "unit"])
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+WORLD_OF_ONE_CASES = [
+    *(
+        (implementation, granularity, optimizer, 2)
+        for implementation in ("eager", "compiled")
+        for granularity in ("layer", "unit")
+        for optimizer in sorted(BASE_OPTIMIZERS)
+    ),
+    # Five layers, each a bucket of its own: the sharded step calls the kernels of several buckets together.
+    ("compiled", "layer", "sgd", 5),
+    ("compiled", "unit", "adamw", 5),
+]
+
+
+@pytest.mark.parametrize(("implementation", "granularity", "optimizer", "depth"), WORLD_OF_ONE_CASES)
 def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
-    tmp_path: Path, implementation: str, granularity: str, optimizer: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, implementation: str, granularity: str, optimizer: str, depth: int
 ) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -461,13 +473,21 @@ def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
 
     def model_and_layca(shard: bool, implementation: str) -> tuple[torch.nn.Module, Layca]:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+        sizes = [8, *[6] * (depth - 1), 4]
+        modules: list[torch.nn.Module] = []
+        for a, b in itertools.pairwise(sizes):
+            modules += [torch.nn.Tanh(), torch.nn.Linear(a, b)] if modules else [torch.nn.Linear(a, b)]
+        model = torch.nn.Sequential(*modules)
         if shard:
             fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         base = BASE_OPTIMIZERS[optimizer](model.parameters())
         kwargs = {"rotation_rate": 0.1, "granularity": granularity, "implementation": implementation}
         return model, Layca(base, model.named_parameters(), **kwargs)
 
+    if depth > 2:
+        from lightning_layca import plan
+
+        monkeypatch.setattr(plan, "CPU_BUCKET_BYTES", 64)
     # A world of one process, in this process: its layers are DTensors all the same.
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:

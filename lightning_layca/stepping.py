@@ -189,7 +189,8 @@ def read_base_steps(
     With ``sharded`` (the step's layers are sharded: :func:`rotate_sharded`), the kernels are the two halves of each
     layer's form (:func:`~lightning_layca.step.families.sharded_forms`), and the views are of the local shards.
 
-    A layer without a gradient is skipped, as torch's optimizers skip it. A layer whose gradient the kernel cannot
+    A layer without a gradient is skipped, as torch's optimizers skip it (sharded, it takes the next path, whose sums
+    of a zero step the step's collective needs). A layer whose gradient the kernel cannot
     read as it reads the weights (sparse, another dtype or memory layout), or whose step it cannot take now (see
     :attr:`lightning_layca.step.families.Family.read_step`), takes the base step and the next path (``fallback``), and
     so does every such layer where the kernel cannot be compiled.
@@ -207,6 +208,8 @@ def read_base_steps(
         p, weights_view = bucket.params[j], cast(torch.Tensor, bucket.views[j])
         grad = p.grad
         if grad is None:
+            if sharded:  # its sums still go into the step's collective: from a snapshot, for a step of zero
+                plan.fallback.append(j)
             continue
         group = groups[param_group_of[bucket.indices[j]]]
         grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(local_shard(grad))

@@ -2,12 +2,16 @@
 
 One fit of an MLP under Lightning's ``ModelParallelStrategy`` on 2 CPU processes over gloo (every ``Linear``
 ``fully_shard``-ed: each process holds half the rows of every layer, parameters and gradients are ``DTensor``
-objects), with ``LaycaCallback`` around SGD with momentum and ``log_every_n_steps=1``, so that every step is a
-logging step. In every process, after ``--warmup`` steps, a timing callback measures per optimizer step:
+objects), with ``LaycaCallback`` around SGD with momentum and ``log_every_n_steps=1`` (``--log-every-n-steps``), so
+that every step is a logging step. In every process, after ``--warmup`` steps, a timing callback measures per
+optimizer step:
 
-* ``sharded SGD step``: the wrapped optimizer's own step (``SGD.step`` on the sharded parameters), the baseline;
-* ``Layca(SGD) step``: the whole ``Layca.step`` around it (the snapshot of each shard, the base step, float64 sums
-  over the local shards, one ``all_reduce``, the update of each shard);
+* ``sharded SGD step``: the baseline, torch's ``SGD.step`` on every sharded parameter: taken, between the closure and
+  the Layca step, by an ``SGD`` of the same hyperparameters on copies of the parameters, with the same gradients
+  (with ``implementation="compiled"`` the kernels take the base step of the layers themselves, so the wrapped
+  optimizer's own step only steps the rest);
+* ``Layca(SGD) step``: the whole ``Layca.step`` (the base step, float64 sums over the local shards, one
+  ``all_reduce``, the update of each shard; a snapshot of each shard where the base optimizer steps it);
 * ``monitor logging step``: the callback's ``on_train_batch_end`` on a logging step (cosine distances, step rates
   and norms from local sums with one ``all_reduce``, one host transfer, the scalars handed to the logger).
 
@@ -55,14 +59,19 @@ from lightning_layca import Layca, LaycaCallback
 
 ROTATION_RATE = 3**-3
 MEASURES = ("sharded SGD step", "Layca(SGD) step", "monitor logging step")
-SECTIONS = {
+BASE_SECTION = "  of which: the wrapped optimizer's step"
+SECTIONS: dict[str, tuple[str, str] | None] = {
+    BASE_SECTION: None,  # timed around the wrapped optimizer's step
     "  of which: snapshot of the shards": ("lightning_layca.layca", "take_snapshots"),
-    "  of which: local sums": ("lightning_layca.stepping", "_local_sums"),
+    "  of which: base step's state and local sums (compiled+base)": ("lightning_layca.stepping", "_base_sums"),
+    "  of which: local sums (compiled, eager)": ("lightning_layca.stepping", "_local_sums"),
     "  of which: the collective (full sums)": ("lightning_layca.stepping", "reduce_sums"),
     "  of which: update of the shards (compiled)": ("lightning_layca.stepping", "sharded_update_compiled"),
+    "  of which: update of the shards (compiled+base)": ("lightning_layca.stepping", "sharded_base_update_compiled"),
     "  of which: update of the shards (eager)": ("lightning_layca.stepping", "_rotate_eager"),
 }
-"""With ``--sections``: the parts of the Layca step timed apart (the functions the step calls for them)."""
+"""With ``--sections``: the parts of the Layca step timed apart (the functions the step calls for them; a function the
+step does not call on its path counts 0)."""
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -120,14 +129,20 @@ class StepCost(Callback):
         self._step = 0
         self._closure = 0.0
         self._base = 0.0
+        self._sgd = 0.0
         self._in_sections = dict.fromkeys(self.sections, 0.0)
 
     def _time_sections(self) -> None:
         """Wrap each function of :data:`SECTIONS` so that its time in the step is added up (looked up at call time)."""
         import importlib
 
-        for name, (module_name, function) in self.sections.items():
+        for name, where in self.sections.items():
+            if where is None:
+                continue
+            module_name, function = where
             module = importlib.import_module(module_name)
+            if not hasattr(module, function):  # not in this version of the package
+                continue
             original = getattr(module, function)
 
             def timed(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
@@ -155,10 +170,27 @@ class StepCost(Callback):
             self._base = self.clock() - start - (self._closure - closure_before)
             return result
 
+        params = [p for group in layca.optimizer.param_groups for p in group["params"]]
+        copies = [p.detach().clone() for p in params]
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "fused")
+        hyper = {k: layca.optimizer.param_groups[0][k] for k in keys}
+        baseline = torch.optim.SGD(copies, **hyper)
+
+        def baseline_step() -> None:
+            """Torch's SGD step on copies of every parameter, with their gradients (outside the Layca step)."""
+            for copy, p in zip(copies, params, strict=True):
+                copy.grad = p.grad
+            start = self.clock()
+            baseline.step()
+            self._sgd = self.clock() - start
+            for copy in copies:
+                copy.grad = None
+
         def timed_layca(closure: Callable[[], Any] | None = None) -> Any:
             def timed_closure() -> Any:
                 start = self.clock()
                 result = closure()  # type: ignore[misc]
+                baseline_step()
                 self._closure += self.clock() - start
                 return result
 
@@ -166,8 +198,10 @@ class StepCost(Callback):
             start = self.clock()
             result = layca_step(None if closure is None else timed_closure)
             total = self.clock() - start
-            self._record("sharded SGD step", self._base)
+            self._record("sharded SGD step", self._sgd)
             self._record("Layca(SGD) step", total - self._closure)
+            if BASE_SECTION in self.sections:
+                self._in_sections[BASE_SECTION] = self._base
             for name in self.sections:
                 self._record(name, self._in_sections[name])
                 self._in_sections[name] = 0.0
@@ -227,11 +261,22 @@ def main(argv: Sequence[str] | None = None) -> str | None:
         action="store_true",
         help="also time the parts of the Layca step: snapshot, local sums, the collective, the update",
     )
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=1,
+        help="the Trainer's logging interval: 1 makes every step a logging step (the callback keeps a copy of the "
+        "weights before each); above --warmup + --steps no step logs, and the last row times the callback's batch end "
+        "between logging steps",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where the processes meet (default: a new one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
-    if min(args.width, args.depth, args.batch_size, args.steps) < 1 or args.warmup < 0:
-        parser.error("--width, --depth, --batch-size and --steps must be positive and --warmup non-negative.")
+    if min(args.width, args.depth, args.batch_size, args.steps, args.log_every_n_steps) < 1 or args.warmup < 0:
+        parser.error(
+            "--width, --depth, --batch-size, --steps and --log-every-n-steps must be positive and --warmup "
+            "non-negative."
+        )
     if args.workdir is None:  # chosen once, by the first process: the others are started with it
         args.workdir = Path(tempfile.mkdtemp(prefix="fsdp_overhead_"))
         sys.argv += ["--workdir", str(args.workdir)]
@@ -244,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> str | None:
             data_parallel_size=world_size, tensor_parallel_size=1, timeout=timedelta(seconds=300)
         ),
         max_epochs=1,
-        log_every_n_steps=1,
+        log_every_n_steps=args.log_every_n_steps,
         logger=TensorBoardLogger(args.workdir, name="logs"),
         callbacks=[
             LaycaCallback(
@@ -270,22 +315,35 @@ def main(argv: Sequence[str] | None = None) -> str | None:
     median = {name: statistics.median(values) for name, values in slower.items()}
     base = median["sharded SGD step"]
     parameters = args.depth * (args.width * args.width + args.width) + 10 * args.width + 10
+    logging = (
+        "every one a logging step"
+        if args.log_every_n_steps == 1
+        else f"log_every_n_steps={args.log_every_n_steps}"
+        + (" (no logging step)" if args.log_every_n_steps > args.warmup + args.steps else "")
+    )
     lines = [
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"lightning {L.__version__}; {world_size} processes over gloo",
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
         f"- MLP {args.depth} x {args.width} + head ({parameters / 1e6:.2f} M parameters), every Linear "
         f"`fully_shard`-ed over {world_size} processes; SGD momentum 0.9, batch {args.batch_size} per process; "
-        f"{args.steps} timed steps after {args.warmup}, every one a logging step; clock: {args.clock}; medians of "
+        f"{args.steps} timed steps after {args.warmup}, {logging}; clock: {args.clock}; medians of "
         f"the slower process; Layca implementation={args.implementation!r}",
         "",
         "| measure | ms per step (median) | quartiles (ms) | / sharded SGD step |",
         "|---|---:|---|---:|",
     ]
+
+    def label(name: str) -> str:
+        if name == MEASURES[2] and args.log_every_n_steps > args.warmup + args.steps:
+            return "monitor batch end (no logging step)"
+        return name
+
     for name in measures:
         q1, _, q3 = statistics.quantiles(slower[name], n=4)
         lines.append(
-            f"| {name} | {1e3 * median[name]:.2f} | {1e3 * q1:.2f} - {1e3 * q3:.2f} | {median[name] / base:.2f} |"
+            f"| {label(name)} | {1e3 * median[name]:.2f} | {1e3 * q1:.2f} - {1e3 * q3:.2f} "
+            f"| {median[name] / base:.2f} |"
         )
     return publish(lines, args.out)
 

@@ -301,7 +301,8 @@ class Layca(WrappedOptimizer):
         # The whole step is timed when the closure has run already; otherwise only Layca's part of it.
         start = time.perf_counter() if timed and closure is None else None
         buckets = self.plan.for_step(self.layers, self.optimizer)
-        base_steps = [read_base_steps(b, self.optimizer, self.layers.param_group_of) for b in buckets]
+        sharded = self.plan.layout is not None
+        base_steps = [read_base_steps(b, self.optimizer, self.layers.param_group_of, sharded) for b in buckets]
         keep, self._keep_next = self._keep_next, False
         take_snapshots(buckets, base_steps, keep_all=keep)
 

@@ -7,9 +7,12 @@ group: a param group is the wrapped optimizer's, a bucket the plan's.) Each laye
 * ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
   ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;
 * ``"compiled"``: the base optimizer steps, then the compiled kernel turns its step into a Layca step, from a snapshot;
-  sharded layers take it in two halves around the seam's one collective (with ``implementation="compiled"``);
 * ``"eager"``: the base optimizer steps, then the eager step (:mod:`lightning_layca.step.eager`), from a snapshot.
   Sharded layers take it under ``"auto"``, with their sums combined through the seam.
+
+With ``implementation="compiled"``, sharded layers take either compiled path in two halves around the seam's one
+collective: their local sums (having taken the base step's state, on ``"compiled+base"``), then the update from the
+full sums.
 
 The fallback chain is that order: a layer whose base step the kernel cannot take at some step (no readable gradient,
 a state it cannot read) takes the base step and the next path at that step; a kernel that fails to compile gives its
@@ -226,7 +229,8 @@ class Bucket:
 
     def local(self) -> list[torch.Tensor]:
         """The layers as this process holds them (detached local shards of sharded layers)."""
-        return [local_shard(p.detach()) for p in self.params]
+        # The local part detached, rather than the DTensor: a DTensor's detach dispatches, a tensor's does not.
+        return [local_shard(p).detach() for p in self.params]
 
     def subset(self, chosen: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Device index tensors of the layers at ``chosen``: positions, rows, and per row its layer in the subset."""
@@ -237,7 +241,7 @@ class Bucket:
             if self.row_layer is None:
                 self.subsets[key] = at.to(device), at.to(device), None
             else:
-                counts = unit_counts(self.previous)
+                counts = unit_counts(self.local())  # not the snapshots: empty on "compiled+base" (see snapshot)
                 starts = [sum(counts[:j]) for j in range(len(counts))]
                 rows = torch.cat([torch.arange(starts[j], starts[j] + counts[j]) for j in key])
                 row_layer = torch.repeat_interleave(torch.arange(len(key)), torch.tensor([counts[j] for j in key]))
@@ -255,12 +259,12 @@ class Bucket:
                 self.previous[j] = torch.empty(0, device=self.previous[j].device, dtype=self.previous[j].dtype)
         for j in positions:
             if self.previous[j].shape != self.shapes[j][2]:
-                self.previous[j] = torch.empty_like(local_shard(self.params[j].detach()))
+                self.previous[j] = torch.empty_like(local_shard(self.params[j]).detach())
         if len(positions) == len(self.params):
             torch._foreach_copy_(self.previous, self.local())
         elif positions:
             torch._foreach_copy_(
-                [self.previous[j] for j in positions], [local_shard(self.params[j].detach()) for j in positions]
+                [self.previous[j] for j in positions], [local_shard(self.params[j]).detach() for j in positions]
             )
 
 
@@ -341,13 +345,13 @@ class StepPlan:
         layout = shard_layout([params[i] for i in order])
         self.layout = layout if layout.sharded else None
         position = {i: k for k, i in enumerate(order)}
-        # Sharded layers take the compiled step when asked for (its two halves around the one collective, after the
-        # base step: see stepping.rotate_sharded); "auto" times no sharded step and keeps them eager.
+        # Sharded layers take the compiled step when asked for (the two halves of their kernels around the one
+        # collective: see stepping.rotate_sharded); "auto" times no sharded step and keeps them eager.
         if self.layout is None:
             compiled_now = self.auto is None or self.auto.compiled
         else:
             compiled_now = self.implementation == "compiled"
-        family = None if self.layout is not None else family_of(optimizer)
+        family = family_of(optimizer)
         buckets = []
         for indices, eligible in chunks:
             device = params[indices[0]].device

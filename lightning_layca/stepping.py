@@ -8,9 +8,10 @@ For every bucket (:class:`lightning_layca.plan.Bucket`), after the wrapped optim
 3. the rest take the eager step (:func:`lightning_layca.step.eager.rotate_eager`).
 
 Sharded layers take their step for all buckets at once (:func:`rotate_sharded`): local float64 sums, ONE
-``all_reduce`` through the seam, then every process applies the same coefficients to its own shard; on the
-``"compiled"`` path the local sums and the update are the two halves of the compiled kernel, on the ``"eager"`` path
-the eager sums and update.
+``all_reduce`` through the seam, then every process applies the same coefficients to its own shard; on the compiled
+paths the local sums and the update are the two halves of the compiled kernels (on ``"compiled+base"`` the first half
+also takes the base step's state, the second forms the step again from it), on the ``"eager"`` path the eager sums
+and update.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import cast
 import torch
 from torch.optim import Optimizer
 
-from lightning_layca.distributed import ShardLayout, reduce_sums
+from lightning_layca.distributed import ShardLayout, local_shard, reduce_sums
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
 from lightning_layca.step.compiled import (
@@ -37,12 +38,14 @@ from lightning_layca.step.compiled import (
     rotate_base_compiled,
     rotate_compiled,
     scalars,
+    sharded_base_sums_compiled,
+    sharded_base_update_compiled,
     sharded_sums_compiled,
     sharded_update_compiled,
     unit_view,
 )
 from lightning_layca.step.eager import rotate_eager, step_sums
-from lightning_layca.step.families import LayerStep, family_of
+from lightning_layca.step.families import LayerStep, family_of, sharded_forms
 from lightning_layca.step.rule import NEAR_FLOOR_FACTOR, ROUNDING_FLOOR_FACTOR, unit_roundoff
 from lightning_layca.sums import unit_counts
 
@@ -178,10 +181,16 @@ def upload_rates(
     bucket.rates_version = version
 
 
-def read_base_steps(bucket: Bucket, optimizer: Optimizer, param_group_of: dict[int, int]) -> BaseSteps:
+def read_base_steps(
+    bucket: Bucket, optimizer: Optimizer, param_group_of: dict[int, int], sharded: bool = False
+) -> BaseSteps:
     """The ``"compiled+base"`` layers of ``bucket`` whose base step the kernels take at this step, with arguments.
 
-    A layer without a gradient is skipped, as torch's optimizers skip it. A layer whose gradient the kernel cannot
+    With ``sharded`` (the step's layers are sharded: :func:`rotate_sharded`), the kernels are the two halves of each
+    layer's form (:func:`~lightning_layca.step.families.sharded_forms`), and the views are of the local shards.
+
+    A layer without a gradient is skipped, as torch's optimizers skip it (sharded, it takes the next path, whose sums
+    of a zero step the step's collective needs). A layer whose gradient the kernel cannot
     read as it reads the weights (sparse, another dtype or memory layout), or whose step it cannot take now (see
     :attr:`lightning_layca.step.families.Family.read_step`), takes the base step and the next path (``fallback``), and
     so does every such layer where the kernel cannot be compiled.
@@ -199,9 +208,11 @@ def read_base_steps(bucket: Bucket, optimizer: Optimizer, param_group_of: dict[i
         p, weights_view = bucket.params[j], cast(torch.Tensor, bucket.views[j])
         grad = p.grad
         if grad is None:
+            if sharded:  # its sums still go into the step's collective: from a snapshot, for a step of zero
+                plan.fallback.append(j)
             continue
         group = groups[param_group_of[bucket.indices[j]]]
-        grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(grad)
+        grad_view = None if grad.is_sparse or grad.stride() != p.stride() else view(local_shard(grad))
         readable = grad_view is not None and grad.dtype == dtype and grad_view.shape == weights_view.shape
         known = readable and family.read_step is not None and family.supports(group)
         step = family.read_step(group, p, state.get(p) or {}) if known and family.read_step else None
@@ -211,10 +222,14 @@ def read_base_steps(bucket: Bucket, optimizer: Optimizer, param_group_of: dict[i
         plan.positions.append(j)
         plan.steps.append(step)
         plan.grads.append(cast(torch.Tensor, grad_view))
-        plan.states.append([cast(torch.Tensor, view(x)) for x in step.state])
+        plan.states.append([cast(torch.Tensor, view(local_shard(x))) for x in step.state])
         plan.parallel.append(bucket.parallel[j])
     variants = [step.variant for step in plan.steps]
-    if plan.positions and not compiled_step_ready(device, dtype, plan.parallel, bucket.per_unit, variants):
+    parallel = plan.parallel
+    if sharded:  # both halves of each layer's kernel
+        variants = [sharded_forms(v)[0] for v in variants] + [sharded_forms(v)[1] for v in variants]
+        parallel = parallel * 2
+    if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return BaseSteps(fallback=plan.fallback + plan.positions)
     hyper_values = [step.hyper for step in plan.steps]
     if hyper_values != bucket.hyper_values:  # a host-to-device copy only when the values change
@@ -371,7 +386,7 @@ def rotate_buckets(
         the call returns); else 0.
     """
     if layout is not None:
-        rotate_sharded(buckets, layout, registry)
+        rotate_sharded(buckets, base_steps, optimizer, layout, registry)
         return 0.0
     seconds = 0.0
     for bucket, base in zip(buckets, base_steps, strict=True):
@@ -382,18 +397,29 @@ def rotate_buckets(
     return seconds
 
 
-def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRegistry) -> None:
+def rotate_sharded(
+    buckets: list[Bucket],
+    base_steps: list[BaseSteps],
+    optimizer: Optimizer,
+    layout: ShardLayout,
+    registry: LayerRegistry,
+) -> None:
     """The step of every bucket at once, for sharded layers: local sums, ONE all_reduce, local updates.
 
-    Layers on the ``"compiled"`` path take the two halves of the compiled kernel (their local sums, then the update
-    from the full sums); the others the eager sums and update. The sharded layers joining at this step (frozen until
-    now, their weights before the step their initial weights) get their initial norms from the step's full sums
-    ``<w, w>``: no collective of their own.
+    Layers whose base step the kernels take (``base_steps``) take the two halves of their family's kernel: the first
+    updates the optimizer state and returns the shard's sums, the second (after the collective) forms the step again
+    from the new state and writes the weights. Layers on the ``"compiled"`` path (and those that fell back from the
+    kernels that take the base step) take the two halves of the compiled kernel after the base step (their local sums,
+    then the update from the full sums); the others the eager sums and update. The sharded layers joining at this
+    step (frozen until now, their weights before the step their initial weights) get their initial norms from the
+    step's full sums ``<w, w>``: no collective of their own.
     """
     per_unit = registry.per_unit
     device = buckets[0].near_floor.device
-    compiled = [_compiled_positions(b) for b in buckets]
-    local = torch.cat([_local_sums(b, at, per_unit).to(device) for b, at in zip(buckets, compiled, strict=True)])
+    compiled = [_compiled_positions(b, base) for b, base in zip(buckets, base_steps, strict=True)]
+    base_sums = _base_sums(buckets, base_steps, optimizer, per_unit)
+    parts = [_local_sums(b, found, at, per_unit) for b, found, at in zip(buckets, base_sums, compiled, strict=True)]
+    local = torch.cat([part.to(device) for part in parts])
     full = reduce_sums(local, layout, per_unit)
     if registry.joining:
         order = [i for b in buckets for i in b.indices]
@@ -409,7 +435,7 @@ def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRe
                 norms = torch.tensor([registry.initial_norms[i] for i in b.indices], dtype=torch.float64)
             b.initial_norms.copy_(norms)
             if per_unit and b.norm_scalars:  # the compiled kernels' copies of them
-                b.norm_scalars = [n.clone() for n in b.initial_norms.split(unit_counts(b.previous))]
+                b.norm_scalars = [n.clone() for n in b.initial_norms.split(unit_counts(b.local()))]
     if per_unit:
         rows = layout.local_rows_of(full)
         sums, start = [], 0
@@ -418,7 +444,19 @@ def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRe
             start += len(b.indices)
     else:
         sums = [list(part.split(1)) for part in full.split([len(b.indices) for b in buckets])]
-    for b, layer_sums, at in zip(buckets, sums, compiled, strict=True):
+    for members in _runs(buckets, base_steps):
+        sharded_base_update_compiled(
+            [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],
+            [base_steps[k].grads[i] for k, i in members],
+            [base_steps[k].states[i] for k, i in members],
+            [base_steps[k].hypers[i] for k, i in members],
+            [sums[k][base_steps[k].positions[i]].T for k, i in members],
+            [_layer_scalars(buckets[k], [base_steps[k].positions[i]])[0] for k, i in members],
+            [base_steps[k].parallel[i] for k, i in members],
+            [base_steps[k].steps[i].variant for k, i in members],
+            per_unit=per_unit,
+        )
+    for b, base, layer_sums, at in zip(buckets, base_steps, sums, compiled, strict=True):
         if at:
             done = sharded_update_compiled(
                 [cast(torch.Tensor, b.views[j]) for j in at],
@@ -429,7 +467,7 @@ def rotate_sharded(buckets: list[Bucket], layout: ShardLayout, registry: LayerRe
                 per_unit=b.per_unit,
             )
             at = at[:done]  # a compilation that failed leaves the rest to the eager update
-        rest = sorted(set(range(len(b.params))) - set(at))
+        rest = sorted(set(range(len(b.params))) - set(at) - set(base.positions))
         if rest:
             _rotate_eager(b, rest, torch.cat([layer_sums[j] for j in rest]))
 
@@ -438,9 +476,13 @@ def _kernel_view(bucket: Bucket, tensor: torch.Tensor) -> torch.Tensor | None:
     return (unit_view if bucket.per_unit else kernel_view)(tensor)
 
 
-def _compiled_positions(bucket: Bucket) -> list[int]:
-    """The positions of ``bucket`` whose sharded step the compiled kernels take (compiling them if needed)."""
-    at = bucket.at(COMPILED)
+def _compiled_positions(bucket: Bucket, base: BaseSteps) -> list[int]:
+    """The positions of ``bucket`` whose sharded step the compiled kernels take after the base step.
+
+    The ``"compiled"`` path, and the layers that fell back from the kernels that take the base step (compiled here
+    if needed).
+    """
+    at = sorted(bucket.at(COMPILED) + base.fallback)
     device, dtype = bucket.near_floor.device, bucket.params[0].dtype
     parallel = [bucket.parallel[j] for j in at] * 2
     variants = [SHARDED_SUMS] * len(at) + [SHARDED_UPDATE] * len(at)
@@ -449,10 +491,70 @@ def _compiled_positions(bucket: Bucket) -> list[int]:
     return []
 
 
-def _local_sums(bucket: Bucket, compiled: list[int], per_unit: bool) -> torch.Tensor:
-    """The partial sums of this process's shards of the bucket's layers: ``(layers, 3)`` or ``(local units, 3)``."""
-    local = bucket.local()
-    parts: list[torch.Tensor | None] = [None] * len(local)
+def _runs(buckets: list[Bucket], base_steps: list[BaseSteps]) -> list[list[tuple[int, int]]]:
+    """The layers whose base step the kernels take, as ``(bucket, index in its BaseSteps)``, per device and dtype.
+
+    The sharded step calls every bucket's kernels at once, so the layers of one device and dtype are called together,
+    :data:`~lightning_layca.step.compiled.LAYERS_PER_CALL` per call across buckets.
+    """
+    runs: dict[tuple[torch.device, torch.dtype], list[tuple[int, int]]] = {}
+    for k, (bucket, base) in enumerate(zip(buckets, base_steps, strict=True)):
+        key = (bucket.near_floor.device, bucket.params[0].dtype)
+        runs.setdefault(key, []).extend((k, i) for i in range(len(base.positions)))
+    return [members for members in runs.values() if members]
+
+
+def _base_sums(
+    buckets: list[Bucket], base_steps: list[BaseSteps], optimizer: Optimizer, per_unit: bool
+) -> list[dict[int, torch.Tensor]]:
+    """The first halves of the kernels that take the base step, for every bucket at once: sums by position.
+
+    They update the optimizer state. Layers they leave (their kernels could not be compiled for layers called
+    together) are untouched: they take the base step now, from a snapshot, and the eager step (dropped from
+    ``base_steps``).
+    """
+    found: list[dict[int, torch.Tensor]] = [{} for _ in buckets]
+    for members in _runs(buckets, base_steps):
+        first = buckets[members[0][0]]
+        parallel = [base_steps[k].parallel[i] for k, i in members]
+        variants = [base_steps[k].steps[i].variant for k, i in members]
+        forms = [sharded_forms(v)[0] for v in variants] + [sharded_forms(v)[1] for v in variants]
+        device, dtype = first.near_floor.device, first.params[0].dtype
+        if not compiled_step_ready(device, dtype, parallel * 2, per_unit, forms):
+            continue
+        sums = sharded_base_sums_compiled(
+            [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],
+            [base_steps[k].grads[i] for k, i in members],
+            [base_steps[k].states[i] for k, i in members],
+            [base_steps[k].hypers[i] for k, i in members],
+            [buckets[k].norm_scalars[base_steps[k].positions[i]] for k, i in members],
+            parallel,
+            variants,
+            per_unit=per_unit,
+        )
+        for (k, i), layer_sums in zip(members, sums, strict=False):
+            j = base_steps[k].positions[i]
+            base_steps[k].steps[i].commit(optimizer.state[buckets[k].params[j]])
+            found[k][j] = layer_sums.T
+    for bucket, base, sums_at in zip(buckets, base_steps, found, strict=True):
+        # The layers of a bucket are called in order: those stepped are the first ones.
+        missed = base.positions[len(sums_at) :]
+        if missed:
+            bucket.snapshot(missed)
+            bucket.kept = sorted(set(bucket.kept) | set(missed))
+            base_step_of(optimizer, [bucket.params[j] for j in missed])
+            _drop_base_steps(base, len(sums_at))
+    return found
+
+
+def _local_sums(
+    bucket: Bucket, base_sums: dict[int, torch.Tensor], compiled: list[int], per_unit: bool
+) -> torch.Tensor:
+    """The partial sums of this process's shards of the bucket's layers: ``(layers, 3)`` or ``(local units, 3)``.
+
+    ``base_sums``: the sums the kernels that take the base step returned, by position (:func:`_base_sums`).
+    """
+    parts: list[torch.Tensor | None] = [base_sums.get(j) for j in range(len(bucket.params))]
     if compiled:
         norms = [bucket.norm_scalars[j] for j in compiled]
         found = sharded_sums_compiled(
@@ -466,8 +568,15 @@ def _local_sums(bucket: Bucket, compiled: list[int], per_unit: bool) -> torch.Te
             parts[j] = sums.T
     rest = [j for j, part in enumerate(parts) if part is None]
     if rest:
+        local = bucket.local()
         eager_sums = step_sums([local[j] for j in rest], [bucket.previous[j] for j in rest], per_unit)
         counts = unit_counts([local[j] for j in rest]) if per_unit else [1] * len(rest)
         for j, sums in zip(rest, eager_sums.split(counts), strict=True):
             parts[j] = sums
     return torch.cat([cast(torch.Tensor, part) for part in parts])
+
+
+def _drop_base_steps(base: BaseSteps, kept: int) -> None:
+    """Keep the first ``kept`` layers of ``base`` only (the others take the base step and the eager step)."""
+    base.positions, base.steps, base.grads = base.positions[:kept], base.steps[:kept], base.grads[:kept]
+    base.states, base.hypers, base.parallel = base.states[:kept], base.hypers[:kept], base.parallel[:kept]

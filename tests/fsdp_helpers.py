@@ -55,6 +55,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "layca_tp": {"callback": "layca", "optimizer": "sgd", "dp": 1, "tp": 2, "chunk_bytes": 64},
     # The first fit with the compiled step: each shard's sums and update in compiled kernels around the collective.
     "layca_compiled": {"callback": "layca_compiled", "optimizer": "sgd", "dp": 2, "tp": 1},
+    # The same around AdamW: the kernels take the base step of the shards too, around the same collective.
+    "layca_compiled_adamw": {"callback": "layca_compiled", "optimizer": "adamw", "dp": 2, "tp": 1},
     # Both (4 processes), with every unit rotated on its own: rows split over ranks, and a layer's rows over the TP
     # ranks in strided blocks.
     "layca_units_2x2": {"callback": "layca_units", "optimizer": "sgd", "dp": 2, "tp": 2},

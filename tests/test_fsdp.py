@@ -11,6 +11,7 @@ Runs (16 optimizer steps of SGD with momentum, ``log_every_n_steps=2``, unless s
 * ``layca_resumed_dcp`` / ``layca_resumed_file``: resumed from each of them, from other initial weights (8 steps);
 * ``monitor_adamw``: ``LayerRotationMonitor`` alone, AdamW, data-parallel 2;
 * ``layca_compiled``: as ``layca`` (without checkpoints), with ``implementation="compiled"``;
+* ``layca_compiled_adamw``: the same around AdamW;
 * ``layca_tp``: tensor-parallel 2 (one layer's rows split, one layer's columns split, the rest replicated);
 * ``layca_units_2x2``: data-parallel 2 x tensor-parallel 2 (4 processes), ``granularity="unit"``;
 * ``*_single``: one process, no sharding: the references.
@@ -18,6 +19,7 @@ Runs (16 optimizer steps of SGD with momentum, ``log_every_n_steps=2``, unless s
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -48,13 +50,14 @@ NORM_TOL = 1e-6  # relative, a full layer's norm against its initial norm
 ANGLE_TOL = 1e-6  # radians, a full layer's angle per step against atan(rho) ~ 0.037
 ROTATION_TOL = 1e-5  # cosine distance, logged by a sharded fit against one process
 
-SHARDED_LAYCA_RUNS = ["layca", "layca_compiled", "layca_tp", "layca_units_2x2"]
+SHARDED_LAYCA_RUNS = ["layca", "layca_compiled", "layca_compiled_adamw", "layca_tp", "layca_units_2x2"]
 LAYCA_RUNS = [*SHARDED_LAYCA_RUNS, "layca_resumed_dcp", "layca_resumed_file"]
 ALL_RUNS = [*LAYCA_RUNS, "monitor_adamw"]
 STEPS = dict.fromkeys(ALL_RUNS, 16) | {"layca_resumed_dcp": 8, "layca_resumed_file": 8}
 REFERENCE = dict.fromkeys(ALL_RUNS, "layca_single") | {
     "monitor_adamw": "monitor_single",
     "layca_units_2x2": "layca_units_single",
+    "layca_compiled_adamw": "layca_adamw_single",
 }
 
 
@@ -110,6 +113,11 @@ def layca_compiled(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 @pytest.fixture(scope="module")
+def layca_compiled_adamw(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _launch(tmp_path_factory.mktemp("layca_compiled_adamw"), "layca_compiled_adamw")
+
+
+@pytest.fixture(scope="module")
 def layca_tp(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return _launch(tmp_path_factory.mktemp("layca_tp"), "layca_tp")
 
@@ -123,6 +131,13 @@ def layca_units_2x2(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def layca_single(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("layca_single")
     fit_single(root, "layca", "sgd")
+    return _load_run(root)
+
+
+@pytest.fixture(scope="module")
+def layca_adamw_single(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("layca_adamw_single")
+    fit_single(root, "layca", "adamw")
     return _load_run(root)
 
 
@@ -154,9 +169,13 @@ def test_every_layer_is_sharded_and_the_one_row_heads_shard_is_empty_on_rank_1(l
     assert rank1["local_rows"] == [2, 4, 3, 0]
 
 
-def test_the_compiled_run_steps_every_shard_with_the_compiled_kernels_but_the_empty_one(layca_compiled: Run) -> None:
-    rank0, rank1 = layca_compiled.ranks
-    compiled = {f"net.{layer}.weight": "compiled" for layer in LAYERS}
+@pytest.mark.parametrize("name", ["layca_compiled", "layca_compiled_adamw"])
+def test_the_compiled_run_steps_every_shard_with_the_compiled_kernels_but_the_empty_one(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    rank0, rank1 = _run(request, name).ranks
+    # Around SGD and AdamW the kernels take the base step of the shards too (the state half, then the update half).
+    compiled = {f"net.{layer}.weight": "compiled+base" for layer in LAYERS}
     assert rank0["paths"] == [compiled]
     assert rank1["paths"] == [compiled | {"net.head.weight": "eager"}]  # no kernel for a shard of no rows
 
@@ -176,7 +195,9 @@ def test_sharded_layca_fit_ends_with_the_weights_of_one_process(request: pytest.
             assert not torch.allclose(expected[f"net.{layer}.weight"], start, rtol=100 * WEIGHT_TOL)
 
 
-@pytest.mark.parametrize("name", ["layca", "layca_compiled", "layca_tp", "layca_resumed_dcp", "layca_resumed_file"])
+@pytest.mark.parametrize(
+    "name", ["layca", "layca_compiled", "layca_compiled_adamw", "layca_tp", "layca_resumed_dcp", "layca_resumed_file"]
+)
 def test_every_step_turns_each_full_layer_by_atan_rho_and_keeps_its_norm(
     request: pytest.FixtureRequest, name: str
 ) -> None:
@@ -419,10 +440,29 @@ def test_the_eager_step_leaves_a_layer_with_a_non_finite_step_exactly_where_it_w
     assert not torch.equal(params[0], weights[0])  # the finite layer moved
 
 
-@pytest.mark.parametrize("granularity", ["layer", "unit"])
-@pytest.mark.parametrize("implementation", ["eager", "compiled"])
+BASE_OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    "rmsprop": lambda params: torch.optim.RMSprop(params, lr=0.01),  # no kernel takes its step
+}
+
+
+WORLD_OF_ONE_CASES = [
+    *(
+        (implementation, granularity, optimizer, 2)
+        for implementation in ("eager", "compiled")
+        for granularity in ("layer", "unit")
+        for optimizer in sorted(BASE_OPTIMIZERS)
+    ),
+    # Five layers, each a bucket of its own: the sharded step calls the kernels of several buckets together.
+    ("compiled", "layer", "sgd", 5),
+    ("compiled", "unit", "adamw", 5),
+]
+
+
+@pytest.mark.parametrize(("implementation", "granularity", "optimizer", "depth"), WORLD_OF_ONE_CASES)
 def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
-    tmp_path: Path, implementation: str, granularity: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, implementation: str, granularity: str, optimizer: str, depth: int
 ) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -433,30 +473,53 @@ def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
 
     def model_and_layca(shard: bool, implementation: str) -> tuple[torch.nn.Module, Layca]:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+        sizes = [8, *[6] * (depth - 1), 4]
+        modules: list[torch.nn.Module] = []
+        for a, b in itertools.pairwise(sizes):
+            modules += [torch.nn.Tanh(), torch.nn.Linear(a, b)] if modules else [torch.nn.Linear(a, b)]
+        model = torch.nn.Sequential(*modules)
         if shard:
             fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        base = BASE_OPTIMIZERS[optimizer](model.parameters())
         kwargs = {"rotation_rate": 0.1, "granularity": granularity, "implementation": implementation}
         return model, Layca(base, model.named_parameters(), **kwargs)
 
+    if depth > 2:
+        from lightning_layca import plan
+
+        monkeypatch.setattr(plan, "CPU_BUCKET_BYTES", 64)
     # A world of one process, in this process: its layers are DTensors all the same.
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         sharded, layca = model_and_layca(True, implementation)
-        reference, reference_layca = model_and_layca(False, "eager")
+        # The reference: the same implementation unsharded (around SGD and AdamW the compiled kernels take the base
+        # step there too, and leave the optimizer state torch's own step leaves).
+        reference, reference_layca = model_and_layca(False, implementation)
         counter = AllReduceCounter()
         x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
-        for _ in range(4):
+        for step in range(4):
             for model, opt in ((sharded, layca), (reference, reference_layca)):
                 model(x).square().sum().backward()
+                if step == 2:  # a step without the first layer's gradient: it stays, the others turn
+                    model[0].weight.grad = None
                 with count_all_reduces(counter):
                     opt.step()
                 opt.zero_grad()
         assert counter.calls == 4  # one collective per sharded step, none unsharded
-        assert set(layca.describe().values()) == {implementation}
+        # Around SGD and AdamW the compiled kernels take the base step of the sharded layers too.
+        expected = "compiled+base" if implementation == "compiled" and optimizer != "rmsprop" else implementation
+        assert set(layca.describe().values()) == {expected}
         for (name, p), q in zip(sharded.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p.detach().full_tensor(), q.detach(), rtol=1e-6, atol=1e-7, msg=name)
+        # The optimizer's state is the unsharded step's: the same entries, the same values.
+        state, reference_state = layca.optimizer.state_dict()["state"], reference_layca.optimizer.state_dict()["state"]
+        assert state.keys() == reference_state.keys()
+        for key, entries in reference_state.items():
+            assert state[key].keys() == entries.keys()
+            for entry, value in entries.items():
+                mine = state[key][entry]
+                mine = mine.full_tensor() if hasattr(mine, "full_tensor") else mine
+                torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-7, msg=f"{key} {entry}")
         norms = [float(p.detach().full_tensor().norm()) for p in layca.layers.params]
         assert layca.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
     finally:

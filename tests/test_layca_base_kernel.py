@@ -374,3 +374,32 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         torch.testing.assert_close(sums[1:], expected[1:], rtol=1e-5, atol=0.0)
         with torch.no_grad():  # both continue from torch's step, so that the next sums start from the same weights
             layer.copy_(twin)
+
+
+def test_per_unit_a_layer_left_to_the_eager_step_after_kernel_layers_takes_its_own_units_norms() -> None:
+    # The head has one unit: no kernel takes it, the eager step does, in the bucket of the two layers before it,
+    # whose units it must not be confused with (the first layer's units are scaled to other norms).
+    def fit_with(implementation: str) -> tuple[list[torch.Tensor], ll.Layca]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 1))
+        with torch.no_grad():
+            model[0].weight.mul_(5)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = ll.Layca(
+            base, model.named_parameters(), rotation_rate=0.1, granularity="unit", implementation=implementation
+        )
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()], opt
+
+    (compiled, opt), (eager, _) = fit_with("compiled"), fit_with("eager")
+    assert opt.describe() == {"0.weight": "compiled+base", "2.weight": "compiled+base", "4.weight": "eager"}
+    for p, q in zip(compiled, eager, strict=True):
+        assert relative_error(p, q) < 2e-5
+    # The head kept the norm the eager step gives it (with the first layer's unit norms it took another).
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(compiled[4]), torch.linalg.vector_norm(eager[4]), rtol=1e-6, atol=0
+    )

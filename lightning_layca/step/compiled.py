@@ -20,7 +20,10 @@ With the snapshot taken before the base step, that is 7 tensor-sized memory pass
 
 For a process's shard of a sharded layer the kernel comes in two halves (:data:`SHARDED_SUMS`,
 :data:`SHARDED_UPDATE`): step 1 alone, returning the shard's partial sums, then, once the seam has added the sums of
-every process in the step's one collective, steps 2 and 3 from the full sums: the same passes.
+every process in the step's one collective, steps 2 and 3 from the full sums: the same passes. So do the kernels that
+take the base step (below; :func:`sharded_base_sums_compiled`, :func:`sharded_base_update_compiled`): the first half
+reads the weights, the gradient and the optimizer's state, writes the new state and returns the shard's sums, the
+second forms the step again from the weights and the new state, as the first formed it, and writes the weights.
 
 Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (the kernels of
 :mod:`lightning_layca.step.families`, called by :func:`rotate_base_compiled`; the family table says when): the first
@@ -58,7 +61,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS
+from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
@@ -74,6 +77,8 @@ __all__ = [
     "rotate_base_compiled",
     "rotate_compiled",
     "scalars",
+    "sharded_base_sums_compiled",
+    "sharded_base_update_compiled",
     "sharded_sums_compiled",
     "sharded_update_compiled",
     "unit_view",
@@ -133,6 +138,7 @@ _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
     *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
+    *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
 )
 
 # A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
@@ -209,7 +215,7 @@ def _compiled_layers(parallel: bool, per_unit: bool, variant: str, size: int) ->
         options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
         if not parallel:
             options["cpp.threads"] = 1
-        if variant in BASE_KERNELS:
+        if variant in BASE_KERNELS or variant in SHARDED_BASE_KERNELS:
             options.update(_BASE_STEP_OPTIONS)
         function = _function(variant, parallel, per_unit, size)
         _compiled_fns[key] = torch.compile(function, dynamic=True, fullgraph=True, options=options)
@@ -304,10 +310,16 @@ def _stand_in(
     if variant == SHARDED_UPDATE:
         sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
         return [params, weights, sums, rate, relative_lr, norms, flag]
-    _, states, values = BASE_KERNELS[variant]
+    form, half = SHARDED_BASE_KERNELS.get(variant, (variant, None))
+    _, states, values = BASE_KERNELS[form]
     hyper = torch.tensor(values, dtype=torch.float64, device=device)
     state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
-    return [params, weights, *state, hyper, rate, relative_lr, norms, flag]
+    if half is None:
+        return [params, weights, *state, hyper, rate, relative_lr, norms, flag]
+    if variant == sharded_forms(form)[0]:
+        return [params, weights, *state, hyper, norms]
+    sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
+    return [params, weights, *state, hyper, sums, rate, relative_lr, norms, flag]
 
 
 def _ready_one(
@@ -563,6 +575,75 @@ def sharded_update_compiled(
         (p, w, full, *scalars_) for p, w, full, scalars_ in zip(params, previous, sums, layer_scalars, strict=True)
     )
     return _call_kernels(zip(parallel, [SHARDED_UPDATE] * len(parallel), calls, strict=True), per_unit)
+
+
+def sharded_base_sums_compiled(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[Sequence[torch.Tensor]],
+    hypers: Sequence[torch.Tensor],
+    initial_norms: Sequence[torch.Tensor],
+    parallel: Sequence[bool],
+    variants: Sequence[str],
+    per_unit: bool = False,
+) -> list[torch.Tensor]:
+    """The first half of :func:`rotate_base_compiled` for a process's shards of sharded layers: the base step's state.
+
+    Each call reads the shard's weights, gradient and optimizer state, writes the new state and returns the shard's
+    partial sums ``(a, b, c)`` of ``(D, w)`` (``D`` formed exactly in float64, never written); the weights are not
+    written. Then the seam adds the sums of every process (:func:`lightning_layca.distributed.reduce_sums`), and
+    :func:`sharded_base_update_compiled` takes the Layca step. Needs :func:`compiled_step_ready` with both halves of
+    every layer's form (:func:`~lightning_layca.step.families.sharded_forms`). Should a later compilation fail, the
+    layers from the failing one on are left to the caller untouched (fewer results than layers), after one warning.
+
+    Args:
+        params: :func:`kernel_view` (or :func:`unit_view`) of each local shard (detached), holding ``w``.
+        grads: The same views of their gradients.
+        states: Per layer, the same views of the optimizer state the kernel updates in place.
+        hypers: Per layer, the kernel's hyperparameters.
+        initial_norms: As for :func:`sharded_sums_compiled` (tells the kernel the granularity).
+        parallel: :func:`parallel_kernel` of each local shard.
+        variants: Per layer, the form of the base step (a key of :data:`BASE_KERNELS`).
+        per_unit: Whether every unit turns by itself.
+
+    Returns:
+        Per layer, ``(3, 1)`` or per unit ``(3, rows)`` float64 sums.
+    """
+    sums: list[torch.Tensor] = []
+    calls = (
+        (p, g, *state, hyper, n0)
+        for p, g, state, hyper, n0 in zip(params, grads, states, hypers, initial_norms, strict=True)
+    )
+    forms = [sharded_forms(v)[0] for v in variants]
+    _call_kernels(zip(parallel, forms, calls, strict=True), per_unit, sums)
+    return sums
+
+
+def sharded_base_update_compiled(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[Sequence[torch.Tensor]],
+    hypers: Sequence[torch.Tensor],
+    sums: Sequence[torch.Tensor],
+    layer_scalars: Sequence[LayerScalars],
+    parallel: Sequence[bool],
+    variants: Sequence[str],
+    per_unit: bool = False,
+) -> None:
+    """The second half: each shard's Layca step from its layer's full ``sums`` (``(3, 1)`` or ``(3, rows)``).
+
+    ``D`` is formed again from the weights and the state the first half wrote, as that half formed it. The state is
+    already this step's, so every layer must be stepped: should a compilation fail (after one warning), the layers
+    from the failing one on take the same function uncompiled (the same arithmetic, in eager torch operations).
+    """
+    calls = [
+        (p, g, *state, hyper, full, *scalars_)
+        for p, g, state, hyper, full, scalars_ in zip(params, grads, states, hypers, sums, layer_scalars, strict=True)
+    ]
+    forms = [sharded_forms(v)[1] for v in variants]
+    done = _call_kernels(zip(parallel, forms, calls, strict=True), per_unit)
+    for form, arguments in zip(forms[done:], calls[done:], strict=True):
+        SHARDED_BASE_KERNELS[form][1](*arguments)
 
 
 def _call_kernels(

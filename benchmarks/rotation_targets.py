@@ -281,25 +281,20 @@ def report(records: Sequence[dict[str, Any]]) -> str:
 def overhead(args: argparse.Namespace) -> None:
     """Time the controller's own work (measurements and rate updates) against the fit, at the default interval."""
     spent = [0.0]
-    original = targets_module.TargetController.after_step
-    original_prepare = targets_module.TargetController.prepare
 
-    def timed(self: Any, *a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(self, *a, **k)
-        finally:
-            spent[0] += time.perf_counter() - start
+    def timed(method: Any) -> Any:
+        def run(self: Any, *a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(self, *a, **k)
+            finally:
+                spent[0] += time.perf_counter() - start
 
-    def timed_prepare(self: Any, *a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original_prepare(self, *a, **k)
-        finally:
-            spent[0] += time.perf_counter() - start
+        return run
 
-    targets_module.TargetController.after_step = timed  # type: ignore[method-assign]
-    targets_module.TargetController.prepare = timed_prepare  # type: ignore[method-assign]
+    controller = targets_module.TargetController
+    controller.after_step = timed(controller.after_step)  # type: ignore[method-assign]
+    controller.prepare = timed(controller.prepare)  # type: ignore[method-assign]
     import torch
 
     torch.set_num_threads(args.threads)

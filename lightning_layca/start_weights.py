@@ -24,17 +24,21 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from lightning_layca.distributed import local_shard, reduce_sums, shard_layout
+from lightning_layca.rotation import distances_from_sums
 from lightning_layca.sums import float64_sums, row_view, unit_counts
 
 __all__ = ["StartWeights", "distances_of", "plane_rotation"]
 
 
 def distances_of(sums: torch.Tensor) -> list[float]:
-    """Each unit's cosine distance from its ``(units, 3)`` sums ``(<w, w0>, <w0, w0>, <w, w>)`` (0 for a zero unit)."""
-    dot, initial_sq, current_sq = sums.unbind(1)
-    scale = (initial_sq * current_sq).sqrt()
-    cosine = torch.where(scale > 0, dot / torch.where(scale > 0, scale, 1.0), 1.0)
-    return [float(x) for x in (1.0 - cosine).tolist()]
+    """Each unit's cosine distance from its ``(units, 3)`` sums ``(<w, w0>, <w0, w0>, <w, w>)``.
+
+    The monitor's :func:`~lightning_layca.rotation.distances_from_sums`, except that a unit whose current or initial
+    weights are all zero is at distance 0 rather than NaN: a control loop needs a number.
+    """
+    _, initial_sq, current_sq = sums.unbind(1)
+    distances = torch.where(initial_sq * current_sq > 0, distances_from_sums(sums), 0.0)
+    return [float(x) for x in distances.tolist()]
 
 
 def plane_rotation(sums: torch.Tensor, deltas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +102,10 @@ class StartWeights:
                 self.tensors[i] = local_shard(params[i].detach()).clone()
                 self.owned.add(i)
 
+    def units(self, param: torch.Tensor) -> int:
+        """How many loops a layer is: its units (rows, the global count if sharded) with ``per_unit``, else 1."""
+        return unit_counts([param])[0] if self.per_unit else 1
+
     def sums(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per layer at ``indices``, its ``(units, 3)`` float64 sums ``(<w, w0>, <w0, w0>, <w, w>)``.
 
@@ -109,7 +117,7 @@ class StartWeights:
         )
         layout = shard_layout(chosen)
         full = reduce_sums(local, layout if layout.sharded else None, self.per_unit)
-        return list(full.split(unit_counts(chosen) if self.per_unit else [1] * len(chosen)))
+        return list(full.split([self.units(p) for p in chosen]))
 
     def distances(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[list[float]]:
         """The cosine distance to their initial weights of the layers at ``indices`` (per unit with ``per_unit``)."""

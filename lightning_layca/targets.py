@@ -479,15 +479,11 @@ class TargetController:
         new = [i for i in controlled if self.gains[i] is None]
         self.start.snapshot(controlled, params)
         for i in new:
-            g, units = group_of[i], self._units(params[i])
+            g, units = group_of[i], self.start.units(params[i])
             gain = self._next_gain(i, g, layca.step_count, 0.0, 1.0, group_lrs[g], reference, previous=None)
             self.gains[i] = [gain] * units
             self.unit_distances[i] = [0.0] * units
             self._progress[i], self._spent[i], self._effort[i] = [0.0] * units, [0.0] * units, [0.0] * units
-
-    def _units(self, param: torch.Tensor) -> int:
-        """How many loops a layer has: its units (rows, the global count if sharded) with ``per_unit``, else 1."""
-        return param.shape[0] if self.per_unit and param.ndim >= 2 else 1
 
     def targets_now(self, layca: Any) -> dict[str, float]:
         """``d*_l`` of every layer ``layca`` controls, after the steps it has taken, by parameter name."""
@@ -656,13 +652,6 @@ class TargetController:
         if fresh:
             self._warned.update(f"{kind}:{name}" for name, _ in fresh)
             _warn(f"Layca: layers {', '.join(text for _, text in fresh)} {what}.")
-
-    def measure(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> list[list[float]]:
-        """The cosine distance to their initial weights of the layers at ``indices``, per unit with ``per_unit``.
-
-        One collective if sharded. A unit whose weights (or initial weights) are all zero is at distance 0.
-        """
-        return self.start.distances(indices, params)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:

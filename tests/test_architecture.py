@@ -30,6 +30,7 @@ FLOORS: dict[str, int] = {
     "step.eager": 2,
     "rotation": 2,
     "start_weights": 3,
+    "target_curve": 1,
     "targets": 4,
     "monitored": 3,
     "step.families": 3,

@@ -5,7 +5,7 @@ fit, which a ``Layca`` step alone cannot know. When the fit starts, :func:`start
 :class:`~lightning_layca.targets.TargetController` the monitor's initial weights (no copy of its own) and, unless a
 checkpoint restored it, its horizon: the length of training from the Trainer (``estimated_stepping_batches``) and
 each param group's learning rate at every step, found by stepping the wrapper's LR schedulers ahead
-(:func:`lightning_layca.targets.scheduled_lrs`; ``ReduceLROnPlateau`` cannot be: the current lr is assumed).
+(:func:`lightning_layca.target_curve.scheduled_lrs`; ``ReduceLROnPlateau`` cannot be: the current lr is assumed).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from lightning_layca.layca import Layca
 from lightning_layca.monitored import MonitoredLayers
 from lightning_layca.selection import layer_display_name
-from lightning_layca.targets import scheduled_lrs
+from lightning_layca.target_curve import scheduled_lrs
 
 __all__ = ["start_targets", "steered_now", "targets_now", "training_length"]
 

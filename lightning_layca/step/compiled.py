@@ -62,10 +62,11 @@ from typing import Any, NamedTuple
 import torch
 
 from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
-from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
+from lightning_layca.step.kernels import after_step, distance_sums, sharded_sums, sharded_update
 
 __all__ = [
     "BASE_KERNELS",
+    "DISTANCES",
     "LAYERS_PER_CALL",
     "SHARDED_SUMS",
     "SHARDED_UPDATE",
@@ -73,6 +74,7 @@ __all__ = [
     "LayerScalars",
     "compiled_step_ready",
     "kernel_view",
+    "measurement_sums_compiled",
     "parallel_kernel",
     "rotate_base_compiled",
     "rotate_compiled",
@@ -132,11 +134,19 @@ SHARDED_SUMS, SHARDED_UPDATE = "sharded_sums", "sharded_update"
 """The two halves of :data:`SNAPSHOT` for a process's shard of a sharded layer, around the one collective of the step
 (:func:`sharded_sums_compiled`, :func:`sharded_update_compiled`)."""
 
+DISTANCES = "distances"
+"""Not a step: the sums of a layer against its initial weights, from which a rotation monitor's cosine distance comes
+(:func:`measurement_sums_compiled`); the sums of a step are :data:`SHARDED_SUMS`'s."""
+
+MEASUREMENTS = (DISTANCES, SHARDED_SUMS)
+"""The kernels a measurement calls (:func:`measurement_sums_compiled`)."""
+
 # A compiled kernel returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
 _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SNAPSHOT, after_step),
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
+    (DISTANCES, distance_sums),
     *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
     *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
 )
@@ -305,7 +315,7 @@ def _stand_in(
     norms = torch.ones(shape[0] if per_unit else (), dtype=torch.float64, device=device)
     if variant == SNAPSHOT:
         return [params, weights, rate, relative_lr, norms, flag]
-    if variant == SHARDED_SUMS:
+    if variant in MEASUREMENTS:
         return [params, weights, norms]
     if variant == SHARDED_UPDATE:
         sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
@@ -361,6 +371,14 @@ def _give_up(
 ) -> None:
     _ready[(device.type, dtype, parallel, per_unit, variant, size)] = False
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if variant == DISTANCES:
+        warnings.warn(
+            f"Layca: the compiled measurement is not available for {dtype} layers on {device.type} "
+            f"({type(error).__name__}: {reason[:300]}); the rotation monitor measures with the eager sums. Pass "
+            "implementation='eager' to skip the attempt.",
+            stacklevel=5,
+        )
+        return
     warnings.warn(
         f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
         f"({type(error).__name__}: {reason[:300]}); using the eager step. Pass implementation='eager' to skip the "
@@ -644,6 +662,36 @@ def sharded_base_update_compiled(
     done = _call_kernels(zip(parallel, forms, calls, strict=True), per_unit)
     for form, arguments in zip(forms[done:], calls[done:], strict=True):
         SHARDED_BASE_KERNELS[form][1](*arguments)
+
+
+def measurement_sums_compiled(
+    weights: Sequence[torch.Tensor], others: Sequence[torch.Tensor], parallel: Sequence[bool], difference: bool
+) -> list[torch.Tensor]:
+    """The sums of a measurement of layers of one device and dtype, one compiled pass per layer (several per call).
+
+    Without ``difference`` the sums of each layer against its initial weights (:data:`DISTANCES`); with it, of the step
+    that led from ``others`` to ``weights`` (:data:`SHARDED_SUMS`): what :func:`lightning_layca.sums.float64_sums`
+    returns for the same arguments, per layer. Needs :func:`compiled_step_ready` (with ``variants`` the kernel's name)
+    to have returned ``True``.
+
+    Args:
+        weights: :func:`kernel_view` of each layer (detached).
+        others: The same views of the initial weights, or of the weights before the step.
+        parallel: :func:`parallel_kernel` of each layer.
+        difference: Whether the sums are a step's.
+
+    Returns:
+        ``(a, b, c)`` of each layer measured, shape ``(3, 1)``; fewer than the layers (the first ones) if a later
+        compilation failed, after one warning.
+    """
+    if not weights:
+        return []
+    variant = SHARDED_SUMS if difference else DISTANCES
+    per_layer = torch.zeros((), dtype=torch.float64, device=weights[0].device)
+    calls = ((x, y, per_layer) for x, y in zip(weights, others, strict=True))
+    sums: list[torch.Tensor] = []
+    _call_kernels(zip(parallel, [variant] * len(weights), calls, strict=True), False, sums)
+    return sums
 
 
 def _call_kernels(

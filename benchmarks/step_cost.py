@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
 from benchmarks._prototypes import FusedSGDLayca, cuda_graph_step
 from benchmarks._shapes import SHAPE_SETS, ShapeSet, numel
 from lightning_layca import Layca
-from lightning_layca.plan import AUTO_COMPILE_AFTER_SECONDS
+from lightning_layca.auto_choice import AUTO_COMPILE_AFTER_SECONDS
 from lightning_layca.step.compiled import use_compiled_step
 
 ROTATION_RATE = 3**-3

@@ -3,14 +3,15 @@
 A logging step of a rotation monitor measures every layer against its initial weights: the float64 sums of
 :func:`lightning_layca.sums.float64_sums`, from which the cosine distances come
 (:func:`lightning_layca.rotation.distances_from_sums`). The eager sums convert each layer and its snapshot to float64
-block by block and form the products with separate operators; a compiled pass
-(:func:`lightning_layca.step.compiled.measurement_sums_compiled`, the same :func:`~lightning_layca.sums.row_sums`
-arithmetic traced by Inductor) reads both once and converts in registers, about three times faster on a CPU, but its
-compilation takes seconds. :class:`MeasurementSums` chooses between them as ``implementation`` says, with the rule of
-the Layca step's ``implementation="auto"`` (:class:`lightning_layca.plan.AutoChoice`): eager first, compiled once the
-eager sums have taken :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, the faster of the two kept,
-and the choice revisited. Both give the same numbers up to the order of float64 additions (a relative difference of
-about ``1e-16``).
+block by block and form the products with separate operators; a compiled pass (the same
+:func:`~lightning_layca.sums.row_sums` arithmetic traced by Inductor, compiled and called by
+:mod:`lightning_layca.compiling` as the step's kernels are) reads both once and converts in registers, about three
+times faster on a CPU, but its compilation takes seconds. :class:`MeasurementSums` chooses between them as
+``implementation`` says, with the rule of the Layca step's ``implementation="auto"``
+(:class:`~lightning_layca.auto_choice.AutoChoice`): eager first, compiled once the eager sums have taken
+:data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS` in total, the faster of the two kept, and the choice
+revisited. Both give the same numbers up to the order of float64 additions (a relative difference of about
+``1e-16``).
 """
 
 from __future__ import annotations
@@ -22,32 +23,73 @@ from typing import cast
 import torch
 
 from lightning_layca.argument_types import Implementation, check_implementation
-from lightning_layca.plan import AutoChoice
-from lightning_layca.step.compiled import (
+from lightning_layca.auto_choice import AutoChoice
+from lightning_layca.compiling import (
     AUTO_DEVICE_TYPES,
-    DISTANCES,
-    SHARDED_SUMS,
     SUPPORTED_DTYPES,
-    compiled_step_ready,
+    KernelSpec,
+    call_kernels,
     kernel_view,
-    measurement_sums_compiled,
+    kernels_ready,
     parallel_kernel,
+    register_kernel,
+    stand_in_layer,
 )
-from lightning_layca.sums import float64_sums
+from lightning_layca.sums import float64_sums, row_sums
 
-__all__ = ["MeasurementSums"]
+__all__ = ["DISTANCES", "STEP_SUMS", "MeasurementSums"]
+
+DISTANCES, STEP_SUMS = "distance_sums", "step_sums"
+"""The kernels of a measurement: the sums of each layer against its initial weights, and of its latest step."""
+
+
+def _distance_sums(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """``(<w, w0>, <w0, w0>, <w, w>)`` of a layer's view, float64, ``(3, 1)`` (traced and compiled).
+
+    :func:`float64_sums` without ``difference``, in one pass that reads the layer and its snapshot once.
+    """
+    return row_sums(weights.double(), initial.double()).sum(1, keepdim=True)
+
+
+def _step_sums(weights: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """``(<D, w>, <w, w>, <D, D>)`` of a layer's step ``D = w' - w``, ``before`` being ``w`` (traced and compiled).
+
+    :func:`float64_sums` with ``difference``.
+    """
+    previous = before.double()
+    return row_sums(weights.double() - previous, previous).sum(1, keepdim=True)
+
+
+def _stand_in(
+    device: torch.device, dtype: torch.dtype, per_unit: bool, shape: tuple[int, int], rule: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    params, weights, _ = stand_in_layer(device, dtype, shape)
+    return [params, weights]
+
+
+for _name, _body in ((DISTANCES, _distance_sums), (STEP_SUMS, _step_sums)):
+    register_kernel(
+        _name,
+        KernelSpec(
+            _body,
+            _stand_in,
+            what="the compiled measurement",
+            instead="the rotation monitor measures with the eager sums",
+        ),
+    )
 
 
 class MeasurementSums:
-    """The sums of a rotation monitor's measurements, eager or compiled (a :class:`lightning_layca.rotation.PairSums`).
+    """The sums of a rotation monitor's measurements, eager or compiled (a ``lightning_layca.rotation.PairSums``).
 
     Args:
-        implementation: ``"auto"`` (default): eager sums first, compiled ones once they pay, on CPU (the rule of the
-            step, :class:`~lightning_layca.plan.AutoChoice`, timed on the distances of logging steps); ``"eager"``:
-            never compile; ``"compiled"``: compiled sums from the first measurement, on any device.
+        implementation: ``"auto"`` (default): eager sums first, compiled ones once they pay, on CPU (the step's
+            rule, :class:`~lightning_layca.auto_choice.AutoChoice`, timed on the distances of logging steps);
+            ``"eager"``: never compile; ``"compiled"``: compiled sums from the first measurement, on any device.
 
     Layers of another dtype than float32, bfloat16 and float16, or whose memory is not one dense block
-    (:func:`~lightning_layca.step.compiled.kernel_view`), are always summed eagerly; so is everything when a
+    (``lightning_layca.compiling.kernel_view``) or laid out otherwise than their snapshot, are always summed
+    eagerly; so is everything when a
     compilation fails (after one warning).
 
     Example:
@@ -100,7 +142,10 @@ class MeasurementSums:
         if not positions or not self._ready(xs[positions[0]], parallel, difference):
             self.in_use = "eager"
             return float64_sums(xs, ys, difference=difference, y_squares=y_squares)
-        measured = measurement_sums_compiled(views, others, parallel, difference)
+        variant = STEP_SUMS if difference else DISTANCES
+        measured: list[torch.Tensor] = []
+        calls = zip(parallel, [variant] * len(views), zip(views, others, strict=True), strict=True)
+        call_kernels(calls, False, measured)
         rows: list[torch.Tensor | None] = [None] * len(xs)
         for i, part in zip(positions, measured, strict=False):
             rows[i] = part.view(1, 3)
@@ -118,7 +163,7 @@ class MeasurementSums:
     ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
         """The layers whose sums are compiled this time, and the views of them and of their snapshots the kernels take.
 
-        None unless the implementation says so now; the views are :func:`~lightning_layca.step.compiled.kernel_view`'s.
+        None unless the implementation says so now; the views are :func:`~lightning_layca.compiling.kernel_view`'s.
         """
         positions: list[int] = []
         views: list[torch.Tensor] = []
@@ -143,11 +188,11 @@ class MeasurementSums:
         return positions, views, others
 
     def _ready(self, first: torch.Tensor, parallel: list[bool], difference: bool) -> bool:
-        variant = SHARDED_SUMS if difference else DISTANCES
+        variant = STEP_SUMS if difference else DISTANCES
         key = (first.device.type, first.dtype, tuple(parallel), variant)
         if key not in self._ready_for:
             with torch.no_grad():
-                ready = compiled_step_ready(first.device, first.dtype, parallel, variants=[variant] * len(parallel))
+                ready = kernels_ready(first.device, first.dtype, [(p, variant) for p in parallel])
             self._unavailable = not ready
             self._ready_for[key] = ready
         return self._ready_for[key]

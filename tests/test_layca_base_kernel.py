@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca.step import compiled as compiled_step
+from lightning_layca import compiling
 from tests.implementations import SubclassedSGD
 
 CONFIGS = {
@@ -320,8 +320,8 @@ def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_ea
 
         return fail
 
-    monkeypatch.setattr(compiled_step, "_ready", dict(compiled_step._ready))  # the failure is forgotten afterwards
-    monkeypatch.setattr(compiled_step, "_compiled", broken)
+    monkeypatch.setattr(compiling, "_ready", dict(compiling._ready))  # the failure is forgotten afterwards
+    monkeypatch.setattr(compiling, "_compiled", broken)
     with pytest.warns(UserWarning, match="recompilation failed"):
         fit(model, eager, 1, seed=3)
         fit(twin, compiled, 1, seed=3)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import lightning_layca as ll
-from lightning_layca import plan
+from lightning_layca import auto_choice, compiling
 from lightning_layca.measurement import MeasurementSums
-from lightning_layca.step import compiled as compiled_step
 from tests.tiny_modules import LAYERS, TinyCNN, cosine_distance_fp64, layer_weights, loader, make_trainer
 
 
@@ -61,7 +60,7 @@ def test_auto_compiles_once_the_eager_sums_have_taken_as_long_as_a_compilation(
     sums = MeasurementSums()  # "auto"
     sums(layers, initial)
     assert sums.in_use == "eager"  # 10 s of eager sums have not been spent yet
-    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
     first = sums(layers, initial)
     assert sums.in_use == "eager"  # this measure's time completes the eager phase: a trial starts
     second = sums(layers, initial)
@@ -73,7 +72,7 @@ def test_auto_compiles_once_the_eager_sums_have_taken_as_long_as_a_compilation(
 
 
 def test_eager_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
     layers, initial = layers_and_snapshots()
     sums = MeasurementSums("eager")
     for _ in range(3):
@@ -88,8 +87,8 @@ def test_a_failed_compilation_warns_once_and_measures_eagerly(monkeypatch: pytes
 
         return fail
 
-    monkeypatch.setattr(compiled_step, "_ready", {})
-    monkeypatch.setattr(compiled_step, "_compiled_layers", no_compiler)
+    monkeypatch.setattr(compiling, "_ready", {})
+    monkeypatch.setattr(compiling, "_compiled_layers", no_compiler)
     layers, initial = layers_and_snapshots()
     sums = MeasurementSums("compiled")
     with warnings.catch_warnings(record=True) as caught:

@@ -107,10 +107,10 @@ class LayerRotationMonitor(Callback):
             effective weight has not moved (``None``: never).
         implementation: How the sums of a logging step's measurement are formed: ``"auto"`` (default): eagerly, and
             on CPU in compiled passes once the eager sums have taken about as long as a compilation (10 s in all)
-            and are slower than the compiled ones (the rule of :class:`~lightning_layca.Layca`'s ``implementation``,
-            :class:`~lightning_layca.plan.AutoChoice`); ``"eager"``: never compile; ``"compiled"``: compile at the
-            first logging step. The numbers differ only by the order of float64 additions
-            (:mod:`lightning_layca.measurement`).
+            and are slower than the compiled ones (the rule of :class:`~lightning_layca.Layca`'s
+            ``implementation``, :class:`~lightning_layca.auto_choice.AutoChoice`); ``"eager"``: never compile;
+            ``"compiled"``: compile at the first logging step. The numbers differ only by the order of float64
+            additions (``lightning_layca.measurement``).
 
     Attributes:
         layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`);

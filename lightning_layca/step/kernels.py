@@ -17,7 +17,6 @@ from lightning_layca.sums import row_sums
 
 __all__ = [
     "after_step",
-    "distance_sums",
     "layer_sums",
     "rotate_rows",
     "sharded_sums",
@@ -134,17 +133,6 @@ def sharded_sums(params: torch.Tensor, previous: torch.Tensor, initial_norms: to
     """
     weights = previous.double()
     return layer_sums((weights, params.double() - weights), initial_norms)
-
-
-def distance_sums(params: torch.Tensor, initial: torch.Tensor, initial_norms: torch.Tensor) -> torch.Tensor:
-    """The sums of a layer against its initial weights, ``(<w, w0>, <w0, w0>, <w, w>)`` in float64 (a measurement).
-
-    The sums :func:`lightning_layca.sums.float64_sums` forms for ``(w, w0)`` without ``difference``, from which a
-    rotation monitor's cosine distance comes, in one pass that reads the layer and its snapshot once. ``initial_norms``
-    tells the granularity as in :func:`sharded_sums` (0-dim: the layer's sums, ``(3, 1)``); the sums of a step, ``(w
-    + D, w)`` with ``difference``, are :func:`sharded_sums` itself.
-    """
-    return layer_sums((initial.double(), params.double()), initial_norms)
 
 
 def sharded_update(

@@ -89,8 +89,7 @@ class MeasurementSums:
 
     Layers of another dtype than float32, bfloat16 and float16, or whose memory is not one dense block
     (``lightning_layca.compiling.kernel_view``) or laid out otherwise than their snapshot, are always summed
-    eagerly; so is everything when a
-    compilation fails (after one warning).
+    eagerly; so is everything when a compilation fails (after one warning).
 
     Example:
         >>> sums = MeasurementSums("eager")

@@ -105,16 +105,14 @@ class LayerRotationMonitor(Callback):
         unmoved_adapter_steps: Adapted layers (LoRA, DoRA) are measured by their effective weight ``W0 + s B A``
             (``Magnitude_change/<layer>`` for DoRA); after this many optimizer steps, warn once naming those whose
             effective weight has not moved (``None``: never).
-        implementation: How the sums of a logging step's measurement are formed: ``"auto"`` (default): eagerly, and
-            on CPU in compiled passes once the eager sums have taken about as long as a compilation (10 s in all)
-            and are slower than the compiled ones (the rule of :class:`~lightning_layca.Layca`'s
-            ``implementation``, :class:`~lightning_layca.auto_choice.AutoChoice`); ``"eager"``: never compile;
-            ``"compiled"``: compile at the first logging step. The numbers differ only by the order of float64
-            additions (``lightning_layca.measurement``).
+        implementation: How a logging step's sums are formed (``lightning_layca.measurement``): ``"auto"``
+            (default): eagerly, then on CPU in compiled passes once that pays, by the rule of
+            :class:`~lightning_layca.Layca`'s ``implementation``; ``"eager"``; ``"compiled"``: compiled from the first
+            logging step. The numbers differ only by the order of float64 additions.
 
     Attributes:
-        layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`);
-            ``layers.sums.in_use`` says whether the latest measurement's sums were ``"eager"`` or ``"compiled"``.
+        layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`;
+            ``layers.sums.in_use``: ``"eager"`` or ``"compiled"``, the latest measurement's sums).
         history: Layer display name -> ``[(step, cosine distance), ...]`` at every logging step since the layer was
             monitored, on the step axis of ``LightningModule.log``.
         last_rotation: Layer display name -> the latest measured cosine distance.

@@ -209,6 +209,13 @@ _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
     *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
 )
+_UPDATE_HALVES: dict[str, Callable[..., Any]] = {
+    SHARDED_UPDATE: sharded_update,
+    **{sharded_forms(v)[1]: SHARDED_BASE_KERNELS[sharded_forms(v)[1]][1] for v in BASE_KERNELS},
+}
+"""The update half of each form's sharded kernel, uncompiled: where a float32 layer's float64 update is formed when
+its compilation fails (:func:`_update_in_float64`)."""
+
 for _variant, _body in _BODIES:
     _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
     register_kernel(_variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options))
@@ -252,8 +259,13 @@ def rotate_compiled(
     Returns:
         The number of layers stepped (all of them unless a compilation failed).
     """
-    calls = ((p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True))
-    return call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, sums)
+    calls = [(p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True)]
+    results: list[torch.Tensor] = []
+    done = call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, results)
+    _update_in_float64(calls[:done], results, [SNAPSHOT] * done, parallel, per_unit)
+    if sums is not None:
+        sums.extend(results)
+    return done
 
 
 def rotate_base_compiled(
@@ -286,11 +298,51 @@ def rotate_base_compiled(
     Returns:
         The number of layers stepped.
     """
-    calls = (
+    calls = [
         (p, g, *state, hyper, *scalars_)
         for p, g, state, hyper, scalars_ in zip(params, grads, states, hypers, layer_scalars, strict=True)
-    )
-    return call_kernels(zip(parallel, variants, calls, strict=True), per_unit)
+    ]
+    results: list[Any] = []
+    done = call_kernels(zip(parallel, variants, calls, strict=True), per_unit, results)
+    _update_in_float64(calls[:done], results, variants, parallel, per_unit)
+    return done
+
+
+def _update_in_float64(
+    calls: Sequence[Sequence[torch.Tensor]],
+    results: Sequence[Any],
+    variants: Sequence[str],
+    parallel: Sequence[bool],
+    per_unit: bool,
+) -> None:
+    """The update in float64 of the layers whose one-call kernel left it (a fourth row of their sums, 0).
+
+    On CPU a float32 layer's kernel forms its update in float32 where that is exact enough
+    (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was, the optimizer's
+    state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
+    sharded layer (the same arithmetic uncompiled, should its compilation fail). ``calls`` are the arguments the
+    one-call kernels took, ``results`` what they returned.
+    """
+    sums = [result[0] if isinstance(result, tuple) else result for result in results]
+    checked = [i for i, s in enumerate(sums) if s.shape[0] == 4]
+    if not checked:
+        return
+    formed = torch.stack([sums[i][3, 0] for i in checked]).tolist()  # CPU: no synchronisation
+    left = [i for i, ok in zip(checked, formed, strict=True) if not ok]
+    if not left:
+        return
+    halves, arguments = [], []
+    for i in left:
+        variant, args = variants[i], list(calls[i])
+        if variant == SNAPSHOT:
+            half, at = SHARDED_UPDATE, 2  # (p, w, | sums, rate, relative_lr, initial_norms, near_floor)
+        else:
+            half, at = sharded_forms(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
+        halves.append(half)
+        arguments.append([*args[:at], sums[i][:3], *args[at:]])
+    done = call_kernels(zip([parallel[i] for i in left], halves, arguments, strict=True), per_unit)
+    for half, args in zip(halves[done:], arguments[done:], strict=True):
+        _UPDATE_HALVES[half](*args)
 
 
 def sharded_sums_compiled(

@@ -12,9 +12,14 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
    with ``granularity="unit"`` the rows are the units and their sums are used as they are;
 2. turns the sums into ``k1, k2`` with :func:`lightning_layca.step.rule.coefficients`, the rule every path shares
    (rounding floor, non-finite steps, rates without overflow);
-3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, computed in float64 for float32 layers (in float32
-   for bfloat16 and float16 ones) and rounded once to the layer's dtype. A layer (unit) that does not move
-   (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact zero.
+3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, rounded once to the layer's dtype: for a float32
+   layer on CPU computed in float32 where its two terms do not cancel
+   (:func:`lightning_layca.step.rule.single_precision_suffices`, the eager step's rule, checked in the kernel for the
+   layer), the layer otherwise left as it was for a float64 update by the update half of its form (the one-call
+   kernels' fourth row of sums says which, :func:`~lightning_layca.step.kernels.update_rows`); on CUDA in float64 for
+   float32 layers (the check would have to be read, which synchronises); in float32 for bfloat16 and float16 ones. A
+   layer (unit) that does not move (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact
+   zero.
 
 With the snapshot taken before the base step, that is 7 tensor-sized memory passes.
 

@@ -9,7 +9,7 @@ later process). The first kernel of the process also pays for importing and star
 Part 2: end-to-end short fits, each in a fresh process: a plain training loop (forward, backward, step) of an MLP of
 ``--layers`` square layers of width ``--width`` for ``--steps`` steps, under ``Layca(SGD(momentum=0.9))`` with
 ``implementation="eager"``, ``"compiled"`` (compiles at the first step; its kernel takes SGD's step) and ``"auto"``
-(the default: eager until the steps have cost :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS`),
+(the default: eager until the steps have cost :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS`),
 interleaved over ``--repeats`` rounds, with a warm Inductor cache. The table gives the median fit time and its ratio
 to the eager fit.
 

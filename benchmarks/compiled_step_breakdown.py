@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.step_cost import _load, build_rows, machine_description, make_param_set
-from lightning_layca.step import compiled as compiled_step
+from lightning_layca import compiling
 from lightning_layca.step.compiled import (
     BASE_KERNELS,
     LayerScalars,
@@ -172,20 +172,20 @@ def batched_prototype(size: int, repeats: int = 500) -> tuple[float, float]:
 
 def layers_per_call_ab(step: Callable[[], object], rounds: int = 8) -> list[str]:
     """One layer per compiled call against :data:`LAYERS_PER_CALL`, alternated: table rows of medians and profiles."""
-    sizes = (1, compiled_step.LAYERS_PER_CALL)
+    sizes = (1, compiling.LAYERS_PER_CALL)
     times: dict[int, list[float]] = {size: [] for size in sizes}
     try:
         for size in sizes:
-            compiled_step.LAYERS_PER_CALL = size
+            compiling.LAYERS_PER_CALL = size
             for _ in range(3):  # compile, warm up
                 step()
         for _ in range(rounds):
             for size in sizes:
-                compiled_step.LAYERS_PER_CALL = size
+                compiling.LAYERS_PER_CALL = size
                 times[size].append(cpu_ms_per_step(step, blocks=1, block=4))
         lines = []
         for size in sizes:
-            compiled_step.LAYERS_PER_CALL = size
+            compiling.LAYERS_PER_CALL = size
             b = profile_breakdown(step, 3)
             lines.append(
                 f"{size} | {statistics.median(times[size]):.2f} | {b['calls']:.0f} | {b['wrappers']:.2f} | "
@@ -193,7 +193,7 @@ def layers_per_call_ab(step: Callable[[], object], rounds: int = 8) -> list[str]
             )
         return lines
     finally:
-        compiled_step.LAYERS_PER_CALL = sizes[1]
+        compiling.LAYERS_PER_CALL = sizes[1]
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         )
     lines += [
         "",
-        f"## Layers per compiled call: 1 against {compiled_step.LAYERS_PER_CALL}, alternated in this process",
+        f"## Layers per compiled call: 1 against {compiling.LAYERS_PER_CALL}, alternated in this process",
         "",
         "Process CPU time per step (median of 8 blocks of 4 steps, the two settings alternated), then a profile of 3 "
         "steps of each (ms per step, profiler overhead included):",

@@ -5,9 +5,10 @@ layer's cosine distance to its snapshot, moved to the host once) and the full me
 same, plus the latest step's sums, from which its angle, update ratio and its two parts, and the norm come; one host
 transfer) against one ``SGD(lr, momentum=0.9, foreach=True)`` step on the same parameters (and, for reference, one
 step without momentum), interleaved, medians. The update is the meter's (the snapshot's ``<w0, w0>`` kept from its
-first measure); the distances formed from scratch are timed beside it, and ``--compiled-prototype`` adds a prototype
-that forms the distances' sums of all layers in one compiled call (not the library's path).
-Target: an update costs at most one base SGD step.
+first measure), with the eager sums and with the compiled ones (``implementation="compiled"``, what
+``implementation="auto"`` takes once it pays: :mod:`lightning_layca.measurement`; ``--eager-only`` leaves them out);
+the distances formed from scratch are timed beside it. Target: an update costs at most one base SGD step (0.5x with
+the compiled sums).
 
 Part 2 (end to end): ``Trainer.fit`` of a small CNN on synthetic data with plain SGD, with ``LayerRotationMonitor``
 and with ``LaycaCallback``, all at the Trainer's default ``log_every_n_steps=50`` and with a TensorBoard logger (the
@@ -20,7 +21,7 @@ Run from the repository root::
 
     python -m benchmarks.monitor_cost                 # CPU, or CUDA when present
     python -m benchmarks.monitor_cost --device cpu --rounds 5 --steps 200
-    OMP_NUM_THREADS=1 python -m benchmarks.monitor_cost --device cpu --skip-fit --clock cpu --compiled-prototype
+    OMP_NUM_THREADS=1 python -m benchmarks.monitor_cost --device cpu --skip-fit --clock cpu
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._shapes import SHAPE_SETS
+from lightning_layca.measurement import MeasurementSums
 from lightning_layca.rotation import RotationMeter, cosine_distances
 
 
@@ -61,36 +63,7 @@ def _time(fn: Callable[[], Any], device: torch.device, clock: Callable[[], float
     return (clock() - t0) * 1e3
 
 
-def _compiled_distance_sums(
-    layers: list[torch.Tensor], snapshot: list[torch.Tensor]
-) -> tuple[Callable[[], Any], float]:
-    """A prototype, not the library's path: every layer's sums against its snapshot in ONE compiled call.
-
-    The same arithmetic as the monitor (:func:`lightning_layca.sums.row_sums` of float64 operands, which Inductor
-    fuses with the conversions, so each layer and its snapshot are read once from memory), compiled for these shapes.
-    Returns the measure (distances moved to the host, as the monitor's) and the seconds the compilation took.
-    """
-    from lightning_layca.rotation import distances_from_sums
-    from lightning_layca.sums import row_sums
-
-    def sums(weights: list[torch.Tensor], initial: list[torch.Tensor]) -> torch.Tensor:
-        rows = [
-            row_sums(w.double().view(1, -1), w0.double().view(1, -1)) for w, w0 in zip(weights, initial, strict=True)
-        ]
-        return torch.cat(rows, dim=1).T
-
-    compiled = torch.compile(sums, fullgraph=True, dynamic=False)
-
-    def measure() -> None:
-        with torch.no_grad():
-            distances_from_sums(compiled(layers, snapshot)).tolist()
-
-    start = time.perf_counter()
-    measure()
-    return measure, time.perf_counter() - start
-
-
-def micro(device: torch.device, repeats: int, clock: str = "wall", compiled_prototype: bool = False) -> list[str]:
+def micro(device: torch.device, repeats: int, clock: str = "wall", compiled: bool = True) -> list[str]:
     g = torch.Generator().manual_seed(0)
     shapes = SHAPE_SETS["resnet18"]()
     params = [torch.randn(shape, generator=g).to(device).requires_grad_() for _, shape in shapes]
@@ -125,10 +98,13 @@ def micro(device: torch.device, repeats: int, clock: str = "wall", compiled_prot
         "logging step: rotation + step (angle, update ratio, norm)": logging_step_measurement,
     }
     compile_seconds = None
-    if compiled_prototype:
-        rows["prototype: the distances' sums of all layers in one compiled call"], compile_seconds = (
-            _compiled_distance_sums(layers, snapshot)
-        )
+    if compiled:
+        compiled_meter = RotationMeter(layers, snapshot, MeasurementSums("compiled"))
+        start = time.perf_counter()
+        compiled_meter.measure(distances=True, steps=positions, before=before)  # compiles both kernels
+        compile_seconds = time.perf_counter() - start
+        rows["monitor update, compiled sums (implementation='compiled')"] = lambda: compiled_meter.measure(True)
+        rows["logging step, compiled sums"] = lambda: compiled_meter.measure(True, steps=positions, before=before)
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(3):
         for fn in rows.values():
@@ -150,7 +126,11 @@ def micro(device: torch.device, repeats: int, clock: str = "wall", compiled_prot
     for name in names:
         lines.append(f"| {name} | {med[name]:.3f} | {med[name] / med[names[0]]:.2f} |")
     if compile_seconds is not None:
-        lines += ["", f"The prototype's compilation took {compile_seconds:.1f} s (wall clock), once per process."]
+        lines += [
+            "",
+            f"The first compiled measurement took {compile_seconds:.1f} s (wall clock): the compilation of its two "
+            "kernels (one layer per call and four per call), once per process and Inductor cache.",
+        ]
     return lines
 
 
@@ -299,9 +279,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--skip-fit", action="store_true", help="run the micro benchmark only")
     parser.add_argument(
-        "--compiled-prototype",
-        action="store_true",
-        help="micro benchmark: also time a prototype that forms the distances' sums in one compiled call",
+        "--eager-only", action="store_true", help="micro benchmark: leave out the rows with the compiled sums"
     )
     parser.add_argument(
         "--clock",
@@ -319,7 +297,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("\n".join(micro(device, args.repeats, args.clock, args.compiled_prototype)))
+    print("\n".join(micro(device, args.repeats, args.clock, not args.eager_only)))
     print(f"load average after the micro benchmark: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.skip_fit:
         print()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,38 +31,75 @@ from lightning_layca.targets import scheduled_lrs
 STEPS, FINAL = 200, 0.3
 
 
-def run(granularity: str, fan_in: int, batch: int) -> torch.Tensor:
-    """Train once; return every body unit's final cosine distance to its initial weights (float64)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(fan_in, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))
-    rows = torch.ones(16, 1)
-    rows[8:] = 10.0
-    model[0].weight.register_hook(lambda grad: grad * rows)
+class Rows(nn.Module):
+    """A body of 16 units (no bias) and a head of 4; the body's rows 8-15 get 10x the gradient (row 0 none with
+    ``dead_row``). The toy of this benchmark and of ``tests/test_targets.py``."""
+
+    def __init__(self, fan_in: int = 48, dead_row: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Linear(fan_in, 16, bias=False)
+        self.head = nn.Linear(16, 4, bias=False)
+        rows = torch.ones(16, 1)
+        rows[8:] = 10.0
+        if dead_row:
+            rows[0] = 0.0
+        self.body.weight.register_hook(lambda grad: grad * rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def build_rows(
+    steps: int,
+    fan_in: int = 48,
+    implementation: str = "eager",
+    dead_row: bool = False,
+    interval: int = 10,
+    seed: int = 0,
+    granularity: str = "unit",
+    steer: bool = False,
+) -> tuple[Rows, ll.Layca, Any]:
+    """The body of :class:`Rows` under ``RotationTarget(FINAL)`` (the head trained by SGD alone, lr 0.1, x0.2 at half
+    of ``steps``); returns the model, the optimizer and the learning-rate scheduler."""
+    torch.manual_seed(seed)
+    model = Rows(fan_in, dead_row)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=[STEPS // 2], gamma=0.2)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=[steps // 2], gamma=0.2)
     optimizer = ll.Layca(
         base,
         model.named_parameters(),
-        include="0.weight",
-        target=ll.RotationTarget(FINAL),
-        implementation="eager",
+        include="body.weight",
+        target=ll.RotationTarget(FINAL, interval=interval, steer=steer),
+        implementation=implementation,  # type: ignore[arg-type]
         granularity=granularity,  # type: ignore[arg-type]
     )
     assert optimizer.targets is not None
-    optimizer.targets.set_horizon(STEPS, scheduled_lrs(base.param_groups, [(scheduler, True, 1)], STEPS, STEPS))
-    initial = model[0].weight.detach().clone()
+    optimizer.targets.set_horizon(steps, scheduled_lrs(base.param_groups, [(scheduler, True, 1)], steps, steps))
+    return model, optimizer, scheduler
+
+
+def train_rows(model: Rows, optimizer: ll.Layca, steps: range, scheduler: Any, batch: int = 128) -> None:
+    """Train on random labels of 512 Gaussian inputs, the batch of each step drawn from a seed of its own."""
+    fan_in = model.body.weight.shape[1]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(512, fan_in, generator=g), torch.randint(0, 4, (512,), generator=g)
+    for step in steps:
+        index = torch.randint(0, 512, (batch,), generator=torch.Generator().manual_seed(1000 + step))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def run(granularity: str, fan_in: int, batch: int) -> torch.Tensor:
+    """Train once; return every body unit's final cosine distance to its initial weights (float64)."""
+    model, optimizer, scheduler = build_rows(STEPS, fan_in, granularity=granularity)
+    initial = model.body.weight.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(STEPS):
-            index = torch.randint(0, 512, (batch,), generator=torch.Generator().manual_seed(1000 + step))
-            loss = F.cross_entropy(model(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    a, b = model[0].weight.detach().double(), initial.double()
+        train_rows(model, optimizer, range(STEPS), scheduler, batch)
+    a, b = model.body.weight.detach().double(), initial.double()
     return 1.0 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
 
 

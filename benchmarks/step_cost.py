@@ -1,14 +1,17 @@
 """Cost of one optimizer step: base optimizers, Layca around them, a per-tensor reference and peers, side by side.
 
-Every row steps the same parameter set with the same synthetic gradients (set once: the step cost excludes the
-backward pass). Rows are timed in blocks of consecutive steps, the blocks interleaved across rows with the order
-rotated every round (A B C, B C A, C A B, ...), so that machine noise hits all rows alike. Each block gives two
-readings: its first step, which follows another row's block (caches and thread pool as another optimizer left
-them, as in training, where the forward and backward passes come between two steps), and the mean of its other
-steps (the steady state of back-to-back steps). The table reports the medians of both over the blocks and the ratio
-of each row to the base step it wraps and to ``SGD(momentum=0.9, foreach=True)``. On CPU a step is timed with
-``time.perf_counter`` (or, with ``--clock cpu``, the process's CPU time, which a preemption by another process does
-not inflate); on CUDA with CUDA events, the first step of a block on an idle device, the others enqueued back to back.
+Every row steps the same parameter set with the same synthetic gradients (made once: the step cost excludes the
+backward pass), a cycle of four, ``g1, -g1, g2, -g2``, one per step (:data:`GRADIENT_CYCLE`): a gradient that never
+changed would, step after step, turn a Layca row's weights until they point along it, and its steps would end up
+purely radial, a regime no training is in. Rows are timed in blocks of consecutive steps, the blocks interleaved
+across rows with the order rotated every round (A B C, B C A, C A B, ...), so that machine noise hits all rows
+alike. Each block gives two readings: its first step, which follows another row's block (caches and thread pool as
+another optimizer left them, as in training, where the forward and backward passes come between two steps), and the
+mean of its other steps (the steady state of back-to-back steps). The table reports the medians of both over the
+blocks and the ratio of each row to the base step it wraps and to ``SGD(momentum=0.9, foreach=True)``. On CPU a
+step is timed with ``time.perf_counter`` (or, with ``--clock cpu``, the process's CPU time, which a preemption by
+another process does not inflate); on CUDA with CUDA events, the first step of a block on an idle device, the
+others enqueued back to back.
 
 Layca rows come in both implementations (``implementation="eager"`` and ``"compiled"``); the report says which one
 ``"auto"``, the default, picks for the set. The first step of a compiled row compiles the fused step when the
@@ -50,7 +53,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
 from benchmarks._prototypes import FusedSGDLayca, cuda_graph_step
 from benchmarks._shapes import SHAPE_SETS, ShapeSet, numel
 from lightning_layca import Layca
-from lightning_layca.plan import AUTO_COMPILE_AFTER_SECONDS
+from lightning_layca.auto_choice import AUTO_COMPILE_AFTER_SECONDS
 from lightning_layca.step.compiled import use_compiled_step
 
 ROTATION_RATE = 3**-3
@@ -122,12 +125,40 @@ class Row:
     compiled: bool = False
 
 
+GRADIENT_CYCLE = 4
+"""Synthetic gradients per parameter, taken in turn, one per step: ``g1, -g1, g2, -g2`` (they sum to zero, so no
+direction persists in a momentum buffer either). Setting them costs one attribute per parameter per step, in every
+row alike."""
+
+
 @dataclass
 class ParamSet:
-    """A parameter set with synthetic gradients: ``named`` in depth order, ``layers`` the tensors of ndim >= 2."""
+    """A parameter set with synthetic gradients: ``named`` in depth order, ``layers`` the tensors of ndim >= 2.
+
+    ``gradients`` holds the cycle of :data:`GRADIENT_CYCLE` gradients of every parameter; :meth:`cycled` makes a step
+    that takes the next one first.
+    """
 
     name: str
     named: list[tuple[str, torch.Tensor]]
+    gradients: list[list[torch.Tensor]] = field(default_factory=list)
+    turn: int = 0
+
+    def next_gradients(self) -> None:
+        """Give every parameter the next gradient of the cycle."""
+        if self.gradients:
+            self.turn = (self.turn + 1) % len(self.gradients)
+            for (_, p), g in zip(self.named, self.gradients[self.turn], strict=True):
+                p.grad = g
+
+    def cycled(self, step: Callable[[], object]) -> Callable[[], object]:
+        """``step`` preceded by :meth:`next_gradients`."""
+
+        def stepped() -> object:
+            self.next_gradients()
+            return step()
+
+        return stepped
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -161,13 +192,18 @@ def make_param_set(spec: str, device: torch.device, shapes: ShapeSet | None = No
     name, dtype = parse_set(spec)
     gen = torch.Generator().manual_seed(seed)
     named = []
+    cycle: list[list[torch.Tensor]] = [[] for _ in range(GRADIENT_CYCLE)]
     for pname, shape in shapes if shapes is not None else SHAPE_SETS[name]():
         fan_in = numel(shape[1:]) if len(shape) >= 2 else 1
         scale = 1.0 / math.sqrt(fan_in) if len(shape) >= 2 else 0.1
         p = (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
-        p.grad = (torch.randn(shape, generator=gen) * 1e-2).to(device=device, dtype=dtype)
+        for k in range(0, GRADIENT_CYCLE, 2):
+            g = (torch.randn(shape, generator=gen) * 1e-2).to(device=device, dtype=dtype)
+            cycle[k].append(g)
+            cycle[k + 1].append(-g)
+        p.grad = cycle[0][-1]
         named.append((pname, p))
-    return ParamSet(spec, named)
+    return ParamSet(spec, named, cycle)
 
 
 def _fused_available(cls: type[torch.optim.Optimizer], pset: ParamSet, **kwargs: float) -> bool:
@@ -277,6 +313,8 @@ def build_rows(
         else:
             rows.append(Row("timm Lars (momentum 0.9)", Lars(params, lr=SGD_LR, momentum=0.9).step, base=BASE_ROW))
             rows.append(Row("timm AdamP", AdamP(params, lr=ADAMW_LR).step, base=adamw_name))
+    for row in rows:
+        row.step = pset.cycled(row.step)
     return rows, notes
 
 

@@ -115,10 +115,11 @@ class Layca(WrappedOptimizer):
             one warning and the eager step. Around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves (not
             subclasses), the kernel takes their step for the layers as well (their state kept where they keep it),
             so no snapshot of the weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps
-            have taken :data:`~lightning_layca.plan.AUTO_COMPILE_AFTER_SECONDS` in total, so that a short fit never
-            waits for a compilation; then whichever step is faster in a trial of alternating turns, the trial
-            repeated at intervals so that no choice stays wrong for long (:class:`~lightning_layca.plan.AutoChoice`);
-            elsewhere the eager step (the compiled one has not been measured on GPUs yet).
+            have taken :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS` in total, so that a short fit
+            never waits for a compilation; then whichever step is faster in a trial of alternating turns, the trial
+            repeated at intervals so that no choice stays wrong for long
+            (:class:`~lightning_layca.auto_choice.AutoChoice`); elsewhere the eager step (the compiled one has not
+            been measured on GPUs yet).
         target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
             (per unit under ``granularity="unit"``) follow it (:class:`~lightning_layca.targets.TargetController`).
 

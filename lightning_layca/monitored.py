@@ -27,7 +27,7 @@ import torch
 
 from lightning_layca.adapters import AdaptedLayers, adapter_parameter_names, cosine_distance, unit_angles_degrees
 from lightning_layca.distributed import is_dtensor, local_shard, shard_of
-from lightning_layca.rotation import Measured, RotationMeter
+from lightning_layca.rotation import Measured, PairSums, RotationMeter
 from lightning_layca.schedule_free import evaluation_weights, has_evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
 
@@ -151,6 +151,8 @@ class MonitoredLayers:
         exclude: ``fnmatch`` patterns of parameter names not to monitor.
         unmoved_adapter_steps: After this many optimizer steps, warn once naming the adapted layers whose effective
             weight has not moved (``None``: never).
+        sums: What forms the sums of the measurements (default: :func:`~lightning_layca.sums.float64_sums`; the
+            monitors give a :class:`~lightning_layca.measurement.MeasurementSums`).
 
     Attributes:
         candidate_names: Parameter names of every selectable layer of the model, trainable or not (``None`` before
@@ -168,8 +170,10 @@ class MonitoredLayers:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         unmoved_adapter_steps: int | None = None,
+        sums: PairSums | None = None,
     ) -> None:
         self.owner = owner
+        self.sums = sums
         self.include = include
         self.exclude = exclude
         self.candidate_names: list[str] | None = None
@@ -182,7 +186,7 @@ class MonitoredLayers:
         self._bound = False
         self._candidates: list[tuple[str, torch.Tensor]] = []
         self._pending: list[tuple[str, torch.Tensor]] = []  # candidates still frozen, not snapshotted
-        self._meter = RotationMeter([], [])
+        self._meter = RotationMeter([], [], sums)
         self.adapted = AdaptedLayers(owner, unmoved_adapter_steps)
         self.magnitude_changes: dict[str, float] = {}
         """DoRA: each adapted layer's relative change of magnitude, as of the latest measure of distances."""
@@ -229,7 +233,7 @@ class MonitoredLayers:
         self.candidate_names = names
         self._candidates = candidates
         self.params = [by_name[name] for name in self._names]
-        self._meter = RotationMeter(self.params, self.initial)
+        self._meter = RotationMeter(self.params, self.initial, self.sums)
         monitored = set(self._names)
         self._pending = [(name, p) for name, p in candidates if name not in monitored]
         return self.join_trainable() + new_adapters
@@ -281,7 +285,7 @@ class MonitoredLayers:
         self._names = [name for name, _ in monitored]
         self.params = [p for _, p in monitored]
         self.initial = [snapshots[name] for name in self._names]
-        self._meter = RotationMeter(self.params, self.initial)
+        self._meter = RotationMeter(self.params, self.initial, self.sums)
         return [name for name, _ in joining]
 
     def measure(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -47,6 +48,7 @@ from lightning_layca.sums import float64_sums
 __all__ = [
     "AngleHistogram",
     "Measured",
+    "PairSums",
     "RotationMeter",
     "angle_histograms",
     "angles_from_sums",
@@ -205,6 +207,24 @@ def step_rotation(
     return step_rotation_from_sums(float64_sums(weights, before, per_unit=units, difference=True))
 
 
+class PairSums(Protocol):
+    """What forms the sums of a measurement: :func:`~lightning_layca.sums.float64_sums`, or another way to them.
+
+    :class:`lightning_layca.measurement.MeasurementSums` forms them in compiled passes once that pays.
+    """
+
+    def __call__(
+        self,
+        xs: Sequence[torch.Tensor],
+        ys: Sequence[torch.Tensor],
+        *,
+        difference: bool = False,
+        y_squares: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(a, b, c)`` per pair, ``(len(xs), 3)`` float64 (as :func:`~lightning_layca.sums.float64_sums`)."""
+        ...
+
+
 @dataclass
 class Measured:
     """What one :meth:`RotationMeter.measure` call measured (host numbers; unit tangents stay a tensor)."""
@@ -225,11 +245,16 @@ class RotationMeter:
     Args:
         layers: The layers (parameters; ``DTensor`` under sharding), in the same order on every process.
         initial: Their initial weights: this process's local shard of each (the whole tensor unsharded).
+        sums: What forms the per-layer sums of the distances and of the steps (default:
+            :func:`~lightning_layca.sums.float64_sums`); the per-unit sums are always eager.
     """
 
-    def __init__(self, layers: Sequence[torch.Tensor], initial: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self, layers: Sequence[torch.Tensor], initial: Sequence[torch.Tensor], sums: PairSums | None = None
+    ) -> None:
         self.layers = list(layers)
         self.initial = list(initial)
+        self.sums: PairSums = float64_sums if sums is None else sums
         self.layout: ShardLayout = shard_layout(self.layers)
         # <w0, w0> of every local snapshot, from the first measure of distances on: a snapshot never changes, so the
         # later ones form two products per element instead of three.
@@ -263,12 +288,12 @@ class RotationMeter:
         divisors: list[torch.Tensor] = []
         all_divisors = layout.divisors(device)
         if distances:
-            sums = float64_sums(local, self.initial, y_squares=self._initial_squares)
+            sums = self.sums(local, self.initial, y_squares=self._initial_squares)
             self._initial_squares = sums[:, 1].clone()
             parts.append(sums)
             divisors += [all_divisors] if all_divisors is not None else []
         if steps:
-            parts.append(float64_sums([local[k] for k in steps], before, difference=True))
+            parts.append(self.sums([local[k] for k in steps], before, difference=True))
             divisors += [all_divisors[list(steps)]] if all_divisors is not None else []
         if unit_steps:
             sub = layout.subset(unit_steps)

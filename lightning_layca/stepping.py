@@ -84,7 +84,7 @@ def small_steps_on_one_thread(optimizer: Optimizer, closure: object = None) -> I
     """Run the block (the wrapped optimizer's step) on one thread where it steps small CPU tensors only.
 
     Around torch's ``SGD``, ``Adam`` and ``AdamW`` (their exact types: element-wise steps), when every parameter
-    left with a gradient is a CPU tensor of fewer than :data:`~lightning_layca.step.compiled.PARALLEL_MIN_ELEMENTS`
+    left with a gradient is a CPU tensor of fewer than :data:`~lightning_layca.compiling.PARALLEL_MIN_ELEMENTS`
     elements (the kernels take the layers' steps; the biases and normalisation weights are left): their fused CPU
     step opens a parallel region per tensor, which costs far more than such a tensor's step. An element-wise step
     computes every element alike whatever the number of threads, so the results are those of the optimizer's own
@@ -379,7 +379,7 @@ def rotate_buckets(
         optimizer: The wrapped optimizer.
         layout: The layers' shard layout when any is sharded, else ``None``.
         registry: The layer registry (initial norms of sharded layers).
-        timed: Whether to time the buckets that :class:`~lightning_layca.plan.AutoChoice` compares.
+        timed: Whether to time the buckets that :class:`~lightning_layca.auto_choice.AutoChoice` compares.
 
     Returns:
         With ``timed``, the seconds the eligible buckets took (they are on the CPU: their kernels have finished when
@@ -495,7 +495,7 @@ def _runs(buckets: list[Bucket], base_steps: list[BaseSteps]) -> list[list[tuple
     """The layers whose base step the kernels take, as ``(bucket, index in its BaseSteps)``, per device and dtype.
 
     The sharded step calls every bucket's kernels at once, so the layers of one device and dtype are called together,
-    :data:`~lightning_layca.step.compiled.LAYERS_PER_CALL` per call across buckets.
+    :data:`~lightning_layca.compiling.LAYERS_PER_CALL` per call across buckets.
     """
     runs: dict[tuple[torch.device, torch.dtype], list[tuple[int, int]]] = {}
     for k, (bucket, base) in enumerate(zip(buckets, base_steps, strict=True)):

@@ -16,6 +16,8 @@ FLOORS: dict[str, int] = {
     "argument_types": 0,
     "tags": 0,
     "sums": 0,
+    "auto_choice": 0,
+    "compiling": 0,
     "wrapping": 0,
     "muon": 0,
     "schedule_free": 1,
@@ -33,6 +35,7 @@ FLOORS: dict[str, int] = {
     "target_curve": 1,
     "targets": 4,
     "monitored": 3,
+    "measurement": 3,
     "step.families": 3,
     "step.compiled": 4,
     "step": 5,
@@ -134,6 +137,10 @@ def test_the_monitor_and_the_step_math_do_not_import_each_other() -> None:
         return seen
 
     assert closure("callbacks.monitor") & set(MATH) == {"sums"}  # the sums are shared, below both
+    # So are the compilation of kernels and the rule of when to compile: the step and the monitor each register
+    # their own kernels with the one, and feed their own timings to the other.
+    for shared in ("compiling", "auto_choice"):
+        assert shared in closure("callbacks.monitor") and shared in closure("step.compiled") | closure("plan")
     assert not closure("rotation") & (set(MATH) - {"sums"})
     for module in MATH:
         assert not closure(module) & {"rotation", "callbacks", "callbacks.monitor", "layca", "plan"}, module

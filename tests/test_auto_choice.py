@@ -14,18 +14,19 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca import plan
+from lightning_layca import auto_choice
 from tests.tiny_modules import TinyCNN, loader, make_trainer
 
-TRIAL = 2 * plan.AUTO_TRIAL_BLOCKS * plan.AUTO_BLOCK_STEPS
+TRIAL = 2 * auto_choice.AUTO_TRIAL_BLOCKS * auto_choice.AUTO_BLOCK_STEPS
 """Steps of one trial."""
-FIRST, LONGEST = plan.AUTO_REVISIT_STEPS
+FIRST, LONGEST = auto_choice.AUTO_REVISIT_STEPS
 
 
-def replay(choice: plan.AutoChoice, seconds: Callable[[bool, int], float], steps: int) -> list[bool]:
+def replay(choice: auto_choice.AutoChoice, seconds: Callable[[bool, int], float], steps: int) -> list[bool]:
     """Step ``steps`` times, each taking ``seconds(compiled, step)``; return, per step, whether it was compiled.
 
-    Checks at every step that :meth:`~lightning_layca.plan.AutoChoice.record` says whether the implementation changed.
+    Checks at every step that :meth:`~lightning_layca.auto_choice.AutoChoice.record` says whether the implementation
+    changed.
     """
     taken = []
     for step in range(steps):
@@ -38,7 +39,7 @@ def replay(choice: plan.AutoChoice, seconds: Callable[[bool, int], float], steps
 
 def steps_to_compile(eager_seconds: float) -> int:
     """Eager steps of ``eager_seconds`` before the first trial."""
-    choice, steps = plan.AutoChoice(), 0
+    choice, steps = auto_choice.AutoChoice(), 0
     while not choice.compiled:
         choice.record(eager_seconds)
         steps += 1
@@ -55,17 +56,21 @@ def longest_run(taken: list[bool], value: bool, start: int = 0) -> int:
 
 
 def test_eager_steps_until_they_have_cost_a_compilation_then_a_trial_in_alternating_turns() -> None:
-    eager = plan.AUTO_COMPILE_AFTER_SECONDS / 4
-    taken = replay(plan.AutoChoice(), lambda compiled, step: eager / (2 if compiled else 1), 4 + TRIAL + 10)
+    eager = auto_choice.AUTO_COMPILE_AFTER_SECONDS / 4
+    taken = replay(auto_choice.AutoChoice(), lambda compiled, step: eager / (2 if compiled else 1), 4 + TRIAL + 10)
     assert taken[:4] == [False] * 4
     turns = taken[4 : 4 + TRIAL]  # the compiled step takes the first turn
-    assert turns == ([True] * plan.AUTO_BLOCK_STEPS + [False] * plan.AUTO_BLOCK_STEPS) * plan.AUTO_TRIAL_BLOCKS
+    assert (
+        turns
+        == ([True] * auto_choice.AUTO_BLOCK_STEPS + [False] * auto_choice.AUTO_BLOCK_STEPS)
+        * auto_choice.AUTO_TRIAL_BLOCKS
+    )
     assert taken[4 + TRIAL :] == [True] * 10
 
 
 @pytest.mark.parametrize("compiled_over_eager", [0.5, 0.95, 1.05, 2.0])
 def test_the_faster_implementation_is_chosen_and_kept_between_trials(compiled_over_eager: float) -> None:
-    choice = plan.AutoChoice()
+    choice = auto_choice.AutoChoice()
     start = steps_to_compile(1.0)
     taken = replay(choice, lambda compiled, step: compiled_over_eager if compiled else 1.0, start + TRIAL + FIRST - 1)
     assert choice.trials == 1 and choice.chosen == (compiled_over_eager < 1)
@@ -75,10 +80,10 @@ def test_the_faster_implementation_is_chosen_and_kept_between_trials(compiled_ov
 def test_the_first_step_of_a_turn_is_not_counted() -> None:
     # A compilation (seconds) in the first compiled step, a re-allocation in the first eager one: the others decide.
     start = steps_to_compile(0.02)
-    choice = plan.AutoChoice()
+    choice = auto_choice.AutoChoice()
 
     def seconds(compiled: bool, step: int) -> float:
-        first_of_turn = step >= start and (step - start) % plan.AUTO_BLOCK_STEPS == 0
+        first_of_turn = step >= start and (step - start) % auto_choice.AUTO_BLOCK_STEPS == 0
         return 30.0 if first_of_turn and compiled else (0.01 if compiled else 0.02)
 
     replay(choice, seconds, start + TRIAL)
@@ -92,7 +97,7 @@ def test_a_load_that_starts_or_stops_during_a_trial_does_not_change_the_choice(o
     # ones not (or the reverse), depending on where the load starts; the ratio of neighbouring turns does not.
     for loaded_from_offset in (True, False):
         start = steps_to_compile(1.0)
-        choice = plan.AutoChoice()
+        choice = auto_choice.AutoChoice()
 
         def seconds(compiled: bool, step: int, on: bool = loaded_from_offset, start: int = start) -> float:
             loaded = (step >= start + offset) == on
@@ -111,7 +116,7 @@ def test_a_choice_that_load_got_wrong_is_revisited_and_corrected() -> None:
         in_first_trial = start <= step < start + TRIAL
         return 0.5 * (3.0 if in_first_trial else 1.0) if compiled else 1.0
 
-    choice = plan.AutoChoice()
+    choice = auto_choice.AutoChoice()
     taken = replay(choice, seconds, start + 2 * TRIAL + FIRST)
     assert choice.trials == 2 and choice.chosen and choice.compiled
     assert longest_run(taken, False, start + TRIAL) == FIRST  # the next trial starts with a compiled turn
@@ -119,7 +124,7 @@ def test_a_choice_that_load_got_wrong_is_revisited_and_corrected() -> None:
 
 def test_each_trial_that_confirms_the_choice_doubles_the_interval_up_to_the_bound() -> None:
     start = steps_to_compile(1.0)
-    choice = plan.AutoChoice()
+    choice = auto_choice.AutoChoice()
     intervals = []
     for _ in range(8):
         steps = 0
@@ -139,10 +144,10 @@ def test_under_random_bursts_of_load_the_slower_step_is_never_kept_longer_than_t
     load = []
     while len(load) < 30_000:
         load += [rng.uniform(1.0, 6.0) if rng.random() < 1 / 3 else 1.0] * rng.randint(1, 400)
-    choice = plan.AutoChoice()
+    choice = auto_choice.AutoChoice()
     taken = replay(choice, lambda compiled, step: (0.02 if compiled else 0.04) * load[step], len(load))
     start = steps_to_compile(0.04)
-    assert longest_run(taken, False, start) <= LONGEST + plan.AUTO_BLOCK_STEPS
+    assert longest_run(taken, False, start) <= LONGEST + auto_choice.AUTO_BLOCK_STEPS
     assert sum(taken[start:]) / len(taken[start:]) > 0.9  # and the compiled step is taken most of the time
 
 
@@ -150,7 +155,7 @@ def test_under_random_bursts_of_load_the_slower_step_is_never_kept_longer_than_t
 
 
 def test_the_weights_before_a_step_that_changes_implementation_stay_available(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)  # the first step starts the trial
+    monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)  # the first step starts the trial
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     layca = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
@@ -188,7 +193,7 @@ def test_a_logging_step_that_changes_implementation_logs_every_quantity(
         return logged_rows(logger.log_dir)
 
     eager = fit("eager")
-    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
     auto = fit("auto")
     assert sorted(auto) == sorted(eager) == [0]
     assert sorted(auto[0]) == sorted(eager[0])  # every quantity of the step, whatever its tag

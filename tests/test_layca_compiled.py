@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca import plan
+from lightning_layca import auto_choice, compiling
 from lightning_layca.step import compiled as compiled_step
 from tests.implementations import SubclassedSGD
 from tests.reference import layca_update
@@ -79,7 +79,7 @@ def test_auto_steps_eagerly_while_the_eager_steps_are_cheap_then_compiles(monkey
     train([(model, auto), (twin, eager)], 3, lambda step: x)
     assert set(auto.describe().values()) == {"eager"}  # a few cheap steps: no compilation
     assert auto.plan.auto is not None and auto.plan.auto.phase == "eager"
-    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)
     train([(model, auto), (twin, eager)], 2, lambda step: x)
     assert set(auto.describe().values()) == {"compiled+base"} and auto.plan.auto.phase == "trial"
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
@@ -87,7 +87,7 @@ def test_auto_steps_eagerly_while_the_eager_steps_are_cheap_then_compiles(monkey
 
 
 def test_auto_never_compiles_for_cuda_or_float64_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plan, "AUTO_COMPILE_AFTER_SECONDS", 0.0)  # would compile at once if it could
+    monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)  # would compile at once if it could
     model = nn.Linear(8, 8).double()
     opt = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
     for _ in range(2):
@@ -113,8 +113,8 @@ def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pyt
 
         return fail
 
-    monkeypatch.setattr(compiled_step, "_ready", {})
-    monkeypatch.setattr(compiled_step, "_compiled", no_compiler)
+    monkeypatch.setattr(compiling, "_ready", {})
+    monkeypatch.setattr(compiling, "_compiled", no_compiler)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     twin, eager, compiled = twin_optimizers(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
@@ -143,7 +143,7 @@ def test_layers_stepped_several_per_compiled_call_end_bit_for_bit_as_one_per_cal
     twin = copy.deepcopy(model)
     results = []
     for layers_per_call, net in ((1, model), (2, twin)):
-        monkeypatch.setattr(compiled_step, "LAYERS_PER_CALL", layers_per_call)
+        monkeypatch.setattr(compiling, "LAYERS_PER_CALL", layers_per_call)
         base = KERNELS[kernel](net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
         opt = ll.Layca(base, net.named_parameters(), implementation="compiled", granularity=granularity)
         generator = torch.Generator().manual_seed(1)

@@ -122,7 +122,7 @@ def test_rates_follow_schedule_and_relative_lr() -> None:
     assert list(opt.rotation_rates().values()) == pytest.approx([0.25 * r for r in expected], rel=1e-12)
 
 
-# ------------------------------------------------------------------ the precision of the eager update, per layer
+# ------------------------------------------------------------------ the precision of the update, per layer
 U32 = 2.0**-24
 
 
@@ -160,4 +160,72 @@ def test_eager_update_of_a_mostly_radial_step_scaled_up_keeps_float64_precision(
     # ||D|| about 500 times ||D_perp||, rho 0.5: k2 * D and k1 * w cancel by a factor of about 250, so a float32 update
     # would be off by hundreds of roundings. The eager update forms it in float64 and rounds it once.
     error, ulp = eager_against_reference(-5e-2, 1e-4, 0.5, seed)
+    assert error <= 2 * ulp, error / ulp
+
+
+def layca_against_reference(
+    radial: float, tangential: float, rho: float, seed: int, implementation: str
+) -> tuple[float, float, str]:
+    """As :func:`eager_against_reference`, through ``Layca`` around SGD (lr 1): the path the implementation takes.
+
+    Returns the distance to the float64 reference rounded to float32, ``u * n0`` and the layer's path. The reference
+    is formed from the step the path sees: ``fl(w + D)`` after SGD's own step, ``D`` itself where the kernel takes
+    SGD's step.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 40, generator=gen)
+    direction = torch.randn(96, 40, generator=gen).double()
+    w64 = w.double()
+    direction -= (direction * w64).sum() / (w64 * w64).sum() * w64
+    grad = -(radial * w64 + tangential * w64.norm() * direction / direction.norm()).float()
+    layer = nn.Parameter(w.clone())
+    opt = ll.Layca(torch.optim.SGD([layer], lr=1.0), [("w", layer)], rotation_rate=rho, implementation=implementation)
+    layer.grad = grad.clone()
+    opt.step()
+    path = opt.describe()["w"]
+    after_base = w64 - grad.double() if path == "compiled+base" else (w - grad).double()
+    expected = layca_update(w, after_base, rho, float(w64.norm())).float().view_as(w)
+    return float((layer.detach().double() - expected.double()).norm()), U32 * float(w64.norm()), path
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_every_path_updates_a_tangential_step_within_a_few_float32_roundings(implementation: str) -> None:
+    for seed in range(2):
+        for radial, tangential, rho in ((0.0, 1e-2, 0.05), (-1e-3, 1e-3, 0.2), (-5e-4, 1e-2, 0.9)):
+            error, ulp, _ = layca_against_reference(radial, tangential, rho, seed, implementation)
+            assert error <= 6 * ulp, (radial, tangential, rho, error / ulp)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_every_path_keeps_float64_precision_for_a_mostly_radial_step_scaled_up(implementation: str) -> None:
+    # The cancellation of test_eager_update_of_a_mostly_radial_step_scaled_up_keeps_float64_precision, on every path:
+    # a float32 update would be off by hundreds of roundings; each path forms this one in float64.
+    for seed in range(2):
+        error, ulp, path = layca_against_reference(-5e-2, 1e-4, 0.5, seed, implementation)
+        assert path == {"eager": "eager"}.get(implementation, path)
+        assert error <= 2 * ulp, (path, error / ulp)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS[1:])
+def test_the_float64_update_is_formed_uncompiled_when_its_kernel_fails_to_compile(
+    implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_layca import compiling
+
+    compile_kernel = compiling._compiled
+
+    def no_update_half(parallel: bool, per_unit: bool, variant: str):
+        if not variant.endswith("update"):
+            return compile_kernel(parallel, per_unit, variant)
+
+        def fail(*args: object) -> None:
+            raise RuntimeError("no compiler for the update half")
+
+        return fail
+
+    monkeypatch.setattr(compiling, "_ready", dict(compiling._ready))  # the failure is forgotten afterwards
+    monkeypatch.setattr(compiling, "_compiled", no_update_half)
+    with pytest.warns(UserWarning, match="no compiler for the update half"):
+        error, ulp, path = layca_against_reference(-5e-2, 1e-4, 0.5, 0, implementation)
+    assert path.startswith("compiled")
     assert error <= 2 * ulp, error / ulp

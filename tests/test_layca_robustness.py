@@ -386,3 +386,26 @@ def test_cyclic_lr_peaks_at_the_base_rate_with_its_max_lr_as_reference() -> None
     rates = rates_over(opt, model, scheduler, 12)
     assert max(rates) == pytest.approx(0.1, rel=1e-9)
     assert min(rates) == pytest.approx(0.1 * 0.01 / 0.4, rel=1e-9)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mostly_radial_step_below_the_floor_stays_silently_on_every_path(implementation: str) -> None:
+    # Weight decay 0.05 with a gradient 1e-9 across w: D is 0.015 ||w|| along -w, its tangential part 3e-10 ||w||,
+    # far below float32's floor (4 * 2**-24 * ||w||, about 2.4e-7 ||w||). Every path leaves the layer in place and
+    # none warns: weight decay's pull is not a learning rate too small for rounding (the warning's advice).
+    torch.manual_seed(0)
+    layer = nn.Parameter(torch.randn(4, 6))
+    across = torch.randn(4, 6)
+    across -= (across * layer.detach()).sum() / layer.detach().square().sum() * layer.detach()
+    layer.grad = 1e-9 * across / across.norm() * layer.detach().norm()
+    opt = ll.Layca(
+        torch.optim.SGD([layer], lr=0.3, weight_decay=0.05),
+        [("w", layer)],
+        rotation_rate=0.1,
+        implementation=implementation,
+    )
+    before = layer.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(layer.detach(), before)

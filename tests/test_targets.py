@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lightning_layca as ll
+from benchmarks.per_unit_targets import build_rows, train_rows
 from lightning_layca.targets import scheduled_lrs
 from tests.tiny_modules import TinyCNN, loader, make_trainer
 
@@ -240,7 +241,7 @@ def test_steering_never_turns_a_layer_with_a_zero_gradient() -> None:
 
 def test_per_unit_steering_takes_every_unit_of_an_anchored_layer_to_the_target() -> None:
     steps, final = 200, 0.3
-    model, optimizer, scheduler = build_per_unit(steps, steer=True)
+    model, optimizer, scheduler = build_rows(steps, steer=True)
     initial = model.body.weight.detach().clone()
     weight = model.body.weight
     weight.register_hook(lambda grad: grad + (weight.detach() - initial))
@@ -553,64 +554,9 @@ def unit_distances(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     return 1.0 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
 
 
-class Rows(nn.Module):
-    """A body of 16 units of 48 weights whose rows 8-15 get 10x the gradient (row 0 none with ``dead_row``)."""
-
-    def __init__(self, dead_row: bool = False) -> None:
-        super().__init__()
-        self.body = nn.Linear(48, 16, bias=False)
-        self.head = nn.Linear(16, 4, bias=False)
-        rows = torch.ones(16, 1)
-        rows[8:] = 10.0
-        if dead_row:
-            rows[0] = 0.0
-        self.body.weight.register_hook(lambda grad: grad * rows)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(x)))
-
-
-def build_per_unit(
-    steps: int,
-    implementation: str = "eager",
-    dead_row: bool = False,
-    interval: int = 10,
-    seed: int = 0,
-    granularity: str = "unit",
-    steer: bool = False,
-) -> tuple[Rows, ll.Layca, Any]:
-    """The body of :class:`Rows` under a target of 0.3 (the head trained by SGD alone)."""
-    torch.manual_seed(seed)
-    model = Rows(dead_row)
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(base, milestones=[steps // 2], gamma=0.2)
-    optimizer = ll.Layca(
-        base,
-        model.named_parameters(),
-        include="body.weight",
-        target=ll.RotationTarget(0.3, interval=interval, steer=steer),
-        implementation=implementation,  # type: ignore[arg-type]
-        granularity=granularity,  # type: ignore[arg-type]
-    )
-    optimizer.targets.set_horizon(steps, scheduled_lrs(base.param_groups, [(scheduler, True, 1)], steps, steps))
-    return model, optimizer, scheduler
-
-
-def train_rows(model: Rows, optimizer: ll.Layca, steps: range, scheduler: Any) -> None:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(512, 48, generator=g), torch.randint(0, 4, (512,), generator=g)
-    for step in steps:
-        index = torch.randint(0, 512, (128,), generator=torch.Generator().manual_seed(1000 + step))
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-
-
 def test_under_unit_granularity_every_unit_reaches_the_target_with_rows_of_ten_times_the_gradient() -> None:
     steps, final = 200, 0.3
-    model, optimizer, scheduler = build_per_unit(steps)
+    model, optimizer, scheduler = build_rows(steps)
     initial = model.body.weight.detach().clone()
     train_rows(model, optimizer, range(steps), scheduler)
     reached = unit_distances(model.body.weight, initial)
@@ -621,7 +567,7 @@ def test_under_unit_granularity_every_unit_reaches_the_target_with_rows_of_ten_t
     assert optimizer.targets is not None  # the controller measured what the reference measures, unit by unit
     assert optimizer.targets.unit_distances[0] == pytest.approx(reached.tolist(), abs=1e-12)
     # The same toy with one rate per layer: the units end far apart (measured 0.008 to 0.574).
-    layer, layer_optimizer, layer_scheduler = build_per_unit(steps, granularity="layer")
+    layer, layer_optimizer, layer_scheduler = build_rows(steps, granularity="layer")
     train_rows(layer, layer_optimizer, range(steps), layer_scheduler)
     spread = unit_distances(layer.body.weight, initial)
     assert float(spread.max() / spread.min()) > 10
@@ -629,14 +575,14 @@ def test_under_unit_granularity_every_unit_reaches_the_target_with_rows_of_ten_t
 
 def test_a_per_unit_target_takes_the_eager_step_and_says_so() -> None:
     with pytest.warns(UserWarning, match="implementation='compiled' does not apply"):
-        optimizer = build_per_unit(20, implementation="compiled")[1]
+        optimizer = build_rows(20, implementation="compiled")[1]
     assert optimizer.describe() == {"body.weight": "eager"}
-    assert build_per_unit(20, implementation="auto")[1].describe() == {"body.weight": "eager"}
+    assert build_rows(20, implementation="auto")[1].describe() == {"body.weight": "eager"}
 
 
 def test_a_per_unit_target_holds_a_zero_gradient_row_warns_once_and_never_nan() -> None:
     steps = 60
-    model, optimizer, scheduler = build_per_unit(steps, dead_row=True, interval=5)
+    model, optimizer, scheduler = build_rows(steps, dead_row=True, interval=5)
     row0 = model.body.weight[0].detach().clone()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -648,19 +594,19 @@ def test_a_per_unit_target_holds_a_zero_gradient_row_warns_once_and_never_nan() 
     assert optimizer.targets is not None
     rates = optimizer.targets.gains[0]
     assert rates is not None and all(math.isfinite(g) for g in rates)
-    first = build_per_unit(steps, dead_row=True, interval=5)[1].rotation_rates()["body.weight"]
+    first = build_rows(steps, dead_row=True, interval=5)[1].rotation_rates()["body.weight"]
     assert rates[0] <= first  # held, not wound up
     assert not math.isnan(sum(optimizer.targets.distances))
 
 
 def test_a_per_unit_target_resumes_bit_identically() -> None:
     steps, cut = 60, 27
-    model, optimizer, scheduler = build_per_unit(steps)
+    model, optimizer, scheduler = build_rows(steps)
     train_rows(model, optimizer, range(steps), scheduler)
-    first, first_optimizer, first_scheduler = build_per_unit(steps)
+    first, first_optimizer, first_scheduler = build_rows(steps)
     train_rows(first, first_optimizer, range(cut), first_scheduler)
     saved = (first.state_dict(), first_optimizer.state_dict(), first_scheduler.state_dict())
-    resumed, resumed_optimizer, resumed_scheduler = build_per_unit(steps, seed=123)  # only the state can agree
+    resumed, resumed_optimizer, resumed_scheduler = build_rows(steps, seed=123)  # only the state can agree
     resumed.load_state_dict(saved[0])
     resumed_optimizer.load_state_dict(saved[1])
     resumed_scheduler.load_state_dict(saved[2])
@@ -671,4 +617,4 @@ def test_a_per_unit_target_resumes_bit_identically() -> None:
     assert {k: v for k, v in straight.items() if k != "initial"} == {k: v for k, v in again.items() if k != "initial"}
     assert all(torch.equal(straight["initial"][k], again["initial"][k]) for k in straight["initial"])
     with pytest.raises(ValueError, match="per_unit"):  # a layer-granularity optimizer refuses the per-unit state
-        build_per_unit(steps, granularity="layer")[1].targets.load(saved[1]["layca"]["target"])
+        build_rows(steps, granularity="layer")[1].targets.load(saved[1]["layca"]["target"])

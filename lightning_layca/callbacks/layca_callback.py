@@ -82,7 +82,8 @@ class LaycaCallback(LayerRotationMonitor):
         log_every_n_steps: See :class:`~lightning_layca.LayerRotationMonitor`, like the keyword-only arguments other
             than ``implementation``.
         implementation: How the Layca step is computed: ``"auto"`` (default), ``"eager"`` or ``"compiled"`` (see
-            :class:`~lightning_layca.Layca`).
+            :class:`~lightning_layca.Layca`), and the sums of the monitor's measurements (see
+            :class:`~lightning_layca.LayerRotationMonitor`).
         target: A :class:`~lightning_layca.RotationTarget`: each layer's rate is chosen so that its rotation follows
             the target (see :class:`~lightning_layca.Layca`); ``rotation_rate`` and ``schedule`` then do not apply.
             The length of training comes from the Trainer (``estimated_stepping_batches``) and the learning rates
@@ -140,6 +141,7 @@ class LaycaCallback(LayerRotationMonitor):
             figure=figure,
             per_layer_detail=per_layer_detail,
             unmoved_adapter_steps=unmoved_adapter_steps,
+            implementation=implementation,
         )
         check_rotation_rate("LaycaCallback", rotation_rate)
         check_target("LaycaCallback", target, schedule, rotation_rate)

@@ -49,7 +49,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_layca import tags
-from lightning_layca.argument_types import PositiveInt, as_patterns, check_positive_int
+from lightning_layca.argument_types import (
+    Implementation,
+    PositiveInt,
+    as_patterns,
+    check_implementation,
+    check_positive_int,
+)
 from lightning_layca.callbacks.output import (
     FIGURE_FILENAME,
     PER_STEP_QUANTITIES,
@@ -69,6 +75,7 @@ from lightning_layca.loggers import (
     logging_step,
     trainer_log_every_n_steps,
 )
+from lightning_layca.measurement import MeasurementSums
 from lightning_layca.monitored import MonitoredLayers, MonitorSpec, share_layers
 from lightning_layca.schedule_free import evaluation_weights
 from lightning_layca.selection import layer_display_name, select_layers
@@ -98,9 +105,14 @@ class LayerRotationMonitor(Callback):
         unmoved_adapter_steps: Adapted layers (LoRA, DoRA) are measured by their effective weight ``W0 + s B A``
             (``Magnitude_change/<layer>`` for DoRA); after this many optimizer steps, warn once naming those whose
             effective weight has not moved (``None``: never).
+        implementation: How a logging step's sums are formed (``lightning_layca.measurement``): ``"auto"``
+            (default): eagerly, then on CPU in compiled passes once that pays, by the rule of
+            :class:`~lightning_layca.Layca`'s ``implementation``; ``"eager"``; ``"compiled"``: compiled from the first
+            logging step. The numbers differ only by the order of float64 additions.
 
     Attributes:
-        layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`).
+        layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`;
+            ``layers.sums.in_use``: ``"eager"`` or ``"compiled"``, the latest measurement's sums).
         history: Layer display name -> ``[(step, cosine distance), ...]`` at every logging step since the layer was
             monitored, on the step axis of ``LightningModule.log``.
         last_rotation: Layer display name -> the latest measured cosine distance.
@@ -145,8 +157,10 @@ class LayerRotationMonitor(Callback):
         figure: bool = True,
         per_layer_detail: bool = False,
         unmoved_adapter_steps: PositiveInt | None = 100,
+        implementation: Implementation = "auto",
     ) -> None:
         name = type(self).__name__
+        check_implementation(name, implementation)
         check_positive_int(name, "unmoved_adapter_steps", unmoved_adapter_steps, allow_none=True)
         check_positive_int(name, "log_every_n_steps", log_every_n_steps, allow_none=True)
         check_positive_int(name, "every_n_epochs", every_n_epochs)
@@ -162,7 +176,7 @@ class LayerRotationMonitor(Callback):
         self.figure = bool(figure)
         self.per_layer_detail = bool(per_layer_detail)
 
-        self.layers = MonitoredLayers(name, include, exclude, unmoved_adapter_steps)
+        self.layers = MonitoredLayers(name, include, exclude, unmoved_adapter_steps, MeasurementSums(implementation))
         self._records = RotationRecords()  # `history`, `update_ratio_history`, `epoch_rotation`, checkpointed
         self.last_rotation: dict[str, float] = {}
         self.last_update_ratios: dict[str, tuple[float, float, float]] = {}

@@ -12,9 +12,14 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
    with ``granularity="unit"`` the rows are the units and their sums are used as they are;
 2. turns the sums into ``k1, k2`` with :func:`lightning_layca.step.rule.coefficients`, the rule every path shares
    (rounding floor, non-finite steps, rates without overflow);
-3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, computed in float64 for float32 layers (in float32
-   for bfloat16 and float16 ones) and rounded once to the layer's dtype. A layer (unit) that does not move
-   (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact zero.
+3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, rounded once to the layer's dtype: for a float32
+   layer on CPU computed in float32 where its two terms do not cancel
+   (:func:`lightning_layca.step.rule.single_precision_suffices`, the eager step's rule, checked in the kernel for the
+   layer), the layer otherwise left as it was for a float64 update by the update half of its form (the one-call
+   kernels' fourth row of sums says which, :func:`~lightning_layca.step.kernels.update_rows`); on CUDA in float64 for
+   float32 layers (the check would have to be read, which synchronises); in float32 for bfloat16 and float16 ones. A
+   layer (unit) that does not move (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact
+   zero.
 
 With the snapshot taken before the base step, that is 7 tensor-sized memory passes.
 
@@ -36,40 +41,52 @@ recomputes the velocity from the old buffer and the gradient). Adam's kernel wri
 first pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.families._adam_step`): its square
 root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
-Inductor generates C++/OpenMP kernels on CPU (small layers take a single-threaded kernel, see
-:data:`PARALLEL_MIN_ELEMENTS`) and Triton kernels on CUDA.
-
-Compilation. One function serves every layer: it is compiled with dynamic shapes (a layer is seen as a dense
-``rows x columns`` matrix, see :func:`kernel_view`), so one compilation per (device, dtype, kernel) covers every layer
-of every model in the process, and Inductor's on-disk cache serves later processes. Each compiled call costs tens of
-microseconds of Dynamo's wrappers and guards whatever the layer's size, so consecutive layers that take the same
-kernel are stepped :data:`LAYERS_PER_CALL` per call, by a function of that many layers (the same body for each,
-with the same arithmetic), and the rest one per call: a run of ``n`` such layers takes ``n // LAYERS_PER_CALL`` calls
-of ``LAYERS_PER_CALL`` layers and ``n % LAYERS_PER_CALL`` calls of one. Two compilations per (device, dtype, kernel)
-at most, whatever the model's depth. Rates, relative learning rates and
-initial norms enter as device tensors, so LR schedulers and time-varying schedules never recompile. Compilation
-happens at the first step that needs it, on a stand-in layer, so that a failure (no C++ compiler, an unsupported
-platform) costs one warning and the eager step takes over before any weight is touched.
+Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls
+it: one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as a dense
+``rows x columns`` matrix, :func:`~lightning_layca.compiling.kernel_view`), consecutive layers of one kernel are
+stepped :data:`~lightning_layca.compiling.LAYERS_PER_CALL` per call, small layers on CPU take a single-threaded kernel,
+and a kernel is compiled first on a stand-in layer (:func:`compiled_step_ready`), so that a failure (no C++ compiler,
+an unsupported platform) costs one warning and the eager step takes over before any weight is touched. Rates,
+relative learning rates and initial norms enter as device tensors, so LR schedulers and time-varying schedules never
+recompile.
 """
 
 from __future__ import annotations
 
-import types
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 
+from lightning_layca.compiling import (
+    AUTO_DEVICE_TYPES,
+    LAYERS_PER_CALL,
+    PARALLEL_MIN_ELEMENTS,
+    SUPPORTED_DTYPES,
+    KernelSpec,
+    call_kernels,
+    kernel_view,
+    kernels_ready,
+    parallel_kernel,
+    register_kernel,
+    scalars,
+    stand_in_layer,
+    unit_view,
+)
 from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
+    "AUTO_DEVICE_TYPES",
     "BASE_KERNELS",
     "LAYERS_PER_CALL",
+    "PARALLEL_MIN_ELEMENTS",
     "SHARDED_SUMS",
     "SHARDED_UPDATE",
     "SNAPSHOT",
+    "SUPPORTED_DTYPES",
     "LayerScalars",
     "compiled_step_ready",
     "kernel_view",
@@ -85,46 +102,6 @@ __all__ = [
     "use_compiled_step",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-"""Layer dtypes the compiled step handles (float64 layers take the eager step, which accumulates in float64)."""
-
-AUTO_DEVICE_TYPES = ("cpu",)
-"""Devices where ``implementation="auto"`` may choose the compiled step: where it was measured faster (see
-``benchmarks/README.md``). CUDA is not among them until it has been measured there."""
-
-PARALLEL_MIN_ELEMENTS = 2**18
-"""On CPU, layers of at least this many elements take the kernel that runs on torch's intra-op threads, smaller ones a
-single-threaded kernel: an OpenMP parallel region costs a wake-up and a few barriers per call, more than it saves on
-a small layer, and far more on a CPU shared with other processes (a barrier then waits for a descheduled thread)."""
-
-_WARMUP_SHAPE = (64, 576)
-"""The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
-exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
-
-LAYERS_PER_CALL = 4
-"""Layers per compiled call for runs of consecutive layers that take the same kernel (see the module docstring).
-
-Measured on the 2-core CPU container, 1 thread (``benchmarks/compiled_step_breakdown.py``, ``benchmarks/README.md``):
-one call costs about 100 us of wrappers and guards; stepping 4 tiny layers per call costs 37-41 us per layer, 8 per
-call 31-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty cache, for 4 layers 17 s, against
-2.3 s for one layer. A step's layers are called bucket by bucket (CPU buckets hold up to 4 MiB of layers): on MLP-200
-shapes (200 layers) the step went from 200 calls to 50 and from 48.5 to 39.3 ms (``Layca(SGD fused)``); on
-ResNet-18 shapes, whose large layers each fill a bucket, from 21 calls to 15, with no measurable difference."""
-
-_compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
-_ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}
-
-
-def _distinct(function: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """A copy of ``function`` with a code object of its own.
-
-    Dynamo keeps the compilations of a function with its code object (and limits their number), so every kernel
-    (single-threaded or not, per unit or not) compiles from a copy of its own.
-    """
-    code = function.__code__.replace(co_name=name)
-    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
-
-
 SNAPSHOT = "snapshot"
 """The kernel that works after the base optimizer's step, from a snapshot (:func:`after_step`)."""
 
@@ -132,101 +109,12 @@ SHARDED_SUMS, SHARDED_UPDATE = "sharded_sums", "sharded_update"
 """The two halves of :data:`SNAPSHOT` for a process's shard of a sharded layer, around the one collective of the step
 (:func:`sharded_sums_compiled`, :func:`sharded_update_compiled`)."""
 
-# A compiled kernel returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
-_BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
-    (SNAPSHOT, after_step),
-    (SHARDED_SUMS, sharded_sums),
-    (SHARDED_UPDATE, sharded_update),
-    *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
-    *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
-)
-
-# A kernel per (variant, threads, granularity): a function of its own for each, so that the dtypes and devices a
-# process uses stay well within Dynamo's limit of compilations per function.
-_FUNCTIONS: dict[tuple[str, bool, bool], Callable[..., Any]] = {
-    (variant, parallel, per_unit): _distinct(
-        function, f"_{variant}_{'parallel' if parallel else 'serial'}_{'unit' if per_unit else 'layer'}_step"
-    )
-    for variant, function in _BODIES
-    for parallel in (True, False)
-    for per_unit in (True, False)
-}
-
-
-def _batched(body: Callable[..., Any], size: int) -> Callable[..., Any]:
-    """``body`` for ``size`` layers in one function: their arguments in turn, their results as a tuple."""
-
-    def layers(*args: torch.Tensor) -> tuple[Any, ...]:
-        arity = len(args) // size
-        return tuple(body(*args[i * arity : (i + 1) * arity]) for i in range(size))
-
-    return layers
-
-
-def _function(variant: str, parallel: bool, per_unit: bool, size: int) -> Callable[..., Any]:
-    """The function compiled for ``size`` layers per call (a code object of its own per size)."""
-    one = _FUNCTIONS[(variant, parallel, per_unit)]
-    if size == 1:
-        return one
-    return _distinct(_batched(one, size), f"{one.__name__}_{size}_layers")
-
-
-def _kernel(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., Any]:
-    return _compiled(parallel, per_unit, variant) if size == 1 else _compiled_layers(parallel, per_unit, variant, size)
-
-
-def _call_plan(kinds: Sequence[tuple[bool, str]]) -> list[tuple[int, int]]:
-    """``(first layer, layers)`` of each compiled call for layers of these ``(parallel, variant)`` kernels, in order.
-
-    A run of ``n`` consecutive layers of one kernel takes ``n // LAYERS_PER_CALL`` calls of :data:`LAYERS_PER_CALL`
-    layers, then one call per layer left.
-    """
-    plan: list[tuple[int, int]] = []
-    start = 0
-    while start < len(kinds):
-        end = start
-        while end < len(kinds) and kinds[end] == kinds[start]:
-            end += 1
-        full = (end - start) // LAYERS_PER_CALL * LAYERS_PER_CALL if LAYERS_PER_CALL > 1 else 0
-        plan += [(i, LAYERS_PER_CALL) for i in range(start, start + full, LAYERS_PER_CALL)]
-        plan += [(i, 1) for i in range(start + full, end)]
-        start = end
-    return plan
-
-
 _BASE_STEP_OPTIONS = {"realize_reads_threshold": 100}
 """Inductor options of the kernels that take the base step: Inductor stores an intermediate read more than 4 times
 (its default) in a buffer of its own. There that is the float64 step ``D``, written and read back twice (16 bytes per
 element and pass), where recomputing it from the float32 inputs is cheaper: measured on ResNet-18 shapes, 2 threads,
 the AdamW kernel took 25.9 ms instead of 40.2 ms, the SGD one 17.4 instead of 22.4 (the kernel after the base step
 showed no difference, and keeps the default)."""
-
-
-def _compiled(parallel: bool, per_unit: bool = False, variant: str = SNAPSHOT) -> Callable[..., Any]:
-    """The compiled kernel for one layer per call."""
-    return _compiled_layers(parallel, per_unit, variant, 1)
-
-
-def _compiled_layers(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., Any]:
-    """The compiled kernel for ``size`` layers per call."""
-    key = (variant, parallel, per_unit, size)
-    if key not in _compiled_fns:
-        # A concatenation of scalars is otherwise inlined into its consumer, here the elementwise update.
-        options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
-        if not parallel:
-            options["cpp.threads"] = 1
-        if variant in BASE_KERNELS or variant in SHARDED_BASE_KERNELS:
-            options.update(_BASE_STEP_OPTIONS)
-        function = _function(variant, parallel, per_unit, size)
-        _compiled_fns[key] = torch.compile(function, dynamic=True, fullgraph=True, options=options)
-    return _compiled_fns[key]
-
-
-def parallel_kernel(layer: torch.Tensor) -> bool:
-    """Whether ``layer`` takes the kernel that runs on torch's intra-op threads (see :data:`PARALLEL_MIN_ELEMENTS`)."""
-    if layer.device.type != "cpu":
-        return True
-    return torch.get_num_threads() > 1 and layer.numel() >= PARALLEL_MIN_ELEMENTS
 
 
 def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -240,9 +128,8 @@ def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dt
     Returns:
         ``False`` for ``"eager"``; for ``"compiled"``, whether the dtype is supported (a warning says so when it is
         not); for ``"auto"``, whether besides the device is one where the compiled step was measured faster
-        (:data:`AUTO_DEVICE_TYPES`; :class:`lightning_layca.plan.AutoChoice` then decides when). Whether compilation
-        works is decided
-        later, by :func:`compiled_step_ready`.
+        (:data:`AUTO_DEVICE_TYPES`; :class:`lightning_layca.auto_choice.AutoChoice` then decides when). Whether
+        compilation works is decided later, by :func:`compiled_step_ready`.
     """
     if implementation == "eager":
         return False
@@ -281,26 +168,23 @@ def compiled_step_ready(
             (:func:`rotate_compiled`).
     """
     forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
-    kinds = list(zip(parallel, forms, strict=True))
-    kernels = sorted({(*kinds[first], size) for first, size in _call_plan(kinds)})
-    return all(_ready_one(device, dtype, kind, per_unit, variant, size) for kind, variant, size in kernels)
+    return kernels_ready(device, dtype, list(zip(parallel, forms, strict=True)), per_unit)
 
 
 def _stand_in(
-    device: torch.device, dtype: torch.dtype, per_unit: bool, variant: str, layer: int, rule: list[torch.Tensor]
+    variant: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    per_unit: bool,
+    shape: tuple[int, int],
+    rule: list[torch.Tensor],
 ) -> list[torch.Tensor]:
-    """The arguments of a kernel for a stand-in layer, the ``layer``-th of a call.
+    """The arguments of the step's kernel ``variant`` for a stand-in layer (:data:`lightning_layca.compiling.StandIn`).
 
     ``rule`` holds its rate, relative learning rate and flag: 0-dim tensors from one tensor each, as the steps pass
     them.
     """
-    # Rows and columns differ from each other and from those of the other layers of the call: equal sizes seen at
-    # compilation would be tied together by the compiled code's guards.
-    shape = (_WARMUP_SHAPE[0] + 2 * layer, _WARMUP_SHAPE[1] + 2 * layer)
-    # Deterministic stand-in values: the global random state is the user's.
-    grid = torch.arange(shape[0] * shape[1], device=device).view(shape)
-    weights = grid.sin().to(dtype)
-    params = (grid.sin() + 0.01 * grid.cos()).to(dtype)
+    params, weights, grid = stand_in_layer(device, dtype, shape)
     rate, relative_lr, flag = rule
     norms = torch.ones(shape[0] if per_unit else (), dtype=torch.float64, device=device)
     if variant == SNAPSHOT:
@@ -322,51 +206,24 @@ def _stand_in(
     return [params, weights, *state, hyper, sums, rate, relative_lr, norms, flag]
 
 
-def _ready_one(
-    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str, size: int
-) -> bool:
-    if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
-        return False  # one warning per (device, dtype), and never a half-compiled group
-    key = (device.type, dtype, parallel, per_unit, variant, size)
-    if key not in _ready:
-        try:
-            # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
-            # under `-W error` it would abort the compilation. Floats of the rule (the floor factors) are constants
-            # of the compiled code, not inputs converted to tensors at every call.
-            with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(specialize_float=True):
-                warnings.simplefilter("ignore")
-                rates = scalars(torch.ones(size, dtype=torch.float64, device=device))
-                relative_lrs = scalars(torch.ones(size, dtype=torch.float64, device=device))
-                flags = scalars(torch.zeros(size, dtype=torch.bool, device=device))
-                arguments = [
-                    x
-                    for i in range(size)
-                    for x in _stand_in(device, dtype, per_unit, variant, i, [rates[i], relative_lrs[i], flags[i]])
-                ]
-                _kernel(parallel, per_unit, variant, size)(*arguments)
-            _ready[key] = True
-        except Exception as error:  # any failure to compile means: use the eager step
-            _give_up(device, dtype, parallel, per_unit, variant, size, error)
-    return _ready[key]
+# A kernel of the step returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
+_BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
+    (SNAPSHOT, after_step),
+    (SHARDED_SUMS, sharded_sums),
+    (SHARDED_UPDATE, sharded_update),
+    *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
+    *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
+)
+_UPDATE_HALVES: dict[str, Callable[..., Any]] = {
+    SHARDED_UPDATE: sharded_update,
+    **{sharded_forms(v)[1]: SHARDED_BASE_KERNELS[sharded_forms(v)[1]][1] for v in BASE_KERNELS},
+}
+"""The update half of each form's sharded kernel, uncompiled: where a float32 layer's float64 update is formed when
+its compilation fails (:func:`_update_in_float64`)."""
 
-
-def _give_up(
-    device: torch.device,
-    dtype: torch.dtype,
-    parallel: bool,
-    per_unit: bool,
-    variant: str,
-    size: int,
-    error: Exception,
-) -> None:
-    _ready[(device.type, dtype, parallel, per_unit, variant, size)] = False
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    warnings.warn(
-        f"Layca: the compiled step is not available for {dtype} layers on {device.type} "
-        f"({type(error).__name__}: {reason[:300]}); using the eager step. Pass implementation='eager' to skip the "
-        "attempt.",
-        stacklevel=5,
-    )
+for _variant, _body in _BODIES:
+    _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
+    register_kernel(_variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options))
 
 
 class LayerScalars(NamedTuple):
@@ -380,85 +237,6 @@ class LayerScalars(NamedTuple):
     """``n0`` (float64): 0-dim, or with ``per_unit`` the layer's 1-D tensor of norms per unit."""
     near_floor: torch.Tensor
     """The layer's near-floor flag (bool), or-ed in place by its kernel."""
-
-
-def scalars(values: torch.Tensor) -> list[torch.Tensor]:
-    """Return the entries of a 1-D tensor as 0-dim tensors sharing its memory, not marked as views of it.
-
-    The compiled function's guards then do not depend on the length of the tensor the scalars come from.
-    """
-    return [x.detach() for x in values.unbind()]
-
-
-def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Return a 2-D view of ``tensor``'s memory with at least 2 rows and 2 columns where its size allows.
-
-    A layer's sums do not depend on the order of its elements, so the view follows memory order (a channels-last
-    convolution kernel is viewed through its permuted shape) and splits the leading dimensions from the others where
-    both sides have at least 2 elements (``(1, 197, 768)`` becomes ``197 x 768``): sizes 0 and 1 would each need a
-    compilation of their own.
-
-    The view is detached (it shares the layer's memory and version counter but is not marked as a view of it), so
-    that the compiled function's guards do not depend on the layer's own shape.
-
-    Returns:
-        The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor) or
-        admit no such split (a prime number of elements in one dimension, as in a ``(7, 1)`` layer): rows or columns
-        of size 1 would need a compilation of their own, for layers too small to matter (the eager step takes them).
-
-    Example:
-        >>> kernel_view(torch.zeros(8, 3, 3, 3)).shape
-        torch.Size([8, 27])
-        >>> kernel_view(torch.zeros(1, 197, 768)).shape
-        torch.Size([197, 768])
-        >>> kernel_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
-        torch.Size([8, 75])
-    """
-    if tensor.dim() == 0:
-        return None
-    if not tensor.is_contiguous():
-        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride()[d], d))
-        tensor = tensor.permute(order)
-        if not tensor.is_contiguous():
-            return None
-    n = tensor.numel()
-    rows = 1
-    for size in tensor.shape[:-1]:
-        rows *= size
-        if rows >= 2 and n // rows >= 2:
-            return tensor.view(rows, n // rows).detach()
-    # One dimension holds everything (a (n, 1) or (1, n) layer): any split with both sides of at least 2 will do.
-    for columns in range(min(16, n // 2), 1, -1):
-        if n % columns == 0:
-            return tensor.view(n // columns, columns).detach()
-    return None
-
-
-def unit_view(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Return a 2-D view of ``tensor``'s memory whose rows are its units (slices along dim 0), or ``None``.
-
-    As :func:`kernel_view`, but the rows must be the units: ``None`` unless dim 0 is the outermost dimension of a
-    dense layout and there are at least 2 units of at least 2 elements each.
-
-    Example:
-        >>> unit_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
-        torch.Size([8, 75])
-        >>> unit_view(torch.zeros(1, 197, 768)) is None
-        True
-    """
-    if tensor.dim() < 2:
-        return None
-    if not tensor.is_contiguous():
-        order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride()[d], d))
-        if order[0] != 0:
-            return None
-        tensor = tensor.permute(order)
-        if not tensor.is_contiguous():
-            return None
-    units = tensor.shape[0]
-    if units < 2 or tensor.numel() // units < 2:
-        return None
-    return tensor.view(units, -1).detach()
 
 
 def rotate_compiled(
@@ -486,8 +264,13 @@ def rotate_compiled(
     Returns:
         The number of layers stepped (all of them unless a compilation failed).
     """
-    calls = ((p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True))
-    return _call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, sums)
+    calls = [(p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True)]
+    results: list[torch.Tensor] = []
+    done = call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, results)
+    _update_in_float64(calls[:done], results, [SNAPSHOT] * done, parallel, per_unit)
+    if sums is not None:
+        sums.extend(results)
+    return done
 
 
 def rotate_base_compiled(
@@ -520,11 +303,51 @@ def rotate_base_compiled(
     Returns:
         The number of layers stepped.
     """
-    calls = (
+    calls = [
         (p, g, *state, hyper, *scalars_)
         for p, g, state, hyper, scalars_ in zip(params, grads, states, hypers, layer_scalars, strict=True)
-    )
-    return _call_kernels(zip(parallel, variants, calls, strict=True), per_unit)
+    ]
+    results: list[Any] = []
+    done = call_kernels(zip(parallel, variants, calls, strict=True), per_unit, results)
+    _update_in_float64(calls[:done], results, variants, parallel, per_unit)
+    return done
+
+
+def _update_in_float64(
+    calls: Sequence[Sequence[torch.Tensor]],
+    results: Sequence[Any],
+    variants: Sequence[str],
+    parallel: Sequence[bool],
+    per_unit: bool,
+) -> None:
+    """The update in float64 of the layers whose one-call kernel left it (a fourth row of their sums, 0).
+
+    On CPU a float32 layer's kernel forms its update in float32 where that is exact enough
+    (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was, the optimizer's
+    state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
+    sharded layer (the same arithmetic uncompiled, should its compilation fail). ``calls`` are the arguments the
+    one-call kernels took, ``results`` what they returned.
+    """
+    sums = [result[0] if isinstance(result, tuple) else result for result in results]
+    checked = [i for i, s in enumerate(sums) if s.shape[0] == 4]
+    if not checked:
+        return
+    formed = torch.stack([sums[i][3, 0] for i in checked]).tolist()  # CPU: no synchronisation
+    left = [i for i, ok in zip(checked, formed, strict=True) if not ok]
+    if not left:
+        return
+    halves, arguments = [], []
+    for i in left:
+        variant, args = variants[i], list(calls[i])
+        if variant == SNAPSHOT:
+            half, at = SHARDED_UPDATE, 2  # (p, w, | sums, rate, relative_lr, initial_norms, near_floor)
+        else:
+            half, at = sharded_forms(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
+        halves.append(half)
+        arguments.append([*args[:at], sums[i][:3], *args[at:]])
+    done = call_kernels(zip([parallel[i] for i in left], halves, arguments, strict=True), per_unit)
+    for half, args in zip(halves[done:], arguments[done:], strict=True):
+        _UPDATE_HALVES[half](*args)
 
 
 def sharded_sums_compiled(
@@ -554,7 +377,7 @@ def sharded_sums_compiled(
     """
     sums: list[torch.Tensor] = []
     arguments = zip(params, previous, initial_norms, strict=True)
-    _call_kernels(zip(parallel, [SHARDED_SUMS] * len(parallel), arguments, strict=True), per_unit, sums)
+    call_kernels(zip(parallel, [SHARDED_SUMS] * len(parallel), arguments, strict=True), per_unit, sums)
     return sums
 
 
@@ -574,7 +397,7 @@ def sharded_update_compiled(
     calls = (
         (p, w, full, *scalars_) for p, w, full, scalars_ in zip(params, previous, sums, layer_scalars, strict=True)
     )
-    return _call_kernels(zip(parallel, [SHARDED_UPDATE] * len(parallel), calls, strict=True), per_unit)
+    return call_kernels(zip(parallel, [SHARDED_UPDATE] * len(parallel), calls, strict=True), per_unit)
 
 
 def sharded_base_sums_compiled(
@@ -615,7 +438,7 @@ def sharded_base_sums_compiled(
         for p, g, state, hyper, n0 in zip(params, grads, states, hypers, initial_norms, strict=True)
     )
     forms = [sharded_forms(v)[0] for v in variants]
-    _call_kernels(zip(parallel, forms, calls, strict=True), per_unit, sums)
+    call_kernels(zip(parallel, forms, calls, strict=True), per_unit, sums)
     return sums
 
 
@@ -641,35 +464,6 @@ def sharded_base_update_compiled(
         for p, g, state, hyper, full, scalars_ in zip(params, grads, states, hypers, sums, layer_scalars, strict=True)
     ]
     forms = [sharded_forms(v)[1] for v in variants]
-    done = _call_kernels(zip(parallel, forms, calls, strict=True), per_unit)
+    done = call_kernels(zip(parallel, forms, calls, strict=True), per_unit)
     for form, arguments in zip(forms[done:], calls[done:], strict=True):
         SHARDED_BASE_KERNELS[form][1](*arguments)
-
-
-def _call_kernels(
-    calls: Iterable[tuple[bool, str, Sequence[torch.Tensor]]], per_unit: bool, sums: list[torch.Tensor] | None = None
-) -> int:
-    """Call the compiled kernel of each ``(parallel, variant, arguments)`` in turn, the layer's view first.
-
-    Consecutive layers of one kernel are stepped :data:`LAYERS_PER_CALL` per call (:func:`_call_plan`). A kernel
-    whose compilation fails (a recompilation after ``torch._dynamo.reset()`` or a change of the number of threads)
-    raises before it runs: the layers of that call are untouched, one warning is given and the layers from the first
-    of them on are left to the caller.
-
-    Returns:
-        The number of layers stepped.
-    """
-    layers = list(calls)
-    done = 0
-    for first, size in _call_plan([(parallel, variant) for parallel, variant, _ in layers]):
-        parallel, variant, args = layers[first]
-        arguments = [x for _, _, layer_args in layers[first : first + size] for x in layer_args]
-        try:
-            result = _kernel(parallel, per_unit, variant, size)(*arguments)
-        except Exception as error:  # a failed compilation before the kernel ran: the layers are untouched
-            _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, size, error)
-            break
-        if sums is not None:
-            sums.extend([result] if size == 1 else result)
-        done += size
-    return done

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from lightning_layca.step.rule import coefficients, combine, unit_roundoff
+from lightning_layca.step.rule import coefficients, combine, single_precision_suffices, unit_roundoff
 from lightning_layca.sums import row_sums
 
-__all__ = ["after_step", "layer_sums", "rotate_rows", "sharded_sums", "sharded_update", "update_rows"]
+__all__ = [
+    "after_step",
+    "layer_sums",
+    "rotate_rows",
+    "sharded_sums",
+    "sharded_update",
+    "update_rows",
+]
 
 
 def rotate_rows(
@@ -24,20 +31,25 @@ def rotate_rows(
     low: tuple[torch.Tensor, torch.Tensor],
     scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """The part every kernel shares: :func:`~lightning_layca.sums.row_sums`, the rule, the update.
+    """The part every one-call kernel shares: :func:`~lightning_layca.sums.row_sums`, the rule, the update.
+
+    On CPU a float32 layer's update is formed in float32 where that is exact enough (see :func:`update_rows`); the
+    layer is otherwise left for the float64 update, which the fourth row of the result asks for.
 
     Args:
         params: The layer's dense 2-D view; overwritten with ``k1 * w + k2 * D``.
-        exact: ``(w, D)`` in float64: the sums' operands, and the update's for a float32 layer.
-        low: ``(w, D)`` in float32: the update's operands for a bfloat16 or float16 layer (unused, and removed from
-            the compiled code, for a float32 layer).
+        exact: ``(w, D)`` in float64: the sums' operands, and the float64 update's.
+        low: ``(w, D)`` in float32: the update's operands for a bfloat16 or float16 layer, and for a float32 layer on
+            CPU where single precision suffices (unused, and removed from the compiled code, otherwise).
         scalars: The layer's ``(rate, relative_lr, initial_norms, near_floor)``, as the kernel was given them (see
             :func:`after_step`).
 
     Returns:
-        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``).
+        ``(a, b, c)``, float64, for the layer (shape ``(3, 1)``) or per unit (``(3, rows)``); a float32 layer on CPU
+        has a fourth row, 1 where its update was formed, 0 where it was left (see :func:`update_rows`).
     """
-    return update_rows(params, exact, low, layer_sums(exact, scalars[2]), scalars)
+    sums = layer_sums(exact, scalars[2])
+    return update_rows(params, exact, low, sums, scalars, single=params.device.type == "cpu")
 
 
 def layer_sums(exact: tuple[torch.Tensor, torch.Tensor], initial_norms: torch.Tensor) -> torch.Tensor:
@@ -56,10 +68,19 @@ def update_rows(
     low: tuple[torch.Tensor, torch.Tensor],
     sums: torch.Tensor,
     scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    single: bool = False,
 ) -> torch.Tensor:
     """The rule and the update of :func:`rotate_rows`, from the layer's (unit's) full sums ``(3, 1)`` or ``(3, rows)``.
 
-    Returns ``sums``.
+    With ``single`` (a constant of the compiled code) a float32 layer's update is formed in float32 where
+    :func:`~lightning_layca.step.rule.single_precision_suffices` says so for every unit, the rule of the eager step on
+    CPU; otherwise the layer is left as it is, for :func:`update_rows` without ``single`` (the update halves of the
+    sharded kernels, which read the state this call wrote) to form its update in float64. Without ``single`` (and
+    on CUDA) the update of a float32 layer is formed in float64.
+
+    Returns:
+        ``sums``; with ``single`` for a float32 layer, a fourth row: 1 where the update was formed, 0 where the layer
+        was left.
     """
     rate, relative_lr, initial_norms, near_floor = scalars
     weights, step = exact
@@ -67,25 +88,29 @@ def update_rows(
     units = radial.shape[0]
     # A constant of the compiled code (one compilation per dtype anyway), not an argument converted at every call.
     roundoff = unit_roundoff(params.dtype)
+    norms = initial_norms.reshape(units)
     k1, k2, near = coefficients(
-        radial,
-        weight_sq,
-        step_sq,
-        rate.expand(units),
-        relative_lr.expand(units),
-        initial_norms.reshape(units),
-        roundoff,
+        radial, weight_sq, step_sq, rate.expand(units), relative_lr.expand(units), norms, roundoff
     )
+    near_floor.copy_(near_floor | near.any())
     # Stacked into one buffer (see `options` in _compiled): the update pass then loads two numbers per unit instead
     # of recomputing the coefficients' square roots and divisions for every vector of elements.
     k = torch.stack([k1, k2])
+    if params.dtype != torch.float32:  # bfloat16/float16: float32 is that much more precise than the result
+        weights, step = low
+        params.copy_(combine(weights, step, k[0].float().unsqueeze(1), k[1].float().unsqueeze(1)))
+        return sums
+    if single:
+        # Checked for the whole layer (one branch per layer): where k2 * D cancels against k1 * w, float32 would lose
+        # the digits of the tangential part, and the layer is left for the float64 update.
+        formed = single_precision_suffices(k1, k2, weight_sq, step_sq, norms).all()
+        weights, step = low
+        k = k.float()
+        params.copy_(torch.where(formed, combine(weights, step, k[0].unsqueeze(1), k[1].unsqueeze(1)), params))
+        return torch.cat([sums, formed.to(sums.dtype).expand(1, units)])
     # float32 layers: the update in float64, where k2 * D of a mostly radial step cancels against k1 * w without
-    # losing float32 digits. bfloat16/float16 layers: float32 is that much more precise than the result (and the
-    # conversions from float32 are the fast ones).
-    if params.dtype != torch.float32:
-        k, (weights, step) = k.float(), low
+    # losing float32 digits.
     params.copy_(combine(weights, step, k[0].unsqueeze(1), k[1].unsqueeze(1)))
-    near_floor.copy_(near_floor | near.any())
     return sums
 
 

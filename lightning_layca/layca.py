@@ -107,19 +107,14 @@ class Layca(WrappedOptimizer):
             ``OneCycleLR`` records one, else the ``initial_lr`` a scheduler recorded, else ``lr``), so the fastest
             group rotates at ``rotation_rate`` at its peak; a group added later (fine-tuning) is measured against the
             same reference.
-        implementation: How the step is computed; every implementation applies the same rule
-            (:func:`lightning_layca.step.rule.coefficients`). ``"eager"``: float64 sums and a multi-tensor update.
-            ``"compiled"``:
-            per layer, one fused reduction pass and one update pass, compiled with ``torch.compile`` at the first step
-            (Inductor: C++ on CPU, Triton on CUDA) for float32, bfloat16 and float16 layers; where compilation fails,
-            one warning and the eager step. Around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves (not
-            subclasses), the kernel takes their step for the layers as well (their state kept where they keep it),
-            so no snapshot of the weights is needed. ``"auto"`` (default): on CPU, the eager step until its steps
-            have taken :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS` in total, so that a short fit
-            never waits for a compilation; then whichever step is faster in a trial of alternating turns, the trial
-            repeated at intervals so that no choice stays wrong for long
-            (:class:`~lightning_layca.auto_choice.AutoChoice`); elsewhere the eager step (the compiled one has not
-            been measured on GPUs yet).
+        implementation: How the step is computed, always by the same rule
+            (:func:`lightning_layca.step.rule.coefficients`): ``"eager"``, float64 sums and a multi-tensor update;
+            ``"compiled"``, per layer one fused reduction pass and one update pass compiled with ``torch.compile``
+            at the first step for float32, bfloat16 and float16 layers (one warning and the eager step where
+            compiling fails), which around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves also takes their step
+            for the layers (no snapshot); ``"auto"`` (default), on CPU the eager step until its steps have taken
+            :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS`, then the faster of the two in trials
+            repeated at intervals (:class:`~lightning_layca.auto_choice.AutoChoice`), elsewhere the eager step.
         target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
             (per unit under ``granularity="unit"``) follow it (:class:`~lightning_layca.targets.TargetController`).
 

@@ -34,6 +34,7 @@ from lightning_layca.step.compiled import (
     SHARDED_UPDATE,
     LayerScalars,
     compiled_step_ready,
+    in_single_precision,
     kernel_view,
     rotate_base_compiled,
     rotate_compiled,
@@ -485,7 +486,7 @@ def _compiled_positions(bucket: Bucket, base: BaseSteps) -> list[int]:
     at = sorted(bucket.at(COMPILED) + base.fallback)
     device, dtype = bucket.near_floor.device, bucket.params[0].dtype
     parallel = [bucket.parallel[j] for j in at] * 2
-    variants = [SHARDED_SUMS] * len(at) + [SHARDED_UPDATE] * len(at)
+    variants = [SHARDED_SUMS] * len(at) + [in_single_precision(SHARDED_UPDATE)] * len(at)
     if at and compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return at
     return []
@@ -518,7 +519,7 @@ def _base_sums(
         first = buckets[members[0][0]]
         parallel = [base_steps[k].parallel[i] for k, i in members]
         variants = [base_steps[k].steps[i].variant for k, i in members]
-        forms = [sharded_forms(v)[0] for v in variants] + [sharded_forms(v)[1] for v in variants]
+        forms = [sharded_forms(v)[0] for v in variants] + [in_single_precision(sharded_forms(v)[1]) for v in variants]
         device, dtype = first.near_floor.device, first.params[0].dtype
         if not compiled_step_ready(device, dtype, parallel * 2, per_unit, forms):
             continue

@@ -87,11 +87,17 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # fit the loss also differs, by 2.4e-7 (1.8e-7 relative), through the eager step's float64 sums above.
     "monitor-fit:*": (1e-6, 1e-6),
     "fit:*": (1e-6, 1e-6),
+    # The compiled kernels on CPU form a float32 layer's update in float32 where its terms do not cancel (the eager
+    # step's rule, step.rule.single_precision_suffices: within 5 float32 roundings of n0); they formed it in float64
+    # and rounded once. After 20 steps weights and optimizer state differ by at most 3.7e-7 absolute, 9.5e-8 beyond
+    # rtol=1e-5 (measured on the reference machine): atol=5e-7 is a 5x margin.
+    "*-compiled-float32-*": (1e-5, 5e-7),
 }
 """Case-id or fit-key ``fnmatch`` pattern -> ``(rtol, atol)``: compared with ``assert_close`` instead of bits.
 
 Every entry states why the redesign changed those bits and by how much (measured against the reference, which the
-code before the redesign wrote). The compiled cases, and every eager bfloat16 case but one pair, are bit for bit."""
+code before the redesign wrote). The compiled bfloat16 cases, and every eager bfloat16 case but one pair, are bit for
+bit."""
 
 OTHER_PLATFORM_TOLERANCES: dict[str, tuple[float, float]] = {
     "float32": (1e-4, 1e-5),

@@ -524,3 +524,47 @@ def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
         assert layca.initial_norms == pytest.approx(norms, rel=1e-6)  # Layca kept them through its step
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"], ids=["compiled+base", "compiled"])
+def test_the_sharded_update_keeps_float64_precision_where_float32_would_not(tmp_path: Path, optimizer: str) -> None:
+    # The sharded update halves form a float32 update in float32 where its terms do not cancel, and in float64
+    # otherwise (a mostly radial step scaled up: a float32 update would miss it by hundreds of roundings). One step of
+    # a sharded layer, in a world of one process, against the float64 reference from the step the path sees.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_layca import Layca
+    from tests.reference import layca_update
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for radial, tangential, rho, roundings in ((0.0, 1e-2, 0.05, 6), (-5e-2, 1e-4, 0.5, 2)):
+            gen = torch.Generator().manual_seed(0)
+            model = torch.nn.Linear(40, 96, bias=False)
+            with torch.no_grad():
+                model.weight.copy_(torch.randn(96, 40, generator=gen))
+            w = model.weight.detach().clone()
+            w64 = w.double()
+            direction = torch.randn(96, 40, generator=gen).double()
+            direction -= (direction * w64).sum() / (w64 * w64).sum() * w64
+            grad = -(radial * w64 + tangential * w64.norm() * direction / direction.norm()).float()
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+            base = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[optimizer]
+            hyper = {"lr": 1.0} if optimizer == "sgd" else {"lr": 1.0, "alpha": 0.0, "eps": 1.0}
+            opt = Layca(base(model.parameters(), **hyper), model.named_parameters(), rotation_rate=rho,
+                        implementation="compiled")  # fmt: skip
+            model.weight.grad = torch.distributed.tensor.distribute_tensor(grad, model.weight.device_mesh,
+                                                                          model.weight.placements)  # fmt: skip
+            opt.step()
+            path = opt.describe()["weight"]
+            assert path == ("compiled+base" if optimizer == "sgd" else "compiled")
+            # The kernel that takes SGD's step sees D = -g exactly; after RMSprop's own step (alpha 0, eps 1: a step of
+            # -g / (|g| + 1)) the kernel sees fl(w + D).
+            after_base = w64 - grad.double() if optimizer == "sgd" else (w - grad / (grad.abs() + 1.0)).double()
+            expected = layca_update(w, after_base, rho, float(w64.norm())).float().view_as(w)
+            error = float((model.weight.detach().full_tensor().double() - expected.double()).norm())
+            assert error <= roundings * 2.0**-24 * float(w64.norm()), (radial, error)
+    finally:
+        dist.destroy_process_group()

@@ -89,6 +89,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "LayerScalars",
     "compiled_step_ready",
+    "in_single_precision",
     "kernel_view",
     "parallel_kernel",
     "rotate_base_compiled",
@@ -221,9 +222,30 @@ _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
 """The update half of each form's sharded kernel, uncompiled: where a float32 layer's float64 update is formed when
 its compilation fails (:func:`_update_in_float64`)."""
 
+
+def in_single_precision(half: str) -> str:
+    """The name of the kernel that runs the update half ``half`` with its float32 update where that is exact enough.
+
+    On CPU it forms a float32 layer's update in float32 unless its terms cancel, and then leaves the layer (the fourth
+    row of the sums it returns says which, :func:`~lightning_layca.step.kernels.update_rows`) for ``half`` itself,
+    which forms it in float64 (:func:`_float64_updates`). On CUDA the two compute the same.
+    """
+    return f"{half}_single"
+
+
+def _single_precision(body: Callable[..., Any]) -> Callable[..., Any]:
+    def kernel(*args: torch.Tensor) -> Any:
+        return body(*args, single=args[0].device.type == "cpu")
+
+    return kernel
+
+
 for _variant, _body in _BODIES:
     _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
     register_kernel(_variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options))
+    if _variant in _UPDATE_HALVES:
+        single = KernelSpec(_single_precision(_body), partial(_stand_in, _variant), options=_options)
+        register_kernel(in_single_precision(_variant), single)
 
 
 class LayerScalars(NamedTuple):
@@ -325,19 +347,11 @@ def _update_in_float64(
     On CPU a float32 layer's kernel forms its update in float32 where that is exact enough
     (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was, the optimizer's
     state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
-    sharded layer (the same arithmetic uncompiled, should its compilation fail). ``calls`` are the arguments the
-    one-call kernels took, ``results`` what they returned.
+    sharded layer. ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
     sums = [result[0] if isinstance(result, tuple) else result for result in results]
-    checked = [i for i, s in enumerate(sums) if s.shape[0] == 4]
-    if not checked:
-        return
-    formed = torch.stack([sums[i][3, 0] for i in checked]).tolist()  # CPU: no synchronisation
-    left = [i for i, ok in zip(checked, formed, strict=True) if not ok]
-    if not left:
-        return
     halves, arguments = [], []
-    for i in left:
+    for i in _left(sums):
         variant, args = variants[i], list(calls[i])
         if variant == SNAPSHOT:
             half, at = SHARDED_UPDATE, 2  # (p, w, | sums, rate, relative_lr, initial_norms, near_floor)
@@ -345,7 +359,23 @@ def _update_in_float64(
             half, at = sharded_forms(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
         halves.append(half)
         arguments.append([*args[:at], sums[i][:3], *args[at:]])
-    done = call_kernels(zip([parallel[i] for i in left], halves, arguments, strict=True), per_unit)
+    _float64_updates(halves, arguments, [parallel[i] for i in _left(sums)], per_unit)
+
+
+def _left(sums: Sequence[torch.Tensor]) -> list[int]:
+    """The positions of the layers whose kernel left their float32 update for the float64 one (fourth row 0)."""
+    checked = [i for i, s in enumerate(sums) if s.shape[0] == 4]
+    if not checked:
+        return []
+    formed = torch.stack([sums[i][3, 0] for i in checked]).tolist()  # CPU only: no synchronisation
+    return [i for i, ok in zip(checked, formed, strict=True) if not ok]
+
+
+def _float64_updates(
+    halves: Sequence[str], arguments: Sequence[Sequence[torch.Tensor]], parallel: Sequence[bool], per_unit: bool
+) -> None:
+    """Call each update half (from the full sums) compiled, or uncompiled from the first whose compilation fails."""
+    done = call_kernels(zip(parallel, halves, arguments, strict=True), per_unit)
     for half, args in zip(halves[done:], arguments[done:], strict=True):
         _UPDATE_HALVES[half](*args)
 
@@ -394,10 +424,15 @@ def sharded_update_compiled(
     Returns:
         The number of layers stepped (all of them unless a compilation failed).
     """
-    calls = (
+    calls = [
         (p, w, full, *scalars_) for p, w, full, scalars_ in zip(params, previous, sums, layer_scalars, strict=True)
-    )
-    return call_kernels(zip(parallel, [SHARDED_UPDATE] * len(parallel), calls, strict=True), per_unit)
+    ]
+    results: list[torch.Tensor] = []
+    single = [in_single_precision(SHARDED_UPDATE)] * len(calls)
+    done = call_kernels(zip(parallel, single, calls, strict=True), per_unit, results)
+    left = _left(results)
+    _float64_updates([SHARDED_UPDATE] * len(left), [calls[i] for i in left], [parallel[i] for i in left], per_unit)
+    return done
 
 
 def sharded_base_sums_compiled(
@@ -464,6 +499,9 @@ def sharded_base_update_compiled(
         for p, g, state, hyper, full, scalars_ in zip(params, grads, states, hypers, sums, layer_scalars, strict=True)
     ]
     forms = [sharded_forms(v)[1] for v in variants]
-    done = call_kernels(zip(parallel, forms, calls, strict=True), per_unit)
+    results: list[torch.Tensor] = []
+    done = call_kernels(zip(parallel, map(in_single_precision, forms), calls, strict=True), per_unit, results)
     for form, arguments in zip(forms[done:], calls[done:], strict=True):
         SHARDED_BASE_KERNELS[form][1](*arguments)
+    left = _left(results)
+    _float64_updates([forms[i] for i in left], [calls[i] for i in left], [parallel[i] for i in left], per_unit)

@@ -370,16 +370,19 @@ def sharded_forms(variant: str) -> tuple[str, str]:
 # half is called as ``kernel(params, grad, *state, hyper, initial_norms)`` (it updates the state and returns the
 # shard's partial sums), the update half as ``kernel(params, grad, *state, hyper, sums, rate, relative_lr,
 # initial_norms, near_floor)`` (it forms ``D`` again from the weights and the updated state, takes the rule from the
-# layer's full ``sums`` and writes the weights). The arithmetic is the unsharded kernels' own.
+# layer's full ``sums`` and writes the weights; ``single=True``: see step.kernels.update_rows). The arithmetic is the
+# unsharded kernels' own.
 
 
 def _sgd_sums(p: T, g: T, b: T | None, h: T, n0: T, nesterov: bool) -> T:
     return layer_sums(_sgd_operands(p, g, b, h, nesterov, _UPDATE_AS_STORED)[0], n0)
 
 
-def _sgd_update(p: T, g: T, b: T | None, h: T, sums: T, scalars: tuple[T, T, T, T], nesterov: bool) -> T:
+def _sgd_update(
+    p: T, g: T, b: T | None, h: T, sums: T, scalars: tuple[T, T, T, T], nesterov: bool, single: bool = False
+) -> T:
     exact, low = _sgd_operands(p, g, b, h, nesterov, _UPDATED)
-    return update_rows(p, exact, low, sums, scalars)
+    return update_rows(p, exact, low, sums, scalars, single)
 
 
 def _sgd_sums_kernel(p: T, g: T, h: T, n0: T) -> T:
@@ -394,16 +397,20 @@ def _sgd_nesterov_sums_kernel(p: T, g: T, b: T, h: T, n0: T) -> T:
     return _sgd_sums(p, g, b, h, n0, nesterov=True)
 
 
-def _sgd_update_kernel(p: T, g: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T) -> T:
-    return _sgd_update(p, g, None, h, sums, (rate, lr, n0, flag), nesterov=False)
+def _sgd_update_kernel(p: T, g: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False) -> T:
+    return _sgd_update(p, g, None, h, sums, (rate, lr, n0, flag), nesterov=False, single=single)
 
 
-def _sgd_momentum_update_kernel(p: T, g: T, b: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T) -> T:
-    return _sgd_update(p, g, b, h, sums, (rate, lr, n0, flag), nesterov=False)
+def _sgd_momentum_update_kernel(
+    p: T, g: T, b: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False
+) -> T:
+    return _sgd_update(p, g, b, h, sums, (rate, lr, n0, flag), nesterov=False, single=single)
 
 
-def _sgd_nesterov_update_kernel(p: T, g: T, b: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T) -> T:
-    return _sgd_update(p, g, b, h, sums, (rate, lr, n0, flag), nesterov=True)
+def _sgd_nesterov_update_kernel(
+    p: T, g: T, b: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False
+) -> T:
+    return _sgd_update(p, g, b, h, sums, (rate, lr, n0, flag), nesterov=True, single=single)
 
 
 def _adam_sums_kernel(p: T, g: T, m: T, v: T, h: T, n0: T) -> T:
@@ -414,14 +421,18 @@ def _adam_amsgrad_sums_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, n0: T) -> T
     return layer_sums(_adam_operands(p, g, (m, v, vmax), h, _UPDATE_AS_STORED)[0], n0)
 
 
-def _adam_update_kernel(p: T, g: T, m: T, v: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T) -> T:
+def _adam_update_kernel(
+    p: T, g: T, m: T, v: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False
+) -> T:
     exact, low, _ = _adam_operands(p, g, (m, v, None), h, _UPDATED)
-    return update_rows(p, exact, low, sums, (rate, lr, n0, flag))
+    return update_rows(p, exact, low, sums, (rate, lr, n0, flag), single)
 
 
-def _adam_amsgrad_update_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T) -> T:
+def _adam_amsgrad_update_kernel(
+    p: T, g: T, m: T, v: T, vmax: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False
+) -> T:
     exact, low, _ = _adam_operands(p, g, (m, v, vmax), h, _UPDATED)
-    return update_rows(p, exact, low, sums, (rate, lr, n0, flag))
+    return update_rows(p, exact, low, sums, (rate, lr, n0, flag), single)
 
 
 _HALVES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {

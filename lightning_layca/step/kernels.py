@@ -161,9 +161,13 @@ def sharded_update(
     relative_lr: torch.Tensor,
     initial_norms: torch.Tensor,
     near_floor: torch.Tensor,
+    single: bool = False,
 ) -> torch.Tensor:
-    """The second half of :func:`after_step` for a process's shard: the rule and the update from the full ``sums``."""
+    """The second half of :func:`after_step` for a process's shard: the rule and the update from the full ``sums``.
+
+    ``single``: as for :func:`update_rows` (the sums returned with a fourth row).
+    """
     weights = previous.double()
     exact = weights, params.double() - weights
     low = previous.float(), params.float() - previous.float()
-    return update_rows(params, exact, low, sums, (rate, relative_lr, initial_norms, near_floor))
+    return update_rows(params, exact, low, sums, (rate, relative_lr, initial_norms, near_floor), single)

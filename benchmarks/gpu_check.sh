@@ -75,8 +75,9 @@ stage "step_cost (CUDA)" 200 step_cost_cuda.log "$PY" -m benchmarks.step_cost --
     --sets resnet50,vitb16,resnet50@bf16 --no-reference --repeats 15 --block 10 --warmup 3 \
     --out "$REPORTS/step_cost_cuda.md"
 
-# 3. Monitoring cost on GPU: the micro benchmark and short fits.
-stage "monitor_cost (CUDA)" 60 monitor_cost_cuda.txt "$PY" -m benchmarks.monitor_cost --device cuda \
+# 3. Monitoring cost on GPU: the micro benchmark (eager and compiled sums: its Triton kernels compile first) and
+#    short fits.
+stage "monitor_cost (CUDA)" 120 monitor_cost_cuda.txt "$PY" -m benchmarks.monitor_cost --device cuda \
     --repeats 50 --rounds 2 --steps 100 --epochs 1
 
 echo >> "$SUMMARY"

@@ -219,8 +219,8 @@ _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
     SHARDED_UPDATE: sharded_update,
     **{sharded_forms(v)[1]: SHARDED_BASE_KERNELS[sharded_forms(v)[1]][1] for v in BASE_KERNELS},
 }
-"""The update half of each form's sharded kernel, uncompiled: where a float32 layer's float64 update is formed when
-its compilation fails (:func:`_update_in_float64`)."""
+"""The update half of each form's sharded kernel, uncompiled: the float64 update of a float32 layer that a
+single-precision kernel left, where the half's own compilation fails (:func:`_float64_updates`)."""
 
 
 def in_single_precision(half: str) -> str:

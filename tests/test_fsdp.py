@@ -568,3 +568,60 @@ def test_the_sharded_update_keeps_float64_precision_where_float32_would_not(tmp_
             assert error <= roundings * 2.0**-24 * float(w64.norm()), (radial, error)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_sharded_update_half_that_fails_to_compile_later_is_taken_uncompiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernels compile at the first step; should the update half fail to compile at a later one (after
+    # torch._dynamo.reset(), a change of threads), the sharded step takes the same arithmetic uncompiled, after one
+    # warning: the state the sums half wrote is this step's, so every layer must still be updated, to full precision.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from lightning_layca import Layca, compiling
+    from tests.reference import layca_update
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 96, bias=False)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = Layca(torch.optim.SGD(model.parameters(), lr=1.0), model.named_parameters(), rotation_rate=0.5,
+                    implementation="compiled")  # fmt: skip
+        weight = model.weight
+        n0 = float(weight.detach().full_tensor().double().norm())
+        compile_kernel = compiling._compiled
+
+        def no_update_half(parallel: bool, per_unit: bool, variant: str):
+            if not variant.endswith(("update", "update_single")):
+                return compile_kernel(parallel, per_unit, variant)
+
+            def fail(*args: object) -> None:
+                raise RuntimeError("no compiler for the update half")
+
+            return fail
+
+        for step in range(2):
+            w = weight.detach().full_tensor().clone()
+            w64 = w.double()
+            direction = torch.randn(96, 40, generator=gen).double()
+            direction -= (direction * w64).sum() / (w64 * w64).sum() * w64
+            grad = -(-5e-2 * w64 + 1e-4 * w64.norm() * direction / direction.norm()).float()
+            weight.grad = distribute_tensor(grad, weight.device_mesh, weight.placements)
+            if step == 1:
+                monkeypatch.setattr(compiling, "_ready", dict(compiling._ready))  # forgotten afterwards
+                monkeypatch.setattr(compiling, "_compiled", no_update_half)
+                with pytest.warns(UserWarning, match="no compiler for the update half"):
+                    opt.step()
+            else:
+                opt.step()
+            assert opt.describe()["weight"] == "compiled+base"
+            expected = layca_update(w, w64 - grad.double(), 0.5, n0).float().view_as(w)
+            error = float((weight.detach().full_tensor().double() - expected.double()).norm())
+            assert error <= 2 * 2.0**-24 * n0, (step, error)
+    finally:
+        dist.destroy_process_group()

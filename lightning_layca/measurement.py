@@ -107,7 +107,6 @@ class MeasurementSums:
         self.in_use: str = "eager"
         """``"eager"`` or ``"compiled"``: the sums of the latest measurement (``"compiled"`` when any layer's were)."""
         self._unavailable = False
-        self._ready_for: dict[tuple[object, ...], bool] = {}
 
     def __call__(
         self,
@@ -187,14 +186,12 @@ class MeasurementSums:
         return positions, views, others
 
     def _ready(self, first: torch.Tensor, parallel: list[bool], difference: bool) -> bool:
+        """Whether the kernels are compiled (compiling them the first time; kernels_ready keeps the answer)."""
         variant = STEP_SUMS if difference else DISTANCES
-        key = (first.device.type, first.dtype, tuple(parallel), variant)
-        if key not in self._ready_for:
-            with torch.no_grad():
-                ready = kernels_ready(first.device, first.dtype, [(p, variant) for p in parallel])
-            self._unavailable = not ready
-            self._ready_for[key] = ready
-        return self._ready_for[key]
+        with torch.no_grad():
+            ready = kernels_ready(first.device, first.dtype, [(p, variant) for p in parallel])
+        self._unavailable = not ready
+        return ready
 
 
 def _on_cpu(xs: Sequence[torch.Tensor]) -> bool:

@@ -7,6 +7,8 @@ SGD too: a test whose id contains :data:`AFTER_STEP` gets Layca's SGD kernel swi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -17,3 +19,33 @@ IMPLEMENTATIONS = ["eager", "compiled", pytest.param("compiled", id=AFTER_STEP)]
 
 class SubclassedSGD(torch.optim.SGD):
     """torch's SGD under a type of its own: Layca's compiled step then runs after its step, as for any optimizer."""
+
+
+def fail_compiling(
+    monkeypatch: pytest.MonkeyPatch,
+    message: str,
+    kernels: Callable[[str], bool] = lambda name: True,
+    forget_ready: bool = False,
+) -> None:
+    """Make every compilation of the kernels whose name ``kernels`` accepts raise ``RuntimeError(message)``.
+
+    As a compiler that went missing would: at the first compilation (with ``forget_ready``, which also forgets which
+    kernels were found ready, so that they are compiled again) or at a later one (otherwise: the kernels compiled so
+    far stay ready, and the failure comes when one is called). The other kernels compile as before; everything is put
+    back after the test.
+    """
+    from lightning_layca import compiling
+
+    compile_kernel = compiling._compiled_layers
+
+    def compiled(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., object]:
+        if not kernels(variant):
+            return compile_kernel(parallel, per_unit, variant, size)
+
+        def fail(*args: object) -> None:
+            raise RuntimeError(message)
+
+        return fail
+
+    monkeypatch.setattr(compiling, "_ready", {} if forget_ready else dict(compiling._ready))
+    monkeypatch.setattr(compiling, "_compiled_layers", compiled)

@@ -581,7 +581,8 @@ def test_a_sharded_update_half_that_fails_to_compile_later_is_taken_uncompiled(
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    from lightning_layca import Layca, compiling
+    from lightning_layca import Layca
+    from tests.implementations import fail_compiling
     from tests.reference import layca_update
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
@@ -594,17 +595,6 @@ def test_a_sharded_update_half_that_fails_to_compile_later_is_taken_uncompiled(
                     implementation="compiled")  # fmt: skip
         weight = model.weight
         n0 = float(weight.detach().full_tensor().double().norm())
-        compile_kernel = compiling._compiled
-
-        def no_update_half(parallel: bool, per_unit: bool, variant: str):
-            if not variant.endswith(("update", "update_single")):
-                return compile_kernel(parallel, per_unit, variant)
-
-            def fail(*args: object) -> None:
-                raise RuntimeError("no compiler for the update half")
-
-            return fail
-
         for step in range(2):
             w = weight.detach().full_tensor().clone()
             w64 = w.double()
@@ -613,8 +603,7 @@ def test_a_sharded_update_half_that_fails_to_compile_later_is_taken_uncompiled(
             grad = -(-5e-2 * w64 + 1e-4 * w64.norm() * direction / direction.norm()).float()
             weight.grad = distribute_tensor(grad, weight.device_mesh, weight.placements)
             if step == 1:
-                monkeypatch.setattr(compiling, "_ready", dict(compiling._ready))  # forgotten afterwards
-                monkeypatch.setattr(compiling, "_compiled", no_update_half)
+                fail_compiling(monkeypatch, "no compiler for the update half", lambda n: n.endswith("update_single"))
                 with pytest.warns(UserWarning, match="no compiler for the update half"):
                     opt.step()
             else:

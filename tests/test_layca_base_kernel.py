@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from lightning_layca import compiling
-from tests.implementations import SubclassedSGD
+from tests.implementations import SubclassedSGD, fail_compiling
 
 CONFIGS = {
     "sgd": dict(lr=0.1),
@@ -314,14 +313,7 @@ def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_ea
 ) -> None:
     model, twin, eager, compiled = trained_twins(torch.optim.SGD, dict(lr=0.1, momentum=0.9), 2)  # compiled, ready
 
-    def broken(parallel: bool, per_unit: bool = False, variant: object = None):
-        def fail(*args: object) -> None:
-            raise RuntimeError("recompilation failed")
-
-        return fail
-
-    monkeypatch.setattr(compiling, "_ready", dict(compiling._ready))  # the failure is forgotten afterwards
-    monkeypatch.setattr(compiling, "_compiled", broken)
+    fail_compiling(monkeypatch, "recompilation failed")
     with pytest.warns(UserWarning, match="recompilation failed"):
         fit(model, eager, 1, seed=3)
         fit(twin, compiled, 1, seed=3)

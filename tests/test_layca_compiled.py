@@ -14,7 +14,7 @@ from torch import nn
 import lightning_layca as ll
 from lightning_layca import auto_choice, compiling
 from lightning_layca.step import compiled as compiled_step
-from tests.implementations import SubclassedSGD
+from tests.implementations import SubclassedSGD, fail_compiling
 from tests.reference import layca_update
 
 KERNELS = {"sgd-in-kernel": torch.optim.SGD, "after-base-step": SubclassedSGD}
@@ -107,14 +107,7 @@ def test_float64_layers_take_the_eager_step_with_a_warning_when_compiled_is_aske
 
 
 def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_compiler(parallel: bool, per_unit: bool = False, variant: object = None):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler found\nsecond line")
-
-        return fail
-
-    monkeypatch.setattr(compiling, "_ready", {})
-    monkeypatch.setattr(compiling, "_compiled", no_compiler)
+    fail_compiling(monkeypatch, "no C++ compiler found\nsecond line", forget_ready=True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     twin, eager, compiled = twin_optimizers(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))

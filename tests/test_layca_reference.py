@@ -11,7 +11,7 @@ from torch import nn
 
 import lightning_layca as ll
 from lightning_layca.step.eager import rotate_eager
-from tests.implementations import IMPLEMENTATIONS
+from tests.implementations import IMPLEMENTATIONS, fail_compiling
 from tests.reference import ReferenceLayca, depth_decay_multipliers, layca_update
 
 STEPS = 20
@@ -210,21 +210,8 @@ def test_every_path_keeps_float64_precision_for_a_mostly_radial_step_scaled_up(i
 def test_the_float64_update_is_formed_uncompiled_when_its_kernel_fails_to_compile(
     implementation: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_layca import compiling
-
-    compile_kernel = compiling._compiled
-
-    def no_update_half(parallel: bool, per_unit: bool, variant: str):
-        if not variant.endswith("update"):
-            return compile_kernel(parallel, per_unit, variant)
-
-        def fail(*args: object) -> None:
-            raise RuntimeError("no compiler for the update half")
-
-        return fail
-
-    monkeypatch.setattr(compiling, "_ready", dict(compiling._ready))  # the failure is forgotten afterwards
-    monkeypatch.setattr(compiling, "_compiled", no_update_half)
+    # The update halves (which form the float64 update) fail to compile; the kernels before them compiled.
+    fail_compiling(monkeypatch, "no compiler for the update half", lambda name: name.endswith("update"))
     with pytest.warns(UserWarning, match="no compiler for the update half"):
         error, ulp, path = layca_against_reference(-5e-2, 1e-4, 0.5, 0, implementation)
     assert path.startswith("compiled")

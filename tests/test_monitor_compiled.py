@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import lightning_layca as ll
-from lightning_layca import auto_choice, compiling
+from lightning_layca import auto_choice
 from lightning_layca.measurement import MeasurementSums
+from tests.implementations import fail_compiling
 from tests.tiny_modules import LAYERS, TinyCNN, cosine_distance_fp64, layer_weights, loader, make_trainer
 
 
@@ -81,14 +82,7 @@ def test_eager_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_failed_compilation_warns_once_and_measures_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_compiler(*args: object) -> object:
-        def fail(*arguments: object) -> None:
-            raise RuntimeError("no C++ compiler found")
-
-        return fail
-
-    monkeypatch.setattr(compiling, "_ready", {})
-    monkeypatch.setattr(compiling, "_compiled_layers", no_compiler)
+    fail_compiling(monkeypatch, "no C++ compiler found", forget_ready=True)
     layers, initial = layers_and_snapshots()
     sums = MeasurementSums("compiled")
     with warnings.catch_warnings(record=True) as caught:

@@ -350,8 +350,9 @@ def _update_in_float64(
     sharded layer. ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
     sums = [result[0] if isinstance(result, tuple) else result for result in results]
+    left = _left(sums)
     halves, arguments = [], []
-    for i in _left(sums):
+    for i in left:
         variant, args = variants[i], list(calls[i])
         if variant == SNAPSHOT:
             half, at = SHARDED_UPDATE, 2  # (p, w, | sums, rate, relative_lr, initial_norms, near_floor)
@@ -359,7 +360,7 @@ def _update_in_float64(
             half, at = sharded_forms(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
         halves.append(half)
         arguments.append([*args[:at], sums[i][:3], *args[at:]])
-    _float64_updates(halves, arguments, [parallel[i] for i in _left(sums)], per_unit)
+    _float64_updates(halves, arguments, [parallel[i] for i in left], per_unit)
 
 
 def _left(sums: Sequence[torch.Tensor]) -> list[int]:
@@ -502,6 +503,6 @@ def sharded_base_update_compiled(
     results: list[torch.Tensor] = []
     done = call_kernels(zip(parallel, map(in_single_precision, forms), calls, strict=True), per_unit, results)
     for form, arguments in zip(forms[done:], calls[done:], strict=True):
-        SHARDED_BASE_KERNELS[form][1](*arguments)
+        _UPDATE_HALVES[form](*arguments)
     left = _left(results)
     _float64_updates([forms[i] for i in left], [calls[i] for i in left], [parallel[i] for i in left], per_unit)

@@ -15,14 +15,7 @@ import torch
 from lightning_layca.step.rule import coefficients, combine, single_precision_suffices, unit_roundoff
 from lightning_layca.sums import row_sums
 
-__all__ = [
-    "after_step",
-    "layer_sums",
-    "rotate_rows",
-    "sharded_sums",
-    "sharded_update",
-    "update_rows",
-]
+__all__ = ["after_step", "layer_sums", "rotate_rows", "sharded_sums", "sharded_update", "update_rows"]
 
 
 def rotate_rows(

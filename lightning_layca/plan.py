@@ -218,12 +218,7 @@ class StepPlan:
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i in registry.controlled:
             by_key[(params[i].device, params[i].dtype)].append(i)
-        chunks: list[tuple[list[int], bool]] = []
-        for (device, dtype), indices in by_key.items():
-            eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
-            limit = CPU_BUCKET_BYTES if device.type == "cpu" else None
-            chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
-        order = [i for indices, _ in chunks for i in indices]
+        order = [i for indices in by_key.values() for i in indices]
         layout = shard_layout([params[i] for i in order])
         self.layout = layout if layout.sharded else None
         position = {i: k for k, i in enumerate(order)}
@@ -233,6 +228,13 @@ class StepPlan:
             compiled_now = self.auto is None or self.auto.compiled
         else:
             compiled_now = self.implementation == "compiled"
+        chunks: list[tuple[list[int], bool]] = []
+        for (device, dtype), indices in by_key.items():
+            eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
+            # The eager step's passes stay in cache within a bucket of a few MiB; a compiled kernel reads each layer
+            # on its own, and its calls group consecutive layers across the whole bucket (fewer calls).
+            limit = CPU_BUCKET_BYTES if device.type == "cpu" and not (eligible and compiled_now) else None
+            chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
         family = family_of(optimizer)
         buckets = []
         for indices, eligible in chunks:

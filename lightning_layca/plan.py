@@ -1,8 +1,9 @@
 """The step plan: which implementation steps which layer, in which bucket, with which snapshot.
 
 The controlled layers are split into **buckets**: layers of one device and dtype, in depth order, cut into runs of a
-few MiB on CPU so that a bucket stays cache-resident across the passes of one step. (A bucket is not a torch param
-group: a param group is the wrapped optimizer's, a bucket the plan's.) Each layer of a bucket takes one **path**:
+few MiB on CPU when they take the eager step, so that a bucket stays cache-resident across its passes (the compiled
+kernels read each layer on their own: their layers stay in one bucket, so that consecutive layers share calls). (A
+bucket is not a torch param group: a param group is the wrapped optimizer's, a bucket the plan's.) Each layer of a bucket takes one **path**:
 
 * ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
   ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;
@@ -55,8 +56,9 @@ EAGER, COMPILED, WITH_BASE = "eager", "compiled", "compiled+base"
 """The paths a layer can take (see the module docstring)."""
 
 CPU_BUCKET_BYTES: int | None = 4 * 2**20
-"""On CPU, layers are stepped in buckets of at most this many bytes (a larger layer forms its own), so that a bucket
-stays cache-resident across the passes of one step; ``None``: one bucket per device and dtype."""
+"""On CPU, layers that take the eager step are stepped in buckets of at most this many bytes (a larger layer forms its
+own), so that a bucket stays cache-resident across the passes of one step; ``None``: one bucket per device and dtype.
+Layers that take a compiled path form one bucket per device and dtype whatever this says."""
 
 
 @dataclass

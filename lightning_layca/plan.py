@@ -2,8 +2,9 @@
 
 The controlled layers are split into **buckets**: layers of one device and dtype, in depth order, cut into runs of a
 few MiB on CPU when they take the eager step, so that a bucket stays cache-resident across its passes (the compiled
-kernels read each layer on their own: their layers stay in one bucket, so that consecutive layers share calls). (A
-bucket is not a torch param group: a param group is the wrapped optimizer's, a bucket the plan's.) Each layer of a bucket takes one **path**:
+kernels read each layer on their own: their layers stay in one bucket, so that consecutive layers share calls). A
+bucket is not a torch param group: a param group is the wrapped optimizer's, a bucket the plan's. Each layer of a
+bucket takes one **path**:
 
 * ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
   ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;

@@ -72,9 +72,9 @@ LAYERS_PER_CALL = 4
 Measured on the 2-core CPU container, 1 thread (``benchmarks/compiled_step_breakdown.py``, ``benchmarks/README.md``):
 one call costs about 100 us of wrappers and guards; stepping 4 tiny layers per call costs 37-41 us per layer, 8 per
 call 31-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty cache, for 4 layers 17 s, against
-2.3 s for one layer. A step's layers are called bucket by bucket (CPU buckets hold up to 4 MiB of layers): on MLP-200
-shapes (200 layers) the step went from 200 calls to 50 and from 48.5 to 39.3 ms (``Layca(SGD fused)``); on
-ResNet-18 shapes, whose large layers each fill a bucket, from 21 calls to 15, with no measurable difference."""
+2.3 s for one layer. On MLP-200 shapes (200 layers) the step went from 200 calls to 50 and from 48.5 to 39.3 ms
+(``Layca(SGD fused)``). The layers of a step's compiled paths form one bucket per (device, dtype), so ResNet-18's 21
+layers take 6 calls (15 while its larger layers each filled a bucket of their own)."""
 
 _compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
 _ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}

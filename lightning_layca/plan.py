@@ -1,8 +1,10 @@
 """The step plan: which implementation steps which layer, in which bucket, with which snapshot.
 
 The controlled layers are split into **buckets**: layers of one device and dtype, in depth order, cut into runs of a
-few MiB on CPU so that a bucket stays cache-resident across the passes of one step. (A bucket is not a torch param
-group: a param group is the wrapped optimizer's, a bucket the plan's.) Each layer of a bucket takes one **path**:
+few MiB on CPU when they take the eager step, so that a bucket stays cache-resident across its passes (the compiled
+kernels read each layer on their own: their layers stay in one bucket, so that consecutive layers share calls). A
+bucket is not a torch param group: a param group is the wrapped optimizer's, a bucket the plan's. Each layer of a
+bucket takes one **path**:
 
 * ``"compiled+base"``: the compiled kernel takes the base optimizer's step and the Layca step together (around
   ``torch.optim.SGD``, ``Adam``, ``AdamW``; see :mod:`lightning_layca.step.families`); no snapshot is needed;
@@ -55,8 +57,9 @@ EAGER, COMPILED, WITH_BASE = "eager", "compiled", "compiled+base"
 """The paths a layer can take (see the module docstring)."""
 
 CPU_BUCKET_BYTES: int | None = 4 * 2**20
-"""On CPU, layers are stepped in buckets of at most this many bytes (a larger layer forms its own), so that a bucket
-stays cache-resident across the passes of one step; ``None``: one bucket per device and dtype."""
+"""On CPU, layers that take the eager step are stepped in buckets of at most this many bytes (a larger layer forms its
+own), so that a bucket stays cache-resident across the passes of one step; ``None``: one bucket per device and dtype.
+Layers that take a compiled path form one bucket per device and dtype whatever this says."""
 
 
 @dataclass
@@ -218,12 +221,7 @@ class StepPlan:
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i in registry.controlled:
             by_key[(params[i].device, params[i].dtype)].append(i)
-        chunks: list[tuple[list[int], bool]] = []
-        for (device, dtype), indices in by_key.items():
-            eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
-            limit = CPU_BUCKET_BYTES if device.type == "cpu" else None
-            chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
-        order = [i for indices, _ in chunks for i in indices]
+        order = [i for indices in by_key.values() for i in indices]
         layout = shard_layout([params[i] for i in order])
         self.layout = layout if layout.sharded else None
         position = {i: k for k, i in enumerate(order)}
@@ -233,6 +231,13 @@ class StepPlan:
             compiled_now = self.auto is None or self.auto.compiled
         else:
             compiled_now = self.implementation == "compiled"
+        chunks: list[tuple[list[int], bool]] = []
+        for (device, dtype), indices in by_key.items():
+            eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
+            # The eager step's passes stay in cache within a bucket of a few MiB; a compiled kernel reads each layer
+            # on its own, and its calls group consecutive layers across the whole bucket (fewer calls).
+            limit = CPU_BUCKET_BYTES if device.type == "cpu" and not (eligible and compiled_now) else None
+            chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
         family = family_of(optimizer)
         buckets = []
         for indices, eligible in chunks:

@@ -36,6 +36,9 @@ FLOORS: dict[str, int] = {
     "targets": 4,
     "monitored": 3,
     "measurement": 3,
+    "step.base_steps": 1,
+    "step.equilibrium": 1,
+    "step.base_kernels": 3,
     "step.families": 3,
     "step.compiled": 4,
     "step": 5,
@@ -56,7 +59,18 @@ FLOORS: dict[str, int] = {
 """Every module of the package on its floor: a module imports only modules on lower floors (the root package, the
 facade of everything, is left out)."""
 
-MATH = ("sums", "step", "step.rule", "step.kernels", "step.eager", "step.families", "step.compiled")
+MATH = (
+    "sums",
+    "step",
+    "step.rule",
+    "step.kernels",
+    "step.eager",
+    "step.base_steps",
+    "step.base_kernels",
+    "step.equilibrium",
+    "step.families",
+    "step.compiled",
+)
 
 
 def module_name(path: Path) -> str:

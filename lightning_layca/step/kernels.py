@@ -4,7 +4,7 @@
 (the units with ``granularity="unit"``, summed into one row for the layer otherwise), the rule
 :func:`lightning_layca.step.rule.coefficients`, and the update ``p = k1 * w + k2 * D``. :func:`after_step` is the kernel
 that works after the base optimizer's step, from a snapshot; the kernels that take a base optimizer's step themselves
-are in :mod:`lightning_layca.step.families`, one per form of that step. How they are compiled and called is
+are in :mod:`lightning_layca.step.base_kernels`, one per form of that step. How they are compiled and called is
 :mod:`lightning_layca.step.compiled`.
 """
 

@@ -83,7 +83,7 @@ def family_of(optimizer: Optimizer) -> Family | None:
 def equilibrium_rate(optimizer: Optimizer, group: dict[str, Any]) -> float:
     """Return the angular update per step (tan of the angle) that ``optimizer`` reaches at equilibrium on ``group``.
 
-    The formula of its family (:mod:`lightning_layca.step.equilibrium`), with ``lr`` and ``wd`` the group's learning
+    The formula of its family (``lightning_layca.step.equilibrium``), with ``lr`` and ``wd`` the group's learning
     rate and weight decay:
 
     * ``AdamW`` (decoupled decay, ``beta1`` its first beta): ``sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))``;

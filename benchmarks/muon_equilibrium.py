@@ -25,7 +25,8 @@ import torch
 if __package__ in (None, ""):  # run as a file: make `lightning_layca` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_layca.step.families import equilibrium_rate, muon_correlation
+from lightning_layca.step.equilibrium import muon_correlation
+from lightning_layca.step.families import equilibrium_rate
 
 LR, WD = 0.05, 0.1
 

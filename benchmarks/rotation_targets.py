@@ -66,7 +66,7 @@ from benchmarks._mnist1d_experiment import (
 )
 from benchmarks.reproduce_alpha import AlphaExperimentCNN
 from examples.mnist1d_cnn import MNIST1DDataModule
-from lightning_layca import targets as targets_module
+from lightning_layca import target_controller as controller_module
 from lightning_layca.figures import save_png
 
 UNIFORM = (0.2, 0.4, 0.6, 0.8)
@@ -292,7 +292,7 @@ def overhead(args: argparse.Namespace) -> None:
 
         return run
 
-    controller = targets_module.TargetController
+    controller = controller_module.TargetController
     controller.after_step = timed(controller.after_step)  # type: ignore[method-assign]
     controller.prepare = timed(controller.prepare)  # type: ignore[method-assign]
     import torch
@@ -323,7 +323,7 @@ def trace(args: argparse.Namespace, final: float, path: Path) -> None:
     import torch
 
     rows: list[dict[str, Any]] = []
-    original = targets_module.TargetController.after_step
+    original = controller_module.TargetController.after_step
 
     def traced(self: Any, layca: Any, *a: Any, **k: Any) -> Any:
         chose = original(self, layca, *a, **k)
@@ -343,7 +343,7 @@ def trace(args: argparse.Namespace, final: float, path: Path) -> None:
             )
         return chose
 
-    targets_module.TargetController.after_step = traced  # type: ignore[method-assign]
+    controller_module.TargetController.after_step = traced  # type: ignore[method-assign]
     torch.set_num_threads(args.threads)
     setup = setup_of(args)
     from benchmarks._mnist1d_experiment import make_datamodule

@@ -60,7 +60,8 @@ from lightning_layca.stepping import (
     take_snapshots,
     upload_rates,
 )
-from lightning_layca.targets import RotationTarget, TargetController, check_target
+from lightning_layca.target_controller import TargetController
+from lightning_layca.targets import RotationTarget, check_target
 from lightning_layca.wrapping import WrappedOptimizer
 
 __all__ = ["DEFAULT_ROTATION_RATE", "EQUILIBRIUM", "MAX_ROTATION_RATE", "Layca"]
@@ -116,7 +117,8 @@ class Layca(WrappedOptimizer):
             :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS`, then the faster of the two in trials
             repeated at intervals (:class:`~lightning_layca.auto_choice.AutoChoice`), elsewhere the eager step.
         target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
-            (per unit under ``granularity="unit"``) follow it (:class:`~lightning_layca.targets.TargetController`).
+            (per unit under ``granularity="unit"``) follow it
+            (:class:`~lightning_layca.target_controller.TargetController`).
 
     Raises:
         TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer`` or is already a ``Layca``, or ``schedule`` is

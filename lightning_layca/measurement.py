@@ -4,7 +4,7 @@ A logging step of a rotation monitor measures every layer against its initial we
 :func:`lightning_layca.sums.float64_sums`, from which the cosine distances come
 (:func:`lightning_layca.rotation.distances_from_sums`). The eager sums convert each layer and its snapshot to float64
 block by block and form the products with separate operators; a compiled pass (the same
-:func:`~lightning_layca.sums.row_sums` arithmetic traced by Inductor, compiled and called by
+:func:`~lightning_layca.sums.matrix_sums` arithmetic traced by Inductor, compiled and called by
 :mod:`lightning_layca.compiling` as the step's kernels are) reads both once and converts in registers, about three
 times faster on a CPU, but its compilation takes seconds. :class:`MeasurementSums` chooses between them as
 ``implementation`` says, with the rule of the Layca step's ``implementation="auto"``
@@ -35,7 +35,7 @@ from lightning_layca.compiling import (
     register_kernel,
     stand_in_layer,
 )
-from lightning_layca.sums import float64_sums, row_sums
+from lightning_layca.sums import float64_sums, matrix_sums
 
 __all__ = ["DISTANCES", "STEP_SUMS", "MeasurementSums"]
 
@@ -48,7 +48,7 @@ def _distance_sums(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor
 
     :func:`float64_sums` without ``difference``, in one pass that reads the layer and its snapshot once.
     """
-    return row_sums(weights.double(), initial.double()).sum(1, keepdim=True)
+    return matrix_sums(weights.double(), initial.double())
 
 
 def _step_sums(weights: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def _step_sums(weights: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     :func:`float64_sums` with ``difference``.
     """
     previous = before.double()
-    return row_sums(weights.double() - previous, previous).sum(1, keepdim=True)
+    return matrix_sums(weights.double() - previous, previous)
 
 
 def _stand_in(

@@ -5,7 +5,7 @@
 * ``lr_g(t) / lr_ref``: the relative learning rate of the layer's param group, against the reference learning rate
   (by default the largest peak learning rate of the param groups holding layers, fixed at the first step);
 * under a rotation target, ``rotation_rate * m_l(t)`` is replaced by the rate ``g_l`` its controller chose
-  (:class:`lightning_layca.targets.TargetController`);
+  (:class:`lightning_layca.target_controller.TargetController`);
 * under ``rotation_rate="equilibrium"`` each param group's base rate is its optimizer's equilibrium rate
   (:func:`lightning_layca.step.families.equilibrium_rate`), from its current lr.
 
@@ -24,7 +24,8 @@ from torch.optim import Optimizer
 from lightning_layca.argument_types import EQUILIBRIUM, check_reference_lr
 from lightning_layca.schedules import RotationSchedule
 from lightning_layca.step.families import equilibrium_rate
-from lightning_layca.targets import RotationTarget, TargetController
+from lightning_layca.target_controller import TargetController
+from lightning_layca.targets import RotationTarget
 
 __all__ = ["PER_UNIT_TARGET_EAGER", "Rates", "peak_lr"]
 

@@ -28,6 +28,8 @@ from torch.optim import Optimizer
 from lightning_layca.distributed import ShardLayout, local_shard, reduce_sums
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
+from lightning_layca.step.base_kernels import sharded_forms
+from lightning_layca.step.base_steps import LayerStep
 from lightning_layca.step.compiled import (
     PARALLEL_MIN_ELEMENTS,
     SHARDED_SUMS,
@@ -46,7 +48,7 @@ from lightning_layca.step.compiled import (
     unit_view,
 )
 from lightning_layca.step.eager import rotate_eager, step_sums
-from lightning_layca.step.families import LayerStep, family_of, sharded_forms
+from lightning_layca.step.families import family_of
 from lightning_layca.step.rule import NEAR_FLOOR_FACTOR, ROUNDING_FLOOR_FACTOR, unit_roundoff
 from lightning_layca.sums import unit_counts
 
@@ -188,7 +190,7 @@ def read_base_steps(
     """The ``"compiled+base"`` layers of ``bucket`` whose base step the kernels take at this step, with arguments.
 
     With ``sharded`` (the step's layers are sharded: :func:`rotate_sharded`), the kernels are the two halves of each
-    layer's form (:func:`~lightning_layca.step.families.sharded_forms`), and the views are of the local shards.
+    layer's form (:func:`~lightning_layca.step.base_kernels.sharded_forms`), and the views are of the local shards.
 
     A layer without a gradient is skipped, as torch's optimizers skip it (sharded, it takes the next path, whose sums
     of a zero step the step's collective needs). A layer whose gradient the kernel cannot

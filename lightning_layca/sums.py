@@ -13,7 +13,8 @@ lower precision) numbers are exact and ``u = x - y`` is rounded to 53 bits, so a
 
 Sums over parts add up to the sums over the whole: a process holding a shard of a layer sums over its shard and
 :func:`lightning_layca.distributed.full_sums` (the seam, the identity without sharding) adds the parts. Nothing else
-in the package computes these sums: :func:`row_sums` is also the function the compiled kernels trace.
+in the package computes these sums: :func:`row_sums` is also the function the compiled kernels trace, through
+:func:`matrix_sums`.
 
 Example:
     >>> w = torch.tensor([[3.0, 4.0]])
@@ -33,6 +34,7 @@ __all__ = [
     "as_rows",
     "block_elements",
     "float64_sums",
+    "matrix_sums",
     "row_blocks",
     "row_sums",
     "row_view",
@@ -68,6 +70,19 @@ def row_sums(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     The arithmetic of :func:`float64_sums` per block, and what the compiled kernels trace (on float64 operands).
     """
     return torch.stack([(u * y).sum(1), (y * y).sum(1), (u * u).sum(1)])
+
+
+def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False) -> torch.Tensor:
+    """:func:`row_sums` of a layer seen as a matrix: ``(3, rows)`` per unit, or summed over the rows into ``(3, 1)``.
+
+    The sums every compiled kernel forms (the step's and the monitor's), on float64 operands.
+
+    Example:
+        >>> matrix_sums(torch.ones(2, 3), torch.ones(2, 3)).tolist()
+        [[6.0], [6.0], [6.0]]
+    """
+    per_row = row_sums(u, y)
+    return per_row if per_unit else per_row.sum(1, keepdim=True)
 
 
 def block_elements(device: torch.device) -> int:

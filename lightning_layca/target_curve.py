@@ -47,7 +47,8 @@ class TargetCurve:
     ``s(t)`` follows the target's ``shape``: the integral of a param group's learning rate so far over its total
     (``"lr_integral"``, from the learning rate at every step of training, the *profile*) or steps so far over the
     total (``"linear"``, and ``"lr_integral"`` without a profile). The curve also knows what the steps left can turn a
-    layer by at most, which tells a :class:`~lightning_layca.targets.TargetController` whether a target is in reach.
+    layer by at most, which tells a :class:`~lightning_layca.target_controller.TargetController` whether a target is
+    in reach.
 
     Args:
         target: The target (its ``shape``, ``max_rate`` and, if given, ``total_steps``).

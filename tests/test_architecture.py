@@ -33,9 +33,13 @@ FLOORS: dict[str, int] = {
     "rotation": 2,
     "start_weights": 3,
     "target_curve": 1,
-    "targets": 4,
+    "targets": 2,
+    "target_controller": 4,
     "monitored": 3,
     "measurement": 3,
+    "step.base_steps": 1,
+    "step.equilibrium": 1,
+    "step.base_kernels": 3,
     "step.families": 3,
     "step.compiled": 4,
     "step": 5,
@@ -56,7 +60,18 @@ FLOORS: dict[str, int] = {
 """Every module of the package on its floor: a module imports only modules on lower floors (the root package, the
 facade of everything, is left out)."""
 
-MATH = ("sums", "step", "step.rule", "step.kernels", "step.eager", "step.families", "step.compiled")
+MATH = (
+    "sums",
+    "step",
+    "step.rule",
+    "step.kernels",
+    "step.eager",
+    "step.base_steps",
+    "step.base_kernels",
+    "step.equilibrium",
+    "step.families",
+    "step.compiled",
+)
 
 
 def module_name(path: Path) -> str:

@@ -334,7 +334,8 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.step.families import BASE_KERNELS, family_of
+    from lightning_layca.step.base_kernels import BASE_KERNELS
+    from lightning_layca.step.families import family_of
 
     optimizer, config = KERNEL_CASES[case]
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lightning_layca as ll
-from lightning_layca.step.families import equilibrium_rate, muon_correlation, polar_correlation_terms
+from lightning_layca.step.equilibrium import muon_correlation, polar_correlation_terms
+from lightning_layca.step.families import equilibrium_rate
 from tests.tiny_modules import TinyCNN, loader
 
 RATE = 0.01

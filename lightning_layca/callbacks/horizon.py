@@ -2,10 +2,11 @@
 
 A :class:`~lightning_layca.RotationTarget` rises over training along the learning rate (or the steps) of the whole
 fit, which a ``Layca`` step alone cannot know. When the fit starts, :func:`start_targets` gives every wrapper's
-:class:`~lightning_layca.targets.TargetController` the monitor's initial weights (no copy of its own) and, unless a
-checkpoint restored it, its horizon: the length of training from the Trainer (``estimated_stepping_batches``) and
-each param group's learning rate at every step, found by stepping the wrapper's LR schedulers ahead
-(:func:`lightning_layca.target_curve.scheduled_lrs`; ``ReduceLROnPlateau`` cannot be: the current lr is assumed).
+controller (:class:`~lightning_layca.target_controller.TargetController`) the monitor's initial weights (no copy of its
+own) and, unless a checkpoint restored it, its horizon: the length of training from the Trainer
+(``estimated_stepping_batches``) and each param group's learning rate at every step, found by stepping the wrapper's
+LR schedulers ahead (:func:`lightning_layca.target_curve.scheduled_lrs`; ``ReduceLROnPlateau`` cannot be: the
+current lr is assumed).
 """
 
 from __future__ import annotations

@@ -110,21 +110,6 @@ class LayerRotationMonitor(Callback):
             :class:`~lightning_layca.Layca`'s ``implementation``; ``"eager"``; ``"compiled"``: compiled from the first
             logging step. The numbers differ only by the order of float64 additions.
 
-    Attributes:
-        layers: The monitored layers and their initial weights (:class:`~lightning_layca.monitored.MonitoredLayers`;
-            ``layers.sums.in_use``: ``"eager"`` or ``"compiled"``, the latest measurement's sums).
-        history: Layer display name -> ``[(step, cosine distance), ...]`` at every logging step since the layer was
-            monitored, on the step axis of ``LightningModule.log``.
-        last_rotation: Layer display name -> the latest measured cosine distance.
-        epoch_rotation: Layer display name -> ``[(epochs completed, cosine distance), ...]``, starting at ``(0, 0.0)``
-            and measured at the end of every training epoch (the figure's data). A layer that joined later has 0 for
-            the epochs before it joined, which is its true rotation: it was frozen.
-        update_ratio_history: Layer display name -> ``[(step, log10 ||dW|| / ||W||), ...]`` at every logging step
-            (the update-ratio figure's data).
-        last_update_ratios: Layer display name -> ``(total, tangential, radial)``, log10 of the update-to-data ratio
-            of the latest logged optimizer step and of its two parts
-            (:func:`~lightning_layca.rotation.update_ratios_from_sums`).
-
     Extending: a subclass changes what is measured through the hooks :attr:`measures_unit_steps`,
     :attr:`measures_first`, :meth:`copy_weights_before_step`, :meth:`weights_before_step`,
     :meth:`logging_step_scalars`, :meth:`per_step_quantities` and :meth:`state_key_fields`
@@ -177,9 +162,13 @@ class LayerRotationMonitor(Callback):
         self.per_layer_detail = bool(per_layer_detail)
 
         self.layers = MonitoredLayers(name, include, exclude, unmoved_adapter_steps, MeasurementSums(implementation))
+        """The monitored layers and their initial weights (``layers.sums.in_use``: the latest measurement's sums)."""
         self._records = RotationRecords()  # `history`, `update_ratio_history`, `epoch_rotation`, checkpointed
         self.last_rotation: dict[str, float] = {}
+        """Layer display name -> the latest measured cosine distance."""
         self.last_update_ratios: dict[str, tuple[float, float, float]] = {}
+        """Layer display name -> ``(total, tangential, radial)``: log10 of the update-to-data ratio of the latest logged
+        optimizer step and of its two parts (:func:`~lightning_layca.rotation.update_ratios_from_sums`)."""
 
         self._last_global_step = -1
         self._output = RotationOutput(name, self.histogram_bins)
@@ -204,17 +193,21 @@ class LayerRotationMonitor(Callback):
 
     @property
     def history(self) -> dict[str, list[tuple[int, float]]]:
-        """Layer display name -> ``[(step, cosine distance), ...]`` at every logging step (see the class)."""
+        """Layer display name -> ``[(step, cosine distance), ...]`` at every logging step since the layer joined."""
         return self._records.history
 
     @property
     def epoch_rotation(self) -> dict[str, list[tuple[int, float]]]:
-        """Layer display name -> ``[(epochs completed, cosine distance), ...]`` (see the class)."""
+        """Layer display name -> ``[(epochs completed, cosine distance), ...]`` from ``(0, 0.0)``, the figure's data.
+
+        Measured at the end of every training epoch. A layer that joined later has 0 for the epochs before it joined,
+        which is its true rotation: it was frozen.
+        """
         return self._records.epoch_rotation
 
     @property
     def update_ratio_history(self) -> dict[str, list[tuple[int, float]]]:
-        """Layer display name -> ``[(step, log10 ||dW|| / ||W||), ...]`` at every logging step (see the class)."""
+        """Layer display name -> ``[(step, log10 ||dW|| / ||W||), ...]`` at every logging step (a figure's data)."""
         return self._records.update_ratio_history
 
     @property

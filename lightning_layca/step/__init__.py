@@ -8,7 +8,8 @@
 * :mod:`~lightning_layca.step.kernels` and :mod:`~lightning_layca.step.compiled`: the compiled implementation (the same
   sums, rule and update traced into one kernel per layer, compiled with ``torch.compile``);
 * :mod:`~lightning_layca.step.families`: one entry per base-optimizer family whose step the compiled kernel takes
-  (how its step is read, its kernels, its equilibrium rate).
+  (how its step is read, :mod:`~lightning_layca.step.base_steps`; its kernels,
+  :mod:`~lightning_layca.step.base_kernels`; its equilibrium rate, :mod:`~lightning_layca.step.equilibrium`).
 
 Granularity is a flag (``per_unit``) over row views everywhere: a layer is one row, or each unit is a row. Every
 implementation takes the layers and their per-row values (``rates``, ``relative_lrs``, ``initial_norms``) and returns

@@ -1,6 +1,6 @@
 """The compiled Layca step: per layer, one reduction pass and one update pass, compiled with ``torch.compile``.
 
-This module compiles the kernels (:mod:`lightning_layca.step.kernels`, :mod:`lightning_layca.step.families`) and
+This module compiles the kernels (:mod:`lightning_layca.step.kernels`, :mod:`lightning_layca.step.base_kernels`) and
 calls them; what a kernel computes is described here.
 
 For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(w + D)`` after it, one compiled call
@@ -31,14 +31,13 @@ reads the weights, the gradient and the optimizer's state, writes the new state 
 second forms the step again from the weights and the new state, as the first formed it, and writes the weights.
 
 Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (the kernels of
-:mod:`lightning_layca.step.families`, called by :func:`rotate_base_compiled`; the family table says when): the first
-pass reads
-the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new state and
-accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes ``w``. No
-snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5 for
-SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
-recomputes the velocity from the old buffer and the gradient). Adam's kernel writes its float32 direction in the
-first pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.families._adam_step`): its square
+:mod:`lightning_layca.step.base_kernels`, called by :func:`rotate_base_compiled`; the family table says when): the first
+pass reads the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new
+state and accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes
+``w``. No snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5
+for SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
+recomputes the velocity from the old buffer and the gradient). Adam's kernel writes its float32 direction in the first
+pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.base_kernels._adam_step`): its square
 root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
 Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls
@@ -75,7 +74,7 @@ from lightning_layca.compiling import (
     stand_in_layer,
     unit_view,
 )
-from lightning_layca.step.families import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
+from lightning_layca.step.base_kernels import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
@@ -316,7 +315,7 @@ def rotate_base_compiled(
         grads: The same views of their gradients.
         states: Per layer, the same views of the optimizer state the kernel updates in place (see
             :data:`BASE_KERNELS`).
-        hypers: Per layer, the kernel's hyperparameters (see :mod:`lightning_layca.step.families`).
+        hypers: Per layer, the kernel's hyperparameters (see :mod:`lightning_layca.step.base_steps`).
         layer_scalars: The :class:`LayerScalars` of each layer.
         parallel: :func:`parallel_kernel` of each layer.
         variants: Per layer, the form of the base step (a key of :data:`BASE_KERNELS`).
@@ -452,7 +451,7 @@ def sharded_base_sums_compiled(
     partial sums ``(a, b, c)`` of ``(D, w)`` (``D`` formed exactly in float64, never written); the weights are not
     written. Then the seam adds the sums of every process (:func:`lightning_layca.distributed.reduce_sums`), and
     :func:`sharded_base_update_compiled` takes the Layca step. Needs :func:`compiled_step_ready` with both halves of
-    every layer's form (:func:`~lightning_layca.step.families.sharded_forms`). Should a later compilation fail, the
+    every layer's form (:func:`~lightning_layca.step.base_kernels.sharded_forms`). Should a later compilation fail, the
     layers from the failing one on are left to the caller untouched (fewer results than layers), after one warning.
 
     Args:

@@ -1,10 +1,10 @@
 """The bodies of the compiled kernels: what one call does to one layer seen as a matrix (traced by Inductor).
 
-:func:`rotate_rows` is the part every kernel shares: the sums of :func:`lightning_layca.sums.row_sums` over the rows
+:func:`rotate_rows` is the part every kernel shares: the sums of :func:`lightning_layca.sums.matrix_sums` over the rows
 (the units with ``granularity="unit"``, summed into one row for the layer otherwise), the rule
 :func:`lightning_layca.step.rule.coefficients`, and the update ``p = k1 * w + k2 * D``. :func:`after_step` is the kernel
 that works after the base optimizer's step, from a snapshot; the kernels that take a base optimizer's step themselves
-are in :mod:`lightning_layca.step.families`, one per form of that step. How they are compiled and called is
+are in :mod:`lightning_layca.step.base_kernels`, one per form of that step. How they are compiled and called is
 :mod:`lightning_layca.step.compiled`.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lightning_layca.step.rule import coefficients, combine, single_precision_suffices, unit_roundoff
-from lightning_layca.sums import row_sums
+from lightning_layca.sums import matrix_sums
 
 __all__ = ["after_step", "layer_sums", "rotate_rows", "sharded_sums", "sharded_update", "update_rows"]
 
@@ -48,11 +48,11 @@ def rotate_rows(
 def layer_sums(exact: tuple[torch.Tensor, torch.Tensor], initial_norms: torch.Tensor) -> torch.Tensor:
     """``(a, b, c)`` of ``exact = (w, D)`` (float64), as ``(3, 1)`` for the layer or ``(3, rows)`` per unit.
 
-    Summed over the rows for a layer (``initial_norms`` 0-dim), per row (unit) otherwise.
+    :func:`~lightning_layca.sums.matrix_sums`: summed over the rows for a layer (``initial_norms`` 0-dim), per row
+    (unit) otherwise.
     """
     weights, step = exact
-    per_row = row_sums(step, weights)
-    return per_row.sum(1, keepdim=True) if initial_norms.dim() == 0 else per_row
+    return matrix_sums(step, weights, per_unit=initial_norms.dim() != 0)
 
 
 def update_rows(

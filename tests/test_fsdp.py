@@ -570,12 +570,15 @@ def test_the_sharded_update_keeps_float64_precision_where_float32_would_not(tmp_
         dist.destroy_process_group()
 
 
-def test_a_sharded_update_half_that_fails_to_compile_later_is_taken_uncompiled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("half", ["update", "sums"])
+def test_a_sharded_half_that_fails_to_compile_later_leaves_no_layer_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, half: str
 ) -> None:
-    # The kernels compile at the first step; should the update half fail to compile at a later one (after
-    # torch._dynamo.reset(), a change of threads), the sharded step takes the same arithmetic uncompiled, after one
-    # warning: the state the sums half wrote is this step's, so every layer must still be updated, to full precision.
+    # The kernels compile at the first step; should one half fail to compile at a later one (after
+    # torch._dynamo.reset(), a change of threads), one warning, and every layer still takes its step to full
+    # precision. The update half: the state the sums half wrote is this step's, so the same arithmetic is taken
+    # uncompiled. The sums half: it fails before it runs, so the layer takes the base step from a snapshot and the
+    # eager step (which sees fl(w + D), as every path after the base step does).
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -603,13 +606,16 @@ def test_a_sharded_update_half_that_fails_to_compile_later_is_taken_uncompiled(
             grad = -(-5e-2 * w64 + 1e-4 * w64.norm() * direction / direction.norm()).float()
             weight.grad = distribute_tensor(grad, weight.device_mesh, weight.placements)
             if step == 1:
-                fail_compiling(monkeypatch, "no compiler for the update half", lambda n: n.endswith("update_single"))
-                with pytest.warns(UserWarning, match="no compiler for the update half"):
+                suffix = "update_single" if half == "update" else "sharded_sums"
+                fail_compiling(monkeypatch, f"no compiler for the {half} half", lambda n, s=suffix: n.endswith(s))
+                with pytest.warns(UserWarning, match=f"no compiler for the {half} half") as caught:
                     opt.step()
+                assert len([x for x in caught if "Layca" in str(x.message)]) == 1
             else:
                 opt.step()
             assert opt.describe()["weight"] == "compiled+base"
-            expected = layca_update(w, w64 - grad.double(), 0.5, n0).float().view_as(w)
+            base_step_taken = (w - grad).double() if half == "sums" and step == 1 else w64 - grad.double()
+            expected = layca_update(w, base_step_taken, 0.5, n0).float().view_as(w)
             error = float((weight.detach().full_tensor().double() - expected.double()).norm())
             assert error <= 2 * 2.0**-24 * n0, (step, error)
     finally:

@@ -172,13 +172,14 @@ class StepPlan:
         self.per_unit = per_unit
         self.auto = AutoChoice() if implementation == "auto" else None
         self.buckets: list[Bucket] | None = None
+        self._stepped: list[Bucket] | None = None  # the buckets of the latest step, with the weights they kept
         self._switching = False
         self.layout: ShardLayout | None = None
         """How the step's layers lie over the processes, when some are sharded (``None`` otherwise)."""
 
     def invalidate(self) -> None:
         """Rebuild the buckets at the next step (the controlled layers changed)."""
-        self.buckets = None
+        self.buckets = self._stepped = None
 
     def switch(self) -> None:
         """Rebuild the buckets at the next step, for the other implementation (``"auto"``).
@@ -189,9 +190,15 @@ class StepPlan:
         self._switching = True
 
     def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "buckets": None}  # snapshot buffers are scratch space, rebuilt at the next step
+        # Snapshot buffers are scratch space, rebuilt at the next step.
+        return {**self.__dict__, "buckets": None, "_stepped": None}
 
     def for_step(self, registry: LayerRegistry, optimizer: Optimizer) -> list[Bucket]:
+        """The buckets of the coming step, which then holds the weights before it (:meth:`weights_before_last_step`)."""
+        self._stepped = self._coming(registry, optimizer)
+        return self._stepped
+
+    def _coming(self, registry: LayerRegistry, optimizer: Optimizer) -> list[Bucket]:
         """The buckets of the coming step: built anew when a layer's device, dtype or shape changed."""
         buckets = self.buckets
         if (
@@ -208,13 +215,16 @@ class StepPlan:
         return buckets
 
     def describe(self, registry: LayerRegistry, optimizer: Optimizer) -> dict[str, str]:
-        """Return ``{layer name: path}`` of every controlled layer for the coming step (see the module docstring)."""
-        buckets = self.for_step(registry, optimizer)
+        """Return ``{layer name: path}`` of every controlled layer for the coming step (see the module docstring).
+
+        The latest step's buckets, and the weights they kept before it, stay until the next step.
+        """
+        buckets = self._coming(registry, optimizer)
         return {registry.names[b.indices[j]]: path for b in buckets for j, path in enumerate(b.paths)}
 
     def weights_before_last_step(self, registry: LayerRegistry) -> dict[str, torch.Tensor]:
         """The snapshots that hold the weights before the latest step, keyed by parameter name (no copy)."""
-        return {registry.names[b.indices[j]]: b.previous[j] for b in self.buckets or [] for j in b.kept}
+        return {registry.names[b.indices[j]]: b.previous[j] for b in self._stepped or [] for j in b.kept}
 
     def _build(self, registry: LayerRegistry, optimizer: Optimizer) -> list[Bucket]:
         params = registry.params

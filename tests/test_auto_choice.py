@@ -154,20 +154,31 @@ def test_under_random_bursts_of_load_the_slower_step_is_never_kept_longer_than_t
 # ----------------------------------------------------------------------- changing implementation on a logging step
 
 
-def test_the_weights_before_a_step_that_changes_implementation_stay_available(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bucket_bytes", [None, 64])
+def test_the_weights_before_a_step_that_changes_implementation_stay_available(
+    monkeypatch: pytest.MonkeyPatch, bucket_bytes: int | None
+) -> None:
+    # With 64-byte buckets the eager step takes each layer in a bucket of its own and the compiled step all of them in
+    # one: the plan changes its buckets with the implementation, and no step may lose the weights before it.
+    from lightning_layca import plan
+
+    monkeypatch.setattr(plan, "CPU_BUCKET_BYTES", bucket_bytes)
     monkeypatch.setattr(auto_choice, "AUTO_COMPILE_AFTER_SECONDS", 0.0)  # the first step starts the trial
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     layca = ll.Layca(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
-    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim >= 2}
-    model(torch.randn(4, 6)).sum().backward()
-    layca.keep_weights_before_next_step()
-    layca.step()
-    assert layca.plan.auto is not None and layca.plan.auto.compiled  # the next step is compiled
-    kept = layca.weights_before_last_step()
-    assert sorted(kept) == sorted(before)
-    for name, weights in before.items():
-        assert torch.equal(kept[name], weights), name
+    for step in range(2):
+        before = {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim >= 2}
+        model(torch.randn(4, 6)).sum().backward()
+        layca.keep_weights_before_next_step()
+        layca.step()
+        assert layca.plan.auto is not None and layca.plan.auto.compiled  # the trial's compiled steps
+        assert set(layca.describe().values()) == {"compiled+base"}  # the next step's paths
+        kept = layca.weights_before_last_step()
+        assert sorted(kept) == sorted(before)
+        for name, weights in before.items():
+            assert torch.equal(kept[name], weights), (step, name)
+        layca.zero_grad()
 
 
 def logged_rows(log_dir: str) -> dict[int, dict[str, float]]:

@@ -30,13 +30,12 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 __all__ = [
     "AUTO_DEVICE_TYPES",
-    "CALL_ELEMENTS",
     "LAYERS_PER_CALL",
     "PARALLEL_MIN_ELEMENTS",
     "SUPPORTED_DTYPES",
@@ -77,17 +76,6 @@ call 31-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty c
 (``Layca(SGD fused)``). The layers of a step's compiled paths form one bucket per (device, dtype), so ResNet-18's 21
 layers take 6 calls (15 while its larger layers each filled a bucket of their own)."""
 
-CALL_ELEMENTS = 2**20
-"""On CPU, the most layer elements per call of kernels that return a tensor the size of their layers (Adam's direction;
-:attr:`KernelSpec.sized_outputs`).
-
-Inductor allocates such an output at every call, and a CPU allocator returns a large freed block to the system when
-it exceeds what it keeps (glibc: twice the largest block it has allocated by ``mmap``, for blocks up to 32 MiB), so the
-next call writes into fresh pages: page faults, paid in the step. Four large layers per call did that at every call;
-measured on ResNet-50 shapes, ``Layca(AdamW fused)``, 1 thread, a step after a block of other steps took 109-118 ms
-with 21,500 page faults instead of 54-58 ms. Calls of at most 2^20 elements (4 MiB of float32) keep a layer larger
-than that alone in its call, as the buckets of 4 MiB did before a step's compiled layers formed one bucket."""
-
 _compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
 _ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}
 
@@ -123,9 +111,6 @@ class KernelSpec:
     """What the caller does instead, as the warning says it."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Inductor options besides the common ones."""
-    sized_outputs: bool = False
-    """Whether the kernel returns a tensor the size of its layer: on CPU its calls then take at most
-    :data:`CALL_ELEMENTS` layer elements (a larger layer is called alone)."""
 
 
 _KERNELS: dict[str, KernelSpec] = {}
@@ -176,13 +161,11 @@ def _kernel(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable
     return _compiled(parallel, per_unit, variant) if size == 1 else _compiled_layers(parallel, per_unit, variant, size)
 
 
-def _call_plan(kinds: Sequence[tuple[bool, str]], elements: Sequence[int] | None = None) -> list[tuple[int, int]]:
+def _call_plan(kinds: Sequence[tuple[bool, str]]) -> list[tuple[int, int]]:
     """``(first layer, layers)`` of each compiled call for layers of these ``(parallel, variant)`` kernels, in order.
 
-    A run of consecutive layers of one kernel is called :data:`LAYERS_PER_CALL` layers per call, then one call per
-    layer left. With ``elements`` (each layer's number of elements, on CPU), a kernel with
-    :attr:`KernelSpec.sized_outputs` calls a group of :data:`LAYERS_PER_CALL` layers only if they hold at most
-    :data:`CALL_ELEMENTS` elements together, and each layer of a larger group alone.
+    A run of ``n`` consecutive layers of one kernel takes ``n // LAYERS_PER_CALL`` calls of :data:`LAYERS_PER_CALL`
+    layers, then one call per layer left.
     """
     plan: list[tuple[int, int]] = []
     start = 0
@@ -190,17 +173,9 @@ def _call_plan(kinds: Sequence[tuple[bool, str]], elements: Sequence[int] | None
         end = start
         while end < len(kinds) and kinds[end] == kinds[start]:
             end += 1
-        limit = CALL_ELEMENTS if elements is not None and _KERNELS[kinds[start][1]].sized_outputs else None
-        i = start
-        while i < end:
-            group = i + LAYERS_PER_CALL
-            fits = limit is None or sum(cast(Sequence[int], elements)[i:group]) <= limit
-            if LAYERS_PER_CALL > 1 and group <= end and fits:
-                plan.append((i, LAYERS_PER_CALL))
-                i = group
-            else:
-                plan.append((i, 1))
-                i += 1
+        full = (end - start) // LAYERS_PER_CALL * LAYERS_PER_CALL if LAYERS_PER_CALL > 1 else 0
+        plan += [(i, LAYERS_PER_CALL) for i in range(start, start + full, LAYERS_PER_CALL)]
+        plan += [(i, 1) for i in range(start + full, end)]
         start = end
     return plan
 
@@ -232,11 +207,7 @@ def parallel_kernel(layer: torch.Tensor) -> bool:
 
 
 def kernels_ready(
-    device: torch.device,
-    dtype: torch.dtype,
-    kinds: Sequence[tuple[bool, str]],
-    per_unit: bool = False,
-    elements: Sequence[int] | None = None,
+    device: torch.device, dtype: torch.dtype, kinds: Sequence[tuple[bool, str]], per_unit: bool = False
 ) -> bool:
     """Compile the kernels that layers of ``(device, dtype)`` need, if not done yet; ``False`` when that fails.
 
@@ -250,9 +221,8 @@ def kernels_ready(
         dtype: The layers' dtype.
         kinds: Per layer, in the order they will be called, ``(parallel_kernel(layer), kernel name)``.
         per_unit: Whether the layers' views are :func:`unit_view`'s (rows are units).
-        elements: Each layer's number of elements, for the kernels with :attr:`KernelSpec.sized_outputs`.
     """
-    kernels = sorted({(*kinds[first], size) for first, size in _call_plan(kinds, _on_cpu(device, elements))})
+    kernels = sorted({(*kinds[first], size) for first, size in _call_plan(kinds)})
     return all(_ready_one(device, dtype, kind, per_unit, variant, size) for kind, variant, size in kernels)
 
 
@@ -314,15 +284,6 @@ def _give_up(
         "attempt.",
         stacklevel=5,
     )
-
-
-def _first(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result
-
-
-def _on_cpu(device: torch.device, elements: Sequence[int] | None) -> Sequence[int] | None:
-    """``elements`` where :data:`CALL_ELEMENTS` applies (on CPU), else ``None``."""
-    return elements if device.type == "cpu" else None
 
 
 def scalars(values: torch.Tensor) -> list[torch.Tensor]:
@@ -417,17 +378,14 @@ def call_kernels(
     Args:
         calls: Per layer, ``(parallel_kernel(layer), kernel name, arguments)``.
         per_unit: Whether the views are :func:`unit_view`'s.
-        sums: Where given, each layer's sums are appended to it (the first item of a kernel's result where it is a
-            tuple; the others are dropped at once).
+        sums: Where given, each layer's result (the sums, or the tuple whose first item they are) is appended to it.
 
     Returns:
         The number of layers called.
     """
     layers = list(calls)
     done = 0
-    elements = [args[0].numel() for _, _, args in layers]
-    kinds = [(parallel, variant) for parallel, variant, _ in layers]
-    for first, size in _call_plan(kinds, _on_cpu(layers[0][2][0].device, elements) if layers else None):
+    for first, size in _call_plan([(parallel, variant) for parallel, variant, _ in layers]):
         parallel, variant, args = layers[first]
         arguments = [x for _, _, layer_args in layers[first : first + size] for x in layer_args]
         try:
@@ -436,7 +394,6 @@ def call_kernels(
             _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, size, error)
             break
         if sums is not None:
-            # The sums only: the rest of a result (Adam's stored direction, the size of its layer) is freed now.
-            sums.extend(_first(x) for x in ([result] if size == 1 else result))
+            sums.extend([result] if size == 1 else result)
         done += size
     return done

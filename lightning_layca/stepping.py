@@ -232,8 +232,7 @@ def read_base_steps(
     if sharded:  # both halves of each layer's kernel
         variants = [sharded_forms(v)[0] for v in variants] + [sharded_forms(v)[1] for v in variants]
         parallel = parallel * 2
-    elements = [bucket.params[j].numel() for j in plan.positions] * (2 if sharded else 1)
-    if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants, elements):
+    if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return BaseSteps(fallback=plan.fallback + plan.positions)
     hyper_values = [step.hyper for step in plan.steps]
     if hyper_values != bucket.hyper_values:  # a host-to-device copy only when the values change

@@ -149,41 +149,6 @@ def test_layers_stepped_several_per_compiled_call_end_bit_for_bit_as_one_per_cal
         assert torch.equal(one, several)
 
 
-def compiled_calls(step) -> int:  # type: ignore[no-untyped-def]
-    """The compiled calls one step makes (torch.profiler's "Torch-Compiled Region" events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        step()
-    return sum(event.count for event in profile.key_averages() if event.key.startswith("Torch-Compiled Region"))
-
-
-def test_kernels_that_return_a_layer_sized_tensor_take_at_most_call_elements_per_call(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Adam's kernel returns its direction, allocated at every call: a call of several large layers left the allocator
-    # a freed block it returned to the system, faulted in again at the next step (twice the step's time measured on
-    # ResNet-50 shapes). Four 48-element layers: one call of four under the limit, four calls over it; the same bits.
-    torch.manual_seed(0)
-    model = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(6, 6, bias=False), nn.Tanh())))
-    twin = copy.deepcopy(model)
-    results, calls = [], []
-    for limit, net in ((4 * 36, model), (4 * 36 - 1, twin)):
-        monkeypatch.setattr(compiling, "CALL_ELEMENTS", limit)
-        opt = ll.Layca(torch.optim.AdamW(net.parameters(), lr=1e-2), net.named_parameters(), implementation="compiled")
-        generator = torch.Generator().manual_seed(1)
-        for step in range(3):
-            opt.zero_grad()
-            net(torch.randn(4, 6, generator=generator)).square().sum().backward()
-            if step == 0:
-                opt.step()  # compiles: its stand-in calls would be counted too
-            else:
-                calls.append(compiled_calls(opt.step))
-        assert set(opt.describe().values()) == {"compiled+base"}
-        results.append([p.detach().clone() for p in net.parameters()])
-    assert calls == [1, 1, 4, 4]
-    for under, over in zip(*results, strict=True):
-        assert torch.equal(under, over)
-
-
 # ------------------------------------------------------------------------------------------------------ arithmetic
 
 

@@ -152,7 +152,6 @@ def compiled_step_ready(
     parallel: Sequence[bool],
     per_unit: bool = False,
     variants: Sequence[str] = (),
-    elements: Sequence[int] | None = None,
 ) -> bool:
     """Compile the step for ``(device, dtype)`` if not done yet; ``False`` (after one warning) when that fails.
 
@@ -167,11 +166,9 @@ def compiled_step_ready(
         variants: For kernels that take the base optimizer's step (:func:`rotate_base_compiled`), each layer's form
             of it (a key of :data:`BASE_KERNELS`); empty for the step after the base optimizer's
             (:func:`rotate_compiled`).
-        elements: Each layer's number of elements (some kernels take fewer layers per call on CPU:
-            :data:`lightning_layca.compiling.CALL_ELEMENTS`); ``None`` where none of them does.
     """
     forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
-    return kernels_ready(device, dtype, list(zip(parallel, forms, strict=True)), per_unit, elements)
+    return kernels_ready(device, dtype, list(zip(parallel, forms, strict=True)), per_unit)
 
 
 def _stand_in(
@@ -244,8 +241,7 @@ def _single_precision(body: Callable[..., Any]) -> Callable[..., Any]:
 
 for _variant, _body in _BODIES:
     _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
-    _sized = _variant in COMPILED_FORMS  # returns Adam's direction, the size of its layer
-    register_kernel(_variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options, sized_outputs=_sized))
+    register_kernel(_variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options))
     if _variant in _UPDATE_HALVES:
         single = KernelSpec(_single_precision(_body), partial(_stand_in, _variant), options=_options)
         register_kernel(in_single_precision(_variant), single)
@@ -332,15 +328,15 @@ def rotate_base_compiled(
         (p, g, *state, hyper, *scalars_)
         for p, g, state, hyper, scalars_ in zip(params, grads, states, hypers, layer_scalars, strict=True)
     ]
-    sums: list[torch.Tensor] = []
-    done = call_kernels(zip(parallel, variants, calls, strict=True), per_unit, sums)
-    _update_in_float64(calls[:done], sums, variants, parallel, per_unit)
+    results: list[Any] = []
+    done = call_kernels(zip(parallel, variants, calls, strict=True), per_unit, results)
+    _update_in_float64(calls[:done], results, variants, parallel, per_unit)
     return done
 
 
 def _update_in_float64(
     calls: Sequence[Sequence[torch.Tensor]],
-    sums: Sequence[torch.Tensor],
+    results: Sequence[Any],
     variants: Sequence[str],
     parallel: Sequence[bool],
     per_unit: bool,
@@ -350,8 +346,9 @@ def _update_in_float64(
     On CPU a float32 layer's kernel forms its update in float32 where that is exact enough
     (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was, the optimizer's
     state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
-    sharded layer. ``calls`` are the arguments the one-call kernels took, ``sums`` the sums they returned.
+    sharded layer. ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
+    sums = [result[0] if isinstance(result, tuple) else result for result in results]
     left = _left(sums)
     halves, arguments = [], []
     for i in left:

@@ -225,17 +225,29 @@ def test_cpu_chunking_takes_the_same_step_as_one_group(monkeypatch: pytest.Monke
     assert all(torch.equal(p, q) for p, q in zip(*results, strict=True))
 
 
-def test_compiled_step_on_cpu_takes_every_layer_of_a_dtype_in_one_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_step_on_cpu_takes_every_layer_of_a_dtype_in_one_bucket_unless_its_outputs_are_layer_sized(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The byte limit keeps the eager step's passes in cache; the compiled kernels read each layer on their own and
     # group consecutive layers into calls across a bucket, so they get one bucket per (device, dtype).
     from lightning_layca import plan
 
+    # Around AdamW, whose kernel returns a tensor the size of each layer (its direction), the limit stays.
     monkeypatch.setattr(plan, "CPU_BUCKET_BYTES", 64)
     buckets = {}
     for implementation in ("eager", "compiled"):
-        model = make_model()
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        opt = ll.Layca(base, model.named_parameters(), implementation=implementation)
-        train(model, opt, batches(2))
-        buckets[implementation] = [len(b.params) for b in opt.plan.buckets or []]
-    assert buckets == {"eager": [1, 1, 1], "compiled": [3]}
+        for name, make_base in (
+            ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+            ("adamw", torch.optim.AdamW),
+        ):
+            model = make_model()
+            opt = ll.Layca(make_base(model.parameters()), model.named_parameters(), implementation=implementation)
+            train(model, opt, batches(2))
+            assert set(opt.describe().values()) == {"eager" if implementation == "eager" else "compiled+base"}
+            buckets[implementation, name] = [len(b.params) for b in opt.plan.buckets or []]
+    assert buckets == {
+        ("eager", "sgd"): [1, 1, 1],
+        ("eager", "adamw"): [1, 1, 1],
+        ("compiled", "sgd"): [3],
+        ("compiled", "adamw"): [1, 1, 1],
+    }

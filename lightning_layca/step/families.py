@@ -57,6 +57,10 @@ class Family:
     kernel takes this optimizer's step (it steps by itself, and Layca works after its step)."""
     equilibrium: Callable[[dict[str, Any]], float] | None
     """The equilibrium rate of a param group (``ValueError`` where it has none), or ``None`` if unknown."""
+    layer_sized_outputs: bool = False
+    """Whether its kernel returns a tensor the size of its layer (Adam's direction, stored rather than recomputed:
+    :data:`~lightning_layca.step.base_kernels.COMPILED_FORMS`). Inductor allocates it at every call; on CPU such layers
+    keep buckets of a few MiB (:mod:`lightning_layca.plan`), so that the outputs alive at once stay small."""
 
     def supports(self, group: dict[str, Any]) -> bool:
         """Whether the kernel can take the steps of this param group (its hyperparameters are plain numbers)."""
@@ -67,8 +71,8 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("sgd", torch.optim.SGD, read_sgd, sgd_equilibrium),
-    Family("adam", torch.optim.Adam, read_adam, None),
-    Family("adamw", torch.optim.AdamW, read_adamw, adamw_equilibrium),
+    Family("adam", torch.optim.Adam, read_adam, None, layer_sized_outputs=True),
+    Family("adamw", torch.optim.AdamW, read_adamw, adamw_equilibrium, layer_sized_outputs=True),
     Family("muon", torch.optim.Muon, None, muon_equilibrium),
     Family("muon_adamw", MuonWithAdamW, None, muon_adamw_equilibrium),
 )

@@ -20,6 +20,9 @@ TORCH_STAMP := $(VENV)/.torch
 TORCH_CHOICE := $(strip $(TORCH_REQ) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
 DEMO_CONFIG ?= examples/configs/mnist1d_layca.yaml
 LOGDIR ?= logs
+# `make test` runs the tests in this many processes (pytest-xdist), each test file whole in one of them, so that a
+# file's shared fits and compiled kernels stay in one process; PYTEST_WORKERS=0 runs them serially in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo tensorboard test lint typecheck docs clean
 
@@ -57,7 +60,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck docs $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The documentation site (mkdocs.yml): --strict turns every warning (a broken link, a page left out of the
 # navigation, a docstring the API reference cannot render) into a failure.

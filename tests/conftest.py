@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -33,3 +34,22 @@ def _compiled_step_after_the_base_step(request: pytest.FixtureRequest, monkeypat
         from lightning_layca.step import families
 
         monkeypatch.setattr(families, "FAMILIES", ())
+
+
+_MASTER_PORT_OUTSIDE = os.environ.get("MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_port_left_behind() -> Iterator[None]:
+    """A distributed fit leaves no ``MASTER_PORT`` behind for the next one in this process.
+
+    Lightning's launchers set ``MASTER_PORT`` in the launching process (a port free at that moment) and leave it there;
+    every later fit in the process, and each subprocess it starts, would reuse that port. With the test files spread
+    over several pytest processes (``make test``), another process may have bound it since: after each test the
+    variable is back to what the environment had, so each fit picks a free port of its own.
+    """
+    yield
+    if _MASTER_PORT_OUTSIDE is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = _MASTER_PORT_OUTSIDE

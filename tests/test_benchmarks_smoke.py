@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,9 @@ import torch
 
 from benchmarks import memory, step_cost
 from benchmarks._shapes import SHAPE_SETS, numel
-from lightning_layca import Layca, sums
+from lightning_layca import Layca
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -96,14 +102,30 @@ def test_memory_benchmark_reports_each_configuration_and_the_snapshot_copy_in_th
     assert "temporaries of the epoch-end angle histograms (LayerRotationMonitor)" in text
 
 
-def test_memory_benchmark_fit_with_layca_counts_the_temporaries_of_a_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+# One fit of the memory benchmark in a fresh interpreter (as the benchmark runs each fit), with sums blocks of the
+# given size; prints what fit_once measured, as JSON.
+FIT_WITH_BLOCKS = """
+import json, sys
+from pathlib import Path
+from benchmarks import memory
+from lightning_layca import sums
+sums.SUM_BLOCK_ELEMENTS = int(sys.argv[1])
+print(json.dumps(memory.fit_once("LaycaCallback", width=64, depth=2, batch=4, steps=2, root=Path(sys.argv[2]))))
+"""
+
+
+def test_memory_benchmark_fit_with_layca_counts_the_temporaries_of_a_step(tmp_path: Path) -> None:
     # The eager step converts blocks of SUM_BLOCK_ELEMENTS elements to float64 (8 bytes each): with blocks smaller than
     # a layer (as in any real model) its temporaries are a few blocks, whatever the model's size.
+    # In a fresh interpreter, as the benchmark runs each fit: the peak RSS (ru_maxrss, kept by the kernel from its
+    # approximate per-CPU counters) is then this fit's, megabytes above the RSS at its start. In a long-lived pytest
+    # process that the fit hardly grows, it read 256 KiB below the (exact) RSS at the fit's start.
     block = 512
-    monkeypatch.setattr(sums, "SUM_BLOCK_ELEMENTS", block)
-    measured = memory.fit_once("LaycaCallback", width=64, depth=2, batch=4, steps=2, root=tmp_path)
+    command = [sys.executable, "-c", FIT_WITH_BLOCKS, str(block), str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < measured["layca_step_temporaries"] <= 3 * 8 * block + 1024  # three blocks, and a few scalars
     assert measured["parameters"] == 2 * (64 * 64 + 64)
     assert measured["peak_rss"] >= measured["rss_at_fit_start"] > 0

@@ -59,8 +59,8 @@ class Family:
     """The equilibrium rate of a param group (``ValueError`` where it has none), or ``None`` if unknown."""
     layer_sized_outputs: bool = False
     """Whether its kernel returns a tensor the size of its layer (Adam's direction, stored rather than recomputed:
-    :data:`~lightning_layca.step.base_kernels.COMPILED_FORMS`). Inductor allocates it at every call; on CPU such layers
-    keep buckets of a few MiB (:mod:`lightning_layca.plan`), so that the outputs alive at once stay small."""
+    ``step.base_kernels.COMPILED_FORMS``). Inductor allocates it at every call; on CPU such layers keep the step
+    plan's buckets of a few MiB (``lightning_layca.plan``), so that the outputs alive at once stay small."""
 
     def supports(self, group: dict[str, Any]) -> bool:
         """Whether the kernel can take the steps of this param group (its hyperparameters are plain numbers)."""

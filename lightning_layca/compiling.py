@@ -36,11 +36,13 @@ import torch
 
 __all__ = [
     "AUTO_DEVICE_TYPES",
+    "CPU_VECTOR_BITS",
     "LAYERS_PER_CALL",
     "PARALLEL_MIN_ELEMENTS",
     "SUPPORTED_DTYPES",
     "KernelSpec",
     "call_kernels",
+    "cpu_vector_options",
     "kernel_view",
     "kernels_ready",
     "parallel_kernel",
@@ -75,6 +77,18 @@ call 31-32 us, and compiling SGD's kernel for 8 layers took 30 s into an empty c
 2.3 s for one layer. On MLP-200 shapes (200 layers) the step went from 200 calls to 50 and from 48.5 to 39.3 ms
 (``Layca(SGD fused)``). The layers of a step's compiled paths form one bucket per (device, dtype), so ResNet-18's 21
 layers take 6 calls (15 while its larger layers each filled a bucket of their own)."""
+
+CPU_VECTOR_BITS = 256
+"""Vector width (bits) of the C++ kernels on a CPU whose widest vectors are AVX-512's; other CPUs keep Inductor's
+choice (:func:`cpu_vector_options`).
+
+Every kernel converts float32 (or lower-precision) operands to float64 for its sums, and Inductor's C++ code
+converts a vector of 16 floats to float64 element by element (through memory: torch's vector library has no
+float-to-double conversion for AVX-512), where with 8-float vectors the compiler emits the conversion
+instruction. Measured on the 2-core AVX-512 CPU (Xeon, 1 thread, one 512 x 4608 layer, process CPU time): the three
+float64 sums of two float32 tensors 3.05 ms with 512-bit vectors, 0.82 ms with 256-bit ones; the kernel that takes
+the momentum SGD step and the Layca step 4.29 against 2.42 ms (``torch.optim.SGD(fused=True)``: 1.05 ms). See
+``benchmarks/README.md``."""
 
 _compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
 _ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}
@@ -193,10 +207,20 @@ def _compiled_layers(parallel: bool, per_unit: bool, variant: str, size: int) ->
         options: dict[str, str | int | bool | Callable[..., Any]] = {"max_pointwise_cat_inputs": 0}
         if not parallel:
             options["cpp.threads"] = 1
+        options.update(cpu_vector_options())
         options.update(_KERNELS[variant].options)
         function = _function(variant, parallel, per_unit, size)
         _compiled_fns[key] = torch.compile(function, dynamic=True, fullgraph=True, options=options)
     return _compiled_fns[key]
+
+
+def cpu_vector_options() -> dict[str, int]:
+    """Inductor's ``cpp.simdlen`` for the kernels: :data:`CPU_VECTOR_BITS` on an AVX-512 CPU, else nothing.
+
+    The CPU is the one torch's own kernels dispatch to (:func:`torch.backends.cpu.get_cpu_capability`); every CPU with
+    AVX-512 has AVX2, whose 256-bit vectors Inductor then uses. The option only concerns C++ (CPU) code.
+    """
+    return {"cpp.simdlen": CPU_VECTOR_BITS} if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else {}
 
 
 def parallel_kernel(layer: torch.Tensor) -> bool:

@@ -106,6 +106,18 @@ def test_float64_layers_take_the_eager_step_with_a_warning_when_compiled_is_aske
     assert opt.describe() == {"weight": "eager"}
 
 
+@pytest.mark.parametrize(
+    "capability, options",
+    [("AVX512", {"cpp.simdlen": 256}), ("AVX512_BF16", {"cpp.simdlen": 256}), ("AVX2", {}), ("DEFAULT", {})],
+)
+def test_kernels_take_256_bit_vectors_on_avx512_cpus_and_inductors_choice_elsewhere(
+    capability: str, options: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inductor converts 16 floats to float64 element by element, 8 with one instruction (benchmarks/README.md).
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert compiling.cpu_vector_options() == options
+
+
 def test_failed_compilation_warns_once_and_takes_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
     fail_compiling(monkeypatch, "no C++ compiler found\nsecond line", forget_ready=True)
     torch.manual_seed(0)

@@ -125,6 +125,9 @@ class KernelSpec:
     """What the caller does instead, as the warning says it."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Inductor options besides the common ones."""
+    layer_options: Mapping[str, Any] = field(default_factory=dict)
+    """Inductor options of the kernel on a layer's view (:func:`kernel_view`) only, not on its units'
+    (:func:`unit_view`)."""
 
 
 _KERNELS: dict[str, KernelSpec] = {}
@@ -209,6 +212,8 @@ def _compiled_layers(parallel: bool, per_unit: bool, variant: str, size: int) ->
             options["cpp.threads"] = 1
         options.update(cpu_vector_options())
         options.update(_KERNELS[variant].options)
+        if not per_unit:
+            options.update(_KERNELS[variant].layer_options)
         function = _function(variant, parallel, per_unit, size)
         _compiled_fns[key] = torch.compile(function, dynamic=True, fullgraph=True, options=options)
     return _compiled_fns[key]

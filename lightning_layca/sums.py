@@ -69,20 +69,25 @@ def row_sums(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     The arithmetic of :func:`float64_sums` per block, and what the compiled kernels trace (on float64 operands).
     """
-    return torch.stack([(u * y).sum(1), (y * y).sum(1), (u * u).sum(1)])
+    return _inner_products(u, y, 1)
+
+
+def _inner_products(u: torch.Tensor, y: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([(u * y).sum(dim), (y * y).sum(dim), (u * u).sum(dim)])
 
 
 def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False) -> torch.Tensor:
-    """:func:`row_sums` of a layer seen as a matrix: ``(3, rows)`` per unit, or summed over the rows into ``(3, 1)``.
+    """:func:`row_sums` of a layer seen as a matrix: ``(3, rows)`` per unit, or over the whole matrix as ``(3, 1)``.
 
-    The sums every compiled kernel forms (the step's and the monitor's), on float64 operands.
+    The sums every compiled kernel forms (the step's and the monitor's), on float64 operands. A layer's sums are one
+    reduction over every element rather than a sum of its rows' sums: Inductor can then form a value the kernel also
+    stores (a momentum buffer) in the reduction's own loop (see :mod:`lightning_layca.step.compiled`).
 
     Example:
         >>> matrix_sums(torch.ones(2, 3), torch.ones(2, 3)).tolist()
         [[6.0], [6.0], [6.0]]
     """
-    per_row = row_sums(u, y)
-    return per_row if per_unit else per_row.sum(1, keepdim=True)
+    return row_sums(u, y) if per_unit else _inner_products(u, y, (0, 1)).unsqueeze(1)
 
 
 def block_elements(device: torch.device) -> int:

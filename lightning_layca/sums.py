@@ -13,8 +13,8 @@ lower precision) numbers are exact and ``u = x - y`` is rounded to 53 bits, so a
 
 Sums over parts add up to the sums over the whole: a process holding a shard of a layer sums over its shard and
 :func:`lightning_layca.distributed.full_sums` (the seam, the identity without sharding) adds the parts. Nothing else
-in the package computes these sums: :func:`row_sums` is also the function the compiled kernels trace, through
-:func:`matrix_sums`.
+in the package computes these sums: the compiled kernels trace :func:`matrix_sums`, whose arithmetic is that of
+:func:`row_sums` (one products-and-sums function for both, over the rows or over the whole matrix).
 
 Example:
     >>> w = torch.tensor([[3.0, 4.0]])
@@ -67,12 +67,13 @@ def unit_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
 def row_sums(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(<u, y>, <y, y>, <u, u>)`` of every row of two 2-D tensors, stacked as ``(3, rows)``.
 
-    The arithmetic of :func:`float64_sums` per block, and what the compiled kernels trace (on float64 operands).
+    The arithmetic of :func:`float64_sums` per block, and of the compiled kernels' per-unit sums (:func:`matrix_sums`).
     """
     return _inner_products(u, y, 1)
 
 
 def _inner_products(u: torch.Tensor, y: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """``(<u, y>, <y, y>, <u, u>)`` summed over ``dim``, stacked on a new first dimension."""
     return torch.stack([(u * y).sum(dim), (y * y).sum(dim), (u * u).sum(dim)])
 
 

@@ -1,7 +1,7 @@
 """The bodies of the compiled kernels: what one call does to one layer seen as a matrix (traced by Inductor).
 
-:func:`rotate_rows` is the part every kernel shares: the sums of :func:`lightning_layca.sums.matrix_sums` over the rows
-(the units with ``granularity="unit"``, summed into one row for the layer otherwise), the rule
+:func:`rotate_rows` is the part every kernel shares: the sums of :func:`lightning_layca.sums.matrix_sums` per row
+(the units with ``granularity="unit"``, over the whole matrix for the layer otherwise), the rule
 :func:`lightning_layca.step.rule.coefficients`, and the update ``p = k1 * w + k2 * D``. :func:`after_step` is the kernel
 that works after the base optimizer's step, from a snapshot; the kernels that take a base optimizer's step themselves
 are in :mod:`lightning_layca.step.base_kernels`, one per form of that step. How they are compiled and called is
@@ -24,7 +24,7 @@ def rotate_rows(
     low: tuple[torch.Tensor, torch.Tensor],
     scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """The part every one-call kernel shares: :func:`~lightning_layca.sums.row_sums`, the rule, the update.
+    """The part every one-call kernel shares: :func:`~lightning_layca.sums.matrix_sums`, the rule, the update.
 
     On CPU a float32 layer's update is formed in float32 where that is exact enough (see :func:`update_rows`); the
     layer is otherwise left for the float64 update, which the fourth row of the result asks for.

@@ -2,8 +2,8 @@
 
 The rooms that compile (the Layca step, :mod:`lightning_layca.step.compiled`; a rotation monitor's sums,
 :mod:`lightning_layca.measurement`) register each kernel body under a name with :func:`register_kernel`: the function
-that one call applies to one layer seen as a dense matrix (:func:`kernel_view`, or :func:`unit_view` whose rows are
-the layer's units), how to build a stand-in layer's arguments, and what a failure means for the caller. This module
+that one call applies to one layer seen as a dense matrix (:func:`kernel_view`, four runs of its memory as rows, or
+:func:`unit_view` whose rows are the layer's units), how to build a stand-in layer's arguments, and what a failure means for the caller. This module
 compiles and calls them, the same way for every room:
 
 * **One compilation per (device, dtype, kernel) for every layer.** A body is compiled with dynamic shapes, so one
@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from lightning_layca.sums import LANES
 
 __all__ = [
     "AUTO_DEVICE_TYPES",
@@ -65,8 +67,9 @@ single-threaded kernel: an OpenMP parallel region costs a wake-up and a few barr
 a small layer, and far more on a CPU shared with other processes (a barrier then waits for a descheduled thread)."""
 
 _WARMUP_SHAPE = (64, 576)
-"""The stand-in layer compiled first: rows and columns differ (a square first shape would tie them together) and
-exceed 1 (0 and 1 are specialised), and the sizes are those of a typical layer, which Inductor's heuristics see."""
+"""The stand-in layer compiled first by a per-unit kernel (the others take a lane view of as many elements): rows and
+columns differ (a square first shape would tie them together) and exceed 1 (0 and 1 are specialised), and the sizes
+are those of a typical layer, which Inductor's heuristics see."""
 
 LAYERS_PER_CALL = 4
 """Layers per compiled call for runs of consecutive layers that take the same kernel (see the module docstring).
@@ -255,13 +258,14 @@ def kernels_ready(
     return all(_ready_one(device, dtype, kind, per_unit, variant, size) for kind, variant, size in kernels)
 
 
-def _stand_in_shape(layer: int) -> tuple[int, int]:
-    """The shape of the ``layer``-th stand-in layer of a call.
+def _stand_in_shape(layer: int, per_unit: bool) -> tuple[int, int]:
+    """The shape of the ``layer``-th stand-in layer of a call: a :func:`unit_view`'s, or a lane view's.
 
     Rows and columns differ from each other and from those of the other layers of the call: equal sizes seen at
-    compilation would be tied together by the compiled code's guards.
+    compilation would be tied together by the compiled code's guards (a lane view's rows are a constant of the code).
     """
-    return (_WARMUP_SHAPE[0] + 2 * layer, _WARMUP_SHAPE[1] + 2 * layer)
+    rows, columns = _WARMUP_SHAPE[0] + 2 * layer, _WARMUP_SHAPE[1] + 2 * layer
+    return (rows, columns) if per_unit else (LANES, rows * columns // LANES)
 
 
 def _ready_one(
@@ -285,7 +289,7 @@ def _ready_one(
                     x
                     for i in range(size)
                     for x in stand_in(
-                        device, dtype, per_unit, _stand_in_shape(i), [rates[i], relative_lrs[i], flags[i]]
+                        device, dtype, per_unit, _stand_in_shape(i, per_unit), [rates[i], relative_lrs[i], flags[i]]
                     )
                 ]
                 _kernel(parallel, per_unit, variant, size)(*arguments)
@@ -324,28 +328,29 @@ def scalars(values: torch.Tensor) -> list[torch.Tensor]:
 
 
 def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Return a 2-D view of ``tensor``'s memory with at least 2 rows and 2 columns where its size allows.
+    """Return the lane view of ``tensor``'s memory: :data:`~lightning_layca.sums.LANES` equal runs of it, as rows.
 
     A layer's sums do not depend on the order of its elements, so the view follows memory order (a channels-last
-    convolution kernel is viewed through its permuted shape) and splits the leading dimensions from the others where
-    both sides have at least 2 elements (``(1, 197, 768)`` becomes ``197 x 768``): sizes 0 and 1 would each need a
-    compilation of their own.
+    convolution kernel is viewed through its permuted shape), and its rows are four runs of the memory that a kernel's
+    sums read side by side (:func:`~lightning_layca.sums.matrix_sums`). Every layer of a kernel then has the same
+    number of rows, so one compilation serves them all, whatever their shapes.
 
     The view is detached (it shares the layer's memory and version counter but is not marked as a view of it), so
     that the compiled function's guards do not depend on the layer's own shape.
 
     Returns:
         The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor) or
-        admit no such split (a prime number of elements in one dimension, as in a ``(7, 1)`` layer): rows or columns
-        of size 1 would need a compilation of their own, for layers too small to matter (the eager step takes them).
+        their number is not a multiple of 4 of at least 8 (as in a ``3 x 5`` layer): such a layer takes the eager
+        step (and a monitor's eager sums), which would otherwise need compilations of their own for layers that are
+        rare, and small where they occur (a layer with a dimension divisible by 4 always has a lane view).
 
     Example:
         >>> kernel_view(torch.zeros(8, 3, 3, 3)).shape
-        torch.Size([8, 27])
-        >>> kernel_view(torch.zeros(1, 197, 768)).shape
-        torch.Size([197, 768])
-        >>> kernel_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).shape
-        torch.Size([8, 75])
+        torch.Size([4, 54])
+        >>> kernel_view(torch.zeros(8, 3, 5, 5).to(memory_format=torch.channels_last)).stride()
+        (150, 1)
+        >>> kernel_view(torch.zeros(3, 5)) is None
+        True
     """
     if tensor.dim() == 0:
         return None
@@ -355,16 +360,9 @@ def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
         if not tensor.is_contiguous():
             return None
     n = tensor.numel()
-    rows = 1
-    for size in tensor.shape[:-1]:
-        rows *= size
-        if rows >= 2 and n // rows >= 2:
-            return tensor.view(rows, n // rows).detach()
-    # One dimension holds everything (a (n, 1) or (1, n) layer): any split with both sides of at least 2 will do.
-    for columns in range(min(16, n // 2), 1, -1):
-        if n % columns == 0:
-            return tensor.view(n // columns, columns).detach()
-    return None
+    if n % LANES or n < 2 * LANES:
+        return None
+    return tensor.view(LANES, n // LANES).detach()
 
 
 def unit_view(tensor: torch.Tensor) -> torch.Tensor | None:

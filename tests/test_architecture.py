@@ -17,7 +17,7 @@ FLOORS: dict[str, int] = {
     "tags": 0,
     "sums": 0,
     "auto_choice": 0,
-    "compiling": 0,
+    "compiling": 1,
     "wrapping": 0,
     "muon": 0,
     "schedule_free": 1,

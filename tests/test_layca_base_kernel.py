@@ -133,7 +133,7 @@ def threads_of_the_optimizer_step_and_equal_to_alone(
     Returns the thread count the optimizer's own step saw each time, and whether those parameters ended equal.
     """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
     extra = nn.Parameter(torch.randn(2**18 if large else 200_000) * 0.1)
     named = [*model.named_parameters(), ("extra", extra)]
     left = [p for _, p in named if p.ndim == 1]

@@ -143,7 +143,7 @@ def test_layers_stepped_several_per_compiled_call_end_bit_for_bit_as_one_per_cal
 ) -> None:
     # Five layers of one kernel, two per call: two calls of two layers and one of one; against one layer per call.
     torch.manual_seed(0)
-    model = nn.Sequential(*(m for width in (6, 7, 5, 8, 4) for m in (nn.LazyLinear(width), nn.Tanh())))
+    model = nn.Sequential(*(m for width in (8, 4, 12, 8, 4) for m in (nn.LazyLinear(width), nn.Tanh())))
     model(torch.randn(1, 5))
     twin = copy.deepcopy(model)
     results = []
@@ -166,8 +166,8 @@ def test_layers_stepped_several_per_compiled_call_end_bit_for_bit_as_one_per_cal
 
 @pytest.mark.parametrize(
     "shape",
-    [(8, 8), (16, 3, 3, 3), (1, 197, 7), (6, 1), (1, 2, 1, 2), (40, 1000)],
-    ids=["square", "conv", "leading-one", "column", "ones", "wide"],
+    [(8, 8), (16, 3, 3, 3), (1, 196, 7), (12, 1), (1, 2, 1, 4), (40, 1000), (3, 5), (1, 197, 7)],
+    ids=["square", "conv", "leading-one", "column", "ones", "wide", "odd", "odd-leading-one"],
 )
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: tuple[int, ...], kernel: str) -> None:
@@ -184,7 +184,9 @@ def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: t
     after_base = before - 0.1 * (layer.grad + 0.1 * before)
     opt.step()
     expected = layca_update(before, after_base, 0.07, float(before.double().norm()))
-    assert opt.describe() == {"layer": "compiled+base" if kernel == "sgd-in-kernel" else "compiled"}
+    # A layer whose size is not a multiple of 4 has no lane view (kernel_view): the eager step takes it.
+    compiled = "compiled+base" if kernel == "sgd-in-kernel" else "compiled"
+    assert opt.describe() == {"layer": compiled if layer.numel() % 4 == 0 else "eager"}
     assert relative_error(layer.detach().flatten(), expected) < 1e-6
 
 

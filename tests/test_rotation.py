@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks._allocations import LiveTensorBytes
+from lightning_layca.compiling import kernel_view
 from lightning_layca.rotation import (
     RotationMeter,
     angle_histograms,
@@ -16,7 +17,7 @@ from lightning_layca.rotation import (
     unit_angles,
     update_ratios_from_sums,
 )
-from lightning_layca.sums import float64_sums
+from lightning_layca.sums import float64_sums, matrix_sums
 
 
 def reference_distance(w: torch.Tensor, w0: torch.Tensor) -> float:
@@ -32,6 +33,24 @@ def rotate_rows(w0: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     other *= rows.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
     theta = torch.deg2rad(degrees.double()).unsqueeze(1)
     return rows * torch.cos(theta) + other * torch.sin(theta)
+
+
+def test_a_layers_lane_view_holds_its_memory_in_four_runs_and_gives_its_sums() -> None:
+    g = torch.Generator().manual_seed(0)
+    layer = torch.randn(24, 5, 3, 3, generator=g).to(memory_format=torch.channels_last)
+    snapshot = (layer + 0.1 * torch.randn(layer.shape, generator=g)).to(memory_format=torch.channels_last)
+    view, other = kernel_view(layer), kernel_view(snapshot)
+    assert view is not None and other is not None and view.shape == (4, 270)
+    assert view.data_ptr() == layer.data_ptr() and view.is_contiguous()  # memory order, no copy
+    # The four runs side by side, and over memory order: the dense float64 inner products (exact products of float32
+    # numbers; only the order of the additions differs).
+    u, y = layer.double().flatten(), snapshot.double().flatten()
+    expected = torch.tensor([[float(u @ y)], [float(y @ y)], [float(u @ u)]], dtype=torch.float64)
+    for lanes in (True, False):
+        got = matrix_sums(view.double(), other.double(), lanes=lanes)
+        assert torch.allclose(got, expected, rtol=1e-14, atol=0)
+    # A layer whose size is not a multiple of 4 has no lane view.
+    assert kernel_view(torch.zeros(3, 5)) is None and kernel_view(torch.zeros(2, 2)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

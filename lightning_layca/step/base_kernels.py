@@ -244,14 +244,15 @@ def sharded_forms(variant: str) -> tuple[str, str]:
 
 # The halves of those kernels for a process's shard of a sharded layer, around the step's one collective: the sums
 # half is called as ``kernel(params, grad, *state, hyper, initial_norms)`` (it updates the state and returns the
-# shard's partial sums), the update half as ``kernel(params, grad, *state, hyper, sums, rate, relative_lr,
-# initial_norms, near_floor)`` (it forms ``D`` again from the weights and the updated state, takes the rule from the
-# layer's full ``sums`` and writes the weights; ``single=True``: see step.kernels.update_rows). The arithmetic is the
-# unsharded kernels' own.
+# shard's partial sums, over its elements in memory order rather than its lanes side by side, so that the state's
+# store joins the loop of the sums: step.compiled._STORING_SUMS_OPTIONS), the update half as ``kernel(params, grad,
+# *state, hyper, sums, rate, relative_lr, initial_norms, near_floor)`` (it forms ``D`` again from the weights and the
+# updated state, takes the rule from the layer's full ``sums`` and writes the weights; ``single=True``: see
+# step.kernels.update_rows). The arithmetic is the unsharded kernels' own.
 
 
 def _sgd_sums(p: T, g: T, b: T | None, h: T, n0: T, nesterov: bool) -> T:
-    return layer_sums(_sgd_operands(p, g, b, h, nesterov, _UPDATE_AS_STORED)[0], n0)
+    return layer_sums(_sgd_operands(p, g, b, h, nesterov, _UPDATE_AS_STORED)[0], n0, lanes=False)
 
 
 def _sgd_update(
@@ -290,11 +291,11 @@ def _sgd_nesterov_update_kernel(
 
 
 def _adam_sums_kernel(p: T, g: T, m: T, v: T, h: T, n0: T) -> T:
-    return layer_sums(_adam_operands(p, g, (m, v, None), h, _UPDATE_AS_STORED)[0], n0)
+    return layer_sums(_adam_operands(p, g, (m, v, None), h, _UPDATE_AS_STORED)[0], n0, lanes=False)
 
 
 def _adam_amsgrad_sums_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, n0: T) -> T:
-    return layer_sums(_adam_operands(p, g, (m, v, vmax), h, _UPDATE_AS_STORED)[0], n0)
+    return layer_sums(_adam_operands(p, g, (m, v, vmax), h, _UPDATE_AS_STORED)[0], n0, lanes=False)
 
 
 def _adam_update_kernel(

@@ -41,8 +41,9 @@ pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.ba
 root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
 Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls
-it: one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as a dense
-``rows x columns`` matrix, :func:`~lightning_layca.compiling.kernel_view`), consecutive layers of one kernel are
+it: one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of
+its memory, its lane view :func:`~lightning_layca.compiling.kernel_view`, whose sums the first pass reads side by side,
+or per unit as ``units x columns``; a layer whose size is not a multiple of 4 takes the eager step), consecutive layers of one kernel are
 stepped :data:`~lightning_layca.compiling.LAYERS_PER_CALL` per call, small layers on CPU take a single-threaded kernel,
 and a kernel is compiled first on a stand-in layer (:func:`compiled_step_ready`), so that a failure (no C++ compiler,
 an unsupported platform) costs one warning and the eager step takes over before any weight is touched. Rates,
@@ -121,7 +122,8 @@ _STORING_SUMS_OPTIONS = {"split_reductions": False, "realize_opcount_threshold":
 """Inductor options of the sums half of a sharded layer's kernel that takes the base step, on a layer's view: that
 half updates the optimizer's state and forms the shard's sums, and by default Inductor stores the new state in a loop
 of its own after the reduction's, reading the gradient and the state a second time. With the state's value realised
-(it takes more than 8 operations) and the layer's sums one reduction over every element (not split), the store joins
+(it takes more than 8 operations) and the layer's sums one reduction over every element in memory order (not split,
+and not over its lanes side by side: ``lanes=False`` of :func:`~lightning_layca.sums.matrix_sums`), the store joins
 the reduction's loop. Measured on one 512 x 4608 shard read from memory (1 thread, process CPU time; the AVX-512 CPU
 of ``benchmarks/README.md``): SGD with momentum 5.04 -> 3.23 ms (2 threads, wall clock: 2.90 -> 1.72 ms), Nesterov
 5.10 -> 3.22, Adam 6.37 -> 3.90, Adam with ``amsgrad`` 4.51 -> 4.26, SGD without momentum (no state) 2.87 and 2.96.

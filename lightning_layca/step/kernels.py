@@ -45,14 +45,16 @@ def rotate_rows(
     return update_rows(params, exact, low, sums, scalars, single=params.device.type == "cpu")
 
 
-def layer_sums(exact: tuple[torch.Tensor, torch.Tensor], initial_norms: torch.Tensor) -> torch.Tensor:
+def layer_sums(
+    exact: tuple[torch.Tensor, torch.Tensor], initial_norms: torch.Tensor, lanes: bool = True
+) -> torch.Tensor:
     """``(a, b, c)`` of ``exact = (w, D)`` (float64), as ``(3, 1)`` for the layer or ``(3, rows)`` per unit.
 
-    :func:`~lightning_layca.sums.matrix_sums`: summed over the rows for a layer (``initial_norms`` 0-dim), per row
-    (unit) otherwise.
+    :func:`~lightning_layca.sums.matrix_sums`: summed over the rows for a layer (``initial_norms`` 0-dim; its lanes
+    side by side unless ``lanes`` is false), per row (unit) otherwise.
     """
     weights, step = exact
-    return matrix_sums(step, weights, per_unit=initial_norms.dim() != 0)
+    return matrix_sums(step, weights, per_unit=initial_norms.dim() != 0, lanes=lanes)
 
 
 def update_rows(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import json
 import math
 import os
@@ -175,3 +178,19 @@ def test_lora_finetune_quick_run_reports_every_run_with_dora_magnitudes_only_for
             assert magnitudes == ["-", "-"]
         else:
             assert all(float(m) > 0.0 for m in magnitudes)
+
+
+def test_compile_cost_probes_run_against_the_current_package(tmp_path: Path) -> None:
+    from benchmarks import compile_cost
+
+    # The short-fit probe, in a fresh process as the benchmark runs it: two eager steps of a tiny MLP.
+    fit = compile_cost._run(compile_cost._FIT, ["eager", "2", "8", "1"], str(tmp_path))
+    assert fit["compiled_at_end"] is False and float(fit["seconds"]) > 0  # type: ignore[arg-type]
+    # The compilation probe (a cold compilation of six kernels when run) imports what exists and calls it as defined.
+    imported = {}
+    for node in ast.walk(ast.parse(compile_cost._COMPILE_PROBE)):
+        if isinstance(node, ast.ImportFrom) and node.module is not None:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
+    ready = imported["compiled_step"].compiled_step_ready
+    assert {"device", "dtype", "parallel", "variants"} <= set(inspect.signature(ready).parameters)

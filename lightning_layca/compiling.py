@@ -3,8 +3,8 @@
 The rooms that compile (the Layca step, :mod:`lightning_layca.step.compiled`; a rotation monitor's sums,
 :mod:`lightning_layca.measurement`) register each kernel body under a name with :func:`register_kernel`: the function
 that one call applies to one layer seen as a dense matrix (:func:`kernel_view`, four runs of its memory as rows, or
-:func:`unit_view` whose rows are the layer's units), how to build a stand-in layer's arguments, and what a failure means for the caller. This module
-compiles and calls them, the same way for every room:
+:func:`unit_view` whose rows are the layer's units), how to build a stand-in layer's arguments, and what a failure means
+for the caller. This module compiles and calls them, the same way for every room:
 
 * **One compilation per (device, dtype, kernel) for every layer.** A body is compiled with dynamic shapes, so one
   compilation covers every layer of every model in the process, and Inductor's on-disk cache serves later processes.

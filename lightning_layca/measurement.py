@@ -87,9 +87,9 @@ class MeasurementSums:
             rule, :class:`~lightning_layca.auto_choice.AutoChoice`, timed on the distances of logging steps);
             ``"eager"``: never compile; ``"compiled"``: compiled sums from the first measurement, on any device.
 
-    Layers of another dtype than float32, bfloat16 and float16, or whose memory is not one dense block
-    (``lightning_layca.compiling.kernel_view``) or laid out otherwise than their snapshot, are always summed
-    eagerly; so is everything when a compilation fails (after one warning).
+    Layers of another dtype than float32, bfloat16 and float16, or without a lane view (their memory not one dense
+    block, or their size not a multiple of 4: ``lightning_layca.compiling.kernel_view``), or laid out otherwise than
+    their snapshot, are always summed eagerly; so is everything when a compilation fails (after one warning).
 
     Example:
         >>> sums = MeasurementSums("eager")

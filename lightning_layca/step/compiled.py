@@ -40,15 +40,15 @@ recomputes the velocity from the old buffer and the gradient). Adam's kernel wri
 pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.base_kernels._adam_step`): its square
 root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
-Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls
-it: one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of
-its memory, its lane view :func:`~lightning_layca.compiling.kernel_view`, whose sums the first pass reads side by side,
-or per unit as ``units x columns``; a layer whose size is not a multiple of 4 takes the eager step), consecutive layers of one kernel are
-stepped :data:`~lightning_layca.compiling.LAYERS_PER_CALL` per call, small layers on CPU take a single-threaded kernel,
-and a kernel is compiled first on a stand-in layer (:func:`compiled_step_ready`), so that a failure (no C++ compiler,
-an unsupported platform) costs one warning and the eager step takes over before any weight is touched. Rates,
-relative learning rates and initial norms enter as device tensors, so LR schedulers and time-varying schedules never
-recompile.
+Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls it:
+one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of its
+memory, its lane view :func:`~lightning_layca.compiling.kernel_view`, whose sums the first pass reads side by side, or
+per unit as ``units x columns``; a layer whose size is not a multiple of 4 takes the eager step), consecutive layers of
+one kernel are stepped :data:`~lightning_layca.compiling.LAYERS_PER_CALL` per call, small layers on CPU take a
+single-threaded kernel, and a kernel is compiled first on a stand-in layer (:func:`compiled_step_ready`), so that a
+failure (no C++ compiler, an unsupported platform) costs one warning and the eager step takes over before any weight is
+touched. Rates, relative learning rates and initial norms enter as device tensors, so LR schedulers and time-varying
+schedules never recompile.
 """
 
 from __future__ import annotations

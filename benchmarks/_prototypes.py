@@ -65,10 +65,14 @@ class FusedSGDLayca:
         layers = [p for _, p in named if p.ndim >= 2]
         others = [p for _, p in named if p.ndim < 2]
         device = layers[0].device
+        views = [kernel_view(p.detach()) for p in layers]
+        if any(v is None for v in views):
+            shapes = [tuple(p.shape) for p, v in zip(layers, views, strict=True) if v is None]
+            raise ValueError(f"the prototype needs a lane view (kernel_view) of every layer; none for: {shapes}")
         self.base = torch.optim.SGD(others, lr=lr, momentum=momentum, foreach=True)
-        self.views = [kernel_view(p.detach()) for p in layers]
+        self.views = [v for v in views if v is not None]
         self.grads = [kernel_view(p.grad) for p in layers if p.grad is not None]
-        self.bufs = [torch.zeros_like(v) for v in self.views if v is not None]
+        self.bufs = [torch.zeros_like(v) for v in self.views]
         values = torch.tensor([lr, momentum, rotation_rate], dtype=torch.float64, device=device)
         self.lr, self.momentum, self.rate = scalars(values)
         self.norms = scalars(torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in layers]))

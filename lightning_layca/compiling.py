@@ -342,7 +342,8 @@ def kernel_view(tensor: torch.Tensor) -> torch.Tensor | None:
         The view, or ``None`` when the elements do not form one dense block (a strided slice, an expanded tensor) or
         their number is not a multiple of 4 of at least 8 (as in a ``3 x 5`` layer): such a layer takes the eager
         step (and a monitor's eager sums), which would otherwise need compilations of their own for layers that are
-        rare, and small where they occur (a layer with a dimension divisible by 4 always has a lane view).
+        rare, and small where they occur (a dense layer of at least 8 elements with a dimension divisible by 4 always
+        has a lane view).
 
     Example:
         >>> kernel_view(torch.zeros(8, 3, 3, 3)).shape

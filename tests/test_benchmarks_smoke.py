@@ -194,3 +194,13 @@ def test_compile_cost_probes_run_against_the_current_package(tmp_path: Path) -> 
                 imported[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
     ready = imported["compiled_step"].compiled_step_ready
     assert {"device", "dtype", "parallel", "variants"} <= set(inspect.signature(ready).parameters)
+
+
+def test_the_fused_prototype_refuses_a_layer_without_a_lane_view_when_built() -> None:
+    from benchmarks._prototypes import FusedSGDLayca
+
+    named = [(name, torch.randn(shape, requires_grad=True)) for name, shape in (("dense", (4, 4)), ("odd", (3, 5)))]
+    for _, p in named:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match=r"\(3, 5\)"):
+        FusedSGDLayca(named, lr=0.1, momentum=0.9, rotation_rate=0.01)

@@ -170,13 +170,14 @@ def test_every_layer_is_sharded_and_the_one_row_heads_shard_is_empty_on_rank_1(l
 
 
 @pytest.mark.parametrize("name", ["layca_compiled", "layca_compiled_adamw"])
-def test_the_compiled_run_steps_every_shard_with_the_compiled_kernels_but_the_empty_one(
+def test_the_compiled_run_steps_every_shard_with_a_lane_view_with_the_compiled_kernels(
     request: pytest.FixtureRequest, name: str
 ) -> None:
     rank0, rank1 = _run(request, name).ranks
     # Around SGD and AdamW the kernels take the base step of the shards too (the state half, then the update half).
-    # A shard whose size is not a multiple of 4 has no kernel (compiling.kernel_view): the convolution's two rows of
-    # 9 and the head's row of 6 take the eager step, and so does the head's shard of no rows.
+    # A shard whose size is not a multiple of 4 has no lane view (compiling.kernel_view): the convolution's two rows
+    # of 9 and the head's row of 6 take the eager step, and so does the head's shard of no rows; their sums join the
+    # compiled shards' in the step's one collective.
     compiled = {f"net.{layer}.weight": "compiled+base" for layer in LAYERS}
     eager = {"net.features.0.weight": "eager", "net.head.weight": "eager"}
     assert rank0["paths"] == [compiled | eager]

@@ -191,9 +191,9 @@ def test_one_step_matches_the_float64_reference_for_every_kind_of_shape(shape: t
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_layer_without_a_two_dimensional_split_steps_eagerly_beside_the_compiled_ones(kernel: str) -> None:
+def test_layer_without_a_lane_view_steps_eagerly_beside_the_compiled_ones(kernel: str) -> None:
     torch.manual_seed(0)
-    prime = nn.Parameter(torch.randn(7, 1))  # 7 elements in one dimension: no rows x columns split of sizes >= 2
+    prime = nn.Parameter(torch.randn(7, 1))  # 7 elements: not four equal runs of memory (compiling.kernel_view)
     strided = nn.Parameter(torch.randn(8, 12)[:, ::2])  # not one dense block of memory
     dense = nn.Parameter(torch.randn(8, 6))
     named = [("prime", prime), ("strided", strided), ("dense", dense)]

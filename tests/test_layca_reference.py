@@ -30,10 +30,10 @@ OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, bias=False),
-        nn.BatchNorm2d(6),
+        nn.Conv2d(3, 8, 3, bias=False),  # every layer a multiple of 4 elements: "compiled" takes them all
+        nn.BatchNorm2d(8),
         nn.ReLU(),
-        nn.Conv2d(6, 8, 3),
+        nn.Conv2d(8, 8, 3),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(8 * 4 * 4, 16),

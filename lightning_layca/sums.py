@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -80,12 +80,30 @@ def row_sums(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     The arithmetic of :func:`float64_sums` per block, and of the compiled kernels' per-unit sums (:func:`matrix_sums`).
     """
-    return _inner_products(u, y, 1)
+    return _inner_products(u, y, _per_row)
 
 
-def _inner_products(u: torch.Tensor, y: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
-    """``(<u, y>, <y, y>, <u, u>)`` summed over ``dim``, stacked on a new first dimension."""
-    return torch.stack([(u * y).sum(dim), (y * y).sum(dim), (u * u).sum(dim)])
+def _inner_products(
+    u: torch.Tensor, y: torch.Tensor, inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``(<u, y>, <y, y>, <u, u>)``, each formed by ``inner``, stacked on a new first dimension."""
+    return torch.stack([inner(u, y), inner(y, y), inner(u, u)])
+
+
+def _per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(1)
+
+
+def _over_all(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum((0, 1)).unsqueeze(0)
+
+
+def _over_lanes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The rows' products added element by element, then summed: the rows of a lane view read side by side."""
+    total = a[0] * b[0]
+    for row in range(1, a.shape[0]):
+        total = total + a[row] * b[row]
+    return total.sum().unsqueeze(0)
 
 
 def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False, lanes: bool = True) -> torch.Tensor:
@@ -107,21 +125,8 @@ def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False, lanes:
     """
     if per_unit:
         return row_sums(u, y)
-    if lanes and u.shape[0] == LANES:  # a lane view (a constant of the compiled code)
-        return _lane_products(u.unbind(0), y.unbind(0))
-    return _inner_products(u, y, (0, 1)).unsqueeze(1)
-
-
-def _lane_products(u: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(<u, y>, <y, y>, <u, u>)`` of lanes: each lane's products added element by element, then summed, ``(3, 1)``."""
-
-    def inner(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = first[0] * second[0]
-        for a, b in zip(first[1:], second[1:], strict=True):
-            total = total + a * b
-        return total.sum()
-
-    return torch.stack([inner(u, y), inner(y, y), inner(u, u)]).unsqueeze(1)
+    lane_view = lanes and u.shape[0] == LANES  # a constant of the compiled code
+    return _inner_products(u, y, _over_lanes if lane_view else _over_all)
 
 
 def block_elements(device: torch.device) -> int:

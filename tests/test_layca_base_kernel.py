@@ -322,30 +322,6 @@ def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_ea
         assert relative_error(q.detach(), p.detach()) < 2e-5
 
 
-@pytest.mark.parametrize("call", ["first", "second"])
-def test_an_adam_call_that_fails_to_compile_later_leaves_no_layer_behind(
-    monkeypatch: pytest.MonkeyPatch, call: str
-) -> None:
-    # Adam's step takes two calls: the first writes the moments, the second the weights. Should the second fail to
-    # compile at a later step, the moments are already this step's: the same arithmetic is taken uncompiled, and every
-    # layer still takes its step. Should the first fail, it fails before it runs: its layers take AdamW's own step and
-    # the eager one, from snapshots.
-    optimizer, config = BASES["adamw"]
-    model, twin, eager, compiled = trained_twins(optimizer, config, 2)  # compiled, ready
-    assert set(compiled.describe().values()) == {"compiled+base"}
-    failing = (lambda name: name.endswith("_second_single")) if call == "second" else (lambda name: name == "adam")
-    fail_compiling(monkeypatch, f"no compiler for the {call} call", failing)
-    with pytest.warns(UserWarning, match=f"no compiler for the {call} call") as caught:
-        fit(model, eager, 1, seed=3)
-        fit(twin, compiled, 1, seed=3)
-    assert len([x for x in caught if "Layca" in str(x.message)]) == 1
-    assert len(compiled.weights_before_last_step()) == (0 if call == "second" else 3)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert relative_error(q.detach(), p.detach()) < 2e-5
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert relative_error(compiled.state[q][key], eager.state[p][key]) < 2e-5, key
-
-
 KERNEL_CASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, weight_decay=0.01)),
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
@@ -358,7 +334,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.step.base_kernels import BASE_KERNELS, SECOND_CALLS
+    from lightning_layca.step.base_kernels import BASE_KERNELS
     from lightning_layca.step.families import family_of
 
     optimizer, config = KERNEL_CASES[case]
@@ -382,10 +358,8 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         flag = torch.zeros((), dtype=torch.bool)
         kernel = BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
         weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
-        if plan.variant in SECOND_CALLS:  # the first of two calls: the sums and the direction
-            sums = kernel(weights, layer.grad, *plan.state, hyper, n0)[0].flatten()
-        else:  # (a, b, c), then on CPU whether the float32 update was formed (a fourth row: step.kernels.update_rows)
-            sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()
+        # (a, b, c), then on CPU whether the float32 update was formed (a fourth row, see step.kernels.update_rows).
+        sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()
         plan.commit(mine.state[layer])
         # torch's D is fl(w + D) - w: off by up to u * |w_i| per element, so <D, w> (small: D is nearly tangential)
         # is compared on the scale of ||D|| ||w||, its bound; <w, w> and <D, D> relatively.

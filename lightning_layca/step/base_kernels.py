@@ -1,25 +1,23 @@
-"""The kernels that take a base optimizer's step and the Layca step of one layer together (traced functions).
+"""The kernels that take a base optimizer's step and the Layca step of one layer in one traced function.
 
 One kernel per form of a base step (:data:`BASE_KERNELS`, a :attr:`lightning_layca.step.base_steps.LayerStep.variant`):
 ``torch.optim.SGD`` (plain, momentum, Nesterov), ``Adam`` and ``AdamW`` (with and without ``amsgrad``). Each forms the
 optimizer's step ``D`` from the gradient, the weights and the optimizer's state (updated in place, as torch's own step
 updates it), exactly in float64 for the sums and never written to the weights, so no snapshot is needed; the sums, the
-rule and the update are :func:`lightning_layca.step.kernels.rotate_rows` (one call: SGD's forms), or two calls around
-Adam's float32 direction (:data:`SECOND_CALLS`). A sharded layer takes the same arithmetic in two halves around the
-step's one collective (:data:`SHARDED_BASE_KERNELS`). How they are compiled and called is
+rule and the update are :func:`lightning_layca.step.kernels.rotate_rows`. A sharded layer takes the same arithmetic in
+two halves around the step's one collective (:data:`SHARDED_BASE_KERNELS`). How they are compiled and called is
 :mod:`lightning_layca.step.compiled`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from lightning_layca.step.kernels import layer_sums, rotate_rows, update_rows
 
-__all__ = ["BASE_KERNELS", "SECOND_CALLS", "SHARDED_BASE_KERNELS", "sharded_forms"]
+__all__ = ["BASE_KERNELS", "COMPILED_FORMS", "SHARDED_BASE_KERNELS", "sharded_forms"]
 
 
 _UPDATE, _UPDATE_AS_STORED, _UPDATED = "update", "update_as_stored", "updated"
@@ -125,101 +123,68 @@ def _adam_operands(
         ``exact`` (float64) and ``low`` (float32) operands, and the float32 direction
         ``m / (sqrt(v) / sqrt(bc2) + eps)``.
     """
-    _, beta1, beta2, eps, coupled_decay, sign, _, correction2 = hyper.unbind()
+    decay, beta1, beta2, eps, coupled_decay, sign, step_size, correction2 = hyper.unbind()
     exp_avg, exp_avg_sq, max_exp_avg_sq = moments
+    weights32 = params.float()
     if state == _UPDATED:
         first = exp_avg.float()
         second = (exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq).float()
     else:
-        gradient = grad.float() * sign + params.float() * coupled_decay
+        gradient = grad.float() * sign + weights32 * coupled_decay
         first = exp_avg.float()
         first = _store(exp_avg, first + (gradient - first) * (1 - beta1), state)
         second = _store(exp_avg_sq, exp_avg_sq.float() * beta2 + gradient * gradient * (1 - beta2), state)
         if max_exp_avg_sq is not None:
             second = _store(max_exp_avg_sq, torch.maximum(max_exp_avg_sq.float(), second), state)
     direction = first / (second.sqrt() / correction2 + eps)
-    exact, low = _adam_step_operands(params, direction, hyper)
+    weights = params.double()
+    exact = weights, direction.double() * -step_size - weights * decay
+    low = weights32, direction * -step_size - weights32 * decay
     return exact, low, direction
 
 
-def _adam_step_operands(
-    params: torch.Tensor, direction: torch.Tensor, hyper: torch.Tensor
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Adam's operands ``(w, D)``, ``exact`` and ``low``, from its float32 ``direction`` (:func:`_adam_operands`)."""
-    decay, step_size = hyper[0], hyper[6]
-    weights32, weights = params.float(), params.double()
-    exact = weights, direction.double() * -step_size - weights * decay
-    low = weights32, direction * -step_size - weights32 * decay
-    return exact, low
-
-
-def _adam_first_call(
+def _adam_step(
     params: torch.Tensor,
     grad: torch.Tensor,
-    moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
     hyper: torch.Tensor,
-    initial_norms: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first of the two calls that take ``torch.optim.Adam``'s (or ``AdamW``'s) step and the Layca step of a layer.
-
-    Adam's step takes two compiled calls (:data:`SECOND_CALLS`) where SGD's takes one: this one reads the weights, the
-    gradient and the moments, writes the new moments and the float32 direction (an output of the call, which Inductor
-    stores in the same loop) and returns the sums of ``(D, w)`` over the layer's elements in memory order
-    (``lanes=False``: the stores then join the reduction's loop); the second (:func:`_adam_second_call`) reads the
-    weights and the direction and writes the weights. That is six tensor reads, against eight for the one call it
-    replaces, which stored the direction in its first loop and read it back in two more (the sums' and the update's);
-    the square root and divisions, which bound Adam's step on a CPU, are computed once per element either way.
-
-    Args:
-        params: ``w``, a dense 2-D view of the layer (not written).
-        grad: The same view of its gradient.
-        moments: The same views of ``(exp_avg, exp_avg_sq, max_exp_avg_sq or None)``, updated in place.
-        hyper: See :func:`_adam_operands`.
-        initial_norms: ``n0``, 0-dim or one per row: the granularity of the sums (see
-            :func:`~lightning_layca.step.kernels.layer_sums`).
-
-    Returns:
-        The sums ``(a, b, c)`` (``(3, 1)`` or ``(3, rows)``, float64) and the direction (float32, laid out as
-        ``params``), for :func:`_adam_second_call`.
-    """
-    exact, _, direction = _adam_operands(params, grad, moments, hyper)
-    return layer_sums(exact, initial_norms, lanes=False), direction
-
-
-def _adam_second_call(
-    params: torch.Tensor,
-    direction: torch.Tensor,
-    hyper: torch.Tensor,
-    sums: torch.Tensor,
     rate: torch.Tensor,
     relative_lr: torch.Tensor,
     initial_norms: torch.Tensor,
     near_floor: torch.Tensor,
-    single: bool = False,
-) -> torch.Tensor:
-    """The second call of Adam's step (see :func:`_adam_first_call`): the rule and the update, from the first's sums.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.optim.Adam``'s (or ``AdamW``'s) step and the Layca step of one layer in one function (compiled).
+
+    As :func:`_sgd_step`, with the operands of :func:`_adam_operands` (the moments updated in place). The float32
+    direction is written once, in the pass that updates the moments, and read back by the sums and the update: left
+    to itself, Inductor recomputes it (a square root and two divisions per element, the kernel's costliest
+    arithmetic) in the update pass from the old moments and the gradient.
 
     Args:
-        params: ``w``; overwritten with ``k1 * w + k2 * D``.
-        direction: The first call's direction.
+        params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
+        grad: The same view of its gradient.
+        exp_avg: The same view of the first moment, updated in place.
+        exp_avg_sq: The same view of the second moment, updated in place.
+        max_exp_avg_sq: The same view of the largest second moment (``amsgrad``), updated in place, or ``None``.
         hyper: See :func:`_adam_operands`.
-        sums: The first call's sums.
         rate: ``rho`` (0-dim float64).
         relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
-        initial_norms: ``n0``, 0-dim or one per row.
+        initial_norms: ``n0``, 0-dim or one per row (see :func:`~lightning_layca.step.kernels.after_step`).
         near_floor: The layer's near-floor flag, or-ed in place.
-        single: See :func:`~lightning_layca.step.kernels.update_rows`.
 
     Returns:
-        ``sums``, as :func:`~lightning_layca.step.kernels.update_rows` returns them.
+        ``(a, b, c)`` as :func:`~lightning_layca.step.kernels.after_step`, and the direction (float32, laid out as
+        ``params``): compiled as an output (:data:`COMPILED_FORMS`), it is stored (a graph output always is) rather
+        than recomputed; the callers drop it.
     """
-    exact, low = _adam_step_operands(params, direction, hyper)
-    return update_rows(params, exact, low, sums, (rate, relative_lr, initial_norms, near_floor), single)
+    exact, low, direction = _adam_operands(params, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper)
+    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor)), direction
 
 
-# The kernels that take a base optimizer's step, one per form of it, called as
-# ``kernel(params, grad, *state, hyper, rate, relative_lr, initial_norms, near_floor)``, except Adam's, which are the
-# first of two calls (SECOND_CALLS), called as ``kernel(params, grad, *state, hyper, initial_norms)``.
+# The kernels that take a base optimizer's step, one per form of it, all called as
+# ``kernel(params, grad, *state, hyper, rate, relative_lr, initial_norms, near_floor)``.
 
 T = torch.Tensor
 
@@ -236,15 +201,23 @@ def _sgd_nesterov_kernel(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T)
     return _sgd_step(p, g, b, h, rate, lr, n0, flag, nesterov=True)
 
 
-def _adam_kernel(p: T, g: T, m: T, v: T, h: T, n0: T) -> tuple[T, T]:
-    return _adam_first_call(p, g, (m, v, None), h, n0)
+def _adam_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)[0]
 
 
-def _adam_amsgrad_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, n0: T) -> tuple[T, T]:
-    return _adam_first_call(p, g, (m, v, vmax), h, n0)
+def _adam_amsgrad_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
+    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)[0]
 
 
-BASE_KERNELS: dict[str, tuple[Callable[..., Any], int, tuple[float, ...]]] = {
+def _adam_storing_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> tuple[T, T]:
+    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)
+
+
+def _adam_amsgrad_storing_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> tuple[T, T]:
+    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)
+
+
+BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], int, tuple[float, ...]]] = {
     "sgd": (_sgd_kernel, 0, (0.1, 0.0, 1.0, 1e-4, 1.0, 0.0)),
     "sgd_momentum": (_sgd_momentum_kernel, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
     "sgd_nesterov": (_sgd_nesterov_kernel, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
@@ -253,13 +226,15 @@ BASE_KERNELS: dict[str, tuple[Callable[..., Any], int, tuple[float, ...]]] = {
 }
 """Per form of a base step the kernel takes (a ``LayerStep.variant``, :mod:`lightning_layca.step.base_steps`): the
 kernel, the number of state tensors it updates, and stand-in values of ``hyper`` for its first compilation. Each
-kernel returns the layer's sums, except the first calls of the forms of :data:`SECOND_CALLS`."""
+kernel returns the layer's sums."""
 
-SECOND_CALLS: dict[str, Callable[..., torch.Tensor]] = {"adam": _adam_second_call, "adam_amsgrad": _adam_second_call}
-"""The forms whose step takes two calls, and their second: the kernel of :data:`BASE_KERNELS` is then the first
-(:func:`_adam_first_call`), called as ``kernel(params, grad, *state, hyper, initial_norms)``, which returns the sums
-and the direction; the second is called as ``second(params, direction, hyper, sums, rate, relative_lr,
-initial_norms, near_floor, single=False)``."""
+COMPILED_FORMS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    "adam": _adam_storing_kernel,
+    "adam_amsgrad": _adam_amsgrad_storing_kernel,
+}
+"""The function compiled for a form of :data:`BASE_KERNELS` where it is not the kernel itself: the same arithmetic,
+returning besides the sums what the compiled code must store rather than recompute (Adam's direction, see
+:func:`_adam_step`). Its first output is the sums."""
 
 
 def sharded_forms(variant: str) -> tuple[str, str]:

@@ -36,12 +36,9 @@ pass reads the weights, the gradient and the optimizer's state (SGD's momentum b
 state and accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes
 ``w``. No snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5
 for SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
-recomputes the velocity from the old buffer and the gradient). Adam's step takes two calls
-(:data:`~lightning_layca.step.base_kernels.SECOND_CALLS`): the first reads the weights, the gradient and the moments,
-writes the new moments and the float32 direction and forms the sums, in one loop; the second reads the weights and the
-direction and writes ``w`` (10 streams against 7 for Adam's own fused step, see
-:func:`lightning_layca.step.base_kernels._adam_first_call`): its square root and divisions, which bound the step on a
-CPU, are computed once per element.
+recomputes the velocity from the old buffer and the gradient). Adam's kernel writes its float32 direction in the first
+pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.base_kernels._adam_step`): its square
+root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
 
 Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls it:
 one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of its
@@ -78,7 +75,7 @@ from lightning_layca.compiling import (
     stand_in_layer,
     unit_view,
 )
-from lightning_layca.step.base_kernels import BASE_KERNELS, SECOND_CALLS, SHARDED_BASE_KERNELS, sharded_forms
+from lightning_layca.step.base_kernels import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
@@ -98,7 +95,6 @@ __all__ = [
     "rotate_base_compiled",
     "rotate_compiled",
     "scalars",
-    "second_call",
     "sharded_base_sums_compiled",
     "sharded_base_update_compiled",
     "sharded_sums_compiled",
@@ -185,20 +181,8 @@ def compiled_step_ready(
             of it (a key of :data:`BASE_KERNELS`); empty for the step after the base optimizer's
             (:func:`rotate_compiled`).
     """
-    if not variants:
-        return kernels_ready(device, dtype, [(p, SNAPSHOT) for p in parallel], per_unit)
-    kernels = [(p, k) for p, v in zip(parallel, variants, strict=True) for k in _kernels_of(v)]
-    return kernels_ready(device, dtype, kernels, per_unit)
-
-
-def second_call(variant: str) -> str:
-    """The name of the kernel of the second call of a form of :data:`SECOND_CALLS` (its float64 update)."""
-    return f"{variant}_second"
-
-
-def _kernels_of(variant: str) -> tuple[str, ...]:
-    """The kernels a layer of a form (or a half of a sharded form) needs compiled: two for the forms that take two."""
-    return (variant, in_single_precision(second_call(variant))) if variant in SECOND_CALLS else (variant,)
+    forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
+    return kernels_ready(device, dtype, list(zip(parallel, forms, strict=True)), per_unit)
 
 
 def _stand_in(
@@ -225,38 +209,31 @@ def _stand_in(
         sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
         return [params, weights, sums, rate, relative_lr, norms, flag]
     form, half = SHARDED_BASE_KERNELS.get(variant, (variant, None))
-    form = next((v for v in SECOND_CALLS if variant == second_call(v)), form)
     _, states, values = BASE_KERNELS[form]
     hyper = torch.tensor(values, dtype=torch.float64, device=device)
     state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
-    sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
-    if variant == second_call(form):
-        return [params, weights.float(), hyper, sums, rate, relative_lr, norms, flag]
-    if variant == sharded_forms(form)[0] or (half is None and form in SECOND_CALLS):
-        return [params, weights, *state, hyper, norms]
     if half is None:
         return [params, weights, *state, hyper, rate, relative_lr, norms, flag]
+    if variant == sharded_forms(form)[0]:
+        return [params, weights, *state, hyper, norms]
+    sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
     return [params, weights, *state, hyper, sums, rate, relative_lr, norms, flag]
 
 
-# A kernel of the step returns the sums ``(a, b, c)``, or (the first of two calls, SECOND_CALLS) the sums and Adam's
-# direction.
+# A kernel of the step returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
 _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SNAPSHOT, after_step),
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
-    *((v, f) for v, (f, _, _) in BASE_KERNELS.items()),
-    *((second_call(v), f) for v, f in SECOND_CALLS.items()),
+    *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
     *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
 )
 _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
     SHARDED_UPDATE: sharded_update,
     **{sharded_forms(v)[1]: SHARDED_BASE_KERNELS[sharded_forms(v)[1]][1] for v in BASE_KERNELS},
-    **{second_call(v): f for v, f in SECOND_CALLS.items()},
 }
-"""The kernels that take a layer's update from its full sums (the update half of each form's sharded kernel, the
-second call of a form of :data:`SECOND_CALLS`), uncompiled: the float64 update of a float32 layer that a
-single-precision kernel left, where the kernel's own compilation fails (:func:`_float64_updates`)."""
+"""The update half of each form's sharded kernel, uncompiled: the float64 update of a float32 layer that a
+single-precision kernel left, where the half's own compilation fails (:func:`_float64_updates`)."""
 
 
 def in_single_precision(half: str) -> str:
@@ -276,10 +253,9 @@ def _single_precision(body: Callable[..., Any]) -> Callable[..., Any]:
     return kernel
 
 
-_STORING_SUMS = {sharded_forms(v)[0] for v in BASE_KERNELS} | set(SECOND_CALLS)
-_BASE_STEP = {*BASE_KERNELS, *SHARDED_BASE_KERNELS, *map(second_call, SECOND_CALLS)}
+_STORING_SUMS = {sharded_forms(v)[0] for v in BASE_KERNELS}
 for _variant, _body in _BODIES:
-    _options = _BASE_STEP_OPTIONS if _variant in _BASE_STEP else {}
+    _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
     _layer_options = _STORING_SUMS_OPTIONS if _variant in _STORING_SUMS else {}
     register_kernel(
         _variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options, layer_options=_layer_options)
@@ -346,12 +322,11 @@ def rotate_base_compiled(
     variants: Sequence[str],
     per_unit: bool = False,
 ) -> int:
-    """Take the base optimizer's step and the Layca step of layers of one device and dtype together.
+    """Take the base optimizer's step and the Layca step of layers of one device and dtype together, one call each.
 
-    One call per layer for SGD's forms, two for Adam's (:data:`SECOND_CALLS`). Needs :func:`compiled_step_ready` (with
-    ``variants``) to have returned ``True`` for the layers' device, dtype and kernels. Should a later compilation of a
-    layer's (first) kernel fail, the layers from the failing one on are left to the caller (untouched: neither their
-    weights nor their optimizer state were written), after one warning.
+    Needs :func:`compiled_step_ready` (with ``variants``) to have returned ``True`` for the layers' device, dtype and
+    kernels. Should a later compilation fail, the layers from the failing one on are left to the caller (untouched:
+    neither their weights nor their optimizer state were written), after one warning.
 
     Args:
         params: :func:`kernel_view` (or :func:`unit_view`) of each layer (detached), holding ``w``.
@@ -371,48 +346,9 @@ def rotate_base_compiled(
         (p, g, *state, hyper, *scalars_)
         for p, g, state, hyper, scalars_ in zip(params, grads, states, hypers, layer_scalars, strict=True)
     ]
-    done = 0
-    while done < len(calls):  # runs of layers of one-call forms, and of two-call forms by LAYERS_PER_CALL
-        two = variants[done] in SECOND_CALLS
-        end = done + 1
-        while end < len(calls) and (variants[end] in SECOND_CALLS) == two:
-            end += 1
-        if two:
-            end = min(end, done + LAYERS_PER_CALL)
-        take = _in_two_calls if two else _in_one_call
-        done += take(calls[done:end], variants[done:end], parallel[done:end], per_unit)
-        if done < end:  # a compilation failed
-            break
-    return done
-
-
-def _in_one_call(
-    calls: Sequence[Sequence[torch.Tensor]], variants: Sequence[str], parallel: Sequence[bool], per_unit: bool
-) -> int:
-    """:func:`rotate_base_compiled` for layers of forms that take one call each (SGD's); returns the layers stepped."""
     results: list[Any] = []
     done = call_kernels(zip(parallel, variants, calls, strict=True), per_unit, results)
     _update_in_float64(calls[:done], results, variants, parallel, per_unit)
-    return done
-
-
-def _in_two_calls(
-    calls: Sequence[Sequence[torch.Tensor]], variants: Sequence[str], parallel: Sequence[bool], per_unit: bool
-) -> int:
-    """:func:`rotate_base_compiled` for (at most :data:`LAYERS_PER_CALL`) layers of forms of :data:`SECOND_CALLS`.
-
-    The first calls update the optimizer's state and return the sums and the direction; the second calls, from those,
-    take the Layca step (every layer whose first call ran: its state is already this step's). The directions of these
-    layers only are alive at once. Returns the layers stepped.
-    """
-    # calls: (p, g, *state, hyper, rate, relative_lr, initial_norms, near_floor)
-    firsts: list[Any] = []
-    first_calls = [(*args[:-4], args[-2]) for args in calls]
-    done = call_kernels(zip(parallel, variants, first_calls, strict=True), per_unit, firsts)
-    seconds = [
-        (args[0], direction, args[-5], sums, *args[-4:]) for args, (sums, direction) in zip(calls, firsts, strict=False)
-    ]
-    _update_all([second_call(v) for v in variants[:done]], seconds, parallel[:done], per_unit)
     return done
 
 
@@ -580,18 +516,7 @@ def sharded_base_update_compiled(
         (p, g, *state, hyper, full, *scalars_)
         for p, g, state, hyper, full, scalars_ in zip(params, grads, states, hypers, sums, layer_scalars, strict=True)
     ]
-    _update_all([sharded_forms(v)[1] for v in variants], calls, parallel, per_unit)
-
-
-def _update_all(
-    forms: Sequence[str], calls: Sequence[Sequence[torch.Tensor]], parallel: Sequence[bool], per_unit: bool
-) -> None:
-    """Call each update kernel of :data:`_UPDATE_HALVES` (from a layer's full sums), in single precision where exact.
-
-    The optimizer's state is already this step's, so every layer must be stepped: should a compilation fail (after one
-    warning), the layers from the failing one on take the same function uncompiled. The layers that the
-    single-precision kernels left take their float64 update (:func:`_float64_updates`).
-    """
+    forms = [sharded_forms(v)[1] for v in variants]
     results: list[torch.Tensor] = []
     done = call_kernels(zip(parallel, map(in_single_precision, forms), calls, strict=True), per_unit, results)
     for form, arguments in zip(forms[done:], calls[done:], strict=True):

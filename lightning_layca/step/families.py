@@ -58,10 +58,9 @@ class Family:
     equilibrium: Callable[[dict[str, Any]], float] | None
     """The equilibrium rate of a param group (``ValueError`` where it has none), or ``None`` if unknown."""
     layer_sized_outputs: bool = False
-    """Whether its kernel returns a tensor the size of its layer (Adam's direction, which the first of its two calls
-    returns to the second: ``step.base_kernels.SECOND_CALLS``). Inductor allocates it at every call; on CPU such layers
-    keep the step plan's buckets of a few MiB (``lightning_layca.plan``), so that the outputs alive at once stay
-    small."""
+    """Whether its kernel returns a tensor the size of its layer (Adam's direction, stored rather than recomputed:
+    ``step.base_kernels.COMPILED_FORMS``). Inductor allocates it at every call; on CPU such layers keep the step
+    plan's buckets of a few MiB (``lightning_layca.plan``), so that the outputs alive at once stay small."""
 
     def supports(self, group: dict[str, Any]) -> bool:
         """Whether the kernel can take the steps of this param group (its hyperparameters are plain numbers)."""

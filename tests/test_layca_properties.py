@@ -32,6 +32,16 @@ def angle(u: torch.Tensor, v: torch.Tensor) -> float:
     return math.atan2(float(across), float(along))
 
 
+def layer_shape(shape: list[int], implementation: str) -> list[int]:
+    """The drawn shape, or for a compiled step the shape with its last dimension times 4.
+
+    The compiled kernels take a layer whose size is a multiple of 4 (its lane view, ``compiling.kernel_view``); any
+    other takes the eager step, which the eager runs test (and ``tests/test_layca_compiled.py`` checks that such a
+    layer takes it). Scaled so, every compiled run steps its layer with a kernel (:func:`one_step` checks it).
+    """
+    return shape if implementation == "eager" else [*shape[:-1], 4 * shape[-1]]
+
+
 def one_step(
     shape: list[int],
     rho: float,
@@ -41,6 +51,7 @@ def one_step(
     decay: float = 0.0,
     implementation: str = "eager",
 ):
+    shape = layer_shape(shape, implementation)
     generator = torch.Generator().manual_seed(seed)
     layer = torch.nn.Parameter(torch.randn(shape, generator=generator))
     bias = torch.nn.Parameter(torch.randn(shape[0], generator=generator))
@@ -54,16 +65,20 @@ def one_step(
     twin_bias.grad = bias.grad.clone()
     opt.step()
     twin.step()
+    assert (opt.describe()["layer"] == "eager") == (implementation == "eager"), opt.describe()  # kernels: compiled
     return before, layer.detach().double(), bias.detach(), twin_bias.detach()
 
 
-def tangential_step_clears_the_floor(shape: list[int], grad_scale: float, seed: int, decay: float = 0.0) -> bool:
+def tangential_step_clears_the_floor(
+    shape: list[int], grad_scale: float, seed: int, implementation: str, decay: float = 0.0
+) -> bool:
     """Whether the first step of :func:`one_step` has a part orthogonal to ``w`` 10x above float32's rounding floor.
 
     The gradient is drawn as :func:`one_step` draws it. A random gradient can point almost along ``w`` (likelier in a
     layer of two weights), and a step whose orthogonal part is below the floor does not move the layer at all: that
     case is tested in tests/test_layca_robustness.py, not here.
     """
+    shape = layer_shape(shape, implementation)
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=generator).double().flatten()
     torch.randn(shape[0], generator=generator)  # the bias
@@ -89,7 +104,7 @@ def test_each_step_rotates_by_atan_rho(
     implementation: str, shape: list[int], rho: float, grad_scale: float, seed: int
 ) -> None:
     before, after, _, _ = one_step(shape, rho, grad_scale, seed, implementation=implementation)
-    assume(tangential_step_clears_the_floor(shape, grad_scale, seed))
+    assume(tangential_step_clears_the_floor(shape, grad_scale, seed, implementation))
     assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
 
 
@@ -130,7 +145,7 @@ def test_weight_decay_dominated_step_keeps_norm_and_angle(
     before, after, _, _ = one_step(shape, rho, grad_scale, seed, decay=0.05, implementation=implementation)
     n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
     assert abs(n1 - n0) <= 1e-6 * n0
-    assume(tangential_step_clears_the_floor(shape, grad_scale, seed, decay=0.05))
+    assume(tangential_step_clears_the_floor(shape, grad_scale, seed, implementation, decay=0.05))
     assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
 
 
@@ -145,7 +160,7 @@ def test_almost_purely_radial_step_keeps_norm_and_angle(
     before, after, _, _ = one_step(shape, rho, grad_scale, seed, decay=0.05, implementation=implementation)
     n0, n1 = float(torch.linalg.vector_norm(before)), float(torch.linalg.vector_norm(after))
     assert abs(n1 - n0) <= 1e-6 * n0
-    assume(tangential_step_clears_the_floor(shape, grad_scale, seed, decay=0.05))
+    assume(tangential_step_clears_the_floor(shape, grad_scale, seed, implementation, decay=0.05))
     assert abs(angle(after, before) - math.atan(rho)) <= 1e-5
 
 

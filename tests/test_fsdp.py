@@ -530,6 +530,73 @@ def test_sharded_step_in_a_world_of_one_equals_the_unsharded_step(
         dist.destroy_process_group()
 
 
+def _mixed_paths_model(shard_ranks: int) -> tuple[torch.nn.Module, Any]:
+    """Three layers whose shards over two processes (rows split 3 + 3, 2 + 1, 2 + 2) have a lane view on both ranks,
+    on rank 0 only, and on neither (``compiling.kernel_view``: a multiple of 4 elements, 8 at least), around SGD."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_layca import Layca
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 4)
+    )
+    if shard_ranks:
+        fully_shard(model, mesh=init_device_mesh("cpu", (shard_ranks,)))
+    base = BASE_OPTIMIZERS["sgd"](model.parameters())
+    return model, Layca(base, model.named_parameters(), rotation_rate=0.1, implementation="compiled")
+
+
+def _mixed_paths_steps(model: torch.nn.Module, layca: Any) -> None:
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))  # the same batch on every rank
+    for _ in range(3):
+        model(x).square().sum().backward()
+        layca.step()
+        layca.zero_grad()
+
+
+def _mixed_paths_rank(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    from tests.fsdp_helpers import AllReduceCounter, count_all_reduces
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=2)
+    try:
+        model, layca = _mixed_paths_model(2)
+        counter = AllReduceCounter()
+        with count_all_reduces(counter):
+            _mixed_paths_steps(model, layca)
+        weights = {name: p.detach().full_tensor() for name, p in model.named_parameters()}
+        result = {"paths": layca.describe(), "all_reduces": counter.calls, "weights": weights}
+        torch.save(result, f"{root}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_layer_compiled_on_one_rank_and_eager_on_the_other_steps_as_one_process(tmp_path: Path) -> None:
+    # The partial sums of a layer's shards join in the step's one collective whatever path each shard took: the
+    # middle layer's shard on rank 0 takes the compiled kernels (the base step inside), its row of 6 on rank 1 the
+    # base step and the eager step. Both ranks end with the weights of one process stepping the whole model.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_mixed_paths_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    both, middle, neither = (f"{i}.weight" for i in (0, 2, 4))
+    assert [r["paths"][middle] for r in ranks] == ["compiled+base", "eager"]
+    assert [r["paths"][both] for r in ranks] == ["compiled+base", "compiled+base"]
+    assert [r["paths"][neither] for r in ranks] == ["eager", "eager"]
+    assert [r["all_reduces"] for r in ranks] == [3, 3]  # one collective per step
+    reference, reference_layca = _mixed_paths_model(0)
+    _mixed_paths_steps(reference, reference_layca)
+    for name, q in reference.named_parameters():
+        for rank in ranks:
+            torch.testing.assert_close(rank["weights"][name], q.detach(), rtol=1e-6, atol=1e-7, msg=name)
+    start, _ = _mixed_paths_model(0)
+    for p, q in zip(start.parameters(), reference.parameters(), strict=True):  # the weights did move
+        assert not torch.allclose(p, q, rtol=1e-3)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"], ids=["compiled+base", "compiled"])
 def test_the_sharded_update_keeps_float64_precision_where_float32_would_not(tmp_path: Path, optimizer: str) -> None:
     # The sharded update halves form a float32 update in float32 where its terms do not cancel, and in float64

@@ -65,7 +65,8 @@ def one_step(
     twin_bias.grad = bias.grad.clone()
     opt.step()
     twin.step()
-    assert (opt.describe()["layer"] == "eager") == (implementation == "eager"), opt.describe()  # kernels: compiled
+    # A compiled run stepped its layer with a kernel, an eager run without one.
+    assert (opt.describe()["layer"] == "eager") == (implementation == "eager"), opt.describe()
     return before, layer.detach().double(), bias.detach(), twin_bias.detach()
 
 

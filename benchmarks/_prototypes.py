@@ -48,7 +48,9 @@ class FusedSGDLayca:
     """``Layca(SGD(momentum))`` as one compiled function per layer (a benchmark prototype; see the module docstring).
 
     Args:
-        named: ``(name, parameter)`` pairs with gradients; parameters of ``ndim >= 2`` are layers.
+        named: ``(name, parameter)`` pairs with gradients; parameters of ``ndim >= 2`` are layers. Every layer must
+            hold its gradient when the prototype is built: its steps read those gradient tensors (updated in place),
+            never a gradient assigned later.
         lr: SGD's learning rate.
         momentum: SGD's momentum.
         rotation_rate: Layca's rate ``rho`` (constant: no schedule).
@@ -69,9 +71,15 @@ class FusedSGDLayca:
         if any(v is None for v in views):
             shapes = [tuple(p.shape) for p, v in zip(layers, views, strict=True) if v is None]
             raise ValueError(f"the prototype needs a lane view (kernel_view) of every layer; none for: {shapes}")
+        missing = [tuple(p.shape) for p in layers if p.grad is None]
+        if missing:
+            raise ValueError(f"the prototype reads every layer's gradient tensor; none for: {missing}")
+        grads = [kernel_view(p.grad) for p in layers if p.grad is not None]
         self.base = torch.optim.SGD(others, lr=lr, momentum=momentum, foreach=True)
         self.views = [v for v in views if v is not None]
-        self.grads = [kernel_view(p.grad) for p in layers if p.grad is not None]
+        self.grads = [g for g in grads if g is not None]
+        if len(self.grads) != len(layers):
+            raise ValueError("the prototype needs a lane view (kernel_view) of every layer's gradient")
         self.bufs = [torch.zeros_like(v) for v in self.views]
         values = torch.tensor([lr, momentum, rotation_rate], dtype=torch.float64, device=device)
         self.lr, self.momentum, self.rate = scalars(values)

@@ -204,3 +204,12 @@ def test_the_fused_prototype_refuses_a_layer_without_a_lane_view_when_built() ->
         p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError, match=r"\(3, 5\)"):
         FusedSGDLayca(named, lr=0.1, momentum=0.9, rotation_rate=0.01)
+
+
+def test_the_fused_prototype_refuses_a_layer_without_a_gradient_when_built() -> None:
+    from benchmarks._prototypes import FusedSGDLayca
+
+    named = [(name, torch.randn(4, 4, requires_grad=True)) for name in ("first", "second", "third")]
+    named[0][1].grad, named[2][1].grad = torch.zeros(4, 4), torch.zeros(4, 4)  # the second has none
+    with pytest.raises(ValueError, match=r"gradient.*\(4, 4\)"):
+        FusedSGDLayca(named, lr=0.1, momentum=0.9, rotation_rate=0.01)

@@ -66,6 +66,17 @@ REFERENCE_ROW = "per-tensor reference (SGD foreach)"
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
+def allocator_environment() -> str:
+    """The variables that change how the process allocates memory (glibc's malloc, torch's CPU allocator), as set.
+
+    They change what a step costs where a compiled kernel allocates a tensor-sized output at every call (see the
+    section on page faults in ``benchmarks/README.md``).
+    """
+    names = ["GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD"]
+    names += sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    return ", ".join(f"{k}={os.environ[k]}" for k in names if k in os.environ) or "none set"
+
+
 # ---------------------------------------------------------------------------------------------- the naive baseline
 class PerTensorLayca:
     """The Layca step written straight from the formulas, one tensor at a time, in the parameters' own dtype.
@@ -497,6 +508,7 @@ def machine_description(device: torch.device) -> list[str]:
     lines.append(f"- code: {_code_version()}")
     env = ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in THREAD_ENV)
     lines.append(f"- threading environment: {env}")
+    lines.append(f"- memory allocator environment: {allocator_environment()}")
     if device.type == "cuda":
         lines.append(f"- device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
     else:

@@ -2,8 +2,7 @@
 
 The controlled layers are split into **buckets**: layers of one device and dtype, in depth order, cut into runs of a
 few MiB on CPU when they take the eager step, so that a bucket stays cache-resident across its passes (the compiled
-kernels read each layer on their own: their layers stay in one bucket, so that consecutive layers share calls, except
-where a kernel returns a tensor the size of its layer, ``Family.layer_sized_outputs``). A
+kernels read each layer on their own: their layers stay in one bucket, so that consecutive layers share calls). A
 bucket is not a torch param group: a param group is the wrapped optimizer's, a bucket the plan's. Each layer of a
 bucket takes one **path**:
 
@@ -60,10 +59,7 @@ EAGER, COMPILED, WITH_BASE = "eager", "compiled", "compiled+base"
 CPU_BUCKET_BYTES: int | None = 4 * 2**20
 """On CPU, layers that take the eager step are stepped in buckets of at most this many bytes (a larger layer forms its
 own), so that a bucket stays cache-resident across the passes of one step; ``None``: one bucket per device and dtype.
-Layers that take a compiled path form one bucket per device and dtype whatever this says, except around the
-optimizers whose kernels return a tensor the size of a layer (Adam, AdamW: ``Family.layer_sized_outputs``): Inductor
-allocates those outputs at every call, and a bucket's stay alive until its last call, so more of them at once would
-leave the allocator larger blocks, which it hands back to the system and the next step faults in again."""
+Layers that take a compiled path form one bucket per device and dtype whatever this says."""
 
 
 @dataclass
@@ -246,14 +242,12 @@ class StepPlan:
         else:
             compiled_now = self.implementation == "compiled"
         family = family_of(optimizer)
-        # Kernels whose outputs are the size of their layers keep the buckets of a few MiB (see Family).
-        small_outputs = family is None or not family.layer_sized_outputs
         chunks: list[tuple[list[int], bool]] = []
         for (device, dtype), indices in by_key.items():
             eligible = self.eager_reason is None and use_compiled_step(self.implementation, device, dtype)
             # The eager step's passes stay in cache within a bucket of a few MiB; a compiled kernel reads each layer
             # on its own, and its calls group consecutive layers across the whole bucket (fewer calls).
-            one_bucket = eligible and compiled_now and small_outputs
+            one_bucket = eligible and compiled_now
             limit = CPU_BUCKET_BYTES if device.type == "cpu" and not one_bucket else None
             chunks.extend((chunk, eligible) for chunk in _chunks(indices, params, limit))
         buckets = []

@@ -28,13 +28,13 @@ from torch.optim import Optimizer
 from lightning_layca.distributed import ShardLayout, local_shard, reduce_sums
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
-from lightning_layca.step.base_kernels import sharded_forms
 from lightning_layca.step.base_steps import LayerStep
 from lightning_layca.step.compiled import (
     PARALLEL_MIN_ELEMENTS,
     SHARDED_SUMS,
     SHARDED_UPDATE,
     LayerScalars,
+    base_step_kernels,
     compiled_step_ready,
     in_single_precision,
     kernel_view,
@@ -227,11 +227,7 @@ def read_base_steps(
         plan.grads.append(cast(torch.Tensor, grad_view))
         plan.states.append([cast(torch.Tensor, view(local_shard(x))) for x in step.state])
         plan.parallel.append(bucket.parallel[j])
-    variants = [step.variant for step in plan.steps]
-    parallel = plan.parallel
-    if sharded:  # both halves of each layer's kernel
-        variants = [sharded_forms(v)[0] for v in variants] + [sharded_forms(v)[1] for v in variants]
-        parallel = parallel * 2
+    variants, parallel = base_step_kernels([step.variant for step in plan.steps], plan.parallel, sharded)
     if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return BaseSteps(fallback=plan.fallback + plan.positions)
     hyper_values = [step.hyper for step in plan.steps]
@@ -521,9 +517,9 @@ def _base_sums(
         first = buckets[members[0][0]]
         parallel = [base_steps[k].parallel[i] for k, i in members]
         variants = [base_steps[k].steps[i].variant for k, i in members]
-        forms = [sharded_forms(v)[0] for v in variants] + [in_single_precision(sharded_forms(v)[1]) for v in variants]
+        forms, threads = base_step_kernels(variants, parallel, sharded=True)
         device, dtype = first.near_floor.device, first.params[0].dtype
-        if not compiled_step_ready(device, dtype, parallel * 2, per_unit, forms):
+        if not compiled_step_ready(device, dtype, threads, per_unit, forms):
             continue
         sums = sharded_base_sums_compiled(
             [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],

@@ -322,6 +322,49 @@ def test_a_kernel_that_fails_after_compiling_leaves_its_layers_to_sgd_and_the_ea
         assert relative_error(q.detach(), p.detach()) < 2e-5
 
 
+@pytest.mark.parametrize("half", ["sums", "update"])
+def test_an_adam_half_that_fails_to_compile_later_leaves_no_layer_behind(
+    monkeypatch: pytest.MonkeyPatch, half: str
+) -> None:
+    # Adam's layers take the two halves of its kernel (sharded or not). Should one fail to compile at a later step:
+    # one warning, and every layer still takes the eager implementation's step and keeps its moments. The sums half
+    # fails before it runs (the layers take AdamW's own step from a snapshot, then the eager step); the update half
+    # after the sums half wrote this step's moments (it then runs uncompiled: the same arithmetic).
+    model, twin, eager, compiled = trained_twins(torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05), 2)
+    assert set(compiled.describe().values()) == {"compiled+base"}
+    suffix = "sharded_sums" if half == "sums" else "sharded_update_single"
+    fail_compiling(monkeypatch, f"no compiler for the {half} half", lambda name: name.endswith(suffix))
+    with pytest.warns(UserWarning, match=f"no compiler for the {half} half") as caught:
+        fit(model, eager, 1, seed=3)
+        fit(twin, compiled, 1, seed=3)
+    assert len([w for w in caught if "Layca" in str(w.message)]) == 1
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 2e-5
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert relative_error(compiled.state[q][name], eager.state[p][name]) < 2e-5, name
+
+
+def test_adams_compiled_step_allocates_no_tensor_the_size_of_a_layer() -> None:
+    # A tensor the size of a layer allocated at every call would be faulted in again at every step (on the 2-core
+    # CPU of benchmarks/README.md that cost a quarter of the AdamW step): the step's own allocations stay small.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
+    opt = ll.Layca(torch.optim.AdamW(model.parameters(), lr=1e-3), model.named_parameters(), implementation="compiled")
+    x = torch.randn(8, 256)
+    for step in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step < 2:
+            opt.step()
+            continue
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            opt.step()
+    assert set(opt.describe().values()) == {"compiled+base"}
+    allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocated, "the profiler recorded no allocation at all: the check would not see one"
+    assert max(allocated) < 256 * 256 * 4 // 8, max(allocated)
+
+
 KERNEL_CASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, weight_decay=0.01)),
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01)),
@@ -334,7 +377,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.step.base_kernels import BASE_KERNELS
+    from lightning_layca.step.base_kernels import BASE_KERNELS, SHARDED_BASE_KERNELS, sharded_forms
     from lightning_layca.step.families import family_of
 
     optimizer, config = KERNEL_CASES[case]
@@ -358,8 +401,11 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         flag = torch.zeros((), dtype=torch.bool)
         kernel = BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
         weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
-        # (a, b, c), then on CPU whether the float32 update was formed (a fourth row, see step.kernels.update_rows).
-        sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()
+        if kernel is None:  # Adam's forms: the sums half of the two every layer takes (it writes the state only)
+            sums_half = SHARDED_BASE_KERNELS[sharded_forms(plan.variant)[0]][1]
+            sums = sums_half(weights, layer.grad, *plan.state, hyper, n0).flatten()
+        else:  # (a, b, c), then on CPU whether the float32 update was formed (a fourth row, step.kernels.update_rows)
+            sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()
         plan.commit(mine.state[layer])
         # torch's D is fl(w + D) - w: off by up to u * |w_i| per element, so <D, w> (small: D is nearly tangential)
         # is compared on the scale of ||D|| ||w||, its bound; <w, w> and <D, D> relatively.

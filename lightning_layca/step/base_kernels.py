@@ -1,12 +1,14 @@
-"""The kernels that take a base optimizer's step and the Layca step of one layer in one traced function.
+"""The kernels that take a base optimizer's step and the Layca step of one layer, traced and compiled.
 
-One kernel per form of a base step (:data:`BASE_KERNELS`, a :attr:`lightning_layca.step.base_steps.LayerStep.variant`):
+One form per kind of base step (:data:`BASE_KERNELS`, a :attr:`lightning_layca.step.base_steps.LayerStep.variant`):
 ``torch.optim.SGD`` (plain, momentum, Nesterov), ``Adam`` and ``AdamW`` (with and without ``amsgrad``). Each forms the
 optimizer's step ``D`` from the gradient, the weights and the optimizer's state (updated in place, as torch's own step
 updates it), exactly in float64 for the sums and never written to the weights, so no snapshot is needed; the sums, the
-rule and the update are :func:`lightning_layca.step.kernels.rotate_rows`. A sharded layer takes the same arithmetic in
-two halves around the step's one collective (:data:`SHARDED_BASE_KERNELS`). How they are compiled and called is
-:mod:`lightning_layca.step.compiled`.
+rule and the update are those of :mod:`lightning_layca.step.kernels`. SGD's forms take the step in one call (the sums
+and the update, :func:`lightning_layca.step.kernels.rotate_rows`). Every form also comes in two halves
+(:data:`SHARDED_BASE_KERNELS`): the sums, having updated the state, then the update from the layer's full sums. A
+sharded layer takes them around the step's one collective; Adam's forms take them for every layer (see
+:data:`BASE_KERNELS`). How they are compiled and called is :mod:`lightning_layca.step.compiled`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import torch
 
 from lightning_layca.step.kernels import layer_sums, rotate_rows, update_rows
 
-__all__ = ["BASE_KERNELS", "COMPILED_FORMS", "SHARDED_BASE_KERNELS", "sharded_forms"]
+__all__ = ["BASE_KERNELS", "SHARDED_BASE_KERNELS", "sharded_forms"]
 
 
 _UPDATE, _UPDATE_AS_STORED, _UPDATED = "update", "update_as_stored", "updated"
 """What the step's arithmetic does with the optimizer's state: update it and go on with the float32 values
-(:data:`_UPDATE`, the unsharded kernels), update it and go on with the values as stored (:data:`_UPDATE_AS_STORED`,
+(:data:`_UPDATE`, the one-call kernels), update it and go on with the values as stored (:data:`_UPDATE_AS_STORED`,
 the sums half of a sharded layer's kernel: the update half, which reads them back, then forms the same ``D``; the same
 for float32 state), or read it as already updated by this step (:data:`_UPDATED`, the update half)."""
 
@@ -110,9 +112,9 @@ def _adam_operands(
     grad: torch.Tensor,
     moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     hyper: torch.Tensor,
-    state: str = _UPDATE,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``torch.optim.Adam``'s (or ``AdamW``'s) step of one layer as the kernels' operands ``(w, D)``, and its direction.
+    state: str,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``torch.optim.Adam``'s (or ``AdamW``'s) step of one layer as the kernels' operands ``(w, D)``.
 
     The moments ``(exp_avg, exp_avg_sq, max_exp_avg_sq or None)`` are updated in float32, as torch's own step does
     (``state``: see :data:`_UPDATE`), and the step ``D = -step_size * m / (sqrt(v) / sqrt(bc2) + eps) - lr * wd * w``
@@ -120,8 +122,7 @@ def _adam_operands(
     sqrt(bc2))`` (float64; ``bc1``, ``bc2`` the bias corrections of this step, ``sign`` -1 under ``maximize``).
 
     Returns:
-        ``exact`` (float64) and ``low`` (float32) operands, and the float32 direction
-        ``m / (sqrt(v) / sqrt(bc2) + eps)``.
+        ``exact`` (float64) and ``low`` (float32) operands.
     """
     decay, beta1, beta2, eps, coupled_decay, sign, step_size, correction2 = hyper.unbind()
     exp_avg, exp_avg_sq, max_exp_avg_sq = moments
@@ -140,50 +141,10 @@ def _adam_operands(
     weights = params.double()
     exact = weights, direction.double() * -step_size - weights * decay
     low = weights32, direction * -step_size - weights32 * decay
-    return exact, low, direction
+    return exact, low
 
 
-def _adam_step(
-    params: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    max_exp_avg_sq: torch.Tensor | None,
-    hyper: torch.Tensor,
-    rate: torch.Tensor,
-    relative_lr: torch.Tensor,
-    initial_norms: torch.Tensor,
-    near_floor: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.optim.Adam``'s (or ``AdamW``'s) step and the Layca step of one layer in one function (compiled).
-
-    As :func:`_sgd_step`, with the operands of :func:`_adam_operands` (the moments updated in place). The float32
-    direction is written once, in the pass that updates the moments, and read back by the sums and the update: left
-    to itself, Inductor recomputes it (a square root and two divisions per element, the kernel's costliest
-    arithmetic) in the update pass from the old moments and the gradient.
-
-    Args:
-        params: ``w``, a dense 2-D view of the layer; overwritten with ``k1 * w + k2 * D``.
-        grad: The same view of its gradient.
-        exp_avg: The same view of the first moment, updated in place.
-        exp_avg_sq: The same view of the second moment, updated in place.
-        max_exp_avg_sq: The same view of the largest second moment (``amsgrad``), updated in place, or ``None``.
-        hyper: See :func:`_adam_operands`.
-        rate: ``rho`` (0-dim float64).
-        relative_lr: ``lr_g(t) / lr_ref`` (0-dim float64).
-        initial_norms: ``n0``, 0-dim or one per row (see :func:`~lightning_layca.step.kernels.after_step`).
-        near_floor: The layer's near-floor flag, or-ed in place.
-
-    Returns:
-        ``(a, b, c)`` as :func:`~lightning_layca.step.kernels.after_step`, and the direction (float32, laid out as
-        ``params``): compiled as an output (:data:`COMPILED_FORMS`), it is stored (a graph output always is) rather
-        than recomputed; the callers drop it.
-    """
-    exact, low, direction = _adam_operands(params, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper)
-    return rotate_rows(params, exact, low, (rate, relative_lr, initial_norms, near_floor)), direction
-
-
-# The kernels that take a base optimizer's step, one per form of it, all called as
+# The one-call kernels of SGD's forms, all called as
 # ``kernel(params, grad, *state, hyper, rate, relative_lr, initial_norms, near_floor)``.
 
 T = torch.Tensor
@@ -201,40 +162,22 @@ def _sgd_nesterov_kernel(p: T, g: T, b: T, h: T, rate: T, lr: T, n0: T, flag: T)
     return _sgd_step(p, g, b, h, rate, lr, n0, flag, nesterov=True)
 
 
-def _adam_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
-    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)[0]
-
-
-def _adam_amsgrad_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> T:
-    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)[0]
-
-
-def _adam_storing_kernel(p: T, g: T, m: T, v: T, h: T, rate: T, lr: T, n0: T, flag: T) -> tuple[T, T]:
-    return _adam_step(p, g, m, v, None, h, rate, lr, n0, flag)
-
-
-def _adam_amsgrad_storing_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, rate: T, lr: T, n0: T, flag: T) -> tuple[T, T]:
-    return _adam_step(p, g, m, v, vmax, h, rate, lr, n0, flag)
-
-
-BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], int, tuple[float, ...]]] = {
+BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor] | None, int, tuple[float, ...]]] = {
     "sgd": (_sgd_kernel, 0, (0.1, 0.0, 1.0, 1e-4, 1.0, 0.0)),
     "sgd_momentum": (_sgd_momentum_kernel, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
     "sgd_nesterov": (_sgd_nesterov_kernel, 1, (0.1, 0.9, 1.0, 1e-4, 1.0, 0.9)),
-    "adam": (_adam_kernel, 2, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
-    "adam_amsgrad": (_adam_amsgrad_kernel, 3, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
+    "adam": (None, 2, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
+    "adam_amsgrad": (None, 3, (1e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 1e-2, 0.03)),
 }
-"""Per form of a base step the kernel takes (a ``LayerStep.variant``, :mod:`lightning_layca.step.base_steps`): the
-kernel, the number of state tensors it updates, and stand-in values of ``hyper`` for its first compilation. Each
-kernel returns the layer's sums."""
-
-COMPILED_FORMS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
-    "adam": _adam_storing_kernel,
-    "adam_amsgrad": _adam_amsgrad_storing_kernel,
-}
-"""The function compiled for a form of :data:`BASE_KERNELS` where it is not the kernel itself: the same arithmetic,
-returning besides the sums what the compiled code must store rather than recompute (Adam's direction, see
-:func:`_adam_step`). Its first output is the sums."""
+"""Per form of a base step the kernels take (a ``LayerStep.variant``, :mod:`lightning_layca.step.base_steps`): its
+one-call kernel, the number of state tensors it updates, and stand-in values of ``hyper`` for its first compilation.
+Each one-call kernel returns the layer's sums. Adam's forms have none (``None``): every layer takes the two halves of
+:data:`SHARDED_BASE_KERNELS`. In one call, Adam's update pass either computes the direction again from the old moments
+and the gradient, or reads it from a tensor the size of the layer that the compiled code stores, allocated at every
+call: the process then faults its pages in again at every step. The halves store nothing but the optimizer's state,
+and the update half forms the direction again from the state the sums half wrote: 7 tensor reads and 3 writes per
+step, against 8 and 4 for the one-call kernel that stored the direction. Measured: ``benchmarks/README.md``, section
+"Adam's step in two halves"."""
 
 
 def sharded_forms(variant: str) -> tuple[str, str]:
@@ -301,14 +244,14 @@ def _adam_amsgrad_sums_kernel(p: T, g: T, m: T, v: T, vmax: T, h: T, n0: T) -> T
 def _adam_update_kernel(
     p: T, g: T, m: T, v: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False
 ) -> T:
-    exact, low, _ = _adam_operands(p, g, (m, v, None), h, _UPDATED)
+    exact, low = _adam_operands(p, g, (m, v, None), h, _UPDATED)
     return update_rows(p, exact, low, sums, (rate, lr, n0, flag), single)
 
 
 def _adam_amsgrad_update_kernel(
     p: T, g: T, m: T, v: T, vmax: T, h: T, sums: T, rate: T, lr: T, n0: T, flag: T, single: bool = False
 ) -> T:
-    exact, low, _ = _adam_operands(p, g, (m, v, vmax), h, _UPDATED)
+    exact, low = _adam_operands(p, g, (m, v, vmax), h, _UPDATED)
     return update_rows(p, exact, low, sums, (rate, lr, n0, flag), single)
 
 

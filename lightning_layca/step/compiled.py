@@ -36,9 +36,9 @@ pass reads the weights, the gradient and the optimizer's state (SGD's momentum b
 state and accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes
 ``w``. No snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5
 for SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
-recomputes the velocity from the old buffer and the gradient). Adam's kernel writes its float32 direction in the first
-pass and reads it back (12 streams against 7, see :func:`lightning_layca.step.base_kernels._adam_step`): its square
-root and divisions, which bound the step on a CPU, are computed once per element instead of in both passes.
+recomputes the velocity from the old buffer and the gradient). SGD's forms take both passes in one call; Adam's take
+them in the two calls of a sharded layer, without the collective (10 streams against 7 for Adam's own fused step; see
+:data:`~lightning_layca.step.base_kernels.BASE_KERNELS`), so that no call stores a tensor the size of its layer.
 
 Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls it:
 one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of its
@@ -75,7 +75,7 @@ from lightning_layca.compiling import (
     stand_in_layer,
     unit_view,
 )
-from lightning_layca.step.base_kernels import BASE_KERNELS, COMPILED_FORMS, SHARDED_BASE_KERNELS, sharded_forms
+from lightning_layca.step.base_kernels import BASE_KERNELS, SHARDED_BASE_KERNELS, sharded_forms
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
@@ -88,7 +88,9 @@ __all__ = [
     "SNAPSHOT",
     "SUPPORTED_DTYPES",
     "LayerScalars",
+    "base_step_kernels",
     "compiled_step_ready",
+    "in_halves",
     "in_single_precision",
     "kernel_view",
     "parallel_kernel",
@@ -220,12 +222,12 @@ def _stand_in(
     return [params, weights, *state, hyper, sums, rate, relative_lr, norms, flag]
 
 
-# A kernel of the step returns the sums ``(a, b, c)``, or a tuple of them and outputs it must store (COMPILED_FORMS).
+# Every kernel of the step returns the sums ``(a, b, c)``.
 _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SNAPSHOT, after_step),
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
-    *((v, COMPILED_FORMS.get(v, f)) for v, (f, _, _) in BASE_KERNELS.items()),
+    *((v, f) for v, (f, _, _) in BASE_KERNELS.items() if f is not None),
     *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
 )
 _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
@@ -322,11 +324,13 @@ def rotate_base_compiled(
     variants: Sequence[str],
     per_unit: bool = False,
 ) -> int:
-    """Take the base optimizer's step and the Layca step of layers of one device and dtype together, one call each.
+    """Take the base optimizer's step and the Layca step of layers of one device and dtype together.
 
-    Needs :func:`compiled_step_ready` (with ``variants``) to have returned ``True`` for the layers' device, dtype and
-    kernels. Should a later compilation fail, the layers from the failing one on are left to the caller (untouched:
-    neither their weights nor their optimizer state were written), after one warning.
+    Each layer takes its form's one-call kernel, or its two halves (:func:`in_halves`; the sums are the layer's own,
+    with no collective). Needs :func:`compiled_step_ready` (with :func:`base_step_kernels`) to have returned ``True``
+    for the layers' device, dtype and kernels. Should a later compilation fail, the layers from the failing one on are
+    left to the caller (untouched: neither their weights nor their optimizer state were written), after one warning;
+    a layer whose sums half ran takes its update (uncompiled, should its compilation fail).
 
     Args:
         params: :func:`kernel_view` (or :func:`unit_view`) of each layer (detached), holding ``w``.
@@ -342,19 +346,78 @@ def rotate_base_compiled(
     Returns:
         The number of layers stepped.
     """
-    calls = [
-        (p, g, *state, hyper, *scalars_)
-        for p, g, state, hyper, scalars_ in zip(params, grads, states, hypers, layer_scalars, strict=True)
-    ]
-    results: list[Any] = []
-    done = call_kernels(zip(parallel, variants, calls, strict=True), per_unit, results)
-    _update_in_float64(calls[:done], results, variants, parallel, per_unit)
+    done = 0
+    for first, end in _runs([in_halves(v) for v in variants]):
+        run = slice(first, end)
+        if in_halves(variants[first]):
+            norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
+            sums = sharded_base_sums_compiled(
+                params[run], grads[run], states[run], hypers[run], norms, parallel[run], variants[run], per_unit
+            )
+            # The layers whose sums half ran have this step's optimizer state: they take the update half.
+            stepped = slice(first, first + len(sums))
+            sharded_base_update_compiled(
+                params[stepped],
+                grads[stepped],
+                states[stepped],
+                hypers[stepped],
+                sums,
+                layer_scalars[stepped],
+                parallel[stepped],
+                variants[stepped],
+                per_unit,
+            )
+            count = len(sums)
+        else:
+            rows = zip(params[run], grads[run], states[run], hypers[run], layer_scalars[run], strict=True)
+            calls = [(p, g, *state, hyper, *scalars_) for p, g, state, hyper, scalars_ in rows]
+            results: list[torch.Tensor] = []
+            count = call_kernels(zip(parallel[run], variants[run], calls, strict=True), per_unit, results)
+            _update_in_float64(calls[:count], results, variants[run], parallel[run], per_unit)
+        done += count
+        if done < end:
+            break
     return done
+
+
+def in_halves(variant: str) -> bool:
+    """Whether the layers of a base step's form take its two halves (:data:`SHARDED_BASE_KERNELS`), sharded or not."""
+    return BASE_KERNELS[variant][0] is None
+
+
+def base_step_kernels(variants: Sequence[str], parallel: Sequence[bool], sharded: bool) -> tuple[list[str], list[bool]]:
+    """The kernels that layers of these base-step forms call, and whether each runs in parallel.
+
+    What :func:`compiled_step_ready` checks for them: a form's one-call kernel, or its two halves (the update half's
+    kernel in single precision, :func:`in_single_precision`) for a sharded layer and for the forms of
+    :func:`in_halves`.
+    """
+    kernels, threads = [], []
+    for variant, parallel_ in zip(variants, parallel, strict=True):
+        if sharded or in_halves(variant):
+            sums, update = sharded_forms(variant)
+            kernels += [sums, in_single_precision(update)]
+            threads += [parallel_, parallel_]
+        else:
+            kernels.append(variant)
+            threads.append(parallel_)
+    return kernels, threads
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive equal ``flags``."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if runs and flags[runs[-1][0]] == flag:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _update_in_float64(
     calls: Sequence[Sequence[torch.Tensor]],
-    results: Sequence[Any],
+    results: Sequence[torch.Tensor],
     variants: Sequence[str],
     parallel: Sequence[bool],
     per_unit: bool,
@@ -366,7 +429,7 @@ def _update_in_float64(
     state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
     sharded layer. ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
-    sums = [result[0] if isinstance(result, tuple) else result for result in results]
+    sums = list(results)
     left = _left(sums)
     halves, arguments = [], []
     for i in left:

@@ -7,8 +7,9 @@ it, each from its own room:
   (:class:`~lightning_layca.step.base_steps.LayerStep`, :mod:`lightning_layca.step.base_steps`): the form of the step
   (a key of :data:`~lightning_layca.step.base_kernels.BASE_KERNELS`), the state tensors it updates in the optimizer's
   own ``state``, and its hyperparameters as numbers. ``None`` where the kernel cannot take the step.
-* the kernels (:mod:`lightning_layca.step.base_kernels`): the optimizer's step and the Layca step of one layer in one
-  traced function, the step ``D`` formed exactly in float64 and never written, so no snapshot of the weights is needed;
+* the kernels (:mod:`lightning_layca.step.base_kernels`): the optimizer's step and the Layca step of one layer in
+  traced functions (one call, or two halves), the step ``D`` formed exactly in float64 and never written, so no
+  snapshot of the weights is needed;
 * ``equilibrium``: the angular update per step (tan of the angle) the optimizer reaches at equilibrium with weight
   decay (:mod:`lightning_layca.step.equilibrium`), for ``rotation_rate="equilibrium"``.
 
@@ -57,10 +58,6 @@ class Family:
     kernel takes this optimizer's step (it steps by itself, and Layca works after its step)."""
     equilibrium: Callable[[dict[str, Any]], float] | None
     """The equilibrium rate of a param group (``ValueError`` where it has none), or ``None`` if unknown."""
-    layer_sized_outputs: bool = False
-    """Whether its kernel returns a tensor the size of its layer (Adam's direction, stored rather than recomputed:
-    ``step.base_kernels.COMPILED_FORMS``). Inductor allocates it at every call; on CPU such layers keep the step
-    plan's buckets of a few MiB (``lightning_layca.plan``), so that the outputs alive at once stay small."""
 
     def supports(self, group: dict[str, Any]) -> bool:
         """Whether the kernel can take the steps of this param group (its hyperparameters are plain numbers)."""
@@ -71,8 +68,8 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("sgd", torch.optim.SGD, read_sgd, sgd_equilibrium),
-    Family("adam", torch.optim.Adam, read_adam, None, layer_sized_outputs=True),
-    Family("adamw", torch.optim.AdamW, read_adamw, adamw_equilibrium, layer_sized_outputs=True),
+    Family("adam", torch.optim.Adam, read_adam, None),
+    Family("adamw", torch.optim.AdamW, read_adamw, adamw_equilibrium),
     Family("muon", torch.optim.Muon, None, muon_equilibrium),
     Family("muon_adamw", MuonWithAdamW, None, muon_adamw_equilibrium),
 )

@@ -67,13 +67,13 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def allocator_environment() -> str:
-    """The variables that change how the process allocates memory (glibc's malloc, torch's CPU allocator), as set.
+    """The variables that change how the process allocates memory (glibc's malloc, jemalloc, torch's CPU allocator).
 
     They change what a step costs where a compiled kernel allocates a tensor-sized output at every call (see the
     section on page faults in ``benchmarks/README.md``).
     """
     names = ["GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD"]
-    names += sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    names += sorted(k for k in os.environ if k.startswith("MALLOC_"))
     return ", ".join(f"{k}={os.environ[k]}" for k in names if k in os.environ) or "none set"
 
 

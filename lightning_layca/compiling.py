@@ -118,8 +118,7 @@ class KernelSpec:
     """A kernel body and what this module needs to know to compile and call it (see :func:`register_kernel`)."""
 
     body: Callable[..., Any]
-    """What one call does to one layer: its arguments, the layer's view first; returns its sums (or a tuple whose
-    first item they are)."""
+    """What one call does to one layer: its arguments, the layer's view first; returns its sums."""
     stand_in: StandIn
     """Builds a stand-in layer's arguments, for the first compilation."""
     what: str = "the compiled step"
@@ -406,7 +405,7 @@ def call_kernels(
     Args:
         calls: Per layer, ``(parallel_kernel(layer), kernel name, arguments)``.
         per_unit: Whether the views are :func:`unit_view`'s.
-        sums: Where given, each layer's result (the sums, or the tuple whose first item they are) is appended to it.
+        sums: Where given, each layer's result (its sums) is appended to it.
 
     Returns:
         The number of layers called.

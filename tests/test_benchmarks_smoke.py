@@ -186,7 +186,7 @@ def test_compile_cost_probes_run_against_the_current_package(tmp_path: Path) -> 
     # The short-fit probe, in a fresh process as the benchmark runs it: two eager steps of a tiny MLP.
     fit = compile_cost._run(compile_cost._FIT, ["eager", "2", "8", "1"], str(tmp_path))
     assert fit["compiled_at_end"] is False and float(fit["seconds"]) > 0  # type: ignore[arg-type]
-    # The compilation probe (a cold compilation of six kernels when run) imports what exists and calls it as defined.
+    # The compilation probe (a cold compilation of seven kernels when run) imports what exists and calls it as defined.
     imported = {}
     for node in ast.walk(ast.parse(compile_cost._COMPILE_PROBE)):
         if isinstance(node, ast.ImportFrom) and node.module is not None:
@@ -194,6 +194,8 @@ def test_compile_cost_probes_run_against_the_current_package(tmp_path: Path) -> 
                 imported[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
     ready = imported["compiled_step"].compiled_step_ready
     assert {"device", "dtype", "parallel", "variants"} <= set(inspect.signature(ready).parameters)
+    kernels = imported["compiled_step"].base_step_kernels  # the kernels a form's layers call
+    assert {"variants", "parallel", "sharded"} <= set(inspect.signature(kernels).parameters)
 
 
 def test_the_fused_prototype_refuses_a_layer_without_a_lane_view_when_built() -> None:

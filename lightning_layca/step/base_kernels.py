@@ -24,7 +24,7 @@ __all__ = ["BASE_KERNELS", "SHARDED_BASE_KERNELS", "sharded_forms"]
 
 _UPDATE, _UPDATE_AS_STORED, _UPDATED = "update", "update_as_stored", "updated"
 """What the step's arithmetic does with the optimizer's state: update it and go on with the float32 values
-(:data:`_UPDATE`, the one-call kernels), update it and go on with the values as stored (:data:`_UPDATE_AS_STORED`,
+(:data:`_UPDATE`, SGD's one-call kernels), update it and go on with the values as stored (:data:`_UPDATE_AS_STORED`,
 the sums half of a sharded layer's kernel: the update half, which reads them back, then forms the same ``D``; the same
 for float32 state), or read it as already updated by this step (:data:`_UPDATED`, the update half)."""
 
@@ -172,12 +172,12 @@ BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor] | None, int, tuple[flo
 """Per form of a base step the kernels take (a ``LayerStep.variant``, :mod:`lightning_layca.step.base_steps`): its
 one-call kernel, the number of state tensors it updates, and stand-in values of ``hyper`` for its first compilation.
 Each one-call kernel returns the layer's sums. Adam's forms have none (``None``): every layer takes the two halves of
-:data:`SHARDED_BASE_KERNELS`. In one call, Adam's update pass either computes the direction again from the old moments
-and the gradient, or reads it from a tensor the size of the layer that the compiled code stores, allocated at every
-call: the process then faults its pages in again at every step. The halves store nothing but the optimizer's state,
-and the update half forms the direction again from the state the sums half wrote: 7 tensor reads and 3 writes per
-step, against 8 and 4 for the one-call kernel that stored the direction. Measured: ``benchmarks/README.md``, section
-"Adam's step in two halves"."""
+:data:`SHARDED_BASE_KERNELS`. In one call, Adam's update pass either computes the direction again from the old
+moments and the gradient, or reads it from a tensor the size of the layer that the compiled code stores, allocated at
+every call: the process then faults its pages in again at every step. The halves store nothing but the optimizer's
+state, and the update half forms the direction again from the state the sums half wrote: per layer and without
+``amsgrad``, 7 tensor reads and 3 writes per element, against 8 and 4 for the one-call kernel that stored the
+direction. Measured: ``benchmarks/README.md``, section "Adam's step in two halves"."""
 
 
 def sharded_forms(variant: str) -> tuple[str, str]:

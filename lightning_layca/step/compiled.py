@@ -120,6 +120,15 @@ the AdamW kernel took 25.9 ms instead of 40.2 ms, the SGD one 17.4 instead of 22
 showed no difference, and keeps the default)."""
 
 
+_AS_STORED_OPTIONS = {"emulate_precision_casts": True}
+"""Inductor option of the sums half of every kernel that takes the base step (per layer and per unit): that half forms
+the step from the optimizer's new state as stored, rounded to a bfloat16 or float16 state's dtype, as the update half
+reads it back (``_UPDATE_AS_STORED`` of :mod:`lightning_layca.step.base_kernels`). By default Inductor drops a cast to
+a lower precision and back; the two halves then take different steps, and where a float16 second moment of Adam
+underflows to 0 in storage, the update half's step is ``m / eps``, which the rule's coefficients were not computed for.
+Float32 state is unaffected."""
+
+
 _STORING_SUMS_OPTIONS = {"split_reductions": False, "realize_opcount_threshold": 8}
 """Inductor options of the sums half of a sharded layer's kernel that takes the base step, on a layer's view: that
 half updates the optimizer's state and forms the shard's sums, and by default Inductor stores the new state in a loop
@@ -258,6 +267,7 @@ def _single_precision(body: Callable[..., Any]) -> Callable[..., Any]:
 _STORING_SUMS = {sharded_forms(v)[0] for v in BASE_KERNELS}
 for _variant, _body in _BODIES:
     _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
+    _options = {**_options, **_AS_STORED_OPTIONS} if _variant in _STORING_SUMS else _options
     _layer_options = _STORING_SUMS_OPTIONS if _variant in _STORING_SUMS else {}
     register_kernel(
         _variant, KernelSpec(_body, partial(_stand_in, _variant), options=_options, layer_options=_layer_options)
@@ -347,7 +357,7 @@ def rotate_base_compiled(
         The number of layers stepped.
     """
     done = 0
-    for first, end in _runs([in_halves(v) for v in variants]):
+    for first, end in _runs_of([in_halves(v) for v in variants]):
         run = slice(first, end)
         if in_halves(variants[first]):
             norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
@@ -386,25 +396,30 @@ def in_halves(variant: str) -> bool:
 
 
 def base_step_kernels(variants: Sequence[str], parallel: Sequence[bool], sharded: bool) -> tuple[list[str], list[bool]]:
-    """The kernels that layers of these base-step forms call, and whether each runs in parallel.
+    """The kernels that layers of these base-step forms call, in the order of the calls, and whether each is parallel.
 
-    What :func:`compiled_step_ready` checks for them: a form's one-call kernel, or its two halves (the update half's
-    kernel in single precision, :func:`in_single_precision`) for a sharded layer and for the forms of
-    :func:`in_halves`.
+    What :func:`compiled_step_ready` must check for them, in that order, so that it also compiles the kernels of
+    several layers per call that the calls will take.
+
+    A form's one-call kernel; or for a sharded layer, and for the forms of :func:`in_halves`, its two halves, the sums
+    half of every layer of a run of such layers first, then their update half (its kernel in single precision,
+    :func:`in_single_precision`), as :func:`rotate_base_compiled` and the sharded step call them.
     """
-    kernels, threads = [], []
-    for variant, parallel_ in zip(variants, parallel, strict=True):
-        if sharded or in_halves(variant):
-            sums, update = sharded_forms(variant)
-            kernels += [sums, in_single_precision(update)]
-            threads += [parallel_, parallel_]
+    kernels: list[str] = []
+    threads: list[bool] = []
+    halves = [sharded or in_halves(v) for v in variants]
+    for first, end in _runs_of(halves):
+        forms, run_parallel = variants[first:end], list(parallel[first:end])
+        if halves[first]:
+            kernels += [sharded_forms(v)[0] for v in forms] + [in_single_precision(sharded_forms(v)[1]) for v in forms]
+            threads += run_parallel * 2
         else:
-            kernels.append(variant)
-            threads.append(parallel_)
+            kernels += forms
+            threads += run_parallel
     return kernels, threads
 
 
-def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+def _runs_of(flags: Sequence[bool]) -> list[tuple[int, int]]:
     """``(first, end)`` of each run of consecutive equal ``flags``."""
     runs: list[tuple[int, int]] = []
     for i, flag in enumerate(flags):

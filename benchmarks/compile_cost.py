@@ -2,9 +2,9 @@
 
 Part 1: the time to compile the fused step (``compiled_step_ready``) for each kernel (after the base step: float32
 multithreaded, float32 single-threaded, bfloat16 single-threaded; with the base step inside: SGD with momentum
-multithreaded and single-threaded, Adam multithreaded: its two halves), one after the other in a fresh process: once
-into an empty Inductor cache (a cold compilation, as on a new machine) and once more from the cache that run filled (as
-in every later process). The first kernel of the process also pays for importing and starting Inductor.
+multithreaded and single-threaded, Adam multithreaded: each its two halves), one after the other in a fresh process:
+once into an empty Inductor cache (a cold compilation, as on a new machine) and once more from the cache that run filled
+(as in every later process). The first kernel of the process also pays for importing and starting Inductor.
 
 Part 2: end-to-end short fits, each in a fresh process: a plain training loop (forward, backward, step) of an MLP of
 ``--layers`` square layers of width ``--width`` for ``--steps`` steps, under ``Layca(SGD(momentum=0.9))`` with
@@ -46,8 +46,8 @@ for name, dtype, parallel, variant in (
     ("float32 multithreaded, Adam/AdamW step inside", torch.float32, True, "adam"),
 ):
     t0 = time.perf_counter()
-    # The kernels a layer of that form calls: one, or Adam's two halves.
-    variants, threads = compiled_step.base_step_kernels([variant], [parallel], False) if variant else ([], [parallel])
+    # The kernels a layer of that form calls: its two halves.
+    variants, threads = compiled_step.base_step_kernels([variant], [parallel]) if variant else ([], [parallel])
     ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, threads, variants=variants)
     out[name] = time.perf_counter() - t0 if ok else None
 print(json.dumps(out))

@@ -449,7 +449,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.step.base_kernels import BASE_KERNELS, SHARDED_BASE_KERNELS, sharded_forms
+    from lightning_layca.step.base_kernels import SHARDED_BASE_KERNELS, sharded_forms
     from lightning_layca.step.families import family_of
 
     optimizer, config = KERNEL_CASES[case]
@@ -469,15 +469,11 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         plan = family.read_step(mine.param_groups[0], layer, mine.state.get(layer) or {})
         assert plan is not None
         hyper = torch.tensor(plan.hyper, dtype=torch.float64)
-        one, n0 = torch.ones((), dtype=torch.float64), torch.tensor(1e6, dtype=torch.float64)
-        flag = torch.zeros((), dtype=torch.bool)
-        kernel = BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
-        weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
-        if kernel is None:  # Adam's forms: the sums half of the two every layer takes (it writes the state only)
-            sums_half = SHARDED_BASE_KERNELS[sharded_forms(plan.variant)[0]][1]
-            sums = sums_half(weights, layer.grad, *plan.state, hyper, n0).flatten()
-        else:  # (a, b, c), then on CPU whether the float32 update was formed (a fourth row, step.kernels.update_rows)
-            sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()
+        n0 = torch.tensor(1e6, dtype=torch.float64)
+        weights = layer.detach().clone()
+        # The sums half of the form's kernel, the traced function itself run eagerly (it writes the state only).
+        sums_half = SHARDED_BASE_KERNELS[sharded_forms(plan.variant)[0]][1]
+        sums = sums_half(weights, layer.grad, *plan.state, hyper, n0).flatten()
         plan.commit(mine.state[layer])
         # torch's D is fl(w + D) - w: off by up to u * |w_i| per element, so <D, w> (small: D is nearly tangential)
         # is compared on the scale of ||D|| ||w||, its bound; <w, w> and <D, D> relatively.

@@ -46,8 +46,9 @@ for name, dtype, parallel, variant in (
     ("float32 multithreaded, Adam/AdamW step inside", torch.float32, True, "adam"),
 ):
     t0 = time.perf_counter()
-    # The kernels a layer of that form calls: its two halves.
-    variants, threads = compiled_step.base_step_kernels([variant], [parallel]) if variant else ([], [parallel])
+    # The kernels a layer of that form calls (per layer: its two halves).
+    kinds = compiled_step.base_step_kernels([variant], [parallel], False, False) if variant else ([], [parallel])
+    variants, threads = kinds
     ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, threads, variants=variants)
     out[name] = time.perf_counter() - t0 if ok else None
 print(json.dumps(out))

@@ -42,10 +42,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
 
 from benchmarks.step_cost import _load, build_rows, machine_description, make_param_set
 from lightning_layca import compiling
-from lightning_layca.step.base_kernels import SHARDED_BASE_KERNELS, sharded_forms
 from lightning_layca.step.compiled import (
+    BASE_KERNELS,
     LayerScalars,
-    base_step_kernels,
     compiled_step_ready,
     rotate_base_compiled,
     scalars,
@@ -124,13 +123,12 @@ def _per_call_us(call: Callable[[], object], repeats: int) -> float:
 
 
 def tiny_call_us(repeats: int = 2000) -> tuple[float, float]:
-    """Process CPU time of one step of SGD with momentum's kernels (its two calls) on a 2 x 3 layer, in us.
+    """Process CPU time of one compiled call (SGD with momentum's kernel) on a 2 x 3 layer: its overhead, in us.
 
     Returns it as Layca calls it, and with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``.
     """
     device, dtype = torch.device("cpu"), torch.float32
-    kernels, threads = base_step_kernels(["sgd_momentum"], [False])
-    if not compiled_step_ready(device, dtype, threads, variants=kernels):
+    if not compiled_step_ready(device, dtype, [False], variants=["sgd_momentum"]):
         return float("nan"), float("nan")
     p, g, buf, hyper, *rest = _tiny_layer()
     layer = LayerScalars(*rest)
@@ -145,16 +143,12 @@ def tiny_call_us(repeats: int = 2000) -> tuple[float, float]:
 
 
 def batched_prototype(size: int, repeats: int = 500) -> tuple[float, float]:
-    """A prototype: the sums half of SGD with momentum's kernel for ``size`` layers in one compiled function.
+    """A prototype: SGD with momentum's kernel body for ``size`` layers in one compiled function (not Layca's code).
 
     Returns the seconds its first call took (tracing and compiling, with the on-disk caches as they are) and the
     process CPU time per layer of one call on tiny layers (2 x 3 to 2 x (size + 2)), in us.
     """
-    sums_half = SHARDED_BASE_KERNELS[sharded_forms("sgd_momentum")[0]][1]
-
-    def body(*args: torch.Tensor) -> torch.Tensor:
-        p, g, buf, hyper, _, _, initial_norms, _ = args  # a layer's arguments as _tiny_layer makes them
-        return sums_half(p, g, buf, hyper, initial_norms)
+    body = BASE_KERNELS["sgd_momentum"][0]
 
     def kernel(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         arity = len(args) // size

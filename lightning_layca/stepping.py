@@ -227,7 +227,9 @@ def read_base_steps(
         plan.grads.append(cast(torch.Tensor, grad_view))
         plan.states.append([cast(torch.Tensor, view(local_shard(x))) for x in step.state])
         plan.parallel.append(bucket.parallel[j])
-    variants, parallel = base_step_kernels([step.variant for step in plan.steps], plan.parallel)
+    variants, parallel = base_step_kernels(
+        [step.variant for step in plan.steps], plan.parallel, sharded, bucket.per_unit
+    )
     if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return BaseSteps(fallback=plan.fallback + plan.positions)
     hyper_values = [step.hyper for step in plan.steps]
@@ -517,7 +519,7 @@ def _base_sums(
         first = buckets[members[0][0]]
         parallel = [base_steps[k].parallel[i] for k, i in members]
         variants = [base_steps[k].steps[i].variant for k, i in members]
-        forms, threads = base_step_kernels(variants, parallel)
+        forms, threads = base_step_kernels(variants, parallel, sharded=True, per_unit=per_unit)
         device, dtype = first.near_floor.device, first.params[0].dtype
         if not compiled_step_ready(device, dtype, threads, per_unit, forms):
             continue

@@ -195,7 +195,7 @@ def test_compile_cost_probes_run_against_the_current_package(tmp_path: Path) -> 
     ready = imported["compiled_step"].compiled_step_ready
     assert {"device", "dtype", "parallel", "variants"} <= set(inspect.signature(ready).parameters)
     kernels = imported["compiled_step"].base_step_kernels  # the kernels a form's layers call
-    assert {"variants", "parallel"} <= set(inspect.signature(kernels).parameters)
+    assert {"variants", "parallel", "sharded"} <= set(inspect.signature(kernels).parameters)
 
 
 def test_the_fused_prototype_refuses_a_layer_without_a_lane_view_when_built() -> None:

@@ -345,12 +345,13 @@ def test_an_adam_half_that_fails_to_compile_later_leaves_no_layer_behind(
             assert relative_error(compiled.state[q][name], eager.state[p][name]) < 2e-5, name
 
 
-def test_every_kernel_adams_layers_call_is_made_ready_on_stand_ins_before_the_step(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(("base", "granularity"), [("adamw", "layer"), ("sgd", "layer"), ("sgd", "unit")])
+def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_before_the_step(
+    monkeypatch: pytest.MonkeyPatch, base: str, granularity: str
 ) -> None:
     # Kernels compile on stand-in layers before any weight is touched (a failure then costs one warning and the eager
     # step), for every number of layers per call: five layers of one shape take a call of four, then one of one, in
-    # each half of Adam's kernel.
+    # each half of the kernel (per layer), or in SGD's one-call kernel (per unit).
     from lightning_layca import compiling
     from lightning_layca.step import compiled as compiled_step
 
@@ -375,7 +376,12 @@ def test_every_kernel_adams_layers_call_is_made_ready_on_stand_ins_before_the_st
     monkeypatch.setattr(compiled_step, "kernels_ready", kernels_ready)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
-    opt = ll.Layca(torch.optim.AdamW(model.parameters(), lr=1e-3), model.named_parameters(), implementation="compiled")
+    wrapped = (
+        torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if base == "adamw"
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
+    opt = ll.Layca(wrapped, model.named_parameters(), implementation="compiled", granularity=granularity)
     for _ in range(2):
         opt.zero_grad()
         model(torch.randn(4, 16)).square().mean().backward()
@@ -383,6 +389,8 @@ def test_every_kernel_adams_layers_call_is_made_ready_on_stand_ins_before_the_st
     assert set(opt.describe().values()) == {"compiled+base"}
     assert {size for _, size in called} == {1, 4}, called
     assert called <= readied, called - readied
+    halves = {variant.endswith(("_sums", "_single")) for variant, _ in called}
+    assert halves == {base == "adamw" or granularity == "layer"}, called  # which form the layers took
 
 
 def test_a_float16_layer_under_adam_keeps_its_norm_where_its_moments_underflow() -> None:
@@ -449,7 +457,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.step.base_kernels import SHARDED_BASE_KERNELS, sharded_forms
+    from lightning_layca.step.base_kernels import BASE_KERNELS, SHARDED_BASE_KERNELS, sharded_forms
     from lightning_layca.step.families import family_of
 
     optimizer, config = KERNEL_CASES[case]
@@ -469,11 +477,15 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         plan = family.read_step(mine.param_groups[0], layer, mine.state.get(layer) or {})
         assert plan is not None
         hyper = torch.tensor(plan.hyper, dtype=torch.float64)
-        n0 = torch.tensor(1e6, dtype=torch.float64)
-        weights = layer.detach().clone()
-        # The sums half of the form's kernel, the traced function itself run eagerly (it writes the state only).
-        sums_half = SHARDED_BASE_KERNELS[sharded_forms(plan.variant)[0]][1]
-        sums = sums_half(weights, layer.grad, *plan.state, hyper, n0).flatten()
+        one, n0 = torch.ones((), dtype=torch.float64), torch.tensor(1e6, dtype=torch.float64)
+        flag = torch.zeros((), dtype=torch.bool)
+        kernel = BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
+        weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
+        if kernel is None:  # Adam's forms: the sums half of the two every layer takes (it writes the state only)
+            sums_half = SHARDED_BASE_KERNELS[sharded_forms(plan.variant)[0]][1]
+            sums = sums_half(weights, layer.grad, *plan.state, hyper, n0).flatten()
+        else:  # (a, b, c), then on CPU whether the float32 update was formed (a fourth row, step.kernels.update_rows)
+            sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()
         plan.commit(mine.state[layer])
         # torch's D is fl(w + D) - w: off by up to u * |w_i| per element, so <D, w> (small: D is nearly tangential)
         # is compared on the scale of ||D|| ||w||, its bound; <w, w> and <D, D> relatively.

@@ -15,8 +15,8 @@ For a layer with weights ``w`` before the wrapped optimizer's step and ``p = fl(
 3. reads ``(p, w)`` once more and writes ``p = k1 * w + k2 * D``, rounded once to the layer's dtype: for a float32
    layer on CPU computed in float32 where its two terms do not cancel
    (:func:`lightning_layca.step.rule.single_precision_suffices`, the eager step's rule, checked in the kernel for the
-   layer), the layer otherwise left as it was for a float64 update by the update half of its form (a fourth row of
-   the sums the kernels return says which, :func:`~lightning_layca.step.kernels.update_rows`); on CUDA in float64 for
+   layer), the layer otherwise left as it was for a float64 update by the update half of its form (the one-call
+   kernels' fourth row of sums says which, :func:`~lightning_layca.step.kernels.update_rows`); on CUDA in float64 for
    float32 layers (the check would have to be read, which synchronises); in float32 for bfloat16 and float16 ones. A
    layer (unit) that does not move (``k2 = 0``) ends exactly at ``w``: its step, NaN or not, is replaced by an exact
    zero.
@@ -30,13 +30,15 @@ take the base step (below; :func:`sharded_base_sums_compiled`, :func:`sharded_ba
 reads the weights, the gradient and the optimizer's state, writes the new state and returns the shard's sums, the
 second forms the step again from the weights and the new state, as the first formed it, and writes the weights.
 
-Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernels take the base step too (those of
-:mod:`lightning_layca.step.base_kernels`, called by :func:`rotate_base_compiled`; the family table says when), in the
-same two halves, sharded layer or not: the first reads the weights, the gradient and the optimizer's state (SGD's
-momentum buffer, Adam's moments), writes the new state in the loop of its sums, with the step ``D`` formed exactly in
-float64; the second forms ``D`` again from the weights and the new state and writes ``w``. No snapshot is taken and
-``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5 for SGD's own fused step, and
-no call stores a tensor the size of its layer (see :data:`~lightning_layca.step.base_kernels.BASE_KERNELS`).
+Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (the kernels of
+:mod:`lightning_layca.step.base_kernels`, called by :func:`rotate_base_compiled`; the family table says when): the first
+pass reads the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new
+state and accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes
+``w``. No snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5
+for SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
+recomputes the velocity from the old buffer and the gradient). SGD's forms take both passes in one call; Adam's take
+them in the two calls of a sharded layer, without the collective (10 streams against 7 for Adam's own fused step; see
+:data:`~lightning_layca.step.base_kernels.BASE_KERNELS`), so that no call stores a tensor the size of its layer.
 
 Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls it:
 one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of its
@@ -88,6 +90,7 @@ __all__ = [
     "LayerScalars",
     "base_step_kernels",
     "compiled_step_ready",
+    "in_halves",
     "in_single_precision",
     "kernel_view",
     "parallel_kernel",
@@ -127,16 +130,16 @@ Float32 state is unaffected."""
 
 
 _STORING_SUMS_OPTIONS = {"split_reductions": False, "realize_opcount_threshold": 8}
-"""Inductor options of the sums half of the kernels that take the base step, on a layer's view: that half updates the
-optimizer's state and forms the layer's (or shard's) sums, and by default Inductor stores the new state in a loop
+"""Inductor options of the sums half of a sharded layer's kernel that takes the base step, on a layer's view: that
+half updates the optimizer's state and forms the shard's sums, and by default Inductor stores the new state in a loop
 of its own after the reduction's, reading the gradient and the state a second time. With the state's value realised
 (it takes more than 8 operations) and the layer's sums one reduction over every element in memory order (not split,
 and not over its lanes side by side: ``lanes=False`` of :func:`~lightning_layca.sums.matrix_sums`), the store joins
 the reduction's loop. Measured on one 512 x 4608 shard read from memory (1 thread, process CPU time; the AVX-512 CPU
 of ``benchmarks/README.md``): SGD with momentum 5.04 -> 3.23 ms (2 threads, wall clock: 2.90 -> 1.72 ms), Nesterov
 5.10 -> 3.22, Adam 6.37 -> 3.90, Adam with ``amsgrad`` 4.51 -> 4.26, SGD without momentum (no state) 2.87 and 2.96.
-The per-unit sums (a reduction per row) keep the defaults: with these options they made temporaries the size of a
-layer (the section "Adam's step in two halves" of ``benchmarks/README.md``)."""
+The one-call kernels gain nothing from it (their second pass stores the state) and keep the defaults, and so do
+the per-unit sums (a reduction per row)."""
 
 
 def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -217,7 +220,7 @@ def _stand_in(
         sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
         return [params, weights, sums, rate, relative_lr, norms, flag]
     form, half = SHARDED_BASE_KERNELS.get(variant, (variant, None))
-    states, values = BASE_KERNELS[form]
+    _, states, values = BASE_KERNELS[form]
     hyper = torch.tensor(values, dtype=torch.float64, device=device)
     state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
     if half is None:
@@ -233,6 +236,7 @@ _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SNAPSHOT, after_step),
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
+    *((v, f) for v, (f, _, _) in BASE_KERNELS.items() if f is not None),
     *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
 )
 _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
@@ -262,7 +266,7 @@ def _single_precision(body: Callable[..., Any]) -> Callable[..., Any]:
 
 _STORING_SUMS = {sharded_forms(v)[0] for v in BASE_KERNELS}
 for _variant, _body in _BODIES:
-    _options = _BASE_STEP_OPTIONS if _variant in SHARDED_BASE_KERNELS else {}
+    _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
     _options = {**_options, **_AS_STORED_OPTIONS} if _variant in _STORING_SUMS else _options
     _layer_options = _STORING_SUMS_OPTIONS if _variant in _STORING_SUMS else {}
     register_kernel(
@@ -314,7 +318,7 @@ def rotate_compiled(
     calls = [(p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True)]
     results: list[torch.Tensor] = []
     done = call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, results)
-    _update_in_float64(calls[:done], results, parallel, per_unit)
+    _update_in_float64(calls[:done], results, [SNAPSHOT] * done, parallel, per_unit)
     if sums is not None:
         sums.extend(results)
     return done
@@ -332,11 +336,12 @@ def rotate_base_compiled(
 ) -> int:
     """Take the base optimizer's step and the Layca step of layers of one device and dtype together.
 
-    Each layer takes the two halves of its form's kernel, one after the other (the sums are the layer's own, with no
-    collective). Needs :func:`compiled_step_ready` (with :func:`base_step_kernels`) to have returned ``True`` for the
-    layers' device, dtype and kernels. Should a later compilation fail, the layers from the failing one on are left to
-    the caller (untouched: neither their weights nor their optimizer state were written), after one warning; a layer
-    whose sums half ran takes its update (uncompiled, should its compilation fail).
+    Each layer takes its form's two halves (:func:`in_halves`: per layer, and Adam's per unit; the sums are the
+    layer's own, with no collective), or per unit SGD's one-call kernel. Needs :func:`compiled_step_ready` (with
+    :func:`base_step_kernels`) to have returned ``True`` for the layers' device, dtype and kernels. Should a later
+    compilation fail, the layers from the failing one on are left to the caller (untouched: neither their weights nor
+    their optimizer state were written), after one warning; a layer whose sums half ran takes its update (uncompiled,
+    should its compilation fail).
 
     Args:
         params: :func:`kernel_view` (or :func:`unit_view`) of each layer (detached), holding ``w``.
@@ -352,48 +357,113 @@ def rotate_base_compiled(
     Returns:
         The number of layers stepped.
     """
-    norms = [scalars_.initial_norms for scalars_ in layer_scalars]
-    sums = sharded_base_sums_compiled(params, grads, states, hypers, norms, parallel, variants, per_unit)
-    done = len(sums)  # these layers have this step's optimizer state: they take the update half
-    sharded_base_update_compiled(
-        params[:done],
-        grads[:done],
-        states[:done],
-        hypers[:done],
-        sums,
-        layer_scalars[:done],
-        parallel[:done],
-        variants[:done],
-        per_unit,
-    )
+    done = 0
+    for first, end in _runs_of([in_halves(v, per_unit) for v in variants]):
+        run = slice(first, end)
+        if in_halves(variants[first], per_unit):
+            norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
+            sums = sharded_base_sums_compiled(
+                params[run], grads[run], states[run], hypers[run], norms, parallel[run], variants[run], per_unit
+            )
+            # The layers whose sums half ran have this step's optimizer state: they take the update half.
+            stepped = slice(first, first + len(sums))
+            sharded_base_update_compiled(
+                params[stepped],
+                grads[stepped],
+                states[stepped],
+                hypers[stepped],
+                sums,
+                layer_scalars[stepped],
+                parallel[stepped],
+                variants[stepped],
+                per_unit,
+            )
+            count = len(sums)
+        else:
+            rows = zip(params[run], grads[run], states[run], hypers[run], layer_scalars[run], strict=True)
+            calls = [(p, g, *state, hyper, *scalars_) for p, g, state, hyper, scalars_ in rows]
+            results: list[torch.Tensor] = []
+            count = call_kernels(zip(parallel[run], variants[run], calls, strict=True), per_unit, results)
+            _update_in_float64(calls[:count], results, variants[run], parallel[run], per_unit)
+        done += count
+        if done < end:
+            break
     return done
 
 
-def base_step_kernels(variants: Sequence[str], parallel: Sequence[bool]) -> tuple[list[str], list[bool]]:
+def in_halves(variant: str, per_unit: bool) -> bool:
+    """Whether the unsharded layers of a base step's form take its two halves (:data:`SHARDED_BASE_KERNELS`).
+
+    Per layer every form does; per unit the forms with a one-call kernel (SGD's) take it: per unit the sums half stores
+    the new state in a loop of its own, after its sums (a reduction per row), and the two halves took longer than one
+    call (``benchmarks/README.md``, section "Adam's step in two halves").
+    """
+    return BASE_KERNELS[variant][0] is None or not per_unit
+
+
+def base_step_kernels(
+    variants: Sequence[str], parallel: Sequence[bool], sharded: bool, per_unit: bool
+) -> tuple[list[str], list[bool]]:
     """The kernels that layers of these base-step forms call, in the order of the calls, and whether each is parallel.
 
     What :func:`compiled_step_ready` must check for them, in that order, so that it also compiles the kernels of
-    several layers per call that the calls will take: the sums half of every layer, then their update half (its kernel
-    in single precision, :func:`in_single_precision`), as :func:`rotate_base_compiled` and the sharded step call them.
+    several layers per call that the calls will take.
+
+    A form's one-call kernel; or for a sharded layer, and where :func:`in_halves` says so, its two halves: the sums
+    half of every layer of a run of such layers first, then their update half (its kernel in single precision,
+    :func:`in_single_precision`), as :func:`rotate_base_compiled` and the sharded step call them.
     """
-    kernels = [sharded_forms(v)[0] for v in variants] + [in_single_precision(sharded_forms(v)[1]) for v in variants]
-    return kernels, list(parallel) * 2
+    kernels: list[str] = []
+    threads: list[bool] = []
+    halves = [sharded or in_halves(v, per_unit) for v in variants]
+    for first, end in _runs_of(halves):
+        forms, run_parallel = variants[first:end], list(parallel[first:end])
+        if halves[first]:
+            kernels += [sharded_forms(v)[0] for v in forms] + [in_single_precision(sharded_forms(v)[1]) for v in forms]
+            threads += run_parallel * 2
+        else:
+            kernels += forms
+            threads += run_parallel
+    return kernels, threads
+
+
+def _runs_of(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive equal ``flags``."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if runs and flags[runs[-1][0]] == flag:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _update_in_float64(
-    calls: Sequence[Sequence[torch.Tensor]], results: Sequence[torch.Tensor], parallel: Sequence[bool], per_unit: bool
+    calls: Sequence[Sequence[torch.Tensor]],
+    results: Sequence[torch.Tensor],
+    variants: Sequence[str],
+    parallel: Sequence[bool],
+    per_unit: bool,
 ) -> None:
-    """The update in float64 of the layers whose kernel after the base step left it (a fourth row of their sums, 0).
+    """The update in float64 of the layers whose one-call kernel left it (a fourth row of their sums, 0).
 
     On CPU a float32 layer's kernel forms its update in float32 where that is exact enough
-    (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was: the update half of
-    the sharded kernel (:data:`SHARDED_UPDATE`) takes it from the layer's sums, as for a sharded layer. ``calls`` are
-    the arguments the kernels took (``(p, w, rate, relative_lr, initial_norms, near_floor)``), ``results`` what they
-    returned.
+    (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was, the optimizer's
+    state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
+    sharded layer. ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
-    left = _left(results)
-    arguments = [[*calls[i][:2], results[i][:3], *calls[i][2:]] for i in left]
-    _float64_updates([SHARDED_UPDATE] * len(left), arguments, [parallel[i] for i in left], per_unit)
+    sums = list(results)
+    left = _left(sums)
+    halves, arguments = [], []
+    for i in left:
+        variant, args = variants[i], list(calls[i])
+        if variant == SNAPSHOT:
+            half, at = SHARDED_UPDATE, 2  # (p, w, | sums, rate, relative_lr, initial_norms, near_floor)
+        else:
+            half, at = sharded_forms(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
+        halves.append(half)
+        arguments.append([*args[:at], sums[i][:3], *args[at:]])
+    _float64_updates(halves, arguments, [parallel[i] for i in left], per_unit)
 
 
 def _left(sums: Sequence[torch.Tensor]) -> list[int]:

@@ -8,8 +8,8 @@ it, each from its own room:
   (a key of :data:`~lightning_layca.step.base_kernels.BASE_KERNELS`), the state tensors it updates in the optimizer's
   own ``state``, and its hyperparameters as numbers. ``None`` where the kernel cannot take the step.
 * the kernels (:mod:`lightning_layca.step.base_kernels`): the optimizer's step and the Layca step of one layer in
-  two traced functions (two halves, sharded layer or not), the step ``D`` formed exactly in float64 and never
-  written, so no snapshot of the weights is needed;
+  traced functions (one call, or two halves), the step ``D`` formed exactly in float64 and never written, so no
+  snapshot of the weights is needed;
 * ``equilibrium``: the angular update per step (tan of the angle) the optimizer reaches at equilibrium with weight
   decay (:mod:`lightning_layca.step.equilibrium`), for ``rotation_rate="equilibrium"``.
 

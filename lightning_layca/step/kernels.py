@@ -1,12 +1,11 @@
 """The bodies of the compiled kernels: what one call does to one layer seen as a matrix (traced by Inductor).
 
-Every kernel is made of the same parts: the sums of :func:`lightning_layca.sums.matrix_sums` per row (the units with
-``granularity="unit"``, over the whole matrix for the layer otherwise, :func:`layer_sums`), the rule
-:func:`lightning_layca.step.rule.coefficients` and the update ``p = k1 * w + k2 * D`` (:func:`update_rows`).
-:func:`after_step` is the kernel that works after the base optimizer's step, from a snapshot, in one call
-(:func:`rotate_rows`); a sharded layer takes it in two halves (:func:`sharded_sums`, :func:`sharded_update`), and so
-does every layer whose base step a kernel takes (:mod:`lightning_layca.step.base_kernels`, one pair per form of that
-step). How they are compiled and called is :mod:`lightning_layca.step.compiled`.
+:func:`rotate_rows` is the part every kernel shares: the sums of :func:`lightning_layca.sums.matrix_sums` per row
+(the units with ``granularity="unit"``, over the whole matrix for the layer otherwise), the rule
+:func:`lightning_layca.step.rule.coefficients`, and the update ``p = k1 * w + k2 * D``. :func:`after_step` is the kernel
+that works after the base optimizer's step, from a snapshot; the kernels that take a base optimizer's step themselves
+are in :mod:`lightning_layca.step.base_kernels`, one per form of that step. How they are compiled and called is
+:mod:`lightning_layca.step.compiled`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ def rotate_rows(
     low: tuple[torch.Tensor, torch.Tensor],
     scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """A one-call kernel's work (:func:`after_step`'s): :func:`~lightning_layca.sums.matrix_sums`, the rule, the update.
+    """The part every one-call kernel shares: :func:`~lightning_layca.sums.matrix_sums`, the rule, the update.
 
     On CPU a float32 layer's update is formed in float32 where that is exact enough (see :func:`update_rows`); the
     layer is otherwise left for the float64 update, which the fourth row of the result asks for.

@@ -45,6 +45,7 @@ from lightning_layca import compiling
 from lightning_layca.step.compiled import (
     BASE_KERNELS,
     LayerScalars,
+    base_step_kernels,
     compiled_step_ready,
     rotate_base_compiled,
     scalars,
@@ -123,12 +124,13 @@ def _per_call_us(call: Callable[[], object], repeats: int) -> float:
 
 
 def tiny_call_us(repeats: int = 2000) -> tuple[float, float]:
-    """Process CPU time of one compiled call (SGD with momentum's kernel) on a 2 x 3 layer: its overhead, in us.
+    """Process CPU time of one step of SGD with momentum's kernels (its two halves) on a 2 x 3 layer, in us.
 
     Returns it as Layca calls it, and with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``.
     """
     device, dtype = torch.device("cpu"), torch.float32
-    if not compiled_step_ready(device, dtype, [False], variants=["sgd_momentum"]):
+    kernels, threads = base_step_kernels(["sgd_momentum"], [False], sharded=False, per_unit=False)
+    if not compiled_step_ready(device, dtype, threads, variants=kernels):
         return float("nan"), float("nan")
     p, g, buf, hyper, *rest = _tiny_layer()
     layer = LayerScalars(*rest)

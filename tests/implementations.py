@@ -26,8 +26,11 @@ def fail_compiling(
     message: str,
     kernels: Callable[[str], bool] = lambda name: True,
     forget_ready: bool = False,
+    layers_per_call: int | None = None,
 ) -> None:
     """Make every compilation of the kernels whose name ``kernels`` accepts raise ``RuntimeError(message)``.
+
+    With ``layers_per_call``, only their compilations for that many layers per call fail.
 
     As a compiler that went missing would: at the first compilation (with ``forget_ready``, which also forgets which
     kernels were found ready, so that they are compiled again) or at a later one (otherwise: the kernels compiled so
@@ -39,7 +42,7 @@ def fail_compiling(
     compile_kernel = compiling._compiled_layers
 
     def compiled(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., object]:
-        if not kernels(variant):
+        if not kernels(variant) or layers_per_call not in (None, size):
             return compile_kernel(parallel, per_unit, variant, size)
 
         def fail(*args: object) -> None:

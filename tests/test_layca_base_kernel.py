@@ -345,6 +345,49 @@ def test_an_adam_half_that_fails_to_compile_later_leaves_no_layer_behind(
             assert relative_error(compiled.state[q][name], eager.state[p][name]) < 2e-5, name
 
 
+@pytest.mark.parametrize("base", ["adamw", "sgd"])
+def test_a_half_that_fails_for_the_last_layers_leaves_the_first_ones_stepped_by_the_kernels(
+    monkeypatch: pytest.MonkeyPatch, base: str
+) -> None:
+    # Five layers of one shape take a call of four, then a call of one. Should the sums half of the call of one fail
+    # to compile at a later step, the first four layers take the kernels' step, the fifth is left untouched by them
+    # and takes the base optimizer's step from a snapshot and the eager step: every layer ends where the eager
+    # implementation puts it, with its state.
+    def make(implementation: str) -> tuple[nn.Module, ll.Layca]:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
+        params = model.parameters()
+        wrapped = (
+            torch.optim.AdamW(params, lr=1e-2) if base == "adamw" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        )
+        return model, ll.Layca(wrapped, model.named_parameters(), rotation_rate=0.05, implementation=implementation)
+
+    def step(model: nn.Module, opt: ll.Layca, seed: int) -> None:
+        opt.zero_grad()
+        model(torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        opt.step()
+
+    (model, eager), (twin, compiled) = make("eager"), make("compiled")
+    for seed in range(2):
+        step(model, eager, seed)
+        step(twin, compiled, seed)
+    fail_compiling(
+        monkeypatch, "no compiler for one layer", lambda name: name.endswith("sharded_sums"), layers_per_call=1
+    )
+    with pytest.warns(UserWarning, match="no compiler for one layer") as caught:
+        step(model, eager, 2)
+        step(twin, compiled, 2)
+    assert len([w for w in caught if "Layca" in str(w.message)]) == 1
+    assert list(compiled.weights_before_last_step()) == [
+        "4.weight"
+    ]  # the one snapshot: the layer left to the eager step
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(q.detach(), p.detach()) < 2e-5
+        for name, value in eager.state[p].items():
+            if name != "step":
+                assert relative_error(compiled.state[q][name], value) < 2e-5, name
+
+
 @pytest.mark.parametrize(("base", "granularity"), [("adamw", "layer"), ("sgd", "layer"), ("sgd", "unit")])
 def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_before_the_step(
     monkeypatch: pytest.MonkeyPatch, base: str, granularity: str

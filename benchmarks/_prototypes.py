@@ -71,15 +71,13 @@ class FusedSGDLayca:
         if any(v is None for v in views):
             shapes = [tuple(p.shape) for p, v in zip(layers, views, strict=True) if v is None]
             raise ValueError(f"the prototype needs a lane view (kernel_view) of every layer; none for: {shapes}")
-        missing = [tuple(p.shape) for p in layers if p.grad is None]
-        if missing:
-            raise ValueError(f"the prototype reads every layer's gradient tensor; none for: {missing}")
-        grads = [kernel_view(p.grad) for p in layers if p.grad is not None]
+        grads = [None if p.grad is None else kernel_view(p.grad) for p in layers]
+        if any(g is None for g in grads):
+            missing = [tuple(p.shape) for p, g in zip(layers, grads, strict=True) if g is None]
+            raise ValueError(f"the prototype reads every layer's gradient tensor (its lane view); none for: {missing}")
         self.base = torch.optim.SGD(others, lr=lr, momentum=momentum, foreach=True)
         self.views = [v for v in views if v is not None]
         self.grads = [g for g in grads if g is not None]
-        if len(self.grads) != len(layers):
-            raise ValueError("the prototype needs a lane view (kernel_view) of every layer's gradient")
         self.bufs = [torch.zeros_like(v) for v in self.views]
         values = torch.tensor([lr, momentum, rotation_rate], dtype=torch.float64, device=device)
         self.lr, self.momentum, self.rate = scalars(values)

@@ -47,8 +47,10 @@ for name, dtype, parallel, variant in (
 ):
     t0 = time.perf_counter()
     # The kernels a layer of that form calls (per layer: its two halves).
-    kinds = compiled_step.base_step_kernels([variant], [parallel], False, False) if variant else ([], [parallel])
-    variants, threads = kinds
+    if variant:
+        variants, threads = compiled_step.base_step_kernels([variant], [parallel], sharded=False, per_unit=False)
+    else:
+        variants, threads = [], [parallel]
     ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, threads, variants=variants)
     out[name] = time.perf_counter() - t0 if ok else None
 print(json.dumps(out))

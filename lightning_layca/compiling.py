@@ -45,6 +45,7 @@ __all__ = [
     "KernelSpec",
     "call_kernels",
     "cpu_vector_options",
+    "equal_runs",
     "kernel_view",
     "kernels_ready",
     "parallel_kernel",
@@ -187,16 +188,27 @@ def _call_plan(kinds: Sequence[tuple[bool, str]]) -> list[tuple[int, int]]:
     layers, then one call per layer left.
     """
     plan: list[tuple[int, int]] = []
-    start = 0
-    while start < len(kinds):
-        end = start
-        while end < len(kinds) and kinds[end] == kinds[start]:
-            end += 1
+    for start, end in equal_runs(kinds):
         full = (end - start) // LAYERS_PER_CALL * LAYERS_PER_CALL if LAYERS_PER_CALL > 1 else 0
         plan += [(i, LAYERS_PER_CALL) for i in range(start, start + full, LAYERS_PER_CALL)]
         plan += [(i, 1) for i in range(start + full, end)]
-        start = end
     return plan
+
+
+def equal_runs(keys: Sequence[object]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive equal ``keys``, in order.
+
+    Example:
+        >>> equal_runs([True, True, False, True])
+        [(0, 2), (2, 3), (3, 4)]
+    """
+    runs: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and keys[runs[-1][0]] == key:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _compiled(parallel: bool, per_unit: bool, variant: str) -> Callable[..., Any]:

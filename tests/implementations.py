@@ -8,6 +8,7 @@ SGD too: a test whose id contains :data:`AFTER_STEP` gets Layca's SGD kernel swi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -52,3 +53,35 @@ def fail_compiling(
 
     monkeypatch.setattr(compiling, "_ready", {} if forget_ready else dict(compiling._ready))
     monkeypatch.setattr(compiling, "_compiled_layers", compiled)
+
+
+def record_compilations(monkeypatch: pytest.MonkeyPatch) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """Record the ``(kernel name, layers per call)`` the compiled step compiles or calls, from now to the test's end.
+
+    Returns two sets, filled as the test runs: those asked for while ``compiled_step_ready`` checks kernels (compiled
+    on stand-in layers), and those asked for by the calls of a step. Which kernels earlier tests of the process made
+    ready is forgotten, so that they are checked again.
+    """
+    from lightning_layca import compiling
+    from lightning_layca.step import compiled as compiled_step
+
+    readied: set[tuple[str, int]] = set()
+    called: set[tuple[str, int]] = set()
+    inside = [False]
+    ready, compile_layers = compiling.kernels_ready, compiling._compiled_layers
+
+    def kernels_ready(*args: Any, **kwargs: Any) -> bool:
+        inside[0] = True
+        try:
+            return ready(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def compiled(parallel: bool, per_unit: bool, variant: str, size: int) -> Callable[..., object]:
+        (readied if inside[0] else called).add((variant, size))
+        return compile_layers(parallel, per_unit, variant, size)
+
+    monkeypatch.setattr(compiling, "_ready", {})
+    monkeypatch.setattr(compiling, "_compiled_layers", compiled)
+    monkeypatch.setattr(compiled_step, "kernels_ready", kernels_ready)
+    return readied, called

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from tests.implementations import SubclassedSGD, fail_compiling
+from tests.implementations import SubclassedSGD, fail_compiling, record_compilations
 
 CONFIGS = {
     "sgd": dict(lr=0.1),
@@ -395,28 +395,7 @@ def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_befo
     # Kernels compile on stand-in layers before any weight is touched (a failure then costs one warning and the eager
     # step), for every number of layers per call: five layers of one shape take a call of four, then one of one, in
     # each half of the kernel (per layer), or in SGD's one-call kernel (per unit).
-    from lightning_layca import compiling
-    from lightning_layca.step import compiled as compiled_step
-
-    readied: set[tuple[str, int]] = set()
-    called: set[tuple[str, int]] = set()
-    inside = [False]
-    ready, compile_layers = compiled_step.kernels_ready, compiling._compiled_layers
-
-    def kernels_ready(*args: object, **kwargs: object) -> bool:
-        inside[0] = True
-        try:
-            return ready(*args, **kwargs)  # type: ignore[arg-type]
-        finally:
-            inside[0] = False
-
-    def compiled(parallel: bool, per_unit: bool, variant: str, size: int) -> object:
-        (readied if inside[0] else called).add((variant, size))
-        return compile_layers(parallel, per_unit, variant, size)
-
-    monkeypatch.setattr(compiling, "_ready", {})  # forget what earlier tests of this process made ready
-    monkeypatch.setattr(compiling, "_compiled_layers", compiled)
-    monkeypatch.setattr(compiled_step, "kernels_ready", kernels_ready)
+    readied, called = record_compilations(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
     wrapped = (

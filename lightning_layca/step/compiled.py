@@ -67,6 +67,7 @@ from lightning_layca.compiling import (
     SUPPORTED_DTYPES,
     KernelSpec,
     call_kernels,
+    equal_runs,
     kernel_view,
     kernels_ready,
     parallel_kernel,
@@ -358,7 +359,7 @@ def rotate_base_compiled(
         The number of layers stepped.
     """
     done = 0
-    for first, end in _runs_of([in_halves(v, per_unit) for v in variants]):
+    for first, end in equal_runs([in_halves(v, per_unit) for v in variants]):
         run = slice(first, end)
         if in_halves(variants[first], per_unit):
             norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
@@ -416,7 +417,7 @@ def base_step_kernels(
     kernels: list[str] = []
     threads: list[bool] = []
     halves = [sharded or in_halves(v, per_unit) for v in variants]
-    for first, end in _runs_of(halves):
+    for first, end in equal_runs(halves):
         forms, run_parallel = variants[first:end], list(parallel[first:end])
         if halves[first]:
             kernels += [sharded_forms(v)[0] for v in forms] + [in_single_precision(sharded_forms(v)[1]) for v in forms]
@@ -425,17 +426,6 @@ def base_step_kernels(
             kernels += forms
             threads += run_parallel
     return kernels, threads
-
-
-def _runs_of(flags: Sequence[bool]) -> list[tuple[int, int]]:
-    """``(first, end)`` of each run of consecutive equal ``flags``."""
-    runs: list[tuple[int, int]] = []
-    for i, flag in enumerate(flags):
-        if runs and flags[runs[-1][0]] == flag:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 def _update_in_float64(

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _COMPILE_PROBE = """
 import json, time, torch
-from lightning_layca.step import compiled as compiled_step
+from lightning_layca.step import base_compiled, compiled as compiled_step
 out = {}
 for name, dtype, parallel, variant in (
     ("float32 multithreaded, after the base step", torch.float32, True, None),
@@ -48,7 +48,7 @@ for name, dtype, parallel, variant in (
     t0 = time.perf_counter()
     # The kernels a layer of that form calls (per layer: its two halves).
     if variant:
-        variants, threads = compiled_step.base_step_kernels([variant], [parallel], sharded=False, per_unit=False)
+        variants, threads = base_compiled.base_step_kernels([variant], [parallel], sharded=False, per_unit=False)
     else:
         variants, threads = [], [parallel]
     ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, threads, variants=variants)

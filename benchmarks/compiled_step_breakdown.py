@@ -42,14 +42,8 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lightning
 
 from benchmarks.step_cost import _load, build_rows, machine_description, make_param_set
 from lightning_layca import compiling
-from lightning_layca.step.compiled import (
-    BASE_KERNELS,
-    LayerScalars,
-    base_step_kernels,
-    compiled_step_ready,
-    rotate_base_compiled,
-    scalars,
-)
+from lightning_layca.step.base_compiled import base_step_kernels, rotate_base_compiled
+from lightning_layca.step.compiled import BASE_KERNELS, LayerScalars, compiled_step_ready, scalars
 from lightning_layca.stepping import small_steps_on_one_thread
 
 ROWS = ("Layca(SGD foreach) compiled", "Layca(SGD fused) compiled", "Layca(AdamW fused) compiled")

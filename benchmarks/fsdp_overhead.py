@@ -67,7 +67,7 @@ SECTIONS: dict[str, tuple[str, str] | None] = {
     "  of which: local sums (compiled, eager)": ("lightning_layca.stepping", "_local_sums"),
     "  of which: the collective (full sums)": ("lightning_layca.stepping", "reduce_sums"),
     "  of which: update of the shards (compiled)": ("lightning_layca.stepping", "sharded_update_compiled"),
-    "  of which: update of the shards (compiled+base)": ("lightning_layca.stepping", "sharded_base_update_compiled"),
+    "  of which: update of the shards (compiled+base)": ("lightning_layca.stepping", "base_update_compiled"),
     "  of which: update of the shards (eager)": ("lightning_layca.stepping", "_rotate_eager"),
 }
 """With ``--sections``: the parts of the Layca step timed apart (the functions the step calls for them; a function the

@@ -28,21 +28,23 @@ from torch.optim import Optimizer
 from lightning_layca.distributed import ShardLayout, local_shard, reduce_sums
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.plan import COMPILED, EAGER, WITH_BASE, Bucket, local_unit_norms
+from lightning_layca.step.base_compiled import (
+    base_step_kernels,
+    base_sums_compiled,
+    base_update_compiled,
+    rotate_base_compiled,
+)
 from lightning_layca.step.base_steps import LayerStep
 from lightning_layca.step.compiled import (
     PARALLEL_MIN_ELEMENTS,
     SHARDED_SUMS,
     SHARDED_UPDATE,
     LayerScalars,
-    base_step_kernels,
     compiled_step_ready,
     in_single_precision,
     kernel_view,
-    rotate_base_compiled,
     rotate_compiled,
     scalars,
-    sharded_base_sums_compiled,
-    sharded_base_update_compiled,
     sharded_sums_compiled,
     sharded_update_compiled,
     unit_view,
@@ -190,7 +192,7 @@ def read_base_steps(
     """The ``"compiled+base"`` layers of ``bucket`` whose base step the kernels take at this step, with arguments.
 
     With ``sharded`` (the step's layers are sharded: :func:`rotate_sharded`), the kernels are the two halves of each
-    layer's form (:func:`~lightning_layca.step.base_kernels.sharded_forms`), and the views are of the local shards.
+    layer's form (:func:`~lightning_layca.step.base_kernels.base_halves`), and the views are of the local shards.
 
     A layer without a gradient is skipped, as torch's optimizers skip it (sharded, it takes the next path, whose sums
     of a zero step the step's collective needs). A layer whose gradient the kernel cannot
@@ -446,7 +448,7 @@ def rotate_sharded(
     else:
         sums = [list(part.split(1)) for part in full.split([len(b.indices) for b in buckets])]
     for members in _runs(buckets, base_steps):
-        sharded_base_update_compiled(
+        base_update_compiled(
             [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],
             [base_steps[k].grads[i] for k, i in members],
             [base_steps[k].states[i] for k, i in members],
@@ -523,7 +525,7 @@ def _base_sums(
         device, dtype = first.near_floor.device, first.params[0].dtype
         if not compiled_step_ready(device, dtype, threads, per_unit, forms):
             continue
-        sums = sharded_base_sums_compiled(
+        sums = base_sums_compiled(
             [cast(torch.Tensor, buckets[k].views[base_steps[k].positions[i]]) for k, i in members],
             [base_steps[k].grads[i] for k, i in members],
             [base_steps[k].states[i] for k, i in members],

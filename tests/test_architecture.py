@@ -42,6 +42,7 @@ FLOORS: dict[str, int] = {
     "step.base_kernels": 3,
     "step.families": 3,
     "step.compiled": 4,
+    "step.base_compiled": 5,
     "step": 5,
     "layers": 5,
     "rates": 5,
@@ -71,6 +72,7 @@ MATH = (
     "step.equilibrium",
     "step.families",
     "step.compiled",
+    "step.base_compiled",
 )
 
 

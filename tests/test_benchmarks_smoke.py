@@ -194,7 +194,7 @@ def test_compile_cost_probes_run_against_the_current_package(tmp_path: Path) -> 
                 imported[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
     ready = imported["compiled_step"].compiled_step_ready
     assert {"device", "dtype", "parallel", "variants"} <= set(inspect.signature(ready).parameters)
-    kernels = imported["compiled_step"].base_step_kernels  # the kernels a form's layers call
+    kernels = imported["base_compiled"].base_step_kernels  # the kernels a form's layers call
     assert {"variants", "parallel", "sharded"} <= set(inspect.signature(kernels).parameters)
 
 

@@ -656,6 +656,8 @@ def test_a_sharded_half_that_fails_to_compile_later_leaves_no_layer_behind(
     from torch.distributed.tensor import distribute_tensor
 
     from lightning_layca import Layca
+    from lightning_layca.step.base_kernels import base_halves
+    from lightning_layca.step.compiled import in_single_precision
     from tests.implementations import fail_compiling
     from tests.reference import layca_update
 
@@ -677,8 +679,9 @@ def test_a_sharded_half_that_fails_to_compile_later_leaves_no_layer_behind(
             grad = -(-5e-2 * w64 + 1e-4 * w64.norm() * direction / direction.norm()).float()
             weight.grad = distribute_tensor(grad, weight.device_mesh, weight.placements)
             if step == 1:
-                suffix = "update_single" if half == "update" else "sharded_sums"
-                fail_compiling(monkeypatch, f"no compiler for the {half} half", lambda n, s=suffix: n.endswith(s))
+                sums_half, update_half = base_halves("sgd")  # plain SGD's form
+                failing = in_single_precision(update_half) if half == "update" else sums_half
+                fail_compiling(monkeypatch, f"no compiler for the {half} half", lambda n, f=failing: n == f)
                 with pytest.warns(UserWarning, match=f"no compiler for the {half} half") as caught:
                     opt.step()
                 assert len([x for x in caught if "Layca" in str(x.message)]) == 1

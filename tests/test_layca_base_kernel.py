@@ -333,8 +333,12 @@ def test_an_adam_half_that_fails_to_compile_later_leaves_no_layer_behind(
     # after the sums half wrote this step's moments (it then runs uncompiled: the same arithmetic).
     model, twin, eager, compiled = trained_twins(torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05), 2)
     assert set(compiled.describe().values()) == {"compiled+base"}
-    suffix = "sharded_sums" if half == "sums" else "sharded_update_single"
-    fail_compiling(monkeypatch, f"no compiler for the {half} half", lambda name: name.endswith(suffix))
+    from lightning_layca.step.base_kernels import base_halves
+    from lightning_layca.step.compiled import in_single_precision
+
+    sums_half, update_half = base_halves("adam")  # AdamW's form
+    failing = sums_half if half == "sums" else in_single_precision(update_half)
+    fail_compiling(monkeypatch, f"no compiler for the {half} half", lambda name: name == failing)
     with pytest.warns(UserWarning, match=f"no compiler for the {half} half") as caught:
         fit(model, eager, 1, seed=3)
         fit(twin, compiled, 1, seed=3)
@@ -371,9 +375,10 @@ def test_a_half_that_fails_for_the_last_layers_leaves_the_first_ones_stepped_by_
     for seed in range(2):
         step(model, eager, seed)
         step(twin, compiled, seed)
-    fail_compiling(
-        monkeypatch, "no compiler for one layer", lambda name: name.endswith("sharded_sums"), layers_per_call=1
-    )
+    from lightning_layca.step.base_kernels import BASE_KERNELS, base_halves
+
+    sums_halves = {base_halves(form)[0] for form in BASE_KERNELS}
+    fail_compiling(monkeypatch, "no compiler for one layer", lambda name: name in sums_halves, layers_per_call=1)
     with pytest.warns(UserWarning, match="no compiler for one layer") as caught:
         step(model, eager, 2)
         step(twin, compiled, 2)
@@ -479,7 +484,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_steps(case: str) -> None:
     # The kernel's returned sums (a, b, c) = (<D, w>, <w, w>, <D, D>) against D read from torch's own step on a twin.
-    from lightning_layca.step.base_kernels import BASE_KERNELS, SHARDED_BASE_KERNELS, sharded_forms
+    from lightning_layca.step.base_kernels import BASE_HALVES, BASE_KERNELS, base_halves
     from lightning_layca.step.families import family_of
 
     optimizer, config = KERNEL_CASES[case]
@@ -504,7 +509,7 @@ def test_the_kernels_sums_are_those_of_torchs_own_step_at_the_first_and_later_st
         kernel = BASE_KERNELS[plan.variant][0]  # the traced function itself, run eagerly
         weights = layer.detach().clone()  # the kernel overwrites its input with the Layca step: keep the layer
         if kernel is None:  # Adam's forms: the sums half of the two every layer takes (it writes the state only)
-            sums_half = SHARDED_BASE_KERNELS[sharded_forms(plan.variant)[0]][1]
+            sums_half = BASE_HALVES[base_halves(plan.variant)[0]][1]
             sums = sums_half(weights, layer.grad, *plan.state, hyper, n0).flatten()
         else:  # (a, b, c), then on CPU whether the float32 update was formed (a fourth row, step.kernels.update_rows)
             sums = kernel(weights, layer.grad, *plan.state, hyper, one, one, n0, flag)[:3].flatten()

@@ -5,7 +5,7 @@ One form per kind of base step (:data:`BASE_KERNELS`, a :attr:`lightning_layca.s
 optimizer's step ``D`` from the gradient, the weights and the optimizer's state (updated in place, as torch's own step
 updates it), exactly in float64 for the sums and never written to the weights, so no snapshot is needed; the sums, the
 rule and the update are those of :mod:`lightning_layca.step.kernels`. Every form comes in two halves
-(:data:`SHARDED_BASE_KERNELS`): the sums, having updated the state, then the update from the layer's full sums; a
+(:data:`BASE_HALVES`): the sums, having updated the state, then the update from the layer's full sums; a
 sharded layer takes them around the step's one collective, and so does every other layer, without it, except per unit
 around SGD, whose forms also take the step in one call (the sums and the update,
 :func:`lightning_layca.step.kernels.rotate_rows`; see :data:`BASE_KERNELS`). How they are compiled and called is
@@ -20,7 +20,7 @@ import torch
 
 from lightning_layca.step.kernels import layer_sums, rotate_rows, update_rows
 
-__all__ = ["BASE_KERNELS", "SHARDED_BASE_KERNELS", "sharded_forms"]
+__all__ = ["BASE_HALVES", "BASE_KERNELS", "base_halves"]
 
 
 _UPDATE, _UPDATE_AS_STORED, _UPDATED = "update", "update_as_stored", "updated"
@@ -173,8 +173,8 @@ BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor] | None, int, tuple[flo
 """Per form of a base step the kernels take (a ``LayerStep.variant``, :mod:`lightning_layca.step.base_steps`): its
 one-call kernel (SGD's forms) or ``None`` (Adam's), the number of state tensors it updates, and stand-in values of
 ``hyper`` for its first compilation. Each one-call kernel returns the layer's sums. Per layer every form takes the two
-halves of :data:`SHARDED_BASE_KERNELS` (sharded or not); per unit SGD's forms take their one-call kernel
-(``step.compiled.in_halves``). In one call the update pass either forms the step again from the old state and the
+halves of :data:`BASE_HALVES` (sharded or not); per unit SGD's forms take their one-call kernel
+(``step.base_compiled.in_halves``). In one call the update pass either forms the step again from the old state and the
 gradient (SGD's: a tensor more to read, 6 against 5 for SGD with momentum) or reads it from a tensor the size of the
 layer that the compiled code stores, allocated at every call (Adam's, until the section "Adam's step in two halves" of
 ``benchmarks/README.md``): the process then faulted its pages in again at every step. The halves store nothing but the
@@ -182,18 +182,18 @@ optimizer's state, and the update half forms the step again from the state the s
 without ``amsgrad``, 7 tensor reads and 3 writes per element, against 8 and 4). Measured in that section."""
 
 
-def sharded_forms(variant: str) -> tuple[str, str]:
-    """The two halves of the kernel of a base step's form (a key of :data:`BASE_KERNELS`) for a sharded layer."""
-    return f"{variant}_sharded_sums", f"{variant}_sharded_update"
+def base_halves(variant: str) -> tuple[str, str]:
+    """The names of the two halves of a base step's form (a key of :data:`BASE_KERNELS`): its sums, its update."""
+    return f"{variant}_sums", f"{variant}_update"
 
 
-# The halves of those kernels for a process's shard of a sharded layer, around the step's one collective: the sums
-# half is called as ``kernel(params, grad, *state, hyper, initial_norms)`` (it updates the state and returns the
-# shard's partial sums, over its elements in memory order rather than its lanes side by side, so that the state's
-# store joins the loop of the sums: step.compiled._STORING_SUMS_OPTIONS), the update half as ``kernel(params, grad,
-# *state, hyper, sums, rate, relative_lr, initial_norms, near_floor)`` (it forms ``D`` again from the weights and the
-# updated state, takes the rule from the layer's full ``sums`` and writes the weights; ``single=True``: see
-# step.kernels.update_rows). The arithmetic is the unsharded kernels' own.
+# The halves of those kernels, which a process's shard of a sharded layer takes around the step's one collective: the
+# sums half is called as ``kernel(params, grad, *state, hyper, initial_norms)`` (it updates the state and returns the
+# layer's (shard's partial) sums, over its elements in memory order rather than its lanes side by side, so that the
+# state's store joins the loop of the sums: step.compiled._STORING_SUMS_OPTIONS), the update half as ``kernel(params,
+# grad, *state, hyper, sums, rate, relative_lr, initial_norms, near_floor)`` (it forms ``D`` again from the weights and
+# the updated state, takes the rule from the layer's full ``sums`` and writes the weights; ``single=True``: see
+# step.kernels.update_rows). The arithmetic is the one-call kernels' own.
 
 
 def _sgd_sums(p: T, g: T, b: T | None, h: T, n0: T, nesterov: bool) -> T:
@@ -265,11 +265,11 @@ _HALVES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor
     "adam_amsgrad": (_adam_amsgrad_sums_kernel, _adam_amsgrad_update_kernel),
 }
 
-SHARDED_BASE_KERNELS: dict[str, tuple[str, Callable[..., torch.Tensor]]] = {
+BASE_HALVES: dict[str, tuple[str, Callable[..., torch.Tensor]]] = {
     name: (variant, half)
     for variant, halves in _HALVES.items()
-    for name, half in zip(sharded_forms(variant), halves, strict=True)
+    for name, half in zip(base_halves(variant), halves, strict=True)
 }
-"""Per half of a base step's form for sharded layers (:func:`sharded_forms`): the form (a key of
+"""Per half of a base step's form (:func:`base_halves`): the form (a key of
 :data:`BASE_KERNELS`: the number of state tensors and the stand-in ``hyper``) and the function. Each returns the
 layer's sums (partial for the sums half, the full ones it was given for the update half)."""

@@ -25,20 +25,12 @@ With the snapshot taken before the base step, that is 7 tensor-sized memory pass
 
 For a process's shard of a sharded layer the kernel comes in two halves (:data:`SHARDED_SUMS`,
 :data:`SHARDED_UPDATE`): step 1 alone, returning the shard's partial sums, then, once the seam has added the sums of
-every process in the step's one collective, steps 2 and 3 from the full sums: the same passes. So do the kernels that
-take the base step (below; :func:`sharded_base_sums_compiled`, :func:`sharded_base_update_compiled`): the first half
-reads the weights, the gradient and the optimizer's state, writes the new state and returns the shard's sums, the
-second forms the step again from the weights and the new state, as the first formed it, and writes the weights.
+every process in the step's one collective, steps 2 and 3 from the full sums: the same passes.
 
-Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernel takes the base step too (the kernels of
-:mod:`lightning_layca.step.base_kernels`, called by :func:`rotate_base_compiled`; the family table says when): the first
-pass reads the weights, the gradient and the optimizer's state (SGD's momentum buffer, Adam's moments), writes the new
-state and accumulates the sums with the step ``D`` formed exactly in float64, the second reads them again and writes
-``w``. No snapshot is taken and ``fl(w + D)`` is never formed: 7 memory streams in all for SGD with momentum, against 5
-for SGD's own fused step (8 in the code Inductor generates: it moves the buffer's write into the second pass, where it
-recomputes the velocity from the old buffer and the gradient). SGD's forms take both passes in one call; Adam's take
-them in the two calls of a sharded layer, without the collective (10 streams against 7 for Adam's own fused step; see
-:data:`~lightning_layca.step.base_kernels.BASE_KERNELS`), so that no call stores a tensor the size of its layer.
+Around ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the kernels take the base optimizer's step too, with no snapshot:
+:mod:`lightning_layca.step.base_compiled` calls them (the kernels of :mod:`lightning_layca.step.base_kernels`, each
+form in two halves as well); this module registers them with the others and takes the float64 update of the layers
+their update half leaves (:func:`update_halves`).
 
 Compilation. Every kernel of the step is registered with :mod:`lightning_layca.compiling`, which compiles and calls it:
 one compilation per (device, dtype, kernel) covers every layer (dynamic shapes: a layer is seen as four runs of its
@@ -67,7 +59,6 @@ from lightning_layca.compiling import (
     SUPPORTED_DTYPES,
     KernelSpec,
     call_kernels,
-    equal_runs,
     kernel_view,
     kernels_ready,
     parallel_kernel,
@@ -76,7 +67,7 @@ from lightning_layca.compiling import (
     stand_in_layer,
     unit_view,
 )
-from lightning_layca.step.base_kernels import BASE_KERNELS, SHARDED_BASE_KERNELS, sharded_forms
+from lightning_layca.step.base_kernels import BASE_HALVES, BASE_KERNELS, base_halves
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
 __all__ = [
@@ -89,20 +80,17 @@ __all__ = [
     "SNAPSHOT",
     "SUPPORTED_DTYPES",
     "LayerScalars",
-    "base_step_kernels",
     "compiled_step_ready",
-    "in_halves",
     "in_single_precision",
     "kernel_view",
     "parallel_kernel",
-    "rotate_base_compiled",
     "rotate_compiled",
     "scalars",
-    "sharded_base_sums_compiled",
-    "sharded_base_update_compiled",
     "sharded_sums_compiled",
     "sharded_update_compiled",
     "unit_view",
+    "update_halves",
+    "update_in_float64",
     "use_compiled_step",
 ]
 
@@ -189,8 +177,8 @@ def compiled_step_ready(
         dtype: The layers' dtype.
         parallel: :func:`parallel_kernel` of each layer: the kernels needed.
         per_unit: Whether the layers step per unit (``granularity="unit"``).
-        variants: For kernels that take the base optimizer's step (:func:`rotate_base_compiled`), each layer's form
-            of it (a key of :data:`BASE_KERNELS`); empty for the step after the base optimizer's
+        variants: For kernels that take the base optimizer's step (:mod:`lightning_layca.step.base_compiled`), the
+            kernels each layer's form calls (``base_step_kernels``); empty for the step after the base optimizer's
             (:func:`rotate_compiled`).
     """
     forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
@@ -220,13 +208,13 @@ def _stand_in(
     if variant == SHARDED_UPDATE:
         sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
         return [params, weights, sums, rate, relative_lr, norms, flag]
-    form, half = SHARDED_BASE_KERNELS.get(variant, (variant, None))
+    form, half = BASE_HALVES.get(variant, (variant, None))
     _, states, values = BASE_KERNELS[form]
     hyper = torch.tensor(values, dtype=torch.float64, device=device)
     state = [(grid.cos() + k).abs().to(dtype) for k in range(states)]
     if half is None:
         return [params, weights, *state, hyper, rate, relative_lr, norms, flag]
-    if variant == sharded_forms(form)[0]:
+    if variant == base_halves(form)[0]:
         return [params, weights, *state, hyper, norms]
     sums = torch.ones((3, shape[0] if per_unit else 1), dtype=torch.float64, device=device)
     return [params, weights, *state, hyper, sums, rate, relative_lr, norms, flag]
@@ -238,11 +226,11 @@ _BODIES: tuple[tuple[str, Callable[..., Any]], ...] = (
     (SHARDED_SUMS, sharded_sums),
     (SHARDED_UPDATE, sharded_update),
     *((v, f) for v, (f, _, _) in BASE_KERNELS.items() if f is not None),
-    *((v, f) for v, (_, f) in SHARDED_BASE_KERNELS.items()),
+    *((v, f) for v, (_, f) in BASE_HALVES.items()),
 )
 _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
     SHARDED_UPDATE: sharded_update,
-    **{sharded_forms(v)[1]: SHARDED_BASE_KERNELS[sharded_forms(v)[1]][1] for v in BASE_KERNELS},
+    **{base_halves(v)[1]: BASE_HALVES[base_halves(v)[1]][1] for v in BASE_KERNELS},
 }
 """The update half of each form's sharded kernel, uncompiled: the float64 update of a float32 layer that a
 single-precision kernel left, where the half's own compilation fails (:func:`_float64_updates`)."""
@@ -265,9 +253,9 @@ def _single_precision(body: Callable[..., Any]) -> Callable[..., Any]:
     return kernel
 
 
-_STORING_SUMS = {sharded_forms(v)[0] for v in BASE_KERNELS}
+_STORING_SUMS = {base_halves(v)[0] for v in BASE_KERNELS}
 for _variant, _body in _BODIES:
-    _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in SHARDED_BASE_KERNELS else {}
+    _options = _BASE_STEP_OPTIONS if _variant in BASE_KERNELS or _variant in BASE_HALVES else {}
     _options = {**_options, **_AS_STORED_OPTIONS} if _variant in _STORING_SUMS else _options
     _layer_options = _STORING_SUMS_OPTIONS if _variant in _STORING_SUMS else {}
     register_kernel(
@@ -319,116 +307,13 @@ def rotate_compiled(
     calls = [(p, w, *scalars_) for p, w, scalars_ in zip(params, previous, layer_scalars, strict=True)]
     results: list[torch.Tensor] = []
     done = call_kernels(zip(parallel, [SNAPSHOT] * len(parallel), calls, strict=True), per_unit, results)
-    _update_in_float64(calls[:done], results, [SNAPSHOT] * done, parallel, per_unit)
+    update_in_float64(calls[:done], results, [SNAPSHOT] * done, parallel, per_unit)
     if sums is not None:
         sums.extend(results)
     return done
 
 
-def rotate_base_compiled(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    states: Sequence[Sequence[torch.Tensor]],
-    hypers: Sequence[torch.Tensor],
-    layer_scalars: Sequence[LayerScalars],
-    parallel: Sequence[bool],
-    variants: Sequence[str],
-    per_unit: bool = False,
-) -> int:
-    """Take the base optimizer's step and the Layca step of layers of one device and dtype together.
-
-    Each layer takes its form's two halves (:func:`in_halves`: per layer, and Adam's per unit; the sums are the
-    layer's own, with no collective), or per unit SGD's one-call kernel. Needs :func:`compiled_step_ready` (with
-    :func:`base_step_kernels`) to have returned ``True`` for the layers' device, dtype and kernels. Should a later
-    compilation fail, the layers from the failing one on are left to the caller (untouched: neither their weights nor
-    their optimizer state were written), after one warning; a layer whose sums half ran takes its update (uncompiled,
-    should its compilation fail).
-
-    Args:
-        params: :func:`kernel_view` (or :func:`unit_view`) of each layer (detached), holding ``w``.
-        grads: The same views of their gradients.
-        states: Per layer, the same views of the optimizer state the kernel updates in place (see
-            :data:`BASE_KERNELS`).
-        hypers: Per layer, the kernel's hyperparameters (see :mod:`lightning_layca.step.base_steps`).
-        layer_scalars: The :class:`LayerScalars` of each layer.
-        parallel: :func:`parallel_kernel` of each layer.
-        variants: Per layer, the form of the base step (a key of :data:`BASE_KERNELS`).
-        per_unit: Whether every unit turns by itself (``granularity="unit"``).
-
-    Returns:
-        The number of layers stepped.
-    """
-    done = 0
-    for first, end in equal_runs([in_halves(v, per_unit) for v in variants]):
-        run = slice(first, end)
-        if in_halves(variants[first], per_unit):
-            norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
-            sums = sharded_base_sums_compiled(
-                params[run], grads[run], states[run], hypers[run], norms, parallel[run], variants[run], per_unit
-            )
-            # The layers whose sums half ran have this step's optimizer state: they take the update half.
-            stepped = slice(first, first + len(sums))
-            sharded_base_update_compiled(
-                params[stepped],
-                grads[stepped],
-                states[stepped],
-                hypers[stepped],
-                sums,
-                layer_scalars[stepped],
-                parallel[stepped],
-                variants[stepped],
-                per_unit,
-            )
-            count = len(sums)
-        else:
-            rows = zip(params[run], grads[run], states[run], hypers[run], layer_scalars[run], strict=True)
-            calls = [(p, g, *state, hyper, *scalars_) for p, g, state, hyper, scalars_ in rows]
-            results: list[torch.Tensor] = []
-            count = call_kernels(zip(parallel[run], variants[run], calls, strict=True), per_unit, results)
-            _update_in_float64(calls[:count], results, variants[run], parallel[run], per_unit)
-        done += count
-        if done < end:
-            break
-    return done
-
-
-def in_halves(variant: str, per_unit: bool) -> bool:
-    """Whether the unsharded layers of a base step's form take its two halves (:data:`SHARDED_BASE_KERNELS`).
-
-    Per layer every form does; per unit the forms with a one-call kernel (SGD's) take it: per unit the sums half stores
-    the new state in a loop of its own, after its sums (a reduction per row), and the two halves took longer than one
-    call (``benchmarks/README.md``, section "Adam's step in two halves").
-    """
-    return BASE_KERNELS[variant][0] is None or not per_unit
-
-
-def base_step_kernels(
-    variants: Sequence[str], parallel: Sequence[bool], sharded: bool, per_unit: bool
-) -> tuple[list[str], list[bool]]:
-    """The kernels that layers of these base-step forms call, in the order of the calls, and whether each is parallel.
-
-    What :func:`compiled_step_ready` must check for them, in that order, so that it also compiles the kernels of
-    several layers per call that the calls will take.
-
-    A form's one-call kernel; or for a sharded layer, and where :func:`in_halves` says so, its two halves: the sums
-    half of every layer of a run of such layers first, then their update half (its kernel in single precision,
-    :func:`in_single_precision`), as :func:`rotate_base_compiled` and the sharded step call them.
-    """
-    kernels: list[str] = []
-    threads: list[bool] = []
-    halves = [sharded or in_halves(v, per_unit) for v in variants]
-    for first, end in equal_runs(halves):
-        forms, run_parallel = variants[first:end], list(parallel[first:end])
-        if halves[first]:
-            kernels += [sharded_forms(v)[0] for v in forms] + [in_single_precision(sharded_forms(v)[1]) for v in forms]
-            threads += run_parallel * 2
-        else:
-            kernels += forms
-            threads += run_parallel
-    return kernels, threads
-
-
-def _update_in_float64(
+def update_in_float64(
     calls: Sequence[Sequence[torch.Tensor]],
     results: Sequence[torch.Tensor],
     variants: Sequence[str],
@@ -450,7 +335,7 @@ def _update_in_float64(
         if variant == SNAPSHOT:
             half, at = SHARDED_UPDATE, 2  # (p, w, | sums, rate, relative_lr, initial_norms, near_floor)
         else:
-            half, at = sharded_forms(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
+            half, at = base_halves(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
         halves.append(half)
         arguments.append([*args[:at], sums[i][:3], *args[at:]])
     _float64_updates(halves, arguments, [parallel[i] for i in left], per_unit)
@@ -521,81 +406,31 @@ def sharded_update_compiled(
     calls = [
         (p, w, full, *scalars_) for p, w, full, scalars_ in zip(params, previous, sums, layer_scalars, strict=True)
     ]
-    results: list[torch.Tensor] = []
-    single = [in_single_precision(SHARDED_UPDATE)] * len(calls)
-    done = call_kernels(zip(parallel, single, calls, strict=True), per_unit, results)
-    left = _left(results)
-    _float64_updates([SHARDED_UPDATE] * len(left), [calls[i] for i in left], [parallel[i] for i in left], per_unit)
-    return done
+    return update_halves([SHARDED_UPDATE] * len(calls), calls, parallel, per_unit)
 
 
-def sharded_base_sums_compiled(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    states: Sequence[Sequence[torch.Tensor]],
-    hypers: Sequence[torch.Tensor],
-    initial_norms: Sequence[torch.Tensor],
+def update_halves(
+    halves: Sequence[str],
+    calls: Sequence[Sequence[torch.Tensor]],
     parallel: Sequence[bool],
-    variants: Sequence[str],
-    per_unit: bool = False,
-) -> list[torch.Tensor]:
-    """The first half of :func:`rotate_base_compiled` for a process's shards of sharded layers: the base step's state.
+    per_unit: bool,
+    every_layer: bool = False,
+) -> int:
+    """Call the update half ``halves[i]`` of each layer on ``calls[i]``: its kernel in single precision, compiled.
 
-    Each call reads the shard's weights, gradient and optimizer state, writes the new state and returns the shard's
-    partial sums ``(a, b, c)`` of ``(D, w)`` (``D`` formed exactly in float64, never written); the weights are not
-    written. Then the seam adds the sums of every process (:func:`lightning_layca.distributed.reduce_sums`), and
-    :func:`sharded_base_update_compiled` takes the Layca step. Needs :func:`compiled_step_ready` with both halves of
-    every layer's form (:func:`~lightning_layca.step.base_kernels.sharded_forms`). Should a later compilation fail, the
-    layers from the failing one on are left to the caller untouched (fewer results than layers), after one warning.
-
-    Args:
-        params: :func:`kernel_view` (or :func:`unit_view`) of each local shard (detached), holding ``w``.
-        grads: The same views of their gradients.
-        states: Per layer, the same views of the optimizer state the kernel updates in place.
-        hypers: Per layer, the kernel's hyperparameters.
-        initial_norms: As for :func:`sharded_sums_compiled` (tells the kernel the granularity).
-        parallel: :func:`parallel_kernel` of each local shard.
-        variants: Per layer, the form of the base step (a key of :data:`BASE_KERNELS`).
-        per_unit: Whether every unit turns by itself.
+    The layers that kernel left for the float64 update take it (:func:`in_single_precision`). Should a compilation
+    fail (after one warning), the layers from the failing one on are left to the caller, or with ``every_layer`` (the
+    halves of a base step, whose sums half has already written the optimizer's state of this step) take the same
+    function uncompiled: the same arithmetic, in eager torch operations.
 
     Returns:
-        Per layer, ``(3, 1)`` or per unit ``(3, rows)`` float64 sums.
+        The number of layers the compiled kernels stepped.
     """
-    sums: list[torch.Tensor] = []
-    calls = (
-        (p, g, *state, hyper, n0)
-        for p, g, state, hyper, n0 in zip(params, grads, states, hypers, initial_norms, strict=True)
-    )
-    forms = [sharded_forms(v)[0] for v in variants]
-    call_kernels(zip(parallel, forms, calls, strict=True), per_unit, sums)
-    return sums
-
-
-def sharded_base_update_compiled(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    states: Sequence[Sequence[torch.Tensor]],
-    hypers: Sequence[torch.Tensor],
-    sums: Sequence[torch.Tensor],
-    layer_scalars: Sequence[LayerScalars],
-    parallel: Sequence[bool],
-    variants: Sequence[str],
-    per_unit: bool = False,
-) -> None:
-    """The second half: each shard's Layca step from its layer's full ``sums`` (``(3, 1)`` or ``(3, rows)``).
-
-    ``D`` is formed again from the weights and the state the first half wrote, as that half formed it. The state is
-    already this step's, so every layer must be stepped: should a compilation fail (after one warning), the layers
-    from the failing one on take the same function uncompiled (the same arithmetic, in eager torch operations).
-    """
-    calls = [
-        (p, g, *state, hyper, full, *scalars_)
-        for p, g, state, hyper, full, scalars_ in zip(params, grads, states, hypers, sums, layer_scalars, strict=True)
-    ]
-    forms = [sharded_forms(v)[1] for v in variants]
     results: list[torch.Tensor] = []
-    done = call_kernels(zip(parallel, map(in_single_precision, forms), calls, strict=True), per_unit, results)
-    for form, arguments in zip(forms[done:], calls[done:], strict=True):
-        _UPDATE_HALVES[form](*arguments)
+    done = call_kernels(zip(parallel, map(in_single_precision, halves), calls, strict=True), per_unit, results)
+    if every_layer:
+        for half, arguments in zip(halves[done:], calls[done:], strict=True):
+            _UPDATE_HALVES[half](*arguments)
     left = _left(results)
-    _float64_updates([forms[i] for i in left], [calls[i] for i in left], [parallel[i] for i in left], per_unit)
+    _float64_updates([halves[i] for i in left], [calls[i] for i in left], [parallel[i] for i in left], per_unit)
+    return done

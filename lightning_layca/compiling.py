@@ -137,7 +137,13 @@ _KERNELS: dict[str, KernelSpec] = {}
 
 
 def register_kernel(name: str, spec: KernelSpec) -> None:
-    """Make the kernel ``name`` callable through :func:`kernels_ready` and :func:`call_kernels`."""
+    """Make the kernel ``name`` callable through :func:`kernels_ready` and :func:`call_kernels`.
+
+    Raises:
+        ValueError: If ``name`` is already registered (every room's kernels share one table).
+    """
+    if name in _KERNELS:
+        raise ValueError(f"A kernel named {name!r} is already registered; give the new kernel a name of its own.")
     _KERNELS[name] = spec
 
 

@@ -416,3 +416,18 @@ def test_unit_granularity_steps_single_unit_layers_eagerly_beside_the_compiled_o
         for unit, unit_before in zip(p.detach(), w, strict=True):
             assert angle(unit, unit_before) == pytest.approx(math.atan(0.1), abs=1e-5)
             assert float(unit.double().norm()) == pytest.approx(float(unit_before.double().norm()), rel=1e-6)
+
+
+def test_a_kernel_name_registered_twice_is_refused_and_every_registered_name_is_distinct() -> None:
+    # Every room registers its kernels by name in one table; a second body under a name already taken (a new base
+    # form called "step" would make "step_sums", the monitor's kernel) must fail loudly, not replace the first.
+    from lightning_layca import compiling, measurement
+    from lightning_layca.step import base_compiled  # noqa: F401  (every room's kernels registered)
+    from lightning_layca.step.base_kernels import BASE_KERNELS, base_halves
+
+    names = [measurement.DISTANCES, measurement.STEP_SUMS, *BASE_KERNELS]
+    names += [half for form in BASE_KERNELS for half in base_halves(form)]
+    assert len(set(names)) == len(names)
+    spec = compiling.KernelSpec(lambda x: x, lambda *args: [])
+    with pytest.raises(ValueError, match="'step_sums' is already registered"):
+        compiling.register_kernel(measurement.STEP_SUMS, spec)

@@ -6,7 +6,9 @@
 * :mod:`~lightning_layca.step.eager`: the eager implementation (float64 sums of :mod:`lightning_layca.sums`, the seam
   for sharded layers, the rule, a multi-tensor update);
 * :mod:`~lightning_layca.step.kernels` and :mod:`~lightning_layca.step.compiled`: the compiled implementation (the same
-  sums, rule and update traced into one kernel per layer, compiled with ``torch.compile``);
+  sums, rule and update traced into one kernel per layer, compiled with ``torch.compile``); around SGD, Adam and
+  AdamW the kernels take the base step too (:mod:`~lightning_layca.step.base_kernels`, called by
+  :mod:`~lightning_layca.step.base_compiled`);
 * :mod:`~lightning_layca.step.families`: one entry per base-optimizer family whose step the compiled kernel takes
   (how its step is read, :mod:`~lightning_layca.step.base_steps`; its kernels,
   :mod:`~lightning_layca.step.base_kernels`; its equilibrium rate, :mod:`~lightning_layca.step.equilibrium`).

@@ -97,11 +97,12 @@ def rotate_base_compiled(
 
 
 def in_halves(variant: str, per_unit: bool) -> bool:
-    """Whether the unsharded layers of a base step's form take its two halves (``BASE_HALVES`` of its kernels).
+    """Whether the unsharded layers of a base step's form take its two halves rather than one call.
 
-    Per layer every form does; per unit the forms with a one-call kernel (SGD's) take it: per unit the sums half stores
-    the new state in a loop of its own, after its sums (a reduction per row), and the two halves took longer than one
-    call (``benchmarks/README.md``, section "Adam's step in two halves").
+    Per layer every form takes its halves (:data:`~lightning_layca.step.base_kernels.BASE_HALVES`); per unit the
+    forms with a one-call kernel (SGD's) take it: per unit the sums half stores the new state in a loop of its own,
+    after its sums (a reduction per row), and the two halves took longer than one call (``benchmarks/README.md``,
+    section "Adam's step in two halves").
     """
     return BASE_KERNELS[variant][0] is None or not per_unit
 
@@ -149,8 +150,8 @@ def base_sums_compiled(
     returns its sums ``(a, b, c)`` of ``(D, w)`` (``D`` formed exactly in float64, never written; partial sums for a
     shard); the weights are not written. Sharded, the seam then adds the sums of every process
     (:func:`lightning_layca.distributed.reduce_sums`); then :func:`base_update_compiled` takes the Layca step. Needs
-    :func:`~lightning_layca.step.compiled.compiled_step_ready` with both halves of every layer's form
-    (:func:`~lightning_layca.step.base_kernels.base_halves`). Should a later compilation fail, the layers from the
+    :func:`~lightning_layca.step.compiled.compiled_step_ready` with the kernels :func:`base_step_kernels` lists for
+    them. Should a later compilation fail, the layers from the
     failing one on are left to the caller untouched (fewer results than layers), after one warning.
 
     Args:
@@ -194,7 +195,7 @@ def base_update_compiled(
 
     ``D`` is formed again from the weights and the state the sums half wrote, as that half formed it. The state is
     already this step's, so every layer must be stepped: should a compilation fail (after one warning), the layers
-    from the failing one on take the same function uncompiled (the same arithmetic, in eager torch operations).
+    from the failing one on take the update half uncompiled, its update in float64 (in eager torch operations).
     """
     calls = [
         (p, g, *state, hyper, full, *scalars_)

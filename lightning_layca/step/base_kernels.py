@@ -8,8 +8,8 @@ rule and the update are those of :mod:`lightning_layca.step.kernels`. Every form
 (:data:`BASE_HALVES`): the sums, having updated the state, then the update from the layer's full sums; a
 sharded layer takes them around the step's one collective, and so does every other layer, without it, except per unit
 around SGD, whose forms also take the step in one call (the sums and the update,
-:func:`lightning_layca.step.kernels.rotate_rows`; see :data:`BASE_KERNELS`). How they are compiled and called is
-:mod:`lightning_layca.step.compiled`.
+:func:`lightning_layca.step.kernels.rotate_rows`; see :data:`BASE_KERNELS`). They are registered and compiled by
+:mod:`lightning_layca.step.compiled` and called by :mod:`lightning_layca.step.base_compiled`.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def base_halves(variant: str) -> tuple[str, str]:
 # state's store joins the loop of the sums: step.compiled._STORING_SUMS_OPTIONS), the update half as ``kernel(params,
 # grad, *state, hyper, sums, rate, relative_lr, initial_norms, near_floor)`` (it forms ``D`` again from the weights and
 # the updated state, takes the rule from the layer's full ``sums`` and writes the weights; ``single=True``: see
-# step.kernels.update_rows). The arithmetic is the one-call kernels' own.
+# step.kernels.update_rows). The sums, the rule and the update are those of step.kernels, as in SGD's one-call kernels.
 
 
 def _sgd_sums(p: T, g: T, b: T | None, h: T, n0: T, nesterov: bool) -> T:

@@ -177,9 +177,9 @@ def compiled_step_ready(
         dtype: The layers' dtype.
         parallel: :func:`parallel_kernel` of each layer: the kernels needed.
         per_unit: Whether the layers step per unit (``granularity="unit"``).
-        variants: For kernels that take the base optimizer's step (:mod:`lightning_layca.step.base_compiled`), the
-            kernels each layer's form calls (``base_step_kernels``); empty for the step after the base optimizer's
-            (:func:`rotate_compiled`).
+        variants: The names of the kernels the layers call, where not :data:`SNAPSHOT` (the step after the base
+            optimizer's, :func:`rotate_compiled`; then empty): the sharded halves of a sharded layer, or the kernels
+            a base step's forms call (``base_step_kernels`` of :mod:`lightning_layca.step.base_compiled`).
     """
     forms = list(variants) if variants else [SNAPSHOT] * len(parallel)
     return kernels_ready(device, dtype, list(zip(parallel, forms, strict=True)), per_unit)
@@ -232,8 +232,9 @@ _UPDATE_HALVES: dict[str, Callable[..., Any]] = {
     SHARDED_UPDATE: sharded_update,
     **{base_halves(v)[1]: BASE_HALVES[base_halves(v)[1]][1] for v in BASE_KERNELS},
 }
-"""The update half of each form's sharded kernel, uncompiled: the float64 update of a float32 layer that a
-single-precision kernel left, where the half's own compilation fails (:func:`_float64_updates`)."""
+"""The update half of each form (:data:`SHARDED_UPDATE` after the base step), uncompiled: the float64 update of a
+float32 layer that a single-precision kernel left, where the half's own compilation fails
+(:func:`_float64_updates`)."""
 
 
 def in_single_precision(half: str) -> str:
@@ -324,8 +325,8 @@ def update_in_float64(
 
     On CPU a float32 layer's kernel forms its update in float32 where that is exact enough
     (:func:`~lightning_layca.step.kernels.update_rows`) and otherwise leaves the layer as it was, the optimizer's
-    state already updated: the update half of the sharded kernel of its form takes it from the layer's sums, as for a
-    sharded layer. ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
+    state already updated: the update half of its form takes it from the layer's sums, as for a sharded layer.
+    ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
     sums = list(results)
     left = _left(sums)
@@ -421,7 +422,7 @@ def update_halves(
     The layers that kernel left for the float64 update take it (:func:`in_single_precision`). Should a compilation
     fail (after one warning), the layers from the failing one on are left to the caller, or with ``every_layer`` (the
     halves of a base step, whose sums half has already written the optimizer's state of this step) take the same
-    function uncompiled: the same arithmetic, in eager torch operations.
+    half uncompiled, its update in float64 (in eager torch operations).
 
     Returns:
         The number of layers the compiled kernels stepped.

@@ -4,8 +4,9 @@
 (the units with ``granularity="unit"``, over the whole matrix for the layer otherwise), the rule
 :func:`lightning_layca.step.rule.coefficients`, and the update ``p = k1 * w + k2 * D``. :func:`after_step` is the kernel
 that works after the base optimizer's step, from a snapshot; the kernels that take a base optimizer's step themselves
-are in :mod:`lightning_layca.step.base_kernels`, one per form of that step. How they are compiled and called is
-:mod:`lightning_layca.step.compiled`.
+are in :mod:`lightning_layca.step.base_kernels`, one per form of that step. They are compiled by
+:mod:`lightning_layca.step.compiled`, which calls :func:`after_step` and the sharded halves; the base step's kernels are
+called by :mod:`lightning_layca.step.base_compiled`.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def update_rows(
 
     With ``single`` (a constant of the compiled code) a float32 layer's update is formed in float32 where
     :func:`~lightning_layca.step.rule.single_precision_suffices` says so for every unit, the rule of the eager step on
-    CPU; otherwise the layer is left as it is, for :func:`update_rows` without ``single`` (the update halves of the
-    sharded kernels, which read the state this call wrote) to form its update in float64. Without ``single`` (and
+    CPU; otherwise the layer is left as it is, for :func:`update_rows` without ``single`` (the update halves, which
+    read the state this call wrote) to form its update in float64. Without ``single`` (and
     on CUDA) the update of a float32 layer is formed in float64.
 
     Returns:

@@ -48,7 +48,9 @@ for name, dtype, parallel, variant in (
     t0 = time.perf_counter()
     # The kernels a layer of that form calls (per layer: its two halves).
     if variant:
-        variants, threads = base_compiled.base_step_kernels([variant], [parallel], sharded=False, per_unit=False)
+        variants, threads = base_compiled.base_step_kernels(
+            [variant], [parallel], sharded=False, per_unit=False, device=torch.device("cpu"), dtype=dtype
+        )
     else:
         variants, threads = [], [parallel]
     ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, threads, variants=variants)

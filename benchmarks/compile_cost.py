@@ -48,9 +48,7 @@ for name, dtype, parallel, variant in (
     t0 = time.perf_counter()
     # The kernels a layer of that form calls (per layer: its two halves).
     if variant:
-        variants, threads = base_compiled.base_step_kernels(
-            [variant], [parallel], sharded=False, per_unit=False, device=torch.device("cpu"), dtype=dtype
-        )
+        variants, threads = base_compiled.base_step_kernels([variant], [parallel], sharded=False, per_unit=False)
     else:
         variants, threads = [], [parallel]
     ok = compiled_step.compiled_step_ready(torch.device("cpu"), dtype, threads, variants=variants)

@@ -123,7 +123,7 @@ def tiny_call_us(repeats: int = 2000) -> tuple[float, float]:
     Returns it as Layca calls it, and with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``.
     """
     device, dtype = torch.device("cpu"), torch.float32
-    kernels, threads = base_step_kernels(["sgd_momentum"], [False], False, False, device, dtype)
+    kernels, threads = base_step_kernels(["sgd_momentum"], [False], sharded=False, per_unit=False)
     if not compiled_step_ready(device, dtype, threads, variants=kernels):
         return float("nan"), float("nan")
     p, g, buf, hyper, *rest = _tiny_layer()

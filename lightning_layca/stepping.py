@@ -230,7 +230,7 @@ def read_base_steps(
         plan.states.append([cast(torch.Tensor, view(local_shard(x))) for x in step.state])
         plan.parallel.append(bucket.parallel[j])
     variants, parallel = base_step_kernels(
-        [step.variant for step in plan.steps], plan.parallel, sharded, bucket.per_unit, device, dtype
+        [step.variant for step in plan.steps], plan.parallel, sharded, bucket.per_unit
     )
     if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return BaseSteps(fallback=plan.fallback + plan.positions)
@@ -521,10 +521,8 @@ def _base_sums(
         first = buckets[members[0][0]]
         parallel = [base_steps[k].parallel[i] for k, i in members]
         variants = [base_steps[k].steps[i].variant for k, i in members]
+        forms, threads = base_step_kernels(variants, parallel, sharded=True, per_unit=per_unit)
         device, dtype = first.near_floor.device, first.params[0].dtype
-        forms, threads = base_step_kernels(
-            variants, parallel, sharded=True, per_unit=per_unit, device=device, dtype=dtype
-        )
         if not compiled_step_ready(device, dtype, threads, per_unit, forms):
             continue
         sums = base_sums_compiled(

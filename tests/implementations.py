@@ -85,16 +85,3 @@ def record_compilations(monkeypatch: pytest.MonkeyPatch) -> tuple[set[tuple[str,
     monkeypatch.setattr(compiling, "_compiled_layers", compiled)
     monkeypatch.setattr(compiled_step, "kernels_ready", kernels_ready)
     return readied, called
-
-
-def pin_sgd_form(monkeypatch: pytest.MonkeyPatch, halves: bool) -> None:
-    """Make SGD's layers take the two halves (``halves``) or one call per layer, as on a machine that measured it so.
-
-    The process's decision (``step.base_compiled.sgd_in_halves``) is forgotten and its trial's timings replaced,
-    until the test's end.
-    """
-    from lightning_layca.step import base_compiled
-
-    turns = [(2.0, 1.0)] if halves else [(1.0, 2.0)]  # (one call, halves) seconds
-    monkeypatch.setattr(base_compiled, "_sgd_halves", {})
-    monkeypatch.setattr(base_compiled, "_time_forms", lambda device, dtype: turns)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
-from tests.implementations import SubclassedSGD, fail_compiling, pin_sgd_form, record_compilations
+from tests.implementations import SubclassedSGD, fail_compiling, record_compilations
 
 CONFIGS = {
     "sgd": dict(lr=0.1),
@@ -357,8 +357,6 @@ def test_a_half_that_fails_for_the_last_layers_leaves_the_first_ones_stepped_by_
     # to compile at a later step, the first four layers take the kernels' step, the fifth is left untouched by them
     # and takes the base optimizer's step from a snapshot and the eager step: every layer ends where the eager
     # implementation puts it, with its state.
-    pin_sgd_form(monkeypatch, halves=True)  # SGD's layers in halves, as Adam's
-
     def make(implementation: str) -> tuple[nn.Module, ll.Layca]:
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
@@ -395,18 +393,13 @@ def test_a_half_that_fails_for_the_last_layers_leaves_the_first_ones_stepped_by_
                 assert relative_error(compiled.state[q][name], value) < 2e-5, name
 
 
-@pytest.mark.parametrize(
-    ("base", "granularity", "sgd_halves"),
-    [("adamw", "layer", True), ("sgd", "layer", True), ("sgd", "layer", False), ("sgd", "unit", True)],
-)
+@pytest.mark.parametrize(("base", "granularity"), [("adamw", "layer"), ("sgd", "layer"), ("sgd", "unit")])
 def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_before_the_step(
-    monkeypatch: pytest.MonkeyPatch, base: str, granularity: str, sgd_halves: bool
+    monkeypatch: pytest.MonkeyPatch, base: str, granularity: str
 ) -> None:
     # Kernels compile on stand-in layers before any weight is touched (a failure then costs one warning and the eager
     # step), for every number of layers per call: five layers of one shape take a call of four, then one of one, in
-    # each half of the kernel (Adam's; SGD's per layer where the halves were measured faster), or in SGD's one-call
-    # kernel (per unit; per layer where it was measured faster).
-    pin_sgd_form(monkeypatch, sgd_halves)
+    # each half of the kernel (per layer), or in SGD's one-call kernel (per unit).
     readied, called = record_compilations(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
@@ -424,7 +417,7 @@ def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_befo
     assert {size for _, size in called} == {1, 4}, called
     assert called <= readied, called - readied
     halves = {variant.endswith(("_sums", "_single")) for variant, _ in called}
-    assert halves == {base == "adamw" or (granularity == "layer" and sgd_halves)}, called  # the form taken
+    assert halves == {base == "adamw" or granularity == "layer"}, called  # which form the layers took
 
 
 def test_a_float16_layer_under_adam_keeps_its_norm_where_its_moments_underflow() -> None:
@@ -557,56 +550,3 @@ def test_per_unit_a_layer_left_to_the_eager_step_after_kernel_layers_takes_its_o
     torch.testing.assert_close(
         torch.linalg.vector_norm(compiled[4]), torch.linalg.vector_norm(eager[4]), rtol=1e-6, atol=0
     )
-
-
-def test_sgd_layers_take_the_form_measured_faster_and_both_forms_take_the_same_steps(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Per layer SGD's compiled step comes in two forms, one call or two halves, the faster one depending on the CPU:
-    # the layers take the one the process measured faster, and the two take the same steps, bit for bit (weights and
-    # momentum buffers), so that the choice is one of speed only.
-    ends = {}
-    for halves in (True, False):
-        pin_sgd_form(monkeypatch, halves)
-        _, called = record_compilations(monkeypatch)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-        wrapped = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
-        opt = ll.Layca(wrapped, model.named_parameters(), rotation_rate=0.05, implementation="compiled")
-        for seed in range(3):
-            opt.zero_grad()
-            model(torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
-            opt.step()
-        assert set(opt.describe().values()) == {"compiled+base"}
-        names = {name for name, _ in called}
-        assert names == ({"sgd_nesterov_sums", "sgd_nesterov_update_single"} if halves else {"sgd_nesterov"}), names
-        ends[halves] = [p.detach().clone() for p in model.parameters()]
-        ends[halves] += [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    for with_halves, in_one_call in zip(ends[True], ends[False], strict=True):
-        assert torch.equal(with_halves, in_one_call)
-
-
-def test_the_sgd_form_is_measured_once_per_process_and_decided_by_the_median_of_its_turns(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The trial's turns alternate; a load that comes and goes slows a few of them. The median of the ratios of
-    # neighbouring turns decides: here one call is faster in 4 of 7 pairs, while three turns of it were slowed by far
-    # more (their mean would say the halves). Measured once per (device, dtype, threads) in the process.
-    from lightning_layca.step import base_compiled
-
-    trials = []
-
-    def turns(device: torch.device, dtype: torch.dtype) -> list[tuple[float, float]]:
-        trials.append((device.type, dtype))
-        return [(1.0, 1.1)] * 4 + [(5.0, 1.0)] * 3  # (one call, halves) seconds
-
-    monkeypatch.setattr(base_compiled, "_sgd_halves", {})
-    monkeypatch.setattr(base_compiled, "_time_forms", turns)
-    cpu = torch.device("cpu")
-    assert base_compiled.sgd_in_halves(cpu, torch.float32) is False
-    assert base_compiled.sgd_in_halves(cpu, torch.float32) is False
-    assert trials == [("cpu", torch.float32)]
-    assert base_compiled.in_halves("sgd_momentum", False, cpu, torch.float32) is False  # per layer: one call
-    assert base_compiled.in_halves("sgd_momentum", True, cpu, torch.float32) is False  # per unit: one call always
-    assert base_compiled.in_halves("adam", False, cpu, torch.float32) is True  # Adam: no one-call kernel
-    assert trials == [("cpu", torch.float32)]

@@ -9,48 +9,22 @@ rule from the layer's sums and writes the weights. ``fl(w + D)`` is never formed
 and 2 writes per element, against 3 and 2 for SGD's own fused step; for Adam 7 and 3 against 4 and 3. A sharded
 layer's shard takes the same halves around the step's one collective (:func:`base_sums_compiled`, the seam,
 :func:`base_update_compiled`); an unsharded layer takes them without it (:func:`rotate_base_compiled`), except per
-unit around SGD, whose forms take one call (:func:`in_halves`), and per layer around SGD on a machine where one call
-was measured faster (:func:`sgd_in_halves`). :func:`base_step_kernels` says which kernels a form's layers call, in the
-order of the calls. The kernels are registered, compiled and made ready with the step's others
+unit around SGD, whose forms take one call (:func:`in_halves`). :func:`base_step_kernels` says which kernels a form's
+layers call, in the order of the calls. The kernels are registered, compiled and made ready with the step's others
 (:mod:`lightning_layca.step.compiled`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from lightning_layca.compiling import call_kernels, equal_runs, kernels_ready, parallel_kernel, scalars
+from lightning_layca.compiling import call_kernels, equal_runs
 from lightning_layca.step.base_kernels import BASE_KERNELS, base_halves
 from lightning_layca.step.compiled import LayerScalars, in_single_precision, update_halves, update_in_float64
-from lightning_layca.sums import LANES
 
-__all__ = [
-    "FORM_TRIAL_ELEMENTS",
-    "FORM_TRIAL_PAIRS",
-    "base_step_kernels",
-    "base_sums_compiled",
-    "base_update_compiled",
-    "in_halves",
-    "rotate_base_compiled",
-    "sgd_in_halves",
-]
-
-FORM_TRIAL_ELEMENTS = 2**20
-"""Elements of each stand-in layer of the trial of :func:`sgd_in_halves` (4 MiB per float32 tensor), in
-:data:`_TRIAL_COPIES` copies taken in turn, so that every call reads its tensors from memory beyond the caches of a
-core, as an optimizer's step does in training."""
-
-FORM_TRIAL_PAIRS = 7
-"""Turns of each form in the trial of :func:`sgd_in_halves`: the median of the ratios of neighbouring turns decides."""
-
-_TRIAL_COPIES = 4
-
-_sgd_halves: dict[tuple[str, torch.dtype, int], bool] = {}
-"""The decision of :func:`sgd_in_halves` per (device type, dtype, intra-op threads), made once per process."""
+__all__ = ["base_step_kernels", "base_sums_compiled", "base_update_compiled", "in_halves", "rotate_base_compiled"]
 
 
 def rotate_base_compiled(
@@ -88,14 +62,10 @@ def rotate_base_compiled(
     Returns:
         The number of layers stepped.
     """
-    if not params:
-        return 0
-    device, dtype = params[0].device, params[0].dtype
-    halves = [in_halves(v, per_unit, device, dtype) for v in variants]
     done = 0
-    for first, end in equal_runs(halves):
+    for first, end in equal_runs([in_halves(v, per_unit) for v in variants]):
         run = slice(first, end)
-        if halves[first]:
+        if in_halves(variants[first], per_unit):
             norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
             sums = base_sums_compiled(
                 params[run], grads[run], states[run], hypers[run], norms, parallel[run], variants[run], per_unit
@@ -126,92 +96,19 @@ def rotate_base_compiled(
     return done
 
 
-def in_halves(variant: str, per_unit: bool, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the unsharded layers of a base step's form on ``(device, dtype)`` take its two halves, not one call.
+def in_halves(variant: str, per_unit: bool) -> bool:
+    """Whether the unsharded layers of a base step's form take its two halves rather than one call.
 
-    Adam's forms have no one-call kernel. SGD's take one call per unit (per unit the sums half stores the new state in
-    a loop of its own, after its sums, a reduction per row: the two halves took longer, ``benchmarks/README.md``,
-    section "Adam's step in two halves"), and per layer the form measured faster on this machine
-    (:func:`sgd_in_halves`).
+    Per layer every form takes its halves (:data:`~lightning_layca.step.base_kernels.BASE_HALVES`); per unit the
+    forms with a one-call kernel (SGD's) take it: per unit the sums half stores the new state in a loop of its own,
+    after its sums (a reduction per row), and the two halves took longer than one call (``benchmarks/README.md``,
+    section "Adam's step in two halves").
     """
-    if BASE_KERNELS[variant][0] is None:
-        return True
-    return not per_unit and sgd_in_halves(device, dtype)
-
-
-def sgd_in_halves(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether SGD's layers (per layer, unsharded) take the two halves on ``(device, dtype)``: the faster form here.
-
-    The halves read a tensor fewer per element (5 against the one-call kernel's 6 for SGD with momentum), but their
-    sums loop reads each tensor as one run of memory, where the one-call kernel reads a layer's four runs side by side,
-    and which of the two is faster depends on the CPU: measured on ResNet-18 shapes, the halves took 14 % less time on
-    an AMD EPYC and 16 % more on an Intel Xeon (``benchmarks/README.md``). So on CPU the first call per (dtype,
-    number of threads) in the process compiles both forms for one layer and times them on stand-in layers of
-    :data:`FORM_TRIAL_ELEMENTS` elements, in :data:`FORM_TRIAL_PAIRS` alternating turns (a fraction of a second once
-    compiled); the median of the ratios of neighbouring turns decides, as the rule of ``implementation="auto"`` does,
-    so that a load that comes and goes does not. Both forms take the same steps, bit for bit. Elsewhere (CUDA, not
-    measured yet) the halves; likewise where a form fails to compile (the step's readiness check then warns).
-    """
-    key = (device.type, dtype, torch.get_num_threads())
-    if key not in _sgd_halves:
-        if device.type != "cpu":
-            _sgd_halves[key] = True
-        else:
-            times = _time_forms(device, dtype)
-            ratios = [one / halves for one, halves in times]
-            _sgd_halves[key] = not ratios or statistics.median(ratios) >= 1.0
-    return _sgd_halves[key]
-
-
-def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, float]]:
-    """Per turn, the seconds one call and the two halves of SGD's momentum form took on the stand-in layers.
-
-    Empty when either form does not compile here.
-    """
-    variant = "sgd_momentum"
-    sums_half, update_half = base_halves(variant)
-    generator = torch.Generator().manual_seed(0)
-    layers = [
-        [torch.randn((LANES, FORM_TRIAL_ELEMENTS // LANES), generator=generator).to(device, dtype) for _ in range(3)]
-        for _ in range(_TRIAL_COPIES)
-    ]
-    parallel = parallel_kernel(layers[0][0])
-    kinds = [(parallel, variant), (parallel, sums_half), (parallel, in_single_precision(update_half))]
-    if not kernels_ready(device, dtype, kinds):
-        return []
-    hyper = torch.tensor(BASE_KERNELS[variant][2], dtype=torch.float64, device=device)
-    rate, relative_lr = scalars(torch.tensor([0.03, 1.0], dtype=torch.float64, device=device))
-    flag = torch.zeros((), dtype=torch.bool, device=device)
-    norms = [torch.tensor(float(w.double().norm()), dtype=torch.float64, device=device) for w, _, _ in layers]
-    layer_scalars = [LayerScalars(rate, relative_lr, n0, flag) for n0 in norms]
-
-    def one_call(k: int) -> None:
-        w, g, b = layers[k]
-        call_kernels([(parallel, variant, (w, g, b, hyper, *layer_scalars[k]))], per_unit=False)
-
-    def halves(k: int) -> None:
-        w, g, b = layers[k]
-        sums = base_sums_compiled([w], [g], [[b]], [hyper], [layer_scalars[k].initial_norms], [parallel], [variant])
-        base_update_compiled([w], [g], [[b]], [hyper], sums, [layer_scalars[k]], [parallel], [variant])
-
-    def turn(form: Callable[[int], None]) -> float:
-        start = time.perf_counter()
-        for k in range(_TRIAL_COPIES):
-            form(k)
-        return time.perf_counter() - start
-
-    with torch.no_grad():
-        turn(one_call), turn(halves)  # first calls (the kernels' code loaded, the pages touched)
-        return [(turn(one_call), turn(halves)) for _ in range(FORM_TRIAL_PAIRS)]
+    return BASE_KERNELS[variant][0] is None or not per_unit
 
 
 def base_step_kernels(
-    variants: Sequence[str],
-    parallel: Sequence[bool],
-    sharded: bool,
-    per_unit: bool,
-    device: torch.device,
-    dtype: torch.dtype,
+    variants: Sequence[str], parallel: Sequence[bool], sharded: bool, per_unit: bool
 ) -> tuple[list[str], list[bool]]:
     """The kernels that layers of these base-step forms call, in the order of the calls, and whether each is parallel.
 
@@ -225,7 +122,7 @@ def base_step_kernels(
     """
     kernels: list[str] = []
     threads: list[bool] = []
-    halves = [sharded or in_halves(v, per_unit, device, dtype) for v in variants]
+    halves = [sharded or in_halves(v, per_unit) for v in variants]
     for first, end in equal_runs(halves):
         forms, run_parallel = variants[first:end], list(parallel[first:end])
         if halves[first]:

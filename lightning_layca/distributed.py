@@ -57,6 +57,7 @@ __all__ = [
     "is_dtensor",
     "local_shard",
     "reduce_sums",
+    "several_processes",
     "shard_layout",
     "shard_of",
 ]
@@ -290,3 +291,13 @@ def reduce_sums(local: torch.Tensor, layout: ShardLayout | None, per_unit: bool 
         rows = list(local.split(list(layout.local_rows)))
         return full_sums(layout.scatter_rows(rows), layout.row_divisors(local.device))
     return full_sums(local, layout.divisors(local.device))
+
+
+def several_processes() -> bool:
+    """Whether this process is one of several of a ``torch.distributed`` run (DDP's replicas, FSDP's shards).
+
+    Such processes must not decide anything by their own timings where the decision changes the arithmetic
+    (``implementation="auto"``): each would decide at other steps, or otherwise, and DDP's replicas would no longer be
+    bit-identical.
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

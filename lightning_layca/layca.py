@@ -115,7 +115,8 @@ class Layca(WrappedOptimizer):
             compiling fails), which around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves also takes their step
             for the layers (no snapshot); ``"auto"`` (default), on CPU the eager step until its steps have taken
             :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS`, then the faster of the two in trials
-            repeated at intervals (:class:`~lightning_layca.auto_choice.AutoChoice`), elsewhere the eager step.
+            repeated at intervals (:class:`~lightning_layca.auto_choice.AutoChoice`), elsewhere the eager step, and
+            so in a run of several processes (DDP, FSDP), whose processes would each decide by their own timings.
         target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
             (per unit under ``granularity="unit"``) follow it
             (:class:`~lightning_layca.target_controller.TargetController`).

@@ -35,6 +35,7 @@ from lightning_layca.compiling import (
     register_kernel,
     stand_in_layer,
 )
+from lightning_layca.distributed import several_processes
 from lightning_layca.sums import float64_sums, matrix_sums
 
 __all__ = ["DISTANCES", "STEP_SUMS", "MeasurementSums"]
@@ -125,7 +126,15 @@ class MeasurementSums:
         """
         if not xs:
             return torch.zeros((0, 3), dtype=torch.float64)
-        timed = not difference and self.implementation == "auto" and self.choice.measuring and _on_cpu(xs)
+        # In a run of several processes "auto" keeps the eager sums: the processes would decide each by its own timings,
+        # and their measurements (the monitor's state, the same on every process) would differ in their last bits.
+        timed = (
+            not difference
+            and self.implementation == "auto"
+            and self.choice.measuring
+            and _on_cpu(xs)
+            and not several_processes()
+        )
         start = time.perf_counter() if timed else 0.0
         sums = self._sums(xs, ys, difference, y_squares)
         if timed:

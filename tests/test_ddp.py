@@ -340,3 +340,52 @@ def test_accumulation_under_bf16_steps_once_per_two_batches(layca_accumulate_bf1
         assert rank["global_step"] == 4  # 8 batches per rank
         assert rank["end_layca"][0]["step_count"] == 4
         assert [s for s, _ in rank["end_state"]["history"]["net.head"]] == [0, 1, 2, 3]
+
+
+def _auto_rank(rank: int, root: str) -> None:
+    # Rank 0 reaches implementation="auto"'s threshold for a compiled trial at once, rank 1 never: the processes of a
+    # run time their steps each on its own, so they reach it at different steps (or decide differently).
+    import torch.distributed as dist
+
+    from lightning_layca import Layca, auto_choice
+    from lightning_layca.measurement import MeasurementSums
+
+    auto_choice.AUTO_COMPILE_AFTER_SECONDS = 0.0 if rank == 0 else math.inf
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same replica on both ranks, as DDP's broadcast leaves them
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        layca = Layca(base, model.named_parameters(), rotation_rate=0.05)  # implementation="auto", the default
+        paths = set()
+        for step in range(8):
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step))  # the all-reduced gradient's batch
+            model(x).square().mean().backward()
+            layca.step()
+            layca.zero_grad()
+            paths |= set(layca.describe().values())
+        # A monitor's sums under "auto", measured as a logging step does, against the initial weights.
+        sums, measured_with = MeasurementSums(), set()
+        layers = [p.detach() for p in model.parameters() if p.dim() > 1]
+        for _ in range(4):
+            sums(layers, [w + 1.0 for w in layers])
+            measured_with.add(sums.in_use)
+        weights = [p.detach() for p in model.parameters()]
+        torch.save({"paths": paths, "measured_with": measured_with, "weights": weights}, f"{root}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_auto_keeps_the_replicas_of_a_multi_process_run_bit_identical(tmp_path: Path) -> None:
+    # DDP keeps the replicas bit-identical (the gradient is all-reduced, every rank takes the same step). Under
+    # implementation="auto" each process would decide for itself when to try the compiled step and which step is
+    # faster, and the compiled and eager steps differ in their last bits: in a run of several processes "auto" takes
+    # the eager step (no timing, no compilation), as it does for sharded layers; so do a monitor's sums.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_auto_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for p, q in zip(ranks[0]["weights"], ranks[1]["weights"], strict=True):
+        assert torch.equal(p, q), f"{int((p != q).sum())} of {p.numel()} weights differ"
+    assert [r["paths"] for r in ranks] == [{"eager"}, {"eager"}]
+    assert [r["measured_with"] for r in ranks] == [{"eager"}, {"eager"}]  # the monitor's sums: the same rule

@@ -67,6 +67,7 @@ from lightning_layca.compiling import (
     stand_in_layer,
     unit_view,
 )
+from lightning_layca.distributed import several_processes
 from lightning_layca.step.base_kernels import BASE_HALVES, BASE_KERNELS, base_halves
 from lightning_layca.step.kernels import after_step, sharded_sums, sharded_update
 
@@ -142,8 +143,11 @@ def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dt
     Returns:
         ``False`` for ``"eager"``; for ``"compiled"``, whether the dtype is supported (a warning says so when it is
         not); for ``"auto"``, whether besides the device is one where the compiled step was measured faster
-        (:data:`AUTO_DEVICE_TYPES`; :class:`lightning_layca.auto_choice.AutoChoice` then decides when). Whether
-        compilation works is decided later, by :func:`compiled_step_ready`.
+        (:data:`AUTO_DEVICE_TYPES`; :class:`lightning_layca.auto_choice.AutoChoice` then decides when) and the process
+        is alone in its run. In a run of several processes (:func:`~lightning_layca.distributed.several_processes`)
+        ``"auto"`` keeps the eager step: each process would time its own steps and decide on its own, at other steps or
+        for the other implementation, and the compiled and eager steps differ in their last bits, so DDP's replicas
+        would no longer be bit-identical. Whether compilation works is decided later, by :func:`compiled_step_ready`.
     """
     if implementation == "eager":
         return False
@@ -157,7 +161,7 @@ def use_compiled_step(implementation: str, device: torch.device, dtype: torch.dt
         return False
     if implementation == "compiled":
         return True
-    return device.type in AUTO_DEVICE_TYPES
+    return device.type in AUTO_DEVICE_TYPES and not several_processes()
 
 
 def compiled_step_ready(

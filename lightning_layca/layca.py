@@ -113,10 +113,9 @@ class Layca(WrappedOptimizer):
             ``"compiled"``, per layer one fused reduction pass and one update pass compiled with ``torch.compile``
             at the first step for float32, bfloat16 and float16 layers (one warning and the eager step where
             compiling fails), which around ``torch.optim.SGD``, ``Adam`` or ``AdamW`` themselves also takes their step
-            for the layers (no snapshot); ``"auto"`` (default), on CPU the eager step until its steps have taken
-            :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS`, then the faster of the two in trials
-            repeated at intervals (:class:`~lightning_layca.auto_choice.AutoChoice`), elsewhere the eager step, and
-            so in a run of several processes (DDP, FSDP), whose processes would each decide by their own timings.
+            for the layers (no snapshot); ``"auto"`` (default), on CPU in a single process the eager step until its
+            steps have taken :data:`~lightning_layca.auto_choice.AUTO_COMPILE_AFTER_SECONDS`, then the faster of the
+            two in trials repeated at intervals (:class:`~lightning_layca.auto_choice.AutoChoice`), else the eager step.
         target: A :class:`~lightning_layca.RotationTarget` instead of ``rotation_rate`` and ``schedule``: the rates
             (per unit under ``granularity="unit"``) follow it
             (:class:`~lightning_layca.target_controller.TargetController`).

@@ -332,8 +332,7 @@ def update_in_float64(
     state already updated: the update half of its form takes it from the layer's sums, as for a sharded layer.
     ``calls`` are the arguments the one-call kernels took, ``results`` what they returned.
     """
-    sums = list(results)
-    left = _left(sums)
+    left = _left(results)
     halves, arguments = [], []
     for i in left:
         variant, args = variants[i], list(calls[i])
@@ -342,7 +341,7 @@ def update_in_float64(
         else:
             half, at = base_halves(variant)[1], 2 + BASE_KERNELS[variant][1] + 1  # (p, g, *state, hyper, | ...)
         halves.append(half)
-        arguments.append([*args[:at], sums[i][:3], *args[at:]])
+        arguments.append([*args[:at], results[i][:3], *args[at:]])
     _float64_updates(halves, arguments, [parallel[i] for i in left], per_unit)
 
 

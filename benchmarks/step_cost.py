@@ -490,6 +490,14 @@ def _code_version() -> str:
     return f"commit {commit}" + (" (lightning_layca/ modified)" if dirty else "")
 
 
+def sgd_form(device: torch.device, dtype: torch.dtype) -> str:
+    """Which form SGD's compiled layers (per layer) take in this process: measured once, when first needed."""
+    from lightning_layca.step.sgd_form import SgdForms
+
+    form = "two halves" if SgdForms().in_halves(device, dtype) else "one call"
+    return f"SGD's compiled layers (per layer) in this process: {form} (`step.sgd_form`)"
+
+
 def machine_description(device: torch.device) -> list[str]:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -631,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                 else ""
             ),
             f"- first step of the compiled rows (compilation, where this process had not compiled yet): {setups}",
+            f"- {sgd_form(device, pset.params[0].dtype)}",
             *(f"- {n}" for n in notes),
             f"- {time.perf_counter() - t0:.1f} s for this set; load average now {_load()}",
             "",

@@ -300,7 +300,10 @@ class Layca(WrappedOptimizer):
         start = time.perf_counter() if timed and closure is None else None
         buckets = self.plan.for_step(self.layers, self.optimizer)
         sharded = self.plan.layout is not None
-        base_steps = [read_base_steps(b, self.optimizer, self.layers.param_group_of, sharded) for b in buckets]
+        base_steps = [
+            read_base_steps(b, self.optimizer, self.layers.param_group_of, sharded, self.plan.sgd_forms)
+            for b in buckets
+        ]
         keep, self._keep_next = self._keep_next, False
         take_snapshots(buckets, base_steps, keep_all=keep)
 
@@ -381,6 +384,7 @@ class Layca(WrappedOptimizer):
             "step_count": self.step_count,
             "epoch": self.epoch,
             "rotation_rate": self.rotation_rate,
+            "sgd_forms": self.plan.sgd_forms.state(),
             **self.rates.state(),
         }
 
@@ -412,6 +416,7 @@ class Layca(WrappedOptimizer):
         self.step_count = int(layca["step_count"])
         self.epoch = int(layca["epoch"])
         self.restored_from_plain_state = False
+        self.plan.sgd_forms.load(layca.get("sgd_forms", {}))
         self.rates.load(layca)
 
     def __repr__(self) -> str:

@@ -42,6 +42,7 @@ from lightning_layca.distributed import ShardLayout, local_shard, shard_layout
 from lightning_layca.layers import LayerRegistry
 from lightning_layca.step.compiled import use_compiled_step
 from lightning_layca.step.families import family_of
+from lightning_layca.step.sgd_form import SgdForms
 from lightning_layca.sums import unit_counts
 
 __all__ = [
@@ -176,6 +177,9 @@ class StepPlan:
         self._switching = False
         self.layout: ShardLayout | None = None
         """How the step's layers lie over the processes, when some are sharded (``None`` otherwise)."""
+        self.sgd_forms = SgdForms()
+        """Per (device type, dtype), whether SGD's ``"compiled+base"`` layers take one call or two halves
+        (:mod:`lightning_layca.step.sgd_form`): chosen at their first compiled step, kept in the state dict."""
 
     def invalidate(self) -> None:
         """Rebuild the buckets at the next step (the controlled layers changed)."""

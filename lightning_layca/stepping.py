@@ -34,6 +34,7 @@ from lightning_layca.step.base_compiled import (
     base_update_compiled,
     rotate_base_compiled,
 )
+from lightning_layca.step.base_kernels import BASE_KERNELS
 from lightning_layca.step.base_steps import LayerStep
 from lightning_layca.step.compiled import (
     PARALLEL_MIN_ELEMENTS,
@@ -52,6 +53,7 @@ from lightning_layca.step.compiled import (
 from lightning_layca.step.eager import rotate_eager, step_sums
 from lightning_layca.step.families import family_of
 from lightning_layca.step.rule import NEAR_FLOOR_FACTOR, ROUNDING_FLOOR_FACTOR, unit_roundoff
+from lightning_layca.step.sgd_form import SgdForms
 from lightning_layca.sums import unit_counts
 
 __all__ = [
@@ -82,6 +84,8 @@ class BaseSteps:
     parallel: list[bool] = field(default_factory=list)
     fallback: list[int] = field(default_factory=list)
     """Positions of ``"compiled+base"`` layers that take the base step and the next path at this step."""
+    sgd_halves: bool = True
+    """Whether SGD's layers take the two halves per layer rather than one call (:class:`SgdForms`)."""
 
 
 @contextmanager
@@ -187,12 +191,18 @@ def upload_rates(
 
 
 def read_base_steps(
-    bucket: Bucket, optimizer: Optimizer, param_group_of: dict[int, int], sharded: bool = False
+    bucket: Bucket,
+    optimizer: Optimizer,
+    param_group_of: dict[int, int],
+    sharded: bool = False,
+    sgd_forms: SgdForms | None = None,
 ) -> BaseSteps:
     """The ``"compiled+base"`` layers of ``bucket`` whose base step the kernels take at this step, with arguments.
 
     With ``sharded`` (the step's layers are sharded: :func:`rotate_sharded`), the kernels are the two halves of each
     layer's form (:func:`~lightning_layca.step.base_kernels.base_halves`), and the views are of the local shards.
+    Unsharded, SGD's layers (per layer) take the form ``sgd_forms`` keeps for the bucket's device and dtype (the
+    halves without it).
 
     A layer without a gradient is skipped, as torch's optimizers skip it (sharded, it takes the next path, whose sums
     of a zero step the step's collective needs). A layer whose gradient the kernel cannot
@@ -229,9 +239,11 @@ def read_base_steps(
         plan.grads.append(cast(torch.Tensor, grad_view))
         plan.states.append([cast(torch.Tensor, view(local_shard(x))) for x in step.state])
         plan.parallel.append(bucket.parallel[j])
-    variants, parallel = base_step_kernels(
-        [step.variant for step in plan.steps], plan.parallel, sharded, bucket.per_unit
-    )
+    variants = [step.variant for step in plan.steps]
+    one_call = any(BASE_KERNELS[v][0] is not None for v in variants)  # SGD's forms have a one-call kernel
+    if sgd_forms is not None and one_call and not sharded and not bucket.per_unit:
+        plan.sgd_halves = sgd_forms.in_halves(device, dtype)
+    variants, parallel = base_step_kernels(variants, plan.parallel, sharded, bucket.per_unit, plan.sgd_halves)
     if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):
         return BaseSteps(fallback=plan.fallback + plan.positions)
     hyper_values = [step.hyper for step in plan.steps]
@@ -288,6 +300,7 @@ def rotate_bucket(bucket: Bucket, base: BaseSteps, optimizer: Optimizer) -> None
             base.parallel,
             [step.variant for step in base.steps],
             per_unit=bucket.per_unit,
+            sgd_halves=base.sgd_halves,
         )
         state = optimizer.state
         for j, step in zip(at[:done], base.steps, strict=False):

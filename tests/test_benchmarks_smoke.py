@@ -83,6 +83,7 @@ def test_quick_run_writes_a_table_with_every_row(tmp_path: Path) -> None:
     assert "bfloat16" in text and "#### Targets" in text
     assert 'default (`implementation="auto"`) for this set: compiled' in text
     assert "first step of the compiled rows" in text
+    assert re.search(r"SGD's compiled layers \(per layer\) in this process: (one call|two halves)", text)
 
 
 def test_unknown_set_is_rejected_with_the_accepted_names() -> None:

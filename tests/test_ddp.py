@@ -376,6 +376,44 @@ def _auto_rank(rank: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+def _sgd_form_rank(rank: int, root: str) -> None:
+    # Each process would measure SGD's forms on its own: rank 0 finds one call faster, rank 1 the halves.
+    import torch.distributed as dist
+
+    from lightning_layca import Layca
+    from lightning_layca.step import sgd_form
+
+    sgd_form.measured_halves = lambda device, dtype: rank == 1  # type: ignore[assignment]
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        layca = Layca(base, model.named_parameters(), rotation_rate=0.05, implementation="compiled")
+        for step in range(4):
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step))  # the all-reduced gradient's batch
+            model(x).square().mean().backward()
+            layca.step()
+            layca.zero_grad()
+        weights = [p.detach() for p in model.parameters()]
+        torch.save({"forms": layca.layca_state()["sgd_forms"], "weights": weights}, f"{root}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_processes_of_a_run_take_the_same_sgd_form_unmeasured(tmp_path: Path) -> None:
+    # SGD's two compiled forms differ in the last bits of some steps; the faster one depends on the machine, and each
+    # process would measure its own. In a run of several processes none measures: every one takes the halves (no
+    # collective in the step to agree on a measurement, as implementation="auto" takes the eager step there).
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sgd_form_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["forms"] for r in ranks] == [{"cpu/float32": "halves"}] * 2
+    for p, q in zip(ranks[0]["weights"], ranks[1]["weights"], strict=True):
+        assert torch.equal(p, q)
+
+
 def test_auto_keeps_the_replicas_of_a_multi_process_run_bit_identical(tmp_path: Path) -> None:
     # DDP keeps the replicas bit-identical (the gradient is all-reduced, every rank takes the same step). Under
     # implementation="auto" each process would decide for itself when to try the compiled step and which step is

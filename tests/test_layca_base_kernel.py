@@ -372,6 +372,7 @@ def test_a_half_that_fails_for_the_last_layers_leaves_the_first_ones_stepped_by_
         opt.step()
 
     (model, eager), (twin, compiled) = make("eager"), make("compiled")
+    compiled.plan.sgd_forms.load({"cpu/float32": "halves"})  # SGD's layers in halves, as Adam's
     for seed in range(2):
         step(model, eager, seed)
         step(twin, compiled, seed)
@@ -393,13 +394,17 @@ def test_a_half_that_fails_for_the_last_layers_leaves_the_first_ones_stepped_by_
                 assert relative_error(compiled.state[q][name], value) < 2e-5, name
 
 
-@pytest.mark.parametrize(("base", "granularity"), [("adamw", "layer"), ("sgd", "layer"), ("sgd", "unit")])
+@pytest.mark.parametrize(
+    ("base", "granularity", "sgd_form"),
+    [("adamw", "layer", "halves"), ("sgd", "layer", "halves"), ("sgd", "layer", "one call"), ("sgd", "unit", "halves")],
+)
 def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_before_the_step(
-    monkeypatch: pytest.MonkeyPatch, base: str, granularity: str
+    monkeypatch: pytest.MonkeyPatch, base: str, granularity: str, sgd_form: str
 ) -> None:
     # Kernels compile on stand-in layers before any weight is touched (a failure then costs one warning and the eager
     # step), for every number of layers per call: five layers of one shape take a call of four, then one of one, in
-    # each half of the kernel (per layer), or in SGD's one-call kernel (per unit).
+    # each half of the kernel (Adam's; SGD's per layer where the optimizer's form is the halves), or in SGD's one-call
+    # kernel (per unit, whatever the form; per layer where the form is one call).
     readied, called = record_compilations(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
@@ -409,6 +414,7 @@ def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_befo
         else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     )
     opt = ll.Layca(wrapped, model.named_parameters(), implementation="compiled", granularity=granularity)
+    opt.plan.sgd_forms.load({"cpu/float32": sgd_form})  # as a machine that measured it so
     for _ in range(2):
         opt.zero_grad()
         model(torch.randn(4, 16)).square().mean().backward()
@@ -417,7 +423,8 @@ def test_every_kernel_the_base_steps_layers_call_is_made_ready_on_stand_ins_befo
     assert {size for _, size in called} == {1, 4}, called
     assert called <= readied, called - readied
     halves = {variant.endswith(("_sums", "_single")) for variant, _ in called}
-    assert halves == {base == "adamw" or granularity == "layer"}, called  # which form the layers took
+    expected = base == "adamw" or (granularity == "layer" and sgd_form == "halves")
+    assert halves == {expected}, called  # which form the layers took
 
 
 def test_a_float16_layer_under_adam_keeps_its_norm_where_its_moments_underflow() -> None:

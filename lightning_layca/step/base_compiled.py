@@ -9,7 +9,8 @@ rule from the layer's sums and writes the weights. ``fl(w + D)`` is never formed
 and 2 writes per element, against 3 and 2 for SGD's own fused step; for Adam 7 and 3 against 4 and 3. A sharded
 layer's shard takes the same halves around the step's one collective (:func:`base_sums_compiled`, the seam,
 :func:`base_update_compiled`); an unsharded layer takes them without it (:func:`rotate_base_compiled`), except per
-unit around SGD, whose forms take one call (:func:`in_halves`). :func:`base_step_kernels` says which kernels a form's
+unit around SGD, whose forms take one call, and per layer around SGD where the optimizer's form says one call
+(:func:`in_halves`, :mod:`lightning_layca.step.sgd_form`). :func:`base_step_kernels` says which kernels a form's
 layers call, in the order of the calls. The kernels are registered, compiled and made ready with the step's others
 (:mod:`lightning_layca.step.compiled`).
 """
@@ -36,11 +37,12 @@ def rotate_base_compiled(
     parallel: Sequence[bool],
     variants: Sequence[str],
     per_unit: bool = False,
+    sgd_halves: bool = True,
 ) -> int:
     """Take the base optimizer's step and the Layca step of layers of one device and dtype together.
 
-    Each layer takes its form's two halves (:func:`in_halves`: per layer, and Adam's per unit; the sums are the
-    layer's own, with no collective), or per unit SGD's one-call kernel. Needs
+    Each layer takes its form's two halves (:func:`in_halves`: Adam's, and SGD's per layer with ``sgd_halves``; the
+    sums are the layer's own, with no collective), or SGD's one-call kernel. Needs
     :func:`~lightning_layca.step.compiled.compiled_step_ready` (with :func:`base_step_kernels`) to have returned
     ``True`` for the layers' device, dtype and kernels. Should a later compilation fail, the layers from the failing
     one on are left to the caller (untouched: neither their weights nor their optimizer state were written), after one
@@ -58,14 +60,17 @@ def rotate_base_compiled(
         variants: Per layer, the form of the base step (a key of
             :data:`~lightning_layca.step.base_kernels.BASE_KERNELS`).
         per_unit: Whether every unit turns by itself (``granularity="unit"``).
+        sgd_halves: Whether SGD's layers take the two halves per layer (the optimizer's form for the layers' device
+            and dtype, :class:`~lightning_layca.step.sgd_form.SgdForms`).
 
     Returns:
         The number of layers stepped.
     """
     done = 0
-    for first, end in equal_runs([in_halves(v, per_unit) for v in variants]):
+    halves = [in_halves(v, per_unit, sgd_halves) for v in variants]
+    for first, end in equal_runs(halves):
         run = slice(first, end)
-        if in_halves(variants[first], per_unit):
+        if halves[first]:
             norms = [scalars_.initial_norms for scalars_ in layer_scalars[run]]
             sums = base_sums_compiled(
                 params[run], grads[run], states[run], hypers[run], norms, parallel[run], variants[run], per_unit
@@ -96,19 +101,20 @@ def rotate_base_compiled(
     return done
 
 
-def in_halves(variant: str, per_unit: bool) -> bool:
+def in_halves(variant: str, per_unit: bool, sgd_halves: bool = True) -> bool:
     """Whether the unsharded layers of a base step's form take its two halves rather than one call.
 
-    Per layer every form takes its halves (:data:`~lightning_layca.step.base_kernels.BASE_HALVES`); per unit the
-    forms with a one-call kernel (SGD's) take it: per unit the sums half stores the new state in a loop of its own,
-    after its sums (a reduction per row), and the two halves took longer than one call (``benchmarks/README.md``,
-    section "Adam's step in two halves").
+    Adam's forms have no one-call kernel and take their halves
+    (:data:`~lightning_layca.step.base_kernels.BASE_HALVES`). SGD's take one call per unit (per unit the sums half
+    stores the new state in a loop of its own, after its sums, a reduction per row, and the two halves took longer:
+    ``benchmarks/README.md``, section "Adam's step in two halves"), and per layer the form ``sgd_halves`` says: the
+    optimizer's, measured faster on the machine (:mod:`lightning_layca.step.sgd_form`).
     """
-    return BASE_KERNELS[variant][0] is None or not per_unit
+    return BASE_KERNELS[variant][0] is None or (not per_unit and sgd_halves)
 
 
 def base_step_kernels(
-    variants: Sequence[str], parallel: Sequence[bool], sharded: bool, per_unit: bool
+    variants: Sequence[str], parallel: Sequence[bool], sharded: bool, per_unit: bool, sgd_halves: bool = True
 ) -> tuple[list[str], list[bool]]:
     """The kernels that layers of these base-step forms call, in the order of the calls, and whether each is parallel.
 
@@ -122,7 +128,7 @@ def base_step_kernels(
     """
     kernels: list[str] = []
     threads: list[bool] = []
-    halves = [sharded or in_halves(v, per_unit) for v in variants]
+    halves = [sharded or in_halves(v, per_unit, sgd_halves) for v in variants]
     for first, end in equal_runs(halves):
         forms, run_parallel = variants[first:end], list(parallel[first:end])
         if halves[first]:

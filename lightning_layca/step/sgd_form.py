@@ -1,0 +1,172 @@
+"""SGD's compiled step per layer in one call or in two halves: the faster form on the machine, kept by the optimizer.
+
+Around ``torch.optim.SGD`` a layer's compiled step (:mod:`lightning_layca.step.base_compiled`) has two forms. The
+two halves read one tensor fewer per element (5 against 6 for SGD with momentum), but their sums loop reads each
+tensor as one run of memory, where the one-call kernel reads a layer's four runs side by side; which is faster depends
+on the CPU. Measured on ResNet-18 shapes, the halves took 14 % less time on an AMD EPYC and 16 % more on an Intel Xeon
+(``benchmarks/README.md``).
+
+So the first time an optimizer's SGD layers of a (device, dtype) take the compiled step, a *trial* on CPU times the
+two forms (:func:`measured_halves`, once per (dtype, number of threads) in the process) and the optimizer keeps the
+faster one for those layers from then on (:class:`SgdForms`). The two forms do not take the same steps bit for bit
+(the sums are added in another order; where the update is formed in float64, a mostly radial step, a weight can
+differ in its last bit), so the choice is made so that it never changes the arithmetic where that must not change:
+
+* **Kept by the optimizer**: in its state dict (``layca_state()["sgd_forms"]``), so a resumed run takes the form the
+  interrupted one took, whatever the machine it resumes on measures.
+* **No choice in a run of several processes**: there the halves, unmeasured, as ``implementation="auto"`` takes the
+  eager step there (:func:`~lightning_layca.distributed.several_processes`): each process would measure its own
+  form, and DDP's replicas would no longer be bit-identical. Agreeing on rank 0's measurement would take a collective
+  in the step, which issues none.
+
+On CUDA (not measured yet) the halves, without a trial; likewise where a form fails to compile.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from lightning_layca.compiling import call_kernels, kernels_ready, parallel_kernel, scalars
+from lightning_layca.distributed import several_processes
+from lightning_layca.step.base_compiled import base_sums_compiled, base_update_compiled
+from lightning_layca.step.base_kernels import BASE_KERNELS, base_halves
+from lightning_layca.step.compiled import LayerScalars, in_single_precision
+from lightning_layca.sums import LANES
+
+__all__ = ["FORMS", "FORM_TRIAL_ELEMENTS", "FORM_TRIAL_PAIRS", "SgdForms", "halves_faster", "measured_halves"]
+
+FORMS = ("halves", "one call")
+"""The names of the two forms, as :meth:`SgdForms.state` writes them."""
+
+FORM_TRIAL_ELEMENTS = 2**20
+"""Elements of each stand-in layer of the trial (4 MiB per float32 tensor), in :data:`_TRIAL_COPIES` copies taken in
+turn, so that every call reads its tensors from memory beyond the caches of a core, as an optimizer's step does."""
+
+FORM_TRIAL_PAIRS = 7
+"""Turns of each form in the trial: the median of the ratios of neighbouring turns decides."""
+
+_TRIAL_COPIES = 4
+
+_measured: dict[tuple[str, torch.dtype, int], bool] = {}
+"""The trial's answer per (device type, dtype, intra-op threads), measured once per process."""
+
+
+class SgdForms:
+    """The form an optimizer's SGD layers take per (device type, dtype): chosen at their first compiled step, then kept.
+
+    Example:
+        >>> forms = SgdForms()
+        >>> forms.load({"cpu/float32": "one call"})  # as a resumed run restores it
+        >>> forms.in_halves(torch.device("cpu"), torch.float32), forms.state()
+        (False, {'cpu/float32': 'one call'})
+    """
+
+    def __init__(self) -> None:
+        self._halves: dict[str, bool] = {}
+
+    def in_halves(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether SGD's layers of ``(device, dtype)`` take the two halves; the first call per key decides.
+
+        On CPU in a single process the decision is :func:`measured_halves`'; elsewhere, and in a run of several
+        processes, the halves.
+        """
+        key = _key(device, dtype)
+        if key not in self._halves:
+            measured = device.type == "cpu" and not several_processes()
+            self._halves[key] = measured_halves(device, dtype) if measured else True
+        return self._halves[key]
+
+    def state(self) -> dict[str, str]:
+        """The forms taken so far, as ``{"<device type>/<dtype>": "halves" | "one call"}``."""
+        return {key: FORMS[0] if halves else FORMS[1] for key, halves in self._halves.items()}
+
+    def load(self, state: Mapping[str, str]) -> None:
+        """Take the forms of :meth:`state` (a resumed run's); forms of other keys stay as they are.
+
+        Raises:
+            ValueError: When a form is not one of :data:`FORMS`.
+        """
+        for key, form in state.items():
+            if form not in FORMS:
+                raise ValueError(f"Layca: the state's SGD form {form!r} for {key!r} is not one of {FORMS}.")
+        self._halves.update({key: form == FORMS[0] for key, form in state.items()})
+
+
+def _key(device: torch.device, dtype: torch.dtype) -> str:
+    return f"{device.type}/{str(dtype).removeprefix('torch.')}"
+
+
+def measured_halves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the two halves were measured faster than one call for SGD's layers of ``(device, dtype)`` here.
+
+    The first call per (device type, dtype, number of threads) in the process compiles both forms (for one layer) and
+    times them on stand-in layers of :data:`FORM_TRIAL_ELEMENTS` elements, in :data:`FORM_TRIAL_PAIRS` alternating
+    turns (a fraction of a second once compiled); the median of the ratios of neighbouring turns decides, as the rule
+    of ``implementation="auto"`` does, so that a load that comes and goes does not. The halves where either form
+    fails to compile (the step's readiness check then warns).
+    """
+    key = (device.type, dtype, torch.get_num_threads())
+    if key not in _measured:
+        _measured[key] = halves_faster(_time_forms(device, dtype))
+    return _measured[key]
+
+
+def halves_faster(turns: Sequence[tuple[float, float]]) -> bool:
+    """The trial's rule: whether the halves win, given per pair of turns the seconds of ``(one call, halves)``.
+
+    The median of the pairs' ratios decides, not their total: a load that slows a few turns cannot. The halves when
+    there are no turns (a form did not compile) or on a tie.
+
+    Example:
+        >>> halves_faster([(1.0, 1.1)] * 4 + [(5.0, 1.0)] * 3)  # one call faster in 4 of 7 pairs
+        False
+    """
+    ratios = [one / halves for one, halves in turns]
+    return not ratios or statistics.median(ratios) >= 1.0
+
+
+def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, float]]:
+    """Per turn, the seconds one call and the two halves of SGD's momentum form took on the stand-in layers.
+
+    Empty when either form does not compile here.
+    """
+    variant = "sgd_momentum"
+    sums_half, update_half = base_halves(variant)
+    generator = torch.Generator().manual_seed(0)
+    layers = [
+        [torch.randn((LANES, FORM_TRIAL_ELEMENTS // LANES), generator=generator).to(device, dtype) for _ in range(3)]
+        for _ in range(_TRIAL_COPIES)
+    ]
+    parallel = parallel_kernel(layers[0][0])
+    # The halves first: the form every other layer takes; a failure of either makes the dtype's kernels unavailable.
+    kinds = [(parallel, sums_half), (parallel, in_single_precision(update_half)), (parallel, variant)]
+    if not kernels_ready(device, dtype, kinds):
+        return []
+    hyper = torch.tensor(BASE_KERNELS[variant][2], dtype=torch.float64, device=device)
+    rate, relative_lr = scalars(torch.tensor([0.03, 1.0], dtype=torch.float64, device=device))
+    flag = torch.zeros((), dtype=torch.bool, device=device)
+    norms = [torch.linalg.vector_norm(w, dtype=torch.float64) for w, _, _ in layers]
+    layer_scalars = [LayerScalars(rate, relative_lr, n0, flag) for n0 in norms]
+
+    def one_call(k: int) -> None:
+        w, g, b = layers[k]
+        call_kernels([(parallel, variant, (w, g, b, hyper, *layer_scalars[k]))], per_unit=False)
+
+    def halves(k: int) -> None:
+        w, g, b = layers[k]
+        sums = base_sums_compiled([w], [g], [[b]], [hyper], [layer_scalars[k].initial_norms], [parallel], [variant])
+        base_update_compiled([w], [g], [[b]], [hyper], sums, [layer_scalars[k]], [parallel], [variant])
+
+    def turn(form: Callable[[int], None]) -> float:
+        start = time.perf_counter()
+        for k in range(_TRIAL_COPIES):
+            form(k)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        turn(one_call), turn(halves)  # first calls (the kernels' code loaded, the pages touched)
+        return [(turn(one_call), turn(halves)) for _ in range(FORM_TRIAL_PAIRS)]

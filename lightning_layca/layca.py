@@ -412,11 +412,11 @@ class Layca(WrappedOptimizer):
             ValueError: When the state was saved for other layers or another granularity.
         """
         self.layers.check(layca)
+        self.plan.sgd_forms.load(layca.get("sgd_forms", {}))  # checked before anything else is loaded
         self.layers.load(layca)
         self.step_count = int(layca["step_count"])
         self.epoch = int(layca["epoch"])
         self.restored_from_plain_state = False
-        self.plan.sgd_forms.load(layca.get("sgd_forms", {}))
         self.rates.load(layca)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 
 import lightning_layca as ll
 from lightning_layca.step.eager import rotate_eager
+from lightning_layca.step.sgd_form import FORMS
 from tests.implementations import IMPLEMENTATIONS, fail_compiling
 from tests.reference import ReferenceLayca, depth_decay_multipliers, layca_update
 
@@ -164,13 +165,13 @@ def test_eager_update_of_a_mostly_radial_step_scaled_up_keeps_float64_precision(
 
 
 def layca_against_reference(
-    radial: float, tangential: float, rho: float, seed: int, implementation: str
+    radial: float, tangential: float, rho: float, seed: int, implementation: str, sgd_form: str | None = None
 ) -> tuple[float, float, str]:
     """As :func:`eager_against_reference`, through ``Layca`` around SGD (lr 1): the path the implementation takes.
 
     Returns the distance to the float64 reference rounded to float32, ``u * n0`` and the layer's path. The reference
     is formed from the step the path sees: ``fl(w + D)`` after SGD's own step, ``D`` itself where the kernel takes
-    SGD's step.
+    SGD's step. ``sgd_form`` pins the form of SGD's compiled step (the machine's measured one without it).
     """
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(96, 40, generator=gen)
@@ -180,6 +181,8 @@ def layca_against_reference(
     grad = -(radial * w64 + tangential * w64.norm() * direction / direction.norm()).float()
     layer = nn.Parameter(w.clone())
     opt = ll.Layca(torch.optim.SGD([layer], lr=1.0), [("w", layer)], rotation_rate=rho, implementation=implementation)
+    if sgd_form is not None:
+        opt.plan.sgd_forms.load({"cpu/float32": sgd_form})
     layer.grad = grad.clone()
     opt.step()
     path = opt.describe()["w"]
@@ -204,6 +207,18 @@ def test_every_path_keeps_float64_precision_for_a_mostly_radial_step_scaled_up(i
         error, ulp, path = layca_against_reference(-5e-2, 1e-4, 0.5, seed, implementation)
         assert path == {"eager": "eager"}.get(implementation, path)
         assert error <= 2 * ulp, (path, error / ulp)
+
+
+@pytest.mark.parametrize("sgd_form", FORMS)
+def test_both_forms_of_sgds_compiled_step_keep_float64_precision_for_a_mostly_radial_step(sgd_form: str) -> None:
+    # Per layer SGD's compiled step takes one call or two halves (lightning_layca.step.sgd_form), each forming this
+    # update in float64 after its single-precision kernel declined it; and a tangential step within a few roundings.
+    for seed in range(2):
+        error, ulp, path = layca_against_reference(-5e-2, 1e-4, 0.5, seed, "compiled", sgd_form)
+        assert path == "compiled+base"
+        assert error <= 2 * ulp, (sgd_form, error / ulp)
+        error, ulp, _ = layca_against_reference(-5e-4, 1e-2, 0.9, seed, "compiled", sgd_form)
+        assert error <= 6 * ulp, (sgd_form, error / ulp)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS[1:])

@@ -2,7 +2,8 @@
 
 The two forms differ in speed by CPU (``benchmarks/README.md``) and in the last bits of some steps (their sums are
 added in another order), so the optimizer measures once, keeps its choice in its state dict, and a resumed run takes
-it again. That a run of several processes takes rank 0's choice is tested in ``tests/test_ddp.py``.
+it again. That the processes of a run of several take the halves, unmeasured, is tested in ``tests/test_ddp.py``; the
+float64 update of a mostly radial step in either form, in ``tests/test_layca_reference.py``.
 """
 
 from __future__ import annotations
@@ -149,3 +150,14 @@ def test_the_trial_runs_on_this_machine_once_per_process_and_names_a_form() -> N
     assert sgd_form.measured_halves(cpu, torch.float32) is halves  # the process's answer, kept
     assert SgdForms().in_halves(cpu, torch.float32) is halves
     assert SgdForms().in_halves(torch.device("meta"), torch.float32) is True  # no trial off the CPU: the halves
+    assert SgdForms().in_halves(cpu, torch.bfloat16) is True  # nor for low precision, where the forms' steps differ
+
+
+def test_an_unknown_form_leaves_the_optimizer_as_it_was() -> None:
+    model, opt = make()
+    train(model, opt, range(1))
+    state = copy.deepcopy(opt.layca_state())
+    other = {**state, "step_count": 7, "sgd_forms": {"cpu/float32": "thirds"}}
+    with pytest.raises(ValueError, match="thirds"):
+        opt.load_layca_state(other)
+    assert opt.layca_state() == state

@@ -6,9 +6,10 @@ optimizer's step ``D`` from the gradient, the weights and the optimizer's state 
 updates it), exactly in float64 for the sums and never written to the weights, so no snapshot is needed; the sums, the
 rule and the update are those of :mod:`lightning_layca.step.kernels`. Every form comes in two halves
 (:data:`BASE_HALVES`): the sums, having updated the state, then the update from the layer's full sums; a
-sharded layer takes them around the step's one collective, and so does every other layer, without it, except per unit
-around SGD, whose forms also take the step in one call (the sums and the update,
-:func:`lightning_layca.step.kernels.rotate_rows`; see :data:`BASE_KERNELS`). They are registered and compiled by
+sharded layer takes them around the step's one collective, and so does every other layer, without it, except around
+SGD, whose forms also take the step in one call (the sums and the update,
+:func:`lightning_layca.step.kernels.rotate_rows`; see :data:`BASE_KERNELS`), per unit always and per layer where the
+optimizer's form says so (:mod:`lightning_layca.step.sgd_form`). They are registered and compiled by
 :mod:`lightning_layca.step.compiled` and called by :mod:`lightning_layca.step.base_compiled`.
 """
 
@@ -172,14 +173,15 @@ BASE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor] | None, int, tuple[flo
 }
 """Per form of a base step the kernels take (a ``LayerStep.variant``, :mod:`lightning_layca.step.base_steps`): its
 one-call kernel (SGD's forms) or ``None`` (Adam's), the number of state tensors it updates, and stand-in values of
-``hyper`` for its first compilation. Each one-call kernel returns the layer's sums. Per layer every form takes the two
-halves of :data:`BASE_HALVES` (sharded or not); per unit SGD's forms take their one-call kernel
-(``step.base_compiled.in_halves``). In one call the update pass either forms the step again from the old state and the
-gradient (SGD's: a tensor more to read, 6 against 5 for SGD with momentum) or reads it from a tensor the size of the
-layer that the compiled code stores, allocated at every call (Adam's, until the section "Adam's step in two halves" of
-``benchmarks/README.md``): the process then faulted its pages in again at every step. The halves store nothing but the
-optimizer's state, and the update half forms the step again from the state the sums half wrote (for Adam per layer and
-without ``amsgrad``, 7 tensor reads and 3 writes per element, against 8 and 4). Measured in that section."""
+``hyper`` for its first compilation. Each one-call kernel returns the layer's sums. Sharded layers take the two halves
+of :data:`BASE_HALVES`, and so do Adam's; per unit SGD's forms take their one-call kernel, per layer the form the
+optimizer keeps (``step.base_compiled.in_halves``, :mod:`lightning_layca.step.sgd_form`). In one call the update pass
+either forms the step again from the old state and the gradient (SGD's: a tensor more to read, 6 against 5 for SGD with
+momentum) or reads it from a tensor the size of the layer that the compiled code stores, allocated at every call
+(Adam's, until the section "Adam's step in two halves" of ``benchmarks/README.md``): the process then faulted its pages
+in again at every step. The halves store nothing but the optimizer's state, and the update half forms the step again
+from the state the sums half wrote (for Adam per layer and without ``amsgrad``, 7 tensor reads and 3 writes per element,
+against 8 and 4). Measured in that section."""
 
 
 def base_halves(variant: str) -> tuple[str, str]:

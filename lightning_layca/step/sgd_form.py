@@ -19,7 +19,9 @@ differ in its last bit), so the choice is made so that it never changes the arit
   form, and DDP's replicas would no longer be bit-identical. Agreeing on rank 0's measurement would take a collective
   in the step, which issues none.
 
-On CUDA (not measured yet) the halves, without a trial; likewise where a form fails to compile.
+On CUDA (not measured yet) the halves, without a trial; likewise where a form fails to compile, and for bfloat16 and
+float16 layers: there the forms take different steps, not only in a last bit (one call forms the step from the
+momentum before it is rounded to the buffer's dtype, the halves from the buffer as stored, as torch's SGD does).
 """
 
 from __future__ import annotations
@@ -71,12 +73,12 @@ class SgdForms:
     def in_halves(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether SGD's layers of ``(device, dtype)`` take the two halves; the first call per key decides.
 
-        On CPU in a single process the decision is :func:`measured_halves`'; elsewhere, and in a run of several
-        processes, the halves.
+        For float32 layers on CPU in a single process the decision is :func:`measured_halves`'; elsewhere, and in a
+        run of several processes, the halves.
         """
         key = _key(device, dtype)
         if key not in self._halves:
-            measured = device.type == "cpu" and not several_processes()
+            measured = device.type == "cpu" and dtype == torch.float32 and not several_processes()
             self._halves[key] = measured_halves(device, dtype) if measured else True
         return self._halves[key]
 
@@ -90,10 +92,15 @@ class SgdForms:
         Raises:
             ValueError: When a form is not one of :data:`FORMS`.
         """
+        self.check(state)
+        self._halves.update({key: form == FORMS[0] for key, form in state.items()})
+
+    @staticmethod
+    def check(state: Mapping[str, str]) -> None:
+        """Raise a ``ValueError`` naming the first form of ``state`` that is not one of :data:`FORMS`."""
         for key, form in state.items():
             if form not in FORMS:
                 raise ValueError(f"Layca: the state's SGD form {form!r} for {key!r} is not one of {FORMS}.")
-        self._halves.update({key: form == FORMS[0] for key, form in state.items()})
 
 
 def _key(device: torch.device, dtype: torch.dtype) -> str:
@@ -106,12 +113,17 @@ def measured_halves(device: torch.device, dtype: torch.dtype) -> bool:
     The first call per (device type, dtype, number of threads) in the process compiles both forms (for one layer) and
     times them on stand-in layers of :data:`FORM_TRIAL_ELEMENTS` elements, in :data:`FORM_TRIAL_PAIRS` alternating
     turns (a fraction of a second once compiled); the median of the ratios of neighbouring turns decides, as the rule
-    of ``implementation="auto"`` does, so that a load that comes and goes does not. The halves where either form
-    fails to compile (the step's readiness check then warns).
+    of ``implementation="auto"`` does, so that a load that comes and goes does not. The trial times SGD with momentum
+    on layers large enough for the kernels' threads; its answer stands for SGD's other forms and for small layers too.
+    The halves where either form fails to compile (the step's readiness check then warns; that answer is not kept, so
+    that a later call tries again).
     """
     key = (device.type, dtype, torch.get_num_threads())
     if key not in _measured:
-        _measured[key] = halves_faster(_time_forms(device, dtype))
+        turns = _time_forms(device, dtype)
+        if not turns:
+            return True
+        _measured[key] = halves_faster(turns)
     return _measured[key]
 
 
@@ -142,9 +154,10 @@ def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, f
         for _ in range(_TRIAL_COPIES)
     ]
     parallel = parallel_kernel(layers[0][0])
-    # The halves first: the form every other layer takes; a failure of either makes the dtype's kernels unavailable.
-    kinds = [(parallel, sums_half), (parallel, in_single_precision(update_half)), (parallel, variant)]
-    if not kernels_ready(device, dtype, kinds):
+    # The halves first, the form the layers take without a trial; a failure of either form makes the compiled kernels
+    # of the dtype unavailable (lightning_layca.compiling), and the step's readiness check then warns.
+    halves_ready = kernels_ready(device, dtype, [(parallel, sums_half), (parallel, in_single_precision(update_half))])
+    if not halves_ready or not kernels_ready(device, dtype, [(parallel, variant)]):
         return []
     hyper = torch.tensor(BASE_KERNELS[variant][2], dtype=torch.float64, device=device)
     rate, relative_lr = scalars(torch.tensor([0.03, 1.0], dtype=torch.float64, device=device))

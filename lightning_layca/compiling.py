@@ -19,7 +19,8 @@ for the caller. This module compiles and calls them, the same way for every room
   failure (no C++ compiler, an unsupported platform) is found before any weight is touched; should a later
   compilation fail (after ``torch._dynamo.reset()``, or a change of the number of threads), :func:`call_kernels`
   stops before the failing call and leaves the remaining layers to the caller. Either way the registered message
-  says, once, what the caller does instead.
+  says, once, what the caller does instead. A kernel the caller can do without (``optional``: the faster of two forms
+  of a step) fails alone and silently.
 
 Inductor generates C++/OpenMP kernels on CPU and Triton kernels on CUDA.
 """
@@ -96,6 +97,8 @@ the momentum SGD step and the Layca step 4.29 against 2.42 ms (``torch.optim.SGD
 
 _compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
 _ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}
+_optional_failed: set[tuple[str, torch.dtype, bool, bool, str, int]] = set()
+"""Kernels asked for with ``optional=True`` (:func:`kernels_ready`) that failed to compile: unavailable alone."""
 
 
 def _distinct(function: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -256,23 +259,29 @@ def parallel_kernel(layer: torch.Tensor) -> bool:
 
 
 def kernels_ready(
-    device: torch.device, dtype: torch.dtype, kinds: Sequence[tuple[bool, str]], per_unit: bool = False
+    device: torch.device,
+    dtype: torch.dtype,
+    kinds: Sequence[tuple[bool, str]],
+    per_unit: bool = False,
+    optional: bool = False,
 ) -> bool:
     """Compile the kernels that layers of ``(device, dtype)`` need, if not done yet; ``False`` when that fails.
 
     The first call per (device type, dtype, kernel, layers per call) in the process compiles, on stand-in layers;
     later calls return the cached answer at once. A failure for one kernel of a (device type, dtype) makes every
     kernel of it unavailable: one warning (the kernel's :attr:`KernelSpec.what`), and never a half-compiled group of
-    layers.
+    layers; except with ``optional``, for a kernel the caller can do without (the faster of two forms): its failure
+    makes only that kernel unavailable, without a warning.
 
     Args:
         device: The layers' device.
         dtype: The layers' dtype.
         kinds: Per layer, in the order they will be called, ``(parallel_kernel(layer), kernel name)``.
         per_unit: Whether the layers' views are :func:`unit_view`'s (rows are units).
+        optional: Whether a failure concerns these kernels only (see above).
     """
     kernels = sorted({(*kinds[first], size) for first, size in _call_plan(kinds)})
-    return all(_ready_one(device, dtype, kind, per_unit, variant, size) for kind, variant, size in kernels)
+    return all(_ready_one(device, dtype, kind, per_unit, variant, size, optional) for kind, variant, size in kernels)
 
 
 def _stand_in_shape(layer: int, per_unit: bool) -> tuple[int, int]:
@@ -286,11 +295,19 @@ def _stand_in_shape(layer: int, per_unit: bool) -> tuple[int, int]:
 
 
 def _ready_one(
-    device: torch.device, dtype: torch.dtype, parallel: bool, per_unit: bool, variant: str, size: int
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: bool,
+    per_unit: bool,
+    variant: str,
+    size: int,
+    optional: bool = False,
 ) -> bool:
     if any(not ok for (device_type, kind, *_), ok in _ready.items() if (device_type, kind) == (device.type, dtype)):
         return False  # one warning per (device, dtype), and never a half-compiled group
     key = (device.type, dtype, parallel, per_unit, variant, size)
+    if key in _optional_failed:
+        return False
     if key not in _ready:
         try:
             # What torch says while it compiles (deprecations of its own internals) is not the user's to act on, and
@@ -312,6 +329,9 @@ def _ready_one(
                 _kernel(parallel, per_unit, variant, size)(*arguments)
             _ready[key] = True
         except Exception as error:  # any failure to compile means: the caller's eager way
+            if optional:
+                _optional_failed.add(key)
+                return False
             _give_up(device, dtype, parallel, per_unit, variant, size, error)
     return _ready[key]
 

@@ -52,6 +52,7 @@ def fail_compiling(
         return fail
 
     monkeypatch.setattr(compiling, "_ready", {} if forget_ready else dict(compiling._ready))
+    monkeypatch.setattr(compiling, "_optional_failed", set() if forget_ready else set(compiling._optional_failed))
     monkeypatch.setattr(compiling, "_compiled_layers", compiled)
 
 
@@ -82,6 +83,15 @@ def record_compilations(monkeypatch: pytest.MonkeyPatch) -> tuple[set[tuple[str,
         return compile_layers(parallel, per_unit, variant, size)
 
     monkeypatch.setattr(compiling, "_ready", {})
+    monkeypatch.setattr(compiling, "_optional_failed", set())
     monkeypatch.setattr(compiling, "_compiled_layers", compiled)
     monkeypatch.setattr(compiled_step, "kernels_ready", kernels_ready)
     return readied, called
+
+
+def forget_sgd_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which of SGD's compiled forms the process measured faster (``lightning_layca.step.sgd_form``), so that
+    the next optimizer that needs it measures again; put back after the test."""
+    from lightning_layca.step import sgd_form
+
+    monkeypatch.setattr(sgd_form, "_measured", {})

@@ -9,6 +9,7 @@ float64 update of a mostly radial step in either form, in ``tests/test_layca_ref
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from torch import nn
 
 import lightning_layca as ll
 from lightning_layca.step import sgd_form
+from lightning_layca.step.base_kernels import BASE_KERNELS
 from lightning_layca.step.sgd_form import FORMS, SgdForms, halves_faster
-from tests.implementations import record_compilations
+from tests.implementations import fail_compiling, forget_sgd_measurements, record_compilations
 
 ONE_CALL, HALVES = {"sgd_nesterov"}, {"sgd_nesterov_sums", "sgd_nesterov_update_single"}
 """The kernels SGD's layers (Nesterov momentum) call in each form."""
@@ -115,6 +117,24 @@ def test_the_form_is_measured_once_kept_in_the_state_dict_and_taken_again_on_res
     train(fresh_model, fresh, range(2))
     assert {name for name, _ in called} == HALVES
     assert fresh.layca_state()["sgd_forms"] == {"cpu/float32": "halves"}
+
+
+def test_a_one_call_kernel_that_fails_to_compile_leaves_the_layers_compiled_in_halves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The trial compiles both forms; one call is the optional one. Should it fail to compile, the layers take the
+    # halves, compiled, without a warning: the failure does not make the dtype's other kernels unavailable.
+    forget_sgd_measurements(monkeypatch)
+    fail_compiling(monkeypatch, "no compiler for one call", lambda name: name in BASE_KERNELS, forget_ready=True)
+    _, called = record_compilations(monkeypatch)
+    model, opt = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, range(2))
+    assert [str(w.message) for w in caught if "Layca" in str(w.message)] == []
+    assert set(opt.describe().values()) == {"compiled+base"}
+    assert opt.layca_state()["sgd_forms"] == {"cpu/float32": "halves"}
+    assert {name for name, _ in called if name.startswith("sgd_nesterov")} == HALVES  # the trial's are sgd_momentum
 
 
 def test_a_state_dict_without_forms_loads_and_its_run_measures_at_its_next_compiled_step(

@@ -115,8 +115,9 @@ def measured_halves(device: torch.device, dtype: torch.dtype) -> bool:
     turns (a fraction of a second once compiled); the median of the ratios of neighbouring turns decides, as the rule
     of ``implementation="auto"`` does, so that a load that comes and goes does not. The trial times SGD with momentum
     on layers large enough for the kernels' threads; its answer stands for SGD's other forms and for small layers too.
-    The halves where either form fails to compile (the step's readiness check then warns; that answer is not kept, so
-    that a later call tries again).
+    The halves where either form fails to compile (the halves' failure makes every compiled kernel of the dtype
+    unavailable, and the step's readiness check warns; one call's failure goes unsaid, and the layers keep the halves,
+    compiled); that answer is not kept, so that a later call tries again.
     """
     key = (device.type, dtype, torch.get_num_threads())
     if key not in _measured:
@@ -154,10 +155,11 @@ def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, f
         for _ in range(_TRIAL_COPIES)
     ]
     parallel = parallel_kernel(layers[0][0])
-    # The halves first, the form the layers take without a trial; a failure of either form makes the compiled kernels
-    # of the dtype unavailable (lightning_layca.compiling), and the step's readiness check then warns.
+    # The halves first, the form the layers take without a trial: their failure makes the compiled kernels of the
+    # dtype unavailable (lightning_layca.compiling), and the step's readiness check then warns. One call is optional:
+    # should it fail, the layers keep the halves, compiled.
     halves_ready = kernels_ready(device, dtype, [(parallel, sums_half), (parallel, in_single_precision(update_half))])
-    if not halves_ready or not kernels_ready(device, dtype, [(parallel, variant)]):
+    if not halves_ready or not kernels_ready(device, dtype, [(parallel, variant)], optional=True):
         return []
     hyper = torch.tensor(BASE_KERNELS[variant][2], dtype=torch.float64, device=device)
     rate, relative_lr = scalars(torch.tensor([0.03, 1.0], dtype=torch.float64, device=device))

@@ -332,24 +332,17 @@ def _ready_one(
             if optional:
                 _optional_failed.add(key)
                 return False
-            _give_up(device, dtype, parallel, per_unit, variant, size, error)
+            _give_up(key, error)
     return _ready[key]
 
 
-def _give_up(
-    device: torch.device,
-    dtype: torch.dtype,
-    parallel: bool,
-    per_unit: bool,
-    variant: str,
-    size: int,
-    error: Exception,
-) -> None:
-    _ready[(device.type, dtype, parallel, per_unit, variant, size)] = False
+def _give_up(key: tuple[str, torch.dtype, bool, bool, str, int], error: Exception) -> None:
+    _ready[key] = False
+    device_type, dtype, *_, variant, _ = key
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     spec = _KERNELS[variant]
     warnings.warn(
-        f"Layca: {spec.what} is not available for {dtype} layers on {device.type} "
+        f"Layca: {spec.what} is not available for {dtype} layers on {device_type} "
         f"({type(error).__name__}: {reason[:300]}); {spec.instead}. Pass implementation='eager' to skip the "
         "attempt.",
         stacklevel=5,
@@ -456,7 +449,7 @@ def call_kernels(
         try:
             result = _kernel(parallel, per_unit, variant, size)(*arguments)
         except Exception as error:  # a failed compilation before the kernel ran: the layers are untouched
-            _give_up(args[0].device, args[0].dtype, parallel, per_unit, variant, size, error)
+            _give_up((args[0].device.type, args[0].dtype, parallel, per_unit, variant, size), error)
             break
         if sums is not None:
             sums.extend([result] if size == 1 else result)

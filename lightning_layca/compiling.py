@@ -97,8 +97,9 @@ the momentum SGD step and the Layca step 4.29 against 2.42 ms (``torch.optim.SGD
 
 _compiled_fns: dict[tuple[str, bool, bool, int], Callable[..., Any]] = {}
 _ready: dict[tuple[str, torch.dtype, bool, bool, str, int], bool] = {}
-_optional_failed: set[tuple[str, torch.dtype, bool, bool, str, int]] = set()
-"""Kernels asked for with ``optional=True`` (:func:`kernels_ready`) that failed to compile: unavailable alone."""
+_optional_failed: dict[tuple[str, torch.dtype, bool, bool, str, int], Exception] = {}
+"""Kernels asked for with ``optional=True`` (:func:`kernels_ready`) that failed to compile, with their error:
+unavailable alone, until a request that is not optional gives up on them as on any failure."""
 
 
 def _distinct(function: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -271,7 +272,8 @@ def kernels_ready(
     later calls return the cached answer at once. A failure for one kernel of a (device type, dtype) makes every
     kernel of it unavailable: one warning (the kernel's :attr:`KernelSpec.what`), and never a half-compiled group of
     layers; except with ``optional``, for a kernel the caller can do without (the faster of two forms): its failure
-    makes only that kernel unavailable, without a warning.
+    makes only that kernel unavailable, without a warning, until a later request for it without ``optional``, which
+    then fails as any other (one warning, every kernel of the dtype unavailable).
 
     Args:
         device: The layers' device.
@@ -307,6 +309,8 @@ def _ready_one(
         return False  # one warning per (device, dtype), and never a half-compiled group
     key = (device.type, dtype, parallel, per_unit, variant, size)
     if key in _optional_failed:
+        if not optional:
+            _give_up(key, _optional_failed.pop(key))
         return False
     if key not in _ready:
         try:
@@ -330,7 +334,7 @@ def _ready_one(
             _ready[key] = True
         except Exception as error:  # any failure to compile means: the caller's eager way
             if optional:
-                _optional_failed.add(key)
+                _optional_failed[key] = error
                 return False
             _give_up(key, error)
     return _ready[key]
@@ -338,7 +342,7 @@ def _ready_one(
 
 def _give_up(key: tuple[str, torch.dtype, bool, bool, str, int], error: Exception) -> None:
     _ready[key] = False
-    device_type, dtype, *_, variant, _ = key
+    device_type, dtype, _, _, variant, _ = key
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
     spec = _KERNELS[variant]
     warnings.warn(

@@ -52,19 +52,21 @@ def fail_compiling(
         return fail
 
     monkeypatch.setattr(compiling, "_ready", {} if forget_ready else dict(compiling._ready))
-    monkeypatch.setattr(compiling, "_optional_failed", set() if forget_ready else set(compiling._optional_failed))
+    monkeypatch.setattr(compiling, "_optional_failed", {} if forget_ready else dict(compiling._optional_failed))
     monkeypatch.setattr(compiling, "_compiled_layers", compiled)
 
 
 def record_compilations(monkeypatch: pytest.MonkeyPatch) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
     """Record the ``(kernel name, layers per call)`` the compiled step compiles or calls, from now to the test's end.
 
-    Returns two sets, filled as the test runs: those asked for while ``compiled_step_ready`` checks kernels (compiled
-    on stand-in layers), and those asked for by the calls of a step. Which kernels earlier tests of the process made
+    Returns two sets, filled as the test runs: those asked for while ``compiled_step_ready`` (or the trial of SGD's
+    forms, ``lightning_layca.step.sgd_form``) checks kernels (compiled on stand-in layers), and those asked for by the
+    calls of a step. Which kernels earlier tests of the process made
     ready is forgotten, so that they are checked again.
     """
     from lightning_layca import compiling
     from lightning_layca.step import compiled as compiled_step
+    from lightning_layca.step import sgd_form
 
     readied: set[tuple[str, int]] = set()
     called: set[tuple[str, int]] = set()
@@ -83,9 +85,10 @@ def record_compilations(monkeypatch: pytest.MonkeyPatch) -> tuple[set[tuple[str,
         return compile_layers(parallel, per_unit, variant, size)
 
     monkeypatch.setattr(compiling, "_ready", {})
-    monkeypatch.setattr(compiling, "_optional_failed", set())
+    monkeypatch.setattr(compiling, "_optional_failed", {})
     monkeypatch.setattr(compiling, "_compiled_layers", compiled)
     monkeypatch.setattr(compiled_step, "kernels_ready", kernels_ready)
+    monkeypatch.setattr(sgd_form, "kernels_ready", kernels_ready)
     return readied, called
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lightning_layca as ll
+from lightning_layca import compiling
 from lightning_layca.step import sgd_form
 from lightning_layca.step.base_kernels import BASE_KERNELS
 from lightning_layca.step.sgd_form import FORMS, SgdForms, halves_faster
@@ -126,7 +127,7 @@ def test_a_one_call_kernel_that_fails_to_compile_leaves_the_layers_compiled_in_h
     # halves, compiled, without a warning: the failure does not make the dtype's other kernels unavailable.
     forget_sgd_measurements(monkeypatch)
     fail_compiling(monkeypatch, "no compiler for one call", lambda name: name in BASE_KERNELS, forget_ready=True)
-    _, called = record_compilations(monkeypatch)
+    readied, called = record_compilations(monkeypatch)
     model, opt = make()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -134,7 +135,29 @@ def test_a_one_call_kernel_that_fails_to_compile_leaves_the_layers_compiled_in_h
     assert [str(w.message) for w in caught if "Layca" in str(w.message)] == []
     assert set(opt.describe().values()) == {"compiled+base"}
     assert opt.layca_state()["sgd_forms"] == {"cpu/float32": "halves"}
-    assert {name for name, _ in called if name.startswith("sgd_nesterov")} == HALVES  # the trial's are sgd_momentum
+    assert ("sgd_momentum", 1) in readied  # the trial asked for one call (SGD with momentum, one layer per call)
+    assert {name for name, _ in called} == HALVES
+
+
+def test_a_kernel_that_failed_as_optional_fails_as_any_other_when_asked_for_again_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Optional: that kernel alone unavailable, silently. Asked for again by a path that needs it (a checkpoint's
+    # "one call"), its failure is given up as any other: one warning, every kernel of the dtype unavailable.
+    cpu, one_call, sums_half = torch.device("cpu"), [(False, "sgd_momentum")], [(False, "sgd_momentum_sums")]
+    fail_compiling(monkeypatch, "no compiler for one call", lambda name: name in BASE_KERNELS, forget_ready=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert compiling.kernels_ready(cpu, torch.float32, one_call, optional=True) is False
+        assert compiling.kernels_ready(cpu, torch.float32, one_call, optional=True) is False
+        assert caught == []
+        assert compiling.kernels_ready(cpu, torch.float32, sums_half) is True  # the rest of the dtype compiles
+        assert compiling.kernels_ready(cpu, torch.float32, one_call) is False
+    assert [str(w.message) for w in caught] == [
+        "Layca: the compiled step is not available for torch.float32 layers on cpu (RuntimeError: no compiler for "
+        "one call); using the eager step. Pass implementation='eager' to skip the attempt."
+    ]
+    assert compiling.kernels_ready(cpu, torch.float32, sums_half) is False
 
 
 def test_a_state_dict_without_forms_loads_and_its_run_measures_at_its_next_compiled_step(

@@ -117,7 +117,8 @@ def measured_halves(device: torch.device, dtype: torch.dtype) -> bool:
     on layers large enough for the kernels' threads; its answer stands for SGD's other forms and for small layers too.
     The halves where either form fails to compile (the halves' failure makes every compiled kernel of the dtype
     unavailable, and the step's readiness check warns; one call's failure goes unsaid, and the layers keep the halves,
-    compiled); that answer is not kept, so that a later call tries again.
+    compiled). That answer is not kept with the measurements: the kernels' failures are, by
+    :mod:`lightning_layca.compiling`, so a later call finds them at once, before allocating anything.
     """
     key = (device.type, dtype, torch.get_num_threads())
     if key not in _measured:
@@ -145,22 +146,22 @@ def halves_faster(turns: Sequence[tuple[float, float]]) -> bool:
 def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, float]]:
     """Per turn, the seconds one call and the two halves of SGD's momentum form took on the stand-in layers.
 
-    Empty when either form does not compile here.
+    Empty when either form does not compile here, or fails to run (nothing is timed then).
     """
     variant = "sgd_momentum"
     sums_half, update_half = base_halves(variant)
+    parallel = parallel_kernel(torch.empty(FORM_TRIAL_ELEMENTS, device="meta"))
+    # The halves first, the form the layers take without a trial: their failure makes the compiled kernels of the
+    # dtype unavailable (lightning_layca.compiling), and the step's readiness check then warns. One call is optional:
+    # should it fail, the layers keep the halves, compiled. Both answers are cached there, before anything is allocated.
+    halves_ready = kernels_ready(device, dtype, [(parallel, sums_half), (parallel, in_single_precision(update_half))])
+    if not halves_ready or not kernels_ready(device, dtype, [(parallel, variant)], optional=True):
+        return []
     generator = torch.Generator().manual_seed(0)
     layers = [
         [torch.randn((LANES, FORM_TRIAL_ELEMENTS // LANES), generator=generator).to(device, dtype) for _ in range(3)]
         for _ in range(_TRIAL_COPIES)
     ]
-    parallel = parallel_kernel(layers[0][0])
-    # The halves first, the form the layers take without a trial: their failure makes the compiled kernels of the
-    # dtype unavailable (lightning_layca.compiling), and the step's readiness check then warns. One call is optional:
-    # should it fail, the layers keep the halves, compiled.
-    halves_ready = kernels_ready(device, dtype, [(parallel, sums_half), (parallel, in_single_precision(update_half))])
-    if not halves_ready or not kernels_ready(device, dtype, [(parallel, variant)], optional=True):
-        return []
     hyper = torch.tensor(BASE_KERNELS[variant][2], dtype=torch.float64, device=device)
     rate, relative_lr = scalars(torch.tensor([0.03, 1.0], dtype=torch.float64, device=device))
     flag = torch.zeros((), dtype=torch.bool, device=device)
@@ -169,11 +170,14 @@ def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, f
 
     def one_call(k: int) -> None:
         w, g, b = layers[k]
-        call_kernels([(parallel, variant, (w, g, b, hyper, *layer_scalars[k]))], per_unit=False)
+        if call_kernels([(parallel, variant, (w, g, b, hyper, *layer_scalars[k]))], per_unit=False) != 1:
+            raise _TrialFailed  # a compilation failed at the call (it warned): nothing to time
 
     def halves(k: int) -> None:
         w, g, b = layers[k]
         sums = base_sums_compiled([w], [g], [[b]], [hyper], [layer_scalars[k].initial_norms], [parallel], [variant])
+        if not sums:
+            raise _TrialFailed
         base_update_compiled([w], [g], [[b]], [hyper], sums, [layer_scalars[k]], [parallel], [variant])
 
     def turn(form: Callable[[int], None]) -> float:
@@ -182,6 +186,13 @@ def _time_forms(device: torch.device, dtype: torch.dtype) -> list[tuple[float, f
             form(k)
         return time.perf_counter() - start
 
-    with torch.no_grad():
-        turn(one_call), turn(halves)  # first calls (the kernels' code loaded, the pages touched)
-        return [(turn(one_call), turn(halves)) for _ in range(FORM_TRIAL_PAIRS)]
+    try:
+        with torch.no_grad():
+            turn(one_call), turn(halves)  # first calls (the kernels' code loaded, the pages touched)
+            return [(turn(one_call), turn(halves)) for _ in range(FORM_TRIAL_PAIRS)]
+    except _TrialFailed:
+        return []
+
+
+class _TrialFailed(Exception):
+    """A kernel of the trial failed to compile when called: the trial stops, untimed."""

@@ -32,9 +32,9 @@ from lightning_layca.step.base_compiled import (
     base_step_kernels,
     base_sums_compiled,
     base_update_compiled,
+    has_one_call,
     rotate_base_compiled,
 )
-from lightning_layca.step.base_kernels import BASE_KERNELS
 from lightning_layca.step.base_steps import LayerStep
 from lightning_layca.step.compiled import (
     PARALLEL_MIN_ELEMENTS,
@@ -240,8 +240,7 @@ def read_base_steps(
         plan.states.append([cast(torch.Tensor, view(local_shard(x))) for x in step.state])
         plan.parallel.append(bucket.parallel[j])
     variants = [step.variant for step in plan.steps]
-    one_call = any(BASE_KERNELS[v][0] is not None for v in variants)  # SGD's forms have a one-call kernel
-    if sgd_forms is not None and one_call and not sharded and not bucket.per_unit:
+    if sgd_forms is not None and not sharded and not bucket.per_unit and any(map(has_one_call, variants)):
         plan.sgd_halves = sgd_forms.in_halves(device, dtype)
     variants, parallel = base_step_kernels(variants, plan.parallel, sharded, bucket.per_unit, plan.sgd_halves)
     if plan.positions and not compiled_step_ready(device, dtype, parallel, bucket.per_unit, variants):

@@ -25,7 +25,14 @@ from lightning_layca.compiling import call_kernels, equal_runs
 from lightning_layca.step.base_kernels import BASE_KERNELS, base_halves
 from lightning_layca.step.compiled import LayerScalars, in_single_precision, update_halves, update_in_float64
 
-__all__ = ["base_step_kernels", "base_sums_compiled", "base_update_compiled", "in_halves", "rotate_base_compiled"]
+__all__ = [
+    "base_step_kernels",
+    "base_sums_compiled",
+    "base_update_compiled",
+    "has_one_call",
+    "in_halves",
+    "rotate_base_compiled",
+]
 
 
 def rotate_base_compiled(
@@ -110,7 +117,12 @@ def in_halves(variant: str, per_unit: bool, sgd_halves: bool = True) -> bool:
     ``benchmarks/README.md``, section "Adam's step in two halves"), and per layer the form ``sgd_halves`` says: the
     optimizer's, measured faster on the machine (:mod:`lightning_layca.step.sgd_form`).
     """
-    return BASE_KERNELS[variant][0] is None or (not per_unit and sgd_halves)
+    return not has_one_call(variant) or (not per_unit and sgd_halves)
+
+
+def has_one_call(variant: str) -> bool:
+    """Whether a base step's form has a one-call kernel (SGD's forms) besides its two halves (every form)."""
+    return BASE_KERNELS[variant][0] is not None
 
 
 def base_step_kernels(

@@ -41,15 +41,18 @@ from lightning_layca.sums import float64_sums, matrix_sums
 __all__ = ["DISTANCES", "STEP_SUMS", "MeasurementSums"]
 
 DISTANCES, STEP_SUMS = "distance_sums", "step_sums"
-"""The kernels of a measurement: the sums of each layer against its initial weights, and of its latest step."""
+"""The kernels of a measurement: the sums of each layer against its initial weights (without ``<w0, w0>``, see
+:meth:`MeasurementSums.__call__`), and of its latest step."""
 
 
 def _distance_sums(weights: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-    """``(<w, w0>, <w0, w0>, <w, w>)`` of a layer's view, float64, ``(3, 1)`` (traced and compiled).
+    """``(<w, w0>, 0, <w, w>)`` of a layer's view, float64, ``(3, 1)`` (traced and compiled).
 
-    :func:`float64_sums` without ``difference``, in one pass that reads the layer and its snapshot once.
+    :func:`float64_sums` without ``difference``, in one pass that reads the layer and its snapshot once, with ``<w0,
+    w0>`` known (a snapshot never changes): two products per element. Called with the snapshot as both arguments, its
+    first sum is ``<w0, w0>``.
     """
-    return matrix_sums(weights.double(), initial.double())
+    return matrix_sums(weights.double(), initial.double(), y_squares=False)
 
 
 def _step_sums(weights: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -122,7 +125,8 @@ class MeasurementSums:
             xs: The layers (a process's local shards under sharding), detached.
             ys: Their initial weights, or (``difference``) their weights before the latest step.
             difference: Whether the sums are of the step ``x - y`` (see :func:`~lightning_layca.sums.float64_sums`).
-            y_squares: ``<y, y>`` of every ``y``, when known (the eager sums then skip that product).
+            y_squares: ``<y, y>`` of every ``y``, when known (the sums then skip that product; the compiled
+                distances always do, and form it once in a pass over ``ys`` alone without it).
         """
         if not xs:
             return torch.zeros((0, 3), dtype=torch.float64)
@@ -153,6 +157,14 @@ class MeasurementSums:
         measured: list[torch.Tensor] = []
         calls = zip(parallel, [variant] * len(views), zip(views, others, strict=True), strict=True)
         call_kernels(calls, False, measured)
+        if not difference and y_squares is None:  # the distances' <y, y>, from a pass of their kernel over ys alone
+            square_sums: list[torch.Tensor] = []
+            # Two tensor objects: the same one twice would be another compiled graph (Dynamo's duplicate inputs).
+            again = [other.detach() for other in others[: len(measured)]]
+            calls = zip(parallel, [variant] * len(measured), zip(others, again, strict=False), strict=False)
+            call_kernels(calls, False, square_sums)
+            pairs = zip(measured, square_sums, strict=False)  # a failed compilation: the layers left take eager sums
+            measured = [torch.cat([part[:1], square[:1], part[2:]]) for part, square in pairs]
         rows: list[torch.Tensor | None] = [None] * len(xs)
         for i, part in zip(positions, measured, strict=False):
             rows[i] = part.view(1, 3)
@@ -163,7 +175,10 @@ class MeasurementSums:
             for i, row in zip(rest, eager.to(xs[0].device).split(1), strict=True):
                 rows[i] = row
         self.in_use = "compiled"
-        return torch.cat(cast(list[torch.Tensor], rows))
+        sums = torch.cat(cast(list[torch.Tensor], rows))
+        if not difference and y_squares is not None:
+            sums[:, 1] = y_squares  # the kernel leaves zeros in their place
+        return sums
 
     def _kernel_views(
         self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]

@@ -84,10 +84,17 @@ def row_sums(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _inner_products(
-    u: torch.Tensor, y: torch.Tensor, inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    u: torch.Tensor,
+    y: torch.Tensor,
+    inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y_squares: bool = True,
 ) -> torch.Tensor:
-    """``(<u, y>, <y, y>, <u, u>)``, each formed by ``inner``, stacked on a new first dimension."""
-    return torch.stack([inner(u, y), inner(y, y), inner(u, u)])
+    """``(<u, y>, <y, y>, <u, u>)``, each formed by ``inner``, stacked on a new first dimension.
+
+    Without ``y_squares`` the ``<y, y>`` is not formed (the caller knows it) and zeros stand in its place.
+    """
+    uy, uu = inner(u, y), inner(u, u)
+    return torch.stack([uy, inner(y, y) if y_squares else torch.zeros_like(uy), uu])
 
 
 def _per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,9 @@ def _over_lanes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total.sum().unsqueeze(0)
 
 
-def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False, lanes: bool = True) -> torch.Tensor:
+def matrix_sums(
+    u: torch.Tensor, y: torch.Tensor, per_unit: bool = False, lanes: bool = True, y_squares: bool = True
+) -> torch.Tensor:
     """:func:`row_sums` of a layer seen as a matrix: ``(3, rows)`` per unit, or over the whole matrix as ``(3, 1)``.
 
     The sums every compiled kernel forms (the step's and the monitor's), on float64 operands. A layer's sums are one
@@ -115,7 +124,9 @@ def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False, lanes:
     a layer seen as :data:`LANES` rows (its lane view) is summed over the four rows side by side: the products of the
     four rows are added element by element, then summed (the same sums, added in another order). A kernel that
     stores a value of every element in the loop of its sums passes ``lanes=False``: Inductor cannot store the four
-    rows' elements in the loop that reads them side by side, and stores them in a loop of its own.
+    rows' elements in the loop that reads them side by side, and stores them in a loop of its own. Without
+    ``y_squares`` (over the whole matrix only) ``<y, y>`` is not formed: zeros stand in its place, for a caller that
+    knows it (a rotation monitor's snapshot), as :func:`float64_sums` takes it.
 
     Example:
         >>> matrix_sums(torch.ones(2, 3), torch.ones(2, 3)).tolist()
@@ -126,7 +137,7 @@ def matrix_sums(u: torch.Tensor, y: torch.Tensor, per_unit: bool = False, lanes:
     if per_unit:
         return row_sums(u, y)
     lane_view = lanes and u.shape[0] == LANES  # a constant of the compiled code
-    return _inner_products(u, y, _over_lanes if lane_view else _over_all)
+    return _inner_products(u, y, _over_lanes if lane_view else _over_all, y_squares)
 
 
 def block_elements(device: torch.device) -> int:

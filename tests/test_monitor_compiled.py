@@ -54,6 +54,25 @@ def test_compiled_sums_equal_a_dense_float64_reference(difference: bool) -> None
     assert torch.allclose(got, eager, rtol=1e-13, atol=1e-13)
 
 
+def test_compiled_distances_take_the_snapshots_known_squares_and_form_two_products() -> None:
+    # A snapshot's <w0, w0> never changes: a rotation monitor passes it from its first measure on, and the compiled
+    # pass forms <w, w0> and <w, w> only, as the eager sums do. Without it, a pass of the kernel over the snapshots
+    # alone forms it with the same arithmetic: the sums are the same bits either way.
+    layers, initial = layers_and_snapshots()
+    sums = MeasurementSums("compiled")
+    first = sums(layers, initial)
+    again = sums(layers, initial, y_squares=first[:, 1].clone())
+    assert sums.in_use == "compiled"
+    assert torch.equal(again, first)
+    for row, x, y in zip(again.tolist(), layers, initial, strict=True):
+        assert row == pytest.approx(reference_sums(x, y, difference=False), rel=1e-13, abs=1e-13)
+    # The squares are taken as given, for the layers of the compiled pass and the eager ones alike.
+    given = torch.arange(1.0, 6.0, dtype=torch.float64)
+    taken = sums(layers, initial, y_squares=given)
+    assert taken[:, 1].tolist() == given.tolist()
+    assert torch.equal(taken[:, [0, 2]], first[:, [0, 2]])
+
+
 def test_auto_compiles_once_the_eager_sums_have_taken_as_long_as_a_compilation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -19,7 +19,7 @@ import lightning_layca as ll
 from lightning_layca import compiling
 from lightning_layca.step import sgd_form
 from lightning_layca.step.base_kernels import BASE_KERNELS
-from lightning_layca.step.sgd_form import FORMS, SgdForms, halves_faster
+from lightning_layca.step.sgd_form import FORMS, ONE_CALL_MARGIN, SgdForms, keeps_halves
 from tests.implementations import fail_compiling, forget_sgd_measurements, record_compilations
 
 ONE_CALL, HALVES = {"sgd_nesterov"}, {"sgd_nesterov_sums", "sgd_nesterov_update_single"}
@@ -47,10 +47,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_trial_is_won_by_the_median_of_its_pairs_not_by_their_total() -> None:
     # (one call, halves) seconds per pair of turns. A load that comes and goes slows a few turns by far: here one call
     # is faster in 4 of 7 pairs while three of its turns took five times as long (their total says the halves).
-    assert halves_faster([(1.0, 1.1)] * 4 + [(5.0, 1.0)] * 3) is False
-    assert halves_faster([(1.1, 1.0)] * 4 + [(1.0, 5.0)] * 3) is True
-    assert halves_faster([(1.0, 1.0)]) is True  # a tie: the halves
-    assert halves_faster([]) is True  # no turns (a form did not compile): the halves
+    assert keeps_halves([(1.0, 1.2)] * 4 + [(6.0, 1.0)] * 3) is False
+    assert keeps_halves([(1.2, 1.0)] * 4 + [(1.0, 6.0)] * 3) is True
+    assert keeps_halves([(1.0, 1.0)]) is True  # a tie: the halves
+    assert keeps_halves([]) is True  # no turns (a form did not compile): the halves
+
+
+def test_one_call_is_kept_only_when_the_trial_measures_it_faster_by_the_margin() -> None:
+    # The form is kept for good and the stand-ins can favour one call by more than the step does (on a Zen 4 EPYC
+    # they measured a tie where the step took 4 to 11 % longer in one call): one call must win by ONE_CALL_MARGIN.
+    assert ONE_CALL_MARGIN == 0.9
+    assert keeps_halves([(0.89, 1.0)] * 7) is False  # 11 % faster: one call
+    assert keeps_halves([(0.91, 1.0)] * 7) is True  # 9 % faster: not enough, the halves
+    assert keeps_halves([(0.95, 1.0)] * 4 + [(0.5, 1.0)] * 3) is True  # the median pair decides, not the best ones
 
 
 @pytest.mark.parametrize("form", FORMS)

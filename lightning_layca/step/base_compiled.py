@@ -115,7 +115,7 @@ def in_halves(variant: str, per_unit: bool, sgd_halves: bool = True) -> bool:
     (:data:`~lightning_layca.step.base_kernels.BASE_HALVES`). SGD's take one call per unit (per unit the sums half
     stores the new state in a loop of its own, after its sums, a reduction per row, and the two halves took longer:
     ``benchmarks/README.md``, section "Adam's step in two halves"), and per layer the form ``sgd_halves`` says: the
-    optimizer's, measured faster on the machine (:mod:`lightning_layca.step.sgd_form`).
+    optimizer's, chosen by a trial on the machine (:mod:`lightning_layca.step.sgd_form`).
     """
     return not has_one_call(variant) or (not per_unit and sgd_halves)
 

@@ -135,6 +135,8 @@ def matrix_sums(
         [[12.0], [12.0], [12.0]]
     """
     if per_unit:
+        if not y_squares:
+            raise ValueError("matrix_sums: y_squares=False is for the sums over the whole matrix, not per unit.")
         return row_sums(u, y)
     lane_view = lanes and u.shape[0] == LANES  # a constant of the compiled code
     return _inner_products(u, y, _over_lanes if lane_view else _over_all, y_squares)

@@ -66,6 +66,11 @@ def test_compiled_distances_take_the_snapshots_known_squares_and_form_two_produc
     assert torch.equal(again, first)
     for row, x, y in zip(again.tolist(), layers, initial, strict=True):
         assert row == pytest.approx(reference_sums(x, y, difference=False), rel=1e-13, abs=1e-13)
+    # Without the squares, the pass over the snapshots alone forms <w0, w0> as the kernel forms its products: a layer
+    # equal to its snapshot has its three sums the same bits (its <w, w0> and <w, w> from the pass over both).
+    copies = [w0.clone(memory_format=torch.preserve_format) for w0 in initial]
+    same = sums(copies, initial)
+    assert torch.equal(same[:, 1], same[:, 0]) and torch.equal(same[:, 1], same[:, 2])
     # The squares are taken as given, for the layers of the compiled pass and the eager ones alike.
     given = torch.arange(1.0, 6.0, dtype=torch.float64)
     taken = sums(layers, initial, y_squares=given)

@@ -1,9 +1,9 @@
-"""SGD's compiled step per layer in one call or in two halves: the faster form on the machine, kept by the optimizer.
+"""SGD's compiled step per layer in one call or in two halves: the form a trial on the machine keeps, for good.
 
 Around ``torch.optim.SGD`` a layer's compiled step (:mod:`lightning_layca.step.base_compiled`) has two forms. The
 two halves read one tensor fewer per element (5 against 6 for SGD with momentum), but their sums loop reads each
 tensor as one run of memory, where the one-call kernel reads a layer's four runs side by side; which is faster depends
-on the CPU. Measured on ResNet-18 shapes, the halves took 14 % less time on an AMD EPYC (Zen 5), 4 to 11 % less on
+on the CPU. Measured on ResNet-18 shapes, the halves took 14 % less time on an AMD EPYC (Zen 5), 4 to 15 % less on
 another (Zen 4), and 16 % more on an Intel Xeon (``benchmarks/README.md``).
 
 So the first time an optimizer's SGD layers of a (device, dtype) take the compiled step, a *trial* on CPU times the
@@ -63,9 +63,9 @@ FORM_TRIAL_PAIRS = 7
 ONE_CALL_MARGIN = 0.9
 """One call is kept only when the median of its turns' ratios to the halves' is at most this (10 % faster). The form
 is kept for the whole run, the halves are the form of every run the trial does not measure, and the stand-ins can
-favour one call by more than the step does: on an AMD EPYC (Zen 4) they measured ratios of 0.90 to 1.04 where the step
-took 4 to 11 % longer in one call; on an Intel Xeon, 0.77 and 0.84 (1 and 2 threads) where it took 5 to 19 % less
-(``benchmarks/README.md``)."""
+favour one call by more than the step does: on an AMD EPYC (Zen 4) they measured ratios of 0.86 to 1.14 (one call over
+the halves, repeated trials) where the step took 5 to 18 % longer in one call; on an Intel Xeon, 0.77 and 0.84 (1 and
+2 threads) where it took 5 to 19 % less (``benchmarks/README.md``)."""
 
 _TRIAL_COPIES = 4
 

@@ -154,16 +154,20 @@ class MeasurementSums:
             self.in_use = "eager"
             return float64_sums(xs, ys, difference=difference, y_squares=y_squares)
         variant = STEP_SUMS if difference else DISTANCES
-        measured: list[torch.Tensor] = []
-        calls = zip(parallel, [variant] * len(views), zip(views, others, strict=True), strict=True)
-        call_kernels(calls, False, measured)
+
+        def sums_of(firsts: list[torch.Tensor], seconds: list[torch.Tensor]) -> list[torch.Tensor]:
+            """Each pair's sums, in order; fewer should a compilation fail (the layers left take the eager sums)."""
+            out: list[torch.Tensor] = []
+            pairs = zip(firsts, seconds, strict=True)
+            call_kernels(zip(parallel[: len(firsts)], [variant] * len(firsts), pairs, strict=True), False, out)
+            return out
+
+        measured = sums_of(views, others)
         if not difference and y_squares is None:  # the distances' <y, y>, from a pass of their kernel over ys alone
-            square_sums: list[torch.Tensor] = []
             # Two tensor objects: the same one twice would be another compiled graph (Dynamo's duplicate inputs).
-            again = [other.detach() for other in others[: len(measured)]]
-            calls = zip(parallel, [variant] * len(measured), zip(others, again, strict=False), strict=False)
-            call_kernels(calls, False, square_sums)
-            pairs = zip(measured, square_sums, strict=False)  # a failed compilation: the layers left take eager sums
+            snapshots = others[: len(measured)]
+            square_sums = sums_of(snapshots, [other.detach() for other in snapshots])
+            pairs = zip(measured, square_sums, strict=False)
             measured = [torch.cat([part[:1], square[:1], part[2:]]) for part, square in pairs]
         rows: list[torch.Tensor | None] = [None] * len(xs)
         for i, part in zip(positions, measured, strict=False):
